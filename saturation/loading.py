@@ -1,0 +1,138 @@
+"""Load a LLaVA model and its processor by alias, hub id or local directory — offline-friendly."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from .anatomy import spec_for_config
+from .errors import ToolkitError
+
+DATA_SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
+TINY_DIR = DATA_SAMPLES / "tiny-llava"
+
+ALIASES: dict[str, str] = {
+    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
+    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
+}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_name(name_or_path: str | os.PathLike) -> str:
+    """Map an alias (`tiny`, `llava-1.5-7b`, `llava-1.5-13b`) to a local directory or hub id; pass others through."""
+    name = str(name_or_path)
+    if name == "tiny":
+        return str(TINY_DIR)
+    return ALIASES.get(name, name)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | str:
+    """`None` means fp32 on CPU (fast and exact there) and the checkpoint's own dtype on an accelerator."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else "auto"
+    if dtype == "auto":
+        return "auto"
+    if dtype not in _DTYPES:
+        raise ToolkitError(f"unknown dtype '{dtype}': use one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` picks CUDA when present, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ToolkitError(f"unknown device '{device}': {err}") from None
+
+
+def _hub_reachable() -> bool:
+    """A quick DNS check, so an offline machine fails in milliseconds instead of after the hub's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _offline_message(resolved: str) -> str:
+    return (f"cannot load '{resolved}': it is not a local directory, not in the Hugging Face cache, and the hub "
+            f"is unreachable. Download it where the hub is reachable (`hf download {resolved}`) and pass that "
+            f"directory with --model PATH")
+
+
+def load_config(name_or_path: str | os.PathLike):
+    """Read the model config (cache or local first, hub only if reachable), refusing models that are not LLaVA."""
+    resolved = resolve_name(name_or_path)
+    local = Path(resolved).is_dir()
+    if resolved == str(TINY_DIR) and not local:
+        raise ToolkitError(f"the embedded model is missing from {TINY_DIR}; reinstall the package")
+    try:
+        config = AutoConfig.from_pretrained(resolved, local_files_only=True)
+    except (OSError, ValueError) as err:
+        if local:
+            raise ToolkitError(f"cannot read a model config in '{resolved}': {_first_line(err)}") from None
+        if not _hub_reachable():
+            raise ToolkitError(_offline_message(resolved)) from None
+        try:
+            config = AutoConfig.from_pretrained(resolved)
+        except (OSError, ValueError) as err2:
+            raise ToolkitError(f"cannot load '{resolved}': {_first_line(err2)}") from None
+    spec_for_config(config)  # raises "not a LLaVA model" for anything else
+    return config
+
+
+def load_llava(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+):
+    """Load `(model, processor)` for a LLaVA checkpoint, in eval mode, on `device` in `dtype`.
+
+    `name_or_path`: ``tiny`` (the embedded model in ``data_samples/``), an alias (``llava-1.5-7b``,
+    ``llava-1.5-13b``), a hub id or a local directory. `attn_implementation` defaults to ``sdpa``;
+    the probe asks for ``eager`` because only eager attention returns attention weights.
+    """
+    resolved = resolve_name(name_or_path)
+    config = load_config(resolved)
+    dev = resolve_device(device)
+    local_only = Path(resolved).is_dir() or not _hub_reachable()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            resolved,
+            config=config,
+            dtype=resolve_dtype(dtype, dev),
+            device_map=str(dev),
+            attn_implementation=attn_implementation or "sdpa",
+            local_files_only=local_only,
+        )
+        processor = AutoProcessor.from_pretrained(resolved, local_files_only=local_only)
+    except (OSError, ValueError, ImportError) as err:
+        if local_only and not Path(resolved).is_dir():
+            raise ToolkitError(_offline_message(resolved)) from None
+        raise ToolkitError(f"cannot load '{resolved}': {_first_line(err)}") from None
+    model.eval()
+    model.name_or_path = resolved
+    return model, processor
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
