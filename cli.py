@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -50,8 +50,8 @@ def friendly(fn):
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'tiny' (embedded), 'llava-1.5-7b', 'llava-1.5-13b', a hub id or a local directory.")]
-DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16 | auto (default: fp32 on CPU, checkpoint dtype on GPU).")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 | auto (default: fp32 on CPU, checkpoint dtype on GPU).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sample selection (and anything random).")]
 
 
@@ -70,9 +70,9 @@ def _routing() -> None:
 def probe_cmd(
     model: ModelOpt = "tiny",
     n: Annotated[int, typer.Option("--n", "-n", help="Number of samples to probe.")] = 64,
-    data: Annotated[Optional[Path], typer.Option(help="LLaVA-format JSON (default: the embedded shapes samples).")] = None,
-    image_folder: Annotated[Optional[Path], typer.Option(help="Image folder (default: the JSON's folder).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: runs/probe/<model>).")] = None,
+    data: Annotated[Path | None, typer.Option(help="LLaVA-format JSON (default: the embedded shapes samples).")] = None,
+    image_folder: Annotated[Path | None, typer.Option(help="Image folder (default: the JSON's folder).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/probe/<model>).")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 8,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,

@@ -1,6 +1,7 @@
 """Saturation probe: model loading, anatomy, LLaVA-format data, probes and the split recommendation.
 
 Public names are imported lazily so that `saturation --help` does not pay for importing torch.
+The anatomy map itself is `saturation.anatomy.anatomy(model)` (the module shares its name).
 """
 
 from importlib import import_module
@@ -12,7 +13,6 @@ __version__ = "0.1.0"
 _LAZY = {
     "Anatomy": "anatomy",
     "BackboneSpec": "anatomy",
-    "anatomy": "anatomy",
     "position_ids_from_mask": "anatomy",
     "load_llava": "loading",
 }

@@ -1,0 +1,101 @@
+"""The anatomy map walks a LLaVA exactly as transformers does, for any geometry."""
+
+import pytest
+import torch
+from conftest import make_model
+from PIL import Image
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig
+
+from saturation import ToolkitError
+from saturation.anatomy import LLAVA_15, LLAVA_NEXT, anatomy, position_ids_from_mask, spec_for_config
+from saturation.tiny import tiny_llava_config, tiny_processor
+
+TEXTS = [
+    "USER: <image>\nwhat colour is the circle? ASSISTANT: red</s>",
+    "USER: <image>\nwhat ASSISTANT:",
+    "USER: how many are there <image>\nis the square blue? ASSISTANT: no",  # image token mid-sequence
+]
+
+
+def _batch(processor, side):
+    processor.tokenizer.padding_side = side
+    images = [Image.new("RGB", (40, 40), c) for c in ("red", "blue", "green")]
+    return processor(images=images, text=TEXTS, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_anatomy_forward_is_bit_identical_to_model(processor, side, attn):
+    model = make_model(processor, seed=1)
+    model.set_attn_implementation(attn)
+    batch = _batch(processor, side)
+    pos = position_ids_from_mask(batch["attention_mask"])
+    with torch.no_grad():
+        ref = model(**batch, position_ids=pos).logits
+        got = anatomy(model).forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    assert torch.equal(ref, got)
+
+
+def test_embed_marks_exactly_the_image_tokens(processor, tiny_model):
+    batch = _batch(processor, "right")
+    embeds, image_mask = anatomy(tiny_model).embed(batch["input_ids"], batch["pixel_values"])
+    assert image_mask.sum(1).tolist() == [4, 4, 4]  # 32 px / patch 16 → 4 tokens per image
+    text_embeds = anatomy(tiny_model).embed_tokens(batch["input_ids"])
+    assert torch.equal(embeds[~image_mask], text_embeds[~image_mask])
+    assert not torch.equal(embeds[image_mask], text_embeds[image_mask])
+
+
+def test_image_tokens_without_pixels_is_a_clear_error(processor, tiny_model):
+    batch = _batch(processor, "right")
+    with pytest.raises(ToolkitError, match="no pixel_values"):
+        anatomy(tiny_model).embed(batch["input_ids"], None)
+
+
+def test_hook_points_use_transformer_lens_names(tiny_model):
+    points = anatomy(tiny_model).hook_points()
+    assert points["blocks.5.hook_resid_post"] is anatomy(tiny_model).layers[5]
+    assert points["blocks.0.attn.hook_pattern"] is anatomy(tiny_model).layers[0].self_attn
+    assert "blocks.6.hook_resid_post" not in points
+
+
+def test_not_llava_is_refused():
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(ToolkitError, match="not a LLaVA model: model_type is 'llama'"):
+        anatomy(llama)
+
+
+def test_backbone_specs_cover_llava_and_next():
+    assert spec_for_config(LlavaConfig()) is LLAVA_15
+    assert spec_for_config(LlavaNextConfig()) is LLAVA_NEXT
+
+
+def test_geometry_comes_from_the_config_not_constants():
+    """A 48 px / patch 16 model (9 image tokens, 3 layers) works through the same code: nothing assumes 576 or 32."""
+    proc = tiny_processor(["what"], image_size=48, patch_size=16)
+    cfg = tiny_llava_config(len(proc.tokenizer), image_size=48, patch_size=16, layers=3, kv_heads=1)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    batch = proc(images=[Image.new("RGB", (48, 48))], text=["USER: <image>\nwhat ASSISTANT:"], return_tensors="pt")
+    a = anatomy(model)
+    assert a.num_layers == 3
+    with torch.no_grad():
+        _, mask = a.embed(batch["input_ids"], batch["pixel_values"])
+    assert int(mask.sum()) == 9
+
+
+def test_llava_15_7b_geometry_on_meta_device():
+    """The real llava-hf/llava-1.5-7b-hf architecture, built from its config values without weights."""
+    cfg = LlavaConfig(
+        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32),
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                       "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+                       "projection_dim": 768},
+        image_token_index=32000,
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    a = anatomy(model)
+    assert (a.num_layers, a.image_token_id) == (32, 32000)
+    assert a.layers[0].self_attn.q_proj.weight.shape == (4096, 4096)
+    assert a.lm_head.weight.shape == (32064, 4096)

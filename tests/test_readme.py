@@ -1,0 +1,38 @@
+"""The README's two commands stay true: CI runs the same test command, and the entry points exist."""
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    """Shell lines of fenced code blocks, as ../shared/tools/newcomer-check reads them (first two count)."""
+    lines, inside = [], False
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if re.fullmatch(r"```(bash|sh|shell|console)?", line):
+            inside = not inside
+            continue
+        if inside and line.strip() and not line.startswith("#"):
+            lines.append(line.removeprefix("$ "))
+    return lines[:2]
+
+
+def test_readme_opens_with_install_run_and_install_test():
+    run, test = readme_commands()
+    assert "pip install" in run and "saturation probe" in run
+    assert "pip install" in test and "pytest" in test
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert readme_commands()[1] in ci
+
+
+def test_console_scripts_point_at_typer_apps():
+    import cli
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"saturation": "cli:saturation_app", "routing": "cli:routing_app"}
+    assert cli.saturation_app.registered_commands and cli.routing_app.info.help
