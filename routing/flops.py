@@ -1,0 +1,146 @@
+"""Theoretical FLOPs of each routing variant for any decoder geometry (the paper's Table 1 and beyond).
+
+One multiply-add is 2 FLOPs. Three parts, priced per layer group of the routing plan (``routing.plan``):
+
+- ``linear``: q/k/v/o projections and the gated MLP, per token processed (the paper's "linear FLOPs");
+- ``attention``: scores and the weighted sum, 4·heads·head_dim per visible (query, key) pair, causal;
+  image tokens are taken to come before the text (LLaVA's prompt), which only matters for KV's deep layers;
+- ``head``: the LM head on `logit_positions` positions per sequence (1 in generation prefill, 0 to leave out).
+
+Norms, RoPE and residual adds are left out (a fraction of a percent). Costs are per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plan import RoutingPlan, make_plan
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A Llama-style decoder: layers, widths, heads (grouped-query when `kv_heads` < `heads`)."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    vocab: int = 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def kv_dim(self) -> int:
+        return (self.kv_heads or self.heads) * (self.head_dim or self.hidden // self.heads)
+
+    def kv_flops(self) -> float:
+        """k and v projections of one token (all an image token costs in a KV deep layer)."""
+        return 2.0 * 2 * self.hidden * self.kv_dim
+
+    def linear_flops(self) -> float:
+        """One token through one decoder layer's projections and MLP."""
+        h = self.hidden
+        return 2.0 * (h * self.q_dim + self.q_dim * h + 3 * h * self.intermediate) + self.kv_flops()
+
+    def pair_flops(self) -> float:
+        """One visible (query, key) pair: q·k and p·v over all heads."""
+        return 4.0 * self.q_dim
+
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (projections, MLP, two norms): the side branch's size per layer."""
+        h = self.hidden
+        return 2 * h * self.q_dim + 2 * h * self.kv_dim + 3 * h * self.intermediate + 2 * h
+
+    @classmethod
+    def of(cls, text_config) -> Geometry:
+        c = text_config
+        return cls(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                   c.num_key_value_heads, getattr(c, "head_dim", None), c.vocab_size)
+
+
+LLAVA_15_7B = Geometry(num_layers=32, hidden=4096, intermediate=11008, heads=32, vocab=32064)
+LLAVA_15_13B = Geometry(num_layers=40, hidden=5120, intermediate=13824, heads=40, vocab=32064)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """FLOPs of one sequence, split by kind."""
+
+    linear: float
+    attention: float
+    head: float
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention + self.head
+
+    def __truediv__(self, other: Cost) -> dict[str, float]:
+        return {"linear": self.linear / other.linear, "attention": self.attention / other.attention,
+                "total": self.total / other.total}
+
+
+def _causal_pairs(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def prefill_cost(g: Geometry, plan: RoutingPlan | None, image_tokens: int, text_tokens: int,
+                 logit_positions: int = 1) -> Cost:
+    """Prefill FLOPs of one sequence; `plan=None` is the vanilla model."""
+    n, i, t = image_tokens + text_tokens, image_tokens, text_tokens
+    head = 2.0 * g.hidden * g.vocab * logit_positions
+    if plan is None:
+        return Cost(g.num_layers * n * g.linear_flops(), g.num_layers * _causal_pairs(n) * g.pair_flops(), head)
+    full_layers = len(plan.shallow) + len(plan.fusion)
+    tokens = full_layers * n + plan.side_depth * i  # token-layers at full cost
+    pairs = full_layers * _causal_pairs(n) + plan.side_depth * _causal_pairs(i)
+    deep = len(plan.deep)
+    kv_only = 0.0
+    if plan.deep_mode == "text_only":
+        tokens += deep * t
+        pairs += deep * _causal_pairs(t)
+    elif plan.deep_mode == "reset":
+        tokens += deep * n
+        pairs += deep * _causal_pairs(n)
+    else:  # kv_only: text in full, image tokens only project k and v
+        tokens += deep * t
+        kv_only = deep * i * g.kv_flops()
+        pairs += deep * (t * i + _causal_pairs(t))
+    return Cost(tokens * g.linear_flops() + kv_only, pairs * g.pair_flops(), head)
+
+
+def decode_cost(g: Geometry, plan: RoutingPlan | None, image_tokens: int, text_tokens: int) -> Cost:
+    """FLOPs of one generated token after a prompt of `image_tokens` + `text_tokens` (cached keys/values)."""
+    n = image_tokens + text_tokens
+    head = 2.0 * g.hidden * g.vocab
+    if plan is None:
+        return Cost(g.num_layers * g.linear_flops(), g.num_layers * (n + 1) * g.pair_flops(), head)
+    seen = {"full": n + 1, "kv": n + 1, "text": text_tokens + 1}  # keys a new token attends to, per cache layout
+    keys = sum(seen[plan.layout(layer)] for layer in range(plan.num_layers))
+    return Cost(g.num_layers * g.linear_flops(), keys * g.pair_flops(), head)
+
+
+def ratio(g: Geometry, variant: str, split: int, image_tokens: int, text_tokens: int, fusion_layers: int = 1,
+          side_depth: int = 1, logit_positions: int = 1) -> dict[str, float]:
+    """Routed / vanilla prefill FLOPs: ``{"linear", "attention", "total"}``."""
+    plan = make_plan(g.num_layers, split, variant, fusion_layers, side_depth)
+    return (prefill_cost(g, plan, image_tokens, text_tokens, logit_positions)
+            / prefill_cost(g, None, image_tokens, text_tokens, logit_positions))
+
+
+def table(g: Geometry, split: int, image_tokens: int, text_tokens: int, fusion_layers: int = 1,
+          side_depth: int = 1) -> list[dict]:
+    """One row per variant (and vanilla): prefill GFLOPs per sequence and ratios to vanilla, Table 1 style."""
+    vanilla = prefill_cost(g, None, image_tokens, text_tokens)
+    rows = [{"variant": "vanilla", "linear_gflops": vanilla.linear / 1e9, "total_gflops": vanilla.total / 1e9,
+             "linear_ratio": 1.0, "total_ratio": 1.0}]
+    for variant in ("lf", "lf-ideal", "kv", "pc"):
+        plan = make_plan(g.num_layers, split, variant, fusion_layers, side_depth)
+        cost = prefill_cost(g, plan, image_tokens, text_tokens)
+        r = cost / vanilla
+        rows.append({"variant": variant, "linear_gflops": cost.linear / 1e9, "total_gflops": cost.total / 1e9,
+                     "linear_ratio": r["linear"], "total_ratio": r["total"]})
+    return rows

@@ -1,0 +1,106 @@
+"""KV-cached decoding for the routed model: what the cache must remember about the prompt, and nothing more.
+
+HF's own ``generate()`` drives the routed model (``RoutedLlava`` is a ``GenerationMixin``), so ``max_new_tokens``,
+``eos_token_id``, sampling, streamers and stopping criteria all work. The routing-specific part is small:
+
+- The one ``DynamicCache`` holds a different length per layer group (DESIGN): ``full`` layers cache image+text,
+  ``text`` layers (LF's deep stack) the text positions only, ``kv`` layers (KV's deep stack) image keys then text.
+- So each layout needs its own 2D padding mask for every decode step. The prompt part of each is fixed at prefill
+  and kept here, on the cache object (``RoutingState``); the generated part is the tail of the running 2D mask.
+- A decode mask is sized against the cache slot of its own group (``layer_idx``), never ``get_seq_length()``
+  without a layer index.
+- Positions are the original ones (``cumsum(mask) - 1``), so a generated token sits where vanilla would put it,
+  whatever the padding side.
+- The side branch does not run during decoding: its output already sits in the fusion (and KV/PC deep) layers' K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicCache
+
+from saturation.anatomy import position_ids_from_mask
+from saturation.errors import ToolkitError
+
+_STATE_ATTR = "_dpvr_routing"
+
+
+@dataclass(frozen=True)
+class RoutingState:
+    """What a routed prefill leaves on its cache for the steps after it."""
+
+    prompt_length: int  # N0: positions in the prompt (the length of the `full` layout's prompt part)
+    prompt_masks: dict[str, Tensor]  # layout -> [batch, prompt part of that layout] (bool), in cache order
+    next_position: Tensor  # [batch]: the position id of the first token after the prompt
+
+
+def attach_state(cache: Cache, state: RoutingState) -> None:
+    setattr(cache, _STATE_ATTR, state)
+
+
+def state_of(cache: Cache | None) -> RoutingState | None:
+    return getattr(cache, _STATE_ATTR, None)
+
+
+def new_cache(text_config) -> DynamicCache:
+    return DynamicCache(config=text_config)
+
+
+def check_cache(cache: Cache) -> None:
+    """Only growing caches fit per-group lengths; static ones would need a 4D mask per group."""
+    if not isinstance(cache, DynamicCache) or cache.is_compileable:
+        raise ToolkitError(f"routed decoding needs a DynamicCache, got {type(cache).__name__} "
+                           "(static/compiled caches are not supported)")
+    if state_of(cache) is None and cache.get_seq_length(0) > 0:
+        raise ToolkitError("this cache was not filled by a routed prefill: start from an empty cache")
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """The masks and positions of new text tokens after a cached prompt. `masks`: layout -> 2D mask [batch, kv_len]."""
+
+    masks: dict[str, Tensor]
+    position_ids: Tensor  # [batch, q]
+
+
+def continuation(state: RoutingState, cache: Cache, attention_mask: Tensor | None, q: int) -> Continuation:
+    """2D masks per cache layout and original positions for `q` new tokens.
+
+    `attention_mask` is the running 2D mask over prompt + everything generated (as ``generate`` keeps it), or
+    ``None`` when it is all ones. Layer 0 is always a ``full`` layer (split >= 1), so its cache length counts the
+    prompt plus every token decoded so far.
+    """
+    generated = cache.get_seq_length(0) - state.prompt_length + q  # tokens after the prompt, these q included
+    batch = state.next_position.shape[0]
+    device = state.next_position.device
+    if attention_mask is None:
+        tail = torch.ones(batch, generated, dtype=torch.bool, device=device)
+        position_ids = state.next_position[:, None] + (generated - q) + torch.arange(q, device=device)
+    else:
+        if attention_mask.shape[1] != state.prompt_length + generated:
+            raise ToolkitError(f"attention_mask has {attention_mask.shape[1]} columns, but the cache holds "
+                               f"{state.prompt_length + generated - q} positions and {q} are new")
+        tail = attention_mask[:, state.prompt_length:].bool()
+        position_ids = position_ids_from_mask(attention_mask)[:, -q:]
+    masks = {layout: torch.cat([prompt, tail], dim=1) for layout, prompt in state.prompt_masks.items()}
+    return Continuation(masks=masks, position_ids=position_ids)
+
+
+@torch.no_grad()
+def greedy_recompute(routed, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                     pixel_values: Tensor | None = None, **image_kwargs) -> Tensor:
+    """Greedy decoding with no cache: the whole sequence through the routed forward at every step.
+
+    Slow but obviously right; the reference that cached ``generate`` must equal token for token. Returns the prompt
+    followed by `max_new_tokens` new ids, like ``generate``.
+    """
+    ids, mask = input_ids, attention_mask
+    for _ in range(max_new_tokens):
+        logits = routed(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, **image_kwargs).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    return ids

@@ -1,0 +1,357 @@
+"""The routed model: DPVR-LF and its baselines as one plan over the base model's own layers.
+
+Read top to bottom: ``Route`` (where image and text sit, computed once per forward), ``RoutedLlava.forward``
+(prefill or cached continuation, then the head), ``_route_prompt`` (the plan's groups; each variant's difference is
+one short block), ``_route_next`` (a decode step: one loop, one mask per cache layout), and ``build``.
+
+The base model is held by reference and frozen; the only new weights are the side branch, ``d_v`` deep copies of
+layers ``s .. s+d_v-1`` whose attention has its own ``layer_idx = L + i`` (it never touches the base's cache slots,
+and it is not cached at all: during decoding its output already sits in the K/V of the layers that read it).
+Everything goes through the anatomy map (``saturation.anatomy``), never ``model.model.language_model``.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from saturation.anatomy import Anatomy, anatomy, position_ids_from_mask
+from saturation.errors import ToolkitError
+
+from .generation import RoutingState, attach_state, check_cache, continuation, new_cache, state_of
+from .plan import RoutingPlan, make_plan
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def take(x: Tensor, index: Tensor) -> Tensor:
+    """Rows of `x` [batch, seq, ...] at `index` [batch, m] -> [batch, m, ...]."""
+    return x.gather(1, index.view(*index.shape, *(1,) * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where the image and text positions of one batch sit; computed once per forward, reused by every layer.
+
+    Each subset keeps the original order. Rows with fewer image (or text) tokens than the batch maximum are filled
+    up with other positions marked invalid, so image tokens may be anywhere and differ in number per row.
+    """
+
+    image_mask: Tensor  # [batch, seq] bool
+    text_index: Tensor  # [batch, T] original positions of the text subset (then fillers)
+    text_valid: Tensor  # [batch, T] bool: real, unpadded text
+    image_index: Tensor  # [batch, I]
+    image_valid: Tensor  # [batch, I] bool
+
+    @classmethod
+    def of(cls, image_mask: Tensor, attention_mask: Tensor) -> Route:
+        n = image_mask.shape[1]
+        n_image = image_mask.sum(1)
+        n_image_max, n_image_min = int(n_image.max()), int(n_image.min())
+        order = torch.argsort(image_mask.to(torch.uint8), dim=1, stable=True)  # text first, then image
+        text_index, image_index = order[:, : n - n_image_min], order[:, n - n_image_max:]
+        valid = attention_mask.bool()
+        return cls(image_mask, text_index, (valid & ~image_mask).gather(1, text_index),
+                   image_index, (valid & image_mask).gather(1, image_index))
+
+    def text(self, x: Tensor) -> Tensor:
+        return take(x, self.text_index)
+
+    def image(self, x: Tensor) -> Tensor:
+        return take(x, self.image_index)
+
+    def scatter_image(self, image: Tensor) -> Tensor:
+        """[batch, I, D] -> [batch, seq, D], correct at image positions (zeros elsewhere)."""
+        full = image.new_zeros(*self.image_mask.shape, image.shape[-1])
+        return full.scatter(1, self.image_index[..., None].expand_as(image), image)
+
+    def merge(self, text: Tensor, image: Tensor) -> Tensor:
+        """The full sequence [batch, seq, D] from the text subset and the image subset."""
+        full_text = text.new_zeros(*self.image_mask.shape, text.shape[-1])
+        full_text = full_text.scatter(1, self.text_index[..., None].expand_as(text), text)
+        return torch.where(self.image_mask[..., None], self.scatter_image(image), full_text)
+
+
+def subset_mask(q_index: Tensor, k_index: Tensor, k_valid: Tensor, attn_impl: str, dtype: torch.dtype) -> Tensor:
+    """A 4D attention mask [batch, 1, q, k] for keys in any order: causal in the ORIGINAL positions, pads out.
+
+    Boolean for sdpa, additive (0 / dtype min) for eager, as ``create_causal_mask`` makes them.
+    """
+    allowed = (k_index[:, None, None, :] <= q_index[:, None, :, None]) & k_valid[:, None, None, :]
+    if attn_impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+class _PrefixKV:
+    """A one-layer stand-in cache that puts fixed keys/values before the layer's own (KV deep layers, no cache)."""
+
+    def __init__(self, keys: Tensor, values: Tensor):
+        self.keys, self.values = keys, values
+
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        return torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def image_keys_values(layer: nn.Module, attn: nn.Module, side: Tensor, rope: tuple[Tensor, Tensor]):
+    """The keys and values image positions supply in a KV deep layer: projected from the side-branch output.
+
+    No query, output projection or MLP is computed for them. Llama-family layers (``input_layernorm``,
+    ``k_proj``/``v_proj``, half-rotation RoPE), which covers the LLaVA backbones the anatomy map knows.
+    Returns ``(keys, values)``, each [batch, kv_heads, I, head_dim].
+    """
+    x = layer.input_layernorm(side)
+    shape = (*side.shape[:2], -1, attn.head_dim)
+    keys = attn.k_proj(x).view(shape).transpose(1, 2)
+    values = attn.v_proj(x).view(shape).transpose(1, 2)
+    cos, sin = (t.unsqueeze(1) for t in rope)
+    return keys * cos + _rotate_half(keys) * sin, values
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total
+
+    def __str__(self) -> str:
+        return f"{self.trainable / 1e6:.1f}M trainable of {self.total / 1e6:.1f}M ({100 * self.share:.2f}%)"
+
+
+class RoutedLlava(PreTrainedModel, GenerationMixin):
+    """A DPVR-routed LLaVA. ``routed(input_ids=, pixel_values=, attention_mask=, labels=)`` gives ``.loss`` and
+    ``.logits``; ``routed.generate(...)`` is HF's own generate with a per-group KV cache."""
+
+    base_model_prefix = "base"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+
+    def __init__(self, base: nn.Module, plan: RoutingPlan):
+        super().__init__(base.config)
+        self.base = base.requires_grad_(False)  # held by reference: no copy of the base weights
+        self.plan = plan
+        self.generation_config = copy.deepcopy(base.generation_config)
+        a = self.anatomy
+        self.side = nn.ModuleList(_copy_layer(a.layers[src], a.num_layers + i)
+                                  for i, src in enumerate(plan.side_sources))
+        self._gradient_probe = False
+
+    @property
+    def anatomy(self) -> Anatomy:
+        return anatomy(self.base)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        inputs_embeds: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        return_dict: bool = True,
+        **image_kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits [batch, seq, vocab] (or the last `logits_to_keep`) and, with `labels`, the causal-LM loss over
+        positions whose label is not -100, shifted as HF does.
+
+        Positions are always the generate convention, ``cumsum(attention_mask) - 1``. The first call on a cache is
+        the prefill (images allowed anywhere); later calls continue it with text tokens. `inputs_embeds` with
+        `image_mask` [batch, seq] replaces `input_ids`/`pixel_values` (benchmarks, precomputed features).
+        """
+        self._refuse_untrainable(labels)
+        use_cache = past_key_values is not None if use_cache is None else use_cache
+        cache = past_key_values if use_cache else None
+        if use_cache:
+            cache = new_cache(self.anatomy.text_config) if cache is None else cache
+            check_cache(cache)
+        state = state_of(cache)
+        if state is None:
+            h = self._route_prompt(input_ids, pixel_values, attention_mask, cache, inputs_embeds, image_mask,
+                              **image_kwargs)
+        else:
+            h = self._route_next(input_ids, attention_mask, cache, state)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.anatomy.unembed(h)
+        loss = None
+        if labels is not None:
+            loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def _route_prompt(self, input_ids, pixel_values, attention_mask, cache, inputs_embeds, image_mask, **image_kwargs):
+        a, plan = self.anatomy, self.plan
+        if inputs_embeds is None:
+            h, image_mask = a.embed(input_ids, pixel_values, **image_kwargs)
+        else:
+            h = inputs_embeds
+            image_mask = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device) if image_mask is None \
+                else image_mask.bool()
+        if attention_mask is None:
+            attention_mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
+        pos = position_ids_from_mask(attention_mask)
+        rope = a.rotary_emb(h, position_ids=pos)
+        full_mask = a.causal_mask(h, attention_mask, pos, cache, layer_idx=0)
+
+        def run(layers, x, mask, x_pos, x_rope, kv=cache):
+            for i in layers:
+                x = a.layers[i](x, attention_mask=mask, position_ids=x_pos, past_key_values=kv,
+                                position_embeddings=x_rope)
+            return x
+
+        with self._frozen():  # nothing trainable upstream: no graph, no saved activations
+            h = run(plan.shallow, h, full_mask, pos, rope)
+        if not image_mask.any():  # nothing to route: every layer sees the sequence exactly as vanilla
+            if cache is not None:
+                valid = attention_mask.bool()
+                attach_state(cache, RoutingState(h.shape[1], dict.fromkeys(plan.layouts, valid),
+                                                 attention_mask.sum(1)))
+            return run(range(plan.split, plan.num_layers), h, full_mask, pos, rope)
+
+        r = Route.of(image_mask, attention_mask)
+        text_pos, image_pos = r.text(pos), r.image(pos)
+        text_rope, image_rope = tuple(r.text(t) for t in rope), tuple(r.image(t) for t in rope)
+
+        # Side branch: image positions only, causal among themselves, original positions; never cached.
+        side = r.image(h)
+        side_mask = a.causal_mask(side, r.image_valid, image_pos)
+        for layer in self.side:
+            side = layer(side, attention_mask=side_mask, position_ids=image_pos, position_embeddings=image_rope)
+        side = side.masked_fill(~r.image_valid[..., None], 0.0)  # fillers stay finite keys/values
+
+        # Deep layers: the one place the variants differ.
+        if plan.deep_mode == "text_only":  # LF: text positions only, their original positions, causal over text
+            text_mask = a.causal_mask(r.text(h), r.text_valid, text_pos, cache, layer_idx=plan.deep.start)
+            with self._frozen():
+                h = r.merge(text=run(plan.deep, r.text(h), text_mask, text_pos, text_rope), image=side)
+        elif plan.deep_mode == "reset":  # PC: image positions reset to the side output before every deep layer
+            side_full = r.scatter_image(side)
+            for i in plan.deep:
+                h = run([i], torch.where(r.image_mask[..., None], side_full, h), full_mask, pos, rope)
+            h = torch.where(r.image_mask[..., None], side_full, h)
+        else:  # KV: image positions supply only K/V (from the side output); text does the rest
+            keys_order = torch.cat([r.image_index, r.text_index], 1)
+            keys_valid = torch.cat([r.image_valid, r.text_valid], 1)
+            kv_mask = subset_mask(r.text_index, keys_order, keys_valid, a.text_config._attn_implementation, h.dtype)
+            t = r.text(h)
+            for i in plan.deep:
+                keys, values = image_keys_values(a.layers[i], a.attention(i), side, image_rope)
+                if cache is not None:
+                    cache.update(keys, values, i)  # this layer's cache: image keys first, then text
+                kv = cache if cache is not None else _PrefixKV(keys, values)
+                t = run([i], t, kv_mask, text_pos, text_rope, kv=kv)
+            h = r.merge(text=t, image=side)
+
+        h = run(plan.fusion, h, full_mask, pos, rope)  # fusion: every position again (none for lf-ideal)
+        if cache is not None:
+            masks = {"full": attention_mask.bool(), "text": r.text_valid,
+                     "kv": torch.cat([r.image_valid, r.text_valid], 1)}
+            attach_state(cache, RoutingState(h.shape[1], {k: masks[k] for k in plan.layouts},
+                                             attention_mask.sum(1)))
+        return h
+
+    def _route_next(self, input_ids, attention_mask, cache, state) -> Tensor:
+        """New text tokens after a cached prompt: one loop over the layers, one mask per cache layout."""
+        a, plan = self.anatomy, self.plan
+        if input_ids is None or (input_ids == a.image_token_id).any():
+            raise ToolkitError("after the prompt, the routed model takes text token ids only (images go in the "
+                               "first call on a cache)")
+        h = a.embed_tokens(input_ids)
+        c = continuation(state, cache, attention_mask, input_ids.shape[1])
+        rope = a.rotary_emb(h, position_ids=c.position_ids)
+        masks = {layout: a.causal_mask(h, c.masks[layout], c.position_ids, cache, layer_idx=plan.first_layer(layout))
+                 for layout in plan.layouts}
+        for i, layer in enumerate(a.layers):
+            h = layer(h, attention_mask=masks[plan.layout(i)], position_ids=c.position_ids, past_key_values=cache,
+                      position_embeddings=rope)
+        return h
+
+    # ---------------------------------------------------------------- training helpers
+    def _frozen(self):
+        """``no_grad`` for base-only stacks when training with a frozen base (DESIGN: LF needs almost no backward)."""
+        if torch.is_grad_enabled() and not any(p.requires_grad for p in self.base.parameters()):
+            return torch.no_grad()
+        return nullcontext()
+
+    def _refuse_untrainable(self, labels) -> None:
+        if (labels is not None and self.training and torch.is_grad_enabled() and not self.plan.trainable
+                and not self._gradient_probe):
+            raise ToolkitError(
+                f"variant '{self.plan.variant}' cannot be trained: with no fusion layer the loss has no path to the "
+                "side branch, so its gradient is exactly 0 (the paper's Appendix A; see "
+                "RoutedLlava.side_gradient_norm). Train 'lf' with fusion_layers >= 1 instead.")
+
+    @contextmanager
+    def _probing(self):
+        self._gradient_probe = True
+        try:
+            yield
+        finally:
+            self._gradient_probe = False
+
+    def side_gradient_norm(self, **batch) -> float:
+        """The L2 norm of d(loss)/d(side-branch weights) on one batch (with `labels`); no weights change.
+
+        Non-zero for lf/pc/kv; exactly 0.0 for lf-ideal, whose loss never reads the side branch (Appendix A).
+        """
+        params = [p for p in self.side.parameters() if p.requires_grad]
+        with self._probing(), torch.enable_grad():
+            loss = self(**batch).loss
+            grads = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params)
+        return float(sum((g.double().pow(2).sum() for g in grads if g is not None), torch.tensor(0.0)).sqrt())
+
+    def trainable_parameters(self) -> TrainableReport:
+        """Trainable (side branch) against all parameters of the routed model (base + side branch)."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return TrainableReport(trainable, sum(p.numel() for p in self.parameters()))
+
+    def save_routing(self, directory) -> None:
+        """Write only what is new: side-branch weights (safetensors) and the plan (JSON). See `routing.load`."""
+        from .artifact import save_routing
+
+        save_routing(self, directory)
+
+    def extra_repr(self) -> str:
+        return self.plan.describe()
+
+
+def _copy_layer(layer: nn.Module, layer_idx: int) -> nn.Module:
+    """A trainable deep copy sharing the base's config object (attention implementation follows the base)."""
+    config = layer.self_attn.config
+    new = copy.deepcopy(layer, memo={id(config): config})
+    new.self_attn.layer_idx = layer_idx
+    return new.requires_grad_(True)
+
+
+def build(model: nn.Module, split: int, variant: str = "lf", fusion_layers: int = 1,
+          side_depth: int = 1) -> RoutedLlava:
+    """Route `model` (any LLaVA the anatomy map knows, any dtype/device): variant ``lf`` (default), ``pc``, ``kv``
+    or ``lf-ideal``. Freezes the base; the side branch (copies of layers split .. split+side_depth-1) is trainable.
+    """
+    a = anatomy(model)
+    plan = make_plan(a.num_layers, split, variant, fusion_layers, side_depth)
+    impl = a.text_config._attn_implementation
+    if impl not in SUPPORTED_ATTENTION:
+        raise ToolkitError(f"routing supports attn_implementation sdpa or eager, not '{impl}'")
+    return RoutedLlava(model, plan)
