@@ -69,7 +69,7 @@ def _routing() -> None:
 @friendly
 def probe_cmd(
     model: ModelOpt = "tiny",
-    n: Annotated[int, typer.Option("--n", "-n", help="Number of samples to probe.")] = 64,
+    n: Annotated[int | None, typer.Option("--n", "-n", help="Number of samples to probe (default: 64, or all if the data has fewer).")] = None,
     data: Annotated[Path | None, typer.Option(help="LLaVA-format JSON (default: the embedded shapes samples).")] = None,
     image_folder: Annotated[Path | None, typer.Option(help="Image folder (default: the JSON's folder).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/probe/<model>).")] = None,
@@ -77,12 +77,19 @@ def probe_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    rule: Annotated[str, typer.Option(help="Split rule: paper | attention | cosine | conservative (see saturation.recommend).")] = "paper",
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished shards in --out (same model, seed and data only).")] = True,
+    backend: Annotated[str, typer.Option(help="hf (hooks on the anatomy) | transformer-lens (extra 'lens').")] = "hf",
 ) -> None:
     """Probe every decoder layer and recommend a split layer (writes tables, recommendation.json, Figure 2)."""
-    from saturation.loading import load_config
+    from figures.figure2 import figure2_from_dir
+    from saturation.probe import ProbeConfig, run_probe, summary_lines
 
-    load_config(model)  # fail fast (offline, not LLaVA) before touching the data
-    raise ToolkitError("the probe itself is not implemented yet")
+    cfg = ProbeConfig(model=model, n=n, data=data, image_folder=image_folder, out=out, batch_size=batch_size,
+                      seed=seed, dtype=dtype, device=device, rule=rule, resume=resume, backend=backend)
+    result = run_probe(cfg)
+    figures = figure2_from_dir(result.out)
+    Console().print("\n".join(summary_lines(result, figures)), highlight=False, markup=False)
 
 
 def saturation_main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,494 @@
+"""The saturation probe: three views of every decoder layer, reduced per sample while the model runs.
+
+For each sample and each decoder layer ℓ (0-based; layer ℓ maps h_ℓ to h_ℓ+1, h_0 = the input embeddings):
+
+- ``cosine``: cos(h_ℓ, h_ℓ+1) of the residual stream, averaged over image tokens and over text tokens;
+- ``attention_mass``: for text queries after the image block, the attention probability on image keys
+  (modality ``image``), on text keys (``text``) and on the first token (``bos``), each summed over its keys
+  and averaged over heads and queries; ``attention_mass_max_head`` is the largest single head's image mass,
+  and ``attention_mass_uniform`` what uniform attention would give (a reference, the same at every layer);
+- ``logit_lens_kl``: KL(p_final ‖ p_ℓ) in nats with p_ℓ = softmax(lm_head(norm(h_ℓ+1))), the raw output of
+  layer ℓ, averaged over image tokens and over text tokens. It is 0 at the last layer by definition.
+
+What is fed in: each record's first turn with its answer, ``USER: <image>\\n{q} ASSISTANT: {a}</s>`` (teacher
+forcing). The answer tokens are where a LLaVA model actually reads the image, so they belong among the text
+queries; the prompt alone would leave a single position (after ``ASSISTANT:``) that predicts image content.
+Later turns are left out so every sample weighs the same. Batches are right-padded with explicit position
+ids; pads are in no token group, so a padded batch gives each sample the numbers it gets alone.
+
+Memory: hooks on the anatomy's hook points (TransformerLens names) reduce the attention pattern and the
+cosine inside the layer's forward. The logit lens cannot finish before p_final exists, so each layer keeps
+only its output rows at image and text positions ([tokens, d_model], far smaller than [tokens, vocab]) until
+the forward ends; the lens then runs in row chunks. Nothing is kept across batches except a few numbers per
+sample, which go to disk in parquet shards, so peak memory depends on the batch, never on n.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from . import metrics
+from .anatomy import Anatomy, anatomy, position_ids_from_mask
+from .data import Record, collate, encode_record, read_records, sample_records
+from .errors import ToolkitError
+from .loading import DATA_SAMPLES, TINY_DIR, load_config, load_llava, resolve_device, resolve_dtype, resolve_name
+
+DEFAULT_DATA = DATA_SAMPLES / "shapes" / "probe.json"
+DEFAULT_N = 64
+BACKENDS = ("hf", "transformer-lens")
+
+# (metric, modality) pairs of the per-sample table, in the order they are written.
+KEYS: tuple[tuple[str, str], ...] = (
+    ("cosine", "image"),
+    ("cosine", "text"),
+    ("attention_mass", "image"),
+    ("attention_mass", "text"),
+    ("attention_mass", "bos"),
+    ("attention_mass_max_head", "image"),
+    ("attention_mass_uniform", "image"),
+    ("logit_lens_kl", "image"),
+    ("logit_lens_kl", "text"),
+)
+TABLE_COLUMNS = ["sample", "sample_id", "layer", "modality", "metric", "value"]
+SUMMARY_COLUMNS = ["layer", "modality", "metric", "median", "q25", "q75"]
+LENS_CHUNK_ELEMENTS = 1 << 25  # rows x vocab per logit-lens chunk: 128 MB of fp32 logits
+
+
+# --- eager attention, local to the probe ---
+
+
+@contextlib.contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """Switch the language model to eager attention (the only kind that returns weights), then restore it.
+
+    The vision tower keeps its own implementation; only the decoder layers' patterns are read.
+    """
+    previous = model.config.text_config._attn_implementation
+    if previous != "eager":
+        model.set_attn_implementation({"text_config": "eager"})
+    try:
+        yield
+    finally:
+        if previous != "eager":
+            model.set_attn_implementation({"text_config": previous})
+
+
+# --- one batch: hooks that reduce as the layers run ---
+
+
+class LayerReducer:
+    """Forward hooks on ``blocks.{l}.hook_resid_post`` and ``blocks.{l}.attn.hook_pattern`` of an `Anatomy`.
+
+    Use as a context manager around any number of forwards; call `begin` before each forward and `finish`
+    after it. Per-sample results are [batch, num_layers] fp32 tensors keyed by (metric, modality).
+    """
+
+    def __init__(self, anat: Anatomy):
+        self.anat = anat
+        self.num_layers = anat.num_layers
+        self._handles: list = []
+        self._groups: dict[str, Tensor] | None = None
+
+    def __enter__(self) -> LayerReducer:
+        points = self.anat.hook_points()
+        for layer in range(self.num_layers):
+            resid = points[f"blocks.{layer}.hook_resid_post"]
+            pattern = points[f"blocks.{layer}.attn.hook_pattern"]
+            self._handles.append(resid.register_forward_hook(self._resid_hook(layer), with_kwargs=True))
+            self._handles.append(pattern.register_forward_hook(self._pattern_hook(layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._groups = self.hidden = None
+
+    def begin(self, attention_mask: Tensor, image_mask: Tensor) -> None:
+        """Set the token groups of the next forward ([batch, seq] masks) and clear the buffers."""
+        g = metrics.token_groups(attention_mask, image_mask)
+        self._groups = g
+        self._lens_rows = g["image"] | g["text"]
+        any_query = g["query"].any(0).nonzero()
+        self._q0 = int(any_query[0]) if len(any_query) else 0  # queries never start earlier in any row
+        batch = attention_mask.shape[0]
+        self.values = {k: torch.full((batch, self.num_layers), math.nan, device=attention_mask.device) for k in KEYS}
+        self.values["attention_mass_uniform", "image"][:] = metrics.uniform_mass(g["query"], g["image"], attention_mask)[:, None]
+        self.hidden: list[Tensor | None] = [None] * self.num_layers
+
+    def _resid_hook(self, layer: int) -> Callable:
+        def hook(module, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            g = self._groups
+            cos = metrics.adjacent_cosine(h_in, h_out, {"image": g["image"], "text": g["text"]})
+            for modality, v in cos.items():
+                self.values["cosine", modality][:, layer] = v
+            self.hidden[layer] = h_out[self._lens_rows]  # [rows, d_model]: what the logit lens will need
+
+        return hook
+
+    def _pattern_hook(self, layer: int) -> Callable:
+        def hook(module, args, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise ToolkitError("the attention module returned no weights: the probe needs eager attention")
+            g, q0 = self._groups, self._q0
+            mean, top = metrics.attention_mass(
+                weights[:, :, q0:], g["query"][:, q0:], {"image": g["image"], "text": g["text"], "bos": g["bos"]}
+            )
+            for modality, v in mean.items():
+                self.values["attention_mass", modality][:, layer] = v
+            self.values["attention_mass_max_head", "image"][:, layer] = top["image"]
+
+        return hook
+
+    def finish(self, logits: Tensor) -> dict[tuple[str, str], Tensor]:
+        """Run the logit lens against `logits` [batch, seq, vocab] (the model's own output) and return all
+        per-sample values, on CPU. Frees the kept layer outputs."""
+        rows = self._lens_rows
+        kl = logit_lens_kl(self.anat.unembed, self.hidden, logits[rows])  # [layers, rows]
+        self.hidden = [None] * self.num_layers
+        sample = rows.nonzero()[:, 0]
+        is_image = self._groups["image"][rows]
+        batch = rows.shape[0]
+        for modality, keep in (("image", is_image), ("text", ~is_image)):
+            for layer in range(self.num_layers):
+                self.values["logit_lens_kl", modality][:, layer] = metrics.segment_mean(kl[layer][keep], sample[keep], batch)
+        return {k: v.float().cpu() for k, v in self.values.items()}
+
+
+def logit_lens_kl(unembed: Callable[[Tensor], Tensor], hidden: list[Tensor], final_logits: Tensor) -> Tensor:
+    """KL(p_final ‖ softmax(unembed(h_ℓ))) per layer and row, in nats. hidden: L x [rows, d]; -> [L, rows] fp32.
+
+    Runs in row chunks so the [rows, vocab] temporaries stay near `LENS_CHUNK_ELEMENTS` whatever the batch.
+    """
+    rows, vocab = final_logits.shape
+    out = torch.empty(len(hidden), rows, device=final_logits.device)
+    step = max(1, LENS_CHUNK_ELEMENTS // vocab)
+    for start in range(0, rows, step):
+        sl = slice(start, start + step)
+        log_p = torch.log_softmax(final_logits[sl].float(), -1)
+        for layer, h in enumerate(hidden):
+            out[layer, sl] = metrics.kl_from_log_probs(log_p, torch.log_softmax(unembed(h[sl]).float(), -1))
+    return out
+
+
+def encode_batch(records: list[Record], processor, image_token_id: int) -> dict[str, Tensor]:
+    """Right-padded batch of each record's first turn with its answer (see the module docstring)."""
+    examples = [encode_record(replace(r, turns=r.turns[:1]), processor) for r in records]
+    pad = processor.tokenizer.pad_token_id
+    return collate(examples, 0 if pad is None else pad, image_token_id, padding_side="right")
+
+
+@torch.inference_mode()
+def probe_batch(anat: Anatomy, reducer: LayerReducer, batch: dict[str, Tensor],
+                timings: dict[str, float] | None = None) -> dict[tuple[str, str], Tensor]:
+    """All per-sample values of one batch: {(metric, modality): [batch, num_layers]} on CPU.
+
+    `batch` holds input_ids, attention_mask, pixel_values (on the model's device). `timings`, when given,
+    accumulates seconds spent in the forward (with hooks) and in the logit lens.
+    """
+    sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
+    t0 = time.perf_counter()
+    reducer.begin(batch["attention_mask"], batch["input_ids"] == anat.image_token_id)
+    logits = anat.forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                          position_ids=position_ids_from_mask(batch["attention_mask"]))
+    sync()
+    t1 = time.perf_counter()
+    values = reducer.finish(logits)
+    t2 = time.perf_counter()
+    if timings is not None:
+        timings["forward"] = timings.get("forward", 0.0) + t1 - t0
+        timings["lens"] = timings.get("lens", 0.0) + t2 - t1
+    return values
+
+
+def values_table(values: dict[tuple[str, str], Tensor], samples: list[int], ids: list[str]) -> pd.DataFrame:
+    """Long per-sample table (`TABLE_COLUMNS`) from `probe_batch`'s output for the batch's samples."""
+    frames = []
+    for (metric, modality), v in values.items():
+        batch, layers = v.shape
+        frames.append(pd.DataFrame({
+            "sample": np.repeat(np.asarray(samples, dtype=np.int64), layers),
+            "sample_id": np.repeat(np.asarray(ids, dtype=object), layers),
+            "layer": np.tile(np.arange(layers, dtype=np.int64), batch),
+            "modality": modality,
+            "metric": metric,
+            "value": v.double().numpy().reshape(-1),
+        }))
+    return pd.concat(frames, ignore_index=True)[TABLE_COLUMNS]
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-layer median and IQR across samples (`SUMMARY_COLUMNS`), NaNs skipped; sorted metric, modality, layer."""
+    grouped = table.groupby(["metric", "modality", "layer"], sort=True)["value"]
+    out = pd.DataFrame({"median": grouped.median(), "q25": grouped.quantile(0.25), "q75": grouped.quantile(0.75)})
+    return out.reset_index()[SUMMARY_COLUMNS]
+
+
+# --- shards on disk, so an interrupted run resumes ---
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` for a temporary sibling of `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+class ShardStore:
+    """``DIR/samples/``: a manifest (what produced the shards) and ``shard-NNNNN.parquet`` files."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.manifest = folder / "manifest.json"
+
+    def shards(self) -> list[Path]:
+        return sorted(self.folder.glob("shard-*.parquet"))
+
+    def open(self, fingerprint: dict, resume: bool) -> None:
+        """Check that old shards came from the same run settings (or clear them when not resuming)."""
+        if not resume:
+            for p in self.shards():
+                p.unlink()
+            self.manifest.unlink(missing_ok=True)
+        elif self.manifest.is_file():
+            old = json.loads(self.manifest.read_text())
+            changed = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+            if changed:
+                what = ", ".join(f"{k} {old.get(k)!r} (now {fingerprint[k]!r})" for k in changed)
+                raise ToolkitError(f"{self.folder.parent} holds probe shards from a different run: {what}; "
+                                   f"pass --no-resume to start over there, or choose another --out")
+        elif self.shards():
+            raise ToolkitError(f"{self.folder} has shards but no manifest.json; pass --no-resume to start over")
+        write_json(self.manifest, fingerprint)
+
+    def done(self) -> set[int]:
+        return {int(s) for p in self.shards() for s in pd.read_parquet(p, columns=["sample"])["sample"].unique()}
+
+    def write(self, table: pd.DataFrame) -> Path:
+        existing = self.shards()
+        index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        path = self.folder / f"shard-{index:05d}.parquet"
+        atomic_write(path, lambda p: table.to_parquet(p, index=False))
+        return path
+
+    def read(self, samples: set[int]) -> pd.DataFrame:
+        """All rows of `samples`, one copy each, in a fixed order (the summary does not depend on shard order)."""
+        frames = [pd.read_parquet(p) for p in self.shards()]
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TABLE_COLUMNS)
+        table = table[table["sample"].isin(samples)].drop_duplicates(["sample", "layer", "modality", "metric"])
+        return table.sort_values(["sample", "metric", "modality", "layer"], ignore_index=True)[TABLE_COLUMNS]
+
+
+# --- the whole run ---
+
+
+@dataclass
+class ProbeConfig:
+    """Options of ``saturation probe``; `run_probe` executes them."""
+
+    model: str = "tiny"  # 'tiny', an alias, a hub id or a local directory
+    n: int | None = None  # samples to probe (None: DEFAULT_N, or every record if the data has fewer)
+    data: Path | None = None  # LLaVA JSON (default: the embedded shapes probe samples)
+    image_folder: Path | None = None  # default: the JSON's folder
+    out: Path | None = None  # default: runs/probe/<model name>
+    batch_size: int = 8
+    seed: int = 0  # chooses the samples
+    dtype: str | None = None  # None: fp32 on CPU, the checkpoint's dtype on GPU
+    device: str | None = None  # None: cuda if available
+    rule: str = "paper"  # split rule, see saturation.recommend.RULES
+    resume: bool = True  # reuse finished shards in `out`
+    backend: str = "hf"  # 'hf' hooks, or 'transformer-lens' (extra `lens`)
+    progress: bool = True
+
+
+@dataclass
+class ProbeResult:
+    """Where the files are and the headline numbers."""
+
+    out: Path
+    table_path: Path
+    summary_path: Path
+    recommendation_path: Path
+    recommendation: dict
+    n: int
+    probed: int  # samples probed in this run (the rest came from shards)
+    seconds: float
+    summary: pd.DataFrame = field(repr=False)
+
+
+def display_name(model: str) -> str:
+    """A short name for titles: the alias or hub id as given, a local directory's last part."""
+    text = str(model).rstrip("/\\")
+    return Path(text).name if Path(text).is_dir() else text
+
+
+def default_out(model: str) -> Path:
+    name = display_name(model) or "model"
+    return Path("runs") / "probe" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def summary_lines(result: ProbeResult, figures: list[Path] = ()) -> list[str]:
+    """The one-screen summary printed at the end of ``saturation probe``."""
+    rec, ev = result.recommendation, result.recommendation["evidence"]
+    t, alt = ev["transition"], ev["alternatives"]
+    lines = [
+        f"saturation probe: {rec.get('display_name', rec['model'])}, {rec['num_layers']} layers, n={result.n} "
+        f"({result.probed} probed now, {result.n - result.probed} from shards, {result.seconds:.1f} s)",
+        f"  recommended split  s = {rec['split']}   (rule '{rec['rule']}': {ev['rule_definition']})",
+        f"  logit-lens 50% transition  image L{t['image']}, text L{t['text']}",
+        f"  text->image attention  plateau L{ev['attention_plateau_layer']}; "
+        f"cross-check: {'agrees' if ev['cross_check']['agrees'] else 'DISAGREES'} ({ev['cross_check']['text']})",
+        "  other rules  " + ", ".join(f"{k} {v}" for k, v in alt.items()),
+    ]
+    if "caveat" in ev:
+        lines.append(f"  note: {ev['caveat']}")
+    lines += [f"  files in {result.out}:",
+              f"    {result.table_path.name} (per sample), {result.summary_path.name}, {result.recommendation_path.name}"]
+    if figures:
+        lines.append("    " + ", ".join(Path(f).name for f in figures))
+    return lines
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _check_options(cfg: ProbeConfig) -> None:
+    from .recommend import RULES
+
+    if cfg.batch_size < 1:
+        raise ToolkitError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    if cfg.rule not in RULES:
+        raise ToolkitError(f"unknown rule '{cfg.rule}': use one of {', '.join(RULES)}")
+    if cfg.backend not in BACKENDS:
+        raise ToolkitError(f"unknown backend '{cfg.backend}': use one of {', '.join(BACKENDS)}")
+
+
+def plan_samples(cfg: ProbeConfig) -> tuple[Path, list[Record], list[int]]:
+    """The data file, the chosen records and their indices in the file (the table's `sample` key)."""
+    data = Path(cfg.data) if cfg.data is not None else DEFAULT_DATA
+    records = read_records(data, cfg.image_folder)
+    n = cfg.n if cfg.n is not None else min(DEFAULT_N, len(records))
+    index = {id(r): i for i, r in enumerate(records)}
+    chosen = sample_records(records, n, cfg.seed)
+    return data, chosen, [index[id(r)] for r in chosen]
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    speed = TextColumn("{task.fields[rate]}")
+    return Progress(TextColumn("[bold]probe"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), speed,
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=False)
+
+
+def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
+    """Probe `cfg.n` samples, write shards, the per-sample table, ``summary.csv`` and ``recommendation.json``.
+
+    A loaded (`model`, `processor`) may be passed instead of loading ``cfg.model`` (its attention is switched
+    to eager for the run and restored after). Figure 2 is drawn by the caller (``figures.figure2``), since
+    ``saturation`` does not import ``figures``.
+    """
+    from .recommend import recommend
+
+    _check_options(cfg)
+    given = model is not None
+    if not given:
+        config = load_config(cfg.model)  # fail fast (offline, not LLaVA) before reading the data
+        model_name = resolve_name(cfg.model)
+    else:
+        config = model.config
+        model_name = str(getattr(model, "name_or_path", "") or cfg.model)
+    data, records, samples = plan_samples(cfg)
+    out = Path(cfg.out) if cfg.out is not None else default_out(cfg.model)
+    store = ShardStore(out / "samples")
+    device = next(model.parameters()).device if given else resolve_device(cfg.device)
+    dtype = next(model.parameters()).dtype if given else resolve_dtype(cfg.dtype, device)
+    fingerprint = {"model": model_name, "seed": cfg.seed, "data": str(data.resolve()), "data_sha256": _file_digest(data),
+                   "dtype": str(dtype), "num_layers": int(config.text_config.num_hidden_layers)}
+    store.open(fingerprint, cfg.resume)
+    done = store.done()
+    todo = [(s, r) for s, r in zip(samples, records) if s not in done]
+
+    started = time.perf_counter()
+    if todo:
+        if not given:
+            model, processor = load_llava(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        _probe_into(store, model, processor, todo, cfg)
+    seconds = time.perf_counter() - started
+
+    table = store.read(set(samples))
+    table_path, summary_path, rec_path = out / "per_sample.parquet", out / "summary.csv", out / "recommendation.json"
+    atomic_write(table_path, lambda p: table.to_parquet(p, index=False))
+    summary = summarize(table)
+    atomic_write(summary_path, lambda p: summary.to_csv(p, index=False))
+    num_layers = fingerprint["num_layers"]
+    rec = recommend(summary, model=model_name, num_layers=num_layers, rule=cfg.rule, n=len(samples), per_sample=table)
+    rec["display_name"] = display_name(model_name if given else cfg.model)
+    if Path(model_name) == TINY_DIR:
+        rec["evidence"]["caveat"] = ("the embedded model was trained with an auxiliary logit-lens loss on image tokens "
+                                     "at the LM input, which shapes what the logit-lens view sees there")
+    write_json(rec_path, rec)
+    return ProbeResult(out, table_path, summary_path, rec_path, rec, len(samples), len(todo), seconds, summary)
+
+
+def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Record]], cfg: ProbeConfig) -> None:
+    """Probe `todo` batch by batch, writing one shard per batch."""
+    if cfg.backend == "transformer-lens":
+        from .lens_backend import probe_values  # optional extra
+    anat = anatomy(model)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    with eager_attention(model), LayerReducer(anat) as reducer, _progress(cfg.progress) as bar:
+        task = bar.add_task("probe", total=len(todo), rate="")
+        t0 = time.perf_counter()
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start:start + cfg.batch_size]
+            batch = encode_batch([r for _, r in chunk], processor, anat.image_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            if cfg.backend == "transformer-lens":
+                values = probe_values(model, processor, batch)
+            else:
+                values = probe_batch(anat, reducer, batch)
+            store.write(values_table(values, [s for s, _ in chunk], [r.id for _, r in chunk]))
+            done = start + len(chunk)
+            bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):.1f} samples/s")

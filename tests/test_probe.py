@@ -1,0 +1,205 @@
+"""The probe: hook values against a brute-force reference, padding invariance, memory, shards and resume."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import make_model, write_dataset
+
+from saturation import ToolkitError
+from saturation.anatomy import anatomy
+from saturation.data import read_records
+from saturation.probe import (
+    KEYS,
+    SUMMARY_COLUMNS,
+    LayerReducer,
+    ProbeConfig,
+    eager_attention,
+    encode_batch,
+    probe_batch,
+    run_probe,
+)
+
+# Questions and answers of different lengths, so that a batch needs padding.
+QAS = [("what colour is the circle?", "red"), ("how many are there?", "two"), ("is there a blue square?", "no"),
+       ("is the red circle left?", "yes"), ("what shape is the green one?", "a circle"),
+       ("what is there?", "one red circle and a blue square")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine: one intra-op thread is ~100x faster than two that spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def varied_dataset(tmp_path_factory) -> Path:
+    path = write_dataset(tmp_path_factory.mktemp("varied"), 8)
+    records = json.loads(path.read_text())
+    for i, r in enumerate(records):
+        q, a = QAS[i % len(QAS)]
+        r["conversations"] = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a},
+                              {"from": "human", "value": "and the square?"}, {"from": "gpt", "value": "blue"}]
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mha_model(processor):
+    """A second geometry: plain multi-head attention, 3 layers."""
+    return make_model(processor, seed=3, kv_heads=None, layers=3)
+
+
+def _values(model, processor, records):
+    anat = anatomy(model)
+    batch = encode_batch(records, processor, anat.image_token_id)
+    with eager_attention(model), LayerReducer(anat) as reducer:
+        return probe_batch(anat, reducer, batch), batch
+
+
+def _reference(model, processor, record):
+    """The three views from `model(..., output_attentions, output_hidden_states)`, written out by hand."""
+    anat = anatomy(model)
+    batch = encode_batch([record], processor, anat.image_token_id)
+    raw_last = {}
+    handle = anat.layers[-1].register_forward_hook(lambda m, a, o: raw_last.setdefault("h", o))
+    with torch.no_grad(), eager_attention(model):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], output_attentions=True, output_hidden_states=True)
+    handle.remove()
+    ids = batch["input_ids"][0]
+    image = ids == anat.image_token_id
+    positions = torch.arange(len(ids))
+    text = ~image & (positions > 0)
+    query = text & (positions > positions[image].max())
+    resid = list(out.hidden_states[:-1]) + [raw_last["h"]]  # hidden_states[-1] is normed: use the raw output
+    log_final = out.logits[0].float().log_softmax(-1)
+    ref = {k: [] for k in KEYS}
+    for layer in range(anat.num_layers):
+        cos = torch.nn.functional.cosine_similarity(resid[layer][0], resid[layer + 1][0], dim=-1)
+        ref["cosine", "image"].append(cos[image].mean())
+        ref["cosine", "text"].append(cos[text].mean())
+        att = out.attentions[layer][0][:, query]  # [heads, queries, keys]
+        per_head = att[..., image].sum(-1).mean(-1)
+        ref["attention_mass", "image"].append(per_head.mean())
+        ref["attention_mass_max_head", "image"].append(per_head.max())
+        ref["attention_mass", "text"].append(att[..., text].sum(-1).mean())
+        ref["attention_mass", "bos"].append(att[..., 0].mean())
+        uniform = (image.cumsum(0).float() / (positions + 1))[query].mean()
+        ref["attention_mass_uniform", "image"].append(uniform)
+        log_lens = anat.unembed(resid[layer + 1][0]).float().log_softmax(-1)
+        kl = (log_final.exp() * (log_final - log_lens)).sum(-1)
+        ref["logit_lens_kl", "image"].append(kl[image].mean())
+        ref["logit_lens_kl", "text"].append(kl[text].mean())
+    return {k: torch.stack(v) for k, v in ref.items()}
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "mha_model"])
+def test_hook_values_match_a_brute_force_reference(request, which, processor, varied_dataset):
+    model = request.getfixturevalue(which)
+    record = read_records(varied_dataset)[4]
+    values, _ = _values(model, processor, [record])
+    ref = _reference(model, processor, record)
+    for key in KEYS:
+        assert torch.allclose(values[key][0], ref[key].float(), atol=1e-5), key
+    assert values["logit_lens_kl", "image"][0, -1] == 0  # the lens at the last layer is the model itself
+    assert model.config.text_config._attn_implementation == "sdpa"  # eager was local to the probe
+
+
+def test_padded_batch_gives_each_sample_its_own_numbers(tiny_model, processor, varied_dataset):
+    records = read_records(varied_dataset)[:6]
+    together, batch = _values(tiny_model, processor, records)
+    assert (batch["attention_mask"] == 0).any(), "the batch should need padding"
+    for i, record in enumerate(records):
+        alone, _ = _values(tiny_model, processor, [record])
+        for key in KEYS:
+            assert torch.allclose(together[key][i], alone[key][0], atol=1e-5), (i, key)
+
+
+def test_nothing_large_outlives_the_forward(tiny_model, processor, varied_dataset):
+    anat = anatomy(tiny_model)
+    batch = encode_batch(read_records(varied_dataset)[:4], processor, anat.image_token_id)
+    before = (len(anat.layers[0]._forward_hooks), len(anat.attention(0)._forward_hooks))
+    with eager_attention(tiny_model), LayerReducer(anat) as reducer:
+        seen = []
+        grab = anat.attention(0).register_forward_hook(lambda m, a, o: seen.append(o[1].shape))
+        probe_batch(anat, reducer, batch)
+        grab.remove()
+        kept = [v for v in vars(reducer).values() if isinstance(v, torch.Tensor) and v.dim() >= 3]
+        assert not kept and all(h is None for h in reducer.hidden)
+        assert all(v.shape == (4, anat.num_layers) for v in reducer.values.values())
+    assert len(seen[0]) == 4  # the pattern existed ([b, h, q, k]) but was reduced in the hook
+    assert (len(anat.layers[0]._forward_hooks), len(anat.attention(0)._forward_hooks)) == before  # hooks removed
+
+
+def _config(out, data, **kw):
+    return ProbeConfig(model="tiny-test", data=data, out=out, batch_size=3, progress=False, **kw)
+
+
+def test_run_writes_tables_and_resumes(tiny_model, processor, varied_dataset, tmp_path):
+    out = tmp_path / "probe"
+    res = run_probe(_config(out, varied_dataset, n=5), model=tiny_model, processor=processor)
+    assert res.probed == 5 and len(list((out / "samples").glob("shard-*.parquet"))) == 2
+    table = pd.read_parquet(out / "per_sample.parquet")
+    assert len(table) == 5 * tiny_model.config.text_config.num_hidden_layers * len(KEYS)
+    assert table["sample"].nunique() == 5 and set(table["metric"]) >= {"cosine", "attention_mass", "logit_lens_kl"}
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert (summary["q25"] <= summary["median"] + 1e-12).all() and (summary["median"] <= summary["q75"] + 1e-12).all()
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert isinstance(rec["split"], int) and rec["num_layers"] == 6 and rec["evidence"]["n"] == 5
+    assert 1 <= rec["split"] <= 4
+
+    again = run_probe(_config(out, varied_dataset, n=5), model=tiny_model, processor=processor)
+    assert again.probed == 0
+    assert (out / "summary.csv").read_text() == summary.to_csv(index=False)
+
+    more = run_probe(_config(out, varied_dataset, n=8), model=tiny_model, processor=processor)
+    assert more.n == 8 and more.probed < 8  # samples already in shards are reused
+
+    with pytest.raises(ToolkitError, match="seed") as err:
+        run_probe(_config(out, varied_dataset, n=5, seed=1), model=tiny_model, processor=processor)
+    assert "\n" not in str(err.value) and "--no-resume" in str(err.value)
+    fresh = run_probe(_config(out, varied_dataset, n=5, seed=1, resume=False), model=tiny_model, processor=processor)
+    assert fresh.probed == 5
+
+
+def test_interrupted_run_resumes_where_it_stopped(tiny_model, processor, varied_dataset, tmp_path, monkeypatch):
+    import saturation.probe as probe
+
+    real, calls = probe.encode_batch, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "encode_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_probe(_config(tmp_path / "a", varied_dataset, n=7), model=tiny_model, processor=processor)
+    assert len(list((tmp_path / "a" / "samples").glob("shard-*.parquet"))) == 1
+    resumed = run_probe(_config(tmp_path / "a", varied_dataset, n=7), model=tiny_model, processor=processor)
+    assert resumed.probed == 4
+    monkeypatch.setattr(probe, "encode_batch", real)
+    whole = run_probe(_config(tmp_path / "b", varied_dataset, n=7), model=tiny_model, processor=processor)
+    pd.testing.assert_frame_equal(resumed.summary, whole.summary, atol=1e-6)
+
+
+def test_same_seed_gives_identical_summary(tiny_model, processor, dataset, tmp_path):
+    a = run_probe(_config(tmp_path / "a", dataset, n=4, seed=7), model=tiny_model, processor=processor)
+    b = run_probe(_config(tmp_path / "b", dataset, n=4, seed=7), model=tiny_model, processor=processor)
+    assert a.summary_path.read_bytes() == b.summary_path.read_bytes()
+
+
+def test_bad_options_are_one_line_errors(tiny_model, processor, dataset, tmp_path):
+    for kw, text in (({"batch_size": 0}, "batch-size"), ({"rule": "magic"}, "unknown rule"),
+                     ({"backend": "jax"}, "unknown backend"), ({"n": 99}, "only 12")):
+        cfg = ProbeConfig(model="x", data=dataset, out=tmp_path, progress=False, **{"batch_size": 2, **kw})
+        with pytest.raises(ToolkitError, match=text):
+            run_probe(cfg, model=tiny_model, processor=processor)

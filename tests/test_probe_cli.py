@@ -1,0 +1,72 @@
+"""`saturation probe` from the command line: outputs on success, one plain line and exit 1 on bad input."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import saturation_app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _probe(*args):
+    return runner.invoke(saturation_app, ["probe", *map(str, args)], env={"COLUMNS": "300"})
+
+
+def _one_line_error(result, text):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0] and "Traceback" not in result.output, result.output
+
+
+def test_writes_every_output(tiny_model_dir, dataset, tmp_path):
+    out = tmp_path / "run"
+    result = _probe("--model", tiny_model_dir, "--data", dataset, "--n", 4, "--batch-size", 3, "--out", out)
+    assert result.exit_code == 0, result.output
+    for name in ("per_sample.parquet", "summary.csv", "recommendation.json", "figure2.png", "figure2.pdf"):
+        assert (out / name).stat().st_size > 0, name
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert isinstance(rec["split"], int) and rec["num_layers"] == 6 and rec["rule"] == "paper"
+    assert f"recommended split  s = {rec['split']}" in result.output and str(out) in result.output
+
+    again = _probe("--model", tiny_model_dir, "--data", dataset, "--n", 4, "--out", out, "--rule", "conservative")
+    assert again.exit_code == 0 and "0 probed now" in again.output
+    assert json.loads((out / "recommendation.json").read_text())["rule"] == "conservative"
+
+    changed = _probe("--model", tiny_model_dir, "--data", dataset, "--n", 4, "--out", out, "--seed", 3)
+    _one_line_error(changed, "--no-resume")
+    assert (out / "figure2.png").is_file()  # nothing already written is lost
+
+
+def test_missing_data_file(tiny_model_dir, tmp_path):
+    _one_line_error(_probe("--model", tiny_model_dir, "--data", tmp_path / "nope.json"), "data file not found")
+
+
+def test_malformed_json(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": 1,')
+    _one_line_error(_probe("--model", tiny_model_dir, "--data", bad), "malformed JSON")
+
+
+def test_n_larger_than_the_data(tiny_model_dir, dataset, tmp_path):
+    _one_line_error(_probe("--model", tiny_model_dir, "--data", dataset, "--n", 50, "--out", tmp_path), "only 12")
+
+
+def test_not_a_llava_model(tmp_path, dataset):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    _one_line_error(_probe("--model", tmp_path, "--data", dataset, "--n", 2), "not a LLaVA model")
+
+
+def test_bad_rule_and_batch_size(tiny_model_dir, dataset, tmp_path):
+    _one_line_error(_probe("--model", tiny_model_dir, "--data", dataset, "--rule", "magic"), "unknown rule")
+    _one_line_error(_probe("--model", tiny_model_dir, "--data", dataset, "--batch-size", 0), "batch-size")
