@@ -132,7 +132,14 @@ class TrainableReport:
         return self.trainable / self.total
 
     def __str__(self) -> str:
-        return f"{self.trainable / 1e6:.1f}M trainable of {self.total / 1e6:.1f}M ({100 * self.share:.2f}%)"
+        return f"{_human(self.trainable)} trainable of {_human(self.total)} ({100 * self.share:.2f}%)"
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
 
 
 class RoutedLlava(PreTrainedModel, GenerationMixin):
@@ -244,7 +251,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         if plan.deep_mode == "text_only":  # LF: text positions only, their original positions, causal over text
             text_mask = a.causal_mask(r.text(h), r.text_valid, text_pos, cache, layer_idx=plan.deep.start)
             with self._frozen():
-                h = r.merge(text=run(plan.deep, r.text(h), text_mask, text_pos, text_rope), image=side)
+                text = run(plan.deep, r.text(h), text_mask, text_pos, text_rope)
+            h = r.merge(text=text, image=side)
         elif plan.deep_mode == "reset":  # PC: image positions reset to the side output before every deep layer
             side_full = r.scatter_image(side)
             for i in plan.deep:

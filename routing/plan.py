@@ -103,10 +103,10 @@ def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: i
         raise ToolkitError(f"split must be an integer layer index, got {split!r}")
     if fusion_layers < 0 or side_depth < 1:
         raise ToolkitError(f"need fusion_layers >= 0 and side_depth >= 1, got {fusion_layers} and {side_depth}")
-    if not 1 <= split <= num_layers - max(fusion_layers, 1):
-        raise ToolkitError(
-            f"split {split} is out of range for {num_layers} layers with {fusion_layers} fusion layer(s): "
-            f"use 1 <= split <= {num_layers - max(fusion_layers, 1)}")
+    last = num_layers - fusion_layers - 1  # a shallow stack, and at least one deep layer before the fusion layers
+    if not 1 <= split <= last:
+        raise ToolkitError(f"split {split} is out of range for a {num_layers}-layer model with {fusion_layers} "
+                           f"fusion layer(s): choose 1..{last}")
     if split + side_depth > num_layers:
         raise ToolkitError(f"side_depth {side_depth} needs layers {split}..{split + side_depth - 1} to copy, "
                            f"but the model has {num_layers}")

@@ -1,0 +1,123 @@
+"""Tiny routed-model fixtures: random LLaVAs built in code, ragged batches, and a naive routing reference.
+
+The naive reference (`naive_logits`) is the slow, obviously-right version of every variant: explicit per-layer
+loops over the FULL sequence, where routing is nothing but a mask and a reset of image positions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from saturation.anatomy import anatomy, position_ids_from_mask
+from saturation.tiny import tiny_llava_config
+
+VOCAB = 48
+IMAGE = 4  # image token id (tiny_llava_config default)
+IMAGE_SIZE, PATCH = 32, 8  # 16 image tokens per image
+N_IMAGE = (IMAGE_SIZE // PATCH) ** 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~100x faster than two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 6, **kw) -> LlavaForConditionalGeneration:
+    """A random tiny LLaVA in eval mode, grouped-query attention (4 heads, 2 KV heads) unless overridden."""
+    kw = {"hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128} | kw
+    cfg = tiny_llava_config(VOCAB, image_size=IMAGE_SIZE, patch_size=PATCH, layers=layers, **kw)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+# (text before the image, number of images, text after): images may sit anywhere, rows differ in length
+ROWS = {
+    "plain": [([1, 5, 6], 1, [7, 8, 9, 10, 11]), ([1], 1, [12, 13, 22]), ([1, 14, 15, 16, 17, 18], 1, [19, 20, 21, 22])],
+    "mixed": [([1, 5], 2, [7, 8, 9]), ([1, 14, 15, 16, 17, 18, 19], 0, [20, 21]), ([1], 1, [12, 13, 22, 23, 24])],
+    "text": [([1, 5, 6, 7], 0, [8, 9]), ([1, 10], 0, [11]), ([1, 12, 13, 14, 15, 16], 0, [17])],
+}
+
+
+def make_batch(kind: str = "plain", padding: str = "left", seed: int = 0) -> dict:
+    """input_ids, attention_mask, pixel_values (None without images) and labels (the last 2 real tokens).
+
+    As in LLaVA's prompts, no label is predicted from an image position (text always follows an image).
+    """
+    g = torch.Generator().manual_seed(seed)
+    seqs, n_images = [], 0
+    for before, images, after in ROWS[kind]:
+        ids = list(before)
+        for k in range(images):  # two images in a row are separated by a text token
+            ids += [IMAGE] * N_IMAGE + ([25 + k] if k < images - 1 else [])
+        seqs.append(ids + list(after))
+        n_images += images
+    n = max(map(len, seqs))
+    input_ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    attention_mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    labels = torch.full((len(seqs), n), -100)
+    for b, s in enumerate(seqs):
+        sl = slice(n - len(s), n) if padding == "left" else slice(0, len(s))
+        input_ids[b, sl] = torch.tensor(s)
+        attention_mask[b, sl] = 1
+        last = sl.stop
+        labels[b, last - 2:last] = input_ids[b, last - 2:last]
+    pixel_values = torch.randn(n_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) if n_images else None
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels}
+
+
+def without_labels(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def layer_mask(allowed: torch.Tensor, model, dtype=torch.float32) -> torch.Tensor:
+    """[batch, q, k] bool -> the 4D mask the model's attention implementation expects."""
+    allowed = allowed[:, None]
+    if model.config.text_config._attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+@torch.no_grad()
+def naive_logits(routed, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
+    """Every variant as full-sequence layer loops: routing is a mask plus a reset of the image positions."""
+    model, plan = routed.base, routed.plan
+    a = anatomy(model)
+    h, img = a.embed(input_ids, pixel_values)
+    pos = position_ids_from_mask(attention_mask)
+    rope = a.rotary_emb(h, pos)
+    valid = attention_mask.bool()
+    n = h.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None]
+    eye = torch.eye(n, dtype=torch.bool)[None]  # keeps rows that see nothing finite; never changes a real row
+    full = causal & valid[:, None, :]
+    image_only = full & img[:, :, None] & img[:, None, :]  # image queries see image keys
+    text_only = full & ~img[:, :, None] & ~img[:, None, :]  # text queries see text keys
+
+    def layer(module, x, allowed):
+        return module(x, attention_mask=layer_mask(allowed | eye, model), position_ids=pos, position_embeddings=rope)
+
+    for i in plan.shallow:
+        h = layer(a.layers[i], h, full)
+    side = h
+    for module in routed.side:
+        side = layer(module, side, image_only)
+    keep = img[..., None]
+    for i in plan.deep:
+        if plan.deep_mode == "text_only":  # LF: text queries cannot see image keys
+            h = layer(a.layers[i], h, text_only)
+        elif plan.deep_mode == "reset":  # PC: image positions reset to the side output, full compute
+            h = layer(a.layers[i], torch.where(keep, side, h), full)
+        else:  # KV: image positions only lend K/V from the side output, their own update is dropped
+            h = torch.where(keep, side, layer(a.layers[i], torch.where(keep, side, h), full))
+    h = torch.where(keep, side, h)
+    for i in plan.fusion:
+        h = layer(a.layers[i], h, full)
+    return a.unembed(h)

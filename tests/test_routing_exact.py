@@ -1,0 +1,212 @@
+"""Exactness of the routed forward: untouched shallow stack, vanilla without images, naive references per variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from routing_fixtures import make_batch, naive_logits, one_thread, tiny_llava, without_labels  # noqa: F401
+
+import routing
+from saturation.anatomy import anatomy, position_ids_from_mask
+from saturation.errors import ToolkitError
+
+SPLIT = 2
+PADDINGS = ("left", "right")
+ATTENTION = ("sdpa", "eager")
+
+
+@pytest.fixture(scope="module", params=ATTENTION)
+def model(request):
+    return tiny_llava(request.param)
+
+
+def _perturb(routed, seed=1):
+    """Move the side branch away from its initial copy, so that it matters which layer reads it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in routed.side.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return routed
+
+
+def _record(layers, indices):
+    """Forward hooks that keep the outputs of `layers[i]` for i in `indices`; returns (store, handles)."""
+    store, handles = {}, []
+    for i in indices:
+        handles.append(layers[i].register_forward_hook(lambda m, args, out, i=i: store.__setitem__(i, out)))
+    return store, handles
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_shallow_stack_is_bit_identical(model, padding):
+    batch = without_labels(make_batch("plain", padding))
+    layers = anatomy(model).layers
+    store, handles = _record(layers, range(SPLIT))
+    anatomy(model).forward(**batch)
+    vanilla = dict(store)
+    for variant in ("lf", "pc", "kv"):
+        store.clear()
+        with torch.no_grad():
+            routing.build(model, SPLIT, variant)(**batch)
+        assert all(torch.equal(store[i], vanilla[i]) for i in range(SPLIT)), variant
+    for hd in handles:
+        hd.remove()
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("variant", routing.VARIANTS)
+def test_no_image_tokens_equals_vanilla(model, padding, variant):
+    batch = without_labels(make_batch("text", padding))
+    routed = _perturb(routing.build(model, SPLIT, variant))
+    with torch.no_grad():
+        assert torch.equal(routed(**batch).logits, anatomy(model).forward(**batch))
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize(("variant", "fusion_layers"), [("lf", 1), ("lf-ideal", 0), ("pc", 0), ("pc", 1),
+                                                        ("kv", 0), ("kv", 1)])
+@pytest.mark.parametrize("kind", ["plain", "mixed"])
+def test_variants_equal_naive_reference(model, padding, variant, fusion_layers, kind):
+    """Each variant against the full-sequence layer loops; `mixed` has 2, 0 and 1 images per row."""
+    batch = without_labels(make_batch(kind, padding))
+    routed = _perturb(routing.build(model, SPLIT, variant, fusion_layers=fusion_layers))
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        got = routed(**batch).logits[valid]
+    torch.testing.assert_close(got, naive_logits(routed, **batch)[valid], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_two_fusion_layers_and_deeper_side_branch(model, padding):
+    batch = without_labels(make_batch("mixed", padding))
+    valid = batch["attention_mask"].bool()
+    for variant in ("lf", "kv", "pc"):
+        routed = _perturb(routing.build(model, 1, variant, fusion_layers=2, side_depth=2))
+        with torch.no_grad():
+            got = routed(**batch).logits[valid]
+        torch.testing.assert_close(got, naive_logits(routed, **batch)[valid], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_text_only_deep_stack_equals_the_text_subset_by_hand(model, padding):
+    """LF's deep layers on the compact text subset == those layers run per row on that row's text alone."""
+    batch = without_labels(make_batch("mixed", padding))
+    routed = routing.build(model, SPLIT, "lf")
+    a = anatomy(model)
+    store, handles = _record(a.layers, [SPLIT - 1, routed.plan.deep[-1]])
+    with torch.no_grad():
+        routed(**batch)
+    for hd in handles:
+        hd.remove()
+    shallow, deep = store[SPLIT - 1], store[routed.plan.deep[-1]]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pos = position_ids_from_mask(mask)
+    for b in range(ids.shape[0]):
+        is_text = ids[b] != a.image_token_id
+        keep = mask[b].bool() & is_text  # this row's real text, in order
+        t = shallow[b:b + 1, keep]
+        t_pos = pos[b:b + 1, keep]  # ORIGINAL positions: gaps where the image was
+        rope = a.rotary_emb(t, t_pos)
+        causal = a.causal_mask(t, torch.ones_like(t_pos), t_pos)
+        with torch.no_grad():
+            for i in routed.plan.deep:
+                t = a.layers[i](t, attention_mask=causal, position_ids=t_pos, position_embeddings=rope)
+        compact = mask[b, is_text].bool()  # the compact subset holds every non-image position, pads included
+        torch.testing.assert_close(deep[b, : int(is_text.sum())][compact], t[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("fusion_layers", [0, 1])
+def test_pc_and_kv_agree_at_text_positions(model, padding, fusion_layers):
+    """Both let text queries read K/V projected from the side output; they differ only in wasted compute."""
+    batch = without_labels(make_batch("mixed", padding))
+    pc = _perturb(routing.build(model, SPLIT, "pc", fusion_layers=fusion_layers))
+    kv = routing.build(model, SPLIT, "kv", fusion_layers=fusion_layers)
+    kv.side.load_state_dict(pc.side.state_dict())
+    text = batch["attention_mask"].bool() & (batch["input_ids"] != 4)
+    with torch.no_grad():
+        torch.testing.assert_close(pc(**batch).logits[text], kv(**batch).logits[text], atol=2e-5, rtol=1e-4)
+
+
+def test_loss_is_the_hf_causal_lm_loss(model):
+    """Labels -100 everywhere but assistant tokens, shifted as HF does: without images equal to the base's loss."""
+    batch = make_batch("text", "left")
+    routed = routing.build(model, SPLIT, "lf")
+    pos = position_ids_from_mask(batch["attention_mask"])
+    with torch.no_grad():
+        ours = routed(**batch).loss
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos,
+                       labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_gradients_reach_only_the_side_branch(model):
+    routed = routing.build(model, SPLIT, "lf").train()
+    a = anatomy(model)
+    store, handles = _record(a.layers, [routed.plan.deep[-1], routed.plan.fusion[0]])
+    loss = routed(**make_batch("plain", "right")).loss
+    for hd in handles:
+        hd.remove()
+    assert not store[routed.plan.deep[-1]].requires_grad  # LF: no graph through the text-only deep stack
+    assert store[routed.plan.fusion[0]].requires_grad
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in routed.side.parameters())
+    assert sum(p.grad.abs().sum() for p in routed.side.parameters()) > 0
+    routed.eval()
+
+
+@pytest.mark.parametrize("variant", ["lf", "pc", "kv"])
+def test_side_branch_gradient_is_nonzero(model, variant):
+    routed = routing.build(model, SPLIT, variant)
+    assert routed.side_gradient_norm(**make_batch("plain", "left")) > 0
+
+
+def test_lf_ideal_gradient_is_exactly_zero_and_training_it_is_refused(model):
+    """Appendix A: with no fusion layer, the loss never reads the side branch."""
+    routed = routing.build(model, SPLIT, "lf-ideal")
+    batch = make_batch("plain", "left")
+    assert routed.side_gradient_norm(**batch) == 0.0
+    routed.train()
+    with pytest.raises(ToolkitError, match="lf-ideal"):
+        routed(**batch)
+    with torch.no_grad():  # evaluating it is fine
+        assert routed(**batch).loss.isfinite()
+    routed.eval()
+
+
+def test_trainable_parameters_are_the_side_branch(model):
+    routed = routing.build(model, SPLIT, "lf", side_depth=2)
+    report = routed.trainable_parameters()
+    layer = sum(p.numel() for p in anatomy(model).layers[0].parameters())
+    assert report.trainable == 2 * layer
+    assert report.total == sum(p.numel() for p in model.parameters()) + 2 * layer
+    assert 0 < report.share < 1 and "trainable of" in str(report)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_side_branch_has_its_own_cache_slots(model):
+    routed = routing.build(model, SPLIT, "lf", side_depth=2)
+    L = anatomy(model).num_layers
+    assert [layer.self_attn.layer_idx for layer in routed.side] == [L, L + 1]
+    assert all(layer.self_attn.config is anatomy(model).text_config for layer in routed.side)
+
+
+def test_bad_plans_are_refused_with_one_line():
+    model = tiny_llava()
+    for kwargs in ({"split": 0}, {"split": 5}, {"split": 2, "variant": "xx"}, {"split": 2, "fusion_layers": 0},
+                   {"split": 4, "side_depth": 3}):
+        with pytest.raises(ToolkitError):
+            routing.build(model, **kwargs)
+    assert routing.build(model, 5, "lf-ideal").plan.fusion_layers == 0
+
+
+def test_bfloat16_runs():
+    model = tiny_llava().to(torch.bfloat16)
+    routed = routing.build(model, SPLIT, "lf")
+    batch = make_batch("mixed", "left")
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        out = routed(**batch)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.isfinite()
+    assert next(routed.side.parameters()).dtype == torch.bfloat16
