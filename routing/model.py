@@ -146,8 +146,9 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
     """A DPVR-routed LLaVA. ``routed(input_ids=, pixel_values=, attention_mask=, labels=)`` gives ``.loss`` and
     ``.logits``; ``routed.generate(...)`` is HF's own generate with a per-group KV cache."""
 
-    base_model_prefix = "base"
+    base_model_prefix = "base"  # so generate() pre-encodes images with the base's get_image_features
     main_input_name = "input_ids"
+    input_modalities = ("image", "text")
     _supports_sdpa = True
     _no_split_modules = ["LlamaDecoderLayer"]
 
@@ -177,6 +178,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         inputs_embeds: Tensor | None = None,
         image_mask: Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
         return_dict: bool = True,
         **image_kwargs,
     ) -> CausalLMOutputWithPast:
@@ -185,7 +187,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
         Positions are always the generate convention, ``cumsum(attention_mask) - 1``. The first call on a cache is
         the prefill (images allowed anywhere); later calls continue it with text tokens. `inputs_embeds` with
-        `image_mask` [batch, seq] replaces `input_ids`/`pixel_values` (benchmarks, precomputed features).
+        `image_mask` [batch, seq] replaces `input_ids`/`pixel_values` (benchmarks); `mm_encoder_outputs`
+        ({"image": output of ``get_image_features``}) replaces `pixel_values`, as ``generate()`` passes it.
         """
         self._refuse_untrainable(labels)
         use_cache = past_key_values is not None if use_cache is None else use_cache
@@ -195,8 +198,10 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             check_cache(cache)
         state = state_of(cache)
         if state is None:
+            if inputs_embeds is None and (mm_encoder_outputs or {}).get("image") is not None:
+                inputs_embeds, image_mask = self._embed_features(input_ids, mm_encoder_outputs["image"].pooler_output)
             h = self._route_prompt(input_ids, pixel_values, attention_mask, cache, inputs_embeds, image_mask,
-                              **image_kwargs)
+                                   **image_kwargs)
         else:
             h = self._route_next(input_ids, attention_mask, cache, state)
         if logits_to_keep:
@@ -206,6 +211,16 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def _embed_features(self, input_ids: Tensor, features) -> tuple[Tensor, Tensor]:
+        """Token embeddings with pre-encoded image features (one [n_img, D] per image, in placeholder order)."""
+        a = self.anatomy
+        h = a.embed_tokens(input_ids)
+        image_mask = input_ids == a.image_token_id
+        features = torch.cat(list(features), dim=0).to(h.device, h.dtype)
+        if features.shape[0] != int(image_mask.sum()):
+            raise ToolkitError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features")
+        return h.masked_scatter(image_mask[..., None].expand_as(h), features), image_mask
 
     def _route_prompt(self, input_ids, pixel_values, attention_mask, cache, inputs_embeds, image_mask, **image_kwargs):
         a, plan = self.anatomy, self.plan
@@ -294,6 +309,15 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             h = layer(h, attention_mask=masks[plan.layout(i)], position_ids=c.position_ids, past_key_values=cache,
                       position_embeddings=rope)
         return h
+
+    def generate(self, *args, **kwargs):
+        """HF ``generate()`` (greedy, sampling, beams, streamers, stopping criteria) with the routed KV cache.
+
+        ``pixel_values=None`` is dropped first: HF would otherwise try to encode it (vanilla LLaVA crashes there).
+        """
+        if "pixel_values" in kwargs and kwargs["pixel_values"] is None:
+            del kwargs["pixel_values"]
+        return super().generate(*args, **kwargs)
 
     # ---------------------------------------------------------------- training helpers
     def _frozen(self):

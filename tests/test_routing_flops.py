@@ -1,0 +1,59 @@
+"""The FLOP model: the paper's Table 1 at 7B, and the order of the variants for any geometry."""
+
+from __future__ import annotations
+
+import pytest
+
+from routing import flops
+from routing.plan import make_plan
+from saturation.errors import ToolkitError
+
+G7 = flops.LLAVA_15_7B
+
+
+def test_table_1_lf_at_7b():
+    """LF at s=18 with 576 image + 128 text tokens costs ~0.69x the vanilla linear FLOPs."""
+    r = flops.ratio(G7, "lf", 18, 576, 128)
+    assert r["linear"] == pytest.approx(15616 / 22528)  # token-layers: 18*704 + 13*128 + 704 + 576 over 32*704
+    assert 0.68 < r["linear"] < 0.70
+    assert r["attention"] < r["linear"]  # the quadratic part shrinks faster
+
+
+def test_side_branch_size_at_7b():
+    """One Llama-7B decoder layer: the paper's 202M trainable parameters."""
+    assert G7.layer_params() == pytest.approx(202.4e6, rel=1e-3)
+
+
+@pytest.mark.parametrize(("geometry", "split"), [(G7, 18), (flops.LLAVA_15_13B, 28),
+                                                  (flops.Geometry(12, 256, 688, 4, vocab=512), 8)])
+def test_variant_order(geometry, split):
+    """lf-ideal < lf < kv < vanilla < pc, in linear and total FLOPs."""
+    r = {v: flops.ratio(geometry, v, split, 576, 128) for v in ("lf-ideal", "lf", "kv", "pc")}
+    for kind in ("linear", "total"):
+        assert r["lf-ideal"][kind] < r["lf"][kind] < r["kv"][kind] < 1.0 < r["pc"][kind]
+
+
+def test_grouped_query_attention_and_table_rows():
+    gqa = flops.Geometry(32, 4096, 14336, 32, kv_heads=8)
+    assert gqa.kv_dim == 1024 and gqa.linear_flops() < flops.Geometry(32, 4096, 14336, 32).linear_flops()
+    rows = flops.table(G7, 18, 576, 128)
+    assert [r["variant"] for r in rows] == ["vanilla", "lf", "lf-ideal", "kv", "pc"]
+
+
+def test_decode_cost_shrinks_only_in_attention():
+    plan = make_plan(32, 18, "lf")
+    routed, vanilla = flops.decode_cost(G7, plan, 576, 128), flops.decode_cost(G7, None, 576, 128)
+    assert routed.linear == vanilla.linear and routed.attention < vanilla.attention
+
+
+def test_geometry_from_a_config():
+    from transformers import LlamaConfig
+
+    g = flops.Geometry.of(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=48))
+    assert (g.num_layers, g.q_dim, g.kv_dim, g.vocab) == (6, 64, 32, 48)
+
+
+def test_bad_split_is_a_toolkit_error():
+    with pytest.raises(ToolkitError):
+        flops.ratio(G7, "lf", 31, 576, 128)
