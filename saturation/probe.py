@@ -49,7 +49,7 @@ from .loading import DATA_SAMPLES, TINY_DIR, load_config, load_llava, resolve_de
 
 DEFAULT_DATA = DATA_SAMPLES / "shapes" / "probe.json"
 DEFAULT_N = 64
-BACKENDS = ("hf", "transformer-lens")
+BACKENDS = ("hf",)
 
 # (metric, modality) pairs of the per-sample table, in the order they are written.
 KEYS: tuple[tuple[str, str], ...] = (
@@ -220,23 +220,24 @@ def probe_batch(anat: Anatomy, reducer: LayerReducer, batch: dict[str, Tensor],
 
 def values_table(values: dict[tuple[str, str], Tensor], samples: list[int], ids: list[str]) -> pd.DataFrame:
     """Long per-sample table (`TABLE_COLUMNS`) from `probe_batch`'s output for the batch's samples."""
-    frames = []
-    for (metric, modality), v in values.items():
-        batch, layers = v.shape
-        frames.append(pd.DataFrame({
-            "sample": np.repeat(np.asarray(samples, dtype=np.int64), layers),
-            "sample_id": np.repeat(np.asarray(ids, dtype=object), layers),
-            "layer": np.tile(np.arange(layers, dtype=np.int64), batch),
-            "modality": modality,
-            "metric": metric,
-            "value": v.double().numpy().reshape(-1),
-        }))
-    return pd.concat(frames, ignore_index=True)[TABLE_COLUMNS]
+    keys = list(values)
+    stacked = torch.stack([values[k] for k in keys]).double().numpy()  # [keys, batch, layers]
+    n_keys, batch, layers = stacked.shape
+    key_index = np.repeat(np.arange(n_keys), batch * layers)
+    sample_index = np.tile(np.repeat(np.arange(batch), layers), n_keys)
+    return pd.DataFrame({
+        "sample": np.asarray(samples, dtype=np.int64)[sample_index],
+        "sample_id": np.asarray(ids, dtype=object)[sample_index],
+        "layer": np.tile(np.arange(layers, dtype=np.int64), n_keys * batch),
+        "modality": np.asarray([k[1] for k in keys], dtype=object)[key_index],
+        "metric": np.asarray([k[0] for k in keys], dtype=object)[key_index],
+        "value": stacked.reshape(-1),
+    })
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """Per-layer median and IQR across samples (`SUMMARY_COLUMNS`), NaNs skipped; sorted metric, modality, layer."""
-    grouped = table.groupby(["metric", "modality", "layer"], sort=True)["value"]
+    grouped = table.groupby(["metric", "modality", "layer"], sort=True, observed=True)["value"]
     out = pd.DataFrame({"median": grouped.median(), "q25": grouped.quantile(0.25), "q75": grouped.quantile(0.75)})
     return out.reset_index()[SUMMARY_COLUMNS]
 
@@ -298,10 +299,19 @@ class ShardStore:
 
     def read(self, samples: set[int]) -> pd.DataFrame:
         """All rows of `samples`, one copy each, in a fixed order (the summary does not depend on shard order)."""
-        frames = [pd.read_parquet(p) for p in self.shards()]
-        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TABLE_COLUMNS)
-        table = table[table["sample"].isin(samples)].drop_duplicates(["sample", "layer", "modality", "metric"])
-        return table.sort_values(["sample", "metric", "modality", "layer"], ignore_index=True)[TABLE_COLUMNS]
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        if not self.shards():
+            return pd.DataFrame(columns=TABLE_COLUMNS)
+        table = pa.concat_tables([pq.read_table(p) for p in self.shards()])
+        table = table.filter(pc.is_in(table["sample"], pa.array(sorted(samples), pa.int64())))
+        df = table.to_pandas(strings_to_categorical=True)  # a few bytes per row, whatever n is
+        for col in ("sample_id", "modality", "metric"):
+            df[col] = df[col].cat.reorder_categories(sorted(df[col].cat.categories))
+        df = df.drop_duplicates(["sample", "layer", "modality", "metric"])
+        return df.sort_values(["sample", "metric", "modality", "layer"], ignore_index=True)[TABLE_COLUMNS]
 
 
 # --- the whole run ---
@@ -439,6 +449,8 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
         model_name = str(getattr(model, "name_or_path", "") or cfg.model)
     data, records, samples = plan_samples(cfg)
     out = Path(cfg.out) if cfg.out is not None else default_out(cfg.model)
+    if out.exists() and not out.is_dir():
+        raise ToolkitError(f"--out {out} exists and is not a folder")
     store = ShardStore(out / "samples")
     device = next(model.parameters()).device if given else resolve_device(cfg.device)
     dtype = next(model.parameters()).dtype if given else resolve_dtype(cfg.dtype, device)
@@ -472,8 +484,6 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
 
 def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Record]], cfg: ProbeConfig) -> None:
     """Probe `todo` batch by batch, writing one shard per batch."""
-    if cfg.backend == "transformer-lens":
-        from .lens_backend import probe_values  # optional extra
     anat = anatomy(model)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -485,10 +495,7 @@ def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Recor
             batch = encode_batch([r for _, r in chunk], processor, anat.image_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            if cfg.backend == "transformer-lens":
-                values = probe_values(model, processor, batch)
-            else:
-                values = probe_batch(anat, reducer, batch)
+            values = probe_batch(anat, reducer, batch)
             store.write(values_table(values, [s for s, _ in chunk], [r.id for _, r in chunk]))
             done = start + len(chunk)
             bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):.1f} samples/s")

@@ -16,6 +16,9 @@ Rules (``--rule``):
 - ``conservative``: the later of ``paper`` and ``attention``, so text has stopped changing how much it reads
   the image before the image tokens leave.
 
+A plateau is the first layer from which a curve stays within 10% of its range (or an absolute floor: 0.01 of
+attention probability, 0.005 of cosine) around its final level, the median of its last quarter of layers.
+
 The cross-check reported with every rule: the split agrees with the attention view when text→image mass has
 reached its plateau at or before the split.
 """
