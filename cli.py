@@ -92,6 +92,139 @@ def probe_cmd(
     Console().print("\n".join(summary_lines(result, figures)), highlight=False, markup=False)
 
 
+RoutingOpt = Annotated[Path | None, typer.Option("--routing", help="Routing artifact folder from `routing train` (…/routing); vanilla when omitted.")]
+
+
+def load_model_for_cli(model: str, routing_dir: Path | None, dtype: str | None, device: str | None):
+    """`(model or routed model, processor)`: the base from `--model`, routed when `--routing` is given."""
+    from saturation.loading import load_llava
+
+    base, processor = load_llava(model, dtype=dtype, device=device)
+    if routing_dir is None:
+        return base, processor
+    import routing
+
+    return routing.load(base, routing_dir), processor
+
+
+@routing_app.command("train")
+@friendly
+def train_cmd(
+    model: ModelOpt = "tiny",
+    split: Annotated[str, typer.Option(help="Split layer: an integer in [1, L-2], or 'auto' for the probe's recommendation (runs the probe if none exists).")] = "auto",
+    probe: Annotated[Path | None, typer.Option(help="Probe folder whose recommendation.json --split auto reads (default: newest probe of this model under runs/probe).")] = None,
+    variant: Annotated[str, typer.Option(help="lf (DPVR late fusion) | pc | kv. lf-ideal cannot be trained (zero gradient).")] = "lf",
+    fusion_layers: Annotated[int, typer.Option(help="K: last layers that see image and text again.")] = 1,
+    side_depth: Annotated[int, typer.Option(help="d_v: side-branch layers (copies of layers s..s+d_v-1).")] = 1,
+    data: Annotated[Path | None, typer.Option(help="LLaVA JSON to train on (default: a shapes-world set generated once per seed).")] = None,
+    n_train: Annotated[int, typer.Option(help="Records in the generated shapes training set.")] = 2000,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/train/<model>/<variant>-s<split>).")] = None,
+    max_steps: Annotated[int, typer.Option(help="Stop after N optimizer steps (-1: one epoch).")] = -1,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: paper's, 1e-4 for lf, 5e-5 for pc/kv).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Per-device batch size (paper: 4).")] = 4,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (an interrupted run loses at most this many).")] = 50,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last complete checkpoint in --out.")] = True,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Train only the side branch of a DPVR-routed model (HF Trainer), and save the small routing artifact."""
+    import pandas as pd
+
+    from figures.figure2 import figure2_from_dir
+    from figures.training import loss_curve, save_figure
+    from routing.train import TrainConfig, run_train
+
+    cfg = TrainConfig(model=model, split=split, probe=probe, variant=variant, fusion_layers=fusion_layers,
+                      side_depth=side_depth, data=data, n_train=n_train, out=out, max_steps=max_steps, lr=lr,
+                      batch_size=batch_size, save_steps=save_steps, resume=resume, seed=seed, dtype=dtype,
+                      device=device)
+    summary = run_train(cfg, log=lambda msg: Console().print(msg, highlight=False, markup=False))
+    source = Path(summary["split_source"])
+    if source.name == "recommendation.json" and not (source.parent / "figure2.png").exists():
+        figure2_from_dir(source.parent)
+    run = Path(summary["out"])
+    log = pd.read_csv(run / "train_log.csv")
+    save_figure(loss_curve({summary["variant"]: log}, title=f"{summary['variant']} side branch, split {summary['split']}"),
+                run / "loss")
+    Console().print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s, final loss "
+                    f"{summary['final_logged_loss']:.4f}\nrouting artifact: {run / 'routing'}\n"
+                    f"log: {run / 'train_log.csv'}, figure: {run / 'loss.png'}", highlight=False, markup=False)
+
+
+@routing_app.command("eval")
+@friendly
+def eval_cmd(
+    model: ModelOpt = "tiny",
+    routing_dir: RoutingOpt = None,
+    data: Annotated[Path | None, typer.Option(help="LLaVA JSON with answers (default: the embedded held-out shapes set).")] = None,
+    n: Annotated[int | None, typer.Option("--n", "-n", help="Evaluate a seeded sample of N records (default: all).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write {accuracy, by_type, n} here (and a per-sample CSV beside it).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate() call.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = 8,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Exact-match accuracy (overall and per question_type) with greedy, KV-cached, batched generation."""
+    import json
+
+    from rich.table import Table
+
+    from routing.evaluate import evaluate
+    from saturation.data import read_records, sample_records
+    from saturation.loading import DATA_SAMPLES
+
+    records = sample_records(read_records(data or DATA_SAMPLES / "shapes" / "heldout.json"), n, seed)
+    net, processor = load_model_for_cli(model, routing_dir, dtype, device)
+    result, table = evaluate(net, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    result |= {"model": model, "routing": str(routing_dir) if routing_dir else None}
+    view = Table(title=f"{model}{' + ' + str(routing_dir) if routing_dir else ' (vanilla)'}: n={result['n']}")
+    view.add_column("question type")
+    view.add_column("accuracy", justify="right")
+    for qtype, acc in result["by_type"].items():
+        view.add_row(qtype, f"{acc:.3f}")
+    view.add_row("overall", f"{result['accuracy']:.3f}", style="bold")
+    Console().print(view)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1))
+        table.to_csv(json_out.with_suffix(".csv"), index=False)
+        Console().print(f"wrote {json_out} and {json_out.with_suffix('.csv')}", highlight=False)
+
+
+@routing_app.command("generate")
+@friendly
+def generate_cmd(
+    image: Annotated[list[Path], typer.Option(help="Image file(s); repeat for a batch.")],
+    prompt: Annotated[str, typer.Option(help="Question asked about every image (LLaVA-1.5 template applied).")],
+    model: ModelOpt = "tiny",
+    routing_dir: RoutingOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
+    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample).")] = 1.0,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Answer a question about one or more images with KV-cached (routed) generation."""
+    from transformers import set_seed
+
+    from saturation.data import Record, generation_batch, load_image
+
+    records = [Record(id=str(p), image=p, turns=((prompt, ""),)) for p in image]
+    images = [load_image(r) for r in records]
+    net, processor = load_model_for_cli(model, routing_dir, dtype, device)
+    batch = {k: v.to(net.device) for k, v in generation_batch(records, processor, images).items()}
+    batch["pixel_values"] = batch["pixel_values"].to(net.dtype)
+    set_seed(seed)
+    extra = {"temperature": temperature} if sample else {}
+    ids = net.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample, **extra)
+    texts = processor.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    for path, text in zip(image, texts):
+        Console().print(f"{path}: {text.strip()}", highlight=False, markup=False)
+
+
 def saturation_main() -> None:  # pragma: no cover - console entry point
     saturation_app()
 
