@@ -225,6 +225,51 @@ def generate_cmd(
         Console().print(f"{path}: {text.strip()}", highlight=False, markup=False)
 
 
+@routing_app.command("reproduce")
+@friendly
+def reproduce_cmd(
+    model: ModelOpt = "tiny",
+    out: Annotated[Path, typer.Option(help="Output folder (tables, figures, report.md; reruns resume here).")] = Path("runs/reproduce"),
+    max_steps: Annotated[int, typer.Option(help="Training steps per routed variant (same budget for all).")] = 300,
+    n_eval: Annotated[int | None, typer.Option(help="Held-out questions to evaluate (default: all).")] = None,
+    probe_n: Annotated[int, typer.Option(help="Samples for the saturation probe.")] = 64,
+    sweep_radius: Annotated[int, typer.Option(help="Split sweep covers s-r .. s+r.")] = 2,
+    probe_data: Annotated[Path | None, typer.Option(help="LLaVA JSON for the probe (default: embedded shapes probe set).")] = None,
+    train_data: Annotated[Path | None, typer.Option(help="LLaVA JSON to train on (default: generated shapes world).")] = None,
+    eval_data: Annotated[Path | None, typer.Option(help="LLaVA JSON with answers (default: embedded held-out shapes set).")] = None,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Probe → split → train PC and LF → evaluate vanilla/PC/LF/LF-ideal → split and K sweeps → report.md."""
+    import time
+
+    import pandas as pd
+
+    from figures.figure2 import figure2_from_dir
+    from figures.sweeps import sweep_figure
+    from figures.training import loss_curve, save_figure
+    from routing.reproduce import ReproduceConfig, run_reproduce
+
+    started = time.perf_counter()
+    cfg = ReproduceConfig(model=model, out=out, max_steps=max_steps, n_eval=n_eval, probe_n=probe_n,
+                          sweep_radius=sweep_radius, probe_data=probe_data, train_data=train_data, eval_data=eval_data,
+                          seed=seed, dtype=dtype, device=device)
+    result = run_reproduce(cfg, log=lambda msg: Console().print(msg, highlight=False, markup=False))
+    figure2_from_dir(result["probe_dir"])
+    tables, facts = result["tables"], result["facts"]
+    vanilla = float(tables["table"].set_index("variant").loc["vanilla", "accuracy"])
+    save_figure(sweep_figure(tables["split_sweep"], "split", reference=vanilla, chosen=facts["split"],
+                             xlabel="split layer s", title="LF accuracy across the split"), out / "split_sweep")
+    save_figure(sweep_figure(tables["fusion_sweep"], "fusion_layers", reference=vanilla, xlabel="fusion layers K",
+                             title=f"LF accuracy vs fusion layers (s={facts['split']})"), out / "fusion_sweep")
+    logs = {p.name: pd.read_csv(p / "train_log.csv") for p in sorted((out / "train").iterdir())
+            if (p / "train_log.csv").is_file()}
+    save_figure(loss_curve(logs, title="side-branch training, same budget"), out / "loss_curves")
+    Console().print(tables["table"].to_string(index=False), highlight=False)
+    Console().print(f"report: {out / 'report.md'} ({time.perf_counter() - started:.0f} s)", highlight=False)
+
+
 def saturation_main() -> None:  # pragma: no cover - console entry point
     saturation_app()
 

@@ -1,0 +1,226 @@
+"""`routing reproduce`: the paper's main result in miniature — probe, split, train PC and LF, evaluate, sweep.
+
+Every step writes its result to disk and is skipped when its result is already there, so an interrupted run
+continues where it stopped (training itself resumes from its last complete checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from saturation.data import collate, encode_record, read_records, sample_records
+from saturation.loading import DATA_SAMPLES, load_llava, resolve_name
+from saturation.probe import ProbeConfig, run_probe
+
+from . import flops
+from .evaluate import evaluate
+from .model import build
+from .split import validate_split
+from .train import TrainConfig, atomic_write, train_side_branch, training_records
+
+TABLE_COLUMNS = ["variant", "accuracy", "flops_ratio", "trainable_params", "split"]
+
+
+@dataclass
+class ReproduceConfig:
+    """Options of `routing reproduce`. The defaults run in minutes on two CPU cores with the embedded model."""
+
+    model: str = "tiny"
+    out: Path = Path("runs/reproduce")
+    max_steps: int = 300  # per training run; every variant gets the same budget
+    batch_size: int = 4
+    n_train: int = 2000
+    probe_data: Path | None = None  # default: the embedded shapes probe set
+    train_data: Path | None = None  # default: a shapes-world training set generated once per seed
+    eval_data: Path | None = None  # default: the embedded held-out shapes set
+    n_eval: int | None = None  # default: all of it
+    probe_n: int = 64
+    sweep_radius: int = 2  # split sweep: s-r .. s+r (clipped to the valid range)
+    fusion_sweep: tuple[int, ...] = (1, 2)
+    seed: int = 0
+    dtype: str | None = None
+    device: str | None = None
+    variants: tuple[str, ...] = field(default=("pc", "lf"))
+
+
+@dataclass
+class Context:
+    """What every step shares: the loaded base, the data and the token geometry for the FLOP model."""
+
+    cfg: ReproduceConfig
+    model: torch.nn.Module
+    processor: object
+    eval_records: list
+    train_records: list
+    image_tokens: float
+    text_tokens: float
+    log: callable
+
+
+def token_counts(records, processor, image_token_id: int) -> tuple[float, float]:
+    """Mean image and text tokens of the evaluation prompts (what the FLOP ratios are priced at)."""
+    from saturation.data import encode_prompt
+
+    ids = [encode_prompt(r, processor)["input_ids"] for r in records[:64]]
+    image = sum(int((i == image_token_id).sum()) for i in ids) / len(ids)
+    return image, sum(len(i) for i in ids) / len(ids) - image
+
+
+def flops_ratio(ctx: Context, variant: str, split: int, fusion_layers: int = 1) -> float:
+    if variant == "vanilla":
+        return 1.0
+    g = flops.Geometry.of(ctx.model.config.text_config)
+    return flops.ratio(g, variant, split, round(ctx.image_tokens), round(ctx.text_tokens), fusion_layers)["total"]
+
+
+def cached_json(path: Path, compute) -> dict:
+    """`compute()` once; later calls read `path` (the resumability of every step)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(value, indent=1))
+    return value
+
+
+def evaluated(ctx: Context, net, name: str) -> dict:
+    def run():
+        ctx.log(f"evaluating {name} on {len(ctx.eval_records)} held-out questions")
+        result, table = evaluate(net, ctx.processor, ctx.eval_records, batch_size=32, max_new_tokens=4)
+        table.to_csv(ctx.cfg.out / "eval" / f"{name}.csv", index=False)
+        return result
+
+    return cached_json(ctx.cfg.out / "eval" / f"{name}.json", run)
+
+
+def trained(ctx: Context, variant: str, split: int, fusion_layers: int = 1) -> tuple[dict, dict]:
+    """Train (or resume, or reuse) one routed variant with the shared budget; returns (train summary, eval)."""
+    name = f"{variant}-s{split}-k{fusion_layers}"
+    routed = build(ctx.model, split, variant, fusion_layers)
+    run = ctx.cfg.out / "train" / name
+    summary_path = run / "train_summary.json"
+    done = summary_path.is_file() and json.loads(summary_path.read_text())["steps"] >= ctx.cfg.max_steps
+    if done:
+        from .artifact import load
+
+        routed = load(ctx.model, run / "routing")
+        summary = json.loads(summary_path.read_text())
+    else:
+        ctx.log(f"training {name} for {ctx.cfg.max_steps} steps")
+        opts = TrainConfig(variant=variant, fusion_layers=fusion_layers, max_steps=ctx.cfg.max_steps,
+                           batch_size=ctx.cfg.batch_size, seed=ctx.cfg.seed, save_steps=100)
+        summary = train_side_branch(routed, ctx.processor, ctx.train_records, opts, run)
+    routed.eval()
+    return summary, evaluated(ctx, routed, name)
+
+
+def zero_gradient_check(ctx: Context, split: int) -> dict:
+    """The side branch's gradient norm on one batch: exactly 0 for lf-ideal, non-zero for lf (Appendix A)."""
+    batch = collate([encode_record(r, ctx.processor) for r in ctx.train_records[:4]],
+                    ctx.processor.tokenizer.pad_token_id)
+    batch = {k: v.to(ctx.model.device) for k, v in batch.items()}
+    return {v: build(ctx.model, split, v).side_gradient_norm(**batch) for v in ("lf-ideal", "lf")}
+
+
+def sweep_splits(split: int, radius: int, num_layers: int) -> list[int]:
+    return [s for s in range(split - radius, split + radius + 1) if 1 <= s <= num_layers - 2]
+
+
+def run_reproduce(cfg: ReproduceConfig, log=print) -> dict:
+    """Run every step; returns the tables (as DataFrames) and the facts the report states."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "eval").mkdir(exist_ok=True)
+    probe = run_probe(ProbeConfig(model=cfg.model, n=cfg.probe_n, data=cfg.probe_data, out=cfg.out / "probe", seed=cfg.seed,
+                                  dtype=cfg.dtype, device=cfg.device))
+    num_layers = probe.recommendation["num_layers"]
+    split = validate_split(probe.recommendation["split"], num_layers)
+    log(f"probe recommends split {split} of {num_layers} layers")
+    model, processor = load_llava(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model.requires_grad_(False)
+    eval_records = sample_records(read_records(cfg.eval_data or DATA_SAMPLES / "shapes" / "heldout.json"),
+                                  cfg.n_eval, cfg.seed)
+    image, text = token_counts(eval_records, processor, int(model.config.image_token_id))
+    ctx = Context(cfg, model, processor, eval_records, training_records(cfg.train_data, cfg.out, cfg.n_train, cfg.seed),
+                  image, text, log)
+
+    rows = [{"variant": "vanilla", "accuracy": evaluated(ctx, model, "vanilla")["accuracy"], "flops_ratio": 1.0,
+             "trainable_params": 0, "split": split}]
+    results = {}
+    for variant in cfg.variants:
+        summary, result = trained(ctx, variant, split)
+        results[variant] = result
+        rows.append({"variant": variant, "accuracy": result["accuracy"], "flops_ratio": flops_ratio(ctx, variant, split),
+                     "trainable_params": summary["trainable_params"], "split": split})
+    ideal = build(model, split, "lf-ideal")
+    rows.append({"variant": "lf-ideal", "accuracy": evaluated(ctx, ideal.eval(), f"lf-ideal-s{split}")["accuracy"],
+                 "flops_ratio": flops_ratio(ctx, "lf-ideal", split),
+                 "trainable_params": ideal.trainable_parameters().trainable, "split": split})
+    gradients = cached_json(cfg.out / "gradient_check.json", lambda: zero_gradient_check(ctx, split))
+
+    split_rows = [{"split": s, "accuracy": trained(ctx, "lf", s)[1]["accuracy"], "flops_ratio": flops_ratio(ctx, "lf", s)}
+                  for s in sweep_splits(split, cfg.sweep_radius, num_layers)]
+    fusion_rows = [{"fusion_layers": k, "accuracy": trained(ctx, "lf", split, k)[1]["accuracy"],
+                    "flops_ratio": flops_ratio(ctx, "lf", split, k)}
+                   for k in cfg.fusion_sweep if split <= num_layers - k - 1]
+    tables = {"table": pd.DataFrame(rows, columns=TABLE_COLUMNS), "split_sweep": pd.DataFrame(split_rows),
+              "fusion_sweep": pd.DataFrame(fusion_rows)}
+    for name, frame in tables.items():
+        atomic_write(cfg.out / f"{name}.csv", frame.to_csv(index=False))
+    facts = {"model": resolve_name(cfg.model), "split": split, "num_layers": num_layers, "gradients": gradients,
+             "image_tokens": image, "text_tokens": text, "by_type": {"vanilla": evaluated(ctx, model, "vanilla")["by_type"],
+                                                                  **{v: r["by_type"] for v, r in results.items()}},
+             "recommendation": probe.recommendation, "max_steps": cfg.max_steps, "n_eval": len(eval_records)}
+    atomic_write(cfg.out / "report.md", report(tables, facts))
+    atomic_write(cfg.out / "facts.json", json.dumps(facts, indent=1))
+    return {"tables": tables, "facts": facts, "probe_dir": probe.out}
+
+
+def _verdict(ok: bool) -> str:
+    return "**holds**" if ok else "**does not hold**"
+
+
+def report(tables: dict[str, pd.DataFrame], facts: dict) -> str:
+    """A short markdown report that states, claim by claim, whether the paper's findings hold on this model."""
+    t = tables["table"].set_index("variant")
+    van, lf = t.loc["vanilla", "accuracy"], t.loc["lf", "accuracy"]
+    pc = t.loc["pc", "accuracy"] if "pc" in t.index else float("nan")
+    ideal = t.loc["lf-ideal", "accuracy"]
+    g = facts["gradients"]
+    sweep, fusion = tables["split_sweep"], tables["fusion_sweep"]
+    spread = sweep["accuracy"].max() - sweep["accuracy"].min() if len(sweep) else float("nan")
+    lines = [
+        f"# DPVR reproduction on `{facts['model']}`",
+        "",
+        f"Split s={facts['split']} of {facts['num_layers']} layers (rule `{facts['recommendation']['rule']}`), "
+        f"{facts['max_steps']} training steps per variant, {facts['n_eval']} held-out questions, "
+        f"{facts['image_tokens']:.0f} image + {facts['text_tokens']:.0f} text tokens per prompt.",
+        "",
+        tables["table"].to_markdown(index=False, floatfmt=".3f"),
+        "",
+        "## Claims",
+        f"1. *LF keeps accuracy near vanilla at lower cost* (LF ≥ vanilla − 0.05 with FLOPs ratio < 1): "
+        f"{_verdict(lf >= van - 0.05 and t.loc['lf', 'flops_ratio'] < 1)} — LF {lf:.3f} vs vanilla {van:.3f} at "
+        f"{t.loc['lf', 'flops_ratio']:.3f}× the prefill FLOPs.",
+        f"2. *LF matches the gradient-rich baseline PC* (within 0.02): {_verdict(abs(lf - pc) <= 0.02)} — "
+        f"LF {lf:.3f} vs PC {pc:.3f} at {t.loc['pc', 'flops_ratio']:.3f}× FLOPs." if "pc" in t.index else "",
+        f"3. *LF-ideal cannot be trained* (zero side-branch gradient): {_verdict(g['lf-ideal'] == 0 and g['lf'] > 0)} "
+        f"— gradient norm {g['lf-ideal']:.3g} for lf-ideal vs {g['lf']:.3g} for lf; untrained lf-ideal scores "
+        f"{ideal:.3f}.",
+        f"4. *Accuracy is flat across the saturation plateau* (split sweep spread ≤ 0.05): "
+        f"{_verdict(spread <= 0.05)} — spread {spread:.3f} over splits {list(sweep['split'])}.",
+    ]
+    if len(fusion) > 1:
+        k1, k2 = fusion["accuracy"].iloc[0], fusion["accuracy"].iloc[1]
+        lines.append(f"5. *One fusion layer is enough* (K=2 gains ≤ 0.02 over K=1): {_verdict(k2 - k1 <= 0.02)} — "
+                     f"K=1 {k1:.3f}, K=2 {k2:.3f}.")
+    lines += ["", "## Split sweep (paper Figure 4)", "", sweep.to_markdown(index=False, floatfmt=".3f"),
+              "", "## Fusion-layer sweep", "", fusion.to_markdown(index=False, floatfmt=".3f"), "",
+              "Figures: `split_sweep.png`, `fusion_sweep.png`, `loss_curves.png`; probe: `probe/figure2.png`."]
+    if "caveat" in facts["recommendation"].get("evidence", {}):
+        lines += ["", f"Caveat: {facts['recommendation']['evidence']['caveat']}."]
+    return "\n".join(line for line in lines if line is not None) + "\n"
