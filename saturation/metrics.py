@@ -108,6 +108,16 @@ def kl_from_logits(final_logits: Tensor, lens_logits: Tensor) -> Tensor:
     return kl_from_log_probs(torch.log_softmax(final_logits.float(), -1), torch.log_softmax(lens_logits.float(), -1))
 
 
+def kl_against_logits(p: Tensor, neg_entropy: Tensor, logits: Tensor) -> Tensor:
+    """KL(p ‖ softmax(logits)) per row without forming log-softmax: ``Σp log p − p·z + logsumexp(z)``.
+
+    `p` [n, vocab] and its ``Σ p log p`` [n] are computed once and reused for every layer; `logits` z is the
+    lens at one layer (fp32). One pass over z for the dot product, one for logsumexp: the logit lens's
+    cost beyond lm_head itself stays small.
+    """
+    return neg_entropy - (p * logits).sum(-1) + torch.logsumexp(logits, -1)
+
+
 def segment_mean(values: Tensor, segment: Tensor, num_segments: int) -> Tensor:
     """Mean of `values` [n] per segment id in ``segment`` [n] (0..num_segments-1); NaN for empty segments."""
     total = torch.zeros(num_segments, dtype=torch.float64, device=values.device)

@@ -175,17 +175,20 @@ class LayerReducer:
 def logit_lens_kl(unembed: Callable[[Tensor], Tensor], hidden: list[Tensor], final_logits: Tensor) -> Tensor:
     """KL(p_final ‖ softmax(unembed(h_ℓ))) per layer and row, in nats. hidden: L x [rows, d]; -> [L, rows] fp32.
 
-    Runs in row chunks so the [rows, vocab] temporaries stay near `LENS_CHUNK_ELEMENTS` whatever the batch.
+    `final_logits` must be ``unembed(hidden[-1])``, so the last layer's KL is 0 by definition and is not
+    computed. Runs in row chunks so the [rows, vocab] temporaries stay near `LENS_CHUNK_ELEMENTS`.
     """
     rows, vocab = final_logits.shape
-    out = torch.empty(len(hidden), rows, device=final_logits.device)
+    out = torch.zeros(len(hidden), rows, device=final_logits.device)
     step = max(1, LENS_CHUNK_ELEMENTS // vocab)
     for start in range(0, rows, step):
         sl = slice(start, start + step)
         log_p = torch.log_softmax(final_logits[sl].float(), -1)
-        for layer, h in enumerate(hidden):
-            out[layer, sl] = metrics.kl_from_log_probs(log_p, torch.log_softmax(unembed(h[sl]).float(), -1))
-    return out
+        p = log_p.exp()
+        neg_entropy = (p * log_p).sum(-1)
+        for layer, h in enumerate(hidden[:-1]):
+            out[layer, sl] = metrics.kl_against_logits(p, neg_entropy, unembed(h[sl]).float())
+    return out.clamp_(min=0.0)  # KL >= 0; rounding can leave -1e-7
 
 
 def encode_batch(records: list[Record], processor, image_token_id: int) -> dict[str, Tensor]:

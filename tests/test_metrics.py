@@ -69,6 +69,8 @@ def test_kl_is_zero_for_equal_and_matches_definition():
     expected = (p * (p.log() - q.log())).sum(-1)
     assert torch.allclose(metrics.kl_from_logits(a, b), expected, atol=1e-6)
     assert (metrics.kl_from_logits(a, b) > 0).all()
+    neg_entropy = (p * p.log()).sum(-1)
+    assert torch.allclose(metrics.kl_against_logits(p, neg_entropy, b), expected, atol=1e-6)
 
 
 def test_segment_mean():
