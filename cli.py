@@ -270,6 +270,48 @@ def reproduce_cmd(
     Console().print(f"report: {out / 'report.md'} ({time.perf_counter() - started:.0f} s)", highlight=False)
 
 
+@routing_app.command("analyze")
+@friendly
+def analyze_cmd(
+    routing_dir: Annotated[Path, typer.Option("--routing", help="Trained routing artifact folder (…/routing).")],
+    model: ModelOpt = "tiny",
+    data: Annotated[Path | None, typer.Option(help="LLaVA JSON (default: the embedded held-out shapes set).")] = None,
+    n: Annotated[int, typer.Option("--n", "-n", help="Samples to analyse.")] = 64,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: next to the routing artifact, analysis/).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 16,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Mechanism checks: fusion-layer text→image attention (routed vs vanilla) and shallow drift (must be 1)."""
+    import json
+
+    from figures.mechanism import mechanism_figure
+    from figures.training import save_figure
+    from routing.analysis import mechanism, summarize
+    from saturation.data import read_records, sample_records
+    from saturation.loading import DATA_SAMPLES
+
+    records = sample_records(read_records(data or DATA_SAMPLES / "shapes" / "heldout.json"), n, seed)
+    routed, processor = load_model_for_cli(model, routing_dir, dtype, device)
+    tables = mechanism(routed.base, routed.eval(), processor, records, batch_size=batch_size)
+    out = out or Path(routing_dir).parent / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        frame.to_csv(out / f"{name}.csv", index=False)
+    summary = summarize(tables) | {"n": len(records), "routing": str(routing_dir)}
+    (out / "mechanism.json").write_text(json.dumps(summary, indent=1))
+    save_figure(mechanism_figure(tables["fusion_attention"], tables["shallow_drift"],
+                                 title=f"{model}, split {routed.plan.split}, n={len(records)}"), out / "mechanism")
+    for layer, s in summary["fusion_layers"].items():
+        Console().print(f"fusion layer {layer}: text→image head-mean {s['head_mean']['routed']:.3f} routed vs "
+                        f"{s['head_mean']['vanilla']:.3f} vanilla ({s['ratio']:.2f}×); top head {s['top_head']['head']} "
+                        f"{s['top_head']['routed']:.3f} vs {s['top_head']['vanilla']:.3f}", highlight=False)
+    Console().print(f"shallow drift: min cosine {summary['shallow_drift_min_cosine']:.6f} (layers 0..{routed.plan.split - 1})\n"
+                    f"wrote {out}/mechanism.json, fusion_attention.csv, shallow_drift.csv, mechanism.png/pdf",
+                    highlight=False)
+
+
 def saturation_main() -> None:  # pragma: no cover - console entry point
     saturation_app()
 
