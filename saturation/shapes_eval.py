@@ -1,0 +1,79 @@
+"""Held-out evaluation of a LLaVA on shapes-world questions, by question type.
+
+Three scores per type, all exact match after `normalize_answer`:
+- **model**: greedy answers to the real image (batched, left-padded `generate`);
+- **blank**: the same questions with a blank (background-only) image, i.e. how much of the score the
+  language prior alone earns;
+- **blind**: the most frequent answer of that type *in the evaluated set itself*, an upper bound on any
+  image-free guesser, so the margins reported against it are conservative.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import torch
+
+from . import shapes
+from .data import Record, generation_batch, load_image, normalize_answer
+
+
+@torch.no_grad()
+def answers(model, processor, records: list[Record], images: list | None = None, batch_size: int = 100,
+            max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers to each record's first question, in batches of left-padded prompts."""
+    out: list[str] = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        imgs = images[i : i + batch_size] if images is not None else [load_image(r) for r in chunk]
+        batch = generation_batch(chunk, processor, imgs)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        new = gen[:, batch["input_ids"].shape[1] :]
+        out += [normalize_answer(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return out
+
+
+def by_type(records: list[Record], correct: list[bool]) -> dict[str, float]:
+    """Accuracy per ``question_type`` plus ``overall``."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for r, ok in zip(records, correct):
+        hits[r.question_type or "?"].append(ok)
+    scores = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
+    scores["overall"] = sum(correct) / len(correct)
+    return scores
+
+
+def blind_answers(records: list[Record]) -> list[str]:
+    """The most frequent gold answer of each record's question type (ties: alphabetical)."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        counts[r.question_type][normalize_answer(r.turns[0][1])] += 1
+    top = {t: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for t, c in counts.items()}
+    return [top[r.question_type] for r in records]
+
+
+def evaluate(model, processor, records: list[Record], batch_size: int = 100) -> dict[str, dict[str, float]]:
+    """``{"model": {...}, "blank": {...}, "blind": {...}, "n": {...}}``, each a per-type accuracy map."""
+    gold = [normalize_answer(r.turns[0][1]) for r in records]
+    real = answers(model, processor, records, batch_size=batch_size)
+    blank = answers(model, processor, records, [shapes.blank_image()] * len(records), batch_size)
+    blind = blind_answers(records)
+    n = Counter(r.question_type for r in records)
+    return {
+        "model": by_type(records, [a == g for a, g in zip(real, gold)]),
+        "blank": by_type(records, [a == g for a, g in zip(blank, gold)]),
+        "blind": by_type(records, [a == g for a, g in zip(blind, gold)]),
+        "n": {**dict(sorted(n.items())), "overall": len(records)},
+    }
+
+
+def markdown_table(result: dict[str, dict[str, float]]) -> str:
+    """The result as a Markdown table: one row per question type, ``overall`` last."""
+    types = [t for t in result["model"] if t != "overall"] + ["overall"]
+    rows = ["| question type | n | model | blank image | blind (majority) |", "|---|---:|---:|---:|---:|"]
+    for t in types:
+        rows.append(f"| {t} | {result['n'][t]} | {result['model'][t]:.3f} | {result['blank'][t]:.3f} "
+                    f"| {result['blind'][t]:.3f} |")
+    return "\n".join(rows)

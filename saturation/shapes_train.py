@@ -1,0 +1,449 @@
+"""Build and train the embedded tiny LLaVA on the shapes world: the staged recipe of DESIGN.md.
+
+Naive joint training of a tiny LLaVA from scratch learns only the language prior (DESIGN.md), so, as
+LLaVA itself does, training is staged:
+
+1. **Vision tower alone.** Linear heads on each patch feature (the layer the projector reads) predict that
+   cell's colour, shape and index. Seconds on a CPU; the tower then encodes exactly what questions ask.
+2. **Frozen tower, projector + LM.** Tower features are rescaled to per-dimension RMS 1 (raw features are
+   ~100x the norm of word embeddings, and the LM would treat them as constants). The rescale is folded
+   into the projector's first linear layer at save time, so plain ``from_pretrained`` reproduces it.
+   Multi-turn QA records with balanced types, an auxiliary logit-lens loss on the image tokens (each
+   non-empty cell's token must read as its colour, shape, row and column words) and a cosine schedule.
+
+Everything is seeded: the same `Recipe` gives the same weights, and an interrupted run resumes from
+``OUT/train_state.pt`` at the step it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from . import shapes
+from .data import IGNORE_INDEX, Record, collate, encode_record
+from .tiny import tiny_llava_config, tiny_processor
+
+
+@dataclass
+class Recipe:
+    """Every knob of the training run. The defaults are the shipped model's recipe."""
+
+    seed: int = 0
+    threads: int = 2  # the recipe targets a 2-core CPU
+    # geometry: 9 image tokens (one per grid cell), 12-layer LM
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    hidden: int = 128
+    layers: int = 12
+    heads: int = 4
+    intermediate: int = 344
+    # stage 1: vision tower with per-patch heads
+    stage1_steps: int = 500
+    stage1_batch: int = 64
+    stage1_lr: float = 3e-3
+    # stage 2: frozen tower; projector + LM on multi-turn QA
+    train_scenes: int = 20_000
+    turns: int = 5
+    steps: int = 2500
+    batch: int = 32
+    lm_lr: float = 1e-3
+    projector_lr: float = 3e-3
+    warmup: int = 100
+    aux_weight: float = 1.0  # logit-lens loss on image tokens
+    attn_weight: float = 0.1  # attention supervision of question words onto matching cells
+    attn_layer: int = 1
+    rms_scenes: int = 512  # scenes used to measure the per-dimension feature RMS
+    log_every: int = 100
+    checkpoint_every: int = 250
+
+
+# --------------------------------------------------------------------------- model and processor
+
+
+def build_processor() -> LlavaProcessor:
+    """The offline processor: 48 px PIL image processor and a word tokenizer over the shapes vocabulary."""
+    return tiny_processor(shapes.vocabulary(), image_size=shapes.IMAGE_SIZE, patch_size=shapes.CELL)
+
+
+def build_model(recipe: Recipe, vocab_size: int) -> LlavaForConditionalGeneration:
+    """A randomly initialised `LlavaForConditionalGeneration` of the recipe's geometry (seeded)."""
+    cfg = tiny_llava_config(
+        vocab_size,
+        image_size=shapes.IMAGE_SIZE,
+        patch_size=shapes.CELL,
+        vision_hidden=recipe.vision_hidden,
+        vision_layers=recipe.vision_layers,
+        hidden=recipe.hidden,
+        layers=recipe.layers,
+        heads=recipe.heads,
+        intermediate=recipe.intermediate,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(recipe.seed)
+    return LlavaForConditionalGeneration(cfg)
+
+
+def patch_features(model: LlavaForConditionalGeneration, pixel_values: Tensor) -> Tensor:
+    """The tower features the projector reads: ``vision_feature_layer``, CLS dropped. [B,3,H,W] -> [B,9,Dv]."""
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def pixels(processor: LlavaProcessor, images: list) -> Tensor:
+    """Normalised pixel values exactly as the processor makes them for the model. [B, 3, 48, 48]."""
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def render_batch(scenes: list[shapes.Scene], rng: random.Random) -> list:
+    """Render scenes with render jitter drawn from `rng`."""
+    return [shapes.render(s, random.Random(rng.getrandbits(32))) for s in scenes]
+
+
+# --------------------------------------------------------------------------- stage 1: the vision tower
+
+
+def cell_targets(scenes: list[shapes.Scene]) -> tuple[Tensor, Tensor]:
+    """Per-cell colour and shape classes (0 = empty cell). Two [B, 9] long tensors."""
+    colours = torch.zeros(len(scenes), shapes.GRID**2, dtype=torch.long)
+    kinds = torch.zeros_like(colours)
+    names = list(shapes.COLOURS)
+    for i, scene in enumerate(scenes):
+        for o in scene:
+            colours[i, o.cell] = 1 + names.index(o.colour)
+            kinds[i, o.cell] = 1 + shapes.SHAPES.index(o.shape)
+    return colours, kinds
+
+
+def stage1_heads(recipe: Recipe) -> nn.ModuleDict:
+    """Linear probes on each patch feature: colour (+empty), shape (+empty) and cell index."""
+    d, cells = recipe.vision_hidden, shapes.GRID**2
+    return nn.ModuleDict({
+        "colour": nn.Linear(d, len(shapes.COLOURS) + 1),
+        "shape": nn.Linear(d, len(shapes.SHAPES) + 1),
+        "cell": nn.Linear(d, cells),
+    })
+
+
+def stage1_loss(feats: Tensor, heads: nn.ModuleDict, colours: Tensor, kinds: Tensor) -> tuple[Tensor, float]:
+    """Summed cross-entropy of the three per-patch heads, and the fraction of patches fully right."""
+    b, n, _ = feats.shape
+    cells = torch.arange(n).expand(b, n)
+    loss, right = 0.0, torch.ones(b, n, dtype=torch.bool)
+    for name, target in (("colour", colours), ("shape", kinds), ("cell", cells)):
+        logits = heads[name](feats)
+        loss = loss + nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+        right &= logits.argmax(-1) == target
+    return loss, right.float().mean().item()
+
+
+def train_stage1(model, processor, recipe: Recipe, exclude: frozenset, log) -> None:
+    """Train the vision tower (and throw-away heads) until each patch encodes its cell's content."""
+    torch.manual_seed(recipe.seed + 1)
+    heads = stage1_heads(recipe)
+    tower = model.model.vision_tower
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.stage1_lr, weight_decay=0.0)
+    sched = cosine_schedule(opt, recipe.stage1_steps, warmup=20)
+    tower.train()
+    for step in range(recipe.stage1_steps):
+        rng = random.Random(f"stage1-{recipe.seed}-{step}")
+        scenes = [fresh_scene(rng, exclude) for _ in range(recipe.stage1_batch)]
+        colours, kinds = cell_targets(scenes)
+        loss, acc = stage1_loss(patch_features(model, pixels(processor, render_batch(scenes, rng))), heads, colours, kinds)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % recipe.log_every == 0 or step == recipe.stage1_steps - 1:
+            log(f"stage1 step {step} loss {loss.item():.4f} patch_acc {acc:.3f}")
+    tower.eval()
+
+
+def fresh_scene(rng: random.Random, exclude: frozenset) -> shapes.Scene:
+    """A random scene that is not one of the held-out scenes."""
+    while True:
+        scene = shapes.random_scene(rng)
+        if shapes.scene_key(scene) not in exclude:
+            return scene
+
+
+# --------------------------------------------------------------------------- stage 2: projector + LM
+
+
+@torch.no_grad()
+def feature_rms(model, processor, recipe: Recipe, exclude: frozenset) -> Tensor:
+    """Per-dimension RMS of the frozen tower's patch features over `rms_scenes` scenes. [Dv]."""
+    rng = random.Random(f"rms-{recipe.seed}")
+    scenes = [fresh_scene(rng, exclude) for _ in range(recipe.rms_scenes)]
+    feats = patch_features(model, pixels(processor, render_batch(scenes, rng)))
+    return feats.pow(2).mean(dim=(0, 1)).sqrt().clamp_min(1e-6)
+
+
+def attach_rescale(model, rms: Tensor):
+    """Divide the projector's input by `rms` (a hook for training; see `fold_rescale` for saving)."""
+    return model.model.multi_modal_projector.register_forward_pre_hook(lambda _m, args: (args[0] / rms, *args[1:]))
+
+
+@torch.no_grad()
+def fold_rescale(model, rms: Tensor) -> None:
+    """Bake ``x / rms`` into the projector's first linear layer: ``W (x / r) = (W / r) x``."""
+    model.model.multi_modal_projector.linear_1.weight.div_(rms)
+
+
+def aux_targets(scene: shapes.Scene, tokenizer) -> Tensor:
+    """Word ids each image token's logit lens should read: colour, shape, row, column; -100 on empty cells. [9, 4]."""
+    out = torch.full((shapes.GRID**2, 4), IGNORE_INDEX, dtype=torch.long)
+    for o in scene:
+        words = (o.colour, o.shape, shapes.ROWS[o.row], shapes.COLS[o.col])
+        out[o.cell] = torch.tensor(tokenizer.convert_tokens_to_ids(list(words)))
+    return out
+
+
+def attention_targets(input_ids: Tensor, labels: Tensor, scene: shapes.Scene, tokenizer) -> tuple[Tensor, Tensor]:
+    """Which image cells each question word should attend to in the supervised layer, and with which head.
+
+    A colour word (head 0) should look at the cells of that colour, a shape word (head 1, plurals too) at
+    the cells of that shape. Returns head [T] (-1: no target) and cells [T, 9] (bool). Words naming
+    something absent from the scene, and answer tokens, get no target.
+    """
+    head = torch.full((len(input_ids),), -1, dtype=torch.long)
+    cells = torch.zeros(len(input_ids), shapes.GRID**2, dtype=torch.bool)
+    words = tokenizer.convert_ids_to_tokens(input_ids.tolist())
+    for t, word in enumerate(words):
+        word = word.removesuffix("s") if word.removesuffix("s") in shapes.SHAPES else word
+        kind = 0 if word in shapes.COLOURS else 1 if word in shapes.SHAPES else -1
+        hits = [o.cell for o in scene if word in (o.colour, o.shape)]
+        if kind >= 0 and hits and labels[t] == IGNORE_INDEX:
+            head[t] = kind
+            cells[t, hits] = True
+    return head, cells
+
+
+def build_pool(processor, n: int, seed: int, recipe: Recipe, exclude: frozenset, log) -> list[dict]:
+    """Encode `n` multi-turn records (the LLaVA-1.5 template of `saturation.data`) in memory."""
+    t0 = time.time()
+    pool = []
+    for i, s in enumerate(shapes.sample_scenes(n, seed, recipe.turns, exclude)):
+        record = Record(f"train-{i}", Path(f"train-{i}.png"), tuple((q, a) for q, a, _ in s["qas"]))
+        image = shapes.render(s["scene"], random.Random(s["render_seed"]))
+        example = encode_record(record, processor, image=image)
+        example["aux"] = aux_targets(s["scene"], processor.tokenizer)
+        example["attn_head"], example["attn_cells"] = attention_targets(
+            example["input_ids"], example["labels"], s["scene"], processor.tokenizer)
+        example["types"] = [t for _, _, t in s["qas"]]
+        pool.append(example)
+    log(f"encoded {len(pool)} records in {time.time() - t0:.0f}s")
+    return pool
+
+
+def make_batch(pool: list[dict], step: int, recipe: Recipe, image_token_id: int) -> dict[str, Tensor]:
+    """Batch `step`: a seeded draw from the pool, so a resumed run sees the same batches."""
+    rng = random.Random(f"batch-{recipe.seed}-{step}")
+    return batch_of([pool[rng.randrange(len(pool))] for _ in range(recipe.batch)], image_token_id)
+
+
+def batch_of(examples: list[dict], image_token_id: int) -> dict[str, Tensor]:
+    """Right-padded batch of encoded records plus their auxiliary and attention targets."""
+    batch = collate(examples, pad_token_id=0, image_token_id=image_token_id)
+    batch["aux"] = torch.cat([e["aux"] for e in examples])
+    width = batch["input_ids"].shape[1]
+    batch["attn_head"] = torch.stack([nn.functional.pad(e["attn_head"], (0, width - len(e["attn_head"])), value=-1)
+                                      for e in examples])
+    batch["attn_cells"] = torch.stack([nn.functional.pad(e["attn_cells"], (0, 0, 0, width - len(e["attn_cells"])))
+                                       for e in examples])
+    return batch
+
+
+def lens_loss(model, image_embeds: Tensor, targets: Tensor) -> Tensor:
+    """Auxiliary logit-lens loss: mean NLL of the target words under ``lm_head(norm(h))`` at image tokens.
+
+    image_embeds [N, D] (image tokens at the LM input), targets [N, 4] word ids or -100.
+    """
+    logp = model.lm_head(model.model.language_model.norm(image_embeds)).log_softmax(-1)
+    keep = targets != IGNORE_INDEX
+    return -logp.gather(-1, targets.clamp_min(0))[keep].mean()
+
+
+def attention_loss(model, layer_input: Tensor, batch: dict[str, Tensor], layer_idx: int) -> Tensor:
+    """-log of the attention mass that supervised question words put on their target cells, in one layer.
+
+    Recomputes only the supervised rows of that layer's attention (its own q/k projections and RoPE, as the
+    layer does with right padding), so it works with any attention implementation. layer_input [B, T, D].
+    """
+    lm = model.model.language_model
+    attn = lm.layers[layer_idx].self_attn
+    x = lm.layers[layer_idx].input_layernorm(layer_input)
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = lm.rotary_emb(x, torch.arange(t).unsqueeze(0))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    rows, pos = (batch["attn_head"] >= 0).nonzero(as_tuple=True)
+    if len(rows) == 0:
+        return layer_input.sum() * 0.0
+    heads = batch["attn_head"][rows, pos]
+    scores = torch.einsum("nd,ntd->nt", q[rows, heads, pos], k[rows, heads]) * attn.scaling
+    visible = (torch.arange(t) <= pos[:, None]) & batch["attention_mask"][rows].bool()
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    image_probs = probs[batch["image_mask"][rows]].view(len(rows), -1)  # [N, 9], cells in row-major order
+    mass = (image_probs * batch["attn_cells"][rows, pos]).sum(-1)
+    return -mass.clamp_min(1e-6).log().mean()
+
+
+def stage2_loss(model, batch: dict[str, Tensor], recipe: Recipe) -> dict[str, Tensor]:
+    """The answer loss, the auxiliary lens and attention losses, and their weighted sum (``total``)."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        labels=batch["labels"],
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    losses = {"answer": out.loss, "lens": lens_loss(model, out.hidden_states[0][batch["image_mask"]], batch["aux"])}
+    total = out.loss + recipe.aux_weight * losses["lens"]
+    if recipe.attn_weight > 0:
+        losses["attn"] = attention_loss(model, out.hidden_states[recipe.attn_layer], batch, recipe.attn_layer)
+        total = total + recipe.attn_weight * losses["attn"]
+    return {"total": total, **losses}
+
+
+@torch.no_grad()
+def answer_accuracy(model, examples: list[dict], image_token_id: int) -> dict[str, float]:
+    """Teacher-forced exact match per question type: an answer counts when every label token is the argmax."""
+    batch = batch_of(examples, image_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"], use_cache=False).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    wrong = (logits.argmax(-1) != labels) & (labels != IGNORE_INDEX)
+    # Answers are the runs of labelled tokens, in turn order.
+    starts = (labels != IGNORE_INDEX) & nn.functional.pad(labels[:, :-1] == IGNORE_INDEX, (1, 0), value=True)
+    run_id = starts.long().cumsum(-1) - 1
+    hits: dict[str, list[bool]] = {}
+    for row, example in enumerate(examples):
+        labelled = labels[row] != IGNORE_INDEX
+        bad = set(run_id[row][labelled & wrong[row]].tolist())
+        for k, qtype in enumerate(example["types"]):
+            hits.setdefault(qtype, []).append(k not in bad)
+    scores = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
+    scores["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    return scores
+
+
+def cosine_schedule(opt, total: int, warmup: int):
+    """Linear warm-up then cosine decay to zero."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def stage2_optimizer(model, recipe: Recipe):
+    """AdamW with the projector at its own (higher) rate; the vision tower is frozen."""
+    model.model.vision_tower.requires_grad_(False)
+    projector = list(model.model.multi_modal_projector.parameters())
+    lm = list(model.model.language_model.parameters())  # lm_head is tied to embed_tokens
+    return torch.optim.AdamW(
+        [{"params": lm, "lr": recipe.lm_lr}, {"params": projector, "lr": recipe.projector_lr}],
+        weight_decay=0.0,
+    )
+
+
+# --------------------------------------------------------------------------- the whole recipe
+
+
+def save_state(path: Path, **state) -> None:
+    """Write a resumable training state atomically (a crash mid-write leaves the old one intact)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train(out_dir: str | Path, recipe: Recipe | None = None, log=print) -> Path:
+    """Run the full recipe into `out_dir` (model + processor via ``save_pretrained``, fp16). Resumable.
+
+    Returns `out_dir`. ``train_state.pt`` in `out_dir` holds the progress; delete it to start over.
+    """
+    recipe = recipe or Recipe()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(recipe.threads)
+    state_path = out / "train_state.pt"
+    state = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    if state is not None and state["recipe"] != asdict(recipe):
+        raise ValueError(f"{state_path} was written by a different recipe; delete it to start over")
+
+    processor = build_processor()
+    model = build_model(recipe, len(processor.tokenizer))
+    exclude = shapes.held_out_keys()
+    t0 = time.time()
+    if state is None:
+        train_stage1(model, processor, recipe, exclude, log)
+        rms = feature_rms(model, processor, recipe, exclude)
+        step = 0
+    else:
+        model.load_state_dict(state["model"])
+        rms, step = state["rms"], state["step"]
+        log(f"resuming at stage-2 step {step}")
+
+    model.model.vision_tower.eval()
+    hook = attach_rescale(model, rms)
+    opt = stage2_optimizer(model, recipe)
+    sched = cosine_schedule(opt, recipe.steps, recipe.warmup)
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+    pool = build_pool(processor, recipe.train_scenes, recipe.seed + 7, recipe, exclude, log)
+    # Validation scenes come from their own seed; teacher-forced accuracy on them tracks progress cheaply.
+    val = build_pool(processor, 200, recipe.seed + 11, recipe, exclude, log)
+    image_token_id = model.config.image_token_id
+    model.model.language_model.train()
+    while step < recipe.steps:
+        batch = make_batch(pool, step, recipe, image_token_id)
+        losses = stage2_loss(model, batch, recipe)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % recipe.log_every == 0 or step == recipe.steps:
+            model.eval()
+            acc = answer_accuracy(model, val, image_token_id)
+            model.model.language_model.train()
+            log(f"stage2 step {step} " + " ".join(f"{k} {v.item():.3f}" for k, v in losses.items() if k != "total")
+                + " | val " + " ".join(f"{k} {v:.2f}" for k, v in acc.items())
+                + f" | lr {sched.get_last_lr()[0]:.1e} {time.time() - t0:.0f}s")
+        if step % recipe.checkpoint_every == 0 and step < recipe.steps:
+            save_state(state_path, recipe=asdict(recipe), model=model.state_dict(), opt=opt.state_dict(),
+                       sched=sched.state_dict(), rms=rms, step=step)
+    hook.remove()
+    fold_rescale(model, rms)
+    save_model(model, processor, out)
+    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
+    state_path.unlink(missing_ok=True)
+    log(f"trained in {time.time() - t0:.0f}s; saved to {out}")
+    return out
+
+
+def save_model(model, processor, out: Path) -> None:
+    """Save in fp16 (half the bytes; answers are checked to match fp32 loading) with the processor beside it."""
+    model.eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.to(torch.float16).save_pretrained(out)
+    model.to(torch.float32)
+    processor.save_pretrained(out)

@@ -1,0 +1,197 @@
+"""The shapes world, the offline processor, the shipped tiny LLaVA and a short training smoke test."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from saturation import shapes
+from saturation.data import read_records
+from saturation.shapes_eval import answers, blind_answers, by_type
+from saturation.shapes_train import (
+    Recipe,
+    attach_rescale,
+    build_model,
+    build_pool,
+    build_processor,
+    cosine_schedule,
+    fold_rescale,
+    make_batch,
+    stage1_heads,
+    stage1_loss,
+    stage2_loss,
+    stage2_optimizer,
+    cell_targets,
+    patch_features,
+    pixels,
+    render_batch,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "data_samples" / "tiny-llava"
+SAMPLES = ROOT / "data_samples" / "shapes"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_make_dataset_is_deterministic_per_seed(tmp_path):
+    a = shapes.make_dataset(tmp_path / "a", 12, seed=3)
+    b = shapes.make_dataset(tmp_path / "b", 12, seed=3)
+    c = shapes.make_dataset(tmp_path / "c", 12, seed=4)
+    assert _files(a.parent) == _files(b.parent)
+    assert a.read_bytes() != c.read_bytes()
+
+
+def test_make_dataset_writes_llava_records(tmp_path):
+    path = shapes.make_dataset(tmp_path, 40, seed=0, name="probe")
+    raw = json.loads(path.read_text())
+    records = read_records(path)  # the toolkit's own validator accepts it
+    assert len(records) == 40 and all(r.image.is_file() for r in records)
+    assert raw[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert {r["question_type"] for r in raw} == set(shapes.QUESTION_TYPES)
+    exist = [r.turns[0][1] for r in records if r.question_type == "exist"]
+    assert exist.count("no") == len(exist) // 2  # POPE-style: half "no"
+    assert all(1 <= len(r.turns[0][1].split()) <= 2 for r in records)
+
+
+def test_every_question_and_answer_is_in_the_vocabulary():
+    tok = build_processor().tokenizer
+    for s in shapes.sample_scenes(60, seed=1, turns=5):
+        for q, a, _ in s["qas"]:
+            assert tok.unk_token_id not in tok(f"USER: {q} ASSISTANT: {a}</s>")["input_ids"], (q, a)
+
+
+def test_near_miss_existence_questions():
+    rng = random.Random(0)
+    near = 0
+    for _ in range(200):
+        scene = shapes.random_scene(rng)
+        q, a = shapes.ask_exist(scene, rng, "no")
+        colour, shape = q.removeprefix("is there a ").removesuffix("?").split()
+        assert (shape, colour) not in {(o.shape, o.colour) for o in scene}
+        near += any(o.shape == shape or o.colour == colour for o in scene)
+    assert near > 140  # most "no"s share the colour or the shape with an object in the scene
+
+
+def test_processor_round_trip_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    proc = build_processor()
+    proc.save_pretrained(tmp_path)
+    again = AutoProcessor.from_pretrained(tmp_path)
+    image = shapes.render(shapes.random_scene(random.Random(0)), random.Random(1))
+    text = "USER: <image>\nwhat colour is the circle? ASSISTANT: red</s>"
+    a, b = proc(text=[text], images=[image], return_tensors="pt"), again(text=[text], images=[image], return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    assert (a["input_ids"] == 4).sum() == 9  # one image token per grid cell
+    assert again.tokenizer.decode(b["input_ids"][0, -2:]) .split()[0] == "red"
+
+
+def test_rescale_folds_into_the_projector():
+    recipe = Recipe(layers=2, hidden=32, intermediate=64, vision_hidden=32)
+    proc = build_processor()
+    model = build_model(recipe, len(proc.tokenizer)).eval()
+    px = pixels(proc, [shapes.blank_image(), shapes.render(shapes.random_scene(random.Random(2)), random.Random(3))])
+    rms = torch.rand(recipe.vision_hidden) + 0.5
+    hook = attach_rescale(model, rms)
+    with torch.no_grad():
+        hooked = model.model.get_image_features(pixel_values=px).pooler_output
+        hook.remove()
+        fold_rescale(model, rms)
+        folded = model.model.get_image_features(pixel_values=px).pooler_output
+    torch.testing.assert_close(torch.stack(hooked), torch.stack(folded), rtol=1e-5, atol=1e-5)
+
+
+def test_training_smoke_losses_decrease():
+    recipe = Recipe(layers=2, hidden=64, intermediate=128, vision_hidden=32, batch=8, lm_lr=3e-3)
+    proc = build_processor()
+    model = build_model(recipe, len(proc.tokenizer))
+    # stage 1: the per-patch heads learn on a fixed batch
+    heads = stage1_heads(recipe)
+    scenes = [shapes.random_scene(random.Random(i)) for i in range(16)]
+    px, (colours, kinds) = pixels(proc, render_batch(scenes, random.Random(0))), cell_targets(scenes)
+    opt = torch.optim.AdamW([*model.model.vision_tower.parameters(), *heads.parameters()], lr=3e-3)
+    first = None
+    for _ in range(15):
+        loss, _ = stage1_loss(patch_features(model, px), heads, colours, kinds)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+    # stage 2: projector + LM with the auxiliary lens loss on a small pool
+    pool = build_pool(proc, 16, 0, recipe, frozenset(), log=lambda _: None)
+    tower = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    opt = stage2_optimizer(model, recipe)
+    sched = cosine_schedule(opt, 15, warmup=2)
+    losses = []
+    for step in range(15):
+        loss = stage2_loss(model, make_batch(pool, step % 2, recipe, 4), recipe)
+        opt.zero_grad()
+        loss["total"].backward()
+        opt.step()
+        sched.step()
+        losses.append(loss["total"].item())
+    assert sum(losses[-3:]) < 0.85 * sum(losses[:3])
+    for k, v in model.model.vision_tower.state_dict().items():  # stage 2 keeps the tower frozen
+        assert torch.equal(v, tower[k]), k
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    if not (TINY / "model.safetensors").is_file():
+        pytest.skip("the embedded model has not been built")
+    torch.set_num_threads(2)
+    model = LlavaForConditionalGeneration.from_pretrained(TINY, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(TINY)
+    # Fresh scenes (a seed used nowhere else), single-turn, types balanced.
+    path = shapes.make_dataset(tmp_path_factory.mktemp("fresh"), 100, seed=4242, name="fresh")
+    return model, processor, read_records(path)
+
+
+def test_shipped_model_loads_offline_and_is_small(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if not (TINY / "model.safetensors").is_file():
+        pytest.skip("the embedded model has not been built")
+    assert (TINY / "model.safetensors").stat().st_size <= 12 * 2**20
+    model = LlavaForConditionalGeneration.from_pretrained(TINY)
+    assert model.config.text_config.num_hidden_layers >= 12
+    assert AutoProcessor.from_pretrained(TINY).tokenizer.pad_token_id == 0
+
+
+def test_shipped_model_answers_depend_on_the_image(shipped):
+    model, processor, records = shipped
+    gold = [r.turns[0][1] for r in records]
+    real = answers(model, processor, records)
+    blank = answers(model, processor, records, [shapes.blank_image()] * len(records))
+    acc = by_type(records, [a == g for a, g in zip(real, gold)])["overall"]
+    acc_blank = by_type(records, [a == g for a, g in zip(blank, gold)])["overall"]
+    acc_blind = by_type(records, [a == g for a, g in zip(blind_answers(records), gold)])["overall"]
+    assert acc >= 0.85, acc
+    assert acc - acc_blank >= 0.35, (acc, acc_blank)
+    assert acc - acc_blind >= 0.35, (acc, acc_blind)
+
+
+def test_batched_left_padded_generation_matches_one_by_one(shipped):
+    model, processor, records = shipped
+    picked = records[:10]  # different question lengths, so the batch really is left-padded
+    batched = answers(model, processor, picked)
+    single = [answers(model, processor, [r])[0] for r in picked]
+    assert batched == single
+
+
+def test_shipped_sample_sets():
+    if not (SAMPLES / "heldout.json").is_file():
+        pytest.skip("the sample sets have not been built")
+    probe, heldout = read_records(SAMPLES / "probe.json"), read_records(SAMPLES / "heldout.json")
+    assert len(probe) == len(heldout) == 500
+    keys = lambda path: {shapes.scene_key(tuple(shapes.Obj(**o) for o in r["objects"]))
+                         for r in json.loads(path.read_text())}
+    # held-out scenes are never trained on: the training generator excludes exactly these keys
+    assert keys(SAMPLES / "probe.json") | keys(SAMPLES / "heldout.json") <= shapes.held_out_keys()
