@@ -89,7 +89,7 @@ def probe_cmd(
                       seed=seed, dtype=dtype, device=device, rule=rule, resume=resume, backend=backend)
     result = run_probe(cfg)
     figures = figure2_from_dir(result.out)
-    Console().print("\n".join(summary_lines(result, figures)), highlight=False, markup=False)
+    Console().print("\n".join(summary_lines(result, figures)), highlight=False, markup=False, soft_wrap=True)
 
 
 RoutingOpt = Annotated[Path | None, typer.Option("--routing", help="Routing artifact folder from `routing train` (…/routing); vanilla when omitted.")]

@@ -87,6 +87,28 @@ def eager_attention(model) -> Iterator[None]:
             model.set_attn_implementation({"text_config": previous})
 
 
+SMALL_HIDDEN = 512  # below this, a CPU matmul is too small to gain from intra-op threads
+
+
+@contextlib.contextmanager
+def cpu_threads(model, threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op threads for the probe, then restore them.
+
+    `threads` None means: one thread for a small model (hidden size <= `SMALL_HIDDEN`) on CPU, else leave
+    torch's setting. Matmuls of a tiny model gain nothing from threads, and on a shared machine threads that
+    spin-wait for a busy core made the embedded model's probe over 10x slower.
+    """
+    if threads is None and next(model.parameters()).device.type == "cpu":
+        threads = 1 if model.config.text_config.hidden_size <= SMALL_HIDDEN else None
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 # --- one batch: hooks that reduce as the layers run ---
 
 
@@ -337,6 +359,7 @@ class ProbeConfig:
     resume: bool = True  # reuse finished shards in `out`
     backend: str = "hf"  # 'hf' hooks, or 'transformer-lens' (extra `lens`)
     progress: bool = True
+    threads: int | None = None  # CPU intra-op threads; None: 1 for small models on CPU (see cpu_threads)
 
 
 @dataclass
@@ -372,7 +395,8 @@ def summary_lines(result: ProbeResult, figures: list[Path] = ()) -> list[str]:
     lines = [
         f"saturation probe: {rec.get('display_name', rec['model'])}, {rec['num_layers']} layers, n={result.n} "
         f"({result.probed} probed now, {result.n - result.probed} from shards, {result.seconds:.1f} s)",
-        f"  recommended split  s = {rec['split']}   (rule '{rec['rule']}': {ev['rule_definition']})",
+        f"  recommended split  s = {rec['split']}   (rule '{rec['rule']}')",
+        f"    {ev['rule_definition']}",
         f"  logit-lens 50% transition  image L{t['image']}, text L{t['text']}",
         f"  text->image attention  plateau L{ev['attention_plateau_layer']}; "
         f"cross-check: {'agrees' if ev['cross_check']['agrees'] else 'DISAGREES'} ({ev['cross_check']['text']})",
@@ -490,7 +514,8 @@ def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Recor
     anat = anatomy(model)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    with eager_attention(model), LayerReducer(anat) as reducer, _progress(cfg.progress) as bar:
+    with eager_attention(model), cpu_threads(model, cfg.threads), LayerReducer(anat) as reducer, \
+            _progress(cfg.progress) as bar:
         task = bar.add_task("probe", total=len(todo), rate="")
         t0 = time.perf_counter()
         for start in range(0, len(todo), cfg.batch_size):
