@@ -34,8 +34,29 @@ def test_generate_and_loglikelihood_agree_on_the_greedy_answer(tiny_model, proce
     assert greedy and logp < 0
 
 
-def test_lmms_model_class_with_lmms_eval():
-    lmms_eval = pytest.importorskip("lmms_eval")
-    from routing.lmms_model import DPVRLlava
+def test_lmms_model_class_with_lmms_eval(tiny_model, tiny_model_dir, tmp_path):
+    """Only where lmms-eval is installed (a separate venv: it pulls torchvision); see README."""
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.api.model import lmms
+    from lmms_eval.models import get_model
 
-    assert issubclass(DPVRLlava, lmms_eval.api.model.lmms) and DPVRLlava.is_simple
+    cls = get_model(MODEL_ID)  # resolved through our entry point
+    assert issubclass(cls, lmms) and cls.is_simple
+    routing.build(tiny_model, 2).save_routing(tmp_path / "routing")
+    model = cls(pretrained=str(tiny_model_dir), routing=str(tmp_path / "routing"), device="cpu", batch_size=2)
+    docs = [{"image": Image.new("RGB", (32, 32), c), "q": "what colour is the circle?"} for c in ("red", "blue", "green")]
+    model.task_dict = {"shapes": {"test": docs}}
+
+    def visual(doc):
+        return [doc["image"]]
+
+    gen = [Instance("generate_until", ("what colour is the circle?", {"max_new_tokens": 3, "until": ["</s>"]}, visual,
+                                       i, "shapes", "test"), idx=i, metadata={"task": "shapes", "doc_id": i, "repeats": 1}) for i in range(3)]
+    answers = model.generate_until(gen)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    ll = [Instance("loglikelihood", ("what colour is the circle?", "red", visual, i, "shapes", "test"), idx=i,
+                   metadata={"task": "shapes", "doc_id": i, "repeats": 1})
+          for i in range(3)]
+    scores = model.loglikelihood(ll)
+    assert len(scores) == 3 and all(logp < 0 for logp, _ in scores)
