@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from .loading import DATA_SAMPLES, TINY_DIR, load_config, load_llava, resolve_de
 
 DEFAULT_DATA = DATA_SAMPLES / "shapes" / "probe.json"
 DEFAULT_N = 64
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "transformer-lens")
 
 # (metric, modality) pairs of the per-sample table, in the order they are written.
 KEYS: tuple[tuple[str, str], ...] = (
@@ -117,6 +118,8 @@ class LayerReducer:
 
     Use as a context manager around any number of forwards; call `begin` before each forward and `finish`
     after it. Per-sample results are [batch, num_layers] fp32 tensors keyed by (metric, modality).
+    The reductions themselves are `resid_post` and `pattern`, so another hook system (TransformerLens)
+    can feed the very same code.
     """
 
     def __init__(self, anat: Anatomy):
@@ -152,38 +155,44 @@ class LayerReducer:
         self.values["attention_mass_uniform", "image"][:] = metrics.uniform_mass(g["query"], g["image"], attention_mask)[:, None]
         self.hidden: list[Tensor | None] = [None] * self.num_layers
 
+    def resid_post(self, layer: int, h_in: Tensor, h_out: Tensor) -> None:
+        """Layer `layer` mapped `h_in` to `h_out` ([batch, seq, d_model]): cosine now, lens rows for later."""
+        g = self._groups
+        cos = metrics.adjacent_cosine(h_in, h_out, {"image": g["image"], "text": g["text"]})
+        for modality, v in cos.items():
+            self.values["cosine", modality][:, layer] = v
+        self.hidden[layer] = h_out[self._lens_rows]  # [rows, d_model]: what the logit lens will need
+
+    def pattern(self, layer: int, weights: Tensor | None) -> None:
+        """Layer `layer`'s attention pattern [batch, heads, q, k], reduced to a few numbers per sample."""
+        if weights is None:
+            raise ToolkitError("the attention module returned no weights: the probe needs eager attention")
+        g, q0 = self._groups, self._q0
+        mean, top = metrics.attention_mass(
+            weights[:, :, q0:], g["query"][:, q0:], {"image": g["image"], "text": g["text"], "bos": g["bos"]}
+        )
+        for modality, v in mean.items():
+            self.values["attention_mass", modality][:, layer] = v
+        self.values["attention_mass_max_head", "image"][:, layer] = top["image"]
+
     def _resid_hook(self, layer: int) -> Callable:
         def hook(module, args, kwargs, output):
             h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = output[0] if isinstance(output, tuple) else output
-            g = self._groups
-            cos = metrics.adjacent_cosine(h_in, h_out, {"image": g["image"], "text": g["text"]})
-            for modality, v in cos.items():
-                self.values["cosine", modality][:, layer] = v
-            self.hidden[layer] = h_out[self._lens_rows]  # [rows, d_model]: what the logit lens will need
+            self.resid_post(layer, h_in, output[0] if isinstance(output, tuple) else output)
 
         return hook
 
     def _pattern_hook(self, layer: int) -> Callable:
         def hook(module, args, output):
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None:
-                raise ToolkitError("the attention module returned no weights: the probe needs eager attention")
-            g, q0 = self._groups, self._q0
-            mean, top = metrics.attention_mass(
-                weights[:, :, q0:], g["query"][:, q0:], {"image": g["image"], "text": g["text"], "bos": g["bos"]}
-            )
-            for modality, v in mean.items():
-                self.values["attention_mass", modality][:, layer] = v
-            self.values["attention_mass_max_head", "image"][:, layer] = top["image"]
+            self.pattern(layer, output[1] if isinstance(output, tuple) and len(output) > 1 else None)
 
         return hook
 
-    def finish(self, logits: Tensor) -> dict[tuple[str, str], Tensor]:
+    def finish(self, logits: Tensor, unembed: Callable[[Tensor], Tensor] | None = None) -> dict[tuple[str, str], Tensor]:
         """Run the logit lens against `logits` [batch, seq, vocab] (the model's own output) and return all
-        per-sample values, on CPU. Frees the kept layer outputs."""
+        per-sample values, on CPU. Frees the kept layer outputs. `unembed` defaults to the anatomy's."""
         rows = self._lens_rows
-        kl = logit_lens_kl(self.anat.unembed, self.hidden, logits[rows])  # [layers, rows]
+        kl = logit_lens_kl(unembed or self.anat.unembed, self.hidden, logits[rows])  # [layers, rows]
         self.hidden = [None] * self.num_layers
         sample = rows.nonzero()[:, 0]
         is_image = self._groups["image"][rows]
@@ -241,6 +250,54 @@ def probe_batch(anat: Anatomy, reducer: LayerReducer, batch: dict[str, Tensor],
         timings["forward"] = timings.get("forward", 0.0) + t1 - t0
         timings["lens"] = timings.get("lens", 0.0) + t2 - t1
     return values
+
+
+def boot_bridge(model, processor):
+    """Wrap `model` in a TransformerLens `TransformerBridge` (the optional ``lens`` extra).
+
+    The bridge replaces the model's submodules in place and forces eager attention, so the model serves
+    this probe only afterwards. TransformerLens pip-installs torchvision at run time when it cannot load a
+    processor; that is switched off here, and the processor is read from the model's own folder or cache.
+    """
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.model_bridge.sources.transformers import helpers as tl_helpers
+    except ImportError:
+        raise ToolkitError("the transformer-lens backend needs the 'lens' extra: pip install 'dpvr-toolkit[lens]'") from None
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    parameter = next(model.parameters())
+    ensure = getattr(tl_helpers, "_ensure_torchvision", None)
+    tl_helpers._ensure_torchvision = lambda: False  # never pip-install anything at run time
+    try:
+        return TransformerBridge.boot_transformers(str(getattr(model, "name_or_path", "") or "llava"), hf_model=model,
+                                                   tokenizer=processor.tokenizer, device=parameter.device,
+                                                   dtype=parameter.dtype)
+    except ToolkitError:
+        raise
+    except Exception as err:  # the bridge's own failures, as one line
+        raise ToolkitError(f"TransformerBridge could not wrap this model: {str(err).strip().splitlines()[0]}") from None
+    finally:
+        if ensure is not None:
+            tl_helpers._ensure_torchvision = ensure
+
+
+@torch.inference_mode()
+def bridge_probe_batch(bridge, reducer: LayerReducer, batch: dict[str, Tensor]) -> dict[tuple[str, str], Tensor]:
+    """`probe_batch` through TransformerLens hook points: the same reductions (`reducer.resid_post`,
+    `reducer.pattern`) fed by ``blocks.{l}.hook_resid_pre/hook_resid_post`` and ``blocks.{l}.attn.hook_pattern``."""
+    reducer.begin(batch["attention_mask"], batch["input_ids"] == reducer.anat.image_token_id)
+    resid_pre: dict[int, Tensor] = {}
+    hooks = []
+    for layer in range(reducer.num_layers):
+        hooks += [
+            (f"blocks.{layer}.hook_resid_pre", lambda t, hook, layer=layer: resid_pre.__setitem__(layer, t)),
+            (f"blocks.{layer}.hook_resid_post", lambda t, hook, layer=layer: reducer.resid_post(layer, resid_pre.pop(layer), t)),
+            (f"blocks.{layer}.attn.hook_pattern", lambda t, hook, layer=layer: reducer.pattern(layer, t)),
+        ]
+    logits = bridge.run_with_hooks(batch["input_ids"], fwd_hooks=hooks, pixel_values=batch["pixel_values"],
+                                   attention_mask=batch["attention_mask"])
+    return reducer.finish(logits, lambda h: bridge.unembed(bridge.ln_final(h)))
 
 
 def values_table(values: dict[tuple[str, str], Tensor], samples: list[int], ids: list[str]) -> pd.DataFrame:
@@ -428,6 +485,8 @@ def _check_options(cfg: ProbeConfig) -> None:
         raise ToolkitError(f"unknown rule '{cfg.rule}': use one of {', '.join(RULES)}")
     if cfg.backend not in BACKENDS:
         raise ToolkitError(f"unknown backend '{cfg.backend}': use one of {', '.join(BACKENDS)}")
+    if cfg.backend == "transformer-lens" and importlib.util.find_spec("transformer_lens") is None:
+        raise ToolkitError("the transformer-lens backend needs the 'lens' extra: pip install 'dpvr-toolkit[lens]'")
 
 
 def plan_samples(cfg: ProbeConfig) -> tuple[Path, list[Record], list[int]]:
@@ -514,8 +573,10 @@ def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Recor
     anat = anatomy(model)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    with eager_attention(model), cpu_threads(model, cfg.threads), LayerReducer(anat) as reducer, \
-            _progress(cfg.progress) as bar:
+    reducer = LayerReducer(anat)
+    bridge = boot_bridge(model, processor) if cfg.backend == "transformer-lens" else None
+    hooks = contextlib.nullcontext(reducer) if bridge is not None else reducer  # the bridge has its own hooks
+    with eager_attention(model), cpu_threads(model, cfg.threads), hooks, _progress(cfg.progress) as bar:
         task = bar.add_task("probe", total=len(todo), rate="")
         t0 = time.perf_counter()
         for start in range(0, len(todo), cfg.batch_size):
@@ -523,7 +584,10 @@ def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Recor
             batch = encode_batch([r for _, r in chunk], processor, anat.image_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            values = probe_batch(anat, reducer, batch)
+            if bridge is not None:
+                values = bridge_probe_batch(bridge, reducer, batch)
+            else:
+                values = probe_batch(anat, reducer, batch)
             store.write(values_table(values, [s for s, _ in chunk], [r.id for _, r in chunk]))
             done = start + len(chunk)
             bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):.1f} samples/s")

@@ -1,5 +1,6 @@
 """The probe: hook values against a brute-force reference, padding invariance, memory, shards and resume."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,11 +12,14 @@ from conftest import make_model, write_dataset
 from saturation import ToolkitError
 from saturation.anatomy import anatomy
 from saturation.data import read_records
+from saturation.loading import load_llava
 from saturation.probe import (
     KEYS,
     SUMMARY_COLUMNS,
     LayerReducer,
     ProbeConfig,
+    boot_bridge,
+    bridge_probe_batch,
     eager_attention,
     encode_batch,
     probe_batch,
@@ -203,3 +207,24 @@ def test_bad_options_are_one_line_errors(tiny_model, processor, dataset, tmp_pat
         cfg = ProbeConfig(model="x", data=dataset, out=tmp_path, progress=False, **{"batch_size": 2, **kw})
         with pytest.raises(ToolkitError, match=text):
             run_probe(cfg, model=tiny_model, processor=processor)
+
+
+def test_transformer_lens_backend_agrees(tiny_model_dir, varied_dataset):
+    """The same reductions fed by TransformerBridge hook points give the same numbers (extra `lens` only)."""
+    pytest.importorskip("transformer_lens")
+    model, processor = load_llava(tiny_model_dir)  # a fresh copy: the bridge wraps the model in place
+    records = read_records(varied_dataset)[:6]
+    ref, batch = _values(model, processor, records)
+    anat = anatomy(model)
+    bridge = boot_bridge(model, processor)
+    got = bridge_probe_batch(bridge, LayerReducer(anat), batch)
+    for key in KEYS:
+        assert torch.allclose(got[key], ref[key], atol=1e-4), key
+
+
+def test_transformer_lens_backend_without_the_extra(tiny_model, processor, dataset, tmp_path):
+    if importlib.util.find_spec("transformer_lens") is not None:
+        pytest.skip("the lens extra is installed")
+    cfg = ProbeConfig(model="x", data=dataset, out=tmp_path, n=2, progress=False, backend="transformer-lens")
+    with pytest.raises(ToolkitError, match="lens"):
+        run_probe(cfg, model=tiny_model, processor=processor)
