@@ -32,6 +32,7 @@ from .probe import (
     DEFAULT_DATA,
     LayerReducer,
     ProbeConfig,
+    cpu_threads,
     eager_attention,
     encode_batch,
     probe_batch,
@@ -97,8 +98,6 @@ def time_batches(model, batches, repeats: int) -> dict[str, float]:
 
 def _peak_memory_child(args) -> None:
     """Run one whole probe and print its peak memory as JSON (a fresh process per n, so peaks do not mix)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model, processor = load_llava(args.model, dtype=args.dtype, device=args.device)
         device = next(model.parameters()).device
@@ -106,7 +105,7 @@ def _peak_memory_child(args) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         cfg = ProbeConfig(model=args.model, n=args.child_n, data=args.data, out=Path(tmp), batch_size=args.batch_size,
-                          seed=args.seed, progress=False, resume=False)
+                          seed=args.seed, progress=False, resume=False, threads=args.threads)
         run_probe(cfg, model=model, processor=processor)
         out = {"n": args.child_n, "rss_after_load_mb": loaded,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the probe's rule)")
     p.add_argument("--memory-n", type=int, nargs="*", default=[16, 64], help="n for the peak-memory runs")
     p.add_argument("--child-n", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -150,9 +149,6 @@ def main(argv: list[str] | None = None) -> None:
     args.data = args.data or DEFAULT_DATA
     if args.child_n is not None:
         return _peak_memory_child(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
     model, processor = load_llava(args.model, dtype=args.dtype, device=args.device)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     records = sample_records(read_records(args.data), min(args.n, len(read_records(args.data))), args.seed)
@@ -163,10 +159,13 @@ def main(argv: list[str] | None = None) -> None:
         b["pixel_values"] = b["pixel_values"].to(dtype)
         batches.append(b)
     cfg = model.config.text_config
+    threads = cpu_threads(model, args.threads)
+    threads.__enter__()  # the probe's own thread rule, so both sides run as the probe would
     print(f"model {args.model}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; "
           f"{device}, {dtype}, {torch.get_num_threads()} threads; {len(records)} samples in batches of {args.batch_size}, "
           f"{int(batches[0]['attention_mask'].sum(1).float().mean())} tokens per sample")
     t = time_batches(model, batches, args.repeats)
+    threads.__exit__(None, None, None)
     total = t["hooked_forward"] + t["lens"] + t["table"]
     print(f"plain eager forward   {t['forward'] * 1e3:9.1f} ms")
     print(f"probe                 {total * 1e3:9.1f} ms  = hooked forward {t['hooked_forward'] * 1e3:.1f} + "
