@@ -46,7 +46,7 @@ from . import metrics
 from .anatomy import Anatomy, anatomy, position_ids_from_mask
 from .data import Record, collate, encode_record, read_records, sample_records
 from .errors import ToolkitError
-from .loading import DATA_SAMPLES, TINY_DIR, load_config, load_llava, resolve_device, resolve_dtype, resolve_name
+from .loading import DATA_SAMPLES, load_config, load_llava, resolve_device, resolve_dtype, resolve_name
 
 DEFAULT_DATA = DATA_SAMPLES / "shapes" / "probe.json"
 DEFAULT_N = 64
@@ -561,7 +561,7 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
     num_layers = fingerprint["num_layers"]
     rec = recommend(summary, model=model_name, num_layers=num_layers, rule=cfg.rule, n=len(samples), per_sample=table)
     rec["display_name"] = display_name(model_name if given else cfg.model)
-    if Path(model_name) == TINY_DIR:
+    if Path(model_name) == Path(resolve_name("tiny")):
         rec["evidence"]["caveat"] = ("the embedded model was trained with an auxiliary logit-lens loss on image tokens "
                                      "at the LM input, which shapes what the logit-lens view sees there")
     write_json(rec_path, rec)

@@ -2,11 +2,13 @@
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from cli import saturation_app
+from saturation.loading import TINY_DIR
 
 runner = CliRunner()
 
@@ -70,3 +72,31 @@ def test_not_a_llava_model(tmp_path, dataset):
 def test_bad_rule_and_batch_size(tiny_model_dir, dataset, tmp_path):
     _one_line_error(_probe("--model", tiny_model_dir, "--data", dataset, "--rule", "magic"), "unknown rule")
     _one_line_error(_probe("--model", tiny_model_dir, "--data", dataset, "--batch-size", 0), "batch-size")
+
+
+def test_no_arguments_probes_the_embedded_model(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    """`saturation probe` alone: the embedded model (stood in for by the tiny random one) and its samples."""
+    import saturation.loading
+    import saturation.probe
+
+    monkeypatch.setattr(saturation.loading, "TINY_DIR", tiny_model_dir)
+    monkeypatch.setattr(saturation.probe, "DEFAULT_DATA", dataset)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(saturation_app, ["probe"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "runs" / "probe" / "tiny"
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert rec["evidence"]["n"] == 12 and "caveat" in rec["evidence"]  # all 12 records: fewer than 64
+    assert (out / "figure2.png").is_file() and (out / "figure2.pdf").is_file()
+    assert "auxiliary logit-lens loss" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TINY_DIR.is_dir(), reason="the embedded model has not landed in data_samples/ yet")
+def test_embedded_model_end_to_end_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        result = _probe("--n", 16, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "a" / "summary.csv").read_bytes() == (tmp_path / "b" / "summary.csv").read_bytes()
+    summary = pd.read_csv(tmp_path / "a" / "summary.csv")
+    assert set(summary["metric"]) >= {"cosine", "attention_mass", "logit_lens_kl"}
