@@ -119,12 +119,15 @@ def kl_against_logits(p: Tensor, neg_entropy: Tensor, logits: Tensor) -> Tensor:
 
 
 def segment_mean(values: Tensor, segment: Tensor, num_segments: int) -> Tensor:
-    """Mean of `values` [n] per segment id in ``segment`` [n] (0..num_segments-1); NaN for empty segments."""
-    total = torch.zeros(num_segments, dtype=torch.float64, device=values.device)
+    """Mean of `values` [n] per segment id in ``segment`` [n] (0..num_segments-1); NaN for empty segments.
+
+    Accumulates in fp32 (no float64, which some accelerators lack); a segment is one sample's tokens.
+    """
+    total = torch.zeros(num_segments, dtype=torch.float32, device=values.device)
     count = torch.zeros_like(total)
-    total.index_add_(0, segment, values.to(torch.float64))
-    count.index_add_(0, segment, torch.ones_like(values, dtype=torch.float64))
-    return (total / count).to(torch.float32)
+    total.index_add_(0, segment, values.to(torch.float32))
+    count.index_add_(0, segment, torch.ones_like(values, dtype=torch.float32))
+    return total / count
 
 
 # --- per-layer curves (plain floats, no torch needed) ---
