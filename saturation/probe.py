@@ -10,6 +10,9 @@ For each sample and each decoder layer ℓ (0-based; layer ℓ maps h_ℓ to h_�
 - ``logit_lens_kl``: KL(p_final ‖ p_ℓ) in nats with p_ℓ = softmax(lm_head(norm(h_ℓ+1))), the raw output of
   layer ℓ, averaged over image tokens and over text tokens. It is 0 at the last layer by definition.
 
+"Text tokens" are the real non-image tokens except the first one (BOS: the attention sink, whose huge,
+near-constant activation would swamp a mean); see `saturation.metrics.token_groups`.
+
 What is fed in: each record's first turn with its answer, ``USER: <image>\\n{q} ASSISTANT: {a}</s>`` (teacher
 forcing). The answer tokens are where a LLaVA model actually reads the image, so they belong among the text
 queries; the prompt alone would leave a single position (after ``ASSISTANT:``) that predicts image content.
@@ -21,6 +24,14 @@ cosine inside the layer's forward. The logit lens cannot finish before p_final e
 only its output rows at image and text positions ([tokens, d_model], far smaller than [tokens, vocab]) until
 the forward ends; the lens then runs in row chunks. Nothing is kept across batches except a few numbers per
 sample, which go to disk in parquet shards, so peak memory depends on the batch, never on n.
+
+Files (`run_probe`): ``DIR/samples/`` (manifest.json + shard-NNNNN.parquet, one per batch: an interrupted run
+resumes there; a different model, seed, data file or dtype is refused), ``per_sample.parquet`` (sample,
+sample_id, layer, modality, metric, value), ``summary.csv`` (layer, modality, metric, median, q25, q75) and
+``recommendation.json`` (`saturation.recommend`). Figure 2 is drawn from these by ``figures.figure2``.
+
+``backend="transformer-lens"`` feeds the same reductions from a TransformerBridge's hook points instead
+(extra ``lens``); the two agree to ~1e-7 on the tiny models.
 """
 
 from __future__ import annotations
