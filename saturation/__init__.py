@@ -15,6 +15,8 @@ _LAZY = {
     "BackboneSpec": "anatomy",
     "position_ids_from_mask": "anatomy",
     "load_llava": "loading",
+    "ProbeConfig": "probe",
+    "run_probe": "probe",
 }
 __all__ = ["ToolkitError", "__version__", *_LAZY]
 

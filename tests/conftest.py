@@ -16,6 +16,9 @@ from transformers import LlavaForConditionalGeneration
 
 from saturation.tiny import tiny_llava_config, tiny_processor
 
+# Toy models gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot to contention.
+torch.set_num_threads(1)
+
 WORDS = ("what", "colour", "is", "the", "circle", "square", "shape", "red", "blue", "green", "how", "many",
          "are", "there", "yes", "no", "one", "two", "left", "right", "a")
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
