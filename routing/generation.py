@@ -33,8 +33,9 @@ class RoutingState:
     """What a routed prefill leaves on its cache for the steps after it."""
 
     prompt_length: int  # N0: positions in the prompt (the length of the `full` layout's prompt part)
-    prompt_masks: dict[str, Tensor]  # layout -> [batch, prompt part of that layout] (bool), in cache order
+    prompt_masks: dict[str, Tensor]  # layout -> [batch, its prompt part] (bool), in that layout's cache order
     next_position: Tensor  # [batch]: the position id of the first token after the prompt
+    unmasked: bool = False  # no pads and no fillers in any layout: decode steps need no padding mask
 
 
 def attach_state(cache: Cache, state: RoutingState) -> None:
@@ -58,11 +59,18 @@ def check_cache(cache: Cache) -> None:
         raise ToolkitError("this cache was not filled by a routed prefill: start from an empty cache")
 
 
+def make_state(prompt_masks: dict[str, Tensor], attention_mask: Tensor) -> RoutingState:
+    """The state a prefill leaves: masks with nothing masked are dropped (decode then builds no padding mask)."""
+    unmasked = all(bool(m.all()) for m in prompt_masks.values())
+    return RoutingState(attention_mask.shape[1], prompt_masks, attention_mask.sum(1), unmasked)
+
+
 @dataclass(frozen=True)
 class Continuation:
-    """The masks and positions of new text tokens after a cached prompt. `masks`: layout -> 2D mask [batch, kv_len]."""
+    """Masks and positions of new text tokens after a cached prompt. `masks`: layout -> 2D mask [batch, kv_len],
+    or None where nothing is masked (as ``generate`` does, once a cache exists no packed-sequence guess is made)."""
 
-    masks: dict[str, Tensor]
+    masks: dict[str, Tensor | None]
     position_ids: Tensor  # [batch, q]
 
 
@@ -74,10 +82,9 @@ def continuation(state: RoutingState, cache: Cache, attention_mask: Tensor | Non
     prompt plus every token decoded so far.
     """
     generated = cache.get_seq_length(0) - state.prompt_length + q  # tokens after the prompt, these q included
-    batch = state.next_position.shape[0]
     device = state.next_position.device
     if attention_mask is None:
-        tail = torch.ones(batch, generated, dtype=torch.bool, device=device)
+        tail = None
         position_ids = state.next_position[:, None] + (generated - q) + torch.arange(q, device=device)
     else:
         if attention_mask.shape[1] != state.prompt_length + generated:
@@ -85,8 +92,12 @@ def continuation(state: RoutingState, cache: Cache, attention_mask: Tensor | Non
                                f"{state.prompt_length + generated - q} positions and {q} are new")
         tail = attention_mask[:, state.prompt_length:].bool()
         position_ids = position_ids_from_mask(attention_mask)[:, -q:]
+    if tail is None and state.unmasked:
+        return Continuation(dict.fromkeys(state.prompt_masks), position_ids)
+    if tail is None:
+        tail = torch.ones(len(position_ids), generated, dtype=torch.bool, device=device)
     masks = {layout: torch.cat([prompt, tail], dim=1) for layout, prompt in state.prompt_masks.items()}
-    return Continuation(masks=masks, position_ids=position_ids)
+    return Continuation(masks, position_ids)
 
 
 @torch.no_grad()

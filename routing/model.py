@@ -26,15 +26,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from saturation.anatomy import Anatomy, anatomy, position_ids_from_mask
 from saturation.errors import ToolkitError
 
-from .generation import RoutingState, attach_state, check_cache, continuation, new_cache, state_of
+from .generation import attach_state, check_cache, continuation, make_state, new_cache, state_of
 from .plan import RoutingPlan, make_plan
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-def take(x: Tensor, index: Tensor) -> Tensor:
-    """Rows of `x` [batch, seq, ...] at `index` [batch, m] -> [batch, m, ...]."""
-    return x.gather(1, index.view(*index.shape, *(1,) * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
 
 
 @dataclass(frozen=True)
@@ -43,6 +38,8 @@ class Route:
 
     Each subset keeps the original order. Rows with fewer image (or text) tokens than the batch maximum are filled
     up with other positions marked invalid, so image tokens may be anywhere and differ in number per row.
+    Subsets are taken with one ``index_select`` over flattened rows (an order of magnitude faster on CPU than a
+    ``gather`` with an expanded index).
     """
 
     image_mask: Tensor  # [batch, seq] bool
@@ -50,6 +47,9 @@ class Route:
     text_valid: Tensor  # [batch, T] bool: real, unpadded text
     image_index: Tensor  # [batch, I]
     image_valid: Tensor  # [batch, I] bool
+    inverse: Tensor | None  # [batch*seq] flat: [text | image] -> original order; None when rows have fillers
+    text_flat: Tensor  # text_index over flattened rows, for index_select
+    image_flat: Tensor
 
     @classmethod
     def of(cls, image_mask: Tensor, attention_mask: Tensor) -> Route:
@@ -59,24 +59,37 @@ class Route:
         order = torch.argsort(image_mask.to(torch.uint8), dim=1, stable=True)  # text first, then image
         text_index, image_index = order[:, : n - n_image_min], order[:, n - n_image_max:]
         valid = attention_mask.bool()
+        rows = n * torch.arange(len(order), device=order.device)[:, None]
+        inverse = (torch.argsort(order, dim=1) + rows).reshape(-1) if n_image_max == n_image_min else None
         return cls(image_mask, text_index, (valid & ~image_mask).gather(1, text_index),
-                   image_index, (valid & image_mask).gather(1, image_index))
+                   image_index, (valid & image_mask).gather(1, image_index), inverse,
+                   (text_index + rows).reshape(-1), (image_index + rows).reshape(-1))
+
+    @staticmethod
+    def _take(x: Tensor, flat: Tensor, batch: int) -> Tensor:
+        """Rows of `x` [batch, seq, ...] at flattened indices -> [batch, m, ...]."""
+        rows = x.reshape(-1, *x.shape[2:]).index_select(0, flat)
+        return rows.view(batch, -1, *x.shape[2:])
 
     def text(self, x: Tensor) -> Tensor:
-        return take(x, self.text_index)
+        return self._take(x, self.text_flat, x.shape[0])
 
     def image(self, x: Tensor) -> Tensor:
-        return take(x, self.image_index)
+        return self._take(x, self.image_flat, x.shape[0])
 
     def scatter_image(self, image: Tensor) -> Tensor:
         """[batch, I, D] -> [batch, seq, D], correct at image positions (zeros elsewhere)."""
-        full = image.new_zeros(*self.image_mask.shape, image.shape[-1])
-        return full.scatter(1, self.image_index[..., None].expand_as(image), image)
+        full = image.new_zeros(self.image_mask.numel(), image.shape[-1])
+        return full.index_copy(0, self.image_flat, image.reshape(-1, image.shape[-1])).view(
+            *self.image_mask.shape, -1)
 
     def merge(self, text: Tensor, image: Tensor) -> Tensor:
         """The full sequence [batch, seq, D] from the text subset and the image subset."""
-        full_text = text.new_zeros(*self.image_mask.shape, text.shape[-1])
-        full_text = full_text.scatter(1, self.text_index[..., None].expand_as(text), text)
+        if self.inverse is not None:  # the two subsets partition every row: one concatenation, one selection
+            return self._take(torch.cat([text, image], dim=1), self.inverse, text.shape[0])
+        full_text = text.new_zeros(self.image_mask.numel(), text.shape[-1])
+        full_text = full_text.index_copy(0, self.text_flat, text.reshape(-1, text.shape[-1])).view(
+            *self.image_mask.shape, -1)
         return torch.where(self.image_mask[..., None], self.scatter_image(image), full_text)
 
 
@@ -90,6 +103,15 @@ def subset_mask(q_index: Tensor, k_index: Tensor, k_valid: Tensor, attn_impl: st
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
     return allowed
+
+
+def subset_causal_mask(a: Anatomy, x: Tensor, valid: Tensor, position_ids: Tensor, cache=None, layer_idx: int = 0):
+    """``a.causal_mask`` for a subset, skipping HF's mask machinery where its answer is known in advance: under
+    sdpa, with nothing masked and no cached keys before, it is ``None`` (sdpa's own ``is_causal``)."""
+    if (a.text_config._attn_implementation == "sdpa" and bool(valid.all())
+            and (cache is None or cache.get_seq_length(layer_idx) == 0)):
+        return None
+    return a.causal_mask(x, valid, position_ids, cache, layer_idx=layer_idx)
 
 
 class _PrefixKV:
@@ -157,14 +179,15 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         self.base = base.requires_grad_(False)  # held by reference: no copy of the base weights
         self.plan = plan
         self.generation_config = copy.deepcopy(base.generation_config)
-        a = self.anatomy
+        self._anatomy = a = anatomy(base)
         self.side = nn.ModuleList(_copy_layer(a.layers[src], a.num_layers + i)
                                   for i, src in enumerate(plan.side_sources))
         self._gradient_probe = False
 
     @property
     def anatomy(self) -> Anatomy:
-        return anatomy(self.base)
+        """The base model's map: the only way this class reaches the base's modules."""
+        return self._anatomy
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -246,9 +269,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             h = run(plan.shallow, h, full_mask, pos, rope)
         if not image_mask.any():  # nothing to route: every layer sees the sequence exactly as vanilla
             if cache is not None:
-                valid = attention_mask.bool()
-                attach_state(cache, RoutingState(h.shape[1], dict.fromkeys(plan.layouts, valid),
-                                                 attention_mask.sum(1)))
+                attach_state(cache, make_state(dict.fromkeys(plan.layouts, attention_mask.bool()), attention_mask))
             return run(range(plan.split, plan.num_layers), h, full_mask, pos, rope)
 
         r = Route.of(image_mask, attention_mask)
@@ -257,16 +278,17 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
         # Side branch: image positions only, causal among themselves, original positions; never cached.
         side = r.image(h)
-        side_mask = a.causal_mask(side, r.image_valid, image_pos)
+        side_mask = subset_causal_mask(a, side, r.image_valid, image_pos)
         for layer in self.side:
             side = layer(side, attention_mask=side_mask, position_ids=image_pos, position_embeddings=image_rope)
         side = side.masked_fill(~r.image_valid[..., None], 0.0)  # fillers stay finite keys/values
 
         # Deep layers: the one place the variants differ.
         if plan.deep_mode == "text_only":  # LF: text positions only, their original positions, causal over text
-            text_mask = a.causal_mask(r.text(h), r.text_valid, text_pos, cache, layer_idx=plan.deep.start)
+            text = r.text(h)
+            text_mask = subset_causal_mask(a, text, r.text_valid, text_pos, cache, layer_idx=plan.deep.start)
             with self._frozen():
-                text = run(plan.deep, r.text(h), text_mask, text_pos, text_rope)
+                text = run(plan.deep, text, text_mask, text_pos, text_rope)
             h = r.merge(text=text, image=side)
         elif plan.deep_mode == "reset":  # PC: image positions reset to the side output before every deep layer
             side_full = r.scatter_image(side)
@@ -290,8 +312,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         if cache is not None:
             masks = {"full": attention_mask.bool(), "text": r.text_valid,
                      "kv": torch.cat([r.image_valid, r.text_valid], 1)}
-            attach_state(cache, RoutingState(h.shape[1], {k: masks[k] for k in plan.layouts},
-                                             attention_mask.sum(1)))
+            attach_state(cache, make_state({k: masks[k] for k in plan.layouts}, attention_mask))
         return h
 
     def _route_next(self, input_ids, attention_mask, cache, state) -> Tensor:

@@ -41,6 +41,16 @@ def test_cached_greedy_equals_recompute(model, padding, variant, kind):
     assert torch.equal(cached, greedy_recompute(routed, max_new_tokens=NEW, **batch))
 
 
+@pytest.mark.parametrize("variant", routing.VARIANTS)
+def test_unpadded_batches_decode_without_masks(model, variant):
+    """No pads, no fillers: generate drops the all-ones mask and decode steps build no padding mask."""
+    routed = routed_for(model, variant)
+    batch = without_labels(make_batch("uniform"))
+    assert bool(batch["attention_mask"].all())
+    cached = routed.generate(**batch, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(cached, greedy_recompute(routed, max_new_tokens=NEW, **batch))
+
+
 @pytest.mark.parametrize("padding", ("left", "right"))
 @pytest.mark.parametrize("variant", ("lf", "kv"))
 def test_every_step_logits_match_a_no_cache_generate(model, padding, variant):
