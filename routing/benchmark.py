@@ -97,24 +97,25 @@ CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 @dataclass
 class Timing:
-    """Samples (seconds) of vanilla and routed, paired: sample k of each side was taken back to back."""
+    """Samples (seconds) of a baseline (vanilla; PC for training steps) and the routed model, paired: sample k of
+    each side was taken back to back."""
 
-    vanilla: list[float]
+    baseline: list[float]
     routed: list[float]
 
     def ms(self, stat: str = "median") -> dict[str, float]:
         reduce = min if stat == "min" else statistics.median
-        return {"vanilla": 1e3 * reduce(self.vanilla), "routed": 1e3 * reduce(self.routed)}
+        return {"baseline": 1e3 * reduce(self.baseline), "routed": 1e3 * reduce(self.routed)}
 
     def ratio(self) -> float:
         """Median of the paired ratios: load changes on a shared machine hit both sides of a pair alike."""
-        return statistics.median(r / v for v, r in zip(self.vanilla, self.routed, strict=True))
+        return statistics.median(r / b for b, r in zip(self.baseline, self.routed, strict=True))
 
 
-def _side_by_side(vanilla, routed, cfg: BenchConfig) -> Timing:
+def _side_by_side(baseline, routed, cfg: BenchConfig) -> Timing:
     """Time two callables back to back, order alternating, `repeats` times after `warmup`."""
     clock = CLOCKS[cfg.clock]
-    fns = {"vanilla": vanilla, "routed": routed}
+    fns = {"baseline": baseline, "routed": routed}
     times = {name: [] for name in fns}
     for rep in range(cfg.warmup + cfg.repeats):
         for name in fns if rep % 2 == 0 else list(fns)[::-1]:
@@ -161,7 +162,7 @@ def generate_timing(model, routed, batch: dict, cfg: BenchConfig) -> Timing:
     """Seconds per generated token inside HF generate() (KV cache, greedy), read from a streamer: the time between
     consecutive tokens after the first, vanilla and routed calls alternating; step i of one call pairs with step i
     of the other."""
-    models = {"vanilla": model, "routed": routed}
+    models = {"baseline": model, "routed": routed}
     times = {name: [] for name in models}
     for rep in range(cfg.warmup + cfg.repeats):
         for name in models if rep % 2 == 0 else list(models)[::-1]:
@@ -187,11 +188,11 @@ def decode_step_timing(model, routed, batch: dict, cfg: BenchConfig) -> Timing:
     def routed_step(cache, token, i):
         return routed(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
-    steps = {"vanilla": vanilla, "routed": routed_step}
+    steps = {"baseline": vanilla, "routed": routed_step}
     times = {name: [] for name in steps}
     for rep in range(cfg.warmup + cfg.repeats):
         state = {}
-        for name, m in (("vanilla", model), ("routed", routed)):
+        for name, m in (("baseline", model), ("routed", routed)):
             out = m(**batch, use_cache=True, logits_to_keep=1)
             state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
         for i in range(cfg.new_tokens):
@@ -203,6 +204,25 @@ def decode_step_timing(model, routed, batch: dict, cfg: BenchConfig) -> Timing:
                 if rep >= cfg.warmup:
                     times[name].append(elapsed)
     return Timing(**times)
+
+
+def train_step_timing(model, batch: dict, cfg: BenchConfig) -> Timing:
+    """Seconds per training step (forward + backward of the side branch, no optimizer) of the routed variant
+    against PC on the same batch (DESIGN's target for LF: <= 0.4x of PC)."""
+    labels = batch["input_ids"].clone()
+    labels[:, : labels.shape[1] - 8] = -100  # the answer: the last 8 tokens
+    runs = {}
+    for name, variant in (("baseline", "pc"), ("routed", cfg.variant)):
+        routed = build(model, cfg.split, variant, cfg.fusion_layers, cfg.side_depth).train()
+
+        def step(routed=routed):
+            routed(**batch, labels=labels).loss.backward()
+            routed.zero_grad(set_to_none=True)
+
+        runs[name] = step
+    timing = _side_by_side(runs["baseline"], runs["routed"], cfg)
+    model.eval()
+    return timing
 
 
 def run_benchmark(cfg: BenchConfig, model=None) -> dict:
@@ -221,6 +241,8 @@ def run_benchmark(cfg: BenchConfig, model=None) -> dict:
         timings = {**prefill_timings(model, routed, batch, cfg),
                    "generate": generate_timing(model, routed, batch, cfg),
                    "decode_step": decode_step_timing(model, routed, batch, cfg)}
+        if cfg.variant != "lf-ideal":
+            timings["train_step"] = train_step_timing(model, batch, cfg)
     finally:
         torch.set_num_threads(threads)
     geometry = flops.Geometry.of(anatomy(model).text_config)
@@ -233,7 +255,7 @@ def run_benchmark(cfg: BenchConfig, model=None) -> dict:
         "config": asdict(cfg),
         "ms": {name: t.ms(cfg.stat) for name, t in timings.items()},
         "ratio": {name: t.ratio() for name, t in timings.items()},
-        "samples": {name: len(t.vanilla) for name, t in timings.items()},
+        "samples": {name: len(t.baseline) for name, t in timings.items()},
         "flop_ratio": {"prefill": prefill_flops["total"], "prefill_linear": prefill_flops["linear"],
                        "decode": decode_flops},
     }
@@ -248,12 +270,15 @@ def format_report(result: dict) -> str:
         f"{c['clock']} time; ms = {c['stat']}, ratio = median of paired ratios",
         f"FLOP model: prefill {f['prefill']:.3f} (linear {f['prefill_linear']:.3f}), decode {f['decode']:.3f}",
     ]
-    labels = {"lm": "prefill LM", "e2e": "prefill e2e", "generate": "decode/token", "decode_step": "decode step"}
-    notes = {"lm": "from merged embeddings: the FLOP model's scope", "e2e": "incl. vision tower and merge",
-             "generate": "inside HF generate(), KV cache", "decode_step": "bare cached steps in lockstep"}
-    for name, label in labels.items():
-        lines.append(f"{label:13s} vanilla {ms[name]['vanilla']:8.2f} ms  routed {ms[name]['routed']:8.2f} ms  "
-                     f"ratio {ratio[name]:.3f}  ({notes[name]}; {n[name]} pairs)")
+    rows = {"lm": ("prefill LM", "vanilla", "from merged embeddings: the FLOP model's scope"),
+            "e2e": ("prefill e2e", "vanilla", "incl. vision tower and merge"),
+            "generate": ("decode/token", "vanilla", "inside HF generate(), KV cache"),
+            "decode_step": ("decode step", "vanilla", "bare cached steps in lockstep"),
+            "train_step": ("train step", "pc", "forward + backward, side branch only")}
+    for name, (label, baseline, note) in rows.items():
+        if name in ms:
+            lines.append(f"{label:13s} {baseline:7s} {ms[name]['baseline']:8.2f} ms  {c['variant']:7s} "
+                         f"{ms[name]['routed']:8.2f} ms  ratio {ratio[name]:.3f}  ({note}; {n[name]} pairs)")
     return "\n".join(lines)
 
 

@@ -6,7 +6,11 @@ HF's own ``generate()`` drives the routed model (``RoutedLlava`` is a ``Generati
 - The one ``DynamicCache`` holds a different length per layer group (DESIGN): ``full`` layers cache image+text,
   ``text`` layers (LF's deep stack) the text positions only, ``kv`` layers (KV's deep stack) image keys then text.
 - So each layout needs its own 2D padding mask for every decode step. The prompt part of each is fixed at prefill
-  and kept here, on the cache object (``RoutingState``); the generated part is the tail of the running 2D mask.
+  and kept on the cache object itself (``RoutingState``, an attribute of whatever ``DynamicCache`` generate made);
+  the generated part is the tail of the running 2D mask. Beam search reorders the cache but not this state, which
+  is right: the beams of one sample are adjacent copies with identical prompt masks.
+- When the prompt has no pads and every row has the same number of image tokens, no layout needs a padding mask
+  during decoding (generate drops the all-ones mask too), which keeps a decode step as lean as vanilla's.
 - A decode mask is sized against the cache slot of its own group (``layer_idx``), never ``get_seq_length()``
   without a layer index.
 - Positions are the original ones (``cumsum(mask) - 1``), so a generated token sits where vanilla would put it,
@@ -60,7 +64,7 @@ def check_cache(cache: Cache) -> None:
 
 
 def make_state(prompt_masks: dict[str, Tensor], attention_mask: Tensor) -> RoutingState:
-    """The state a prefill leaves: masks with nothing masked are dropped (decode then builds no padding mask)."""
+    """The state a prefill leaves on its cache; `attention_mask` is the prompt's 2D mask."""
     unmasked = all(bool(m.all()) for m in prompt_masks.values())
     return RoutingState(attention_mask.shape[1], prompt_masks, attention_mask.sum(1), unmasked)
 

@@ -13,6 +13,7 @@ Everything goes through the anatomy map (``saturation.anatomy``), never ``model.
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -180,8 +181,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         self.plan = plan
         self.generation_config = copy.deepcopy(base.generation_config)
         self._anatomy = a = anatomy(base)
-        self.side = nn.ModuleList(_copy_layer(a.layers[src], a.num_layers + i)
-                                  for i, src in enumerate(plan.side_sources))
+        self.side = nn.ModuleList(_copy_layer(a, src, a.num_layers + i) for i, src in enumerate(plan.side_sources))
         self._gradient_probe = False
 
     @property
@@ -213,6 +213,11 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         `image_mask` [batch, seq] replaces `input_ids`/`pixel_values` (benchmarks); `mm_encoder_outputs`
         ({"image": output of ``get_image_features``}) replaces `pixel_values`, as ``generate()`` passes it.
         """
+        if image_kwargs.pop("position_ids", None) is not None:
+            raise ToolkitError("the routed model derives positions from attention_mask (cumsum - 1, the generate "
+                               "convention); pass attention_mask instead of position_ids")
+        for unsupported in ("output_attentions", "output_hidden_states"):  # use hook_points() instead
+            image_kwargs.pop(unsupported, None)
         self._refuse_untrainable(labels)
         use_cache = past_key_values is not None if use_cache is None else use_cache
         cache = past_key_values if use_cache else None
@@ -372,7 +377,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         with self._probing(), torch.enable_grad():
             loss = self(**batch).loss
             grads = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params)
-        return float(sum((g.double().pow(2).sum() for g in grads if g is not None), torch.tensor(0.0)).sqrt())
+        return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
 
     def trainable_parameters(self) -> TrainableReport:
         """Trainable (side branch) against all parameters of the routed model (base + side branch)."""
@@ -385,15 +390,28 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
         save_routing(self, directory)
 
+    def hook_points(self) -> dict[str, nn.Module]:
+        """TransformerLens-style names -> modules: the base's (``blocks.{l}...``) plus ``side.{i}.hook_resid_post``.
+
+        Under LF and KV the deep blocks' outputs cover the text subset only ([batch, T, d_model], original order,
+        then fillers); the side branch's cover the image subset ([batch, I, d_model]).
+        """
+        points = self.anatomy.hook_points()
+        for i, layer in enumerate(self.side):
+            points[f"side.{i}.hook_resid_post"] = layer
+            points[f"side.{i}.attn.hook_pattern"] = layer.get_submodule(self.anatomy.spec.attn)
+        return points
+
     def extra_repr(self) -> str:
         return self.plan.describe()
 
 
-def _copy_layer(layer: nn.Module, layer_idx: int) -> nn.Module:
-    """A trainable deep copy sharing the base's config object (attention implementation follows the base)."""
-    config = layer.self_attn.config
-    new = copy.deepcopy(layer, memo={id(config): config})
-    new.self_attn.layer_idx = layer_idx
+def _copy_layer(a: Anatomy, source: int, layer_idx: int) -> nn.Module:
+    """A trainable deep copy of layer `source` with its own cache slot `layer_idx`, sharing the base's config
+    object (so the attention implementation follows the base's)."""
+    config = a.attention(source).config
+    new = copy.deepcopy(a.layers[source], memo={id(config): config})
+    new.get_submodule(a.spec.attn).layer_idx = layer_idx
     return new.requires_grad_(True)
 
 

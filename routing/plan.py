@@ -11,6 +11,11 @@ Layer groups for ``L`` layers, split ``s``, ``K`` fusion layers and a side branc
                                kv: image positions supply only keys/values (computed from the side output)
     fusion   L-K .. L-1        every position, image positions taken from the side branch
 
+``fusion_layers`` applies to every variant: under PC, K=1 is exactly "every deep layer s..L-1 resets the image
+positions"; under KV the fusion layers are where image positions get updated again (their text outputs equal
+K=0). ``lf-ideal`` is LF with K=0: its image positions end as the side output, which no text position reads, so the
+loss has no path to the side branch (the paper's Appendix A). A split must leave at least one deep layer.
+
 Cache layouts during decoding (a new token is always text): ``full`` layers cache image+text in the original
 order; ``text`` layers (LF deep) cache the text positions only; ``kv`` layers (KV deep) cache the image keys first,
 then the text. Each layout needs its own 2D padding mask, see ``routing.generation``.

@@ -9,7 +9,7 @@ def test_benchmark_runs_on_a_toy_shape(capsys):
     cfg = BenchConfig(hidden=32, layers=4, heads=2, intermediate=64, vocab=64, image_tokens=4, text_tokens=6,
                       split=1, batch=2, new_tokens=3, repeats=1, warmup=0)
     result = run_benchmark(cfg)
-    assert set(result["ratio"]) == {"lm", "e2e", "generate", "decode_step"}
+    assert set(result["ratio"]) == {"lm", "e2e", "generate", "decode_step", "train_step"}
     assert result["samples"]["generate"] == 2 and result["samples"]["decode_step"] == 3
     assert 0 < result["flop_ratio"]["prefill"] < 1
     assert "prefill LM" in format_report(result)

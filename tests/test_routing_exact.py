@@ -192,6 +192,13 @@ def test_side_branch_has_its_own_cache_slots(model):
     assert all(layer.self_attn.config is anatomy(model).text_config for layer in routed.side)
 
 
+def test_hook_points_name_the_side_branch(model):
+    routed = routing.build(model, SPLIT, "lf", side_depth=2)
+    points = routed.hook_points()
+    assert points["side.1.hook_resid_post"] is routed.side[1]
+    assert points["blocks.0.hook_resid_post"] is anatomy(model).layers[0]
+
+
 def test_bad_plans_are_refused_with_one_line():
     model = tiny_llava()
     for kwargs in ({"split": 0}, {"split": 5}, {"split": 2, "variant": "xx"}, {"split": 2, "fusion_layers": 0},
