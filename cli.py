@@ -97,9 +97,13 @@ RoutingOpt = Annotated[Path | None, typer.Option("--routing", help="Routing arti
 
 def load_model_for_cli(model: str, routing_dir: Path | None, dtype: str | None, device: str | None):
     """`(model or routed model, processor)`: the base from `--model`, routed when `--routing` is given."""
-    from saturation.loading import load_llava
+    import torch
+
+    from saturation.loading import default_threads, load_llava
 
     base, processor = load_llava(model, dtype=dtype, device=device)
+    if threads := default_threads(base):  # a CLI process runs one model: set it for the whole run
+        torch.set_num_threads(threads)
     if routing_dir is None:
         return base, processor
     import routing
@@ -132,7 +136,8 @@ def train_cmd(
     import pandas as pd
 
     from figures.figure2 import figure2_from_dir
-    from figures.training import loss_curve, save_figure
+    from figures.io import save_figure
+    from figures.training import loss_curve
     from routing.train import TrainConfig, run_train
 
     cfg = TrainConfig(model=model, split=split, probe=probe, variant=variant, fusion_layers=fusion_layers,
@@ -247,8 +252,9 @@ def reproduce_cmd(
     import pandas as pd
 
     from figures.figure2 import figure2_from_dir
+    from figures.io import save_figure
     from figures.sweeps import sweep_figure
-    from figures.training import loss_curve, save_figure
+    from figures.training import loss_curve
     from routing.reproduce import ReproduceConfig, run_reproduce
 
     started = time.perf_counter()
@@ -286,8 +292,8 @@ def analyze_cmd(
     """Mechanism checks: fusion-layer text→image attention (routed vs vanilla) and shallow drift (must be 1)."""
     import json
 
+    from figures.io import save_figure
     from figures.mechanism import mechanism_figure
-    from figures.training import save_figure
     from routing.analysis import mechanism, summarize
     from saturation.data import read_records, sample_records
     from saturation.loading import DATA_SAMPLES

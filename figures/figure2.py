@@ -16,6 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from .io import save_figure
+
 COLOURS = {"image": "#D55E00", "text": "#0072B2", "bos": "#6E6E6E"}  # colour-blind safe (Okabe-Ito)
 STYLE = {
     "font.size": 9,
@@ -140,20 +142,7 @@ def _kl_panel(ax, df: pd.DataFrame, transitions: dict[str, int]) -> None:
 def save_figure2(summary: pd.DataFrame | str | os.PathLike, out_dir: str | os.PathLike, *, stem: str = "figure2",
                  **kwargs) -> list[Path]:
     """Draw `figure2` and write ``{stem}.png`` (200 dpi) and ``{stem}.pdf`` into `out_dir`, each atomically."""
-    fig = figure2(summary, **kwargs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in ("png", "pdf"):
-        path = out / f"{stem}.{fmt}"
-        tmp = out / f".{stem}.{os.getpid()}.{fmt}.tmp"
-        try:
-            fig.savefig(tmp, format=fmt, dpi=200, bbox_inches="tight")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        paths.append(path)
-    return paths
+    return save_figure(figure2(summary, **kwargs), Path(out_dir) / stem)
 
 
 def figure2_from_dir(probe_dir: str | os.PathLike, note: str | None = None) -> list[Path]:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
 COLOURS = {"vanilla": "#6E6E6E", "routed": "#D55E00"}
 
 
 def mechanism_figure(fusion_attention: pd.DataFrame, shallow_drift: pd.DataFrame, title: str = ""):
     """(a) head-wise text→image mass at the last fusion layer, (b) routed-vs-vanilla cosine per shallow layer."""
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.0, 3.2), constrained_layout=True)
+    fig = Figure(figsize=(9.0, 3.2), layout="constrained")
+    ax, bx = fig.subplots(1, 2)
     layer = fusion_attention["layer"].max()
     heads = (fusion_attention[fusion_attention["layer"] == layer]
              .groupby(["model", "head"])["mass"].mean().unstack("model"))

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import pandas as pd
+from matplotlib.figure import Figure
 
 
 def sweep_figure(frame: pd.DataFrame, x: str, *, reference: float | None = None, chosen: int | None = None,
@@ -15,7 +12,8 @@ def sweep_figure(frame: pd.DataFrame, x: str, *, reference: float | None = None,
 
     `reference` draws a horizontal line (e.g. vanilla accuracy); `chosen` marks the recommended value.
     """
-    fig, ax = plt.subplots(figsize=(5.0, 3.2), constrained_layout=True)
+    fig = Figure(figsize=(5.0, 3.2), layout="constrained")
+    ax = fig.subplots()
     ax.plot(frame[x], frame["accuracy"], "o-", color="#0072B2", lw=1.8, label="LF accuracy")
     if reference is not None:
         ax.axhline(reference, color="#6E6E6E", ls=":", lw=1.2, label="vanilla")

@@ -14,14 +14,15 @@ import pandas as pd
 import torch
 
 from saturation.data import collate, encode_record, read_records, sample_records
-from saturation.loading import DATA_SAMPLES, load_llava, resolve_name
+from saturation.files import write_json, write_text
+from saturation.loading import DATA_SAMPLES, cpu_threads, load_llava, resolve_name
 from saturation.probe import ProbeConfig, run_probe
 
 from . import flops
 from .evaluate import evaluate
 from .model import build
 from .split import validate_split
-from .train import TrainConfig, atomic_write, train_side_branch, training_records
+from .train import TrainConfig, train_side_branch, training_records
 
 TABLE_COLUMNS = ["variant", "accuracy", "flops_ratio", "trainable_params", "split"]
 
@@ -84,7 +85,7 @@ def cached_json(path: Path, compute) -> dict:
         return json.loads(path.read_text())
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(value, indent=1))
+    write_json(path, value)
     return value
 
 
@@ -142,6 +143,11 @@ def run_reproduce(cfg: ReproduceConfig, log=print) -> dict:
     log(f"probe recommends split {split} of {num_layers} layers")
     model, processor = load_llava(cfg.model, dtype=cfg.dtype, device=cfg.device)
     model.requires_grad_(False)
+    with cpu_threads(model, None):
+        return _reproduce(cfg, model, processor, probe, split, num_layers, log)
+
+
+def _reproduce(cfg: ReproduceConfig, model, processor, probe, split: int, num_layers: int, log) -> dict:
     eval_records = sample_records(read_records(cfg.eval_data or DATA_SAMPLES / "shapes" / "heldout.json"),
                                   cfg.n_eval, cfg.seed)
     image, text = token_counts(eval_records, processor, int(model.config.image_token_id))
@@ -170,13 +176,13 @@ def run_reproduce(cfg: ReproduceConfig, log=print) -> dict:
     tables = {"table": pd.DataFrame(rows, columns=TABLE_COLUMNS), "split_sweep": pd.DataFrame(split_rows),
               "fusion_sweep": pd.DataFrame(fusion_rows)}
     for name, frame in tables.items():
-        atomic_write(cfg.out / f"{name}.csv", frame.to_csv(index=False))
+        write_text(cfg.out / f"{name}.csv", frame.to_csv(index=False))
     facts = {"model": resolve_name(cfg.model), "split": split, "num_layers": num_layers, "gradients": gradients,
              "image_tokens": image, "text_tokens": text, "by_type": {"vanilla": evaluated(ctx, model, "vanilla")["by_type"],
                                                                   **{v: r["by_type"] for v, r in results.items()}},
              "recommendation": probe.recommendation, "max_steps": cfg.max_steps, "n_eval": len(eval_records)}
-    atomic_write(cfg.out / "report.md", report(tables, facts))
-    atomic_write(cfg.out / "facts.json", json.dumps(facts, indent=1))
+    write_text(cfg.out / "report.md", report(tables, facts))
+    write_json(cfg.out / "facts.json", facts)
     return {"tables": tables, "facts": facts, "probe_dir": probe.out}
 
 

@@ -7,7 +7,6 @@ data order: `transformers.set_seed` runs before the Trainer exists (the paper's 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -20,7 +19,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from saturation.data import Record, collate, encode_record, read_records
 from saturation.errors import ToolkitError
-from saturation.loading import load_config, load_llava, resolve_name
+from saturation.files import write_json, write_text
+from saturation.loading import cpu_threads, load_config, load_llava, resolve_name
 from saturation.probe import ProbeConfig, run_probe
 from saturation.probe import default_out as probe_default_out
 
@@ -118,15 +118,8 @@ def write_log(rows: list[dict], out: Path) -> None:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
-    atomic_write(out / "train_log.csv", frame.to_csv(index=False))
-    atomic_write(out / "train_log.json", json.dumps(rows, indent=1))
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: readers never see half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(out / "train_log.csv", frame.to_csv(index=False))
+    write_json(out / "train_log.json", rows)
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
@@ -209,7 +202,7 @@ def train_side_branch(routed, processor, records: list[Record], opts: TrainConfi
         "records": len(records),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
     }
-    atomic_write(out / "train_summary.json", json.dumps(summary, indent=1))
+    write_json(out / "train_summary.json", summary)
     return summary
 
 
@@ -257,7 +250,8 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     out = Path(cfg.out) if cfg.out is not None else default_out(cfg.model, cfg.variant, split)
     log(f"split {split} (from {source})\n{routed.plan.describe()}\ntrainable: {routed.trainable_parameters()}")
     records = training_records(cfg.data, out, cfg.n_train, cfg.seed)
-    summary = train_side_branch(routed, processor, records, cfg, out)
+    with cpu_threads(model, None):
+        summary = train_side_branch(routed, processor, records, cfg, out)
     summary |= {"model": resolve_name(cfg.model), "split_source": source, "out": str(out)}
-    atomic_write(out / "train_summary.json", json.dumps(summary, indent=1))
+    write_json(out / "train_summary.json", summary)
     return summary

@@ -27,12 +27,11 @@ import torch
 
 from .anatomy import anatomy, position_ids_from_mask
 from .data import read_records, sample_records
-from .loading import TINY_DIR, load_llava, resolve_name
+from .loading import TINY_DIR, cpu_threads, load_llava, resolve_name
 from .probe import (
     DEFAULT_DATA,
     LayerReducer,
     ProbeConfig,
-    cpu_threads,
     eager_attention,
     encode_batch,
     probe_batch,

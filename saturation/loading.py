@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -131,6 +133,33 @@ def load_llava(
     model.eval()
     model.name_or_path = resolved
     return model, processor
+
+
+SMALL_HIDDEN = 512  # below this, a CPU matmul is too small to gain from intra-op threads
+
+
+def default_threads(model) -> int | None:
+    """1 for a small model on CPU (hidden size <= `SMALL_HIDDEN`), else None (keep torch's setting)."""
+    small = model.config.text_config.hidden_size <= SMALL_HIDDEN
+    return 1 if small and next(model.parameters()).device.type == "cpu" else None
+
+
+@contextlib.contextmanager
+def cpu_threads(model, threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op threads while running `model`, then restore them.
+
+    `threads` None means: one thread for a small model (hidden size <= `SMALL_HIDDEN`) on CPU, else leave
+    torch's setting. Matmuls of a tiny model gain nothing from threads, and on a shared machine threads that
+    spin-wait for a busy core made the embedded model's probe over 10x slower.
+    """
+    threads = default_threads(model) if threads is None else threads
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _first_line(err: BaseException) -> str:

@@ -41,7 +41,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -57,7 +56,16 @@ from . import metrics
 from .anatomy import Anatomy, anatomy, position_ids_from_mask
 from .data import Record, collate, encode_record, read_records, sample_records
 from .errors import ToolkitError
-from .loading import DATA_SAMPLES, load_config, load_llava, resolve_device, resolve_dtype, resolve_name
+from .files import atomic_write, write_json
+from .loading import (
+    DATA_SAMPLES,
+    cpu_threads,
+    load_config,
+    load_llava,
+    resolve_device,
+    resolve_dtype,
+    resolve_name,
+)
 
 DEFAULT_DATA = DATA_SAMPLES / "shapes" / "probe.json"
 DEFAULT_N = 64
@@ -97,28 +105,6 @@ def eager_attention(model) -> Iterator[None]:
     finally:
         if previous != "eager":
             model.set_attn_implementation({"text_config": previous})
-
-
-SMALL_HIDDEN = 512  # below this, a CPU matmul is too small to gain from intra-op threads
-
-
-@contextlib.contextmanager
-def cpu_threads(model, threads: int | None) -> Iterator[None]:
-    """Set torch's intra-op threads for the probe, then restore them.
-
-    `threads` None means: one thread for a small model (hidden size <= `SMALL_HIDDEN`) on CPU, else leave
-    torch's setting. Matmuls of a tiny model gain nothing from threads, and on a shared machine threads that
-    spin-wait for a busy core made the embedded model's probe over 10x slower.
-    """
-    if threads is None and next(model.parameters()).device.type == "cpu":
-        threads = 1 if model.config.text_config.hidden_size <= SMALL_HIDDEN else None
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # --- one batch: hooks that reduce as the layers run ---
@@ -336,21 +322,6 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
 
 
 # --- shards on disk, so an interrupted run resumes ---
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary sibling of `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 class ShardStore:
