@@ -173,6 +173,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     _supports_sdpa = True
+    supports_gradient_checkpointing = True  # base and side layers are HF GradientCheckpointingLayers
     _no_split_modules = ["LlamaDecoderLayer"]
 
     def __init__(self, base: nn.Module, plan: RoutingPlan):

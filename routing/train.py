@@ -153,6 +153,8 @@ def training_arguments(opts: TrainConfig, out: Path, device: torch.device) -> Tr
         save_total_limit=2,
         seed=opts.seed,
         bf16=cuda and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=cuda,  # the paper's setting; LF barely needs it (almost no backward), PC does
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=not cuda,
         report_to="none",
         remove_unused_columns=False,

@@ -104,3 +104,21 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     (tmp_path / "checkpoint-4").mkdir()  # interrupted mid-write: no marker
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-2"
     assert not (tmp_path / "checkpoint-4").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_side_gradient(tiny_model, processor, dataset):
+    """The paper trains with gradient checkpointing (on CUDA here); it must not change the gradient."""
+    from saturation.data import collate, encode_record
+
+    batch = collate([encode_record(r, processor) for r in read_records(dataset)[:4]], 0)
+    routed = routing.build(tiny_model, 2, "pc").train()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            routed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert routed.side[0].gradient_checkpointing and routed.anatomy.layers[-1].gradient_checkpointing
+        routed.zero_grad()
+        routed(**batch).loss.backward()
+        grads.append([p.grad.clone() for p in routed.side.parameters()])
+    routed.gradient_checkpointing_disable()
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
