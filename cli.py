@@ -92,7 +92,16 @@ def probe_cmd(
     Console().print("\n".join(summary_lines(result, figures)), highlight=False, markup=False, soft_wrap=True)
 
 
+AnswersOpt = Annotated[Path | None, typer.Option("--data", help="LLaVA JSON with answers (default: the embedded held-out shapes set).")]
 RoutingOpt = Annotated[Path | None, typer.Option("--routing", help="Routing artifact folder from `routing train` (…/routing); vanilla when omitted.")]
+
+
+def held_out_records(data: Path | None, n: int | None, seed: int):
+    """Records of `data` (default: the embedded held-out shapes set), a seeded sample of `n` when given."""
+    from saturation.data import read_records, sample_records
+    from saturation.loading import DATA_SAMPLES
+
+    return sample_records(read_records(data or DATA_SAMPLES / "shapes" / "heldout.json"), n, seed)
 
 
 def load_model_for_cli(model: str, routing_dir: Path | None, dtype: str | None, device: str | None):
@@ -162,7 +171,7 @@ def train_cmd(
 def eval_cmd(
     model: ModelOpt = "tiny",
     routing_dir: RoutingOpt = None,
-    data: Annotated[Path | None, typer.Option(help="LLaVA JSON with answers (default: the embedded held-out shapes set).")] = None,
+    data: AnswersOpt = None,
     n: Annotated[int | None, typer.Option("--n", "-n", help="Evaluate a seeded sample of N records (default: all).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {accuracy, by_type, n} here (and a per-sample CSV beside it).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per generate() call.")] = 16,
@@ -177,10 +186,8 @@ def eval_cmd(
     from rich.table import Table
 
     from routing.evaluate import evaluate
-    from saturation.data import read_records, sample_records
-    from saturation.loading import DATA_SAMPLES
 
-    records = sample_records(read_records(data or DATA_SAMPLES / "shapes" / "heldout.json"), n, seed)
+    records = held_out_records(data, n, seed)
     net, processor = load_model_for_cli(model, routing_dir, dtype, device)
     result, table = evaluate(net, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     result |= {"model": model, "routing": str(routing_dir) if routing_dir else None}
@@ -281,7 +288,7 @@ def reproduce_cmd(
 def analyze_cmd(
     routing_dir: Annotated[Path, typer.Option("--routing", help="Trained routing artifact folder (…/routing).")],
     model: ModelOpt = "tiny",
-    data: Annotated[Path | None, typer.Option(help="LLaVA JSON (default: the embedded held-out shapes set).")] = None,
+    data: AnswersOpt = None,
     n: Annotated[int, typer.Option("--n", "-n", help="Samples to analyse.")] = 64,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: next to the routing artifact, analysis/).")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 16,
@@ -295,10 +302,8 @@ def analyze_cmd(
     from figures.io import save_figure
     from figures.mechanism import mechanism_figure
     from routing.analysis import mechanism, summarize
-    from saturation.data import read_records, sample_records
-    from saturation.loading import DATA_SAMPLES
 
-    records = sample_records(read_records(data or DATA_SAMPLES / "shapes" / "heldout.json"), n, seed)
+    records = held_out_records(data, n, seed)
     routed, processor = load_model_for_cli(model, routing_dir, dtype, device)
     tables = mechanism(routed.base, routed.eval(), processor, records, batch_size=batch_size)
     out = out or Path(routing_dir).parent / "analysis"

@@ -6,7 +6,6 @@ loops over the FULL sequence, where routing is nothing but a mask and a reset of
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
@@ -19,13 +18,6 @@ IMAGE_SIZE, PATCH = 32, 8  # 16 image tokens per image
 N_IMAGE = (IMAGE_SIZE // PATCH) ** 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~100x faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 6, **kw) -> LlavaForConditionalGeneration:

@@ -32,13 +32,6 @@ QAS = [("what colour is the circle?", "red"), ("how many are there?", "two"), ("
        ("what is there?", "one red circle and a blue square")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one intra-op thread is ~100x faster than two that spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

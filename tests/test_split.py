@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from saturation import ToolkitError
 from routing.split import newest_probe, read_recommendation, resolve_split, validate_split
+from saturation import ToolkitError
 
 
 def _probe(folder, split, layers=12, model="m"):
