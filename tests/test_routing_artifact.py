@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from routing_fixtures import make_batch, one_thread, tiny_llava, without_labels  # noqa: F401
+from routing_fixtures import make_batch, tiny_llava, without_labels
 from safetensors.torch import load_file
 
 import routing

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from routing_fixtures import make_batch, naive_logits, one_thread, tiny_llava, without_labels  # noqa: F401
+from routing_fixtures import make_batch, naive_logits, tiny_llava, without_labels
 
 import routing
 from saturation.anatomy import anatomy, position_ids_from_mask

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from routing_fixtures import make_batch, one_thread, tiny_llava, without_labels  # noqa: F401
+from routing_fixtures import make_batch, tiny_llava, without_labels
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
