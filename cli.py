@@ -323,6 +323,51 @@ def analyze_cmd(
                     highlight=False)
 
 
+@routing_app.command("bench")
+@friendly
+def bench_cmd(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'llava-1.5-7b', 'llava-1.5-13b', a hub id or a local directory.")] = None,
+    routing_dir: Annotated[Path | None, typer.Option("--routing", help="Trained routing artifact (…/routing): its split, K and d_v; its side branch for its own variant.")] = None,
+    split: Annotated[int | None, typer.Option(help="Split layer for the variants built here (default: layers // 2). Not with --routing.")] = None,
+    variants: Annotated[str, typer.Option(help="Comma-separated variants measured against vanilla: lf, pc, kv, lf-ideal.")] = "lf,pc,kv",
+    text_tokens: Annotated[str, typer.Option(help="Comma-separated text lengths (tokens beside the image tokens) to sweep.")] = "64,128,256,512,1024",
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 1,
+    geometry: Annotated[str | None, typer.Option(help="Random weights of a named architecture instead of a checkpoint, no download: llava-1.5-7b | llava-1.5-13b | tiny (the embedded model's shape).")] = None,
+    layers: Annotated[int | None, typer.Option(help="With --geometry: build only N decoder layers (same widths).")] = None,
+    fusion_layers: Annotated[int, typer.Option(help="K: last layers that see image and text again.")] = 1,
+    side_depth: Annotated[int, typer.Option(help="d_v: side-branch layers.")] = 1,
+    new_tokens: Annotated[int, typer.Option(help="Decode steps timed per round.")] = 16,
+    repeats: Annotated[int, typer.Option(help="Timed rounds (every model, prefill then decode, order rotating).")] = 11,
+    warmup: Annotated[int, typer.Option(help="Untimed rounds first.")] = 2,
+    clock: Annotated[str, typer.Option(help="auto (CPU time of the one thread on CPU, else wall time) | cpu | wall.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: 1 for small models on CPU).")] = None,
+    train: Annotated[bool, typer.Option("--train/--no-train", help="Also time one training step of each variant against PC.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Result JSON (default: runs/bench/<model>/bench.json); the figure is written beside it (.png/.pdf).")] = None,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Prefill and decode latency of vanilla and each variant, interleaved, with the FLOP model's ratios beside."""
+    import pandas as pd
+
+    from figures.io import save_figure
+    from figures.latency import latency_figure
+    from routing.benchmark import BenchConfig, run_bench, summary_table
+    from saturation.files import write_json
+
+    cfg = BenchConfig(model=model, geometry=geometry, layers=layers, routing=routing_dir, split=split,
+                      fusion_layers=fusion_layers, side_depth=side_depth, variants=variants, text_tokens=text_tokens,
+                      batch=batch_size, new_tokens=new_tokens, repeats=repeats, warmup=warmup, dtype=dtype,
+                      device=device, threads=threads, clock=clock, train=train, seed=seed)
+    result = run_bench(cfg, log=lambda msg: err_console.print(msg, highlight=False, markup=False))
+    Console().print(summary_table(result))
+    name = f"{geometry}-L{result['layers']}" if geometry else Path(model or "tiny").name
+    out = json_out or Path("runs/bench") / name / "bench.json"
+    write_json(out, result)
+    figure = save_figure(latency_figure(pd.DataFrame(result["rows"]), title=result["model"]), out.with_suffix(""))
+    Console().print(f"wrote {out}, {figure[0]}, {figure[1]}", highlight=False)
+
+
 def saturation_main() -> None:  # pragma: no cover - console entry point
     saturation_app()
 

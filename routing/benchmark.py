@@ -1,298 +1,623 @@
-"""Prefill and decode speed of a routed model against vanilla, measured side by side in one run.
+"""Prefill and decode latency of vanilla and each DPVR variant, side by side, over a sweep of text lengths.
 
-``python -m routing.benchmark`` runs the issue's CPU setting (h=256, 12 layers, 64 image + 32 text tokens, s=8,
-batch 4) on a random LLaVA of that shape and prints the measured ratios next to the FLOP model's. The functions
-here are what ``routing bench`` calls; they take a model (any LLaVA) or build the random one.
+``routing bench`` is a thin shell over `run_bench`. The models come from one of two places:
 
-Method: both models see the same inputs; each sample times vanilla and routed back to back (order alternating),
-by default in CPU time of the calling thread (one intra-op thread), and a ratio is the median of the paired
-ratios. On a machine shared with other jobs, wall-clock medians of either side swing by 5-10% between runs; paired
-CPU-time ratios move by about 1-2%. Prefill is generation's prefill: a cache is filled and only the last position's
-logits are computed (``logits_to_keep=1``). ``lm`` timings start from the merged embeddings (the scope of the FLOP
-model); ``e2e`` timings include the vision tower and the merge. Decode ms/token is read inside HF's own
-``generate()`` (KV cache, greedy) from a streamer's per-token timestamps; a second figure times bare cached steps of
-both models in lockstep.
+- a real checkpoint (``--model``, default the embedded ``tiny``), routed by a trained artifact (``--routing``)
+  or built at ``--split``; its prompts carry real images through the processor and the vision tower;
+- a named geometry (``--geometry llava-1.5-7b``), random weights built in code from the architecture's config
+  values (no download; ``--layers N`` shrinks the depth), fed random merged embeddings plus an image mask.
+
+The number of image tokens always comes from the model's vision config (or the processor), never a constant.
+
+Method. Every model sees the same inputs. Each round (after warm-up) times every model's prefill and then every
+decode step, all models back to back, the order rotating from round to round and step to step (A B C D, B C D A,
+…), so slow spells on a shared machine hit every model of a round alike. A ratio to vanilla is the median (and
+IQR) of the per-round ratios; ms columns are medians and IQRs of the samples. On CPU with one thread the clock is
+the calling thread's CPU time (paired ratios then move by 1-2% between runs, where wall-clock medians swing by
+5-10%); on CUDA, or with several threads, it is wall time, with the device synchronised around every call.
+
+- ``prefill`` is generation's prefill from the merged embeddings (the FLOP model's scope): a KV cache is filled
+  and only the last position's logits are computed (``logits_to_keep=1``). ``prefill_e2e`` (real images only)
+  adds the vision tower and the merge.
+- ``decode`` is one bare cached step (one new text token per row, no ``generate()`` bookkeeping) after that
+  prefill; ms per token is per step, for the whole batch.
+- ``theory`` is ``routing.flops`` for the same geometry, split and token counts: the prefill ratio of
+  ``flops.ratio(...)["total"]`` and the decode ratio of the first generated token (``flops.decode_cost``).
+- Memory: the prompt's KV cache size per model (exact); on CUDA the peak allocated memory of one untimed
+  prefill + decode per model, on CPU the process's peak RSS.
+- With ``train=True`` also one training step (forward + backward, side branch only) of each trainable variant
+  against PC, DESIGN's target for LF being <= 0.4x of PC.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import functools
+import math
+import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from saturation.anatomy import anatomy, position_ids_from_mask
+from saturation.errors import ToolkitError
 
 from . import flops
-from .model import build
-
-
-@dataclass
-class BenchConfig:
-    """The random model's shape, the prompt and the routing. Defaults: the issue's CPU benchmark."""
-
-    hidden: int = 256
-    layers: int = 12
-    heads: int = 4
-    kv_heads: int | None = None
-    intermediate: int = 688
-    vocab: int = 512
-    image_tokens: int = 64  # a square number: (image_size / patch)^2
-    text_tokens: int = 32
-    text_before_image: int = 3  # "USER:" comes before the image, the question after it
-    batch: int = 4
-    variant: str = "lf"
-    split: int = 8
-    fusion_layers: int = 1
-    side_depth: int = 1
-    new_tokens: int = 32
-    repeats: int = 21
-    warmup: int = 3
-    threads: int = 1
-    clock: str = "cpu"  # "cpu": this thread's CPU time (robust on a shared machine, needs threads=1); "wall"
-    stat: str = "median"  # how the ms columns are reduced: "median" or "min" (ratios are always paired medians)
-    attn_implementation: str = "sdpa"
-    seed: int = 0
-
-
-def random_llava(cfg: BenchConfig):
-    """A random LLaVA-1.5-shaped model with `cfg`'s decoder (fp32, eval mode)."""
-    from transformers import LlavaForConditionalGeneration
-
-    from saturation.tiny import tiny_llava_config
-
-    side = int(round(cfg.image_tokens ** 0.5))
-    if side * side != cfg.image_tokens:
-        raise ValueError(f"image_tokens must be a square number, got {cfg.image_tokens}")
-    patch = 8
-    config = tiny_llava_config(cfg.vocab, image_size=side * patch, patch_size=patch, hidden=cfg.hidden,
-                               layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
-                               intermediate=cfg.intermediate)
-    torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.set_attn_implementation(cfg.attn_implementation)
-    model.generation_config.eos_token_id = None  # every generate() runs its full length
-    return model
-
-
-def prompt_batch(model, cfg: BenchConfig) -> dict:
-    """`batch` identical-length prompts: a few text tokens, the image, the rest of the text."""
-    a = anatomy(model)
-    g = torch.Generator().manual_seed(cfg.seed)
-    vocab = a.text_config.vocab_size
-    text = torch.randint(5, vocab, (cfg.batch, cfg.text_tokens), generator=g)
-    image = torch.full((cfg.batch, cfg.image_tokens), a.image_token_id)
-    before = cfg.text_before_image
-    input_ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
-    vision = model.config.vision_config
-    pixel_values = torch.randn(cfg.batch, 3, vision.image_size, vision.image_size, generator=g)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
-
+from .model import RoutedLlava, build
+from .plan import VARIANTS, make_plan
 
 CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
+# ---------------------------------------------------------------- options
+
+
 @dataclass
-class Timing:
-    """Samples (seconds) of a baseline (vanilla; PC for training steps) and the routed model, paired: sample k of
-    each side was taken back to back."""
+class BenchConfig:
+    """What `run_bench` measures. Comma-separated strings are accepted for `variants` and `text_tokens`."""
 
-    baseline: list[float]
-    routed: list[float]
+    model: str | None = None  # checkpoint (alias, hub id, directory); None: 'tiny' unless a geometry is given
+    geometry: str | None = None  # random weights of a named architecture instead of a checkpoint (GEOMETRIES)
+    layers: int | None = None  # geometry only: decoder depth to build (fewer layers, same widths)
+    routing: Path | None = None  # trained routing artifact: its split, K, d_v, and its side branch for its variant
+    split: int | None = None  # None: the artifact's, else num_layers // 2
+    fusion_layers: int = 1
+    side_depth: int = 1
+    variants: tuple[str, ...] | str = ("lf", "pc", "kv")
+    text_tokens: tuple[int, ...] | str = (64, 128, 256, 512, 1024)
+    batch: int = 1
+    new_tokens: int = 16  # decode steps per round
+    repeats: int = 11  # timed rounds
+    warmup: int = 2  # untimed rounds first
+    dtype: str | None = None
+    device: str | None = None
+    threads: int | None = None  # None: one thread for a small model on CPU (saturation.loading rule)
+    clock: str = "auto"  # auto: 'cpu' on CPU with one thread, else 'wall'
+    train: bool = False  # also time one training step of each variant against PC
+    seed: int = 0
 
-    def ms(self, stat: str = "median") -> dict[str, float]:
-        reduce = min if stat == "min" else statistics.median
-        return {"baseline": 1e3 * reduce(self.baseline), "routed": 1e3 * reduce(self.routed)}
+    def __post_init__(self):
+        self.variants = parse_variants(self.variants)
+        self.text_tokens = parse_text_tokens(self.text_tokens)
+        if self.geometry is not None:
+            if self.geometry not in GEOMETRIES:
+                raise ToolkitError(f"unknown geometry '{self.geometry}': choose one of {', '.join(GEOMETRIES)}")
+            if self.model is not None or self.routing is not None:
+                raise ToolkitError("--geometry builds random weights: it takes no --model or --routing")
+        elif self.layers is not None:
+            raise ToolkitError("--layers shrinks a --geometry; a checkpoint keeps its own depth")
+        if self.layers is not None and self.layers < 3:
+            raise ToolkitError(f"--layers must be at least 3 (a shallow, a deep and a fusion layer), got {self.layers}")
+        if self.routing is not None and self.split is not None:
+            raise ToolkitError("give --routing (its split is saved with it) or --split, not both")
+        for name in ("batch", "new_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise ToolkitError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ToolkitError(f"warmup must be 0 or more, got {self.warmup}")
+        if self.clock not in ("auto", *CLOCKS):
+            raise ToolkitError(f"unknown clock '{self.clock}': use auto, cpu or wall")
 
-    def ratio(self) -> float:
-        """Median of the paired ratios: load changes on a shared machine hit both sides of a pair alike."""
-        return statistics.median(r / b for b, r in zip(self.baseline, self.routed, strict=True))
+
+def parse_variants(value) -> tuple[str, ...]:
+    """'lf,pc,kv' or a sequence -> ('lf', 'pc', 'kv'); vanilla is always measured and may be left out."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [n.strip().lower() for n in names if n.strip() and n.strip().lower() != "vanilla"]
+    for n in names:
+        if n not in VARIANTS:
+            raise ToolkitError(f"unknown variant '{n}': use a comma-separated list of {', '.join(VARIANTS)}")
+    if not names:
+        raise ToolkitError("no variant to measure: give e.g. --variants lf,pc,kv")
+    return tuple(dict.fromkeys(names))
 
 
-def _side_by_side(baseline, routed, cfg: BenchConfig) -> Timing:
-    """Time two callables back to back, order alternating, `repeats` times after `warmup`."""
-    clock = CLOCKS[cfg.clock]
-    fns = {"baseline": baseline, "routed": routed}
-    times = {name: [] for name in fns}
-    for rep in range(cfg.warmup + cfg.repeats):
-        for name in fns if rep % 2 == 0 else list(fns)[::-1]:
-            start = clock()
-            fns[name]()
-            if rep >= cfg.warmup:
-                times[name].append(clock() - start)
-    return Timing(**times)
+def parse_text_tokens(value) -> tuple[int, ...]:
+    """'64,128' or a sequence -> (64, 128): positive integers, duplicates dropped, in the given order."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        try:
+            n = int(str(item).strip())
+        except ValueError:
+            raise ToolkitError(f"--text-tokens takes comma-separated positive integers, got '{item}'") from None
+        if n < 1:
+            raise ToolkitError(f"--text-tokens must be positive, got {n}")
+        out.append(n)
+    if not out:
+        raise ToolkitError("--text-tokens is empty")
+    return tuple(dict.fromkeys(out))
+
+
+# ---------------------------------------------------------------- random weights of a named geometry
+
+
+def _llava_15(hidden: int, intermediate: int, layers: int, heads: int):
+    """llava-hf/llava-1.5-*-hf's config: CLIP ViT-L/14 at 336 px, 2-layer GELU projector, Llama-2 (Vicuna) LM."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, pad_token_id=32001)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
+                       vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=32001)
+
+
+def _embedded_shape():
+    """The embedded model's shape (DESIGN): 48 px / patch 16 -> 9 image tokens, 12 layers, hidden 128."""
+    from saturation.shapes import IMAGE_SIZE, vocabulary
+    from saturation.tiny import tiny_llava_config, word_tokenizer
+
+    return tiny_llava_config(len(word_tokenizer(vocabulary())), image_size=IMAGE_SIZE, patch_size=16,
+                             vision_hidden=64, hidden=128, layers=12, heads=4, intermediate=344,
+                             tie_word_embeddings=True)
+
+
+GEOMETRIES: dict[str, Callable] = {
+    "llava-1.5-7b": functools.partial(_llava_15, 4096, 11008, 32, 32),
+    "llava-1.5-13b": functools.partial(_llava_15, 5120, 13824, 40, 40),
+    "tiny": _embedded_shape,
+}
+CHECKPOINT_DTYPE = {"llava-1.5-7b": torch.float16, "llava-1.5-13b": torch.float16, "tiny": torch.float32}
+
+
+def geometry_config(name: str, layers: int | None = None):
+    """The LlavaConfig of a named geometry, optionally `layers` decoder layers deep."""
+    config = GEOMETRIES[name]()
+    if layers is not None:
+        config.text_config.num_hidden_layers = layers
+    config.architectures = ["LlavaForConditionalGeneration"]
+    return config
+
+
+def image_tokens_of(config) -> int:
+    """Image tokens per image, from the vision config: (image_size / patch_size)^2, +1 if CLS is kept."""
+    v = config.vision_config
+    return (v.image_size // v.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+
+
+def random_llava(config, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Random weights of `config`, initialised directly on `device` in `dtype` (sdpa, eval mode)."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@dataclass
+class Prompt:
+    """One batch at one text length, as every model consumes it (all rows the same length, no padding)."""
+
+    embeds: Tensor  # [batch, seq, d_model] merged embeddings: the FLOP model's scope starts here
+    image_mask: Tensor  # [batch, seq] bool
+    next_tokens: Tensor  # [new_tokens, batch, 1] text ids fed to the decode steps (never the image token)
+    batch: dict | None = None  # input_ids, attention_mask, pixel_values: end-to-end prefill (real images only)
+    attention_mask: Tensor = field(init=False)
+    position_ids: Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.attention_mask = torch.ones(self.image_mask.shape, dtype=torch.long, device=self.embeds.device)
+        self.position_ids = position_ids_from_mask(self.attention_mask)
+
+    @property
+    def image_tokens(self) -> int:
+        return int(self.image_mask[0].sum())
+
+    @property
+    def text_tokens(self) -> int:
+        return self.image_mask.shape[1] - self.image_tokens
+
+
+def _text_ids(vocab: int, image_token_id: int, shape, generator) -> Tensor:
+    """Random ids from the upper part of the vocabulary (past the specials), never the image token."""
+    ids = torch.randint(min(5, vocab - 1), vocab, shape, generator=generator)
+    return torch.where(ids == image_token_id, (ids + 1) % vocab, ids)
 
 
 @torch.no_grad()
-def prefill_timings(model, routed, batch: dict, cfg: BenchConfig) -> dict[str, Timing]:
-    """Generation prefill (cache filled, last logits only): ``lm`` from the merged embeddings, ``e2e`` with the
-    vision tower and the merge."""
+def random_prompt(model, text_tokens: int, batch: int, new_tokens: int, seed: int = 0, before: int = 3) -> Prompt:
+    """`before` text tokens, the image block (random features at the text embeddings' RMS), the rest of the text."""
     a = anatomy(model)
-    h, image_mask = a.embed(batch["input_ids"], batch["pixel_values"])
-    mask = batch["attention_mask"]
-    pos = position_ids_from_mask(mask)
-    return {
-        "lm": _side_by_side(
-            lambda: model(inputs_embeds=h, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1),
-            lambda: routed(inputs_embeds=h, image_mask=image_mask, attention_mask=mask, use_cache=True,
-                           logits_to_keep=1), cfg),
-        "e2e": _side_by_side(lambda: model(**batch, position_ids=pos, use_cache=True, logits_to_keep=1),
-                             lambda: routed(**batch, use_cache=True, logits_to_keep=1), cfg),
-    }
-
-
-class _StepClock:
-    """A generate() streamer used as a stopwatch: ``put`` is called once per step, right after the new token."""
-
-    def __init__(self, clock):
-        self.clock, self.stamps = clock, []
-
-    def put(self, value):
-        self.stamps.append(self.clock())
-
-    def end(self):
-        pass
+    g = torch.Generator().manual_seed(seed)
+    vocab, image_id = a.text_config.vocab_size, a.image_token_id
+    n_image = image_tokens_of(model.config)
+    device = a.embed_tokens.weight.device
+    text = a.embed_tokens(_text_ids(vocab, image_id, (batch, text_tokens), g).to(device))
+    rms = text.float().pow(2).mean().sqrt()
+    image = (torch.randn(batch, n_image, text.shape[-1], generator=g) * rms.cpu()).to(device, text.dtype)
+    b = min(before, text_tokens)
+    embeds = torch.cat([text[:, :b], image, text[:, b:]], dim=1)
+    image_mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=device)
+    image_mask[:, b: b + n_image] = True
+    next_tokens = _text_ids(vocab, image_id, (new_tokens, batch, 1), g).to(device)
+    return Prompt(embeds, image_mask, next_tokens)
 
 
 @torch.no_grad()
-def generate_timing(model, routed, batch: dict, cfg: BenchConfig) -> Timing:
-    """Seconds per generated token inside HF generate() (KV cache, greedy), read from a streamer: the time between
-    consecutive tokens after the first, vanilla and routed calls alternating; step i of one call pairs with step i
-    of the other."""
-    models = {"baseline": model, "routed": routed}
-    times = {name: [] for name in models}
-    for rep in range(cfg.warmup + cfg.repeats):
-        for name in models if rep % 2 == 0 else list(models)[::-1]:
-            watch = _StepClock(CLOCKS[cfg.clock])
-            models[name].generate(**batch, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
-                                  do_sample=False, streamer=watch)
-            if rep >= cfg.warmup:  # stamps: the prompt, the first token (after prefill), then one per step
-                times[name] += [b - a for a, b in zip(watch.stamps[1:], watch.stamps[2:])]
-    return Timing(**times)
+def real_prompt(model, processor, records, text_tokens: int, batch: int, new_tokens: int, seed: int = 0) -> Prompt:
+    """Real images and the LLaVA-1.5 template through the processor; each prompt's text is cycled (or cut) to
+    `text_tokens` tokens around its image block, so every text length keeps the real image tokens."""
+    from saturation.data import encode_prompt
+
+    a = anatomy(model)
+    rows, pixels = [], []
+    for k in range(batch):
+        enc = encode_prompt(records[k % len(records)], processor)
+        ids = enc["input_ids"]
+        is_image = ids == a.image_token_id
+        first = int(is_image.nonzero()[0]) if is_image.any() else len(ids)
+        text = ids[~is_image].repeat(math.ceil(text_tokens / max(1, int((~is_image).sum()))))[:text_tokens]
+        b = min(first, text_tokens)
+        rows.append(torch.cat([text[:b], ids[is_image], text[b:]]))
+        pixels.append(enc["pixel_values"])
+    device, dtype = a.embed_tokens.weight.device, a.embed_tokens.weight.dtype
+    input_ids = torch.stack(rows).to(device)
+    pixel_values = torch.stack(pixels).to(device, dtype)
+    embeds, image_mask = a.embed(input_ids, pixel_values)
+    if int(image_mask.sum(1).min()) != int(image_mask.sum(1).max()):
+        raise ToolkitError("the benchmark needs the same number of image tokens in every row")
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.stack(rows)[~torch.stack(rows).eq(a.image_token_id)]
+    next_tokens = pool[torch.randint(len(pool), (new_tokens, batch, 1), generator=g)].to(device)
+    batch_in = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
+    return Prompt(embeds, image_mask, next_tokens, batch_in)
 
 
-@torch.no_grad()
-def decode_step_timing(model, routed, batch: dict, cfg: BenchConfig) -> Timing:
-    """Seconds per bare cached decode step (no generate() bookkeeping), vanilla and routed in lockstep: each repeat
-    prefills both (untimed), then times step i of each back to back, order alternating."""
-    n = batch["input_ids"].shape[1]
-    clock = CLOCKS[cfg.clock]
+# ---------------------------------------------------------------- timing
 
-    def vanilla(cache, token, i):
-        return model(input_ids=token, position_ids=torch.full_like(token, n + i), past_key_values=cache,
+
+class Stopwatch:
+    """Seconds of one call on `clock`, with the device synchronised before and after on CUDA."""
+
+    def __init__(self, clock: str, device: torch.device):
+        self.clock, self.read, self.device = clock, CLOCKS[clock], device
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn: Callable):
+        self._sync()
+        start = self.read()
+        out = fn()
+        self._sync()
+        return self.read() - start, out
+
+
+def _rotated(names: list[str], k: int) -> list[str]:
+    k %= len(names)
+    return names[k:] + names[:k]
+
+
+def prefill(model, p: Prompt, e2e: bool = False):
+    """Generation prefill: cache filled, last position's logits only (from merged embeddings unless `e2e`)."""
+    routed = isinstance(model, RoutedLlava)
+    if e2e:
+        positions = {} if routed else {"position_ids": p.position_ids}
+        return model(**p.batch, **positions, use_cache=True, logits_to_keep=1)
+    if routed:
+        return model(inputs_embeds=p.embeds, image_mask=p.image_mask, attention_mask=p.attention_mask,
                      use_cache=True, logits_to_keep=1)
-
-    def routed_step(cache, token, i):
-        return routed(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-
-    steps = {"baseline": vanilla, "routed": routed_step}
-    times = {name: [] for name in steps}
-    for rep in range(cfg.warmup + cfg.repeats):
-        state = {}
-        for name, m in (("baseline", model), ("routed", routed)):
-            out = m(**batch, use_cache=True, logits_to_keep=1)
-            state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
-        for i in range(cfg.new_tokens):
-            for name in steps if (rep + i) % 2 == 0 else list(steps)[::-1]:
-                start = clock()
-                out = steps[name](*state[name], i)
-                elapsed = clock() - start
-                state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
-                if rep >= cfg.warmup:
-                    times[name].append(elapsed)
-    return Timing(**times)
+    return model(inputs_embeds=p.embeds, attention_mask=p.attention_mask, position_ids=p.position_ids,
+                 use_cache=True, logits_to_keep=1)
 
 
-def train_step_timing(model, batch: dict, cfg: BenchConfig) -> Timing:
-    """Seconds per training step (forward + backward of the side branch, no optimizer) of the routed variant
-    against PC on the same batch (DESIGN's target for LF: <= 0.4x of PC)."""
-    labels = batch["input_ids"].clone()
-    labels[:, : labels.shape[1] - 8] = -100  # the answer: the last 8 tokens
-    runs = {}
-    for name, variant in (("baseline", "pc"), ("routed", cfg.variant)):
-        routed = build(model, cfg.split, variant, cfg.fusion_layers, cfg.side_depth).train()
+def decode_step(model, cache, token: Tensor, position: int):
+    """One cached step of one new text token per row (the routed model derives its positions itself)."""
+    positions = {} if isinstance(model, RoutedLlava) else {"position_ids": torch.full_like(token, position)}
+    return model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1, **positions)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of keys and values held by a DynamicCache (layers hold different lengths under routing)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, Tensor))
+
+
+@torch.no_grad()
+def measure(models: dict, p: Prompt, watch: Stopwatch, repeats: int, warmup: int) -> tuple[dict, dict]:
+    """``(samples, cache_mb)``: samples[kind][model] in seconds, kind in prefill / decode (/ prefill_e2e), sample k
+    of every model taken in the same round; cache_mb[model] is the prompt's KV cache size."""
+    names = list(models)
+    kinds = ["prefill", "decode"] + (["prefill_e2e"] if p.batch is not None else [])
+    samples = {kind: {name: [] for name in names} for kind in kinds}
+    cache_mb = {}
+    n = p.embeds.shape[1]
+    for rep in range(warmup + repeats):
+        keep = rep >= warmup
+        if p.batch is not None:
+            for name in _rotated(names, rep):
+                t, _ = watch.time(functools.partial(prefill, models[name], p, True))
+                if keep:
+                    samples["prefill_e2e"][name].append(t)
+        caches = {}
+        for name in _rotated(names, rep):
+            t, out = watch.time(functools.partial(prefill, models[name], p))
+            caches[name] = out.past_key_values
+            cache_mb[name] = cache_bytes(caches[name]) / 2**20
+            if keep:
+                samples["prefill"][name].append(t)
+        for i, token in enumerate(p.next_tokens):
+            for name in _rotated(names, rep + i):
+                t, out = watch.time(functools.partial(decode_step, models[name], caches[name], token, n + i))
+                caches[name] = out.past_key_values
+                if keep:
+                    samples["decode"][name].append(t)
+    return samples, cache_mb
+
+
+@torch.no_grad()
+def cuda_peak_mb(model, p: Prompt) -> dict[str, float]:
+    """Peak allocated CUDA memory of one prefill + decode of `model`: absolute, and above what was allocated
+    before (activations, cache, logits)."""
+    device = p.embeds.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    cache = prefill(model, p).past_key_values
+    for i, token in enumerate(p.next_tokens):
+        cache = decode_step(model, cache, token, p.embeds.shape[1] + i).past_key_values
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del cache
+    return {"peak_mb": peak / 2**20, "work_mb": (peak - before) / 2**20}
+
+
+def measure_train(base, variants, plan_args: dict, p: Prompt, watch: Stopwatch, repeats: int, warmup: int) -> dict:
+    """Seconds per training step (forward + backward into the side branch, no optimizer) of PC and each
+    trainable variant, from the same embeddings; the answer is the last 8 text positions."""
+    labels = torch.full(p.image_mask.shape, -100, dtype=torch.long, device=p.embeds.device)
+    labels[:, -8:] = p.next_tokens[0]
+    steps = {}
+    for variant in dict.fromkeys(("pc", *variants)):
+        if variant == "lf-ideal":
+            continue
+        routed = build(base, plan_args["split"], variant, plan_args["fusion_layers"], plan_args["side_depth"]).train()
 
         def step(routed=routed):
-            routed(**batch, labels=labels).loss.backward()
+            routed(inputs_embeds=p.embeds, image_mask=p.image_mask, attention_mask=p.attention_mask,
+                   labels=labels).loss.backward()
             routed.zero_grad(set_to_none=True)
 
-        runs[name] = step
-    timing = _side_by_side(runs["baseline"], runs["routed"], cfg)
-    model.eval()
-    return timing
-
-
-def run_benchmark(cfg: BenchConfig, model=None) -> dict:
-    """Measured prefill and decode ratios (routed / vanilla) next to the FLOP model's, as one dict."""
-    if cfg.clock not in CLOCKS or (cfg.clock == "cpu" and cfg.threads != 1):
-        raise ValueError("clock must be 'wall', or 'cpu' with threads=1 (CPU time of one thread)")
-    if cfg.stat not in ("min", "median"):
-        raise ValueError("stat must be 'min' or 'median'")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+        steps[variant] = step
+    names = list(steps)
+    samples = {name: [] for name in names}
     try:
-        model = random_llava(cfg) if model is None else model
-        routed = build(model, cfg.split, cfg.variant, cfg.fusion_layers, cfg.side_depth)
-        routed.generation_config.eos_token_id = None
-        batch = prompt_batch(model, cfg)
-        timings = {**prefill_timings(model, routed, batch, cfg),
-                   "generate": generate_timing(model, routed, batch, cfg),
-                   "decode_step": decode_step_timing(model, routed, batch, cfg)}
-        if cfg.variant != "lf-ideal":
-            timings["train_step"] = train_step_timing(model, batch, cfg)
+        for rep in range(warmup + repeats):
+            for name in _rotated(names, rep):
+                t, _ = watch.time(steps[name])
+                if rep >= warmup:
+                    samples[name].append(t)
     finally:
-        torch.set_num_threads(threads)
-    geometry = flops.Geometry.of(anatomy(model).text_config)
-    plan = routed.plan
-    prefill_flops = flops.ratio(geometry, plan.variant, plan.split, cfg.image_tokens, cfg.text_tokens,
-                                plan.fusion_layers, plan.side_depth)
-    decode_flops = (flops.decode_cost(geometry, plan, cfg.image_tokens, cfg.text_tokens).total
-                    / flops.decode_cost(geometry, None, cfg.image_tokens, cfg.text_tokens).total)
-    return {
-        "config": asdict(cfg),
-        "ms": {name: t.ms(cfg.stat) for name, t in timings.items()},
-        "ratio": {name: t.ratio() for name, t in timings.items()},
-        "samples": {name: len(t.baseline) for name, t in timings.items()},
-        "flop_ratio": {"prefill": prefill_flops["total"], "prefill_linear": prefill_flops["linear"],
-                       "decode": decode_flops},
+        base.eval()
+    return samples
+
+
+# ---------------------------------------------------------------- statistics and theory
+
+
+def spread(xs: list[float]) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile)."""
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return statistics.median(xs), q1, q3
+
+
+def paired_ratios(baseline: list[float], other: list[float]) -> list[float]:
+    return [o / b for b, o in zip(baseline, other, strict=True)]
+
+
+def theory(geometry: flops.Geometry, variant: str, split: int, image_tokens: int, text_tokens: int,
+           fusion_layers: int = 1, side_depth: int = 1) -> dict[str, float]:
+    """The FLOP model's routed/vanilla ratios: prefill (``flops.ratio(...)["total"]``) and decode (first token)."""
+    plan = make_plan(geometry.num_layers, split, variant, fusion_layers, side_depth)
+    decode = (flops.decode_cost(geometry, plan, image_tokens, text_tokens).total
+              / flops.decode_cost(geometry, None, image_tokens, text_tokens).total)
+    return {"prefill": flops.ratio(geometry, variant, split, image_tokens, text_tokens, fusion_layers,
+                                   side_depth)["total"], "decode": decode}
+
+
+def rows_of(samples: dict, cache_mb: dict, text_tokens: int, image_tokens: int, theories: dict) -> list[dict]:
+    """One row per model (vanilla first) at one text length: ms medians/IQRs, paired ratios, theory, cache."""
+    rows = []
+    for name in samples["prefill"]:
+        row = {"text_tokens": text_tokens, "image_tokens": image_tokens, "model": name}
+        for kind, values in samples.items():
+            med, q1, q3 = spread([1e3 * s for s in values[name]])
+            ratio = spread(paired_ratios(values["vanilla"], values[name]))
+            row |= {f"{kind}_ms": med, f"{kind}_ms_q1": q1, f"{kind}_ms_q3": q3,
+                    f"{kind}_ratio": ratio[0], f"{kind}_ratio_q1": ratio[1], f"{kind}_ratio_q3": ratio[2]}
+        th = theories.get(name, {"prefill": 1.0, "decode": 1.0})
+        row |= {"prefill_theory": th["prefill"], "decode_theory": th["decode"], "cache_mb": cache_mb[name]}
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- the run
+
+
+def load_models(cfg: BenchConfig):
+    """``(base, processor or None, routed from the artifact or None, description)``."""
+    from saturation.loading import resolve_device, resolve_dtype
+
+    if cfg.geometry is not None:
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        dtype = CHECKPOINT_DTYPE[cfg.geometry] if dtype == "auto" else dtype
+        base = random_llava(geometry_config(cfg.geometry, cfg.layers), dtype, device, cfg.seed)
+        depth = f", {cfg.layers} layers" if cfg.layers else ""
+        return base, None, None, f"random {cfg.geometry}{depth}"
+    from saturation.loading import load_llava
+
+    from .artifact import load as load_routing
+
+    base, processor = load_llava(cfg.model or "tiny", dtype=cfg.dtype, device=cfg.device)
+    routed = load_routing(base, cfg.routing).eval() if cfg.routing is not None else None
+    return base, processor, routed, str(cfg.model or "tiny")
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, model=None, processor=None) -> dict:
+    """Measure every model at every text length; returns the JSON-ready result (see the module docstring).
+
+    `model` (with `processor` for real images) skips loading: a LLaVA already in memory.
+    """
+    from saturation.loading import cpu_threads
+
+    if model is None:
+        base, processor, trained, source = load_models(cfg)
+    else:
+        base, trained, source = model, None, getattr(model, "name_or_path", "given model")
+    a = anatomy(base)
+    num_layers = a.num_layers
+    if trained is not None:
+        plan = trained.plan
+        split, fusion_layers, side_depth, split_source = plan.split, plan.fusion_layers, plan.side_depth, "routing"
+    else:
+        split = num_layers // 2 if cfg.split is None else cfg.split
+        fusion_layers, side_depth = cfg.fusion_layers, cfg.side_depth
+        split_source = "default (layers // 2)" if cfg.split is None else "given"
+    plan_args = {"split": split, "fusion_layers": fusion_layers, "side_depth": side_depth}
+    models = {"vanilla": base}
+    for variant in cfg.variants:
+        if trained is not None and trained.plan.variant == variant:
+            models[variant] = trained
+        else:
+            models[variant] = build(base, variant=variant, **plan_args).eval()
+    device = a.embed_tokens.weight.device
+    geometry = flops.Geometry.of(a.text_config)
+    records = _bench_records() if processor is not None else None
+
+    rows, train = [], {}
+    with cpu_threads(base, cfg.threads):
+        threads = torch.get_num_threads()
+        clock = cfg.clock
+        if clock == "auto":
+            clock = "cpu" if device.type == "cpu" and threads == 1 else "wall"
+        if clock == "cpu" and (device.type != "cpu" or threads != 1):
+            raise ToolkitError("the cpu clock times one CPU thread: use it on CPU with --threads 1, else --clock wall")
+        watch = Stopwatch(clock, device)
+        for text_tokens in cfg.text_tokens:
+            if records is not None:
+                p = real_prompt(base, processor, records, text_tokens, cfg.batch, cfg.new_tokens, cfg.seed)
+            else:
+                p = random_prompt(base, text_tokens, cfg.batch, cfg.new_tokens, cfg.seed)
+            theories = {v: theory(geometry, v, split, p.image_tokens, p.text_tokens, fusion_layers, side_depth)
+                        for v in cfg.variants}
+            peaks = {name: cuda_peak_mb(m, p) for name, m in models.items()} if device.type == "cuda" else {}
+            samples, cache_mb = measure(models, p, watch, cfg.repeats, cfg.warmup)
+            new = rows_of(samples, cache_mb, text_tokens, p.image_tokens, theories)
+            for row in new:
+                row |= peaks.get(row["model"], {})
+            rows += new
+            if cfg.train:
+                steps = measure_train(base, cfg.variants, plan_args, p, watch, cfg.repeats, cfg.warmup)
+                train[str(text_tokens)] = {v: {"ms": 1e3 * statistics.median(s),
+                                               "ratio_vs_pc": spread(paired_ratios(steps["pc"], s))[0]}
+                                           for v, s in steps.items()}
+            log(_progress_line(new))
+    result = {
+        "model": source,
+        "geometry": cfg.geometry,
+        "layers": num_layers,
+        "routing": str(cfg.routing) if cfg.routing else None,
+        "split": split,
+        "split_source": split_source,
+        "fusion_layers": fusion_layers,
+        "side_depth": side_depth,
+        "images": "real" if records is not None else "random embeddings",
+        "image_tokens": rows[0]["image_tokens"],
+        "variants": list(cfg.variants),
+        "text_tokens": list(cfg.text_tokens),
+        "batch": cfg.batch,
+        "new_tokens": cfg.new_tokens,
+        "repeats": cfg.repeats,
+        "warmup": cfg.warmup,
+        "device": str(device),
+        "dtype": str(a.embed_tokens.weight.dtype).removeprefix("torch."),
+        "threads": threads,
+        "clock": clock,
     }
+    by = {}
+    for key in ("prefill_ratio", "decode_ratio", "prefill_e2e_ratio", "prefill_theory", "decode_theory"):
+        if key in rows[0]:
+            by[key] = {v: {str(r["text_tokens"]): r[key] for r in rows if r["model"] == v} for v in cfg.variants}
+    result |= {"prefill_ratio": by["prefill_ratio"], "decode_ratio": by["decode_ratio"],
+               "theory": {"prefill": by["prefill_theory"], "decode": by["decode_theory"]}}
+    if "prefill_e2e_ratio" in by:
+        result["prefill_e2e_ratio"] = by["prefill_e2e_ratio"]
+    result["memory"] = ({"cuda_peak_mb": {m: {str(r["text_tokens"]): r["peak_mb"] for r in rows if r["model"] == m}
+                                          for m in models}} if device.type == "cuda"
+                        else {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    result["memory"]["cache_mb"] = {m: {str(r["text_tokens"]): r["cache_mb"] for r in rows if r["model"] == m}
+                                    for m in models}
+    if cfg.train:
+        result["train_step"] = train
+    result["rows"] = rows
+    return result
 
 
-def format_report(result: dict) -> str:
-    c, ms, ratio, n, f = (result[k] for k in ("config", "ms", "ratio", "samples", "flop_ratio"))
-    lines = [
-        f"{c['variant']} s={c['split']} K={c['fusion_layers']} d_v={c['side_depth']} | h={c['hidden']} "
-        f"L={c['layers']} heads={c['heads']} i={c['intermediate']} | {c['image_tokens']} image + "
-        f"{c['text_tokens']} text tokens, batch {c['batch']} | {c['threads']} thread(s), {c['attn_implementation']}, "
-        f"{c['clock']} time; ms = {c['stat']}, ratio = median of paired ratios",
-        f"FLOP model: prefill {f['prefill']:.3f} (linear {f['prefill_linear']:.3f}), decode {f['decode']:.3f}",
-    ]
-    rows = {"lm": ("prefill LM", "vanilla", "from merged embeddings: the FLOP model's scope"),
-            "e2e": ("prefill e2e", "vanilla", "incl. vision tower and merge"),
-            "generate": ("decode/token", "vanilla", "inside HF generate(), KV cache"),
-            "decode_step": ("decode step", "vanilla", "bare cached steps in lockstep"),
-            "train_step": ("train step", "pc", "forward + backward, side branch only")}
-    for name, (label, baseline, note) in rows.items():
-        if name in ms:
-            lines.append(f"{label:13s} {baseline:7s} {ms[name]['baseline']:8.2f} ms  {c['variant']:7s} "
-                         f"{ms[name]['routed']:8.2f} ms  ratio {ratio[name]:.3f}  ({note}; {n[name]} pairs)")
-    return "\n".join(lines)
+def _bench_records():
+    """Real images for real-model prompts: the embedded held-out shapes set."""
+    from saturation.data import read_records
+    from saturation.loading import DATA_SAMPLES
+
+    return read_records(DATA_SAMPLES / "shapes" / "heldout.json")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, value in asdict(BenchConfig()).items():
-        kind = str if isinstance(value, str) else int
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = vars(parser.parse_args(argv))
-    as_json = args.pop("json")
-    result = run_benchmark(BenchConfig(**args))
-    print(json.dumps(result, indent=1) if as_json else format_report(result))
+def _progress_line(rows: list[dict]) -> str:
+    parts = [f"{r['model']} {r['prefill_ms']:.2f}/{r['decode_ms']:.2f}" for r in rows]
+    return f"text {rows[0]['text_tokens']}: prefill/decode ms " + ", ".join(parts)
 
 
-if __name__ == "__main__":
-    main()
+# ---------------------------------------------------------------- report
+
+
+def summary_table(result: dict):
+    """A rich Table: per text length and model, prefill and decode ms (median ± half the IQR, in %), the ratios
+    to vanilla (median of paired ratios) and the FLOP model's beside them."""
+    from rich import box
+    from rich.table import Table
+
+    e2e = "prefill_e2e_ratio" in result
+    peak = "peak_mb" in result["rows"][0]
+    title = (f"{result['model']}: split {result['split']} ({result['split_source']}), K={result['fusion_layers']}, "
+             f"d_v={result['side_depth']}; {result['image_tokens']} image tokens ({result['images']}), batch "
+             f"{result['batch']}; {result['device']} {result['dtype']}, {result['threads']} thread(s), "
+             f"{result['clock']} clock, {result['repeats']} rounds")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, caption_justify="left", pad_edge=False,
+                  caption="ratio: routed / vanilla (median of paired ratios); FLOPs: routing.flops' ratio")
+    columns = ["text", "model", "prefill ms", "ratio", "FLOPs", "decode ms/tok", "ratio", "FLOPs"]
+    columns += ["e2e ratio"] if e2e else []
+    columns += ["KV MB"] + (["peak MB"] if peak else [])
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("text", "model") else "right")
+    for r in result["rows"]:
+        routed = r["model"] != "vanilla"
+
+        def ratio(key, r=r, routed=routed):
+            return f"{r[key]:.3f}" if routed else ""
+
+        cells = [str(r["text_tokens"]), r["model"], _ms(r, "prefill"), ratio("prefill_ratio"),
+                 ratio("prefill_theory"), _ms(r, "decode"), ratio("decode_ratio"), ratio("decode_theory")]
+        cells += [ratio("prefill_e2e_ratio")] if e2e else []
+        cells += [f"{r['cache_mb']:.2f}"] + ([f"{r['peak_mb']:.0f}"] if peak else [])
+        table.add_row(*cells, end_section=r["model"] == result["variants"][-1])
+    return table
+
+
+def _ms(row: dict, kind: str) -> str:
+    """'12.34 ±3%': the median and half the interquartile range relative to it."""
+    med, q1, q3 = row[f"{kind}_ms"], row[f"{kind}_ms_q1"], row[f"{kind}_ms_q3"]
+    value = f"{med:.2f}" if med < 100 else f"{med:.0f}"
+    return f"{value} ±{50 * (q3 - q1) / med:.0f}%" if med > 0 else value
