@@ -45,7 +45,7 @@ MAX_OBJECTS = 4
 PROBE_SEED = 1001
 HELDOUT_SEED = 2002
 
-QUESTION_WORDS = ("what", "colour", "shape", "is", "the", "object", "how", "many", "shapes", "are", "there", "a",
+QUESTION_WORDS = ("what", "colour", "shape", "is", "the", "object", "how", "many", "shapes", "are", "there", "a", "an",
                   "where", "circles", "squares", "triangles")
 ANSWER_WORDS = ("yes", "no", *COLOURS, *SHAPES, *ROWS, *COLS, *NUMBERS)
 
@@ -164,7 +164,8 @@ def ask_exist(scene: Scene, rng: random.Random, answer: str | None = None) -> QA
         absent = [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in present]
         near = [(s, c) for s, c in absent if any(o.shape == s or o.colour == c for o in scene)]
         shape, colour = rng.choice(near if near and rng.random() < 0.8 else absent)
-    return f"is there a {colour} {shape}?", answer
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"is there {article} {colour} {shape}?", answer
 
 
 def ask_position(scene: Scene, rng: random.Random) -> QA:
@@ -351,11 +352,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _print_eval(model_name: str, data: str, dtype: str | None) -> None:
+    import torch
+
     from .data import read_records
     from .loading import load_llava
     from .shapes_eval import evaluate, markdown_table
-
-    import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, processor = load_llava(model_name, dtype=dtype, device="cpu")

@@ -39,7 +39,9 @@ class Recipe:
     """Every knob of the training run. The defaults are the shipped model's recipe."""
 
     seed: int = 0
-    threads: int = 2  # the recipe targets a 2-core CPU
+    # One thread: a model this small gains little from a second one, and on a shared machine threads that
+    # spin-wait for a busy core made training steps 2-4x slower (measured here).
+    threads: int = 1
     # geometry: 9 image tokens (one per grid cell), 12-layer LM
     vision_hidden: int = 64
     vision_layers: int = 2
@@ -54,7 +56,7 @@ class Recipe:
     # stage 2: frozen tower; projector + LM on multi-turn QA
     train_scenes: int = 20_000
     turns: int = 5
-    steps: int = 2500
+    steps: int = 1800
     batch: int = 32
     lm_lr: float = 1e-3
     projector_lr: float = 3e-3
@@ -62,6 +64,8 @@ class Recipe:
     aux_weight: float = 1.0  # logit-lens loss on image tokens
     attn_weight: float = 0.1  # attention supervision of question words onto matching cells
     attn_layer: int = 1
+    lookup_weight: float = 0.1  # attention supervision of answer-predicting tokens onto the named object
+    lookup_layer: int = 3
     rms_scenes: int = 512  # scenes used to measure the per-dimension feature RMS
     log_every: int = 100
     checkpoint_every: int = 250
@@ -209,24 +213,56 @@ def aux_targets(scene: shapes.Scene, tokenizer) -> Tensor:
     return out
 
 
-def attention_targets(input_ids: Tensor, labels: Tensor, scene: shapes.Scene, tokenizer) -> tuple[Tensor, Tensor]:
-    """Which image cells each question word should attend to in the supervised layer, and with which head.
+def attention_targets(input_ids: Tensor, labels: Tensor, scene: shapes.Scene, tokenizer) -> Tensor:
+    """Which image cells each question word should attend to, per supervised head. [T, 3, 9] bool.
 
-    A colour word (head 0) should look at the cells of that colour, a shape word (head 1, plurals too) at
-    the cells of that shape. Returns head [T] (-1: no target) and cells [T, 9] (bool). Words naming
-    something absent from the scene, and answer tokens, get no target.
+    Head 0: a colour word looks at the cells of that colour. Head 1: a shape word (plurals too) looks at
+    the cells of that shape. Head 2: the shape word of a "colour shape" pair looks at the one cell holding
+    both (the object lookup behind position and existence questions). Words naming something absent from
+    the scene, and answer tokens, get no target.
     """
-    head = torch.full((len(input_ids),), -1, dtype=torch.long)
-    cells = torch.zeros(len(input_ids), shapes.GRID**2, dtype=torch.bool)
-    words = tokenizer.convert_ids_to_tokens(input_ids.tolist())
+    cells = torch.zeros(len(input_ids), 3, shapes.GRID**2, dtype=torch.bool)
+    words = _words(input_ids, tokenizer)
     for t, word in enumerate(words):
-        word = word.removesuffix("s") if word.removesuffix("s") in shapes.SHAPES else word
-        kind = 0 if word in shapes.COLOURS else 1 if word in shapes.SHAPES else -1
-        hits = [o.cell for o in scene if word in (o.colour, o.shape)]
-        if kind >= 0 and hits and labels[t] == IGNORE_INDEX:
-            head[t] = kind
+        if labels[t] != IGNORE_INDEX:
+            continue
+        if word in shapes.COLOURS:
+            cells[t, 0, [o.cell for o in scene if o.colour == word]] = True
+        elif word in shapes.SHAPES:
+            cells[t, 1, [o.cell for o in scene if o.shape == word]] = True
+            cells[t, 2, [o.cell for o in scene if o.shape == word and o.colour == words[t - 1]]] = True
+    return cells
+
+
+def _words(input_ids: Tensor, tokenizer) -> list[str]:
+    """Tokens as words, plural shape words folded to their singular."""
+    return [w.removesuffix("s") if w.removesuffix("s") in shapes.SHAPES else w
+            for w in tokenizer.convert_ids_to_tokens(input_ids.tolist())]
+
+
+def lookup_targets(input_ids: Tensor, labels: Tensor, scene: shapes.Scene, tokenizer) -> Tensor:
+    """The cell that each answer-predicting token should attend to, when the question names one object. [T, 9].
+
+    The answer cue (``:`` after ``ASSISTANT``) of a question about one object (its colour, shape, position,
+    or "is there" with answer yes) looks at that object's cell; so does a position answer's row word,
+    which predicts the column: without this the column tends to come from another object in the same row.
+    """
+    cells = torch.zeros(len(input_ids), shapes.GRID**2, dtype=torch.bool)
+    words = _words(input_ids, tokenizer)
+    named: set[str] = set()
+    for t in range(len(words) - 1):
+        if words[t] == "USER":
+            named = set()
+        elif words[t] == "how":  # counting questions look at every match, not one object
+            named = {"<count>"}
+        elif labels[t] == IGNORE_INDEX and (words[t] in shapes.COLOURS or words[t] in shapes.SHAPES):
+            named.add(words[t])
+        answer_next = labels[t] == IGNORE_INDEX and labels[t + 1] != IGNORE_INDEX
+        row_word = labels[t] != IGNORE_INDEX and words[t] in shapes.ROWS
+        hits = [o.cell for o in scene if named and named <= {o.colour, o.shape}]
+        if (answer_next or row_word) and len(hits) == 1:
             cells[t, hits] = True
-    return head, cells
+    return cells
 
 
 def build_pool(processor, n: int, seed: int, recipe: Recipe, exclude: frozenset, log) -> list[dict]:
@@ -238,8 +274,9 @@ def build_pool(processor, n: int, seed: int, recipe: Recipe, exclude: frozenset,
         image = shapes.render(s["scene"], random.Random(s["render_seed"]))
         example = encode_record(record, processor, image=image)
         example["aux"] = aux_targets(s["scene"], processor.tokenizer)
-        example["attn_head"], example["attn_cells"] = attention_targets(
-            example["input_ids"], example["labels"], s["scene"], processor.tokenizer)
+        args = (example["input_ids"], example["labels"], s["scene"], processor.tokenizer)
+        example["attn_cells"] = attention_targets(*args)
+        example["lookup_cells"] = lookup_targets(*args)[:, None]  # one supervised head
         example["types"] = [t for _, _, t in s["qas"]]
         pool.append(example)
     log(f"encoded {len(pool)} records in {time.time() - t0:.0f}s")
@@ -257,10 +294,8 @@ def batch_of(examples: list[dict], image_token_id: int) -> dict[str, Tensor]:
     batch = collate(examples, pad_token_id=0, image_token_id=image_token_id)
     batch["aux"] = torch.cat([e["aux"] for e in examples])
     width = batch["input_ids"].shape[1]
-    batch["attn_head"] = torch.stack([nn.functional.pad(e["attn_head"], (0, width - len(e["attn_head"])), value=-1)
-                                      for e in examples])
-    batch["attn_cells"] = torch.stack([nn.functional.pad(e["attn_cells"], (0, 0, 0, width - len(e["attn_cells"])))
-                                       for e in examples])
+    for key in ("attn_cells", "lookup_cells"):  # [B, T, heads, 9]
+        batch[key] = torch.stack([nn.functional.pad(e[key], (0, 0, 0, 0, 0, width - len(e[key]))) for e in examples])
     return batch
 
 
@@ -274,9 +309,10 @@ def lens_loss(model, image_embeds: Tensor, targets: Tensor) -> Tensor:
     return -logp.gather(-1, targets.clamp_min(0))[keep].mean()
 
 
-def attention_loss(model, layer_input: Tensor, batch: dict[str, Tensor], layer_idx: int) -> Tensor:
-    """-log of the attention mass that supervised question words put on their target cells, in one layer.
+def attention_loss(model, layer_input: Tensor, batch: dict[str, Tensor], targets: Tensor, layer_idx: int) -> Tensor:
+    """-log of the attention mass that supervised tokens put on their target cells, in one layer.
 
+    targets [B, T, h, 9]: cells that head j < h of the token at [b, t] should attend to (none: no loss).
     Recomputes only the supervised rows of that layer's attention (its own q/k projections and RoPE, as the
     layer does with right padding), so it works with any attention implementation. layer_input [B, T, D].
     """
@@ -289,15 +325,14 @@ def attention_loss(model, layer_input: Tensor, batch: dict[str, Tensor], layer_i
     cos, sin = lm.rotary_emb(x, torch.arange(t).unsqueeze(0))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    rows, pos = (batch["attn_head"] >= 0).nonzero(as_tuple=True)
+    rows, pos, heads = targets.any(-1).nonzero(as_tuple=True)
     if len(rows) == 0:
         return layer_input.sum() * 0.0
-    heads = batch["attn_head"][rows, pos]
     scores = torch.einsum("nd,ntd->nt", q[rows, heads, pos], k[rows, heads]) * attn.scaling
     visible = (torch.arange(t) <= pos[:, None]) & batch["attention_mask"][rows].bool()
     probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
     image_probs = probs[batch["image_mask"][rows]].view(len(rows), -1)  # [N, 9], cells in row-major order
-    mass = (image_probs * batch["attn_cells"][rows, pos]).sum(-1)
+    mass = (image_probs * targets[rows, pos, heads]).sum(-1)
     return -mass.clamp_min(1e-6).log().mean()
 
 
@@ -314,8 +349,13 @@ def stage2_loss(model, batch: dict[str, Tensor], recipe: Recipe) -> dict[str, Te
     losses = {"answer": out.loss, "lens": lens_loss(model, out.hidden_states[0][batch["image_mask"]], batch["aux"])}
     total = out.loss + recipe.aux_weight * losses["lens"]
     if recipe.attn_weight > 0:
-        losses["attn"] = attention_loss(model, out.hidden_states[recipe.attn_layer], batch, recipe.attn_layer)
+        layer = recipe.attn_layer
+        losses["attn"] = attention_loss(model, out.hidden_states[layer], batch, batch["attn_cells"], layer)
         total = total + recipe.attn_weight * losses["attn"]
+    if recipe.lookup_weight > 0:
+        layer = recipe.lookup_layer
+        losses["lookup"] = attention_loss(model, out.hidden_states[layer], batch, batch["lookup_cells"], layer)
+        total = total + recipe.lookup_weight * losses["lookup"]
     return {"total": total, **losses}
 
 

@@ -19,17 +19,17 @@ from saturation.shapes_train import (
     build_model,
     build_pool,
     build_processor,
+    cell_targets,
     cosine_schedule,
     fold_rescale,
     make_batch,
+    patch_features,
+    pixels,
+    render_batch,
     stage1_heads,
     stage1_loss,
     stage2_loss,
     stage2_optimizer,
-    cell_targets,
-    patch_features,
-    pixels,
-    render_batch,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def test_near_miss_existence_questions():
     for _ in range(200):
         scene = shapes.random_scene(rng)
         q, a = shapes.ask_exist(scene, rng, "no")
-        colour, shape = q.removeprefix("is there a ").removesuffix("?").split()
+        _, colour, shape = q.removeprefix("is there ").removesuffix("?").split()
         assert (shape, colour) not in {(o.shape, o.colour) for o in scene}
         near += any(o.shape == shape or o.colour == colour for o in scene)
     assert near > 140  # most "no"s share the colour or the shape with an object in the scene
@@ -109,7 +109,7 @@ def test_rescale_folds_into_the_projector():
 
 
 def test_training_smoke_losses_decrease():
-    recipe = Recipe(layers=2, hidden=64, intermediate=128, vision_hidden=32, batch=8, lm_lr=3e-3)
+    recipe = Recipe(layers=2, hidden=64, intermediate=128, vision_hidden=32, batch=8, lm_lr=3e-3, lookup_layer=1)
     proc = build_processor()
     model = build_model(recipe, len(proc.tokenizer))
     # stage 1: the per-patch heads learn on a fixed batch
