@@ -364,7 +364,9 @@ def bench_cmd(
     name = f"{geometry}-L{result['layers']}" if geometry else Path(model or "tiny").name
     out = json_out or Path("runs/bench") / name / "bench.json"
     write_json(out, result)
-    figure = save_figure(latency_figure(pd.DataFrame(result["rows"]), title=result["model"]), out.with_suffix(""))
+    title = (f"{result['model']}: split {result['split']}, {result['image_tokens']} image tokens, batch "
+             f"{result['batch']}, {result['device']} {result['dtype']}")
+    figure = save_figure(latency_figure(pd.DataFrame(result["rows"]), title=title), out.with_suffix(""))
     Console().print(f"wrote {out}, {figure[0]}, {figure[1]}", highlight=False)
 
 
