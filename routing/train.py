@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -133,6 +133,16 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     return max(done)[1] if done else None
 
 
+def checkpointing_arguments(enabled: bool) -> dict:
+    """Gradient checkpointing, the paper's setting (on CUDA): LF barely needs it (almost no backward), PC does.
+
+    transformers renamed it `activation_checkpointing` in 5.x; use whichever this version has.
+    """
+    names = {f.name for f in fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: enabled, f"{key}_kwargs": {"use_reentrant": False}}
+
+
 def training_arguments(opts: TrainConfig, out: Path, device: torch.device) -> TrainingArguments:
     """The paper's recipe as `TrainingArguments`; bf16 and gradient checkpointing only on CUDA."""
     cuda = device.type == "cuda"
@@ -153,8 +163,7 @@ def training_arguments(opts: TrainConfig, out: Path, device: torch.device) -> Tr
         save_total_limit=2,
         seed=opts.seed,
         bf16=cuda and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=cuda,  # the paper's setting; LF barely needs it (almost no backward), PC does
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(cuda),
         use_cpu=not cuda,
         report_to="none",
         remove_unused_columns=False,
