@@ -242,10 +242,11 @@ def generate_cmd(
 def reproduce_cmd(
     model: ModelOpt = "tiny",
     out: Annotated[Path, typer.Option(help="Output folder (tables, figures, report.md; reruns resume here).")] = Path("runs/reproduce"),
-    max_steps: Annotated[int, typer.Option(help="Training steps per routed variant (same budget for all).")] = 300,
+    max_steps: Annotated[int, typer.Option(help="Training steps per routed variant (same budget for all; 500 = one epoch of the default data).")] = 500,
     n_eval: Annotated[int | None, typer.Option(help="Held-out questions to evaluate (default: all).")] = None,
     probe_n: Annotated[int, typer.Option(help="Samples for the saturation probe.")] = 64,
-    sweep_radius: Annotated[int, typer.Option(help="Split sweep covers s-r .. s+r.")] = 2,
+    sweep_radius: Annotated[int | None, typer.Option(help="Split sweep covers s-r .. s+r (default: every split 1..L-2).")] = None,
+    rule: Annotated[str, typer.Option(help="The probe's split rule: paper | attention | cosine | conservative.")] = "paper",
     probe_data: Annotated[Path | None, typer.Option(help="LLaVA JSON for the probe (default: embedded shapes probe set).")] = None,
     train_data: Annotated[Path | None, typer.Option(help="LLaVA JSON to train on (default: generated shapes world).")] = None,
     eval_data: Annotated[Path | None, typer.Option(help="LLaVA JSON with answers (default: embedded held-out shapes set).")] = None,
@@ -266,7 +267,7 @@ def reproduce_cmd(
 
     started = time.perf_counter()
     cfg = ReproduceConfig(model=model, out=out, max_steps=max_steps, n_eval=n_eval, probe_n=probe_n,
-                          sweep_radius=sweep_radius, probe_data=probe_data, train_data=train_data, eval_data=eval_data,
+                          sweep_radius=sweep_radius, rule=rule, probe_data=probe_data, train_data=train_data, eval_data=eval_data,
                           seed=seed, dtype=dtype, device=device)
     result = run_reproduce(cfg, log=lambda msg: Console().print(msg, highlight=False, markup=False))
     figure2_from_dir(result["probe_dir"])
@@ -332,7 +333,7 @@ def bench_cmd(
     variants: Annotated[str, typer.Option(help="Comma-separated variants measured against vanilla: lf, pc, kv, lf-ideal.")] = "lf,pc,kv",
     text_tokens: Annotated[str, typer.Option(help="Comma-separated text lengths (tokens beside the image tokens) to sweep.")] = "64,128,256,512,1024",
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 1,
-    geometry: Annotated[str | None, typer.Option(help="Random weights of a named architecture instead of a checkpoint, no download: llava-1.5-7b | llava-1.5-13b | tiny (the embedded model's shape).")] = None,
+    geometry: Annotated[str | None, typer.Option(help="Random weights of a named architecture instead of a checkpoint, no download: llava-1.5-7b | llava-1.5-13b | tiny (the embedded model's shape) | cpu-bench (h=256, 12 layers, 64 image tokens).")] = None,
     layers: Annotated[int | None, typer.Option(help="With --geometry: build only N decoder layers (same widths).")] = None,
     fusion_layers: Annotated[int, typer.Option(help="K: last layers that see image and text again.")] = 1,
     side_depth: Annotated[int, typer.Option(help="d_v: side-branch layers.")] = 1,

@@ -158,12 +158,22 @@ def _embedded_shape():
                              tie_word_embeddings=True)
 
 
+def _cpu_bench_shape():
+    """The routing issue's CPU benchmark: hidden 256, 12 layers, 4 heads, 64 image tokens (128 px / patch 16)."""
+    from saturation.tiny import tiny_llava_config
+
+    return tiny_llava_config(512, image_size=128, patch_size=16, vision_hidden=64, hidden=256, layers=12, heads=4,
+                             intermediate=688)
+
+
 GEOMETRIES: dict[str, Callable] = {
     "llava-1.5-7b": functools.partial(_llava_15, 4096, 11008, 32, 32),
     "llava-1.5-13b": functools.partial(_llava_15, 5120, 13824, 40, 40),
     "tiny": _embedded_shape,
+    "cpu-bench": _cpu_bench_shape,
 }
-CHECKPOINT_DTYPE = {"llava-1.5-7b": torch.float16, "llava-1.5-13b": torch.float16, "tiny": torch.float32}
+CHECKPOINT_DTYPE = {"llava-1.5-7b": torch.float16, "llava-1.5-13b": torch.float16, "tiny": torch.float32,
+                    "cpu-bench": torch.float32}
 
 
 def geometry_config(name: str, layers: int | None = None):

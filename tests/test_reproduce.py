@@ -14,6 +14,7 @@ runner = CliRunner()
 def test_sweep_splits_are_clipped():
     assert sweep_splits(2, 2, 6) == [1, 2, 3, 4]
     assert sweep_splits(9, 1, 12) == [8, 9, 10]
+    assert sweep_splits(3, None, 6) == [1, 2, 3, 4]
 
 
 def test_reproduce_end_to_end_and_resume(tiny_model_dir, dataset, tmp_path):
@@ -57,3 +58,7 @@ def test_report_states_a_failed_claim_plainly():
     text = report({"table": table, **sweeps}, facts)
     assert "near vanilla at lower cost* (LF ≥ vanilla − 0.05 with FLOPs ratio < 1): **does not hold**" in text
     assert "One fusion layer is enough* (K=2 gains ≤ 0.02 over K=1): **does not hold**" in text
+    assert "No split in the sweep brings LF within 0.05 of vanilla" in text
+    sweeps["split_sweep"].loc[1, "accuracy"] = 0.88
+    assert "cheapest split with LF ≥ vanilla − 0.05 is s=6 (accuracy 0.880 at 0.700× FLOPs)" in report(
+        {"table": table, **sweeps}, facts)
