@@ -47,3 +47,18 @@ def test_eval_command_bad_data_is_one_line(tiny_model_dir, tmp_path):
     bad.write_text("[{")
     result = runner.invoke(routing_app, ["eval", "--model", str(tiny_model_dir), "--data", str(bad)])
     assert result.exit_code == 1 and "malformed JSON" in result.output
+
+
+def test_generate_command_answers_each_image(tiny_model_dir, dataset):
+    images = sorted((dataset.parent / "images").glob("*.png"))[:2]
+    args = ["generate", "--model", str(tiny_model_dir), "--prompt", "what colour is the circle?",
+            "--max-new-tokens", "2", "--device", "cpu"]
+    result = runner.invoke(routing_app, [*args, *(x for p in images for x in ("--image", str(p)))])
+    assert result.exit_code == 0, result.output
+    assert [line.split(":")[0] for line in result.output.strip().splitlines()[-2:]] == [str(p) for p in images]
+
+
+def test_generate_command_missing_image(tiny_model_dir, tmp_path):
+    result = runner.invoke(routing_app, ["generate", "--model", str(tiny_model_dir), "--prompt", "what?",
+                                         "--image", str(tmp_path / "nope.png")])
+    assert result.exit_code == 1 and "image file not found" in result.output
