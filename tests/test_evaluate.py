@@ -53,9 +53,11 @@ def test_generate_command_answers_each_image(tiny_model_dir, dataset):
     images = sorted((dataset.parent / "images").glob("*.png"))[:2]
     args = ["generate", "--model", str(tiny_model_dir), "--prompt", "what colour is the circle?",
             "--max-new-tokens", "2", "--device", "cpu"]
-    result = runner.invoke(routing_app, [*args, *(x for p in images for x in ("--image", str(p)))])
+    result = runner.invoke(routing_app, [*args, *(x for p in images for x in ("--image", str(p)))],
+                           env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
-    assert [line.split(":")[0] for line in result.output.strip().splitlines()[-2:]] == [str(p) for p in images]
+    answers = [line for line in result.output.splitlines() if line.startswith(str(images[0].parent))]
+    assert [line.split(": ")[0] for line in answers] == [str(p) for p in images]
 
 
 def test_generate_command_missing_image(tiny_model_dir, tmp_path):
