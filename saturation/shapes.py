@@ -366,4 +366,11 @@ def _print_eval(model_name: str, data: str, dtype: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .errors import ToolkitError
+
+    try:
+        main()
+    except (ToolkitError, ValueError) as err:  # bad input: one plain line, no traceback
+        sys.exit(f"error: {err}")

@@ -54,9 +54,9 @@ class Recipe:
     stage1_batch: int = 64
     stage1_lr: float = 3e-3
     # stage 2: frozen tower; projector + LM on multi-turn QA
-    train_scenes: int = 20_000
+    train_scenes: int = 16_000
     turns: int = 5
-    steps: int = 1800
+    steps: int = 1200
     batch: int = 32
     lm_lr: float = 1e-3
     projector_lr: float = 3e-3
@@ -222,7 +222,7 @@ def attention_targets(input_ids: Tensor, labels: Tensor, scene: shapes.Scene, to
     the scene, and answer tokens, get no target.
     """
     cells = torch.zeros(len(input_ids), 3, shapes.GRID**2, dtype=torch.bool)
-    words = _words(input_ids, tokenizer)
+    words, labels = _words(input_ids, tokenizer), labels.tolist()  # lists: per-element tensor access is slow
     for t, word in enumerate(words):
         if labels[t] != IGNORE_INDEX:
             continue
@@ -248,7 +248,7 @@ def lookup_targets(input_ids: Tensor, labels: Tensor, scene: shapes.Scene, token
     which predicts the column: without this the column tends to come from another object in the same row.
     """
     cells = torch.zeros(len(input_ids), shapes.GRID**2, dtype=torch.bool)
-    words = _words(input_ids, tokenizer)
+    words, labels = _words(input_ids, tokenizer), labels.tolist()
     named: set[str] = set()
     for t in range(len(words) - 1):
         if words[t] == "USER":

@@ -11,17 +11,19 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from saturation import shapes
-from saturation.data import read_records
+from saturation.data import Record, encode_record, read_records
 from saturation.shapes_eval import answers, blind_answers, by_type
 from saturation.shapes_train import (
     Recipe,
     attach_rescale,
+    attention_loss,
     build_model,
     build_pool,
     build_processor,
     cell_targets,
     cosine_schedule,
     fold_rescale,
+    lookup_targets,
     make_batch,
     patch_features,
     pixels,
@@ -108,6 +110,37 @@ def test_rescale_folds_into_the_projector():
     torch.testing.assert_close(torch.stack(hooked), torch.stack(folded), rtol=1e-5, atol=1e-5)
 
 
+def test_attention_loss_matches_eager_attention():
+    """The supervised rows recomputed by `attention_loss` are the layer's real attention probabilities."""
+    recipe = Recipe(layers=2, hidden=32, intermediate=64, vision_hidden=32)
+    proc = build_processor()
+    model = build_model(recipe, len(proc.tokenizer)).eval()
+    model.set_attn_implementation("eager")
+    batch = make_batch(build_pool(proc, 6, 0, recipe, frozenset(), log=lambda _: None), 0, recipe, 4)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], output_hidden_states=True, output_attentions=True)
+        for key in ("attn_cells", "lookup_cells"):
+            targets = batch[key]
+            rows, pos, heads = targets.any(-1).nonzero(as_tuple=True)
+            probs = out.attentions[1][rows, heads, pos][batch["image_mask"][rows]].view(len(rows), -1)
+            expected = -(probs * targets[rows, pos, heads]).sum(-1).log().mean()
+            got = attention_loss(model, out.hidden_states[1], batch, targets, 1)
+            torch.testing.assert_close(got, expected)
+
+
+def test_lookup_targets_point_at_the_named_object():
+    proc = build_processor()
+    scene = (shapes.Obj("circle", "red", 0, 2), shapes.Obj("square", "red", 0, 0))
+    record = Record("r", Path("x.png"), (("where is the red circle?", "top right"), ("how many shapes are there?", "two")))
+    enc = encode_record(record, proc, image=shapes.blank_image())
+    cells = lookup_targets(enc["input_ids"], enc["labels"], scene, proc.tokenizer)
+    words = proc.tokenizer.convert_ids_to_tokens(enc["input_ids"].tolist())
+    supervised = {(words[t], words[t + 1]): c.nonzero().flatten().tolist() for t, c in enumerate(cells) if c.any()}
+    # the answer cue and the row word (which predicts the column) look at cell 2; the count question at nothing
+    assert supervised == {(":", "top"): [2], ("top", "right"): [2]}
+
+
 def test_training_smoke_losses_decrease():
     recipe = Recipe(layers=2, hidden=64, intermediate=128, vision_hidden=32, batch=8, lm_lr=3e-3, lookup_layer=1)
     proc = build_processor()
@@ -191,7 +224,9 @@ def test_shipped_sample_sets():
         pytest.skip("the sample sets have not been built")
     probe, heldout = read_records(SAMPLES / "probe.json"), read_records(SAMPLES / "heldout.json")
     assert len(probe) == len(heldout) == 500
-    keys = lambda path: {shapes.scene_key(tuple(shapes.Obj(**o) for o in r["objects"]))
-                         for r in json.loads(path.read_text())}
+
+    def keys(path: Path) -> set:
+        return {shapes.scene_key(tuple(shapes.Obj(**o) for o in r["objects"])) for r in json.loads(path.read_text())}
+
     # held-out scenes are never trained on: the training generator excludes exactly these keys
     assert keys(SAMPLES / "probe.json") | keys(SAMPLES / "heldout.json") <= shapes.held_out_keys()
