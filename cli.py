@@ -276,7 +276,7 @@ def reproduce_cmd(
     save_figure(sweep_figure(tables["split_sweep"], "split", reference=vanilla, chosen=facts["split"],
                              xlabel="split layer s", title="LF accuracy across the split"), out / "split_sweep")
     save_figure(sweep_figure(tables["fusion_sweep"], "fusion_layers", reference=vanilla, xlabel="fusion layers K",
-                             title=f"LF accuracy vs fusion layers (s={facts['split']})"), out / "fusion_sweep")
+                             title=f"LF accuracy vs fusion layers (s={facts['best_split']})"), out / "fusion_sweep")
     logs = {p.name: pd.read_csv(p / "train_log.csv") for p in sorted((out / "train").iterdir())
             if (p / "train_log.csv").is_file()}
     save_figure(loss_curve(logs, title="side-branch training, same budget"), out / "loss_curves")

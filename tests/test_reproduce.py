@@ -55,10 +55,12 @@ def test_report_states_a_failed_claim_plainly():
              "gradients": {"lf-ideal": 0.0, "lf": 1.0}}
     sweeps = {"split_sweep": pd.DataFrame({"split": [5, 6], "accuracy": [0.5, 0.6], "flops_ratio": [0.6, 0.7]}),
               "fusion_sweep": pd.DataFrame({"fusion_layers": [1, 2], "accuracy": [0.5, 0.7], "flops_ratio": [0.7, 0.8]})}
+    sweeps["best_split"] = table[table["variant"].isin(["pc", "lf"])]
     text = report({"table": table, **sweeps}, facts)
     assert "near vanilla at lower cost* (LF ≥ vanilla − 0.05 with FLOPs ratio < 1): **does not hold**" in text
-    assert "One fusion layer is enough* (K=2 gains ≤ 0.02 over K=1): **does not hold**" in text
+    assert "One fusion layer is enough* (K=2 gains ≤ 0.02 over K=1, at s=6): **does not hold**" in text
     assert "No split in the sweep brings LF within 0.05 of vanilla" in text
     sweeps["split_sweep"].loc[1, "accuracy"] = 0.88
     assert "cheapest split with LF ≥ vanilla − 0.05 is s=6 (accuracy 0.880 at 0.700× FLOPs)" in report(
         {"table": table, **sweeps}, facts)
+    assert "matches the gradient-rich baseline PC* (within 0.02, at s=6): **does not hold**" in text
