@@ -36,3 +36,22 @@ def test_console_scripts_point_at_typer_apps():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"saturation": "cli:saturation_app", "routing": "cli:routing_app"}
     assert cli.saturation_app.registered_commands and cli.routing_app.info.help
+
+
+def test_readme_main_job_runs_on_the_embedded_model(tmp_path):
+    """The first README command after its install step, as written (with --out moved to a temp folder)."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from cli import saturation_app
+
+    args = shlex.split(readme_commands()[0].split("&&")[-1])
+    assert args[:2] == ["saturation", "probe"]
+    args = args[2:]
+    if "--out" in args:
+        args[args.index("--out") + 1] = str(tmp_path / "quickstart")
+    result = CliRunner().invoke(saturation_app, ["probe", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in ("per_sample.parquet", "summary.csv", "recommendation.json", "figure2.png", "figure2.pdf"):
+        assert (tmp_path / "quickstart" / name).is_file()
