@@ -32,6 +32,7 @@ from saturation.shapes_train import (
     stage1_loss,
     stage2_loss,
     stage2_optimizer,
+    train,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,11 +177,27 @@ def test_training_smoke_losses_decrease():
         assert torch.equal(v, tower[k]), k
 
 
+def test_training_resumes_where_it_stopped(tmp_path):
+    """An interrupted run, restarted, ends with the same weights as an uninterrupted one."""
+    recipe = Recipe(layers=2, hidden=32, intermediate=64, vision_hidden=32, stage1_steps=3, train_scenes=16, steps=6,
+                    batch=4, lookup_layer=1, log_every=1, checkpoint_every=2, rms_scenes=8)
+
+    def stop_at_step_5(msg: str) -> None:
+        if msg.startswith("stage2 step 5 "):
+            raise KeyboardInterrupt
+
+    train(tmp_path / "full", recipe, log=lambda _: None)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "resumed", recipe, log=stop_at_step_5)
+    assert (tmp_path / "resumed" / "train_state.pt").is_file()
+    train(tmp_path / "resumed", recipe, log=lambda _: None)
+    assert not (tmp_path / "resumed" / "train_state.pt").exists()
+    full, resumed = _files(tmp_path / "full"), _files(tmp_path / "resumed")
+    assert full["model.safetensors"] == resumed["model.safetensors"]
+
+
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
-    if not (TINY / "model.safetensors").is_file():
-        pytest.skip("the embedded model has not been built")
-    torch.set_num_threads(2)
     model = LlavaForConditionalGeneration.from_pretrained(TINY, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(TINY)
     # Fresh scenes (a seed used nowhere else), single-turn, types balanced.
@@ -190,8 +207,6 @@ def shipped(tmp_path_factory):
 
 def test_shipped_model_loads_offline_and_is_small(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if not (TINY / "model.safetensors").is_file():
-        pytest.skip("the embedded model has not been built")
     assert (TINY / "model.safetensors").stat().st_size <= 12 * 2**20
     model = LlavaForConditionalGeneration.from_pretrained(TINY)
     assert model.config.text_config.num_hidden_layers >= 12
@@ -211,6 +226,13 @@ def test_shipped_model_answers_depend_on_the_image(shipped):
     assert acc - acc_blind >= 0.35, (acc, acc_blind)
 
 
+def test_stored_fp16_weights_answer_like_fp32(shipped):
+    model, processor, records = shipped
+    fp16 = LlavaForConditionalGeneration.from_pretrained(TINY).eval()  # the stored dtype
+    assert fp16.dtype == torch.float16
+    assert answers(fp16, processor, records) == answers(model, processor, records)
+
+
 def test_batched_left_padded_generation_matches_one_by_one(shipped):
     model, processor, records = shipped
     picked = records[:10]  # different question lengths, so the batch really is left-padded
@@ -220,8 +242,6 @@ def test_batched_left_padded_generation_matches_one_by_one(shipped):
 
 
 def test_shipped_sample_sets():
-    if not (SAMPLES / "heldout.json").is_file():
-        pytest.skip("the sample sets have not been built")
     probe, heldout = read_records(SAMPLES / "probe.json"), read_records(SAMPLES / "heldout.json")
     assert len(probe) == len(heldout) == 500
 
