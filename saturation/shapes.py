@@ -184,10 +184,11 @@ ASK: dict[str, Callable[[Scene, random.Random], QA | None]] = {
 
 
 def scene_questions(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, str, str]]:
-    """`turns` (question, answer, type) triples about one scene with the types spread evenly.
+    """Up to `turns` distinct (question, answer, type) triples about one scene, types spread evenly, in random order.
 
-    The first two turns are a POPE-style existence pair (one "yes", one adversarial "no") when `turns` >= 4;
-    the rest cycle through the other types in random order, skipping types the scene cannot support.
+    With `turns` >= 4, two of them are a POPE-style existence pair (one "yes", one adversarial "no"); the rest
+    cycle through the other types, skipping types the scene cannot support. A small scene supports only so
+    many distinct questions, so a large `turns` can give fewer.
     """
     out: list[tuple[str, str, str]] = []
     if turns >= 4:
@@ -196,7 +197,9 @@ def scene_questions(scene: Scene, rng: random.Random, turns: int) -> list[tuple[
         out += [(q, a, t) for t, q, a in pair]
     others = [t for t in QUESTION_TYPES if t != "exist" or turns < 4]
     rng.shuffle(others)
-    while len(out) < turns:
+    for _ in range(4 * turns):  # rounds; a small scene may run out of distinct questions
+        if len(out) >= turns:
+            break
         for t in others:
             qa = ASK[t](scene, rng)
             if qa is not None and len(out) < turns and qa[0] not in {q for q, _, _ in out}:
