@@ -7,7 +7,6 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import saturation_app
-from saturation.loading import TINY_DIR
 
 runner = CliRunner()
 
@@ -85,7 +84,6 @@ def test_no_arguments_probes_the_embedded_model(tiny_model_dir, dataset, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TINY_DIR.is_dir(), reason="the embedded model has not landed in data_samples/ yet")
 def test_embedded_model_end_to_end_is_deterministic(tmp_path):
     for name in ("a", "b"):
         result = _probe("--n", 16, "--out", tmp_path / name)
