@@ -6,7 +6,7 @@ LLaVA itself does, training is staged:
 1. **Vision tower alone.** Linear heads on each patch feature (the layer the projector reads) predict that
    cell's colour, shape and index. Seconds on a CPU; the tower then encodes exactly what questions ask.
 2. **Frozen tower, projector + LM.** Tower features are rescaled to per-dimension RMS 1 (raw features are
-   ~100x the norm of word embeddings, and the LM would treat them as constants). The rescale is folded
+   tens of times the norm of word embeddings, and the LM would treat them as constants). The rescale is folded
    into the projector's first linear layer at save time, so plain ``from_pretrained`` reproduces it.
    Multi-turn QA records with balanced types, a cosine schedule and three auxiliary losses: a logit-lens
    loss on the image tokens (each non-empty cell's token must read as its colour, shape, row and column
