@@ -45,6 +45,7 @@ from torch import Tensor
 
 from saturation.anatomy import anatomy, position_ids_from_mask
 from saturation.errors import ToolkitError
+from saturation.hf_compat import cache_kwargs, cache_of
 
 from . import flops
 from .model import RoutedLlava, build
@@ -325,7 +326,7 @@ def prefill(model, p: Prompt, e2e: bool = False):
 def decode_step(model, cache, token: Tensor, position: int):
     """One cached step of one new text token per row (the routed model derives its positions itself)."""
     positions = {} if isinstance(model, RoutedLlava) else {"position_ids": torch.full_like(token, position)}
-    return model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1, **positions)
+    return model(input_ids=token, use_cache=True, logits_to_keep=1, **positions, **cache_kwargs(cache))
 
 
 def cache_bytes(cache) -> int:
@@ -353,14 +354,14 @@ def measure(models: dict, p: Prompt, watch: Stopwatch, repeats: int, warmup: int
         caches = {}
         for name in _rotated(names, rep):
             t, out = watch.time(functools.partial(prefill, models[name], p))
-            caches[name] = out.past_key_values
+            caches[name] = cache_of(out)
             cache_mb[name] = cache_bytes(caches[name]) / 2**20
             if keep:
                 samples["prefill"][name].append(t)
         for i, token in enumerate(p.next_tokens):
             for name in _rotated(names, rep + i):
                 t, out = watch.time(functools.partial(decode_step, models[name], caches[name], token, n + i))
-                caches[name] = out.past_key_values
+                caches[name] = cache_of(out)
                 if keep:
                     samples["decode"][name].append(t)
     return samples, cache_mb
@@ -374,9 +375,9 @@ def cuda_peak_mb(model, p: Prompt) -> dict[str, float]:
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    cache = prefill(model, p).past_key_values
+    cache = cache_of(prefill(model, p))
     for i, token in enumerate(p.next_tokens):
-        cache = decode_step(model, cache, token, p.embeds.shape[1] + i).past_key_values
+        cache = cache_of(decode_step(model, cache, token, p.embeds.shape[1] + i))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     del cache

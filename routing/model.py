@@ -26,6 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from saturation.anatomy import Anatomy, anatomy, position_ids_from_mask
 from saturation.errors import ToolkitError
+from saturation.hf_compat import CACHE_ARG, cache_kwargs
 
 from .generation import attach_state, check_cache, continuation, make_state, new_cache, state_of
 from .plan import RoutingPlan, make_plan
@@ -196,7 +197,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         input_ids: Tensor | None = None,
         pixel_values: Tensor | None = None,
         attention_mask: Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
@@ -204,6 +205,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         image_mask: Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
         return_dict: bool = True,
+        past_key_values: Cache | None = None,
         **image_kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits [batch, seq, vocab] (or the last `logits_to_keep`) and, with `labels`, the causal-LM loss over
@@ -220,8 +222,9 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         for unsupported in ("output_attentions", "output_hidden_states"):  # use hook_points() instead
             image_kwargs.pop(unsupported, None)
         self._refuse_untrainable(labels)
-        use_cache = past_key_values is not None if use_cache is None else use_cache
-        cache = past_key_values if use_cache else None
+        cache = past_key_values if cache is None else cache  # the name before transformers 5.24 (hf_compat)
+        use_cache = cache is not None if use_cache is None else use_cache
+        cache = cache if use_cache else None
         if use_cache:
             cache = new_cache(self.anatomy.text_config) if cache is None else cache
             check_cache(cache)
@@ -239,7 +242,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: cache})
 
     def _embed_features(self, input_ids: Tensor, features) -> tuple[Tensor, Tensor]:
         """Token embeddings with pre-encoded image features (one [n_img, D] per image, in placeholder order)."""
@@ -267,8 +270,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
         def run(layers, x, mask, x_pos, x_rope, kv=cache):
             for i in layers:
-                x = a.layers[i](x, attention_mask=mask, position_ids=x_pos, past_key_values=kv,
-                                position_embeddings=x_rope)
+                x = a.layers[i](x, attention_mask=mask, position_ids=x_pos, position_embeddings=x_rope,
+                                **cache_kwargs(kv))
             return x
 
         with self._frozen():  # nothing trainable upstream: no graph, no saved activations
@@ -333,8 +336,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         masks = {layout: a.causal_mask(h, c.masks[layout], c.position_ids, cache, layer_idx=plan.first_layer(layout))
                  for layout in plan.layouts}
         for i, layer in enumerate(a.layers):
-            h = layer(h, attention_mask=masks[plan.layout(i)], position_ids=c.position_ids, past_key_values=cache,
-                      position_embeddings=rope)
+            h = layer(h, attention_mask=masks[plan.layout(i)], position_ids=c.position_ids, position_embeddings=rope,
+                      **cache_kwargs(cache))
         return h
 
     def generate(self, *args, **kwargs):

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask
 
 from .errors import ToolkitError
+from .hf_compat import cache_kwargs
 
 
 @dataclass(frozen=True)
@@ -129,15 +130,15 @@ class Anatomy:
         return inputs_embeds.masked_scatter(placeholder, features), image_mask
 
     def causal_mask(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                    past_key_values=None, layer_idx: int = 0):
+                    cache=None, layer_idx: int = 0):
         """The decoder's mask. Always from a 2D `attention_mask`: with ``None`` and gapped positions,
         transformers infers packed sequences and builds a block-diagonal mask (DESIGN)."""
         return create_causal_mask(
             config=self.text_config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **cache_kwargs(cache),
             layer_idx=layer_idx,
         )
 

@@ -11,6 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 import routing
 from routing.generation import greedy_recompute
 from saturation.errors import ToolkitError
+from saturation.hf_compat import cache_of
 
 SPLIT = 2
 NEW = 6
@@ -90,7 +91,7 @@ def test_cache_lengths_differ_by_layer_group(model):
     for variant, deep_length in (("lf", n_text), ("kv", n_image + n_text), ("pc", n)):
         routed = routed_for(model, variant)
         with torch.no_grad():
-            cache = routed(**batch, use_cache=True).past_key_values
+            cache = cache_of(routed(**batch, use_cache=True))
         lengths = [layer.keys.shape[-2] for layer in cache.layers]
         plan = routed.plan
         assert lengths == [deep_length if i in plan.deep else n for i in range(plan.num_layers)], variant
@@ -147,9 +148,9 @@ def test_images_after_the_prompt_and_static_caches_are_refused(model):
     routed = routed_for(model, "lf")
     batch = without_labels(make_batch("plain", "left"))
     with torch.no_grad():
-        cache = routed(**batch, use_cache=True).past_key_values
+        cache = cache_of(routed(**batch, use_cache=True))
         mask = torch.cat([batch["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1)
         with pytest.raises(ToolkitError, match="text token ids only"):
-            routed(input_ids=torch.full((3, 1), 4), attention_mask=mask, past_key_values=cache)
+            routed(input_ids=torch.full((3, 1), 4), attention_mask=mask, cache=cache)
     with pytest.raises(ToolkitError, match="DynamicCache"):
         routed.generate(**batch, max_new_tokens=2, cache_implementation="static")
