@@ -362,6 +362,10 @@ def bench_cmd(
                       device=device, threads=threads, clock=clock, train=train, seed=seed)
     result = run_bench(cfg, log=lambda msg: err_console.print(msg, highlight=False, markup=False))
     Console().print(summary_table(result))
+    for text, steps in result.get("train_step", {}).items():
+        cells = ", ".join(f"{v} {s['ms']:.1f} ms ({s['ratio_vs_pc']:.3f}x PC)" for v, s in steps.items())
+        Console().print(f"train step (forward + backward into the side branch), text {text}: {cells}",
+                        highlight=False)
     name = f"{geometry}-L{result['layers']}" if geometry else Path(model or "tiny").name
     out = json_out or Path("runs/bench") / name / "bench.json"
     write_json(out, result)

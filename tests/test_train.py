@@ -122,3 +122,19 @@ def test_gradient_checkpointing_gives_the_same_side_gradient(tiny_model, process
         grads.append([p.grad.clone() for p in routed.side.parameters()])
     routed.activation_checkpointing_disable()
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_half_precision_side_branch_trains_in_fp32_and_returns_to_its_dtype(tiny_model):
+    """AdamW steps of lr 1e-4 round away in bf16 weights: under autocast the side branch's master weights are fp32."""
+    import copy
+
+    from routing.train import fp32_master_weights
+
+    routed = routing.build(copy.deepcopy(tiny_model).to(torch.bfloat16), 2)
+    before = [p.clone() for p in routed.side.parameters()]
+    with fp32_master_weights(routed.side, enabled=True):
+        assert {p.dtype for p in routed.side.parameters()} == {torch.float32}
+        assert routed.anatomy.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the frozen base stays as it is
+    assert all(torch.equal(a, b) and b.dtype == torch.bfloat16 for a, b in zip(before, routed.side.parameters()))
+    with fp32_master_weights(routed.side, enabled=False):
+        assert {p.dtype for p in routed.side.parameters()} == {torch.bfloat16}

@@ -1,0 +1,131 @@
+"""The CUDA paths: device and dtype flow, bf16 training with fp32 master weights, synchronised timing, peak memory.
+
+Skipped where no CUDA device is present (CI has none). They ran on a lent GPU: see README, "Measured on a GPU".
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from routing_fixtures import make_batch, tiny_llava, without_labels
+from transformers import TrainerCallback
+
+import routing
+from routing.generation import greedy_recompute
+from saturation.data import read_records
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+VARIANTS = ("lf", "pc", "kv")
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """fp32 means fp32: no TF32 in the vision tower's convolution or the matmuls, so CPU and GPU can agree."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_routed_logits_on_cuda_match_the_cpu(variant):
+    cpu = tiny_llava()
+    gpu = copy.deepcopy(cpu).cuda()
+    batch = without_labels(make_batch("mixed", "left"))
+    with torch.no_grad():
+        want = routing.build(cpu, 2, variant).eval()(**batch).logits
+        got = routing.build(gpu, 2, variant).eval()(**_to(batch, "cuda")).logits
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_generation_equals_recompute_on_cuda(variant):
+    routed = routing.build(tiny_llava().cuda(), 2, variant).eval()
+    batch = _to(without_labels(make_batch("plain", "left")), "cuda")
+    cached = routed.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert torch.equal(cached, greedy_recompute(routed, max_new_tokens=6, **batch))
+
+
+def test_no_image_routing_equals_vanilla_in_bf16_on_cuda():
+    model = tiny_llava().to("cuda", torch.bfloat16)
+    routed = routing.build(model, 2, "lf").eval()
+    assert {(p.device.type, p.dtype) for p in routed.side.parameters()} == {("cuda", torch.bfloat16)}
+    batch = _to(without_labels(make_batch("text", "left")), "cuda")
+    batch.pop("pixel_values")
+    with torch.no_grad():
+        ours = routed(**batch).logits
+        theirs = model(**batch).logits
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours, theirs)
+
+
+def test_bf16_training_keeps_fp32_master_weights_and_saves_in_the_base_dtype(tiny_model_dir, dataset, tmp_path):
+    """On CUDA the base trains in bf16 (the paper's recipe), the side branch in fp32 under autocast with gradient
+    checkpointing; the artifact is written in the base's dtype and the base never changes."""
+    import pandas as pd
+
+    from routing.train import TrainConfig, train_side_branch, training_dtype
+    from saturation.loading import load_llava
+
+    assert training_dtype(None, "cuda") == "bfloat16" and training_dtype("float16", "cuda") == "float16"
+    model, processor = load_llava(str(tiny_model_dir), dtype="bfloat16", device="cuda")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    routed = routing.build(model, 2)
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append(({p.dtype for p in model.side.parameters()}, model.side[0].gradient_checkpointing))
+
+    out = tmp_path / "r"
+    opts = TrainConfig(model=str(tiny_model_dir), split="2", out=out, max_steps=12, save_steps=100, logging_steps=1,
+                       lr=3e-3, batch_size=4, device="cuda")
+    summary = train_side_branch(routed, processor, read_records(dataset), opts, out, callbacks=[Watch()])
+    assert len(seen) == 12 and all(dtypes == {torch.float32} and checkpointing for dtypes, checkpointing in seen)
+    assert {p.dtype for p in routed.side.parameters()} == {torch.bfloat16}
+    assert routing.artifact.read_manifest(out / "routing")["dtype"] == "bfloat16"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    losses = pd.read_csv(out / "train_log.csv")["loss"]
+    assert summary["steps"] == 12 and losses.notna().all() and losses.iloc[-3:].mean() < losses.iloc[:3].mean()
+
+
+def test_probe_on_cuda_matches_the_cpu(tiny_model_dir, dataset, tmp_path):
+    import pandas as pd
+
+    from saturation.probe import ProbeConfig, run_probe
+
+    summaries = {}
+    for device in ("cpu", "cuda"):
+        result = run_probe(ProbeConfig(model=str(tiny_model_dir), data=dataset, n=8, dtype="float32", device=device,
+                                       out=tmp_path / device, progress=False))
+        summaries[device] = pd.read_csv(result.summary_path).select_dtypes("number")
+    pd.testing.assert_frame_equal(summaries["cuda"], summaries["cpu"], atol=1e-4, rtol=1e-3)
+
+
+def test_embedded_model_answers_on_cuda_in_its_checkpoint_dtype():
+    from routing.evaluate import evaluate
+    from saturation.loading import DATA_SAMPLES, load_llava
+
+    model, processor = load_llava("tiny", device="cuda")
+    assert model.dtype == torch.float16 and model.device.type == "cuda"
+    records = read_records(DATA_SAMPLES / "shapes" / "heldout.json")[:64]
+    result, _ = evaluate(model, processor, records)
+    assert result["accuracy"] >= 0.95
+
+
+def test_bench_on_cuda_times_with_the_wall_clock_and_reports_peak_memory():
+    from routing.benchmark import BenchConfig, run_bench
+
+    result = run_bench(BenchConfig(geometry="tiny", device="cuda", text_tokens="16,64", variants="lf,pc,kv",
+                                   repeats=3, warmup=1, new_tokens=4, train=True))
+    assert result["clock"] == "wall" and result["device"].startswith("cuda")
+    peaks = result["memory"]["cuda_peak_mb"]
+    assert set(peaks) == {"vanilla", "lf", "pc", "kv"} and all(v > 0 for m in peaks.values() for v in m.values())
+    assert set(result["train_step"]["64"]) == {"pc", "lf", "kv"}

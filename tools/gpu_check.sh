@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks, as one short script for a lent CUDA machine (CI has no GPU; see README "Measured on a GPU").
+#   1. tests/test_cuda.py: device/dtype flow, bf16 training with fp32 master weights, probe CPU == GPU, bench.
+#   2. routing bench on random llava-1.5-7b weights in bf16 (no download): prefill/decode ratios, peak memory,
+#      one training step LF vs PC.
+# Run from the repository root; results go to $OUT (default runs/gpu-check). Where the machine's transformers is
+# older than ours, carry a wheel in .whl/ (see tools/README.md): it is installed into /tmp/site first.
+set -uo pipefail
+OUT=${OUT:-runs/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+routing() { python3 -c "import sys; from cli import routing_app; sys.argv[0] = 'routing'; routing_app()" "$@"; }
+
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
+echo "tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/test_cuda.log"
+
+routing bench --geometry llava-1.5-7b --split 18 --dtype bfloat16 --variants lf,pc,kv \
+  --text-tokens ${TEXT_TOKENS:-64,256,1024} --batch-size 1 --repeats ${REPEATS:-11} --train \
+  --json "$OUT/bench-7b.json" 2>&1 | tee "$OUT/bench-7b.log"
