@@ -52,6 +52,8 @@ class Route:
     inverse: Tensor | None  # [batch*seq] flat: [text | image] -> original order; None when rows have fillers
     text_flat: Tensor  # text_index over flattened rows, for index_select
     image_flat: Tensor
+    text_dense: bool  # every text slot is real (no padding, no fillers): sdpa's own causal mask will do
+    image_dense: bool
 
     @classmethod
     def of(cls, image_mask: Tensor, attention_mask: Tensor) -> Route:
@@ -63,9 +65,11 @@ class Route:
         valid = attention_mask.bool()
         rows = n * torch.arange(len(order), device=order.device)[:, None]
         inverse = (torch.argsort(order, dim=1) + rows).reshape(-1) if n_image_max == n_image_min else None
-        return cls(image_mask, text_index, (valid & ~image_mask).gather(1, text_index),
-                   image_index, (valid & image_mask).gather(1, image_index), inverse,
-                   (text_index + rows).reshape(-1), (image_index + rows).reshape(-1))
+        text_valid = (valid & ~image_mask).gather(1, text_index)
+        image_valid = (valid & image_mask).gather(1, image_index)
+        return cls(image_mask, text_index, text_valid, image_index, image_valid, inverse,
+                   (text_index + rows).reshape(-1), (image_index + rows).reshape(-1),
+                   bool(text_valid.all()), bool(image_valid.all()))
 
     @staticmethod
     def _take(x: Tensor, flat: Tensor, batch: int) -> Tensor:
@@ -107,10 +111,11 @@ def subset_mask(q_index: Tensor, k_index: Tensor, k_valid: Tensor, attn_impl: st
     return allowed
 
 
-def subset_causal_mask(a: Anatomy, x: Tensor, valid: Tensor, position_ids: Tensor, cache=None, layer_idx: int = 0):
+def subset_causal_mask(a: Anatomy, x: Tensor, valid: Tensor, dense: bool, position_ids: Tensor, cache=None,
+                       layer_idx: int = 0):
     """``a.causal_mask`` for a subset, skipping HF's mask machinery where its answer is known in advance: under
-    sdpa, with nothing masked and no cached keys before, it is ``None`` (sdpa's own ``is_causal``)."""
-    if (a.text_config._attn_implementation == "sdpa" and bool(valid.all())
+    sdpa, with nothing masked (`dense`) and no cached keys before, it is ``None`` (sdpa's own ``is_causal``)."""
+    if (a.text_config._attn_implementation == "sdpa" and dense
             and (cache is None or cache.get_seq_length(layer_idx) == 0)):
         return None
     return a.causal_mask(x, valid, position_ids, cache, layer_idx=layer_idx)
@@ -267,6 +272,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         pos = position_ids_from_mask(attention_mask)
         rope = a.rotary_emb(h, position_ids=pos)
         full_mask = a.causal_mask(h, attention_mask, pos, cache, layer_idx=0)
+        # Every host-device sync of the routing happens here, before any layer is queued (free on a GPU).
+        r = Route.of(image_mask, attention_mask) if bool(image_mask.any()) else None
 
         def run(layers, x, mask, x_pos, x_rope, kv=cache):
             for i in layers:
@@ -276,26 +283,27 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
         with self._frozen():  # nothing trainable upstream: no graph, no saved activations
             h = run(plan.shallow, h, full_mask, pos, rope)
-        if not image_mask.any():  # nothing to route: every layer sees the sequence exactly as vanilla
+        if r is None:  # nothing to route: every layer sees the sequence exactly as vanilla
             if cache is not None:
                 attach_state(cache, make_state(dict.fromkeys(plan.layouts, attention_mask.bool()), attention_mask))
             return run(range(plan.split, plan.num_layers), h, full_mask, pos, rope)
 
-        r = Route.of(image_mask, attention_mask)
         text_pos, image_pos = r.text(pos), r.image(pos)
         text_rope, image_rope = tuple(r.text(t) for t in rope), tuple(r.image(t) for t in rope)
 
         # Side branch: image positions only, causal among themselves, original positions; never cached.
         side = r.image(h)
-        side_mask = subset_causal_mask(a, side, r.image_valid, image_pos)
+        side_mask = subset_causal_mask(a, side, r.image_valid, r.image_dense, image_pos)
         for layer in self.side:
             side = layer(side, attention_mask=side_mask, position_ids=image_pos, position_embeddings=image_rope)
-        side = side.masked_fill(~r.image_valid[..., None], 0.0)  # fillers stay finite keys/values
+        if not r.image_dense:
+            side = side.masked_fill(~r.image_valid[..., None], 0.0)  # fillers stay finite keys/values
 
         # Deep layers: the one place the variants differ.
         if plan.deep_mode == "text_only":  # LF: text positions only, their original positions, causal over text
             text = r.text(h)
-            text_mask = subset_causal_mask(a, text, r.text_valid, text_pos, cache, layer_idx=plan.deep.start)
+            text_mask = subset_causal_mask(a, text, r.text_valid, r.text_dense, text_pos, cache,
+                                           layer_idx=plan.deep.start)
             with self._frozen():
                 text = run(plan.deep, text, text_mask, text_pos, text_rope)
             h = r.merge(text=text, image=side)

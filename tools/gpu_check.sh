@@ -23,5 +23,5 @@ python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tes
 echo "tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/test_cuda.log"
 
 routing bench --geometry llava-1.5-7b --split 18 --dtype bfloat16 --variants lf,pc,kv \
-  --text-tokens ${TEXT_TOKENS:-64,256,1024} --batch-size 1 --repeats ${REPEATS:-11} --train \
+  --text-tokens ${TEXT_TOKENS:-64,256,1024} --batch-size ${BATCH:-1} --repeats ${REPEATS:-11} --train \
   --json "$OUT/bench-7b.json" 2>&1 | tee "$OUT/bench-7b.log"
