@@ -4,7 +4,8 @@
 #   2. routing bench on random llava-1.5-7b weights in bf16 (no download): prefill/decode ratios, peak memory,
 #      one training step LF vs PC.
 # Run from the repository root; results go to $OUT (default runs/gpu-check). Where the machine's transformers is
-# older than ours, carry a wheel in .whl/ (see tools/README.md): it is installed into /tmp/site first.
+# older than ours, put a wheel in .whl/ (`pip download --no-deps -d .whl transformers==X`): it goes to /tmp/site first.
+# Knobs: BATCH (default 1), TEXT_TOKENS (64,256,1024), REPEATS (11), OUT.
 set -uo pipefail
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
