@@ -1,11 +1,15 @@
 """What the probe costs: time against a plain eager forward of the same batches, and peak memory against n.
 
-    python -m saturation.benchmark [--model tiny] [--n 32] [--batch-size 8] [--repeats 3] [--threads 1]
+    python -m saturation.benchmark [--model tiny | --geometry llava-1.5-7b [--layers N]] [--n 32] [--batch-size 8]
+                                   [--repeats 3] [--threads 1] [--dtype D] [--device D]
 
 Prints the ratio probe time / forward time, split into the hooked forward and the logit lens (the lens runs
 lm_head once per layer, so its share grows with vocabulary size and depth; the target is
 ratio <= 1.6 + lens share), then the peak memory of whole probe runs at n=16 and n=64, each in a fresh
 process (peak RSS on CPU, peak allocated CUDA memory on a GPU), which should be flat in n.
+
+``--geometry`` measures random weights of a named architecture instead of a checkpoint (``saturation.geometry``:
+the real widths, depth, vocabulary and 576 image tokens of llava-1.5-7b/13b, no download).
 
 Without the embedded model in ``data_samples/`` (it is trained separately), a random model of the same
 shape and freshly drawn shapes samples stand in, and the output says so.
@@ -95,10 +99,19 @@ def time_batches(model, batches, repeats: int) -> dict[str, float]:
     return {"forward": med(plain), "hooked_forward": med(hooked), "lens": med(lens), "table": med(table)}
 
 
+def _load(args):
+    """The model under test: a checkpoint (`--model`) or random weights of a named geometry (`--geometry`)."""
+    if args.geometry is not None:
+        from .geometry import random_checkpoint
+
+        return random_checkpoint(args.geometry, args.layers, args.dtype, args.device, args.seed)
+    return load_llava(args.model, dtype=args.dtype, device=args.device)
+
+
 def _peak_memory_child(args) -> None:
     """Run one whole probe and print its peak memory as JSON (a fresh process per n, so peaks do not mix)."""
     with tempfile.TemporaryDirectory() as tmp:
-        model, processor = load_llava(args.model, dtype=args.dtype, device=args.device)
+        model, processor = _load(args)
         device = next(model.parameters()).device
         loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if device.type == "cuda":
@@ -116,7 +129,7 @@ def _peak_memory_child(args) -> None:
 def peak_memory(args, n: int) -> dict:
     cmd = [sys.executable, "-m", "saturation.benchmark", "--model", str(args.model), "--data", str(args.data),
            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--child-n", str(n)]
-    for flag in ("dtype", "device", "threads"):
+    for flag in ("dtype", "device", "threads", "geometry", "layers"):
         if getattr(args, flag):
             cmd += [f"--{flag}", str(getattr(args, flag))]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -128,6 +141,9 @@ def peak_memory(args, n: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m saturation.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny")
+    p.add_argument("--geometry", default=None, help="random weights of a named architecture instead of --model: "
+                   "llava-1.5-7b | llava-1.5-13b | tiny | cpu-bench (no download)")
+    p.add_argument("--layers", type=int, default=None, help="with --geometry: build only N decoder layers")
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--n", type=int, default=32, help="samples in the timed batches")
     p.add_argument("--batch-size", type=int, default=8)
@@ -141,14 +157,22 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     tmp = None
-    if resolve_name(args.model) == str(TINY_DIR) and not TINY_DIR.is_dir():
+    if args.geometry is not None:
+        from .geometry import GEOMETRIES
+
+        if args.geometry not in GEOMETRIES:
+            raise SystemExit(f"unknown geometry '{args.geometry}': choose one of {', '.join(GEOMETRIES)}")
+        args.model = f"random {args.geometry}" + (f", {args.layers} layers" if args.layers else "")
+    elif args.layers is not None:
+        raise SystemExit("--layers shrinks a --geometry; a checkpoint keeps its own depth")
+    elif resolve_name(args.model) == str(TINY_DIR) and not TINY_DIR.is_dir():
         tmp = tempfile.TemporaryDirectory()
         args.model, args.data = stand_in(Path(tmp.name))
         print(f"note: no embedded model in {TINY_DIR}; using a random model of its shape and fresh shapes samples")
     args.data = args.data or DEFAULT_DATA
     if args.child_n is not None:
         return _peak_memory_child(args)
-    model, processor = load_llava(args.model, dtype=args.dtype, device=args.device)
+    model, processor = _load(args)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     records = sample_records(read_records(args.data), min(args.n, len(read_records(args.data))), args.seed)
     image_id = anatomy(model).image_token_id

@@ -14,8 +14,6 @@ from figures.latency import latency_figure
 from routing import flops
 from routing.benchmark import (
     BenchConfig,
-    geometry_config,
-    image_tokens_of,
     parse_text_tokens,
     parse_variants,
     run_bench,
@@ -23,6 +21,7 @@ from routing.benchmark import (
     theory,
 )
 from saturation.errors import ToolkitError
+from saturation.geometry import geometry_config, image_tokens_of, random_checkpoint
 
 FAST = {"repeats": 1, "warmup": 0, "new_tokens": 2}
 
@@ -89,6 +88,25 @@ def test_named_geometries_come_from_their_configs():
     assert cost(flops.Geometry.of(seven.text_config)) == cost(flops.LLAVA_15_7B)
     assert cost(flops.Geometry.of(thirteen.text_config)) == cost(replace(flops.LLAVA_15_13B, num_layers=8))
     assert image_tokens_of(geometry_config("tiny")) == 9
+
+
+def test_random_checkpoint_has_a_processor_of_its_own_image_size():
+    """`python -m saturation.benchmark --geometry` probes random weights through a word-level processor: its image
+    token and image size must agree with the config, however many image tokens the architecture makes."""
+    import torch
+
+    from saturation.anatomy import anatomy
+    from saturation.data import encode_prompt, read_records
+    from saturation.probe import DEFAULT_DATA
+
+    model, processor = random_checkpoint("cpu-bench", layers=3, dtype=None, device="cpu")
+    enc = encode_prompt(read_records(DEFAULT_DATA)[0], processor)
+    image_id = anatomy(model).image_token_id
+    assert int((enc["input_ids"] == image_id).sum()) == image_tokens_of(model.config) == 64
+    assert model.dtype == torch.float32 and anatomy(model).num_layers == 3
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"][None], pixel_values=enc["pixel_values"][None]).logits
+    assert logits.shape[-1] == model.config.text_config.vocab_size
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -3,9 +3,10 @@
 #   1. tests/test_cuda.py: device/dtype flow, bf16 training with fp32 master weights, probe CPU == GPU, bench.
 #   2. routing bench on random llava-1.5-7b weights in bf16 (no download): prefill/decode ratios, peak memory,
 #      one training step LF vs PC.
+#   3. the probe's cost on the same geometry: probe/forward and peak CUDA memory at n=16 and n=64.
 # Run from the repository root; results go to $OUT (default runs/gpu-check). Where the machine's transformers is
 # older than ours, put a wheel in .whl/ (`pip download --no-deps -d .whl transformers==X`): it goes to /tmp/site first.
-# Knobs: BATCH (default 1), TEXT_TOKENS (64,256,1024), REPEATS (11), OUT.
+# Knobs: PARTS (default "tests bench probe"), BATCH (1), TEXT_TOKENS (64,256,1024), REPEATS (11), OUT.
 set -uo pipefail
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
@@ -20,9 +21,17 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
   | tee -a "$OUT/gpu.txt"
 routing() { python3 -c "import sys; from cli import routing_app; sys.argv[0] = 'routing'; routing_app()" "$@"; }
 
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
-echo "tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/test_cuda.log"
-
-routing bench --geometry llava-1.5-7b --split 18 --dtype bfloat16 --variants lf,pc,kv \
-  --text-tokens ${TEXT_TOKENS:-64,256,1024} --batch-size ${BATCH:-1} --repeats ${REPEATS:-11} --train \
-  --json "$OUT/bench-7b.json" 2>&1 | tee "$OUT/bench-7b.log"
+PARTS=${PARTS:-tests bench probe}
+if [[ $PARTS == *tests* ]]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
+  echo "tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/test_cuda.log"
+fi
+if [[ $PARTS == *bench* ]]; then
+  routing bench --geometry llava-1.5-7b --split 18 --dtype bfloat16 --variants lf,pc,kv \
+    --text-tokens ${TEXT_TOKENS:-64,256,1024} --batch-size ${BATCH:-1} --repeats ${REPEATS:-11} --train \
+    --json "$OUT/bench-7b.json" 2>&1 | tee "$OUT/bench-7b.log"
+fi
+if [[ $PARTS == *probe* ]]; then
+  python3 -m saturation.benchmark --geometry llava-1.5-7b --dtype bfloat16 --device cuda --n 32 --batch-size 8 \
+    --repeats 3 --memory-n 16 64 2>&1 | tee "$OUT/probe-7b.log"
+fi
