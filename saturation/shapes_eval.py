@@ -12,37 +12,9 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-import torch
-
 from . import shapes
-from .data import Record, generation_batch, load_image, normalize_answer
-
-
-@torch.no_grad()
-def answers(model, processor, records: list[Record], images: list | None = None, batch_size: int = 100,
-            max_new_tokens: int = 4) -> list[str]:
-    """Greedy answers to each record's first question, in batches of left-padded prompts."""
-    out: list[str] = []
-    for i in range(0, len(records), batch_size):
-        chunk = records[i : i + batch_size]
-        imgs = images[i : i + batch_size] if images is not None else [load_image(r) for r in chunk]
-        batch = generation_batch(chunk, processor, imgs)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        new = gen[:, batch["input_ids"].shape[1] :]
-        out += [normalize_answer(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
-    return out
-
-
-def by_type(records: list[Record], correct: list[bool]) -> dict[str, float]:
-    """Accuracy per ``question_type`` plus ``overall``."""
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for r, ok in zip(records, correct):
-        hits[r.question_type or "?"].append(ok)
-    scores = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
-    scores["overall"] = sum(correct) / len(correct)
-    return scores
+from .answers import answers, by_type
+from .data import Record, normalize_answer
 
 
 def blind_answers(records: list[Record]) -> list[str]:

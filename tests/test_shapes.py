@@ -11,8 +11,9 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from saturation import shapes
+from saturation.answers import answers, by_type
 from saturation.data import Record, encode_record, read_records
-from saturation.shapes_eval import answers, blind_answers, by_type
+from saturation.shapes_eval import blind_answers
 from saturation.shapes_train import (
     Recipe,
     attach_rescale,
