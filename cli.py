@@ -138,7 +138,7 @@ def train_cmd(
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (an interrupted run loses at most this many).")] = 50,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last complete checkpoint in --out.")] = True,
     seed: SeedOpt = 0,
-    dtype: DtypeOpt = None,
+    dtype: Annotated[str | None, typer.Option(help="Base model dtype: float32 | bfloat16 | float16 | auto (default: fp32 on CPU, bf16 on a CUDA GPU that has it, as the paper trains; the side branch keeps fp32 master weights under autocast).")] = None,
     device: DeviceOpt = None,
 ) -> None:
     """Train only the side branch of a DPVR-routed model (HF Trainer), and save the small routing artifact."""
