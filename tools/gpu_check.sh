@@ -4,9 +4,10 @@
 #   2. routing bench on random llava-1.5-7b weights in bf16 (no download): prefill/decode ratios, peak memory,
 #      one training step LF vs PC.
 #   3. the probe's cost on the same geometry: probe/forward and peak CUDA memory at n=16 and n=64.
+#   4. the CLI end to end on CUDA with the embedded model: train (bf16) -> eval -> analyze -> generate.
 # Run from the repository root; results go to $OUT (default runs/gpu-check). Where the machine's transformers is
 # older than ours, put a wheel in .whl/ (`pip download --no-deps -d .whl transformers==X`): it goes to /tmp/site first.
-# Knobs: PARTS (default "tests bench probe"), BATCH (1), TEXT_TOKENS (64,256,1024), REPEATS (11), OUT.
+# Knobs: PARTS (default "tests bench probe cli"), BATCH (1), TEXT_TOKENS (64,256,1024), REPEATS (11), OUT.
 set -uo pipefail
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
@@ -21,7 +22,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
   | tee -a "$OUT/gpu.txt"
 routing() { python3 -c "import sys; from cli import routing_app; sys.argv[0] = 'routing'; routing_app()" "$@"; }
 
-PARTS=${PARTS:-tests bench probe}
+PARTS=${PARTS:-tests bench probe cli}
 if [[ $PARTS == *tests* ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
   echo "tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/test_cuda.log"
@@ -34,4 +35,17 @@ fi
 if [[ $PARTS == *probe* ]]; then
   python3 -m saturation.benchmark --geometry llava-1.5-7b --dtype bfloat16 --device cuda --n 32 --batch-size 8 \
     --repeats 3 --memory-n 16 64 2>&1 | tee "$OUT/probe-7b.log"
+fi
+if [[ $PARTS == *cli* ]]; then
+  W=runs/gpu-cli
+  rm -rf "$W"
+  {
+    routing train --model tiny --split 4 --max-steps 40 --n-train 64 --save-steps 100 --lr 3e-4 --out "$W/train" --device cuda \
+    && routing eval --n 128 --device cuda --json "$OUT/eval-vanilla.json" \
+    && routing eval --routing "$W/train/routing" --n 128 --device cuda --json "$OUT/eval-lf.json" \
+    && routing analyze --routing "$W/train/routing" --n 32 --out "$W/analysis" --device cuda \
+    && routing generate --routing "$W/train/routing" --image data_samples/shapes/images/heldout_00000.png \
+         --image data_samples/shapes/images/heldout_00001.png --prompt "what colour is the circle?" --device cuda
+  } 2>&1 | tee "$OUT/cli.log"
+  echo "cli exit ${PIPESTATUS[0]}" | tee -a "$OUT/cli.log"
 fi
