@@ -45,17 +45,12 @@ from .probe import (
 
 
 def stand_in(folder: Path) -> tuple[Path, Path]:
-    """A random LLaVA shaped like the embedded model (12 layers, hidden 128, 9 image tokens) and 64 shapes samples."""
-    from transformers import LlavaForConditionalGeneration
+    """A random LLaVA shaped like the embedded model (geometry ``tiny``) saved to disk, and 64 shapes samples."""
+    from .geometry import random_checkpoint
+    from .shapes import PROBE_SEED, make_dataset
 
-    from .shapes import IMAGE_SIZE, PROBE_SEED, make_dataset, vocabulary
-    from .tiny import tiny_llava_config, tiny_processor
-
-    processor = tiny_processor(vocabulary(), image_size=IMAGE_SIZE, patch_size=16)
-    cfg = tiny_llava_config(len(processor.tokenizer), image_size=IMAGE_SIZE, patch_size=16, vision_hidden=64,
-                            hidden=128, layers=12, heads=4, intermediate=344, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(cfg).save_pretrained(folder / "model")
+    model, processor = random_checkpoint("tiny", None, "float32", "cpu")
+    model.save_pretrained(folder / "model")
     processor.save_pretrained(folder / "model")
     return folder / "model", make_dataset(folder / "data", 64, PROBE_SEED, name="probe")
 

@@ -79,8 +79,6 @@ def random_llava(config, dtype: torch.dtype, device: torch.device, seed: int = 0
     return model.eval()
 
 
-
-
 def random_checkpoint(name: str, layers: int | None, dtype: torch.dtype | str | None, device, seed: int = 0):
     """``(model, processor)``: random weights of geometry `name` and a word-level processor of the same image size.
 
