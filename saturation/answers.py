@@ -1,7 +1,7 @@
 """Exact-match answering of LLaVA records: greedy, batched, left-padded ``generate``, scored per question type.
 
 Any model with LLaVA's ``generate(input_ids=, pixel_values=, attention_mask=)`` works: a vanilla
-``LlavaForConditionalGeneration`` or a routed model (``routing.evaluate``, ``saturation.shapes_eval``).
+``LlavaForConditionalGeneration`` or a routed model (``routing.evaluate``, ``saturation.shapes.evaluate``).
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from saturation import shapes
 from saturation.answers import answers, by_type
 from saturation.data import Record, encode_record, read_records
-from saturation.shapes_eval import blind_answers
-from saturation.shapes_train import (
+from saturation.shapes.evaluate import blind_answers
+from saturation.shapes.train import (
     Recipe,
     attach_rescale,
     attention_loss,
@@ -251,3 +251,22 @@ def test_shipped_sample_sets():
 
     # held-out scenes are never trained on: the training generator excludes exactly these keys
     assert keys(SAMPLES / "probe.json") | keys(SAMPLES / "heldout.json") <= shapes.held_out_keys()
+
+
+def test_the_package_depends_one_way():
+    """world <- data <- train/evaluate <- cli: no module imports one above it, and the world needs no torch."""
+    import ast
+    import subprocess
+    import sys
+
+    order = ["world", "data", "train", "evaluate", "cli", "__main__"]
+    rank = {"world": 0, "data": 1, "train": 2, "evaluate": 2, "cli": 3, "__main__": 4}
+    package = ROOT / "saturation" / "shapes"
+    for name in order:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import / from . import x
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                assert all(rank[t] < rank[name] for t in targets), (name, targets)
+    code = "import sys; from saturation import shapes; shapes.make_dataset; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

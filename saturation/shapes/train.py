@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from . import shapes
-from .data import IGNORE_INDEX, Record, collate, encode_record
-from .files import atomic_write, write_json
-from .tiny import tiny_llava_config, tiny_processor
+from ..data import IGNORE_INDEX, Record, collate, encode_record
+from ..files import atomic_write, write_json
+from ..tiny import tiny_llava_config, tiny_processor
+from . import data, world
 
 
 @dataclass
@@ -79,15 +79,15 @@ class Recipe:
 
 def build_processor() -> LlavaProcessor:
     """The offline processor: 48 px PIL image processor and a word tokenizer over the shapes vocabulary."""
-    return tiny_processor(shapes.vocabulary(), image_size=shapes.IMAGE_SIZE, patch_size=shapes.CELL)
+    return tiny_processor(world.vocabulary(), image_size=world.IMAGE_SIZE, patch_size=world.CELL)
 
 
 def build_model(recipe: Recipe, vocab_size: int) -> LlavaForConditionalGeneration:
     """A randomly initialised `LlavaForConditionalGeneration` of the recipe's geometry (seeded)."""
     cfg = tiny_llava_config(
         vocab_size,
-        image_size=shapes.IMAGE_SIZE,
-        patch_size=shapes.CELL,
+        image_size=world.IMAGE_SIZE,
+        patch_size=world.CELL,
         vision_hidden=recipe.vision_hidden,
         vision_layers=recipe.vision_layers,
         hidden=recipe.hidden,
@@ -111,32 +111,32 @@ def pixels(processor: LlavaProcessor, images: list) -> Tensor:
     return processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
 
-def render_batch(scenes: list[shapes.Scene], rng: random.Random) -> list:
+def render_batch(scenes: list[world.Scene], rng: random.Random) -> list:
     """Render scenes with render jitter drawn from `rng`."""
-    return [shapes.render(s, random.Random(rng.getrandbits(32))) for s in scenes]
+    return [world.render(s, random.Random(rng.getrandbits(32))) for s in scenes]
 
 
 # --------------------------------------------------------------------------- stage 1: the vision tower
 
 
-def cell_targets(scenes: list[shapes.Scene]) -> tuple[Tensor, Tensor]:
+def cell_targets(scenes: list[world.Scene]) -> tuple[Tensor, Tensor]:
     """Per-cell colour and shape classes (0 = empty cell). Two [B, 9] long tensors."""
-    colours = torch.zeros(len(scenes), shapes.GRID**2, dtype=torch.long)
+    colours = torch.zeros(len(scenes), world.GRID**2, dtype=torch.long)
     kinds = torch.zeros_like(colours)
-    names = list(shapes.COLOURS)
+    names = list(world.COLOURS)
     for i, scene in enumerate(scenes):
         for o in scene:
             colours[i, o.cell] = 1 + names.index(o.colour)
-            kinds[i, o.cell] = 1 + shapes.SHAPES.index(o.shape)
+            kinds[i, o.cell] = 1 + world.SHAPES.index(o.shape)
     return colours, kinds
 
 
 def stage1_heads(recipe: Recipe) -> nn.ModuleDict:
     """Linear probes on each patch feature: colour (+empty), shape (+empty) and cell index."""
-    d, cells = recipe.vision_hidden, shapes.GRID**2
+    d, cells = recipe.vision_hidden, world.GRID**2
     return nn.ModuleDict({
-        "colour": nn.Linear(d, len(shapes.COLOURS) + 1),
-        "shape": nn.Linear(d, len(shapes.SHAPES) + 1),
+        "colour": nn.Linear(d, len(world.COLOURS) + 1),
+        "shape": nn.Linear(d, len(world.SHAPES) + 1),
         "cell": nn.Linear(d, cells),
     })
 
@@ -176,11 +176,11 @@ def train_stage1(model, processor, recipe: Recipe, exclude: frozenset, log) -> N
     tower.eval()
 
 
-def fresh_scene(rng: random.Random, exclude: frozenset) -> shapes.Scene:
+def fresh_scene(rng: random.Random, exclude: frozenset) -> world.Scene:
     """A random scene that is not one of the held-out scenes."""
     while True:
-        scene = shapes.random_scene(rng)
-        if shapes.scene_key(scene) not in exclude:
+        scene = world.random_scene(rng)
+        if world.scene_key(scene) not in exclude:
             return scene
 
 
@@ -207,16 +207,16 @@ def fold_rescale(model, rms: Tensor) -> None:
     model.model.multi_modal_projector.linear_1.weight.div_(rms)
 
 
-def aux_targets(scene: shapes.Scene, tokenizer) -> Tensor:
+def aux_targets(scene: world.Scene, tokenizer) -> Tensor:
     """Word ids each image token's logit lens should read: colour, shape, row, column; -100 on empty cells. [9, 4]."""
-    out = torch.full((shapes.GRID**2, 4), IGNORE_INDEX, dtype=torch.long)
+    out = torch.full((world.GRID**2, 4), IGNORE_INDEX, dtype=torch.long)
     for o in scene:
-        words = (o.colour, o.shape, shapes.ROWS[o.row], shapes.COLS[o.col])
+        words = (o.colour, o.shape, world.ROWS[o.row], world.COLS[o.col])
         out[o.cell] = torch.tensor(tokenizer.convert_tokens_to_ids(list(words)))
     return out
 
 
-def attention_targets(input_ids: Tensor, labels: Tensor, scene: shapes.Scene, tokenizer) -> Tensor:
+def attention_targets(input_ids: Tensor, labels: Tensor, scene: world.Scene, tokenizer) -> Tensor:
     """Which image cells each question word should attend to, per supervised head. [T, 3, 9] bool.
 
     Head 0: a colour word looks at the cells of that colour. Head 1: a shape word (plurals too) looks at
@@ -224,14 +224,14 @@ def attention_targets(input_ids: Tensor, labels: Tensor, scene: shapes.Scene, to
     both (the object lookup behind position and existence questions). Words naming something absent from
     the scene, and answer tokens, get no target.
     """
-    cells = torch.zeros(len(input_ids), 3, shapes.GRID**2, dtype=torch.bool)
+    cells = torch.zeros(len(input_ids), 3, world.GRID**2, dtype=torch.bool)
     words, labels = _words(input_ids, tokenizer), labels.tolist()  # lists: per-element tensor access is slow
     for t, word in enumerate(words):
         if labels[t] != IGNORE_INDEX:
             continue
-        if word in shapes.COLOURS:
+        if word in world.COLOURS:
             cells[t, 0, [o.cell for o in scene if o.colour == word]] = True
-        elif word in shapes.SHAPES:
+        elif word in world.SHAPES:
             cells[t, 1, [o.cell for o in scene if o.shape == word]] = True
             cells[t, 2, [o.cell for o in scene if o.shape == word and o.colour == words[t - 1]]] = True
     return cells
@@ -239,18 +239,18 @@ def attention_targets(input_ids: Tensor, labels: Tensor, scene: shapes.Scene, to
 
 def _words(input_ids: Tensor, tokenizer) -> list[str]:
     """Tokens as words, plural shape words folded to their singular."""
-    return [w.removesuffix("s") if w.removesuffix("s") in shapes.SHAPES else w
+    return [w.removesuffix("s") if w.removesuffix("s") in world.SHAPES else w
             for w in tokenizer.convert_ids_to_tokens(input_ids.tolist())]
 
 
-def lookup_targets(input_ids: Tensor, labels: Tensor, scene: shapes.Scene, tokenizer) -> Tensor:
+def lookup_targets(input_ids: Tensor, labels: Tensor, scene: world.Scene, tokenizer) -> Tensor:
     """The cell that each answer-predicting token should attend to, when the question names one object. [T, 9].
 
     The answer cue (``:`` after ``ASSISTANT``) of a question about one object (its colour, shape, position,
     or "is there" with answer yes) looks at that object's cell; so does a position answer's row word,
     which predicts the column: without this the column tends to come from another object in the same row.
     """
-    cells = torch.zeros(len(input_ids), shapes.GRID**2, dtype=torch.bool)
+    cells = torch.zeros(len(input_ids), world.GRID**2, dtype=torch.bool)
     words, labels = _words(input_ids, tokenizer), labels.tolist()
     named: set[str] = set()
     for t in range(len(words) - 1):
@@ -258,10 +258,10 @@ def lookup_targets(input_ids: Tensor, labels: Tensor, scene: shapes.Scene, token
             named = set()
         elif words[t] == "how":  # counting questions look at every match, not one object
             named = {"<count>"}
-        elif labels[t] == IGNORE_INDEX and (words[t] in shapes.COLOURS or words[t] in shapes.SHAPES):
+        elif labels[t] == IGNORE_INDEX and (words[t] in world.COLOURS or words[t] in world.SHAPES):
             named.add(words[t])
         answer_next = labels[t] == IGNORE_INDEX and labels[t + 1] != IGNORE_INDEX
-        row_word = labels[t] != IGNORE_INDEX and words[t] in shapes.ROWS
+        row_word = labels[t] != IGNORE_INDEX and words[t] in world.ROWS
         hits = [o.cell for o in scene if named and named <= {o.colour, o.shape}]
         if (answer_next or row_word) and len(hits) == 1:
             cells[t, hits] = True
@@ -272,9 +272,9 @@ def build_pool(processor, n: int, seed: int, recipe: Recipe, exclude: frozenset,
     """Encode `n` multi-turn records (the LLaVA-1.5 template of `saturation.data`) in memory."""
     t0 = time.time()
     pool = []
-    for i, s in enumerate(shapes.sample_scenes(n, seed, recipe.turns, exclude)):
+    for i, s in enumerate(data.sample_scenes(n, seed, recipe.turns, exclude)):
         record = Record(f"train-{i}", Path(f"train-{i}.png"), tuple((q, a) for q, a, _ in s["qas"]))
-        image = shapes.render(s["scene"], random.Random(s["render_seed"]))
+        image = world.render(s["scene"], random.Random(s["render_seed"]))
         example = encode_record(record, processor, image=image)
         example["aux"] = aux_targets(s["scene"], processor.tokenizer)
         args = (example["input_ids"], example["labels"], s["scene"], processor.tokenizer)
@@ -428,7 +428,7 @@ def train(out_dir: str | Path, recipe: Recipe | None = None, log=print) -> Path:
 
     processor = build_processor()
     model = build_model(recipe, len(processor.tokenizer))
-    exclude = shapes.held_out_keys()
+    exclude = data.held_out_keys()
     t0 = time.time()
     if state is None:
         train_stage1(model, processor, recipe, exclude, log)

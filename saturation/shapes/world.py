@@ -1,4 +1,4 @@
-"""The synthetic shapes world and the embedded tiny LLaVA trained on it.
+"""The shapes world: scenes, their rendering, the questions about them and the words they use.
 
 A scene is a 3x3 grid of 16 px cells (48 px image). Some cells hold one coloured shape (circle, square,
 triangle; six colours). Questions ask for the colour of a named shape, the shape of a named colour, a
@@ -9,15 +9,15 @@ LLaVA can be trained from scratch on a CPU in minutes (see ``python -m saturatio
 
 Grid cells match the vision tower's 16 px patches, so image token k of a scene is grid cell k
 (row-major). Nothing here depends on that for correctness, but it is why the tiny model learns fast.
+
+This module is the bottom of the package: it imports nothing else of the toolkit.
 """
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
@@ -40,10 +40,6 @@ COLS = ("left", "center", "right")
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("colour", "shape", "count", "exist", "position")
 MAX_OBJECTS = 4
-
-# Seeds of the shipped sample sets. Training skips their scenes, so "held-out" means unseen scenes.
-PROBE_SEED = 1001
-HELDOUT_SEED = 2002
 
 QUESTION_WORDS = ("what", "colour", "shape", "is", "the", "object", "how", "many", "shapes", "are", "there", "a", "an",
                   "where", "circles", "squares", "triangles")
@@ -207,173 +203,3 @@ def scene_questions(scene: Scene, rng: random.Random, turns: int) -> list[tuple[
     order = list(range(len(out)))
     rng.shuffle(order)
     return [out[i] for i in order]
-
-
-def typed_scene(
-    qtype: str, rng: random.Random, exclude: set | frozenset = frozenset(), answer: str | None = None
-) -> tuple[Scene, QA]:
-    """A fresh scene (not in `exclude`) that supports a question of `qtype`, with that question.
-
-    `answer` forces the yes/no answer of an existence question.
-    """
-    while True:
-        scene = random_scene(rng)
-        if scene_key(scene) in exclude:
-            continue
-        qa = ask_exist(scene, rng, answer) if qtype == "exist" else ASK[qtype](scene, rng)
-        if qa is not None:
-            return scene, qa
-
-
-def sample_scenes(n: int, seed: int, turns: int = 1, exclude: set | frozenset = frozenset()) -> Iterator[dict]:
-    """`n` scenes with their questions, deterministic per `seed`.
-
-    With ``turns == 1`` question types cycle so each type gets n/5 samples; with more turns each scene gets
-    `turns` questions from :func:`scene_questions`. Yields dicts with ``scene``, ``qas`` [(q, a, type)] and
-    ``render_seed``.
-    """
-    rng = random.Random(seed)
-    for i in range(n):
-        if turns == 1:
-            qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
-            # Existence answers alternate so that exactly half are "no", as in POPE.
-            answer = ("yes", "no")[(i // len(QUESTION_TYPES)) % 2] if qtype == "exist" else None
-            scene, (q, a) = typed_scene(qtype, rng, exclude, answer)
-            qas = [(q, a, qtype)]
-        else:
-            scene = random_scene(rng)
-            while scene_key(scene) in exclude:
-                scene = random_scene(rng)
-            qas = scene_questions(scene, rng, turns)
-        yield {"scene": scene, "qas": qas, "render_seed": rng.getrandbits(32)}
-
-
-def llava_record(rec_id: str, image: str, qas: list[tuple[str, str, str]], scene: Scene) -> dict:
-    """One LLaVA-1.5 record. ``question_type`` is the first turn's type; ``objects`` is the ground truth."""
-    conv = []
-    for k, (q, a, _) in enumerate(qas):
-        conv.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + q})
-        conv.append({"from": "gpt", "value": a})
-    return {
-        "id": rec_id,
-        "image": image,
-        "conversations": conv,
-        "question_type": qas[0][2],
-        "question_types": [t for _, _, t in qas],
-        "objects": [asdict(o) for o in scene],
-    }
-
-
-def make_dataset(
-    out_dir: str | Path,
-    n: int,
-    seed: int,
-    *,
-    name: str = "shapes",
-    turns: int = 1,
-    exclude: set | frozenset = frozenset(),
-) -> Path:
-    """Write `n` scenes as PNGs under ``out_dir/images/`` and their LLaVA-1.5 JSON as ``out_dir/{name}.json``.
-
-    Deterministic per `seed` (same bytes for the same arguments). Image paths in the JSON are relative to
-    the JSON's folder. Returns the JSON's path.
-    """
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, s in enumerate(sample_scenes(n, seed, turns, exclude)):
-        rel = f"images/{name}_{i:05d}.png"
-        render(s["scene"], random.Random(s["render_seed"])).save(out_dir / rel, optimize=True)
-        records.append(llava_record(f"{name}-{i:05d}", rel, s["qas"], s["scene"]))
-    path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(records, indent=1))
-    return path
-
-
-def held_out_keys(n: int = 500) -> frozenset:
-    """Scene keys of the shipped probe and held-out sets, which training must never see."""
-    keys = set()
-    for seed in (PROBE_SEED, HELDOUT_SEED):
-        keys |= {scene_key(s["scene"]) for s in sample_scenes(n, seed)}
-    return frozenset(keys)
-
-
-# --------------------------------------------------------------------------- command line
-
-SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data_samples" / "shapes"
-
-
-def build_samples(out_dir: str | Path = SAMPLES_DIR, n: int = 500) -> tuple[Path, Path]:
-    """Write the shipped sample sets: ``probe.json`` and ``heldout.json`` (single-turn, types balanced)."""
-    probe = make_dataset(out_dir, n, PROBE_SEED, name="probe")
-    heldout = make_dataset(out_dir, n, HELDOUT_SEED, name="heldout")
-    return probe, heldout
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m saturation.shapes {build-samples,train,evaluate}``; see ``data_samples/README.md``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m saturation.shapes", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("build-samples", help="write data_samples/shapes/{probe,heldout}.json and their images")
-    p.add_argument("--out", default=str(SAMPLES_DIR))
-    p.add_argument("--n", type=int, default=500)
-    p = sub.add_parser("dataset", help="write any number of scenes as LLaVA JSON (for training other models)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="shapes")
-    p.add_argument("--turns", type=int, default=1)
-    p = sub.add_parser("train", help="train the tiny LLaVA from scratch (resumable); save it to --out")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="stage-2 steps (default: the recipe's)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's)")
-    p.add_argument("--eval", default=str(SAMPLES_DIR / "heldout.json"), help="JSON to evaluate on afterwards")
-    p = sub.add_parser("evaluate", help="held-out accuracy by question type vs blank image and blind baseline")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--data", default=str(SAMPLES_DIR / "heldout.json"))
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) or float16")
-    args = parser.parse_args(argv)
-
-    if args.command == "build-samples":
-        for path in build_samples(args.out, args.n):
-            print(path)
-    elif args.command == "dataset":
-        print(make_dataset(args.out, args.n, args.seed, name=args.name, turns=args.turns, exclude=held_out_keys()))
-    elif args.command == "train":
-        from .shapes_train import Recipe, train
-
-        overrides = {k: v for k, v in (("steps", args.steps), ("threads", args.threads)) if v}
-        recipe = Recipe(seed=args.seed, **overrides)
-        out = train(args.out, recipe, log=lambda msg: print(msg, flush=True))
-        if args.eval and Path(args.eval).is_file():
-            _print_eval(str(out), args.eval, None)
-    else:
-        _print_eval(args.model, args.data, args.dtype)
-
-
-def _print_eval(model_name: str, data: str, dtype: str | None) -> None:
-    import torch
-
-    from .data import read_records
-    from .loading import load_llava
-    from .shapes_eval import evaluate, markdown_table
-
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    model, processor = load_llava(model_name, dtype=dtype, device="cpu")
-    result = evaluate(model, processor, read_records(data))
-    print(markdown_table(result))
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .errors import ToolkitError
-
-    try:
-        main()
-    except (ToolkitError, ValueError) as err:  # bad input: one plain line, no traceback
-        sys.exit(f"error: {err}")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from . import shapes
-from .answers import answers, by_type
-from .data import Record, normalize_answer
+from ..answers import answers, by_type
+from ..data import Record, normalize_answer
+from .world import blank_image
 
 
 def blind_answers(records: list[Record]) -> list[str]:
@@ -30,7 +30,7 @@ def evaluate(model, processor, records: list[Record], batch_size: int = 100) -> 
     """``{"model": {...}, "blank": {...}, "blind": {...}, "n": {...}}``, each a per-type accuracy map."""
     gold = [normalize_answer(r.turns[0][1]) for r in records]
     real = answers(model, processor, records, batch_size=batch_size)
-    blank = answers(model, processor, records, [shapes.blank_image()] * len(records), batch_size)
+    blank = answers(model, processor, records, [blank_image()] * len(records), batch_size)
     blind = blind_answers(records)
     n = Counter(r.question_type for r in records)
     return {
