@@ -18,12 +18,21 @@ IMAGE_SIZE, PATCH = 32, 8  # 16 image tokens per image
 N_IMAGE = (IMAGE_SIZE // PATCH) ** 2
 
 
+# Language-model init std under which greedy decoding is informative: at HF's 0.02 the logits span ~0.4, so rows
+# repeat one or two tokens and a wrong decode position rarely flips an argmax; at 0.2 they span ~4.
+SHARP_STD = 0.2
 
 
-def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 6, **kw) -> LlavaForConditionalGeneration:
-    """A random tiny LLaVA in eval mode, grouped-query attention (4 heads, 2 KV heads) unless overridden."""
+def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 6, std: float | None = None,
+               **kw) -> LlavaForConditionalGeneration:
+    """A random tiny LLaVA in eval mode, grouped-query attention (4 heads, 2 KV heads) unless overridden.
+
+    `std`: the language model's init std (HF's own init, through ``initializer_range``; default 0.02).
+    """
     kw = {"hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128} | kw
     cfg = tiny_llava_config(VOCAB, image_size=IMAGE_SIZE, patch_size=PATCH, layers=layers, **kw)
+    if std is not None:
+        cfg.text_config.initializer_range = std
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
     model.set_attn_implementation(attn)
@@ -114,3 +123,30 @@ def naive_logits(routed, input_ids, attention_mask, pixel_values=None) -> torch.
     for i in plan.fusion:
         h = layer(a.layers[i], h, full)
     return a.unembed(h)
+
+
+@torch.no_grad()
+def decode_step_logits(routed, batch: dict, new: int) -> tuple[torch.Tensor, list, list]:
+    """Cached greedy ``generate``'s raw logits at every decode step, and the same steps recomputed with no cache.
+
+    Returns (the new ids [batch, new], cached step logits, recomputed step logits), each step [batch, vocab]. The
+    reference feeds the prompt plus the first t generated ids through the routed forward from scratch and takes the
+    last position, so both sides score the same tokens and a near tie cannot hide a difference. The image token is
+    suppressed: after the prompt the routed model takes text only.
+    """
+    out = routed.generate(**batch, max_new_tokens=new, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, suppress_tokens=[IMAGE])
+    n = batch["input_ids"].shape[1]
+    ids = out.sequences
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, n:])], dim=1)
+    recomputed = [routed(input_ids=ids[:, : n + t], attention_mask=mask[:, : n + t],
+                         pixel_values=batch.get("pixel_values")).logits[:, -1] for t in range(new)]
+    return ids[:, n:], list(out.logits), recomputed
+
+
+def assert_informative(new: torch.Tensor) -> None:
+    """Greedy continuations [batch, new] that change across steps and rows: a model that repeats one token scores
+    every decode position alike, so a wrong position (an off-by-one) would pass unseen."""
+    rows = [tuple(row.tolist()) for row in new.cpu()]
+    assert all(len(set(row)) >= 2 for row in rows), rows
+    assert len(set(rows)) == len(rows), rows
