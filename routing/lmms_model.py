@@ -2,30 +2,48 @@
 
 from __future__ import annotations
 
+import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
+from lmms_eval.utils import simple_parse_args_string
+from loguru import logger
 from tqdm import tqdm
 
-from saturation.loading import load_llava
+from saturation.loading import default_threads, load_llava
 
-from .lmms_plugin import generate_batch, loglikelihood
+from .lmms_plugin import MODEL_ID, batch_size_of, generate_requests, loglikelihood, model_args
 
 
 class DPVRLlava(lmms):
-    """A LLaVA checkpoint, routed when ``routing=DIR`` is given: ``--model_args pretrained=...,routing=...``."""
+    """A LLaVA checkpoint, routed when ``routing=DIR`` is given: ``--model_args pretrained=...,routing=...``.
+
+    Accepted `--model_args` keys: `routing.lmms_plugin.MODEL_ARGS`; any other key is refused (one line).
+    """
 
     is_simple = True
 
-    def __init__(self, pretrained: str = "llava-1.5-7b", routing: str | None = None, device: str | None = None,
-                 dtype: str | None = None, batch_size: int | str = 1, **kwargs) -> None:
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DPVRLlava:
+        """lmms-eval's constructor path: `--model_args` plus its own --batch_size/--device, merged once."""
+        return cls(**model_args(simple_parse_args_string(arg_string), additional_config or {}))
+
+    def __init__(self, pretrained: str = "llava-1.5-7b", routing: str | None = None, dtype: str | None = None,
+                 device: str | None = None, attn_implementation: str | None = None, batch_size: int | str = 1,
+                 max_batch_size: int | None = None, **unknown) -> None:
         super().__init__()
-        model, self.processor = load_llava(pretrained, dtype=dtype, device=device)
+        model_args(unknown, {})  # direct construction with a bad key: the same one-line refusal
+        self.batch_size_per_gpu = batch_size_of(batch_size, max_batch_size)
+        if str(batch_size).lower().startswith("auto"):
+            logger.info(f"dpvr_llava: batch_size {batch_size} -> {self.batch_size_per_gpu} (no memory probing)")
+        model, self.processor = load_llava(str(pretrained), dtype=dtype, device=device,
+                                           attn_implementation=attn_implementation)
+        if threads := default_threads(model):  # as our CLI: one model per process, tiny matmuls gain nothing
+            torch.set_num_threads(threads)
         if routing:
             from . import load
 
             model = load(model, routing)
         self.model = model.eval()
-        self.batch_size_per_gpu = int(batch_size)
         self._rank, self._world_size = 0, 1
 
     @property
@@ -44,20 +62,16 @@ class DPVRLlava(lmms):
         return list(doc_to_visual(self.task_dict[task][split][doc_id]) or [])
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        answers: list[str] = []
         args = [r.args for r in requests]
-        for start in tqdm(range(0, len(args), self.batch_size), desc="dpvr_llava", disable=self.rank != 0):
-            chunk = args[start:start + self.batch_size]
-            # a batch shares generation kwargs; lmms-eval sends one task's requests together
-            for kwargs in {repr(a[1]): a[1] for a in chunk}.values():
-                same = [a for a in chunk if a[1] == kwargs]
-                answers += generate_batch(self.model, self.processor, [a[0] for a in same],
-                                          [self._visuals(*a[2:6]) for a in same], dict(kwargs))
-        return answers
+        with tqdm(total=len(args), desc=MODEL_ID, disable=self.rank != 0) as bar:
+            return generate_requests(self.model, self.processor, [a[0] for a in args], [a[1] for a in args],
+                                     lambda i: self._visuals(*args[i][2:6]), self.batch_size, bar.update)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """(negative log-likelihood, is_greedy) per request: the loss that lmms-eval's argmin expects."""
         out = []
-        for context, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
+        for context, target, doc_to_visual, doc_id, task, split in tqdm((r.args for r in requests), total=len(requests),
+                                                                         desc=MODEL_ID, disable=self.rank != 0):
             doc = self.task_dict[task][split][doc_id]
             continuation = target if isinstance(target, str) else target(doc)
             out.append(loglikelihood(self.model, self.processor, context, continuation,
@@ -66,3 +80,4 @@ class DPVRLlava(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("dpvr_llava answers single-round requests only")
+

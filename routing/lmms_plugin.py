@@ -12,11 +12,17 @@ that lmms-eval instantiates lives in `routing.lmms_model` and only wraps them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from saturation.data import IMAGE_PLACEHOLDER
+from saturation.errors import ToolkitError
 
 MODEL_ID = "dpvr_llava"
+# Everything `--model_args` (and lmms-eval's own --batch_size/--device) may set on `DPVRLlava`.
+MODEL_ARGS = ("pretrained", "routing", "dtype", "device", "attn_implementation", "batch_size", "max_batch_size")
+AUTO_BATCH_SIZE = 8  # what --batch_size auto means here: we do not probe memory as HF's auto batch finder does
 
 
 def manifest():
@@ -24,6 +30,44 @@ def manifest():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_ID, simple_class_path="routing.lmms_model.DPVRLlava", aliases=("dpvr",))
+
+
+def model_args(args: dict, cli: dict) -> dict:
+    """`--model_args` merged with lmms-eval's own options (`cli`: batch_size, max_batch_size, device).
+
+    lmms-eval passes both as keyword arguments of one call, so ``device=`` in `--model_args` together with
+    ``--device`` would be a TypeError: the same value twice is accepted, two different ones are refused.
+    Unknown keys are refused rather than ignored (a typo like ``routng=`` would silently run vanilla).
+    """
+    unknown = sorted(set(args) - set(MODEL_ARGS))
+    if unknown:
+        raise ToolkitError(f"dpvr_llava: unknown --model_args key(s) {', '.join(unknown)}; "
+                           f"accepted: {', '.join(MODEL_ARGS)}")
+    merged = dict(args)
+    for key, value in cli.items():
+        if value is None:
+            continue
+        if key in args and str(args[key]) != str(value):
+            raise ToolkitError(f"dpvr_llava: {key} given twice ({key}={args[key]} in --model_args, --{key} {value}); "
+                               "give it once")
+        merged.setdefault(key, value)
+    return merged
+
+
+def batch_size_of(batch_size: int | str, max_batch_size: int | str | None = None) -> int:
+    """An int batch size from lmms-eval's ``N`` | ``auto`` | ``auto:N`` (auto: `AUTO_BATCH_SIZE`, capped at
+    `max_batch_size`)."""
+    text = str(batch_size).strip().lower()
+    if text.startswith("auto"):
+        cap = int(max_batch_size) if max_batch_size else AUTO_BATCH_SIZE
+        return max(1, min(AUTO_BATCH_SIZE, cap))
+    try:
+        size = int(text)
+    except ValueError:
+        raise ToolkitError(f"dpvr_llava: batch_size must be an integer or auto, got {batch_size!r}") from None
+    if size < 1:
+        raise ToolkitError(f"dpvr_llava: batch_size must be at least 1, got {size}")
+    return size
 
 
 def llava_prompt(context: str, n_images: int) -> str:
@@ -39,6 +83,13 @@ def encode(processor, prompts: list[str], images: list) -> dict:
     return processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
 
 
+def _to_model(batch: dict, model) -> dict:
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    return batch
+
+
 def truncate_at(text: str, until: list[str]) -> str:
     """Cut `text` at the first stop string."""
     for stop in until:
@@ -52,10 +103,7 @@ def generate_batch(model, processor, contexts: list[str], visuals: list[list], g
     """Answers for one batch of requests sharing `gen_kwargs` (lmms-eval's keys: max_new_tokens, temperature,
     do_sample, num_beams, top_p, until)."""
     prompts = [llava_prompt(c, len(v)) for c, v in zip(contexts, visuals)]
-    batch = encode(processor, prompts, [im.convert("RGB") for v in visuals for im in v])
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    batch = _to_model(encode(processor, prompts, [im.convert("RGB") for v in visuals for im in v]), model)
     temperature = float(gen_kwargs.get("temperature", 0) or 0)
     sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0
     extra = {"temperature": temperature, "top_p": gen_kwargs.get("top_p") or 1.0} if sample else {}
@@ -67,16 +115,52 @@ def generate_batch(model, processor, contexts: list[str], visuals: list[list], g
     return [truncate_at(t, until).strip() for t in texts]
 
 
+def batches_by_settings(settings: list[dict], batch_size: int) -> list[list[int]]:
+    """Request indices grouped by identical generation settings (one ``generate`` call needs one setting),
+    in order of first appearance, cut into batches of at most `batch_size`."""
+    groups: dict[str, list[int]] = {}
+    for i, kwargs in enumerate(settings):
+        groups.setdefault(repr(sorted(kwargs.items())), []).append(i)
+    return [idx[k:k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
+
+
+def generate_requests(model, processor, contexts: list[str], settings: list[dict],
+                      visuals: Callable[[int], list], batch_size: int,
+                      progress: Callable[[int], None] | None = None) -> list[str]:
+    """Answers to many requests, in request order (lmms-eval pairs answers with requests by position).
+
+    `visuals(i)` gives request i's images (loaded only when its batch runs); `progress(n)` is told the size of
+    each finished batch.
+    """
+    answers: list[str] = [""] * len(contexts)
+    for idx in batches_by_settings(settings, batch_size):
+        texts = generate_batch(model, processor, [contexts[i] for i in idx], [visuals(i) for i in idx],
+                               dict(settings[idx[0]]))
+        for i, text in zip(idx, texts):
+            answers[i] = text
+        if progress is not None:
+            progress(len(idx))
+    return answers
+
+
 @torch.no_grad()
 def loglikelihood(model, processor, context: str, continuation: str, images: list) -> tuple[float, bool]:
-    """(sum of log-probabilities of `continuation` after `context`, whether greedy decoding would produce it)."""
+    """(negative log-likelihood of `continuation` after `context`, summed over its tokens; whether greedy
+    decoding would produce it), from ONE forward pass over prompt + continuation.
+
+    lmms-eval's ``multiple_choice`` picks the ``argmin`` of the first value, i.e. it expects a loss (its own
+    llava model returns the per-token mean loss; ours is the sum, the exact log-probability of the choice).
+    `continuation` already carries lmms-eval's ``target_delimiter`` (a leading space), so nothing is inserted
+    between the two: the whole string is tokenized once and the prompt's tokens are cut off, as lm-eval does,
+    so a SentencePiece tokenizer sees the same text it would in generation.
+    """
     prompt = llava_prompt(context, len(images))
-    full = encode(processor, [prompt + " " + continuation], [im.convert("RGB") for im in images])
-    n_prompt = encode(processor, [prompt], [im.convert("RGB") for im in images])["input_ids"].shape[1]
-    full = {k: v.to(model.device) for k, v in full.items()}
-    if "pixel_values" in full:
-        full["pixel_values"] = full["pixel_values"].to(model.dtype)
+    rgb = [im.convert("RGB") for im in images]
+    full = _to_model(encode(processor, [prompt + continuation], rgb), model)
+    n_prompt = encode(processor, [prompt], rgb)["input_ids"].shape[1]
     logits = model(**full).logits[0, n_prompt - 1:-1].float()
     target = full["input_ids"][0, n_prompt:]
-    logp = torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum()
-    return float(logp), bool((logits.argmax(-1) == target).all())
+    if target.numel() == 0:
+        raise ToolkitError(f"dpvr_llava: continuation {continuation!r} adds no token to the prompt")
+    nll = -torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum()
+    return float(nll), bool((logits.argmax(-1) == target).all())

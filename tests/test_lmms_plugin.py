@@ -1,12 +1,49 @@
-"""lmms-eval plugin: discoverable through package metadata alone; request handling on a tiny routed model."""
+"""lmms-eval plugin: discoverable through package metadata alone; request handling on tiny and embedded models.
 
+These run without lmms-eval. The real lmms-eval CLI is exercised in tests/test_lmms_cli.py (its own venv).
+"""
+
+import json
 from importlib.metadata import entry_points
 
 import pytest
+import torch
 from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
 import routing
-from routing.lmms_plugin import MODEL_ID, generate_batch, llava_prompt, loglikelihood, truncate_at
+from conftest import make_model
+from routing.lmms_plugin import (
+    AUTO_BATCH_SIZE,
+    MODEL_ARGS,
+    MODEL_ID,
+    batch_size_of,
+    batches_by_settings,
+    generate_batch,
+    generate_requests,
+    llava_prompt,
+    loglikelihood,
+    model_args,
+    truncate_at,
+)
+from saturation.errors import ToolkitError
+from saturation.loading import DATA_SAMPLES, load_llava
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded shapes model, which answers held-out yes/no questions ~0.99 (data_samples/README.md)."""
+    torch.set_num_threads(1)
+    return load_llava("tiny")
+
+
+def heldout(question_type: str | None, n: int) -> list[tuple[str, str, Image.Image]]:
+    """(question, answer, image) of the first `n` held-out records of a type (None: any type)."""
+    records = json.loads((DATA_SAMPLES / "shapes" / "heldout.json").read_text())
+    picked = [r for r in records if question_type in (None, r["question_type"])][:n]
+    return [(r["conversations"][0]["value"].removeprefix("<image>\n"), r["conversations"][1]["value"],
+             Image.open(DATA_SAMPLES / "shapes" / r["image"]).convert("RGB")) for r in picked]
 
 
 def test_entry_point_is_registered_without_lmms_eval():
@@ -21,6 +58,97 @@ def test_prompt_template_adds_missing_image_placeholders():
     assert truncate_at("red. and more", [".", "\n"]) == "red"
 
 
+def test_loglikelihood_is_a_loss_the_right_choice_is_the_smallest(embedded):
+    """lmms-eval's multiple_choice takes argmin over what loglikelihood returns: it must be a loss (NLL)."""
+    model, processor = embedded
+    for question, answer, image in heldout("exist", 8):
+        nll = {c: loglikelihood(model, processor, question, " " + c, [image]) for c in ("yes", "no")}
+        assert all(v > 0 for v, _ in nll.values())  # -log p of a proper probability
+        assert min(nll, key=lambda c: nll[c][0]) == answer, (question, nll)
+        assert nll[answer][1] and not nll[{"yes": "no", "no": "yes"}[answer]][1]  # is_greedy for the answer only
+
+
+def sentencepiece_processor() -> LlavaProcessor:
+    """A LLaVA processor whose tokenizer works like SentencePiece (Unigram + Metaspace): a space is '▁'."""
+    pieces = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "▁", "▁USER", ":", "▁ASSISTANT", "\n", "is", "▁there",
+              "▁a", "▁red", "▁circle", "?", "▁yes", "▁no"]
+    tok = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=0, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert fast.convert_tokens_to_ids("<image>") == 4  # tiny_llava_config's image_token_id
+    from saturation.tiny import tiny_processor
+
+    return LlavaProcessor(image_processor=tiny_processor([]).image_processor, tokenizer=fast, patch_size=16,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def test_loglikelihood_scores_the_continuation_as_given_no_extra_space_token():
+    """The continuation carries lmms-eval's target_delimiter (' yes'): with SentencePiece, adding another
+    space would score two tokens ('▁', '▁yes') instead of '▁yes'."""
+    processor = sentencepiece_processor()
+    model = make_model(processor, layers=2)
+    seen = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"][0]), with_kwargs=True)
+    image = [Image.new("RGB", (32, 32), "red")]
+    nll, _ = loglikelihood(model, processor, "is there a red circle?", " yes", image)
+    prompt_len = len(processor(images=image, text=[llava_prompt("is there a red circle?", 1)])["input_ids"][0])
+    scored = seen[-1][prompt_len:].tolist()
+    assert processor.tokenizer.convert_ids_to_tokens(scored) == ["▁yes"]
+    with torch.no_grad():  # and the value is -log p('▁yes' | prompt) from that same sequence
+        logits = model(**processor(images=image, text=[llava_prompt("is there a red circle?", 1) + " yes"],
+                                   return_tensors="pt")).logits[0, prompt_len - 1]
+    assert nll == pytest.approx(-torch.log_softmax(logits.float(), -1)[scored[0]].item(), rel=1e-5)
+
+
+def test_batches_group_by_settings_in_order_of_appearance():
+    a, b = {"max_new_tokens": 8}, {"max_new_tokens": 1, "until": ["\n"]}
+    assert batches_by_settings([a, b, a, a, b], 2) == [[0, 2], [3], [1, 4]]
+    assert batches_by_settings([a, dict(a)], 4) == [[0, 1]]  # equal settings share a batch
+
+
+def test_generate_requests_keeps_request_order_with_mixed_settings(embedded):
+    """lmms-eval pairs answers with requests by position: a batch mixing settings must not reorder them."""
+    model, processor = embedded
+    picked = heldout("colour", 2) + heldout("exist", 2) + heldout("count", 2)
+    contexts, images = [q for q, _, _ in picked], [[im] for _, _, im in picked]
+    settings = [{"max_new_tokens": 4}, {"max_new_tokens": 4, "until": ["\n"]}] * 3
+    got = generate_requests(model, processor, contexts, settings, lambda i: images[i], batch_size=6)
+    alone = [generate_batch(model, processor, [c], [im], s)[0] for c, im, s in zip(contexts, images, settings)]
+    assert got == alone
+    assert got == [a for _, a, _ in picked]  # the embedded model knows these, so order errors would show
+    assert len(set(got)) > 2
+
+
+def test_unknown_model_args_are_refused_with_the_accepted_keys():
+    with pytest.raises(ToolkitError) as err:
+        model_args({"pretrained": "tiny", "routng": "runs/x"}, {})
+    message = str(err.value)
+    assert "\n" not in message and "routng" in message
+    assert all(key in message for key in MODEL_ARGS)
+
+
+def test_device_given_in_model_args_and_on_the_command_line():
+    # lmms-eval passes both as keywords of one call: merged once, the same value twice is fine
+    assert model_args({"pretrained": "tiny", "device": "cpu"}, {"device": "cpu", "batch_size": "4"}) == {
+        "pretrained": "tiny", "device": "cpu", "batch_size": "4"}
+    assert model_args({"pretrained": "tiny"}, {"device": "cpu", "max_batch_size": None}) == {
+        "pretrained": "tiny", "device": "cpu"}
+    with pytest.raises(ToolkitError, match="device given twice"):
+        model_args({"device": "cuda"}, {"device": "cpu"})
+
+
+def test_batch_size_auto_and_bad_values():
+    assert batch_size_of("4") == 4 and batch_size_of(1) == 1
+    assert batch_size_of("auto") == AUTO_BATCH_SIZE and batch_size_of("auto:4") == AUTO_BATCH_SIZE
+    assert batch_size_of("auto", max_batch_size=2) == 2
+    for bad in ("0", "big", "-3"):
+        with pytest.raises(ToolkitError, match="batch_size"):
+            batch_size_of(bad)
+
+
 def test_generate_and_loglikelihood_agree_on_the_greedy_answer(tiny_model, processor):
     routed = routing.build(tiny_model, 2).eval()
     images = [[Image.new("RGB", (32, 32), c)] for c in ("red", "blue", "green")]
@@ -30,12 +158,12 @@ def test_generate_and_loglikelihood_agree_on_the_greedy_answer(tiny_model, proce
     single = generate_batch(routed, processor, contexts[1:2], images[1:2], {"max_new_tokens": 3})
     assert single[0] == answers[1]  # batching and left padding change nothing
     k = next(i for i, a in enumerate(answers) if a)  # random weights: some answer is a non-empty word string
-    logp, greedy = loglikelihood(routed, processor, contexts[k], answers[k], images[k])
-    assert greedy and logp < 0
+    nll, greedy = loglikelihood(routed, processor, contexts[k], " " + answers[k], images[k])
+    assert greedy and nll > 0
 
 
 def test_lmms_model_class_with_lmms_eval(tiny_model, tiny_model_dir, tmp_path):
-    """Only where lmms-eval is installed (a separate venv: it pulls torchvision); see README."""
+    """Only where lmms-eval is installed (its own venv: tools/ci_eval.sh); the CLI itself: test_lmms_cli.py."""
     pytest.importorskip("lmms_eval")
     from lmms_eval.api.instance import Instance
     from lmms_eval.api.model import lmms
@@ -44,7 +172,9 @@ def test_lmms_model_class_with_lmms_eval(tiny_model, tiny_model_dir, tmp_path):
     cls = get_model(MODEL_ID)  # resolved through our entry point
     assert issubclass(cls, lmms) and cls.is_simple
     routing.build(tiny_model, 2).save_routing(tmp_path / "routing")
-    model = cls(pretrained=str(tiny_model_dir), routing=str(tmp_path / "routing"), device="cpu", batch_size=2)
+    model = cls.create_from_arg_string(f"pretrained={tiny_model_dir},routing={tmp_path / 'routing'},device=cpu",
+                                       {"batch_size": "2", "device": "cpu", "max_batch_size": None})
+    assert model.batch_size == 2
     docs = [{"image": Image.new("RGB", (32, 32), c), "q": "what colour is the circle?"} for c in ("red", "blue", "green")]
     model.task_dict = {"shapes": {"test": docs}}
 
@@ -55,8 +185,10 @@ def test_lmms_model_class_with_lmms_eval(tiny_model, tiny_model_dir, tmp_path):
                                        i, "shapes", "test"), idx=i, metadata={"task": "shapes", "doc_id": i, "repeats": 1}) for i in range(3)]
     answers = model.generate_until(gen)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    ll = [Instance("loglikelihood", ("what colour is the circle?", "red", visual, i, "shapes", "test"), idx=i,
+    ll = [Instance("loglikelihood", ("what colour is the circle?", " red", visual, i, "shapes", "test"), idx=i,
                    metadata={"task": "shapes", "doc_id": i, "repeats": 1})
           for i in range(3)]
     scores = model.loglikelihood(ll)
-    assert len(scores) == 3 and all(logp < 0 for logp, _ in scores)
+    assert len(scores) == 3 and all(nll > 0 for nll, _ in scores)
+    with pytest.raises(ToolkitError, match="accepted: pretrained"):
+        cls.create_from_arg_string("pretrained=tiny,routng=x", {"batch_size": 1})
