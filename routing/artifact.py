@@ -4,14 +4,21 @@ A routing directory holds::
 
     side_branch.safetensors   the side-branch weights (d_v decoder layers)
     routing.json              split, variant, K, d_v, base model id + geometry + weight fingerprint, toolkit version
+
+Both are written into a temporary sibling folder that then replaces the old artifact, so a crash mid-save
+leaves the previous artifact whole. Readers accept the artifact folder or the run folder of `routing train`
+(whose ``routing/`` subfolder is the artifact).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saturation import __version__ as toolkit_version
@@ -21,6 +28,10 @@ from saturation.errors import ToolkitError
 WEIGHTS = "side_branch.safetensors"
 MANIFEST = "routing.json"
 FORMAT = "dpvr-routing/1"
+RUN_SUBFOLDER = "routing"  # `routing train --out D` writes the artifact to D/routing
+# the keys `load` needs, with their JSON types (bool is excluded from int below: JSON true is not a layer index)
+REQUIRED = {"variant": str, "split": int, "fusion_layers": int, "side_depth": int, "num_layers": int,
+            "base_geometry": dict, "base_fingerprint": list}
 
 
 def base_geometry(model) -> dict:
@@ -57,13 +68,54 @@ def _base_id(model) -> str:
     return str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
 
 
+def _aside(out: Path) -> Path:
+    """Where the old artifact waits while the new one is renamed into place (see `_swap`)."""
+    return out.with_name(f".{out.name}.old-{os.getpid()}")
+
+
+def _recover(out: Path) -> None:
+    """Bring back an old artifact that a crash left renamed aside (between the two renames of `_swap`)."""
+    if out.exists():
+        return
+    left = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime) if out.parent.is_dir() else []
+    if left:
+        try:
+            os.replace(left[-1], out)
+        except OSError:  # a reader without write access: the error about the missing artifact says enough
+            pass
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Replace folder `out` by `new`. POSIX cannot rename over a non-empty folder, so the old one is renamed
+    aside first and removed last; a crash in between leaves it aside whole, and `_recover` brings it back."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = _aside(out)
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_replaceable(out: Path) -> None:
+    """`save_routing` replaces the whole folder: refuse one that holds anything but an artifact."""
+    if out.exists() and not out.is_dir():
+        raise ToolkitError(f"cannot save a routing to '{out}': it is a file")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in (WEIGHTS, MANIFEST))
+        if others:
+            raise ToolkitError(f"'{out}' is not a routing artifact (it holds {', '.join(others[:3])}): "
+                               "save the routing to a new or empty folder")
+
+
 def save_routing(routed, directory) -> Path:
-    """Write `routed`'s side branch and plan under `directory` (created if needed). Returns the directory."""
+    """Write `routed`'s side branch and plan under `directory`, replacing an old artifact there atomically."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    _recover(out)
+    _check_replaceable(out)
     plan = routed.plan
     state = {k: v.detach().contiguous().cpu() for k, v in routed.side.state_dict().items()}
-    save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
     manifest = {
         "format": FORMAT,
         "variant": plan.variant,
@@ -78,23 +130,73 @@ def save_routing(routed, directory) -> Path:
         "dtype": str(next(routed.side.parameters()).dtype).removeprefix("torch."),
         "toolkit_version": toolkit_version,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _swap(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def read_manifest(directory) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.is_file() or not (Path(directory) / WEIGHTS).is_file():
-        raise ToolkitError(f"'{directory}' is not a routing directory: it needs {MANIFEST} and {WEIGHTS}")
-    manifest = json.loads(path.read_text())
+def artifact_dir(directory) -> Path:
+    """The artifact folder itself, or the ``routing/`` subfolder of a `routing train` run folder."""
+    d = Path(directory)
+    _recover(d)
+    if not (d / MANIFEST).exists() and (d / RUN_SUBFOLDER / MANIFEST).exists():
+        d = d / RUN_SUBFOLDER
+        _recover(d)
+    return d
+
+
+def _validate(manifest, path: Path) -> dict:
+    """Refuse a manifest `load` cannot use, with one line naming the file and the problem."""
+    if not isinstance(manifest, dict):
+        raise ToolkitError(f"{path} is not a routing manifest (expected a JSON object)")
     if manifest.get("format") != FORMAT:
         raise ToolkitError(f"{path}: unknown routing format {manifest.get('format')!r} (expected {FORMAT})")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ToolkitError(f"{path} lacks {', '.join(missing)}: it was not written by `routing train`, "
+                           "or was edited; train it again")
+    for key, kind in REQUIRED.items():
+        value = manifest[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ToolkitError(f"{path}: '{key}' must be a JSON {kind.__name__}, got {value!r}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in manifest["base_fingerprint"]):
+        raise ToolkitError(f"{path}: 'base_fingerprint' must be a list of numbers")
+    from .plan import make_plan
+
+    try:  # split in range, known variant, K and d_v that fit: the plan's own checks
+        make_plan(manifest["num_layers"], manifest["split"], manifest["variant"], manifest["fusion_layers"],
+                  manifest["side_depth"])
+    except ToolkitError as err:
+        raise ToolkitError(f"{path}: {err}") from None
     return manifest
+
+
+def read_manifest(directory) -> dict:
+    """The validated ``routing.json`` of an artifact (or of a run folder's ``routing/``)."""
+    d = artifact_dir(directory)
+    path = d / MANIFEST
+    if not path.is_file() or not (d / WEIGHTS).is_file():
+        raise ToolkitError(f"'{directory}' is not a routing directory: it needs {MANIFEST} and {WEIGHTS} "
+                           f"(or a {RUN_SUBFOLDER}/ subfolder with them, as `routing train --out` writes)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ToolkitError(f"malformed JSON in {path}: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except UnicodeDecodeError:
+        raise ToolkitError(f"malformed JSON in {path}: not UTF-8 text") from None
+    return _validate(manifest, path)
 
 
 def check_base(model, manifest: dict, where: str) -> None:
     """Refuse a base that is not the one the routing was trained on, with one line saying what differs."""
-    saved_id, base_id = manifest.get("base_model", ""), _base_id(model)
+    saved_id, base_id = str(manifest.get("base_model") or ""), _base_id(model)
     if saved_id and base_id and Path(saved_id).name != Path(base_id).name:
         raise ToolkitError(f"routing {where} was built on '{saved_id}', not on '{base_id}'")
     geometry = base_geometry(model)
@@ -111,14 +213,26 @@ def check_base(model, manifest: dict, where: str) -> None:
 
 
 def load(model, directory):
-    """Rebuild a saved routing on `model`; refuses a mismatched base with a `ToolkitError`."""
+    """Rebuild a saved routing on `model` (`directory`: the artifact or a `routing train` run folder).
+
+    Refuses a mismatched base or a damaged artifact with a `ToolkitError`.
+    """
     from .model import build
 
+    directory = artifact_dir(directory)
     manifest = read_manifest(directory)
     check_base(model, manifest, f"'{directory}'")
     routed = build(model, manifest["split"], manifest["variant"], manifest["fusion_layers"], manifest["side_depth"])
-    state = load_file(str(Path(directory) / WEIGHTS))
-    missing, unexpected = routed.side.load_state_dict(state, strict=False)
+    weights = directory / WEIGHTS
+    try:  # never torch.load: safetensors only, and a file that is not one is the user's error, not a crash
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise ToolkitError(f"{weights} is not a readable safetensors file ({err})") from None
+    try:
+        missing, unexpected = routed.side.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # right names, wrong shapes
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise ToolkitError(f"routing '{directory}': side-branch weights do not fit the plan ({detail})") from None
     if missing or unexpected:
         raise ToolkitError(f"routing '{directory}': side-branch weights do not match the plan "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
