@@ -150,3 +150,12 @@ def assert_informative(new: torch.Tensor) -> None:
     rows = [tuple(row.tolist()) for row in new.cpu()]
     assert all(len(set(row)) >= 2 for row in rows), rows
     assert len(set(rows)) == len(rows), rows
+
+
+def perturb_side(routed, seed: int = 3, scale: float = 0.05):
+    """Move the side branch away from its initial copy of layer s, so that it matters which layer reads it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in routed.side.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
+    return routed
