@@ -77,7 +77,7 @@ def probe_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
-    rule: Annotated[str, typer.Option(help="Split rule: paper | attention | cosine | conservative (see saturation.recommend).")] = "paper",
+    rule: Annotated[str, typer.Option(help="Split rule: auto (the paper's rule as a floor, later while text still reads image tokens that are not yet close to final) | paper (as published: s = L_trans - round(L/8)) | attention | cosine | conservative (the latest of all). See saturation.recommend.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished shards in --out (same model, seed and data only).")] = True,
     backend: Annotated[str, typer.Option(help="hf (hooks on the anatomy) | transformer-lens (extra 'lens').")] = "hf",
 ) -> None:
@@ -246,7 +246,7 @@ def reproduce_cmd(
     n_eval: Annotated[int | None, typer.Option(help="Held-out questions to evaluate (default: all).")] = None,
     probe_n: Annotated[int, typer.Option(help="Samples for the saturation probe.")] = 64,
     sweep_radius: Annotated[int | None, typer.Option(help="Split sweep covers s-r .. s+r (default: every split 1..L-2).")] = None,
-    rule: Annotated[str, typer.Option(help="The probe's split rule: paper | attention | cosine | conservative.")] = "paper",
+    rule: Annotated[str, typer.Option(help="The probe's split rule: auto (default) | paper | attention | cosine | conservative (see saturation probe --help).")] = "auto",
     probe_data: Annotated[Path | None, typer.Option(help="LLaVA JSON for the probe (default: embedded shapes probe set).")] = None,
     train_data: Annotated[Path | None, typer.Option(help="LLaVA JSON to train on (default: generated shapes world).")] = None,
     eval_data: Annotated[Path | None, typer.Option(help="LLaVA JSON with answers (default: embedded held-out shapes set).")] = None,

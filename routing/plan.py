@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saturation.errors import ToolkitError
+from saturation.recommend import split_range
 
 VARIANTS = ("lf", "pc", "kv", "lf-ideal")
 DEEP_MODE = {"lf": "text_only", "lf-ideal": "text_only", "pc": "reset", "kv": "kv_only"}
@@ -106,13 +107,8 @@ def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: i
         raise ToolkitError("variant 'lf' needs fusion_layers >= 1; with no fusion layer it is 'lf-ideal'")
     if not isinstance(split, int) or isinstance(split, bool):
         raise ToolkitError(f"split must be an integer layer index, got {split!r}")
-    if fusion_layers < 0 or side_depth < 1:
-        raise ToolkitError(f"need fusion_layers >= 0 and side_depth >= 1, got {fusion_layers} and {side_depth}")
-    last = num_layers - fusion_layers - 1  # a shallow stack, and at least one deep layer before the fusion layers
-    if not 1 <= split <= last:
-        raise ToolkitError(f"split {split} is out of range for a {num_layers}-layer model with {fusion_layers} "
-                           f"fusion layer(s): choose 1..{last}")
-    if split + side_depth > num_layers:
-        raise ToolkitError(f"side_depth {side_depth} needs layers {split}..{split + side_depth - 1} to copy, "
-                           f"but the model has {num_layers}")
+    valid = split_range(num_layers, fusion_layers, side_depth)  # the one definition, shared with the probe's rules
+    if split not in valid:
+        raise ToolkitError(f"split {split} is out of range for a {num_layers}-layer model with K={fusion_layers} "
+                           f"fusion layer(s) and side depth {side_depth}: choose {valid.start}..{valid.stop - 1}")
     return RoutingPlan(variant, num_layers, split, fusion_layers, side_depth)

@@ -17,6 +17,7 @@ from saturation.data import collate, encode_record, read_records, sample_records
 from saturation.files import write_json, write_text
 from saturation.loading import DATA_SAMPLES, cpu_threads, load_llava, resolve_name
 from saturation.probe import ProbeConfig, run_probe
+from saturation.recommend import split_range
 
 from . import flops
 from .evaluate import evaluate
@@ -42,7 +43,7 @@ class ReproduceConfig:
     n_eval: int | None = None  # default: all of it
     probe_n: int = 64
     sweep_radius: int | None = None  # split sweep: s-r .. s+r (clipped); None: every valid split
-    rule: str = "paper"  # the probe's split rule (saturation.recommend)
+    rule: str = "auto"  # the probe's split rule (saturation.recommend)
     fusion_sweep: tuple[int, ...] = (1, 2)
     seed: int = 0
     dtype: str | None = None
@@ -129,10 +130,11 @@ def zero_gradient_check(ctx: Context, split: int) -> dict:
     return {v: build(ctx.model, split, v).side_gradient_norm(**batch) for v in ("lf-ideal", "lf")}
 
 
-def sweep_splits(split: int, radius: int | None, num_layers: int) -> list[int]:
-    """Splits for the sweep: s-radius .. s+radius within [1, L-2], or all of [1, L-2] when radius is None."""
-    lo, hi = (1, num_layers - 2) if radius is None else (split - radius, split + radius)
-    return [s for s in range(lo, hi + 1) if 1 <= s <= num_layers - 2]
+def sweep_splits(split: int, radius: int | None, num_layers: int, fusion_layers: int = 1,
+                 side_depth: int = 1) -> list[int]:
+    """Splits for the sweep: s-radius .. s+radius within `split_range`, or all of it when radius is None."""
+    valid = split_range(num_layers, fusion_layers, side_depth)
+    return [s for s in valid if radius is None or abs(s - split) <= radius]
 
 
 def run_reproduce(cfg: ReproduceConfig, log=print) -> dict:

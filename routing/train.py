@@ -274,12 +274,14 @@ def default_out(model: str, variant: str, split: int) -> Path:
 
 def resolve_training_split(cfg: TrainConfig, num_layers: int, log=print) -> tuple[int, str]:
     """The split to train at, running the probe first when `--split auto` finds no recommendation."""
-    split, source = resolve_split(cfg.split, num_layers, resolve_name(cfg.model), cfg.probe, PROBE_ROOT)
+    split, source = resolve_split(cfg.split, num_layers, resolve_name(cfg.model), cfg.probe, PROBE_ROOT,
+                                  cfg.fusion_layers, cfg.side_depth)
     if source != "missing":
         return split, source
     log(f"no saturation probe found for '{cfg.model}' under {PROBE_ROOT}: running `saturation probe` first")
     result = run_probe(ProbeConfig(model=cfg.model, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device))
-    return validate_split(result.recommendation["split"], num_layers), str(result.recommendation_path)
+    return (validate_split(result.recommendation["split"], num_layers, cfg.fusion_layers, cfg.side_depth),
+            str(result.recommendation_path))
 
 
 def run_train(cfg: TrainConfig, log=print) -> dict:

@@ -170,8 +170,7 @@ def plateau_layer(curve: Sequence[float], tolerance: float = 0.1, tail: float = 
     if not finite:
         raise ValueError("plateau_layer: the curve has no finite value")
     values = [v for _, v in finite]
-    k = max(2, math.ceil(tail * len(values)))
-    final = statistics.median(values[-k:])
+    final = final_level(values, tail)
     band = max(tolerance * (max(values) - min(values)), floor)
     answer = finite[-1][0]
     for i, v in reversed(finite):
@@ -179,3 +178,15 @@ def plateau_layer(curve: Sequence[float], tolerance: float = 0.1, tail: float = 
             break
         answer = i
     return answer
+
+
+def final_level(curve: Sequence[float], tail: float = 0.25) -> float:
+    """The level a curve settles at: the median of its last `tail` share of layers (at least 2). NaNs are ignored.
+
+    A median, not the last value, so one odd layer at the end (the last layer often is) does not move it.
+    """
+    values = [float(v) for v in curve if not math.isnan(float(v))]
+    if not values:
+        raise ValueError("final_level: the curve has no finite value")
+    k = max(2, math.ceil(tail * len(values)))
+    return statistics.median(values[-k:])

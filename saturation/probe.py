@@ -394,7 +394,7 @@ class ProbeConfig:
     seed: int = 0  # chooses the samples
     dtype: str | None = None  # None: fp32 on CPU, the checkpoint's dtype on GPU
     device: str | None = None  # None: cuda if available
-    rule: str = "paper"  # split rule, see saturation.recommend.RULES
+    rule: str = "auto"  # split rule, see saturation.recommend.RULES
     resume: bool = True  # reuse finished shards in `out`
     backend: str = "hf"  # 'hf' hooks, or 'transformer-lens' (extra `lens`)
     progress: bool = True
@@ -436,11 +436,14 @@ def summary_lines(result: ProbeResult, figures: list[Path] = ()) -> list[str]:
         f"({result.probed} probed now, {result.n - result.probed} from shards, {result.seconds:.1f} s)",
         f"  recommended split  s = {rec['split']}   (rule '{rec['rule']}')",
         f"    {ev['rule_definition']}",
+        f"    decided by: {ev.get('decided_by', '-')}",
         f"  logit-lens 50% transition  image L{t['image']}, text L{t['text']}",
         f"  text->image attention  plateau L{ev['attention_plateau_layer']}; "
         f"cross-check: {'agrees' if ev['cross_check']['agrees'] else 'DISAGREES'} ({ev['cross_check']['text']})",
         "  other rules  " + ", ".join(f"{k} {v}" for k, v in alt.items()),
     ]
+    if ev.get("disagreement"):  # rules far apart: say so plainly, with the conservative choice
+        lines.append(f"  WARNING: {ev['disagreement']['text']}")
     if "caveat" in ev:
         lines.append(f"  note: {ev['caveat']}")
     lines += [f"  files in {result.out}:",

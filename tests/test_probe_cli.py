@@ -30,7 +30,7 @@ def test_writes_every_output(tiny_model_dir, dataset, tmp_path):
     for name in ("per_sample.parquet", "summary.csv", "recommendation.json", "figure2.png", "figure2.pdf"):
         assert (out / name).stat().st_size > 0, name
     rec = json.loads((out / "recommendation.json").read_text())
-    assert isinstance(rec["split"], int) and rec["num_layers"] == 6 and rec["rule"] == "paper"
+    assert isinstance(rec["split"], int) and rec["num_layers"] == 6 and rec["rule"] == "auto"
     assert f"recommended split  s = {rec['split']}" in result.output and str(out) in result.output
 
     again = _probe("--model", tiny_model_dir, "--data", dataset, "--n", 4, "--out", out, "--rule", "conservative")
