@@ -5,6 +5,7 @@ Each command is a thin shell over a library function; bad input becomes one plai
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -12,8 +13,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from saturation.errors import ToolkitError
+from saturation.files import atomic_write, ensure_output_dir, ensure_output_file, write_json
 
 err_console = Console(stderr=True)
 
@@ -32,21 +35,81 @@ routing_app = typer.Typer(
 )
 
 
+class _LineTracker:
+    """Stands in for ``sys.stderr`` during a command and remembers whether the last write ended a line.
+
+    Progress bars (tqdm's, rich's) leave the cursor after their text; an error printed there would be glued to the
+    bar. Only what goes through Python is seen, which is every bar and log line the toolkit and its libraries print.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self._stream.write(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str):  # isatty, flush, fileno, encoding ... of the real stream
+        return getattr(self._stream, name)
+
+
+def _fresh_line(tracker: _LineTracker) -> None:
+    """Close every open tqdm bar (else it redraws itself after the error, at exit), then end a half-written line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        tqdm = None
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+    if not tracker.at_line_start:
+        tracker.write("\n")
+
+
 def friendly(fn):
-    """Turn `ToolkitError` into one red line on stderr and exit 1; Ctrl-C into exit 130."""
+    """Turn `ToolkitError` into one red line on stderr, at the start of a line, and exit 1; Ctrl-C into exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        real = sys.stderr
+        tracker = sys.stderr = _LineTracker(real)
         try:
             return fn(*args, **kwargs)
         except ToolkitError as err:
-            err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+            _fresh_line(tracker)
+            message = escape(" ".join(str(err).split()))  # one line, whatever the message holds; no markup in it
+            err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
+            _fresh_line(tracker)
             err_console.print("[yellow]interrupted[/] (finished work is kept; rerun to resume)")
             raise typer.Exit(130) from None
+        finally:
+            if sys.stderr is tracker:
+                sys.stderr = real
 
     return wrapper
+
+
+def require_positive(**options: int | None) -> None:
+    """One plain line for a count below 1 (typer's own ``min=`` would print a usage box and exit 2)."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise ToolkitError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have now, before data or weights are read."""
+    if device is not None:
+        from saturation.loading import resolve_device
+
+        resolve_device(device)
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'tiny' (embedded), 'llava-1.5-7b', 'llava-1.5-13b', a hub id or a local directory.")]
@@ -85,6 +148,7 @@ def probe_cmd(
     from figures.figure2 import figure2_from_dir
     from saturation.probe import ProbeConfig, run_probe, summary_lines
 
+    require_positive(n=n, batch_size=batch_size)  # run_probe checks the device and --out before any work
     cfg = ProbeConfig(model=model, n=n, data=data, image_folder=image_folder, out=out, batch_size=batch_size,
                       seed=seed, dtype=dtype, device=device, rule=rule, resume=resume, backend=backend)
     result = run_probe(cfg)
@@ -181,12 +245,14 @@ def eval_cmd(
     device: DeviceOpt = None,
 ) -> None:
     """Exact-match accuracy (overall and per question_type) with greedy, KV-cached, batched generation."""
-    import json
-
     from rich.table import Table
 
     from routing.evaluate import evaluate
 
+    require_positive(n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    check_device(device)
+    if json_out is not None:
+        ensure_output_file(json_out, "--json")
     records = held_out_records(data, n, seed)
     net, processor = load_model_for_cli(model, routing_dir, dtype, device)
     result, table = evaluate(net, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -199,9 +265,8 @@ def eval_cmd(
     view.add_row("overall", f"{result['accuracy']:.3f}", style="bold")
     Console().print(view)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=1))
-        table.to_csv(json_out.with_suffix(".csv"), index=False)
+        write_json(json_out, result)
+        atomic_write(json_out.with_suffix(".csv"), lambda p: table.to_csv(p, index=False))
         Console().print(f"wrote {json_out} and {json_out.with_suffix('.csv')}", highlight=False)
 
 
@@ -224,6 +289,8 @@ def generate_cmd(
 
     from saturation.data import Record, generation_batch, load_image
 
+    require_positive(max_new_tokens=max_new_tokens)
+    check_device(device)
     records = [Record(id=str(p), image=p, turns=((prompt, ""),)) for p in image]
     images = [load_image(r) for r in records]
     net, processor = load_model_for_cli(model, routing_dir, dtype, device)
@@ -265,6 +332,9 @@ def reproduce_cmd(
     from figures.training import loss_curve
     from routing.reproduce import ReproduceConfig, run_reproduce
 
+    ensure_output_dir(out)
+    check_device(device)
+    require_positive(n_eval=n_eval, probe_n=probe_n)
     started = time.perf_counter()
     cfg = ReproduceConfig(model=model, out=out, max_steps=max_steps, n_eval=n_eval, probe_n=probe_n,
                           sweep_radius=sweep_radius, rule=rule, probe_data=probe_data, train_data=train_data, eval_data=eval_data,
@@ -304,10 +374,12 @@ def analyze_cmd(
     from figures.mechanism import mechanism_figure
     from routing.analysis import mechanism, summarize
 
+    require_positive(n=n, batch_size=batch_size)
+    check_device(device)
+    out = ensure_output_dir(out or Path(routing_dir).parent / "analysis")
     records = held_out_records(data, n, seed)
     routed, processor = load_model_for_cli(model, routing_dir, dtype, device)
     tables = mechanism(routed.base, routed.eval(), processor, records, batch_size=batch_size)
-    out = out or Path(routing_dir).parent / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     for name, frame in tables.items():
         frame.to_csv(out / f"{name}.csv", index=False)
@@ -354,8 +426,13 @@ def bench_cmd(
     from figures.io import save_figure
     from figures.latency import latency_figure
     from routing.benchmark import BenchConfig, run_bench, summary_table
-    from saturation.files import write_json
 
+    require_positive(batch_size=batch_size)
+    check_device(device)
+    if json_out is not None:
+        ensure_output_file(json_out, "--json")
+    else:
+        ensure_output_dir(Path("runs/bench"), "--json's default folder")
     cfg = BenchConfig(model=model, geometry=geometry, layers=layers, routing=routing_dir, split=split,
                       fusion_layers=fusion_layers, side_depth=side_depth, variants=variants, text_tokens=text_tokens,
                       batch=batch_size, new_tokens=new_tokens, repeats=repeats, warmup=warmup, dtype=dtype,

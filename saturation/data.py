@@ -36,6 +36,9 @@ def _parse_record(raw: object, index: int, image_folder: Path) -> Record:
     where = f"record {index} (id {rid})"
     if "image" not in raw:
         raise ToolkitError(f"{where}: no 'image' field")
+    image = raw["image"]
+    if not isinstance(image, str) or not image.strip():  # null, a number, a list: never a path to open
+        raise ToolkitError(f"{where}: 'image' must be a relative file path, got {json.dumps(image)}")
     convs = raw.get("conversations")
     if not isinstance(convs, list) or len(convs) < 2:
         raise ToolkitError(f"{where}: 'conversations' must be a list of human/gpt turns")
@@ -52,7 +55,7 @@ def _parse_record(raw: object, index: int, image_folder: Path) -> Record:
         raise ToolkitError(f"{where}: exactly one '{IMAGE_PLACEHOLDER}' per record is supported")
     turns = [(q.replace(IMAGE_PLACEHOLDER, "").strip(), a.strip()) for q, a in turns]
     known = {"id", "image", "conversations", "question_type"}
-    return Record(rid, image_folder / str(raw["image"]), tuple(turns), raw.get("question_type"),
+    return Record(rid, image_folder / image, tuple(turns), raw.get("question_type"),
                   {k: v for k, v in raw.items() if k not in known})
 
 
@@ -100,8 +103,16 @@ def load_image(record: Record) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise ToolkitError(f"record {record.id}: image file not found: {record.image}") from None
+    except Image.DecompressionBombError as err:  # over 2x MAX_IMAGE_PIXELS: PIL refuses before decoding
+        raise ToolkitError(f"record {record.id}: image {record.image} is too large to open safely: "
+                           f"{_first_line(err)}") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise ToolkitError(f"record {record.id}: cannot read image {record.image}: {err}") from None
+        raise ToolkitError(f"record {record.id}: cannot read image {record.image}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def question_text(question: str, first: bool) -> str:

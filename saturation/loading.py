@@ -49,13 +49,30 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`None` picks CUDA when present, else CPU."""
+    """`None` picks CUDA when present, else CPU. Anything else must exist on this machine: checked here, before
+    any work, because torch only fails at the first tensor moved there (with a traceback)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise ToolkitError(f"unknown device '{device}': {err}") from None
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ToolkitError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ToolkitError(f"device '{device}': MPS is not available on this machine; use --device cpu")
+        return dev
+    if dev.type != "cuda":
+        raise ToolkitError(f"device '{device}' is not supported: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ToolkitError(f"device '{device}': CUDA is not available on this machine ({why}); use --device cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ToolkitError(f"device '{device}' does not exist: this machine has {count} CUDA device(s), "
+                           f"cuda:0..cuda:{count - 1}")
+    return dev
 
 
 def _hub_reachable() -> bool:

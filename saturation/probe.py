@@ -56,7 +56,7 @@ from . import metrics
 from .anatomy import Anatomy, anatomy, position_ids_from_mask
 from .data import Record, collate, encode_record, read_records, sample_records
 from .errors import ToolkitError
-from .files import atomic_write, write_json
+from .files import atomic_write, ensure_output_dir, write_json
 from .loading import (
     DATA_SAMPLES,
     cpu_threads,
@@ -86,6 +86,9 @@ KEYS: tuple[tuple[str, str], ...] = (
 TABLE_COLUMNS = ["sample", "sample_id", "layer", "modality", "metric", "value"]
 SUMMARY_COLUMNS = ["layer", "modality", "metric", "median", "q25", "q75"]
 LENS_CHUNK_ELEMENTS = 1 << 25  # rows x vocab per logit-lens chunk: 128 MB of fp32 logits
+# What a finished run leaves in DIR (Figure 2 is drawn there by `figures.figure2`). A fresh start removes them
+# first, so a run that then fails never leaves an old recommendation beside the new manifest.
+RESULT_FILES = ("recommendation.json", "summary.csv", "per_sample.parquet", "figure2.png", "figure2.pdf")
 
 
 # --- eager attention, local to the probe ---
@@ -512,6 +515,9 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
 
     _check_options(cfg)
     given = model is not None
+    out = ensure_output_dir(cfg.out if cfg.out is not None else default_out(cfg.model))
+    device = next(model.parameters()).device if given else resolve_device(cfg.device)
+    dtype = next(model.parameters()).dtype if given else resolve_dtype(cfg.dtype, device)
     if not given:
         config = load_config(cfg.model)  # fail fast (offline, not LLaVA) before reading the data
         model_name = resolve_name(cfg.model)
@@ -519,14 +525,13 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
         config = model.config
         model_name = str(getattr(model, "name_or_path", "") or cfg.model)
     data, records, samples = plan_samples(cfg)
-    out = Path(cfg.out) if cfg.out is not None else default_out(cfg.model)
-    if out.exists() and not out.is_dir():
-        raise ToolkitError(f"--out {out} exists and is not a folder")
     store = ShardStore(out / "samples")
-    device = next(model.parameters()).device if given else resolve_device(cfg.device)
-    dtype = next(model.parameters()).dtype if given else resolve_dtype(cfg.dtype, device)
     fingerprint = {"model": model_name, "seed": cfg.seed, "data": str(data.resolve()), "data_sha256": _file_digest(data),
                    "dtype": str(dtype), "num_layers": int(config.text_config.num_hidden_layers)}
+    # A fresh start (store.open will not refuse it): old results would describe another run, so they go first.
+    if not cfg.resume or not (store.manifest.is_file() or store.shards()):
+        for name in RESULT_FILES:
+            (out / name).unlink(missing_ok=True)
     store.open(fingerprint, cfg.resume)
     done = store.done()
     todo = [(s, r) for s, r in zip(samples, records) if s not in done]

@@ -1,0 +1,372 @@
+"""Bad input through the real commands: one plain `error:` line on stderr, exit code 1, nothing written.
+
+Most cases run in-process through typer's CliRunner; a few run the console script in a subprocess, where stderr
+is exactly what a user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import friendly, routing_app, saturation_app
+from saturation.errors import ToolkitError
+
+runner = CliRunner()
+ENV = {"COLUMNS": "300", "HF_HUB_OFFLINE": "1"}
+
+
+def _run(app, *args):
+    return runner.invoke(app, [str(a) for a in args], env=ENV)
+
+
+def one_line_error(result, *needles: str, strict: bool = True) -> str:
+    """Exit 1, no traceback, one `error:` line holding every needle; with `strict`, nothing else on stderr.
+
+    Not strict: a command that fails after loading a model may have printed the loader's progress bar first;
+    the error must still be the last line and stand on a line of its own.
+    """
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    stderr = result.stderr
+    assert "Traceback" not in result.output, result.output
+    lines = stderr.strip("\n").split("\n")  # only "\n" ends a line: "\rerror:" would sit on a bar's line
+    if strict:
+        assert len(lines) == 1, stderr
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error:") and lines[-1] == errors[0], stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def _image(dataset: Path) -> Path:
+    return dataset.parent / "images" / "0.png"
+
+
+def _no_cuda(monkeypatch) -> None:
+    """This machine, whatever it is, has no CUDA (so the test means the same on a GPU runner)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+def _one_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def _device_commands(model: Path, dataset: Path, tmp: Path) -> dict[str, tuple]:
+    """Each command that takes --device, with arguments that are fine apart from the device."""
+    return {
+        "probe": (saturation_app, "probe", "--model", model, "--data", dataset, "--n", 2, "--out", tmp / "probe"),
+        "train": (routing_app, "train", "--model", model, "--data", dataset, "--split", 2, "--max-steps", 1,
+                  "--out", tmp / "train"),
+        "eval": (routing_app, "eval", "--model", model, "--data", dataset, "--n", 2),
+        "generate": (routing_app, "generate", "--model", model, "--image", _image(dataset), "--prompt", "what colour?"),
+        "bench": (routing_app, "bench", "--model", model, "--json", tmp / "bench" / "b.json"),
+    }
+
+
+# --- --device ---
+
+
+@pytest.mark.parametrize("command", ["probe", "train", "eval", "generate", "bench"])
+def test_cuda_on_a_machine_without_cuda(command, tiny_model_dir, dataset, tmp_path, monkeypatch):
+    _no_cuda(monkeypatch)
+    app, *args = _device_commands(tiny_model_dir, dataset, tmp_path)[command]
+    one_line_error(_run(app, *args, "--device", "cuda"), "device 'cuda'", "CUDA is not available", "--device cpu")
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize("command", ["probe", "train", "eval", "generate", "bench"])
+def test_nonsense_device(command, tiny_model_dir, dataset, tmp_path):
+    app, *args = _device_commands(tiny_model_dir, dataset, tmp_path)[command]
+    line = one_line_error(_run(app, *args, "--device", "nonsense"), "unknown device 'nonsense'", "cpu, cuda")
+    assert len(line) < 120  # not torch's list of twenty device types
+
+
+@pytest.mark.parametrize("command", ["probe", "train", "eval", "generate", "bench"])
+def test_cuda_index_past_the_last_gpu(command, tiny_model_dir, dataset, tmp_path, monkeypatch):
+    _one_gpu(monkeypatch)
+    app, *args = _device_commands(tiny_model_dir, dataset, tmp_path)[command]
+    one_line_error(_run(app, *args, "--device", "cuda:7"), "'cuda:7' does not exist", "1 CUDA device")
+
+
+def test_unsupported_device_type(tiny_model_dir, dataset):
+    one_line_error(_run(routing_app, "eval", "--model", tiny_model_dir, "--data", dataset, "--device", "meta"),
+                   "'meta' is not supported")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_in_the_real_console_script(tmp_path):
+    """What a user sees: stderr is exactly one line, no traceback, exit 1."""
+    proc = subprocess.run([sys.executable, "-c", "import cli; cli.saturation_app()", "probe", "--n", "2",
+                           "--device", "cuda", "--out", str(tmp_path / "p")],
+                          capture_output=True, text=True, env=dict(os.environ, **ENV), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: device 'cuda'"), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "p").exists()
+
+
+# --- --out and --json ---
+
+
+def _read_only_dir(tmp_path: Path) -> Path | None:
+    """A 0o555 folder, or None where chmod does not stop writes (root)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").write_text("")
+    except PermissionError:
+        return folder
+    (folder / "probe").unlink()
+    return None
+
+
+def _bad_out_dirs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Output folders that cannot be used, with the words the error must hold."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    cases = {
+        "is a file": (a_file, "is a file"),
+        "under a file": (a_file / "run", "is a file"),
+        "read-only": (Path("/proc/dpvr-never-writable/run"), "cannot write in /proc"),
+    }
+    if (ro := _read_only_dir(tmp_path)) is not None:
+        cases["chmod 555"] = (ro / "run", "cannot write in")
+    return cases
+
+
+OUT_COMMANDS = {
+    "probe": lambda m, d, out: (saturation_app, "probe", "--model", m, "--data", d, "--n", 2, "--out", out),
+    "train": lambda m, d, out: (routing_app, "train", "--model", m, "--data", d, "--split", 2, "--max-steps", 1,
+                                "--out", out),
+    "reproduce": lambda m, d, out: (routing_app, "reproduce", "--model", m, "--probe-data", d, "--out", out),
+}
+
+
+@pytest.mark.parametrize("command", list(OUT_COMMANDS))
+def test_unusable_out_folder(command, tiny_model_dir, dataset, tmp_path):
+    for name, (out, needle) in _bad_out_dirs(tmp_path).items():
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        app, *args = OUT_COMMANDS[command](tiny_model_dir, dataset, out)
+        one_line_error(_run(app, *args), f"--out {out}", needle)
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before, name  # nothing made, nothing half-written
+
+
+def _json_commands(model: Path, dataset: Path, path: Path) -> dict[str, tuple]:
+    return {
+        "eval": (routing_app, "eval", "--model", model, "--data", dataset, "--n", 2, "--json", path),
+        "bench": (routing_app, "bench", "--model", model, "--repeats", 1, "--warmup", 0, "--text-tokens", 8,
+                  "--json", path),
+    }
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_json_whose_parent_is_a_file(command, tiny_model_dir, dataset, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    app, *args = _json_commands(tiny_model_dir, dataset, a_file / "result.json")[command]
+    one_line_error(_run(app, *args), f"--json {a_file / 'result.json'}", "is a file")
+    app, *args = _json_commands(tiny_model_dir, dataset, tmp_path)[command]
+    one_line_error(_run(app, *args), "is a folder")
+    assert a_file.read_text() == "not a folder"
+
+
+def test_json_under_a_file_in_the_real_console_script(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    proc = subprocess.run([sys.executable, "-c", "import cli; cli.routing_app()", "eval", "--n", "2", "--json",
+                           str(a_file / "eval.json")], capture_output=True, text=True,
+                          env=dict(os.environ, **ENV), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: --json "), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --- images and records ---
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims `width` x `height` pixels: PIL refuses it before decoding a byte."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_image(tiny_model_dir, tmp_path):
+    bomb = _png_header(tmp_path / "bomb.png", 100_000, 100_000)  # 1e10 pixels, over 2 x MAX_IMAGE_PIXELS
+    one_line_error(_run(routing_app, "generate", "--model", tiny_model_dir, "--image", bomb, "--prompt", "hi"),
+                   str(bomb), "too large to open safely")
+
+
+def test_decompression_bomb_in_probe_data_names_the_record(tiny_model_dir, dataset, tmp_path):
+    records = json.loads(dataset.read_text())[:2]
+    _png_header(dataset.parent / "images" / "bomb.png", 100_000, 100_000)
+    records[1] = records[1] | {"id": "the-bomb", "image": "images/bomb.png"}
+    data = dataset.parent / "bomb.json"
+    data.write_text(json.dumps(records))
+    result = _run(saturation_app, "probe", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "p")
+    one_line_error(result, "record the-bomb", "too large to open safely", strict=False)
+
+
+def test_null_image_names_the_record(tiny_model_dir, dataset, tmp_path):
+    records = json.loads(dataset.read_text())[:2]
+    records[1] = records[1] | {"id": "no-picture", "image": None}
+    data = dataset.parent / "null_image.json"
+    data.write_text(json.dumps(records))
+    line = one_line_error(_run(saturation_app, "probe", "--model", tiny_model_dir, "--data", data,
+                               "--out", tmp_path / "p"), "id no-picture", "'image' must be", "null")
+    assert "None" not in line
+
+
+# --- counts ---
+
+
+def test_batch_size_zero(tiny_model_dir, dataset, tmp_path):
+    m, d = tiny_model_dir, dataset
+    for app, *args in [
+        (saturation_app, "probe", "--model", m, "--data", d, "--out", tmp_path / "p"),
+        (routing_app, "eval", "--model", m, "--data", d, "--n", 2),
+        (routing_app, "bench", "--model", m, "--json", tmp_path / "b.json"),
+        (routing_app, "analyze", "--model", m, "--data", d, "--routing", tmp_path / "no-artifact"),
+    ]:
+        one_line_error(_run(app, *args, "--batch-size", 0), "--batch-size must be at least 1 (got 0)")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_n_zero_or_negative(n, tiny_model_dir, dataset, tmp_path):
+    m, d = tiny_model_dir, dataset
+    for app, *args in [
+        (saturation_app, "probe", "--model", m, "--data", d, "--out", tmp_path / "p"),
+        (routing_app, "eval", "--model", m, "--data", d),
+        (routing_app, "analyze", "--model", m, "--data", d, "--routing", tmp_path / "no-artifact"),
+    ]:
+        one_line_error(_run(app, *args, "--n", n), f"--n must be at least 1 (got {n})")
+
+
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_fusion_layers_larger_than_the_model(command, tiny_model_dir, dataset, tmp_path):
+    """The message must name a range that exists, never 'choose 1..-35'."""
+    app, *args = {
+        "train": (routing_app, "train", "--model", tiny_model_dir, "--data", dataset, "--split", 2,
+                  "--max-steps", 1, "--out", tmp_path / "t"),
+        "bench": (routing_app, "bench", "--model", tiny_model_dir, "--repeats", 1, "--warmup", 0,
+                  "--text-tokens", 8, "--json", tmp_path / "b.json"),
+    }[command]
+    line = one_line_error(_run(app, *args, "--fusion-layers", 40), strict=False)
+    assert "40" in line and "..-" not in line, line
+
+
+# --- a failed fresh probe leaves no stale results ---
+
+
+def _corrupt_copy(dataset: Path, name: str) -> Path:
+    """The dataset with one record's image replaced by bytes no image reader accepts."""
+    records = json.loads(dataset.read_text())
+    (dataset.parent / "images" / "corrupt.png").write_bytes(b"this is not a png")
+    records[-1] = records[-1] | {"id": "broken", "image": "images/corrupt.png"}
+    path = dataset.parent / name
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_failed_no_resume_probe_leaves_no_stale_recommendation(tiny_model_dir, dataset, tmp_path):
+    from routing.split import resolve_split
+
+    out = tmp_path / "probe"
+    first = _run(saturation_app, "probe", "--model", tiny_model_dir, "--data", dataset, "--n", 4, "--out", out)
+    assert first.exit_code == 0, first.output
+    assert (out / "recommendation.json").is_file() and (out / "figure2.png").is_file()
+
+    bad = _corrupt_copy(dataset, "corrupt.json")
+    failed = _run(saturation_app, "probe", "--model", tiny_model_dir, "--data", bad, "--batch-size", 4,
+                  "--no-resume", "--out", out)
+    one_line_error(failed, "record broken", "cannot read image", strict=False)
+    manifest = json.loads((out / "samples" / "manifest.json").read_text())
+    assert manifest["data"] == str(bad.resolve())  # the new run's manifest ...
+    for name in ("recommendation.json", "summary.csv", "per_sample.parquet", "figure2.png", "figure2.pdf"):
+        assert not (out / name).exists(), name  # ... and none of the old run's results beside it
+    with pytest.raises(ToolkitError, match="no recommendation.json"):
+        resolve_split("auto", 6, str(tiny_model_dir), out, tmp_path)
+    train = _run(routing_app, "train", "--model", tiny_model_dir, "--split", "auto", "--probe", out,
+                 "--out", tmp_path / "t")
+    one_line_error(train, "no recommendation.json")
+
+
+def test_no_resume_refused_on_bad_data_keeps_the_old_run(tiny_model_dir, dataset, tmp_path):
+    """Data that fails validation stops the run before anything is touched: the old run stays whole."""
+    out = tmp_path / "probe"
+    assert _run(saturation_app, "probe", "--model", tiny_model_dir, "--data", dataset, "--n", 4,
+                "--out", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": 1,')
+    one_line_error(_run(saturation_app, "probe", "--model", tiny_model_dir, "--data", bad, "--no-resume",
+                        "--out", out), "malformed JSON")
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# --- the error line stands on its own line ---
+
+
+def test_error_after_a_half_drawn_progress_bar_starts_a_fresh_line():
+    """A tqdm bar left open mid-line (as HF's Trainer leaves its bar when a batch fails) is closed first."""
+    import typer
+    from tqdm.auto import tqdm
+
+    app = typer.Typer()
+
+    @app.command()
+    @friendly
+    def work() -> None:
+        bar = tqdm(total=10, desc="steps")
+        bar.update(3)
+        sys.stderr.write("a line without its end")
+        raise ToolkitError("step 4 failed")
+
+    result = runner.invoke(app, [], env=ENV)
+    assert result.exit_code == 1
+    lines = result.stderr.split("\n")
+    assert lines[-2:] == ["error: step 4 failed", ""], result.stderr  # last: the bar does not redraw after it
+    assert sum("error:" in line for line in lines) == 1 and "a line without its end" in lines[-3]
+
+
+def test_error_after_a_training_bar_in_the_real_command(tiny_model_dir, dataset, tmp_path):
+    """`routing train` on data with an unreadable image: the Trainer's bar is open when the batch fails."""
+    bad = _corrupt_copy(dataset, "corrupt_train.json")
+    records = json.loads(bad.read_text())
+    records = records[:4] + [records[-1]]  # the broken record is read in the second step
+    bad.write_text(json.dumps(records))
+    result = _run(routing_app, "train", "--model", tiny_model_dir, "--data", bad, "--split", 2, "--batch-size", 4,
+                  "--max-steps", 2, "--save-steps", 100, "--out", tmp_path / "t")
+    line = one_line_error(result, "record broken", "cannot read image", strict=False)
+    assert result.stderr.endswith("\n" + line + "\n"), result.stderr
+
+
+def test_multi_line_message_is_printed_as_one_line():
+    import typer
+
+    app = typer.Typer()
+
+    @app.command()
+    @friendly
+    def work() -> None:
+        raise ToolkitError("first part\nsecond part [/] with brackets")
+
+    result = runner.invoke(app, [], env=ENV)
+    assert result.exit_code == 1 and result.stderr == "error: first part second part [/] with brackets\n"
