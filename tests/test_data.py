@@ -67,6 +67,23 @@ def test_unreadable_image(tmp_path):
         load_image(records[0])
 
 
+def test_decompression_bomb_is_one_line_naming_the_record(dataset, monkeypatch):
+    """PIL raises DecompressionBombError (not an OSError) past 2 x MAX_IMAGE_PIXELS; 32x32 = 1024 > 2 x 100."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    record = read_records(dataset)[0]
+    with pytest.raises(ToolkitError, match=rf"record {record.id}: image .*0.png is too large to open safely"):
+        load_image(record)
+
+
+@pytest.mark.parametrize("image", [None, "", 3, ["a.png"]])
+def test_image_that_is_not_a_path(tmp_path, image):
+    path = _write(tmp_path, [_record(image=image)])
+    with pytest.raises(ToolkitError, match=r"record 0 \(id r0\): 'image' must be a relative file path"):
+        read_records(path)
+
+
 def test_n_larger_than_data_says_how_many(dataset):
     with pytest.raises(ToolkitError, match="n=50 .* only 12"):
         sample_records(read_records(dataset), 50, seed=0)
