@@ -330,7 +330,7 @@ def reproduce_cmd(
     from figures.io import save_figure
     from figures.sweeps import sweep_figure
     from figures.training import loss_curve
-    from routing.reproduce import ReproduceConfig, run_reproduce
+    from routing.reproduce import ReproduceConfig, run_reproduce, write_report
 
     ensure_output_dir(out)
     check_device(device)
@@ -340,16 +340,18 @@ def reproduce_cmd(
                           sweep_radius=sweep_radius, rule=rule, probe_data=probe_data, train_data=train_data, eval_data=eval_data,
                           seed=seed, dtype=dtype, device=device)
     result = run_reproduce(cfg, log=lambda msg: Console().print(msg, highlight=False, markup=False))
-    figure2_from_dir(result["probe_dir"])
+    drawn = figure2_from_dir(result["probe_dir"])
     tables, facts = result["tables"], result["facts"]
     vanilla = float(tables["table"].set_index("variant").loc["vanilla", "accuracy"])
-    save_figure(sweep_figure(tables["split_sweep"], "split", reference=vanilla, chosen=facts["split"],
-                             xlabel="split layer s", title="LF accuracy across the split"), out / "split_sweep")
-    save_figure(sweep_figure(tables["fusion_sweep"], "fusion_layers", reference=vanilla, xlabel="fusion layers K",
-                             title=f"LF accuracy vs fusion layers (s={facts['best_split']})"), out / "fusion_sweep")
+    drawn += save_figure(sweep_figure(tables["split_sweep"], "split", reference=vanilla, chosen=facts["split"],
+                                      xlabel="split layer s", title="LF accuracy across the split"), out / "split_sweep")
+    drawn += save_figure(sweep_figure(tables["fusion_sweep"], "fusion_layers", reference=vanilla,
+                                      xlabel="fusion layers K",
+                                      title=f"LF accuracy vs fusion layers (s={facts['best_split']})"), out / "fusion_sweep")
     logs = {p.name: pd.read_csv(p / "train_log.csv") for p in sorted((out / "train").iterdir())
             if (p / "train_log.csv").is_file()}
-    save_figure(loss_curve(logs, title="side-branch training, same budget"), out / "loss_curves")
+    drawn += save_figure(loss_curve(logs, title="side-branch training, same budget"), out / "loss_curves")
+    write_report(out, result, drawn)  # the report names the figures now that they exist
     Console().print(tables["table"].to_string(index=False), highlight=False)
     Console().print(f"report: {out / 'report.md'} ({time.perf_counter() - started:.0f} s)", highlight=False)
 

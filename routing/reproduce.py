@@ -49,6 +49,7 @@ class ReproduceConfig:
     dtype: str | None = None
     device: str | None = None
     variants: tuple[str, ...] = field(default=("pc", "lf"))
+    max_new_tokens: int | None = None  # answer budget; default: the longest evaluation answer in tokens + 1 (</s>)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Context:
     image_tokens: float
     text_tokens: float
     log: callable
+    max_new_tokens: int = 8  # greedy answer budget of every evaluation (`answer_budget`)
 
 
 def token_counts(records, processor, image_token_id: int) -> tuple[float, float]:
@@ -74,6 +76,14 @@ def token_counts(records, processor, image_token_id: int) -> tuple[float, float]
     return image, sum(len(i) for i in ids) / len(ids) - image
 
 
+def answer_budget(records, tokenizer) -> int:
+    """Tokens to generate so that the longest first answer of `records` fits, with its ``</s>``: each answer is
+    tokenized as the LLaVA template writes it after ``ASSISTANT:`` (`saturation.data.encode_record`)."""
+    eos = tokenizer.eos_token or ""
+    return max(len(tokenizer(f" {r.turns[0][1]}{eos}", add_special_tokens=False)["input_ids"]) + (not eos)
+               for r in records)
+
+
 def flops_ratio(ctx: Context, variant: str, split: int, fusion_layers: int = 1) -> float:
     if variant == "vanilla":
         return 1.0
@@ -81,10 +91,12 @@ def flops_ratio(ctx: Context, variant: str, split: int, fusion_layers: int = 1) 
     return flops.ratio(g, variant, split, round(ctx.image_tokens), round(ctx.text_tokens), fusion_layers)["total"]
 
 
-def cached_json(path: Path, compute) -> dict:
-    """`compute()` once; later calls read `path` (the resumability of every step)."""
+def cached_json(path: Path, compute, still_valid=lambda value: True) -> dict:
+    """`compute()` once; later calls read `path` (the resumability of every step) while `still_valid(value)`."""
     if path.is_file():
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
+        if still_valid(value):
+            return value
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, value)
@@ -94,11 +106,14 @@ def cached_json(path: Path, compute) -> dict:
 def evaluated(ctx: Context, net, name: str) -> dict:
     def run():
         ctx.log(f"evaluating {name} on {len(ctx.eval_records)} held-out questions")
-        result, table = evaluate(net, ctx.processor, ctx.eval_records, batch_size=32, max_new_tokens=4)
-        table.to_csv(ctx.cfg.out / "eval" / f"{name}.csv", index=False)
-        return result
+        result, table = evaluate(net, ctx.processor, ctx.eval_records, batch_size=32,
+                                 max_new_tokens=ctx.max_new_tokens)
+        write_text(ctx.cfg.out / "eval" / f"{name}.csv", table.to_csv(index=False))
+        return {**result, "max_new_tokens": ctx.max_new_tokens}
 
-    return cached_json(ctx.cfg.out / "eval" / f"{name}.json", run)
+    # a result scored with another answer budget (e.g. the old fixed 4 tokens) is scored again
+    return cached_json(ctx.cfg.out / "eval" / f"{name}.json", run,
+                       lambda cached: cached.get("max_new_tokens") == ctx.max_new_tokens)
 
 
 def trained(ctx: Context, variant: str, split: int, fusion_layers: int = 1) -> tuple[dict, dict]:
@@ -156,8 +171,9 @@ def _reproduce(cfg: ReproduceConfig, model, processor, probe, split: int, num_la
     eval_records = sample_records(read_records(cfg.eval_data or DATA_SAMPLES / "shapes" / "heldout.json"),
                                   cfg.n_eval, cfg.seed)
     image, text = token_counts(eval_records, processor, int(model.config.image_token_id))
+    budget = cfg.max_new_tokens or answer_budget(eval_records, processor.tokenizer)
     ctx = Context(cfg, model, processor, eval_records, training_records(cfg.train_data, cfg.out, cfg.n_train, cfg.seed),
-                  image, text, log)
+                  image, text, log, budget)
 
     rows = [{"variant": "vanilla", "accuracy": evaluated(ctx, model, "vanilla")["accuracy"], "flops_ratio": 1.0,
              "trainable_params": 0, "split": split}]
@@ -179,8 +195,11 @@ def _reproduce(cfg: ReproduceConfig, model, processor, probe, split: int, num_la
     good = [r for r in split_rows if r["accuracy"] >= vanilla - 0.05]
     # the PC comparison and the K sweep are only informative where LF works: the cheapest good split, if any
     best = min(good, key=lambda r: r["flops_ratio"])["split"] if good else split
-    best_rows = [{"variant": v, "accuracy": trained(ctx, v, best)[1]["accuracy"], "flops_ratio": flops_ratio(ctx, v, best),
-                  "trainable_params": rows[1]["trainable_params"], "split": best} for v in cfg.variants]
+    best_rows = []
+    for v in cfg.variants:
+        summary, result = trained(ctx, v, best)
+        best_rows.append({"variant": v, "accuracy": result["accuracy"], "flops_ratio": flops_ratio(ctx, v, best),
+                          "trainable_params": summary["trainable_params"], "split": best})
     fusion_rows = [{"fusion_layers": k, "accuracy": trained(ctx, "lf", best, k)[1]["accuracy"],
                     "flops_ratio": flops_ratio(ctx, "lf", best, k)}
                    for k in cfg.fusion_sweep if best <= num_layers - k - 1]
@@ -191,18 +210,36 @@ def _reproduce(cfg: ReproduceConfig, model, processor, probe, split: int, num_la
     facts = {"model": resolve_name(cfg.model), "split": split, "best_split": best, "num_layers": num_layers,
              "gradients": gradients, "image_tokens": image, "text_tokens": text,
              "by_type": {"vanilla": evaluated(ctx, model, "vanilla")["by_type"], **{v: r["by_type"] for v, r in results.items()}},
-             "recommendation": probe.recommendation, "max_steps": cfg.max_steps, "n_eval": len(eval_records)}
-    write_text(cfg.out / "report.md", report(tables, facts))
+             "recommendation": probe.recommendation, "max_steps": cfg.max_steps, "n_eval": len(eval_records),
+             "max_new_tokens": budget}
+    result = {"tables": tables, "facts": facts, "probe_dir": probe.out}
+    write_report(cfg.out, result)
     write_json(cfg.out / "facts.json", facts)
-    return {"tables": tables, "facts": facts, "probe_dir": probe.out}
+    return result
+
+
+def write_report(out: Path, result: dict, figures=()) -> Path:
+    """``out/report.md`` for a `run_reproduce` result, naming the `figures` (paths) that exist.
+
+    The library draws nothing (``routing`` never imports ``figures``); the `routing reproduce` command draws the
+    sweeps, loss curves and Figure 2, then calls this again with what it drew.
+    """
+    out = Path(out)
+    drawn = [Path(f).resolve().relative_to(out.resolve()).as_posix() for f in figures if Path(f).is_file()]
+    path = out / "report.md"
+    write_text(path, report(result["tables"], result["facts"], drawn))
+    return path
 
 
 def _verdict(ok: bool) -> str:
     return "**holds**" if ok else "**does not hold**"
 
 
-def report(tables: dict[str, pd.DataFrame], facts: dict) -> str:
-    """A short markdown report that states, claim by claim, whether the paper's findings hold on this model."""
+def report(tables: dict[str, pd.DataFrame], facts: dict, figures=()) -> str:
+    """A short markdown report that states, claim by claim, whether the paper's findings hold on this model.
+
+    `figures`: files (relative to the report's folder) to name; nothing else is named as a file.
+    """
     t = tables["table"].set_index("variant")
     van, lf = t.loc["vanilla", "accuracy"], t.loc["lf", "accuracy"]
     b = tables["best_split"].set_index("variant") if "best_split" in tables else t
@@ -216,7 +253,8 @@ def report(tables: dict[str, pd.DataFrame], facts: dict) -> str:
         f"# DPVR reproduction on `{facts['model']}`",
         "",
         f"Split s={facts['split']} of {facts['num_layers']} layers (rule `{facts['recommendation']['rule']}`), "
-        f"{facts['max_steps']} training steps per variant, {facts['n_eval']} held-out questions, "
+        f"{facts['max_steps']} training steps per variant, {facts['n_eval']} held-out questions"
+        + (f" (answers of up to {facts['max_new_tokens']} tokens)" if "max_new_tokens" in facts else "") + ", "
         f"{facts['image_tokens']:.0f} image + {facts['text_tokens']:.0f} text tokens per prompt.",
         "",
         tables["table"].to_markdown(index=False, floatfmt=".3f"),
@@ -251,7 +289,8 @@ def report(tables: dict[str, pd.DataFrame], facts: dict) -> str:
                   tables["best_split"].to_markdown(index=False, floatfmt=".3f")]
     lines += ["", "## Split sweep (paper Figure 4)", "", sweep.to_markdown(index=False, floatfmt=".3f"),
               "", "## Fusion-layer sweep", "", fusion.to_markdown(index=False, floatfmt=".3f"), "",
-              "Figures: `split_sweep.png`, `fusion_sweep.png`, `loss_curves.png`; probe: `probe/figure2.png`."]
+              "Figures: " + ", ".join(f"`{f}`" for f in figures) + "." if figures else
+              "No figures were drawn by this run (the `routing reproduce` command draws them)."]
     if "caveat" in facts["recommendation"].get("evidence", {}):
         lines += ["", f"Caveat: {facts['recommendation']['evidence']['caveat']}."]
     return "\n".join(line for line in lines if line is not None) + "\n"
