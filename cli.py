@@ -245,14 +245,14 @@ def eval_cmd(
     device: DeviceOpt = None,
 ) -> None:
     """Exact-match accuracy (overall and per question_type) with greedy, KV-cached, batched generation."""
+    require_positive(n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)  # before the heavy imports
+    check_device(device)
+    if json_out is not None:
+        ensure_output_file(json_out, "--json")
     from rich.table import Table
 
     from routing.evaluate import evaluate
 
-    require_positive(n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    check_device(device)
-    if json_out is not None:
-        ensure_output_file(json_out, "--json")
     records = held_out_records(data, n, seed)
     net, processor = load_model_for_cli(model, routing_dir, dtype, device)
     result, table = evaluate(net, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
