@@ -217,7 +217,9 @@ def train_cmd(
                       side_depth=side_depth, data=data, n_train=n_train, out=out, max_steps=max_steps, lr=lr,
                       batch_size=batch_size, save_steps=save_steps, resume=resume, seed=seed, dtype=dtype,
                       device=device)
-    summary = run_train(cfg, log=lambda msg: Console().print(msg, highlight=False, markup=False))
+    summary = run_train(cfg, log=lambda msg: Console().print(msg, highlight=False, markup=False, soft_wrap=True))
+    if summary.get("unchanged"):  # a finished run of the same options: run_train said so, and nothing changed
+        return
     source = Path(summary["split_source"])
     if source.name == "recommendation.json" and not (source.parent / "figure2.png").exists():
         figure2_from_dir(source.parent)
@@ -225,8 +227,11 @@ def train_cmd(
     log = pd.read_csv(run / "train_log.csv")
     save_figure(loss_curve({summary["variant"]: log}, title=f"{summary['variant']} side branch, split {summary['split']}"),
                 run / "loss")
-    Console().print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s, final loss "
-                    f"{summary['final_logged_loss']:.4f}\nrouting artifact: {run / 'routing'}\n"
+    resumed = f" (resumed from {Path(summary['resumed_from']).name})" if summary["resumed_from"] else ""
+    mean = "n/a" if summary["train_loss"] is None else f"{summary['train_loss']:.4f}"
+    Console().print(f"trained to step {summary['steps']}{resumed} in {summary['seconds']:.0f} s, mean loss {mean} "
+                    f"(whole run), last logged {summary['final_logged_loss']:.4f}\n"
+                    f"routing artifact: {run / 'routing'}\n"
                     f"log: {run / 'train_log.csv'}, figure: {run / 'loss.png'}", highlight=False, markup=False)
 
 

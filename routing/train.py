@@ -3,29 +3,40 @@
 Paper defaults (DESIGN): AdamW, lr 1e-4 for LF and 5e-5 for PC/KV, cosine schedule, warmup 0.03, weight
 decay 0, batch 4, one epoch, bf16 + gradient checkpointing on CUDA. Unlike the paper, the seed reaches the
 data order: `transformers.set_seed` runs before the Trainer exists (the paper's Appendix C bug).
+
+A run folder (``--out``) holds ``run.json`` (the options that define the run: model, variant, split, K, d_v, lr,
+seed, batch size, data digest), ``checkpoints/``, the logs, ``train_summary.json`` and the artifact ``routing/``.
+A rerun resumes from the last complete checkpoint only if its defining options are the same; a finished run
+is left as it is; ``--max-steps`` may grow between runs (training continues) but not shrink.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 
 from saturation.data import Record, collate, encode_record, read_records
 from saturation.errors import ToolkitError
-from saturation.files import write_json, write_text
+from saturation.files import ensure_output_dir, write_json, write_text
 from saturation.loading import cpu_threads, load_config, load_llava, resolve_name
 from saturation.probe import ProbeConfig, run_probe
 from saturation.probe import default_out as probe_default_out
 
+from .artifact import _base_id, read_manifest
 from .model import build
+from .plan import RoutingPlan, make_plan
 from .split import resolve_split, validate_split
 
 PAPER_LR = {"lf": 1e-4, "pc": 5e-5, "kv": 5e-5}
@@ -33,6 +44,13 @@ LF_IDEAL_REFUSAL = ("lf-ideal cannot be trained: without a fusion layer the loss
                     "so its gradient is exactly zero (paper, Appendix A); use --variant lf")
 PROBE_ROOT = Path("runs") / "probe"
 DONE_MARKER = "checkpoint_complete"  # a checkpoint folder without it was interrupted mid-write
+LOSS_FILE = "loss_sum.json"  # per checkpoint: summed per-step loss so far, so a resumed run's mean covers every step
+RUN_MANIFEST = "run.json"
+SUMMARY = "train_summary.json"
+# What defines a run (resuming with any of them changed would mix two runs), and the option that sets each.
+RUN_OPTIONS = {"model": "--model", "variant": "--variant", "split": "--split", "fusion_layers": "--fusion-layers",
+               "side_depth": "--side-depth", "learning_rate": "--lr", "seed": "--seed", "batch_size": "--batch-size",
+               "data_sha256": "data (--data/--n-train)"}
 
 
 @dataclass
@@ -65,6 +83,132 @@ class TrainConfig:
         return self.lr if self.lr is not None else PAPER_LR.get(self.variant, PAPER_LR["lf"])
 
 
+def check_options(opts: TrainConfig) -> None:
+    """One line for a numeric option out of range, before any work (HF itself trains one step at max_steps 0
+    and crashes deep inside on a negative lr or a zero batch size)."""
+    if opts.variant == "lf-ideal":
+        raise ToolkitError(LF_IDEAL_REFUSAL)
+    if opts.max_steps != -1 and opts.max_steps < 1:
+        raise ToolkitError(f"--max-steps must be -1 (one epoch) or at least 1 (got {opts.max_steps})")
+    if opts.lr is not None and not (math.isfinite(opts.lr) and opts.lr > 0):
+        raise ToolkitError(f"--lr must be a positive number (got {opts.lr})")
+    for flag, value in (("--batch-size", opts.batch_size), ("--save-steps", opts.save_steps),
+                        ("--n-train", opts.n_train), ("logging_steps", opts.logging_steps)):
+        if value < 1:
+            raise ToolkitError(f"{flag} must be at least 1 (got {value})")
+    if not (math.isfinite(opts.epochs) and opts.epochs > 0):
+        raise ToolkitError(f"epochs must be a positive number (got {opts.epochs})")
+    if not (math.isfinite(opts.warmup) and opts.warmup >= 0):
+        raise ToolkitError(f"warmup must be a ratio in [0, 1) or a number of steps (got {opts.warmup})")
+
+
+def planned_steps(n_records: int, opts: TrainConfig, world_size: int | None = None) -> int:
+    """The optimizer step the run ends at: `max_steps`, or `epochs` passes over the data as the Trainer counts
+    them (the last batch may be short; under torchrun each of `world_size` processes takes its share)."""
+    if opts.max_steps > 0:
+        return opts.max_steps
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    return math.ceil(opts.epochs * math.ceil(n_records / (opts.batch_size * world)))
+
+
+def records_digest(records: list[Record]) -> str:
+    """A digest of what training reads: ids, image file names, turns, question types (not folders, so a moved
+    data set or run folder keeps its digest)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.id, r.image.name, r.turns, r.question_type]).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def run_identity(model_id: str, plan: RoutingPlan, opts: TrainConfig, records: list[Record] | None) -> dict:
+    """The options that define a run (`RUN_OPTIONS`); without `records`, all but the data digest."""
+    identity = {"model": model_id, "variant": plan.variant, "split": plan.split, "fusion_layers": plan.fusion_layers,
+                "side_depth": plan.side_depth, "learning_rate": opts.learning_rate, "seed": opts.seed,
+                "batch_size": opts.batch_size}
+    if records is not None:
+        identity["data_sha256"] = records_digest(records)
+    return identity
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """``--split 4 (now 5)`` for each defining option of `new` that `old` has otherwise."""
+    diffs = []
+    for key in (k for k in RUN_OPTIONS if k in new):
+        before, now = old.get(key), new[key]
+        same = (Path(str(before)).name == Path(str(now)).name) if key == "model" else before == now  # a local copy
+        if not same:
+            diffs.append(f"{RUN_OPTIONS[key]} {before} (now {now})")
+    return diffs
+
+
+def check_run(out: Path, identity: dict) -> None:
+    """Refuse to resume in `out` when its `run.json` records other defining options than `identity`."""
+    fresh = "pass --no-resume to start fresh there (its checkpoints are deleted), or choose another --out"
+    path = out / RUN_MANIFEST
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            old = None
+        if not isinstance(old, dict):
+            raise ToolkitError(f"{path} is damaged, so the run in {out} cannot be resumed safely: {fresh}")
+        diffs = _differences(old, identity)
+        if diffs:
+            raise ToolkitError(f"{out} holds a run with other options: {', '.join(diffs)}; {fresh}")
+    elif any((out / "checkpoints").glob("checkpoint-*")):
+        raise ToolkitError(f"{out} holds checkpoints but no {RUN_MANIFEST} saying which options made them "
+                           f"(an older toolkit?): {fresh}")
+
+
+def open_run(out: Path, identity: dict, resume: bool, log: Callable[[str], None] = print) -> None:
+    """Record the run's options in `out/run.json`: after checking them (resume), or dropping old checkpoints."""
+    if resume:
+        check_run(out, identity)
+    elif (out / "checkpoints").exists():
+        log(f"starting afresh in {out} (--no-resume): its old checkpoints are deleted")
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    write_json(out / RUN_MANIFEST, identity)
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
+
+
+def finished_summary(out: Path, identity: dict, planned: int) -> dict | None:
+    """The summary of a finished run of these options in `out` (artifact written), else None."""
+    try:
+        summary = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None
+    if not isinstance(summary, dict) or not isinstance(summary.get("run"), dict) or summary.get("steps") != planned:
+        return None
+    if _differences(summary["run"], identity):
+        return None
+    last = last_complete_checkpoint(out / "checkpoints")
+    if last is not None and checkpoint_step(last) != planned:  # a fresh (--no-resume) run of the same options is under way
+        return None
+    try:
+        read_manifest(out / "routing")
+    except ToolkitError:
+        return None
+    return summary
+
+
+def check_not_past(out: Path, planned: int) -> Path | None:
+    """The newest complete checkpoint in `out` (None if none), refusing one beyond the step the run ends at."""
+    last = last_complete_checkpoint(out / "checkpoints")
+    if last is not None and checkpoint_step(last) > planned:
+        raise ToolkitError(f"{out} already holds a run trained for {checkpoint_step(last)} steps, more than the "
+                           f"{planned} asked for: pass a larger --max-steps, or --no-resume to start fresh there")
+    return last
+
+
+def _finished_message(out: Path, summary: dict) -> str:
+    return (f"{out}: already finished at step {summary['steps']} with these options; nothing to do "
+            f"(--max-steps larger to train on, --no-resume to start fresh)")
+
+
 class RecordDataset(Dataset):
     """LLaVA records encoded lazily (LLaVA-1.5 template, assistant-only labels)."""
 
@@ -79,7 +223,23 @@ class RecordDataset(Dataset):
 
 
 class SideBranchTrainer(Trainer):
-    """A Trainer whose checkpoints hold only the trainable (side-branch) weights, never the frozen base."""
+    """A Trainer whose checkpoints hold only the trainable (side-branch) weights, never the frozen base, and the
+    summed loss of every step so far (HF's own ``training_loss`` covers only the steps since a resume)."""
+
+    loss_before: float | None = 0.0  # summed loss of the steps before this call (from the resumed checkpoint)
+    _loss_now: torch.Tensor | None = None  # summed loss of this call's steps, on the device (no sync per step)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        step = loss.detach().float()
+        self._loss_now = step if self._loss_now is None else self._loss_now + step
+        return loss
+
+    def loss_sum(self) -> float | None:
+        """Summed per-step loss of the whole run up to now (None when the resumed checkpoint did not record it)."""
+        if self.loss_before is None:
+            return None
+        return self.loss_before + (float(self._loss_now) if self._loss_now is not None else 0.0)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -101,7 +261,17 @@ class SideBranchTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        write_json(folder / LOSS_FILE, {"step": self.state.global_step, "loss_sum": self.loss_sum()})
         (folder / DONE_MARKER).write_text(str(self.state.global_step))  # written last: the folder is whole
+
+
+def checkpoint_loss_sum(folder: Path) -> float | None:
+    """The summed loss recorded in checkpoint `folder` (None if it has none)."""
+    try:
+        value = json.loads((folder / LOSS_FILE).read_text())["loss_sum"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 class LogWriter(TrainerCallback):
@@ -202,14 +372,23 @@ def training_dtype(dtype: str | None, device: str | None) -> str | None:
 
 
 def train_side_branch(routed, processor, records: list[Record], opts: TrainConfig, out: Path,
-                      callbacks=()) -> dict:
-    """Train `routed`'s side branch on `records`; returns a summary dict and writes the routing artifact."""
-    if opts.variant == "lf-ideal":
-        raise ToolkitError(LF_IDEAL_REFUSAL)
+                      callbacks=(), log: Callable[[str], None] = print) -> dict:
+    """Train `routed`'s side branch on `records` in run folder `out`; returns a summary dict and writes the
+    routing artifact. Resumes a run of the same options; refuses one of other options; a finished one is left."""
+    check_options(opts)
     trainable = [p for p in routed.parameters() if p.requires_grad]
     if not trainable:
         raise ToolkitError("the routed model has no trainable parameters")
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    identity = run_identity(_base_id(routed.base), routed.plan, opts, records)
+    open_run(out, identity, opts.resume, log)
+    planned = planned_steps(len(records), opts)
+    if opts.resume and (done := finished_summary(out, identity, planned)) is not None:
+        log(_finished_message(out, done))
+        return done | {"unchanged": True}
+    resume = check_not_past(out, planned) if opts.resume else None
+    done_steps = checkpoint_step(resume) if resume else 0
     set_seed(opts.seed)  # before the Trainer: the seed must reach the data order
     device = next(iter(trainable)).device
     pad_id = processor.tokenizer.pad_token_id
@@ -222,30 +401,42 @@ def train_side_branch(routed, processor, records: list[Record], opts: TrainConfi
             data_collator=lambda rows: collate(rows, pad_id, padding_side="right"),
             callbacks=[LogWriter(out), *callbacks],
         )
-        resume = last_complete_checkpoint(out / "checkpoints") if opts.resume else None
+        trainer.loss_before = checkpoint_loss_sum(resume) if resume else 0.0
         start = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if resume is not None and done_steps == planned:
+            # Training ended but the artifact was not written (a crash in between). The Trainer, resumed from its
+            # final checkpoint, would add a step whenever max_steps is not a whole number of epochs: load instead.
+            log(f"{out}: training finished at step {done_steps}; writing the artifact from {resume.name}")
+            trainer._load_from_checkpoint(str(resume))
+            trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        else:
+            if resume is not None:
+                log(f"resuming {out} from step {done_steps} ({resume.name}), training on to step {planned}")
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds = time.perf_counter() - start
     routed.save_routing(out / "routing")
     rows = [r for r in trainer.state.log_history if "loss" in r]
     write_log(rows, out)
+    steps = trainer.state.global_step
+    loss_sum = trainer.loss_sum()
     summary = {
         "variant": opts.variant,
         "split": routed.plan.split,
         "fusion_layers": routed.plan.fusion_layers,
         "side_depth": routed.plan.side_depth,
-        "steps": trainer.state.global_step,
+        "steps": steps,
         "resumed_from": str(resume) if resume else None,
-        "train_loss": result.training_loss,
+        "train_loss": loss_sum / steps if loss_sum is not None and steps else None,  # mean over every step of the run
         "final_logged_loss": rows[-1]["loss"] if rows else None,
         "seconds": seconds,
         "learning_rate": opts.learning_rate,
         "trainable_params": sum(p.numel() for p in trainable),
         "trainable_share": routed.trainable_parameters().share,
         "records": len(records),
+        "run": identity,
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
     }
-    write_json(out / "train_summary.json", summary)
+    write_json(out / SUMMARY, summary)
     return summary
 
 
@@ -255,7 +446,7 @@ def training_records(data: Path | None, out: Path, n: int, seed: int) -> list[Re
         return read_records(data)
     from saturation import shapes
 
-    folder = out / f"train_data_seed{seed}"
+    folder = out / f"train_data_seed{seed}_n{n}"  # one set per (seed, size): a new --n-train is a new set
     path = folder / "train.json"
     if not path.is_file():
         made = shapes.make_dataset(folder / "tmp", n, seed + 7919, name="train", turns=4,
@@ -285,18 +476,36 @@ def resolve_training_split(cfg: TrainConfig, num_layers: int, log=print) -> tupl
 
 
 def run_train(cfg: TrainConfig, log=print) -> dict:
-    """`routing train`: resolve the split, route the model, train the side branch, write the artifact and logs."""
-    if cfg.variant == "lf-ideal":
-        raise ToolkitError(LF_IDEAL_REFUSAL)
+    """`routing train`: resolve the split, route the model, train the side branch, write the artifact and logs.
+
+    Every check that needs no weights (numbers, --out, split, a resume with other options) runs first.
+    """
+    check_options(cfg)
+    if cfg.out is not None:
+        ensure_output_dir(cfg.out)  # a bad --out fails now, not after loading and training
     config = load_config(cfg.model)
-    split, source = resolve_training_split(cfg, config.text_config.num_hidden_layers, log)
+    num_layers = config.text_config.num_hidden_layers
+    split, source = resolve_training_split(cfg, num_layers, log)
+    plan = make_plan(num_layers, split, cfg.variant, cfg.fusion_layers, cfg.side_depth)
+    out = Path(cfg.out) if cfg.out is not None else ensure_output_dir(default_out(cfg.model, cfg.variant, split))
+    model_id = resolve_name(cfg.model)
+    if cfg.resume:  # other options than the run in --out: refuse before making data or loading weights
+        check_run(out, run_identity(model_id, plan, cfg, None))
+    records = training_records(cfg.data, out, cfg.n_train, cfg.seed)
+    identity = run_identity(model_id, plan, cfg, records)
+    if cfg.resume:
+        planned = planned_steps(len(records), cfg)
+        if (done := finished_summary(out, identity, planned)) is not None:
+            log(_finished_message(out, done))
+            return done | {"unchanged": True}
+        check_not_past(out, planned)
     model, processor = load_llava(cfg.model, dtype=training_dtype(cfg.dtype, cfg.device), device=cfg.device)
     routed = build(model, split, cfg.variant, cfg.fusion_layers, cfg.side_depth)
-    out = Path(cfg.out) if cfg.out is not None else default_out(cfg.model, cfg.variant, split)
     log(f"split {split} (from {source})\n{routed.plan.describe()}\ntrainable: {routed.trainable_parameters()}")
-    records = training_records(cfg.data, out, cfg.n_train, cfg.seed)
     with cpu_threads(model, None):
-        summary = train_side_branch(routed, processor, records, cfg, out)
+        summary = train_side_branch(routed, processor, records, cfg, out, log=log)
+    if summary.pop("unchanged", False):
+        return summary | {"unchanged": True}
     summary |= {"model": resolve_name(cfg.model), "split_source": source, "out": str(out)}
-    write_json(out / "train_summary.json", summary)
+    write_json(out / SUMMARY, summary)
     return summary
