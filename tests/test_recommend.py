@@ -7,8 +7,16 @@ import pandas as pd
 import pytest
 
 from saturation.metrics import final_level, plateau_layer, transition_layer
-from saturation.recommend import (DEFAULT_RULE, RULES, clip_split, disagreement, few_layers, paper_offset, paper_split,
-                                  recommend)
+from saturation.recommend import (
+    DEFAULT_RULE,
+    RULES,
+    clip_split,
+    disagreement,
+    few_layers,
+    paper_offset,
+    paper_split,
+    recommend,
+)
 
 # LF within 0.05 of vanilla on the embedded model: `routing reproduce`'s split sweep (README, "Measured here")
 EMBEDDED_WORKING_SPLITS = range(4, 11)
