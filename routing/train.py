@@ -161,11 +161,14 @@ def check_run(out: Path, identity: dict) -> None:
                            f"(an older toolkit?): {fresh}")
 
 
-def open_run(out: Path, identity: dict, resume: bool, log: Callable[[str], None] = print) -> None:
-    """Record the run's options in `out/run.json`: after checking them (resume), or dropping old checkpoints."""
+def open_run(out: Path, identity: dict, resume: bool, log: Callable[[str], None] = print, write: bool = True) -> None:
+    """Record the run's options in `out/run.json`: after checking them (resume), or dropping old checkpoints.
+    `write=False` only checks (the other processes of a torchrun run: rank 0 writes)."""
     if resume:
         check_run(out, identity)
-    elif (out / "checkpoints").exists():
+    if not write:
+        return
+    if not resume and (out / "checkpoints").exists():
         log(f"starting afresh in {out} (--no-resume): its old checkpoints are deleted")
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     write_json(out / RUN_MANIFEST, identity)
@@ -281,6 +284,8 @@ class LogWriter(TrainerCallback):
         self.out = out
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
         rows = [r for r in state.log_history if "loss" in r]
         write_log(rows, self.out)
 
@@ -381,8 +386,11 @@ def train_side_branch(routed, processor, records: list[Record], opts: TrainConfi
         raise ToolkitError("the routed model has no trainable parameters")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    device = next(iter(trainable)).device
+    args = training_arguments(opts, out, device)
+    main = args.process_index == 0  # under torchrun, rank 0 alone writes the run folder
     identity = run_identity(_base_id(routed.base), routed.plan, opts, records)
-    open_run(out, identity, opts.resume, log)
+    open_run(out, identity, opts.resume, log, write=main)
     planned = planned_steps(len(records), opts)
     if opts.resume and (done := finished_summary(out, identity, planned)) is not None:
         log(_finished_message(out, done))
@@ -390,9 +398,7 @@ def train_side_branch(routed, processor, records: list[Record], opts: TrainConfi
     resume = check_not_past(out, planned) if opts.resume else None
     done_steps = checkpoint_step(resume) if resume else 0
     set_seed(opts.seed)  # before the Trainer: the seed must reach the data order
-    device = next(iter(trainable)).device
     pad_id = processor.tokenizer.pad_token_id
-    args = training_arguments(opts, out, device)
     with fp32_master_weights(routed.side, enabled=args.bf16):
         trainer = SideBranchTrainer(
             model=routed,
@@ -414,9 +420,10 @@ def train_side_branch(routed, processor, records: list[Record], opts: TrainConfi
                 log(f"resuming {out} from step {done_steps} ({resume.name}), training on to step {planned}")
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds = time.perf_counter() - start
-    routed.save_routing(out / "routing")
     rows = [r for r in trainer.state.log_history if "loss" in r]
-    write_log(rows, out)
+    if main:
+        routed.save_routing(out / "routing")
+        write_log(rows, out)
     steps = trainer.state.global_step
     loss_sum = trainer.loss_sum()
     summary = {
@@ -436,12 +443,14 @@ def train_side_branch(routed, processor, records: list[Record], opts: TrainConfi
         "run": identity,
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
     }
-    write_json(out / SUMMARY, summary)
+    if main:
+        write_json(out / SUMMARY, summary)
     return summary
 
 
 def training_records(data: Path | None, out: Path, n: int, seed: int) -> list[Record]:
-    """`data` as records, or a fresh shapes-world training set (held-out scenes excluded), made once per seed."""
+    """`data` as records, or a fresh shapes-world training set (held-out scenes excluded), made once per
+    (seed, n) in `out`."""
     if data is not None:
         return read_records(data)
     from saturation import shapes
@@ -507,5 +516,6 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     if summary.pop("unchanged", False):
         return summary | {"unchanged": True}
     summary |= {"model": resolve_name(cfg.model), "split_source": source, "out": str(out)}
-    write_json(out / SUMMARY, summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 writes
+        write_json(out / SUMMARY, summary)
     return summary
