@@ -157,7 +157,7 @@ def probe_cmd(
 
 
 AnswersOpt = Annotated[Path | None, typer.Option("--data", help="LLaVA JSON with answers (default: the embedded held-out shapes set).")]
-RoutingOpt = Annotated[Path | None, typer.Option("--routing", help="Routing artifact folder from `routing train` (…/routing); vanilla when omitted.")]
+RoutingOpt = Annotated[Path | None, typer.Option("--routing", help="The run folder of `routing train` (--out), or its routing/ artifact; vanilla when omitted.")]
 
 
 def held_out_records(data: Path | None, n: int | None, seed: int):
@@ -322,6 +322,7 @@ def reproduce_cmd(
     probe_data: Annotated[Path | None, typer.Option(help="LLaVA JSON for the probe (default: embedded shapes probe set).")] = None,
     train_data: Annotated[Path | None, typer.Option(help="LLaVA JSON to train on (default: generated shapes world).")] = None,
     eval_data: Annotated[Path | None, typer.Option(help="LLaVA JSON with answers (default: embedded held-out shapes set).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Answer budget in tokens (default: the longest --eval-data answer + </s>).")] = None,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -339,10 +340,11 @@ def reproduce_cmd(
 
     ensure_output_dir(out)
     check_device(device)
-    require_positive(n_eval=n_eval, probe_n=probe_n)
+    require_positive(n_eval=n_eval, probe_n=probe_n, max_new_tokens=max_new_tokens)
     started = time.perf_counter()
     cfg = ReproduceConfig(model=model, out=out, max_steps=max_steps, n_eval=n_eval, probe_n=probe_n,
                           sweep_radius=sweep_radius, rule=rule, probe_data=probe_data, train_data=train_data, eval_data=eval_data,
+                          max_new_tokens=max_new_tokens,
                           seed=seed, dtype=dtype, device=device)
     result = run_reproduce(cfg, log=lambda msg: Console().print(msg, highlight=False, markup=False))
     drawn = figure2_from_dir(result["probe_dir"])
@@ -364,7 +366,7 @@ def reproduce_cmd(
 @routing_app.command("analyze")
 @friendly
 def analyze_cmd(
-    routing_dir: Annotated[Path, typer.Option("--routing", help="Trained routing artifact folder (…/routing).")],
+    routing_dir: Annotated[Path, typer.Option("--routing", help="The run folder of `routing train` (--out), or its routing/ artifact.")],
     model: ModelOpt = "tiny",
     data: AnswersOpt = None,
     n: Annotated[int, typer.Option("--n", "-n", help="Samples to analyse.")] = 64,
@@ -380,10 +382,11 @@ def analyze_cmd(
     from figures.io import save_figure
     from figures.mechanism import mechanism_figure
     from routing.analysis import mechanism, summarize
+    from routing.artifact import artifact_dir
 
     require_positive(n=n, batch_size=batch_size)
     check_device(device)
-    out = ensure_output_dir(out or Path(routing_dir).parent / "analysis")
+    out = ensure_output_dir(out or artifact_dir(routing_dir).parent / "analysis")
     records = held_out_records(data, n, seed)
     routed, processor = load_model_for_cli(model, routing_dir, dtype, device)
     tables = mechanism(routed.base, routed.eval(), processor, records, batch_size=batch_size)
@@ -407,7 +410,7 @@ def analyze_cmd(
 @friendly
 def bench_cmd(
     model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'llava-1.5-7b', 'llava-1.5-13b', a hub id or a local directory.")] = None,
-    routing_dir: Annotated[Path | None, typer.Option("--routing", help="Trained routing artifact (…/routing): its split, K and d_v; its side branch for its own variant.")] = None,
+    routing_dir: Annotated[Path | None, typer.Option("--routing", help="The run folder of `routing train`, or its routing/ artifact: its split, K and d_v; its side branch for its own variant.")] = None,
     split: Annotated[int | None, typer.Option(help="Split layer for the variants built here (default: layers // 2). Not with --routing.")] = None,
     variants: Annotated[str, typer.Option(help="Comma-separated variants measured against vanilla: lf, pc, kv, lf-ideal.")] = "lf,pc,kv",
     text_tokens: Annotated[str, typer.Option(help="Comma-separated text lengths (tokens beside the image tokens) to sweep.")] = "64,128,256,512,1024",

@@ -43,3 +43,14 @@ def test_analyze_command(tiny_model, tiny_model_dir, dataset, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "analysis" / "mechanism.json").read_text())
     assert summary["shallow_drift_min_cosine"] > 1 - 1e-6 and (tmp_path / "analysis" / "mechanism.png").is_file()
+
+
+def test_analyze_takes_the_run_folder_and_writes_beside_it(tiny_model, tiny_model_dir, dataset, tmp_path):
+    """`--routing RUN` (what `routing train --out` names) works, and the default output sits in RUN/analysis."""
+    run = tmp_path / "run"
+    routing.build(tiny_model, 2).save_routing(run / "routing")
+    result = runner.invoke(routing_app, ["analyze", "--model", str(tiny_model_dir), "--routing", str(run),
+                                         "--data", str(dataset), "--n", "2"])
+    assert result.exit_code == 0, result.output
+    assert (run / "analysis" / "mechanism.json").is_file()
+    assert not (tmp_path / "analysis").exists()

@@ -157,3 +157,9 @@ def _long_answer_data(folder: Path) -> Path:
     raw[1]["conversations"][1]["value"] = "left red circle a blue square"
     path.write_text(json.dumps(raw))
     return path
+
+
+def test_answer_budget_option_below_one_is_one_line(tmp_path):
+    result = runner.invoke(routing_app, ["reproduce", "--out", str(tmp_path / "rep"), "--max-new-tokens", "0"])
+    assert result.exit_code == 1
+    assert "--max-new-tokens must be at least 1" in result.output and not (tmp_path / "rep").exists()
