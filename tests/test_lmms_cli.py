@@ -1,0 +1,127 @@
+"""The real lmms-eval CLI on our plugin, as users run it: local shapes tasks (tests/lmms_tasks/), the embedded
+model, vanilla and routed, scored against ``routing eval`` on the same records.
+
+Runs only where lmms-eval is installed (its own venv: tools/ci_eval.sh). The lmms-eval processes load
+tests/lmms_tasks/patch/sitecustomize.py, which works around lmms-eval 0.7.3 turning every loglikelihood result
+into a string (without it every multiple-choice task fails, for every model). lmms-eval exits 0 even when
+the evaluation failed, so every check reads the results JSON, never just the exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lmms_eval")
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS = REPO / "tests" / "lmms_tasks"
+sys.path.insert(0, str(TASKS))
+from utils import N_DOCS  # noqa: E402  (the tasks' own hooks: the same record selection)
+
+from saturation.loading import DATA_SAMPLES  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def env(tmp_path: Path) -> dict:
+    return os.environ | {
+        "PYTHONPATH": str(TASKS / "patch"),
+        "HF_HOME": str(tmp_path / "hf"),  # datasets' cache of the local JSON stays out of ~/.cache
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def lmms_eval(tmp_path: Path, model_args: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "lmms-eval"), "--model", "dpvr_llava", "--model_args", model_args,
+           "--tasks", "shapes_gen,shapes_mc", "--include_path", str(TASKS), "--batch_size", "16",
+           "--log_samples", "--output_path", str(out), *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
+def results(out: Path) -> tuple[dict, dict[str, list[dict]]]:
+    """(results JSON's scores per task, per-sample rows per task) of one lmms-eval run."""
+    files = sorted(out.rglob("*_results.json"))
+    assert len(files) == 1, f"lmms-eval wrote no results JSON under {out}"
+    samples = {task: [json.loads(line) for line in next(out.rglob(f"*_samples_{task}.jsonl")).read_text().splitlines()]
+               for task in ("shapes_gen", "shapes_mc")}
+    return json.loads(files[0].read_text())["results"], samples
+
+
+def records(tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+    """A LLaVA JSON for ``routing eval``: the generation task's records first (so that its batches of 16 are
+    the same as lmms-eval's), then the multiple-choice task's existence records not already among them."""
+    raw = json.loads((DATA_SAMPLES / "shapes" / "heldout.json").read_text())
+    gen = raw[:N_DOCS]
+    mc = [r for r in raw if r["question_type"] == "exist"][:N_DOCS]
+    chosen = gen + [r for r in mc if r not in gen]
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    for r in chosen:
+        shutil.copy(DATA_SAMPLES / "shapes" / r["image"], tmp_path / "data" / r["image"])
+    path = tmp_path / "data" / "records.json"
+    path.write_text(json.dumps(chosen))
+    return path, [r["id"] for r in gen], [r["id"] for r in mc]
+
+
+def routing_eval(tmp_path: Path, data: Path, name: str, *routing: str) -> dict[str, dict]:
+    """Per-record rows of ``routing eval``'s per-sample CSV, by record id."""
+    import pandas as pd
+
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run([str(BIN / "routing"), "eval", "--model", "tiny", *routing, "--data", str(data),
+                           "--batch-size", "16", "--json", str(out)], cwd=REPO, env=env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {row["id"]: row for row in pd.read_csv(out.with_suffix(".csv"), keep_default_na=False).to_dict("records")}
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    """An untrained LF routing at s=1 of the embedded model (image tokens leave after layer 0): much weaker than
+    vanilla, so the scores compared below differ from vanilla's."""
+    import routing
+    from saturation.loading import load_llava
+
+    model, _ = load_llava("tiny")
+    out = tmp_path_factory.mktemp("routing") / "routing"
+    routing.build(model, 1).save_routing(out)
+    return out
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["vanilla", "routed"])
+def test_lmms_eval_cli_matches_routing_eval(tmp_path, artifact, routed):
+    model_args = "pretrained=tiny" + (f",routing={artifact}" if routed else "")
+    done = lmms_eval(tmp_path, model_args, tmp_path / "lmms")
+    scores, samples = results(tmp_path / "lmms")
+    data, gen_ids, mc_ids = records(tmp_path)
+    ours = routing_eval(tmp_path, data, "eval", *(["--routing", str(artifact)] if routed else []))
+
+    # generation: the same answers, record by record, hence the same score
+    assert [s["doc_id"] for s in samples["shapes_gen"]] == list(range(N_DOCS)), done.stdout[-2000:]
+    predicted = [ours[i]["prediction"] for i in gen_ids]
+    assert [s["filtered_resps"].strip().lower() for s in samples["shapes_gen"]] == predicted
+    expected = sum(ours[i]["correct"] for i in gen_ids) / N_DOCS
+    assert scores["shapes_gen"]["shapes_exact_match,none"] == pytest.approx(expected)
+
+    # multiple choice by loglikelihood (argmin of the NLL): a yes/no answer that greedy generation gets right
+    # is the most likely first token, so it is also the smaller loss; inverted scores would fall far below
+    mc = scores["shapes_mc"]["acc,none"]
+    by_generation = sum(ours[i]["correct"] for i in mc_ids) / N_DOCS
+    assert mc >= by_generation
+    if not routed:
+        assert mc >= 0.9 and expected >= 0.9  # the embedded model answers these ~0.99
+    else:
+        assert expected < 1.0  # the untrained routing really changed the model
+
+
+def test_lmms_eval_cli_refuses_unknown_model_args(tmp_path):
+    done = lmms_eval(tmp_path, "pretrained=tiny,routng=runs/x", tmp_path / "lmms")
+    said = done.stdout + done.stderr
+    assert "unknown --model_args key(s) routng; accepted: pretrained, routing" in said
+    assert not list((tmp_path / "lmms").rglob("*_results.json"))  # no scores of an unintended vanilla run
