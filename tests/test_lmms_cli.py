@@ -9,6 +9,7 @@ the evaluation failed, so every check reads the results JSON, never just the exi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -18,14 +19,16 @@ from pathlib import Path
 
 import pytest
 
+from saturation.loading import DATA_SAMPLES
+
 pytest.importorskip("lmms_eval")
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = REPO / "tests" / "lmms_tasks"
-sys.path.insert(0, str(TASKS))
-from utils import N_DOCS  # noqa: E402  (the tasks' own hooks: the same record selection)
-
-from saturation.loading import DATA_SAMPLES  # noqa: E402
+_spec = importlib.util.spec_from_file_location("lmms_shapes_tasks", TASKS / "utils.py")
+_tasks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tasks)
+N_DOCS = _tasks.N_DOCS  # the tasks' own hooks: the same record selection
 
 BIN = Path(sys.executable).parent
 

@@ -8,12 +8,12 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
+from conftest import make_model
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
 import routing
-from conftest import make_model
 from routing.lmms_plugin import (
     AUTO_BATCH_SIZE,
     MODEL_ARGS,
@@ -172,8 +172,13 @@ def test_lmms_model_class_with_lmms_eval(tiny_model, tiny_model_dir, tmp_path):
     cls = get_model(MODEL_ID)  # resolved through our entry point
     assert issubclass(cls, lmms) and cls.is_simple
     routing.build(tiny_model, 2).save_routing(tmp_path / "routing")
-    model = cls.create_from_arg_string(f"pretrained={tiny_model_dir},routing={tmp_path / 'routing'},device=cpu",
-                                       {"batch_size": "2", "device": "cpu", "max_batch_size": None})
+    torch.set_num_threads(2)  # as lmms-eval leaves it: torch's default, every core
+    try:
+        model = cls.create_from_arg_string(f"pretrained={tiny_model_dir},routing={tmp_path / 'routing'},device=cpu",
+                                           {"batch_size": "2", "device": "cpu", "max_batch_size": None})
+        assert torch.get_num_threads() == 1  # a tiny model on CPU: one thread, as our CLI (threads spin-wait)
+    finally:
+        torch.set_num_threads(1)
     assert model.batch_size == 2
     docs = [{"image": Image.new("RGB", (32, 32), c), "q": "what colour is the circle?"} for c in ("red", "blue", "green")]
     model.task_dict = {"shapes": {"test": docs}}
@@ -185,6 +190,9 @@ def test_lmms_model_class_with_lmms_eval(tiny_model, tiny_model_dir, tmp_path):
                                        i, "shapes", "test"), idx=i, metadata={"task": "shapes", "doc_id": i, "repeats": 1}) for i in range(3)]
     answers = model.generate_until(gen)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    mixed = [Instance("generate_until", (r.args[0], {"max_new_tokens": 1 + i % 2}, *r.args[2:]), idx=i,
+                      metadata=r.metadata) for i, r in enumerate(gen)]
+    assert model.generate_until(mixed) == [model.generate_until([r])[0] for r in mixed]  # request order
     ll = [Instance("loglikelihood", ("what colour is the circle?", " red", visual, i, "shapes", "test"), idx=i,
                    metadata={"task": "shapes", "doc_id": i, "repeats": 1})
           for i in range(3)]
