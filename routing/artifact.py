@@ -53,19 +53,20 @@ def base_geometry(model) -> dict:
 def base_fingerprint(model, layers: range) -> list[float]:
     """A few weights of the layers the side branch was copied from, enough to tell checkpoints apart.
 
-    Sampled at fixed strided indices of each layer's query projection; stable across dtypes up to rounding.
+    Sampled at fixed strided indices of each layer's fingerprint weight (the adapter's: the query projection);
+    stable across dtypes up to rounding.
     """
     a = anatomy(model)
     values = []
     for i in layers:
-        w = a.attention(i).q_proj.weight.detach().reshape(-1)
+        w = a.fingerprint_weight(i).detach().reshape(-1)
         step = max(1, w.numel() // 16)
         values += w[::step][:16].float().cpu().tolist()
     return values
 
 
 def _base_id(model) -> str:
-    return str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
+    return str(getattr(model.config, "name_or_path", "") or getattr(model, "name_or_path", "") or "")
 
 
 def _aside(out: Path) -> Path:

@@ -46,7 +46,7 @@ from torch import Tensor
 from saturation.anatomy import anatomy, position_ids_from_mask
 from saturation.errors import ToolkitError
 from saturation.geometry import CHECKPOINT_DTYPE, GEOMETRIES, geometry_config, image_tokens_of, random_llava
-from saturation.hf_compat import cache_kwargs, cache_of
+from saturation.hf_compat import cache_kwargs, cache_of, cache_tensors
 
 from . import flops
 from .model import RoutedLlava, build
@@ -263,8 +263,7 @@ def decode_step(model, cache, token: Tensor, position: int):
 
 def cache_bytes(cache) -> int:
     """Bytes of keys and values held by a DynamicCache (layers hold different lengths under routing)."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if isinstance(t, Tensor))
+    return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
 
 
 @torch.no_grad()

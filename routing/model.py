@@ -7,7 +7,9 @@ one short block), ``_route_next`` (a decode step: one loop, one mask per cache l
 The base model is held by reference and frozen; the only new weights are the side branch, ``d_v`` deep copies of
 layers ``s .. s+d_v-1`` whose attention has its own ``layer_idx = L + i`` (it never touches the base's cache slots,
 and it is not cached at all: during decoding its output already sits in the K/V of the layers that read it).
-Everything goes through the anatomy map (``saturation.anatomy``), never ``model.model.language_model``.
+Everything goes through the backbone adapter (``saturation.anatomy(model)``, one per family in
+``saturation/backbones/``): its image merge, positions, masks, rotary tables and per-layer K/V. This file names no HF
+module path and reads no private config field, so a new family needs no change here.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from saturation.anatomy import Anatomy, anatomy, position_ids_from_mask
+from saturation.anatomy import Anatomy, anatomy
 from saturation.errors import ToolkitError
 from saturation.hf_compat import CACHE_ARG, cache_kwargs
 
@@ -99,28 +101,6 @@ class Route:
         return torch.where(self.image_mask[..., None], self.scatter_image(image), full_text)
 
 
-def subset_mask(q_index: Tensor, k_index: Tensor, k_valid: Tensor, attn_impl: str, dtype: torch.dtype) -> Tensor:
-    """A 4D attention mask [batch, 1, q, k] for keys in any order: causal in the ORIGINAL positions, pads out.
-
-    Boolean for sdpa, additive (0 / dtype min) for eager, as ``create_causal_mask`` makes them.
-    """
-    allowed = (k_index[:, None, None, :] <= q_index[:, None, :, None]) & k_valid[:, None, None, :]
-    if attn_impl == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
-    return allowed
-
-
-def subset_causal_mask(a: Anatomy, x: Tensor, valid: Tensor, dense: bool, position_ids: Tensor, cache=None,
-                       layer_idx: int = 0):
-    """``a.causal_mask`` for a subset, skipping HF's mask machinery where its answer is known in advance: under
-    sdpa, with nothing masked (`dense`) and no cached keys before, it is ``None`` (sdpa's own ``is_causal``)."""
-    if (a.text_config._attn_implementation == "sdpa" and dense
-            and (cache is None or cache.get_seq_length(layer_idx) == 0)):
-        return None
-    return a.causal_mask(x, valid, position_ids, cache, layer_idx=layer_idx)
-
-
 class _PrefixKV:
     """A one-layer stand-in cache that puts fixed keys/values before the layer's own (KV deep layers, no cache)."""
 
@@ -129,26 +109,6 @@ class _PrefixKV:
 
     def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         return torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def image_keys_values(layer: nn.Module, attn: nn.Module, side: Tensor, rope: tuple[Tensor, Tensor]):
-    """The keys and values image positions supply in a KV deep layer: projected from the side-branch output.
-
-    No query, output projection or MLP is computed for them. Llama-family layers (``input_layernorm``,
-    ``k_proj``/``v_proj``, half-rotation RoPE), which covers the LLaVA backbones the anatomy map knows.
-    Returns ``(keys, values)``, each [batch, kv_heads, I, head_dim].
-    """
-    x = layer.input_layernorm(side)
-    shape = (*side.shape[:2], -1, attn.head_dim)
-    keys = attn.k_proj(x).view(shape).transpose(1, 2)
-    values = attn.v_proj(x).view(shape).transpose(1, 2)
-    cos, sin = (t.unsqueeze(1) for t in rope)
-    return keys * cos + _rotate_half(keys) * sin, values
 
 
 @dataclass(frozen=True)
@@ -175,20 +135,25 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
     """A DPVR-routed LLaVA. ``routed(input_ids=, pixel_values=, attention_mask=, labels=)`` gives ``.loss`` and
     ``.logits``; ``routed.generate(...)`` is HF's own generate with a per-group KV cache."""
 
-    base_model_prefix = "base"  # so generate() pre-encodes images with the base's get_image_features
+    base_model_prefix = "base"  # so generate() pre-encodes images with the base's own image encoder
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     _supports_sdpa = True
     supports_gradient_checkpointing = True  # base and side layers are HF GradientCheckpointingLayers
-    _no_split_modules = ["LlamaDecoderLayer"]
+    # Image keyword arguments some family's forward takes besides pixel_values; named in `forward`'s signature
+    # because HF generate() validates model kwargs against it (behind **kwargs they are refused).
+    IMAGE_KWARGS = ("image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids", "token_type_ids")
 
     def __init__(self, base: nn.Module, plan: RoutingPlan):
         super().__init__(base.config)
+        self._no_split_modules = [anatomy(base).decoder_layer_class]  # accelerate never splits a decoder layer
         self.base = base.requires_grad_(False)  # held by reference: no copy of the base weights
         self.plan = plan
         self.generation_config = copy.deepcopy(base.generation_config)
         self._anatomy = a = anatomy(base)
-        self.side = nn.ModuleList(_copy_layer(a, src, a.num_layers + i) for i, src in enumerate(plan.side_sources))
+        # The side branch: trainable copies of layers s.., each caching into its own slot L + i (never layer s's).
+        self.side = nn.ModuleList(a.copy_layer(src, a.num_layers + i).requires_grad_(True)
+                                  for i, src in enumerate(plan.side_sources))
         self._gradient_probe = False
 
     @property
@@ -211,6 +176,11 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         mm_encoder_outputs: dict | None = None,
         return_dict: bool = True,
         past_key_values: Cache | None = None,
+        image_sizes: Tensor | None = None,
+        batch_num_images: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
+        mm_token_type_ids: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
         **image_kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits [batch, seq, vocab] (or the last `logits_to_keep`) and, with `labels`, the causal-LM loss over
@@ -219,13 +189,17 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         Positions are always the generate convention, ``cumsum(attention_mask) - 1``. The first call on a cache is
         the prefill (images allowed anywhere); later calls continue it with text tokens. `inputs_embeds` with
         `image_mask` [batch, seq] replaces `input_ids`/`pixel_values` (benchmarks); `mm_encoder_outputs`
-        ({"image": output of ``get_image_features``}) replaces `pixel_values`, as ``generate()`` passes it.
+        ({"image": the base's image-feature output}) replaces `pixel_values`, as ``generate()`` passes it.
+        `image_sizes`, `batch_num_images`, ...: the family's own image kwargs (see ``IMAGE_KWARGS``), to its merge.
         """
         if image_kwargs.pop("position_ids", None) is not None:
             raise ToolkitError("the routed model derives positions from attention_mask (cumsum - 1, the generate "
                                "convention); pass attention_mask instead of position_ids")
         for unsupported in ("output_attentions", "output_hidden_states"):  # use hook_points() instead
             image_kwargs.pop(unsupported, None)
+        named = dict(zip(self.IMAGE_KWARGS, (image_sizes, batch_num_images, image_grid_thw, mm_token_type_ids,
+                                             token_type_ids)))
+        image_kwargs |= self._family_kwargs(named)
         self._refuse_untrainable(labels)
         cache = past_key_values if cache is None else cache  # the name before transformers 5.24 (hf_compat)
         use_cache = cache is not None if use_cache is None else use_cache
@@ -236,7 +210,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         state = state_of(cache)
         if state is None:
             if inputs_embeds is None and (mm_encoder_outputs or {}).get("image") is not None:
-                inputs_embeds, image_mask = self._embed_features(input_ids, mm_encoder_outputs["image"].pooler_output)
+                inputs_embeds, image_mask = self.anatomy.embed(
+                    input_ids, image_features=mm_encoder_outputs["image"].pooler_output)
             h = self._route_prompt(input_ids, pixel_values, attention_mask, cache, inputs_embeds, image_mask,
                                    **image_kwargs)
         else:
@@ -249,15 +224,14 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: cache})
 
-    def _embed_features(self, input_ids: Tensor, features) -> tuple[Tensor, Tensor]:
-        """Token embeddings with pre-encoded image features (one [n_img, D] per image, in placeholder order)."""
-        a = self.anatomy
-        h = a.embed_tokens(input_ids)
-        image_mask = input_ids == a.image_token_id
-        features = torch.cat(list(features), dim=0).to(h.device, h.dtype)
-        if features.shape[0] != int(image_mask.sum()):
-            raise ToolkitError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features")
-        return h.masked_scatter(image_mask[..., None].expand_as(h), features), image_mask
+    def _family_kwargs(self, named: dict) -> dict:
+        """The given image kwargs; one this family does not take is refused in one line (not silently dropped)."""
+        given = {k: v for k, v in named.items() if v is not None}
+        foreign = sorted(set(given) - set(self.anatomy.image_kwargs))
+        if foreign:
+            raise ToolkitError(f"{self.anatomy.spec.name} takes no {', '.join(foreign)} (its image kwargs: "
+                               f"{', '.join(self.anatomy.image_kwargs) or 'none besides pixel_values'})")
+        return given
 
     def _route_prompt(self, input_ids, pixel_values, attention_mask, cache, inputs_embeds, image_mask, **image_kwargs):
         a, plan = self.anatomy, self.plan
@@ -269,8 +243,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
                 else image_mask.bool()
         if attention_mask is None:
             attention_mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
-        pos = position_ids_from_mask(attention_mask)
-        rope = a.rotary_emb(h, position_ids=pos)
+        pos = a.positions(attention_mask)
+        rope = a.rope(h, pos)
         full_mask = a.causal_mask(h, attention_mask, pos, cache, layer_idx=0)
         # Every host-device sync of the routing happens here, before any layer is queued (free on a GPU).
         r = Route.of(image_mask, attention_mask) if bool(image_mask.any()) else None
@@ -293,7 +267,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
         # Side branch: image positions only, causal among themselves, original positions; never cached.
         side = r.image(h)
-        side_mask = subset_causal_mask(a, side, r.image_valid, r.image_dense, image_pos)
+        side_mask = a.subset_causal_mask(side, r.image_valid, r.image_dense, image_pos)
         for layer in self.side:
             side = layer(side, attention_mask=side_mask, position_ids=image_pos, position_embeddings=image_rope)
         if not r.image_dense:
@@ -302,7 +276,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         # Deep layers: the one place the variants differ.
         if plan.deep_mode == "text_only":  # LF: text positions only, their original positions, causal over text
             text = r.text(h)
-            text_mask = subset_causal_mask(a, text, r.text_valid, r.text_dense, text_pos, cache,
+            text_mask = a.subset_causal_mask(text, r.text_valid, r.text_dense, text_pos, cache,
                                            layer_idx=plan.deep.start)
             with self._frozen():
                 text = run(plan.deep, text, text_mask, text_pos, text_rope)
@@ -315,10 +289,10 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         else:  # KV: image positions supply only K/V (from the side output); text does the rest
             keys_order = torch.cat([r.image_index, r.text_index], 1)
             keys_valid = torch.cat([r.image_valid, r.text_valid], 1)
-            kv_mask = subset_mask(r.text_index, keys_order, keys_valid, a.text_config._attn_implementation, h.dtype)
+            kv_mask = a.order_mask(r.text_index, keys_order, keys_valid, h.dtype)
             t = r.text(h)
             for i in plan.deep:
-                keys, values = image_keys_values(a.layers[i], a.attention(i), side, image_rope)
+                keys, values = a.key_values(i, side, image_rope)  # no query, output projection or MLP for them
                 if cache is not None:
                     cache.update(keys, values, i)  # this layer's cache: image keys first, then text
                 kv = cache if cache is not None else _PrefixKV(keys, values)
@@ -340,7 +314,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
                                "first call on a cache)")
         h = a.embed_tokens(input_ids)
         c = continuation(state, cache, attention_mask, input_ids.shape[1])
-        rope = a.rotary_emb(h, position_ids=c.position_ids)
+        rope = a.rope(h, c.position_ids)
         masks = {layout: a.causal_mask(h, c.masks[layout], c.position_ids, cache, layer_idx=plan.first_layer(layout))
                  for layout in plan.layouts}
         for i, layer in enumerate(a.layers):
@@ -411,20 +385,11 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         points = self.anatomy.hook_points()
         for i, layer in enumerate(self.side):
             points[f"side.{i}.hook_resid_post"] = layer
-            points[f"side.{i}.attn.hook_pattern"] = layer.get_submodule(self.anatomy.spec.attn)
+            points[f"side.{i}.attn.hook_pattern"] = self.anatomy.attention_of(layer)
         return points
 
     def extra_repr(self) -> str:
         return self.plan.describe()
-
-
-def _copy_layer(a: Anatomy, source: int, layer_idx: int) -> nn.Module:
-    """A trainable deep copy of layer `source` with its own cache slot `layer_idx`, sharing the base's config
-    object (so the attention implementation follows the base's)."""
-    config = a.attention(source).config
-    new = copy.deepcopy(a.layers[source], memo={id(config): config})
-    new.get_submodule(a.spec.attn).layer_idx = layer_idx
-    return new.requires_grad_(True)
 
 
 def build(model: nn.Module, split: int, variant: str = "lf", fusion_layers: int = 1,
@@ -434,7 +399,7 @@ def build(model: nn.Module, split: int, variant: str = "lf", fusion_layers: int 
     """
     a = anatomy(model)
     plan = make_plan(a.num_layers, split, variant, fusion_layers, side_depth)
-    impl = a.text_config._attn_implementation
+    impl = a.attn_implementation
     if impl not in SUPPORTED_ATTENTION:
         raise ToolkitError(f"routing supports attn_implementation sdpa or eager, not '{impl}'")
     return RoutedLlava(model, plan)

@@ -63,10 +63,13 @@ def geometry_config(name: str, layers: int | None = None):
     return config
 
 
-def image_tokens_of(config) -> int:
-    """Image tokens per image, from the vision config: (image_size / patch_size)^2, +1 if CLS is kept."""
-    v = config.vision_config
-    return (v.image_size // v.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+def image_tokens_of(config, image_size: tuple[int, int] | None = None) -> int:
+    """Image tokens for one image of `image_size` (H, W) px, as the backbone adapter counts them: fixed for
+    LLaVA-1.5 ((size / patch)^2, +1 if CLS is kept); for anyres families (NeXT, OneVision) it depends on the size,
+    which defaults to one square tile."""
+    from .backbones import adapter_class
+
+    return adapter_class(config).image_tokens(config, image_size)
 
 
 def random_llava(config, dtype: torch.dtype, device: torch.device, seed: int = 0):

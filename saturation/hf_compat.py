@@ -9,7 +9,9 @@ the rest of the code is the same on both sides of the rename.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 
+from torch import Tensor
 from transformers.masking_utils import create_causal_mask
 
 CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
@@ -23,3 +25,11 @@ def cache_kwargs(cache) -> dict:
 def cache_of(output):
     """The KV cache a model output carries (``output.cache`` or ``output.past_key_values``)."""
     return getattr(output, CACHE_ARG)
+
+
+def cache_tensors(cache) -> Iterator[Tensor]:
+    """Every key and value tensor a ``DynamicCache`` holds, layer by layer (layers may differ in length)."""
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if isinstance(t, Tensor):
+                yield t

@@ -100,14 +100,8 @@ def eager_attention(model) -> Iterator[None]:
 
     The vision tower keeps its own implementation; only the decoder layers' patterns are read.
     """
-    previous = model.config.text_config._attn_implementation
-    if previous != "eager":
-        model.set_attn_implementation({"text_config": "eager"})
-    try:
+    with anatomy(model).use_attention("eager"):
         yield
-    finally:
-        if previous != "eager":
-            model.set_attn_implementation({"text_config": previous})
 
 
 # --- one batch: hooks that reduce as the layers run ---

@@ -4,10 +4,24 @@ import pytest
 import torch
 from conftest import make_model
 from PIL import Image
-from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaOnevisionConfig,
+)
 
 from saturation import ToolkitError
-from saturation.anatomy import LLAVA_15, LLAVA_NEXT, anatomy, position_ids_from_mask, spec_for_config
+from saturation.anatomy import (
+    LLAVA_15,
+    LLAVA_NEXT,
+    LLAVA_ONEVISION,
+    anatomy,
+    position_ids_from_mask,
+    spec_for_config,
+)
 from saturation.tiny import tiny_llava_config, tiny_processor
 
 TEXTS = [
@@ -65,9 +79,10 @@ def test_not_llava_is_refused():
         anatomy(llama)
 
 
-def test_backbone_specs_cover_llava_and_next():
+def test_backbone_specs_cover_llava_next_and_onevision():
     assert spec_for_config(LlavaConfig()) is LLAVA_15
     assert spec_for_config(LlavaNextConfig()) is LLAVA_NEXT
+    assert spec_for_config(LlavaOnevisionConfig()) is LLAVA_ONEVISION
 
 
 def test_geometry_comes_from_the_config_not_constants():

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ..anatomy import anatomy
 from ..data import IGNORE_INDEX, Record, collate, encode_record
 from ..files import atomic_write, write_json
 from ..tiny import tiny_llava_config, tiny_processor
@@ -102,8 +102,7 @@ def build_model(recipe: Recipe, vocab_size: int) -> LlavaForConditionalGeneratio
 
 def patch_features(model: LlavaForConditionalGeneration, pixel_values: Tensor) -> Tensor:
     """The tower features the projector reads: ``vision_feature_layer``, CLS dropped. [B,3,H,W] -> [B,9,Dv]."""
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
-    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    return anatomy(model).vision_hidden(pixel_values)
 
 
 def pixels(processor: LlavaProcessor, images: list) -> Tensor:
@@ -157,7 +156,7 @@ def train_stage1(model, processor, recipe: Recipe, exclude: frozenset, log) -> N
     """Train the vision tower (and throw-away heads) until each patch encodes its cell's content."""
     torch.manual_seed(recipe.seed + 1)
     heads = stage1_heads(recipe)
-    tower = model.model.vision_tower
+    tower = anatomy(model).vision_encoder
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.stage1_lr, weight_decay=0.0)
     sched = cosine_schedule(opt, recipe.stage1_steps, warmup=20)
@@ -198,13 +197,13 @@ def feature_rms(model, processor, recipe: Recipe, exclude: frozenset) -> Tensor:
 
 def attach_rescale(model, rms: Tensor):
     """Divide the projector's input by `rms` (a hook for training; see `fold_rescale` for saving)."""
-    return model.model.multi_modal_projector.register_forward_pre_hook(lambda _m, args: (args[0] / rms, *args[1:]))
+    return anatomy(model).projector.register_forward_pre_hook(lambda _m, args: (args[0] / rms, *args[1:]))
 
 
 @torch.no_grad()
 def fold_rescale(model, rms: Tensor) -> None:
     """Bake ``x / rms`` into the projector's first linear layer: ``W (x / r) = (W / r) x``."""
-    model.model.multi_modal_projector.linear_1.weight.div_(rms)
+    anatomy(model).projector_in.weight.div_(rms)
 
 
 def aux_targets(scene: world.Scene, tokenizer) -> Tensor:
@@ -307,7 +306,7 @@ def lens_loss(model, image_embeds: Tensor, targets: Tensor) -> Tensor:
 
     image_embeds [N, D] (image tokens at the LM input), targets [N, 4] word ids or -100.
     """
-    logp = model.lm_head(model.model.language_model.norm(image_embeds)).log_softmax(-1)
+    logp = anatomy(model).unembed(image_embeds).log_softmax(-1)
     keep = targets != IGNORE_INDEX
     return -logp.gather(-1, targets.clamp_min(0))[keep].mean()
 
@@ -319,19 +318,14 @@ def attention_loss(model, layer_input: Tensor, batch: dict[str, Tensor], targets
     Recomputes only the supervised rows of that layer's attention (its own q/k projections and RoPE, as the
     layer does with right padding), so it works with any attention implementation. layer_input [B, T, D].
     """
-    lm = model.model.language_model
-    attn = lm.layers[layer_idx].self_attn
-    x = lm.layers[layer_idx].input_layernorm(layer_input)
-    b, t, _ = x.shape
-    q = attn.q_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = lm.rotary_emb(x, torch.arange(t).unsqueeze(0))
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    a = anatomy(model)
+    t = layer_input.shape[1]
+    q, k, scale = a.queries_keys(layer_idx, layer_input, a.rope(layer_input, torch.arange(t).unsqueeze(0)))
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     rows, pos, heads = targets.any(-1).nonzero(as_tuple=True)
     if len(rows) == 0:
         return layer_input.sum() * 0.0
-    scores = torch.einsum("nd,ntd->nt", q[rows, heads, pos], k[rows, heads]) * attn.scaling
+    scores = torch.einsum("nd,ntd->nt", q[rows, heads, pos], k[rows, heads]) * scale
     visible = (torch.arange(t) <= pos[:, None]) & batch["attention_mask"][rows].bool()
     probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
     image_probs = probs[batch["image_mask"][rows]].view(len(rows), -1)  # [N, 9], cells in row-major order
@@ -395,9 +389,10 @@ def cosine_schedule(opt, total: int, warmup: int):
 
 def stage2_optimizer(model, recipe: Recipe):
     """AdamW with the projector at its own (higher) rate; the vision tower is frozen."""
-    model.model.vision_tower.requires_grad_(False)
-    projector = list(model.model.multi_modal_projector.parameters())
-    lm = list(model.model.language_model.parameters())  # lm_head is tied to embed_tokens
+    a = anatomy(model)
+    a.vision_encoder.requires_grad_(False)
+    projector = list(a.projector.parameters())
+    lm = list(a.text_model.parameters())  # lm_head is tied to embed_tokens
     return torch.optim.AdamW(
         [{"params": lm, "lr": recipe.lm_lr}, {"params": projector, "lr": recipe.projector_lr}],
         weight_decay=0.0,
@@ -439,7 +434,7 @@ def train(out_dir: str | Path, recipe: Recipe | None = None, log=print) -> Path:
         rms, step = state["rms"], state["step"]
         log(f"resuming at stage-2 step {step}")
 
-    model.model.vision_tower.eval()
+    anatomy(model).vision_encoder.eval()
     hook = attach_rescale(model, rms)
     opt = stage2_optimizer(model, recipe)
     sched = cosine_schedule(opt, recipe.steps, recipe.warmup)
@@ -450,7 +445,7 @@ def train(out_dir: str | Path, recipe: Recipe | None = None, log=print) -> Path:
     pool = build_pool(processor, recipe.train_scenes, recipe.seed + 7, recipe, exclude, log)
     val = build_pool(processor, 200, recipe.seed + 11, recipe, exclude, log)  # teacher-forced progress check
     image_token_id = model.config.image_token_id
-    model.model.language_model.train()
+    anatomy(model).text_model.train()
     while step < recipe.steps:
         batch = make_batch(pool, step, recipe, image_token_id)
         losses = stage2_loss(model, batch, recipe)
@@ -463,7 +458,7 @@ def train(out_dir: str | Path, recipe: Recipe | None = None, log=print) -> Path:
         if step % recipe.log_every == 0 or step == recipe.steps:
             model.eval()
             acc = answer_accuracy(model, val, image_token_id)
-            model.model.language_model.train()
+            anatomy(model).text_model.train()
             log(f"stage2 step {step} " + " ".join(f"{k} {v.item():.3f}" for k, v in losses.items() if k != "total")
                 + " | val " + " ".join(f"{k} {v:.2f}" for k, v in acc.items())
                 + f" | lr {sched.get_last_lr()[0]:.1e} {time.time() - t0:.0f}s")

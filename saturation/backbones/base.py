@@ -1,0 +1,360 @@
+"""The backbone contract: a declarative map of module paths plus the few operations that differ per family.
+
+Everything outside ``saturation/backbones/`` reaches a model through a `Backbone` (``anatomy(model)``): the probe,
+the routed model, training, the benchmark and the shapes trainer. Only this package names HF module paths
+(``language_model``, ``self_attn.k_proj``, ...), imports a ``modeling_*`` module or reads a private config field.
+In the spirit of TransformerLens' ``supported_architectures/*.py``: one short subclass per family, mostly paths.
+
+Hook names follow TransformerLens (``blocks.{l}.hook_resid_post``, ``blocks.{l}.attn.hook_pattern``).
+Shapes: ``B`` batch, ``T`` sequence, ``D`` d_model, ``H``/``Hkv`` query/key-value heads, ``d`` head dim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers.masking_utils import create_causal_mask
+
+from ..errors import ToolkitError
+from ..hf_compat import cache_kwargs
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Dotted submodule paths of one architecture, relative to the ``...ForConditionalGeneration`` model."""
+
+    name: str
+    model_types: tuple[str, ...]
+    multimodal: str = "model"  # owns get_image_features / get_placeholder_mask
+    language_model: str = "model.language_model"
+    embed_tokens: str = "model.language_model.embed_tokens"
+    layers: str = "model.language_model.layers"
+    norm: str = "model.language_model.norm"
+    rotary_emb: str = "model.language_model.rotary_emb"
+    lm_head: str = "lm_head"
+    vision_tower: str = "model.vision_tower"
+    projector: str = "model.multi_modal_projector"
+    projector_in: str = "model.multi_modal_projector.linear_1"  # the projector's first linear layer
+    # inside each decoder layer
+    attn: str = "self_attn"
+    input_norm: str = "input_layernorm"
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    v_proj: str = "self_attn.v_proj"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The text around one question: ``{user}<image>\\n{question}{assistant}``, then ``{question}`` turns later."""
+
+    user: str = "USER: "
+    assistant: str = " ASSISTANT:"
+
+    def question(self, question: str, first: bool, image_placeholder: str = "<image>") -> str:
+        image = f"{image_placeholder}\n" if first else ""
+        return f"{self.user}{image}{question}{self.assistant}"
+
+
+LLAVA_TEMPLATE = PromptTemplate()
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions as `generate` makes them: ``cumsum(mask) - 1``, with pads set to 0. [B, T] -> [B, T]."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+class Backbone:
+    """A LLaVA-style model seen as ``embed() -> layers[0..L-1] -> norm -> lm_head``; one subclass per family.
+
+    A subclass sets `spec` (its module paths), `image_kwargs` (the image keyword arguments its forward takes
+    besides ``pixel_values``), `template`, and overrides the operations its family does differently.
+    """
+
+    spec: ClassVar[BackboneSpec]
+    image_kwargs: ClassVar[tuple[str, ...]] = ()
+    template: ClassVar[PromptTemplate] = LLAVA_TEMPLATE
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.check()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec.name}, {self.num_layers} layers)"
+
+    def check(self) -> None:
+        """Refuse what the walk would get silently wrong: sliding-window attention needs another mask."""
+        c = self.text_config
+        sliding = getattr(c, "sliding_window", None) is not None and (
+            getattr(c, "use_sliding_window", True) or "sliding_attention" in (getattr(c, "layer_types", None) or ()))
+        if sliding:
+            raise ToolkitError(f"{self.spec.name}: sliding-window attention (window {c.sliding_window}) is not "
+                               "supported; load a checkpoint whose text config has sliding_window null")
+
+    # ---------------------------------------------------------------- the map
+    def _get(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)
+
+    @cached_property
+    def layers(self) -> nn.ModuleList:
+        return self._get(self.spec.layers)
+
+    @cached_property
+    def norm(self) -> nn.Module:
+        return self._get(self.spec.norm)
+
+    @cached_property
+    def lm_head(self) -> nn.Module:
+        return self._get(self.spec.lm_head)
+
+    @cached_property
+    def rotary_emb(self) -> nn.Module:
+        return self._get(self.spec.rotary_emb)
+
+    @cached_property
+    def embed_tokens(self) -> nn.Module:
+        return self._get(self.spec.embed_tokens)
+
+    @cached_property
+    def text_model(self) -> nn.Module:
+        """The decoder stack (embeddings, layers, norm), without the lm_head."""
+        return self._get(self.spec.language_model)
+
+    @cached_property
+    def vision_encoder(self) -> nn.Module:
+        """The vision tower (TransformerLens' name)."""
+        return self._get(self.spec.vision_tower)
+
+    @cached_property
+    def projector(self) -> nn.Module:
+        return self._get(self.spec.projector)
+
+    @cached_property
+    def projector_in(self) -> nn.Linear:
+        """The projector's first linear layer (what a rescaling of the tower's features folds into)."""
+        return self._get(self.spec.projector_in)
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def decoder_layer_class(self) -> str:
+        """The decoder layer's class name, for ``_no_split_modules`` (accelerate never splits one across devices)."""
+        return type(self.layers[0]).__name__
+
+    @property
+    def attn_implementation(self) -> str:
+        """The language model's attention implementation (``sdpa``, ``eager``, ...)."""
+        return self.text_config._attn_implementation
+
+    @contextlib.contextmanager
+    def use_attention(self, implementation: str) -> Iterator[None]:
+        """Switch the language model to `implementation` (e.g. ``eager``, the only one that returns weights),
+        then restore it. The vision tower keeps its own."""
+        previous = self.attn_implementation
+        if previous != implementation:
+            self.model.set_attn_implementation({"text_config": implementation})
+        try:
+            yield
+        finally:
+            if previous != implementation:
+                self.model.set_attn_implementation({"text_config": previous})
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.attention_of(self.layers[layer])
+
+    def attention_of(self, layer: nn.Module) -> nn.Module:
+        """The attention module inside a decoder layer (a base layer or a copy of one)."""
+        return layer.get_submodule(self.spec.attn)
+
+    def hook_points(self) -> dict[str, nn.Module]:
+        """TransformerLens-style names -> modules. `hook_resid_post` is the layer's output tensor;
+        `attn.hook_pattern` is the attention module's second output (weights, eager attention only)."""
+        points: dict[str, nn.Module] = {"hook_embed": self.embed_tokens}
+        for i in range(self.num_layers):
+            points[f"blocks.{i}.hook_resid_post"] = self.layers[i]
+            points[f"blocks.{i}.attn.hook_pattern"] = self.attention(i)
+        return points
+
+    def copy_layer(self, source: int, layer_idx: int) -> nn.Module:
+        """A deep copy of decoder layer `source` that caches into slot `layer_idx` (never the source's), sharing
+        the base's config object so the attention implementation follows the base's."""
+        config = self.attention(source).config
+        new = copy.deepcopy(self.layers[source], memo={id(config): config})
+        self.attention_of(new).layer_idx = layer_idx
+        return new
+
+    def fingerprint_weight(self, layer: int) -> Tensor:
+        """A weight of layer `layer` that tells checkpoints apart (its query projection)."""
+        return self.layers[layer].get_submodule(self.spec.q_proj).weight
+
+    # ---------------------------------------------------------------- images
+    def image_features(self, pixel_values: Tensor, **image_kwargs) -> list[Tensor]:
+        """One [n_i, D] tensor per image, in placeholder order: the model's own ``get_image_features``."""
+        mm = self._get(self.spec.multimodal)
+        return list(mm.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs).pooler_output)
+
+    def vision_hidden(self, pixel_values: Tensor) -> Tensor:
+        """The tower's features the projector reads: ``vision_feature_layer``, CLS dropped under the "default"
+        strategy. [N, 3, H, W] -> [N, patches, D_vision] (one tile per image)."""
+        out = self.vision_encoder(pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[self.model.config.vision_feature_layer]
+        return feats[:, 1:] if self.model.config.vision_feature_select_strategy == "default" else feats
+
+    def placeholder_mask(self, input_ids: Tensor, inputs_embeds: Tensor, features: Tensor) -> Tensor:
+        """[B, T, 1] bool: where the image features go (the model's own ``get_placeholder_mask``)."""
+        mm = self._get(self.spec.multimodal)
+        return mm.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None, *,
+              image_features: list[Tensor] | None = None, **image_kwargs) -> tuple[Tensor, Tensor]:
+        """Token embeddings with image features scattered in, exactly as the model's own forward does: the one
+        image merge of the toolkit.
+
+        Returns ``inputs_embeds`` [B, T, D] and ``image_mask`` [B, T] (bool). `image_kwargs` (e.g. ``image_sizes``)
+        go to ``get_image_features``; `image_features` (one [n_i, D] per image, as ``generate()`` pre-encodes them
+        into ``mm_encoder_outputs``) replaces `pixel_values`.
+        """
+        inputs_embeds = self.embed_tokens(input_ids)
+        image_mask = input_ids == self.image_token_id
+        if image_features is None and pixel_values is not None:
+            image_features = self.image_features(pixel_values, **image_kwargs)
+        if image_features is None:
+            if image_mask.any():
+                raise ToolkitError("the batch has image tokens but no pixel_values")
+            return inputs_embeds, image_mask
+        features = torch.cat(list(image_features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        if features.shape[0] != int(image_mask.sum()):
+            raise ToolkitError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features "
+                               f"(for {self.spec.name}, pass {', '.join(self.image_kwargs) or 'no other image kwargs'}"
+                               " as the processor made them)")
+        placeholder = self.placeholder_mask(input_ids, inputs_embeds, features)
+        return inputs_embeds.masked_scatter(placeholder, features), image_mask
+
+    @classmethod
+    def image_tokens(cls, config, image_size: tuple[int, int] | None = None) -> int:
+        """Image tokens for one image of `image_size` (H, W) px: ``(size / patch)^2``, +1 if CLS is kept."""
+        v = config.vision_config
+        return (v.image_size // v.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+
+    # ---------------------------------------------------------------- positions, masks, rotary
+    def positions(self, attention_mask: Tensor, last: int | None = None) -> Tensor:
+        """Position ids [B, T] (generate's convention), or of the `last` columns only (a decode step).
+
+        A subset (text only, image only) keeps its ORIGINAL positions: index these, never renumber them.
+        """
+        pos = position_ids_from_mask(attention_mask)
+        return pos if last is None else pos[:, -last:]
+
+    def rope(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)``, each [B, T, d], computed once per stack; a subset takes its rows of them."""
+        return self.rotary_emb(hidden, position_ids=position_ids)
+
+    def causal_mask(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                    cache=None, layer_idx: int = 0):
+        """The decoder's mask for the whole sequence (or a decode step against layer `layer_idx`'s cache).
+        Always from a 2D `attention_mask`: with ``None`` and gapped positions, transformers infers packed sequences
+        and builds a block-diagonal mask (DESIGN)."""
+        return create_causal_mask(
+            config=self.text_config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **cache_kwargs(cache),
+            layer_idx=layer_idx,
+        )
+
+    def subset_causal_mask(self, x: Tensor, valid: Tensor, dense: bool, position_ids: Tensor, cache=None,
+                           layer_idx: int = 0):
+        """`causal_mask` for a subset in its original order (`valid` [B, n]: real entries), skipping HF's mask
+        machinery where its answer is known in advance: under sdpa, with nothing masked (`dense`) and no cached keys
+        before, it is ``None`` (sdpa's own ``is_causal``)."""
+        if (self.attn_implementation == "sdpa" and dense
+                and (cache is None or cache.get_seq_length(layer_idx) == 0)):
+            return None
+        return self.causal_mask(x, valid, position_ids, cache, layer_idx=layer_idx)
+
+    def order_mask(self, q_index: Tensor, k_index: Tensor, k_valid: Tensor, dtype: torch.dtype) -> Tensor:
+        """A 4D mask [B, 1, q, k] for keys in any order: causal in the ORIGINAL positions, invalid keys out.
+
+        Boolean for sdpa, additive (0 / dtype min) for eager, as ``create_causal_mask`` makes them.
+        """
+        allowed = (k_index[:, None, None, :] <= q_index[:, None, :, None]) & k_valid[:, None, None, :]
+        if self.attn_implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        return allowed
+
+    # ---------------------------------------------------------------- one layer's attention inputs
+    def _rotary_fn(self, attn: nn.Module):
+        """The family's own ``apply_rotary_pos_emb``, from the modeling module the attention class lives in (Llama,
+        Mistral and Qwen2 LMs each have one; a LLaVA-NeXT may carry either of the first two)."""
+        return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+    def _heads(self, proj: nn.Module, x: Tensor, head_dim: int) -> Tensor:
+        """[B, n, D] through a projection -> [B, heads, n, d]."""
+        return proj(x).view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+
+    def key_values(self, layer: int | nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """The keys (rotated) and values decoder layer `layer` makes from `hidden` [B, n, D] at the positions of
+        `rope`, through its own input norm, projections (with their biases) and rotary function; no query, output
+        projection or MLP. Returns ``(keys, values)``, each [B, Hkv, n, d], as the layer's cache holds them."""
+        module = self.layers[layer] if isinstance(layer, int) else layer
+        attn = self.attention_of(module)
+        x = module.get_submodule(self.spec.input_norm)(hidden)
+        keys = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim)
+        values = self._heads(module.get_submodule(self.spec.v_proj), x, attn.head_dim)
+        cos, sin = rope
+        keys, _ = self._rotary_fn(attn)(keys, keys, cos, sin)
+        return keys, values
+
+    def queries_keys(self, layer: int, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, float]:
+        """Rotated queries [B, H, n, d] and keys [B, Hkv, n, d] of decoder layer `layer` for its input `hidden`,
+        and the score scale: what attention scores of selected rows/columns need (supervision, FastV-style
+        pruning) without running the attention itself."""
+        module = self.layers[layer]
+        attn = self.attention_of(module)
+        x = module.get_submodule(self.spec.input_norm)(hidden)
+        q = self._heads(module.get_submodule(self.spec.q_proj), x, attn.head_dim)
+        k = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim)
+        cos, sin = rope
+        q, k = self._rotary_fn(attn)(q, k, cos, sin)
+        return q, k, float(attn.scaling)
+
+    # ---------------------------------------------------------------- the walk
+    def unembed(self, hidden: Tensor) -> Tensor:
+        """Logit lens: ``lm_head(norm(h))`` for a raw decoder-layer output. [..., D] -> [..., vocab]."""
+        return self.lm_head(self.norm(hidden))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
+                position_ids: Tensor | None = None, **image_kwargs) -> Tensor:
+        """Logits [B, T, vocab] by walking the map by hand; equals ``model(...)`` bit for bit (same positions)."""
+        h, _ = self.embed(input_ids, pixel_values, **image_kwargs)
+        if position_ids is None:
+            position_ids = self.positions(attention_mask)
+        mask = self.causal_mask(h, attention_mask, position_ids)
+        rope = self.rope(h, position_ids)
+        for layer in self.layers:
+            h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=rope)
+        return self.unembed(h)
+
+    def question_text(self, question: str, first: bool) -> str:
+        """The human half of a turn in this family's prompt template, ending with the assistant cue."""
+        return self.template.question(question, first)

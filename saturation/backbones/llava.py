@@ -1,0 +1,13 @@
+"""LLaVA-1.5 (``llava``): CLIP tower, 2-layer GELU projector, Llama (Vicuna) LM; 576 contiguous image tokens.
+
+Everything is the contract's default: the paths, the merge, 1D RoPE, full causal masks, the
+``USER: <image>\\n… ASSISTANT:`` template.
+"""
+
+from __future__ import annotations
+
+from .base import Backbone, BackboneSpec
+
+
+class Llava(Backbone):
+    spec = BackboneSpec(name="llava-1.5", model_types=("llava",))

@@ -1,0 +1,43 @@
+"""Only ``saturation/backbones/`` knows HF internals: no other module names a module path of the model, imports a
+``modeling_*`` module of a model family, or reads a private config field (issue 11)."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKBONES = ROOT / "saturation" / "backbones"
+FORBIDDEN = re.compile(
+    r"\b(language_model|self_attn|q_proj|k_proj|v_proj|o_proj|vision_tower|multi_modal_projector|input_layernorm"
+    r"|image_newline|get_placeholder_mask|get_image_features)\b"  # module paths and merge internals
+    r"|transformers\.models\.\w+\.modeling_\w+|from \.+modeling_\w+ import"  # a family's modeling module
+    r"|\._attn_implementation|[\"']_attn_implementation[\"']|config\._\w+|[\"']_name_or_path[\"']"  # private fields
+)
+
+
+def library_files() -> list[Path]:
+    """Every .py of the project outside tests/ and the backbones package (no virtual environments, no builds)."""
+    skip = {"tests", "build", "dist", "__pycache__", "data_samples"}
+    return [p for p in ROOT.rglob("*.py")
+            if not any(part.startswith(".") or part in skip or part.endswith(".egg-info")
+                       for part in p.relative_to(ROOT).parts)
+            and BACKBONES not in p.parents]
+
+
+def test_only_the_backbones_know_hf_internals():
+    files = library_files()
+    assert any(p.name == "model.py" and p.parent.name == "routing" for p in files)  # the walk found the library
+    hits = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+            for p in files for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if FORBIDDEN.search(line)]
+    assert not hits, "HF internals outside saturation/backbones/:\n" + "\n".join(hits)
+
+
+def test_the_pattern_catches_what_it_must():
+    for leak in ("model.model.language_model.norm(h)", "layer.self_attn.k_proj(x)",
+                 "from transformers.models.llama.modeling_llama import apply_rotary_pos_emb",
+                 "cfg.text_config._attn_implementation", 'getattr(c, "_attn_implementation")',
+                 "model.model.multi_modal_projector.linear_1"):
+        assert FORBIDDEN.search(leak), leak
+    for fine in ("from transformers.modeling_outputs import CausalLMOutputWithPast", "a.attn_implementation",
+                 "anatomy(model).text_model.train()", "a.key_values(i, side, rope)"):
+        assert not FORBIDDEN.search(fine), fine
