@@ -31,7 +31,8 @@ class DPVRLlava(lmms):
                  device: str | None = None, attn_implementation: str | None = None, batch_size: int | str = 1,
                  max_batch_size: int | None = None, **unknown) -> None:
         super().__init__()
-        model_args(unknown, {})  # direct construction with a bad key: the same one-line refusal
+        if unknown:  # direct construction with a bad key: the same one-line refusal
+            model_args(unknown, {})
         self.batch_size_per_gpu = batch_size_of(batch_size, max_batch_size)
         if str(batch_size).lower().startswith("auto"):
             logger.info(f"dpvr_llava: batch_size {batch_size} -> {self.batch_size_per_gpu} (no memory probing)")

@@ -20,8 +20,9 @@ from saturation.data import IMAGE_PLACEHOLDER
 from saturation.errors import ToolkitError
 
 MODEL_ID = "dpvr_llava"
-# Everything `--model_args` (and lmms-eval's own --batch_size/--device) may set on `DPVRLlava`.
-MODEL_ARGS = ("pretrained", "routing", "dtype", "device", "attn_implementation", "batch_size", "max_batch_size")
+# What `--model_args` may set. The batch size comes from lmms-eval's own --batch_size/--max_batch_size, which
+# it always passes (default 1), so a second one in `--model_args` could only conflict with it.
+MODEL_ARGS = ("pretrained", "routing", "dtype", "device", "attn_implementation")
 AUTO_BATCH_SIZE = 8  # what --batch_size auto means here: we do not probe memory as HF's auto batch finder does
 
 
@@ -42,7 +43,7 @@ def model_args(args: dict, cli: dict) -> dict:
     unknown = sorted(set(args) - set(MODEL_ARGS))
     if unknown:
         raise ToolkitError(f"dpvr_llava: unknown --model_args key(s) {', '.join(unknown)}; "
-                           f"accepted: {', '.join(MODEL_ARGS)}")
+                           f"accepted: {', '.join(MODEL_ARGS)} (batch size: lmms-eval's --batch_size)")
     merged = dict(args)
     for key, value in cli.items():
         if value is None:

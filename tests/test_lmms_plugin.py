@@ -128,6 +128,8 @@ def test_unknown_model_args_are_refused_with_the_accepted_keys():
     message = str(err.value)
     assert "\n" not in message and "routng" in message
     assert all(key in message for key in MODEL_ARGS)
+    with pytest.raises(ToolkitError, match="--batch_size"):  # lmms-eval always passes its own batch size too
+        model_args({"pretrained": "tiny", "batch_size": 4}, {"batch_size": 1})
 
 
 def test_device_given_in_model_args_and_on_the_command_line():
