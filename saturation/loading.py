@@ -21,6 +21,10 @@ TINY_DIR = DATA_SAMPLES / "tiny-llava"
 ALIASES: dict[str, str] = {
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
+    "llava-next-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "llava-next-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "llava-onevision-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+    "llava-onevision-0.5b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
 }
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -112,7 +116,7 @@ def load_config(name_or_path: str | os.PathLike):
             config = AutoConfig.from_pretrained(resolved)
         except (OSError, ValueError) as err2:
             raise ToolkitError(f"cannot load '{resolved}': {_first_line(err2)}") from None
-    spec_for_config(config)  # raises "not a LLaVA model" for anything else
+    spec_for_config(config)  # raises "not a LLaVA model" for any family without a backbone adapter
     return config
 
 

@@ -88,11 +88,11 @@ def layer_mask(allowed: torch.Tensor, model, dtype=torch.float32) -> torch.Tenso
 
 
 @torch.no_grad()
-def naive_logits(routed, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
+def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **image_kwargs) -> torch.Tensor:
     """Every variant as full-sequence layer loops: routing is a mask plus a reset of the image positions."""
     model, plan = routed.base, routed.plan
     a = anatomy(model)
-    h, img = a.embed(input_ids, pixel_values)
+    h, img = a.embed(input_ids, pixel_values, **image_kwargs)
     pos = position_ids_from_mask(attention_mask)
     rope = a.rotary_emb(h, pos)
     valid = attention_mask.bool()

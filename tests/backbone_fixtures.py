@@ -1,0 +1,161 @@
+"""Tiny random models of every supported family, built in code (GQA), with offline processors, as transformers'
+own tests build theirs: LLaVA-1.5 (Llama LM), LLaVA-NeXT (Mistral LM, anyres tiles + image_newline) and
+LLaVA-OneVision (SigLIP tower, Qwen2 LM with q/k/v biases, anyres_max_9).
+
+Tiles are 16 px with patch 8 (4 tokens a tile) so anyres images stay a few dozen tokens: a 40x40 image is a 2x2 grid
+(4 + 4 x 5 = 24 tokens on NeXT), a 40x80 one a 1x2 grid (14): two sizes in one batch give ragged image-token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import (
+    CLIPVisionConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
+    MistralConfig,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from saturation.anatomy import anatomy, position_ids_from_mask
+from saturation.tiny import tiny_llava_config, tiny_processor, word_tokenizer
+
+WORDS = ("what", "colour", "is", "the", "circle", "square", "red", "blue", "green", "how", "many", "left", "a")
+TILE, PATCH = 16, 8
+PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+LM = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+      "max_position_embeddings": 512, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+FAMILIES = ("llava", "llava_next", "llava_onevision")
+TEXTS = ("USER: <image>\nwhat colour is the circle? ASSISTANT:",
+         "USER: how many <image>\nis the square red? ASSISTANT: a",  # text before the image
+         "USER: <image>\nwhat ASSISTANT:")
+IMAGE_SIZES = ((40, 40), (40, 80), (48, 32))  # (H, W): NeXT/OneVision grids 2x2, 1x2, 2x1 (LLaVA-1.5: one tile)
+
+
+class OfflineOnevisionProcessor(LlavaOnevisionProcessor):
+    """OneVision's processor without its video processor, which needs torchvision (images only here)."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def _vision(kind: str):
+    kw = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "image_size": TILE, "patch_size": PATCH}
+    return SiglipVisionConfig(**kw) if kind == "siglip" else CLIPVisionConfig(projection_dim=32, **kw)
+
+
+@dataclass
+class Family:
+    """One family's tiny model factory, its processor and its batches."""
+
+    name: str
+    processor: object
+
+    def config(self, layers: int = 4, std: float | None = None):
+        vocab = len(self.processor.tokenizer)
+        if self.name == "llava":
+            cfg = tiny_llava_config(vocab, image_size=TILE, patch_size=PATCH, layers=layers, hidden=64, heads=4,
+                                    kv_heads=2, intermediate=128)
+        elif self.name == "llava_next":
+            cfg = LlavaNextConfig(vision_config=_vision("clip"), image_token_index=4, image_grid_pinpoints=PINPOINTS,
+                                  text_config=MistralConfig(vocab_size=vocab, num_hidden_layers=layers,
+                                                            sliding_window=None, **LM),
+                                  vision_feature_layer=-2, vision_feature_select_strategy="default")
+        else:
+            cfg = LlavaOnevisionConfig(vision_config=_vision("siglip"), image_token_index=4, video_token_index=3,
+                                       image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+                                       vision_feature_select_strategy="full",
+                                       text_config=Qwen2Config(vocab_size=vocab, num_hidden_layers=layers, **LM))
+        if std is not None:
+            cfg.text_config.initializer_range = std
+        return cfg
+
+    def model(self, attn: str = "sdpa", seed: int = 0, layers: int = 4, std: float | None = None):
+        cls = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+               "llava_onevision": LlavaOnevisionForConditionalGeneration}[self.name]
+        torch.manual_seed(seed)
+        model = cls(self.config(layers, std)).eval()
+        with torch.no_grad():  # HF initialises biases (Qwen2's q/k/v) to 0, which would hide a dropped bias
+            for name, p in model.named_parameters():
+                if name.endswith("proj.bias"):
+                    p.normal_(0.0, 0.5)
+        model.set_attn_implementation(attn)
+        return model
+
+    def batch(self, rows: int = 3, padding: str = "left", images: bool = True, sizes=IMAGE_SIZES) -> dict:
+        """A padded batch from the processor: input_ids, attention_mask, and the family's image inputs."""
+        self.processor.tokenizer.padding_side = padding
+        texts = list(TEXTS[:rows])
+        if not images:
+            texts = [t.replace("<image>\n", "") for t in texts]
+            return dict(self.processor.tokenizer(texts, return_tensors="pt", padding=True))
+        pictures = [Image.new("RGB", (w, h), c) for (h, w), c in zip(sizes[:rows], ("red", "blue", "green"))]
+        return dict(self.processor(images=pictures, text=texts, return_tensors="pt", padding=True))
+
+
+def _processor(name: str):
+    if name == "llava":
+        return tiny_processor(WORDS, image_size=TILE, patch_size=PATCH)
+    tokenizer = word_tokenizer(WORDS)
+    if name == "llava_next":
+        images = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                            image_grid_pinpoints=PINPOINTS)
+        return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
+                                  vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    images = LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS)
+    return OfflineOnevisionProcessor(image_processor=images, tokenizer=tokenizer, video_processor=None,
+                                     num_image_tokens=(TILE // PATCH) ** 2, vision_feature_select_strategy="full")
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def family(name: str) -> Family:
+    """The family's fixtures (processors are built once per session)."""
+    if name not in _FAMILIES:
+        _FAMILIES[name] = Family(name, _processor(name))
+    return _FAMILIES[name]
+
+
+def image_kwargs(batch: dict) -> dict:
+    """Everything of a batch besides ids and mask: pixel_values and the family's image kwargs."""
+    return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
+
+
+@torch.no_grad()
+def hf_logits(model, batch: dict) -> torch.Tensor:
+    """HF's own forward with generate's position convention (``cumsum(mask) - 1``)."""
+    return model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"])).logits
+
+
+@torch.no_grad()
+def step_logits(routed, batch: dict, new: int, image_token_id: int) -> tuple[torch.Tensor, list, list]:
+    """Cached greedy ``generate``'s logits at every step, and the same steps recomputed with no cache (the prompt
+    plus the first t generated ids through the routed forward, with the batch's image kwargs)."""
+    out = routed.generate(**batch, max_new_tokens=new, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, suppress_tokens=[image_token_id])
+    n = batch["input_ids"].shape[1]
+    ids = out.sequences
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, n:])], dim=1)
+    extra = image_kwargs(batch)
+    recomputed = [routed(input_ids=ids[:, : n + t], attention_mask=mask[:, : n + t], **extra).logits[:, -1]
+                  for t in range(new)]
+    return ids[:, n:], list(out.logits), recomputed
+
+
+def image_counts(model, batch: dict) -> list[int]:
+    return (batch["input_ids"] == anatomy(model).image_token_id).sum(1).tolist()
