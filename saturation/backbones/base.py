@@ -322,7 +322,7 @@ class Backbone:
         keys = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim)
         values = self._heads(module.get_submodule(self.spec.v_proj), x, attn.head_dim)
         cos, sin = rope
-        keys, _ = self._rotary_fn(attn)(keys, keys, cos, sin)
+        _, keys = self._rotary_fn(attn)(keys[:, :0], keys, cos, sin)  # an empty query: rotate the keys only
         return keys, values
 
     def queries_keys(self, layer: int, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, float]:
