@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from saturation import __version__ as toolkit_version
 from saturation.anatomy import anatomy
 from saturation.errors import ToolkitError
+from saturation.files import read_json
 
 WEIGHTS = "side_branch.safetensors"
 MANIFEST = "routing.json"
@@ -186,13 +187,7 @@ def read_manifest(directory) -> dict:
     if not path.is_file() or not (d / WEIGHTS).is_file():
         raise ToolkitError(f"'{directory}' is not a routing directory: it needs {MANIFEST} and {WEIGHTS} "
                            f"(or a {RUN_SUBFOLDER}/ subfolder with them, as `routing train --out` writes)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ToolkitError(f"malformed JSON in {path}: {err.msg} at line {err.lineno} column {err.colno}") from None
-    except UnicodeDecodeError:
-        raise ToolkitError(f"malformed JSON in {path}: not UTF-8 text") from None
-    return _validate(manifest, path)
+    return _validate(read_json(path), path)
 
 
 def check_base(model, manifest: dict, where: str) -> None:

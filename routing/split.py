@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from saturation.errors import ToolkitError
+from saturation.files import read_json
 from saturation.recommend import split_range
 
 RECOMMENDATION = "recommendation.json"
@@ -26,10 +27,7 @@ def read_recommendation(probe_dir: Path) -> dict:
     path = Path(probe_dir) / RECOMMENDATION
     if not path.is_file():
         raise ToolkitError(f"no {RECOMMENDATION} in {probe_dir}: run `saturation probe --out {probe_dir}` first")
-    try:
-        rec = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ToolkitError(f"malformed JSON in {path}: {err.msg} at line {err.lineno} column {err.colno}") from None
+    rec = read_json(path)
     if not isinstance(rec, dict) or not isinstance(rec.get("split"), int) or not isinstance(rec.get("num_layers"), int):
         raise ToolkitError(f"{path} has no integer 'split' and 'num_layers'")
     return rec

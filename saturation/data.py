@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import ToolkitError
+from .files import read_json
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
@@ -68,12 +69,7 @@ def read_records(json_path: str | Path, image_folder: str | Path | None = None, 
     path = Path(json_path)
     if not path.is_file():
         raise ToolkitError(f"data file not found: {path}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ToolkitError(f"malformed JSON in {path}: {err.msg} at line {err.lineno} column {err.colno}") from None
-    except UnicodeDecodeError:
-        raise ToolkitError(f"malformed JSON in {path}: not UTF-8 text") from None
+    raw = read_json(path)
     if not isinstance(raw, list) or not raw:
         raise ToolkitError(f"{path}: expected a non-empty JSON list of records")
     folder = Path(image_folder) if image_folder is not None else path.parent

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) never sees half a table, log or JSON file.
+"""Atomic file writes: a reader (or a crash) never sees half a table, log or JSON file; JSON read back with
+one-line errors.
 
 And the checks every command runs on its output paths before any work (`ensure_output_dir`,
 `ensure_output_file`), so a bad ``--out`` or ``--json`` fails in a second with one line, not after the run.
@@ -33,6 +34,16 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: Path):
+    """The parsed JSON file at `path`; malformed JSON or text that is not UTF-8 is one line naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ToolkitError(f"malformed JSON in {path}: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except UnicodeDecodeError:
+        raise ToolkitError(f"malformed JSON in {path}: not UTF-8 text") from None
 
 
 def _nearest_existing(path: Path) -> Path:
