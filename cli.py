@@ -279,7 +279,7 @@ def eval_cmd(
 @friendly
 def generate_cmd(
     image: Annotated[list[Path], typer.Option(help="Image file(s); repeat for a batch.")],
-    prompt: Annotated[str, typer.Option(help="Question asked about every image (LLaVA-1.5 template applied).")],
+    prompt: Annotated[str, typer.Option(help="Question asked about every image (the model's chat template applied, LLaVA-1.5's USER: … ASSISTANT: for LLaVA-1.5).")],
     model: ModelOpt = "tiny",
     routing_dir: RoutingOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
@@ -292,15 +292,14 @@ def generate_cmd(
     """Answer a question about one or more images with KV-cached (routed) generation."""
     from transformers import set_seed
 
-    from saturation.data import Record, generation_batch, load_image
+    from saturation.data import PromptFormat, Record, generation_batch, load_image, to_model
 
     require_positive(max_new_tokens=max_new_tokens)
     check_device(device)
     records = [Record(id=str(p), image=p, turns=((prompt, ""),)) for p in image]
     images = [load_image(r) for r in records]
     net, processor = load_model_for_cli(model, routing_dir, dtype, device)
-    batch = {k: v.to(net.device) for k, v in generation_batch(records, processor, images).items()}
-    batch["pixel_values"] = batch["pixel_values"].to(net.dtype)
+    batch = to_model(generation_batch(records, processor, images, PromptFormat.of(net)), net.device, net.dtype)
     set_seed(seed)
     extra = {"temperature": temperature} if sample else {}
     ids = net.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample, **extra)

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saturation.data import Record, collate, encode_prompt
+from saturation.data import PromptFormat, Record, collate, encode_prompt, image_inputs, to_model
 from saturation.metrics import masked_mean, token_cosine, token_groups
 from saturation.probe import eager_attention
 
@@ -58,13 +58,13 @@ def mechanism(base, routed, processor, records: list[Record], batch_size: int = 
     anat, plan = routed.anatomy, routed.plan
     fusion, shallow = list(plan.fusion), list(plan.shallow)
     heads, drift = [], []
+    fmt = PromptFormat.of(anat)
     with eager_attention(base):
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
-            batch = collate([encode_prompt(r, processor) for r in chunk], processor.tokenizer.pad_token_id,
+            batch = collate([encode_prompt(r, processor, fmt=fmt) for r in chunk], processor.tokenizer.pad_token_id,
                             padding_side="left")
-            batch = {k: v.to(base.device) for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(base.dtype)
+            batch = to_model(batch, base.device, base.dtype)
             image_mask = batch["input_ids"] == anat.image_token_id
             g = token_groups(batch["attention_mask"], image_mask) | {"real": batch["attention_mask"].bool()}
             runs = {}
@@ -72,7 +72,7 @@ def mechanism(base, routed, processor, records: list[Record], batch_size: int = 
                 hidden, patterns = {}, {}
                 with recording(anat, shallow + fusion, hidden, patterns, g):
                     if net is None:
-                        anat.forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+                        anat.forward(batch["input_ids"], batch["attention_mask"], **image_inputs(batch))
                     else:
                         net(**batch)
                 runs[name] = (hidden, patterns)

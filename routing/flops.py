@@ -131,6 +131,20 @@ def ratio(g: Geometry, variant: str, split: int, image_tokens: int, text_tokens:
             / prefill_cost(g, None, image_tokens, text_tokens, logit_positions))
 
 
+def sample_ratio(g: Geometry, variant: str, split: int, samples: list[tuple[int, int]], fusion_layers: int = 1,
+                 side_depth: int = 1, logit_positions: int = 1) -> dict[str, float]:
+    """Routed / vanilla prefill FLOPs summed over `samples` of ``(image_tokens, text_tokens)`` each: the saving
+    of a set whose image-token counts differ per sample (anyres: LLaVA-NeXT, OneVision). Attention is quadratic,
+    so this is not `ratio` at the mean counts; with equal counts it is."""
+    if not samples:
+        raise ValueError("sample_ratio needs at least one (image_tokens, text_tokens) pair")
+    plan = make_plan(g.num_layers, split, variant, fusion_layers, side_depth)
+    routed = [prefill_cost(g, plan, i, t, logit_positions) for i, t in samples]
+    vanilla = [prefill_cost(g, None, i, t, logit_positions) for i, t in samples]
+    total = Cost(*(sum(getattr(c, k) for c in routed) for k in ("linear", "attention", "head")))
+    return total / Cost(*(sum(getattr(c, k) for c in vanilla) for k in ("linear", "attention", "head")))
+
+
 def table(g: Geometry, split: int, image_tokens: int, text_tokens: int, fusion_layers: int = 1,
           side_depth: int = 1) -> list[dict]:
     """One row per variant (and vanilla): prefill GFLOPs per sequence and ratios to vanilla, Table 1 style."""

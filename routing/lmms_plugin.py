@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from saturation.data import IMAGE_PLACEHOLDER
+from saturation.data import PromptFormat, process, question_prompt, to_model
 from saturation.errors import ToolkitError
 
 MODEL_ID = "dpvr_llava"
@@ -71,24 +71,22 @@ def batch_size_of(batch_size: int | str, max_batch_size: int | str | None = None
     return size
 
 
-def llava_prompt(context: str, n_images: int) -> str:
-    """LLaVA-1.5 template. Benchmarks that leave ``<image>`` out of the context get one per image in front."""
-    if n_images and IMAGE_PLACEHOLDER not in context:
-        context = " ".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + context
-    return f"USER: {context} ASSISTANT:"
+def llava_prompt(context: str, n_images: int, processor=None, fmt: PromptFormat | None = None) -> str:
+    """The family's prompt for one request (`saturation.data.question_prompt`): the checkpoint's chat template, or
+    the adapter's (LLaVA-1.5: ``USER: {context} ASSISTANT:``). Benchmarks that leave ``<image>`` out of the context
+    get one per image in front."""
+    return question_prompt(context, processor, fmt or PromptFormat(), n_images)
 
 
-def encode(processor, prompts: list[str], images: list) -> dict:
-    """Left-padded batch for generation; `images` is the flat list of every prompt's images, in order."""
+def encode(processor, prompts: list[str], images: list, fmt: PromptFormat | None = None) -> dict:
+    """Left-padded batch for generation; `images` is the flat list of every prompt's images, in order. Keeps the
+    family's image kwargs (``image_sizes``, ``batch_num_images``, ...) with the pixels."""
     processor.tokenizer.padding_side = "left"
-    return processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
+    return process(processor, prompts, images, fmt or PromptFormat(), padding=True)
 
 
 def _to_model(batch: dict, model) -> dict:
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-    return batch
+    return to_model(batch, model.device, model.dtype)
 
 
 def truncate_at(text: str, until: list[str]) -> str:
@@ -103,8 +101,9 @@ def truncate_at(text: str, until: list[str]) -> str:
 def generate_batch(model, processor, contexts: list[str], visuals: list[list], gen_kwargs: dict) -> list[str]:
     """Answers for one batch of requests sharing `gen_kwargs` (lmms-eval's keys: max_new_tokens, temperature,
     do_sample, num_beams, top_p, until)."""
-    prompts = [llava_prompt(c, len(v)) for c, v in zip(contexts, visuals)]
-    batch = _to_model(encode(processor, prompts, [im.convert("RGB") for v in visuals for im in v]), model)
+    fmt = PromptFormat.of(model)
+    prompts = [llava_prompt(c, len(v), processor, fmt) for c, v in zip(contexts, visuals)]
+    batch = _to_model(encode(processor, prompts, [im.convert("RGB") for v in visuals for im in v], fmt), model)
     temperature = float(gen_kwargs.get("temperature", 0) or 0)
     sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0
     extra = {"temperature": temperature, "top_p": gen_kwargs.get("top_p") or 1.0} if sample else {}
@@ -155,10 +154,11 @@ def loglikelihood(model, processor, context: str, continuation: str, images: lis
     between the two: the whole string is tokenized once and the prompt's tokens are cut off, as lm-eval does,
     so a SentencePiece tokenizer sees the same text it would in generation.
     """
-    prompt = llava_prompt(context, len(images))
+    fmt = PromptFormat.of(model)
+    prompt = llava_prompt(context, len(images), processor, fmt)
     rgb = [im.convert("RGB") for im in images]
-    full = _to_model(encode(processor, [prompt + continuation], rgb), model)
-    n_prompt = encode(processor, [prompt], rgb)["input_ids"].shape[1]
+    full = _to_model(encode(processor, [prompt + continuation], rgb, fmt), model)
+    n_prompt = encode(processor, [prompt], rgb, fmt)["input_ids"].shape[1]
     logits = model(**full).logits[0, n_prompt - 1:-1].float()
     target = full["input_ids"][0, n_prompt:]
     if target.numel() == 0:

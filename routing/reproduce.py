@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from saturation.data import collate, encode_record, read_records, sample_records
+from saturation.data import PromptFormat, collate, encode_record, read_records, sample_records, to_model
 from saturation.files import write_json, write_text
 from saturation.loading import DATA_SAMPLES, cpu_threads, load_llava, resolve_name
 from saturation.probe import ProbeConfig, run_probe
@@ -65,15 +65,22 @@ class Context:
     text_tokens: float
     log: callable
     max_new_tokens: int = 8  # greedy answer budget of every evaluation (`answer_budget`)
+    token_samples: list | None = None  # (image, text) tokens per evaluation prompt; None: the means above
 
 
-def token_counts(records, processor, image_token_id: int) -> tuple[float, float]:
-    """Mean image and text tokens of the evaluation prompts (what the FLOP ratios are priced at)."""
+def token_samples(records, processor, image_token_id: int, fmt: PromptFormat | None = None) -> list[tuple[int, int]]:
+    """``(image_tokens, text_tokens)`` of each evaluation prompt (the first 64): what the FLOP ratios are priced
+    at. Image-token counts differ per sample on anyres families (LLaVA-NeXT, OneVision)."""
     from saturation.data import encode_prompt
 
-    ids = [encode_prompt(r, processor)["input_ids"] for r in records[:64]]
-    image = sum(int((i == image_token_id).sum()) for i in ids) / len(ids)
-    return image, sum(len(i) for i in ids) / len(ids) - image
+    ids = [encode_prompt(r, processor, fmt=fmt)["input_ids"] for r in records[:64]]
+    return [(int((i == image_token_id).sum()), len(i) - int((i == image_token_id).sum())) for i in ids]
+
+
+def token_counts(records, processor, image_token_id: int, fmt: PromptFormat | None = None) -> tuple[float, float]:
+    """Mean image and text tokens per evaluation prompt (`token_samples`)."""
+    samples = token_samples(records, processor, image_token_id, fmt)
+    return sum(i for i, _ in samples) / len(samples), sum(t for _, t in samples) / len(samples)
 
 
 def answer_budget(records, tokenizer) -> int:
@@ -88,6 +95,8 @@ def flops_ratio(ctx: Context, variant: str, split: int, fusion_layers: int = 1) 
     if variant == "vanilla":
         return 1.0
     g = flops.Geometry.of(ctx.model.config.text_config)
+    if ctx.token_samples:  # per-sample counts (ragged on anyres families): FLOPs summed over the prompts
+        return flops.sample_ratio(g, variant, split, ctx.token_samples, fusion_layers)["total"]
     return flops.ratio(g, variant, split, round(ctx.image_tokens), round(ctx.text_tokens), fusion_layers)["total"]
 
 
@@ -139,9 +148,10 @@ def trained(ctx: Context, variant: str, split: int, fusion_layers: int = 1) -> t
 
 def zero_gradient_check(ctx: Context, split: int) -> dict:
     """The side branch's gradient norm on one batch: exactly 0 for lf-ideal, non-zero for lf (Appendix A)."""
-    batch = collate([encode_record(r, ctx.processor) for r in ctx.train_records[:4]],
+    fmt = PromptFormat.of(ctx.model)
+    batch = collate([encode_record(r, ctx.processor, fmt=fmt) for r in ctx.train_records[:4]],
                     ctx.processor.tokenizer.pad_token_id)
-    batch = {k: v.to(ctx.model.device) for k, v in batch.items()}
+    batch = to_model(batch, ctx.model.device, ctx.model.dtype)
     return {v: build(ctx.model, split, v).side_gradient_norm(**batch) for v in ("lf-ideal", "lf")}
 
 
@@ -170,10 +180,11 @@ def run_reproduce(cfg: ReproduceConfig, log=print) -> dict:
 def _reproduce(cfg: ReproduceConfig, model, processor, probe, split: int, num_layers: int, log) -> dict:
     eval_records = sample_records(read_records(cfg.eval_data or DATA_SAMPLES / "shapes" / "heldout.json"),
                                   cfg.n_eval, cfg.seed)
-    image, text = token_counts(eval_records, processor, int(model.config.image_token_id))
+    samples = token_samples(eval_records, processor, int(model.config.image_token_id), PromptFormat.of(model))
+    image, text = sum(i for i, _ in samples) / len(samples), sum(t for _, t in samples) / len(samples)
     budget = cfg.max_new_tokens or answer_budget(eval_records, processor.tokenizer)
     ctx = Context(cfg, model, processor, eval_records, training_records(cfg.train_data, cfg.out, cfg.n_train, cfg.seed),
-                  image, text, log, budget)
+                  image, text, log, budget, samples)
 
     rows = [{"variant": "vanilla", "accuracy": evaluated(ctx, model, "vanilla")["accuracy"], "flops_ratio": 1.0,
              "trainable_params": 0, "split": split}]
@@ -209,6 +220,7 @@ def _reproduce(cfg: ReproduceConfig, model, processor, probe, split: int, num_la
         write_text(cfg.out / f"{name}.csv", frame.to_csv(index=False))
     facts = {"model": resolve_name(cfg.model), "split": split, "best_split": best, "num_layers": num_layers,
              "gradients": gradients, "image_tokens": image, "text_tokens": text,
+             "image_tokens_range": [min(i for i, _ in samples), max(i for i, _ in samples)],
              "by_type": {"vanilla": evaluated(ctx, model, "vanilla")["by_type"], **{v: r["by_type"] for v, r in results.items()}},
              "recommendation": probe.recommendation, "max_steps": cfg.max_steps, "n_eval": len(eval_records),
              "max_new_tokens": budget}
@@ -216,6 +228,12 @@ def _reproduce(cfg: ReproduceConfig, model, processor, probe, split: int, num_la
     write_report(cfg.out, result)
     write_json(cfg.out / "facts.json", facts)
     return result
+
+
+def _ragged(facts: dict) -> str:
+    """Where image-token counts differ per prompt (anyres), say so: the counts are means, the FLOPs per prompt."""
+    lo, hi = facts.get("image_tokens_range") or (0, 0)
+    return f" (means; image tokens {lo}-{hi} per prompt, FLOP ratios summed over prompts)" if lo != hi else ""
 
 
 def write_report(out: Path, result: dict, figures=()) -> Path:
@@ -255,7 +273,7 @@ def report(tables: dict[str, pd.DataFrame], facts: dict, figures=()) -> str:
         f"Split s={facts['split']} of {facts['num_layers']} layers (rule `{facts['recommendation']['rule']}`), "
         f"{facts['max_steps']} training steps per variant, {facts['n_eval']} held-out questions"
         + (f" (answers of up to {facts['max_new_tokens']} tokens)" if "max_new_tokens" in facts else "") + ", "
-        f"{facts['image_tokens']:.0f} image + {facts['text_tokens']:.0f} text tokens per prompt.",
+        f"{facts['image_tokens']:.0f} image + {facts['text_tokens']:.0f} text tokens per prompt{_ragged(facts)}.",
         "",
         tables["table"].to_markdown(index=False, floatfmt=".3f"),
         "",

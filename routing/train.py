@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 
-from saturation.data import Record, collate, encode_record, read_records
+from saturation.data import PromptFormat, Record, collate, encode_record, read_records
 from saturation.errors import ToolkitError
 from saturation.files import ensure_output_dir, write_json, write_text
 from saturation.loading import cpu_threads, load_config, load_llava, resolve_name
@@ -213,16 +213,16 @@ def _finished_message(out: Path, summary: dict) -> str:
 
 
 class RecordDataset(Dataset):
-    """LLaVA records encoded lazily (LLaVA-1.5 template, assistant-only labels)."""
+    """LLaVA records encoded lazily in the family's prompt format (assistant-only labels, its image kwargs)."""
 
-    def __init__(self, records: list[Record], processor):
-        self.records, self.processor = records, processor
+    def __init__(self, records: list[Record], processor, fmt: PromptFormat | None = None):
+        self.records, self.processor, self.fmt = records, processor, fmt
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return encode_record(self.records[i], self.processor)
+        return encode_record(self.records[i], self.processor, fmt=self.fmt)
 
 
 class SideBranchTrainer(Trainer):
@@ -403,7 +403,7 @@ def train_side_branch(routed, processor, records: list[Record], opts: TrainConfi
         trainer = SideBranchTrainer(
             model=routed,
             args=args,
-            train_dataset=RecordDataset(records, processor),
+            train_dataset=RecordDataset(records, processor, PromptFormat.of(routed)),
             data_collator=lambda rows: collate(rows, pad_id, padding_side="right"),
             callbacks=[LogWriter(out), *callbacks],
         )

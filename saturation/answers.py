@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import torch
 
-from .data import Record, generation_batch, load_image, normalize_answer
+from .data import PromptFormat, Record, generation_batch, load_image, normalize_answer, to_model
 
 
 @torch.no_grad()
@@ -18,12 +18,11 @@ def answers(model, processor, records: list[Record], images: list | None = None,
             max_new_tokens: int = 4) -> list[str]:
     """Greedy answers to each record's first question, in batches of left-padded prompts."""
     out: list[str] = []
+    fmt = PromptFormat.of(model)  # the family's prompt and image kwargs (image_sizes, ...)
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
         imgs = images[i : i + batch_size] if images is not None else [load_image(r) for r in chunk]
-        batch = generation_batch(chunk, processor, imgs)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        batch = to_model(generation_batch(chunk, processor, imgs, fmt), model.device, model.dtype)
         gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         new = gen[:, batch["input_ids"].shape[1] :]
         out += [normalize_answer(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -1,4 +1,5 @@
-"""LLaVA-665k-format data: validated records, the LLaVA-1.5 prompt, labels and padded batches."""
+"""LLaVA-665k-format data: validated records, each family's prompt (chat template or the adapter's), labels, and
+padded batches that carry the family's image inputs (``image_sizes``, ``batch_num_images``, ``image_grid_thw``, ...)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from .backbones.base import LLAVA_TEMPLATE, PromptTemplate
 from .errors import ToolkitError
 from .files import read_json
 
@@ -116,26 +118,183 @@ def question_text(question: str, first: bool) -> str:
     return f"USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:" if first else f"USER: {question} ASSISTANT:"
 
 
-def encode_record(record: Record, processor, *, image: Image.Image | None = None) -> dict[str, Tensor]:
-    """Token ids, labels and pixels for one record, LLaVA-1.5 template, all turns labelled.
+# Per-token image kwargs (Gemma's token_type_ids, Qwen's mm_token_type_ids): padded like input_ids, 0 = text.
+SEQUENCE_KEYS = ("token_type_ids", "mm_token_type_ids")
 
-    ``USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>``; labels are −100 except on
-    the assistant's answer tokens and their ``</s>``. The processor expands ``<image>`` to the model's
-    number of image tokens, so nothing here knows that number.
+
+def image_input_keys() -> tuple[str, ...]:
+    """``pixel_values`` and every image kwarg some backbone adapter declares (``image_sizes``, ``batch_num_images``,
+    ``image_grid_thw``, ...): what a batch carries besides ids, mask and labels. A new adapter's kwargs flow
+    through encoding and collation with no change here."""
+    from .backbones import ADAPTERS
+
+    return ("pixel_values", *dict.fromkeys(k for cls in ADAPTERS.values() for k in cls.image_kwargs))
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a conversation becomes text for one family, and which processor outputs its forward takes.
+
+    `template` is the adapter's (LLaVA-1.5's ``USER: <image>\\n… ASSISTANT:`` by default); with `chat_template`
+    the checkpoint's own chat template is used instead whenever the processor (or its tokenizer) has one.
+    `image_kwargs` are the processor outputs kept besides ids and mask (None: every one in `image_input_keys`).
+    The default is the LLaVA-1.5 format the embedded model and the shapes data use.
+    """
+
+    template: PromptTemplate = LLAVA_TEMPLATE
+    image_kwargs: tuple[str, ...] | None = None
+    chat_template: bool = False
+
+    @classmethod
+    def of(cls, model_or_backbone) -> PromptFormat:
+        """The format of a model (vanilla or routed) or of a backbone adapter; LLaVA-1.5's for a stand-in without
+        a config (anything with LLaVA's ``generate``)."""
+        from .backbones import Backbone, adapter_for
+
+        a = model_or_backbone
+        if not isinstance(a, Backbone):
+            routed = getattr(a, "anatomy", None)  # a routed model carries its base's adapter
+            if not isinstance(routed, Backbone) and getattr(a, "config", None) is None:
+                return cls()
+            a = routed if isinstance(routed, Backbone) else adapter_for(a)
+        return cls(a.template, ("pixel_values", *a.image_kwargs), bool(getattr(a, "chat_template", True)))
+
+    def keys(self) -> tuple[str, ...]:
+        return self.image_kwargs if self.image_kwargs is not None else image_input_keys()
+
+
+def _chat_renderer(processor, fmt: PromptFormat):
+    """``render(messages, add_generation_prompt) -> str`` from the processor's chat template, or its tokenizer's
+    (content as plain text, the image as ``<image>\\n``); None when the format keeps its own template."""
+    if not fmt.chat_template:
+        return None
+    if getattr(processor, "chat_template", None):
+        return lambda msgs, gen: processor.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+    tok = getattr(processor, "tokenizer", processor)
+    if getattr(tok, "chat_template", None):
+        def plain(msgs):
+            return [{"role": m["role"], "content": "".join(f"{IMAGE_PLACEHOLDER}\n" if c["type"] == "image"
+                                                           else c["text"] for c in m["content"])} for m in msgs]
+        return lambda msgs, gen: tok.apply_chat_template(plain(msgs), add_generation_prompt=gen, tokenize=False)
+    return None
+
+
+def question_prompt(question: str, processor, fmt: PromptFormat = PromptFormat(), n_images: int = 1) -> str:
+    """One user turn up to the assistant cue in the family's format, with `n_images` image placeholders before
+    the question unless it places ``<image>`` itself (lmms-eval contexts may). LLaVA-1.5:
+    ``USER: <image>\\n{question} ASSISTANT:``."""
+    render = _chat_renderer(processor, fmt)
+    placed = IMAGE_PLACEHOLDER in question
+    if render is None:
+        if n_images and not placed:
+            question = " ".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + question
+        return f"{fmt.template.user}{question}{fmt.template.assistant}"
+    images = [] if placed else [{"type": "image"}] * n_images
+    return render([{"role": "user", "content": [*images, {"type": "text", "text": question}]}], True)
+
+
+def process(processor, texts: list[str], images: list | None, fmt: PromptFormat = PromptFormat(),
+            **kwargs) -> dict[str, Tensor]:
+    """The processor on `texts` and `images`, keeping ids, mask and the family's image inputs only (a forward
+    refuses image kwargs of another family). Text that a chat template began with BOS gets no second one."""
+    tok = processor.tokenizer
+    if tok.bos_token and texts and all(t.startswith(tok.bos_token) for t in texts):
+        kwargs["add_special_tokens"] = False
+    out = processor(images=images or None, text=texts, return_tensors="pt", **kwargs)
+    keep = ("input_ids", "attention_mask", *fmt.keys())
+    return {k: v for k, v in out.items() if k in keep}
+
+
+def _messages(turns) -> list[dict]:
+    """Chat messages of `turns`, the image in the first user turn (the form llava-hf's chat templates take)."""
+    msgs = []
+    for k, (q, a) in enumerate(turns):
+        image = [{"type": "image"}] if k == 0 else []
+        msgs += [{"role": "user", "content": [*image, {"type": "text", "text": q}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+    return msgs
+
+
+def conversation_segments(turns, processor, fmt: PromptFormat = PromptFormat(), answers: bool = True
+                          ) -> list[tuple[str, bool]]:
+    """The conversation as consecutive ``(text, is_answer)`` pieces; the first holds ``<image>``.
+
+    With answers: question, answer, question, answer, ... (answers are what the labels cover: the assistant's
+    words and the template's end-of-turn token). Without: the first question up to the assistant cue.
+    Through a chat template each piece is the difference between renderings of growing prefixes (prompt with the
+    generation cue, then with the answer), so the pieces add up to exactly the rendered conversation.
+    """
+    render = _chat_renderer(processor, fmt)
+    turns = list(turns) if answers else list(turns[:1])
+    if render is None:
+        eos = getattr(processor, "tokenizer", processor).eos_token or ""
+        segments = []
+        for k, (q, a) in enumerate(turns):
+            segments.append((fmt.template.question(q, k == 0), False))
+            if answers:
+                segments.append((f" {a}{eos}", True))
+        return segments
+    msgs = _messages(turns)
+    if not answers:
+        return [(render(msgs[:1], True), False)]
+    segments, done = [], ""
+    for k in range(len(turns)):
+        prompt, full = render(msgs[: 2 * k + 1], True), render(msgs[: 2 * k + 2], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ToolkitError("the checkpoint's chat template does not render a conversation as a growing prefix "
+                               "(question, then answer), so answer tokens cannot be told apart for the labels")
+        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    return segments
+
+
+def _tokens(tok, text: str) -> Tensor:
+    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def _encode_segments(segments: list[tuple[str, bool]], processor, image: Image.Image, fmt: PromptFormat,
+                     label: bool) -> dict[str, Tensor]:
+    """Token ids (and labels) of `segments`, the first through the processor with the image (which expands
+    ``<image>`` to the model's image tokens, so nothing here knows that number), the rest through the tokenizer.
+    Image inputs keep the processor's leading image dimension; per-token ones are extended with 0 (text)."""
+    tok = processor.tokenizer
+    first_text = segments[0][0]
+    extra = {}
+    if tok.bos_token and first_text.startswith(tok.bos_token):  # a chat template that writes BOS itself
+        extra["add_special_tokens"] = False
+    first = processor(images=[image], text=[first_text], return_tensors="pt", **extra)
+    ids = [first["input_ids"][0]]
+    labels = [ids[0].clone() if segments[0][1] else torch.full_like(ids[0], IGNORE_INDEX)]
+    for text, is_answer in segments[1:]:
+        piece = _tokens(tok, text)
+        ids.append(piece)
+        labels.append(piece if is_answer else torch.full_like(piece, IGNORE_INDEX))
+    out = {"input_ids": torch.cat(ids)}
+    if label:
+        out["labels"] = torch.cat(labels)
+    added = len(out["input_ids"]) - len(ids[0])
+    for key in fmt.keys():
+        if key not in first:
+            continue
+        value = first[key]
+        if key in SEQUENCE_KEYS:
+            value = torch.cat([value[0], value.new_zeros(added)])
+        out[key] = value
+    return out
+
+
+def encode_record(record: Record, processor, *, image: Image.Image | None = None,
+                  fmt: PromptFormat | None = None) -> dict[str, Tensor]:
+    """Token ids, labels and image inputs for one record, all turns labelled, in the family's format `fmt`
+    (default: LLaVA-1.5's; `PromptFormat.of(model)` for any backbone).
+
+    LLaVA-1.5: ``USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>``; labels are −100 except on
+    the assistant's answer tokens and their ``</s>``. Image inputs (``pixel_values`` [1, ...], ``image_sizes``
+    [1, 2], ...) keep the processor's leading image dimension; `collate` joins them.
     """
     image = load_image(record) if image is None else image
-    tok = processor.tokenizer
-    first = processor(images=[image], text=[question_text(record.turns[0][0], True)], return_tensors="pt")
-    ids, labels = [first["input_ids"][0]], [torch.full_like(first["input_ids"][0], IGNORE_INDEX)]
-    for k, (q, a) in enumerate(record.turns):
-        if k > 0:
-            q_ids = torch.tensor(tok(question_text(q, False), add_special_tokens=False)["input_ids"], dtype=torch.long)
-            ids.append(q_ids)
-            labels.append(torch.full_like(q_ids, IGNORE_INDEX))
-        a_ids = torch.tensor(tok(f" {a}{tok.eos_token}", add_special_tokens=False)["input_ids"], dtype=torch.long)
-        ids.append(a_ids)
-        labels.append(a_ids)
-    return {"input_ids": torch.cat(ids), "labels": torch.cat(labels), "pixel_values": first["pixel_values"][0]}
+    fmt = fmt or PromptFormat()
+    return _encode_segments(conversation_segments(record.turns, processor, fmt), processor, image, fmt, label=True)
 
 
 def pad_stack(rows: list[Tensor], value: int, side: str) -> Tensor:
@@ -150,33 +309,70 @@ def pad_stack(rows: list[Tensor], value: int, side: str) -> Tensor:
     return out
 
 
+def pad_cat(parts: list[Tensor]) -> Tensor:
+    """Concatenate along dim 0, zero-padding every later dim to the largest (LLaVA-NeXT's tiles per image:
+    [1, tiles, 3, H, W] -> [n, max tiles, 3, H, W], as its processor pads a batch)."""
+    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    padded = []
+    for p in parts:
+        pad = [x for d in reversed(range(1, p.dim())) for x in (0, shape[d - 1] - p.shape[d])]
+        padded.append(torch.nn.functional.pad(p, pad) if any(pad) else p)
+    return torch.cat(padded)
+
+
 def collate(examples: list[dict[str, Tensor]], pad_token_id: int, image_token_id: int | None = None,
             padding_side: str = "right") -> dict[str, Tensor]:
-    """A batch: input_ids, attention_mask, labels (if present), pixel_values and image_mask (if id given)."""
+    """A batch: input_ids, attention_mask, labels (if present), the image inputs and image_mask (if id given).
+
+    Image inputs are joined along their leading dimension (images; Qwen's patches), later dims zero-padded;
+    per-token ones (`SEQUENCE_KEYS`) are padded like input_ids. Other keys of the examples are left to the caller.
+    """
     ids = [e["input_ids"] for e in examples]
     batch = {
         "input_ids": pad_stack(ids, pad_token_id, padding_side),
         "attention_mask": pad_stack([torch.ones_like(i) for i in ids], 0, padding_side),
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
     }
     if all("labels" in e for e in examples):
         batch["labels"] = pad_stack([e["labels"] for e in examples], IGNORE_INDEX, padding_side)
+    for key in image_input_keys():
+        have = [e[key] for e in examples if key in e]
+        if not have:
+            continue
+        if len(have) != len(examples):
+            raise ToolkitError(f"some examples of the batch have {key} and others not")
+        batch[key] = pad_stack(have, 0, padding_side) if key in SEQUENCE_KEYS else pad_cat(have)
     if image_token_id is not None:
         batch["image_mask"] = batch["input_ids"] == image_token_id
     return batch
 
 
-def encode_prompt(record: Record, processor, *, image: Image.Image | None = None) -> dict[str, Tensor]:
-    """The first question only, up to ``ASSISTANT:``, for generation or probing."""
+def image_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``pixel_values`` and the family's image kwargs of a batch: what a forward takes besides ids and mask."""
+    keys = image_input_keys()
+    return {k: v for k, v in batch.items() if k in keys}
+
+
+def to_model(batch: dict[str, Tensor], device, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Every tensor of `batch` on `device`; floating image inputs (pixel values) in the model's `dtype`."""
+    keys = image_input_keys()
+    return {k: v.to(device, dtype) if k in keys and v.is_floating_point() else v.to(device)
+            for k, v in batch.items()}
+
+
+def encode_prompt(record: Record, processor, *, image: Image.Image | None = None,
+                  fmt: PromptFormat | None = None) -> dict[str, Tensor]:
+    """The first question only, up to the assistant cue, for generation or probing (ids and image inputs)."""
     image = load_image(record) if image is None else image
-    enc = processor(images=[image], text=[question_text(record.turns[0][0], True)], return_tensors="pt")
-    return {"input_ids": enc["input_ids"][0], "pixel_values": enc["pixel_values"][0]}
+    fmt = fmt or PromptFormat()
+    segments = conversation_segments(record.turns, processor, fmt, answers=False)
+    return _encode_segments(segments, processor, image, fmt, label=False)
 
 
-def generation_batch(records: list[Record], processor, images: list[Image.Image] | None = None) -> dict[str, Tensor]:
+def generation_batch(records: list[Record], processor, images: list[Image.Image] | None = None,
+                     fmt: PromptFormat | None = None) -> dict[str, Tensor]:
     """Left-padded prompts (first question of each record) for batched generation."""
     images = images or [None] * len(records)
-    examples = [encode_prompt(r, processor, image=im) for r, im in zip(records, images)]
+    examples = [encode_prompt(r, processor, image=im, fmt=fmt) for r, im in zip(records, images)]
     return collate(examples, processor.tokenizer.pad_token_id, padding_side="left")
 
 

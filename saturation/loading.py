@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaOnevisionProcessor
 
 from .anatomy import spec_for_config
 from .errors import ToolkitError
@@ -32,7 +33,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def resolve_name(name_or_path: str | os.PathLike) -> str:
-    """Map an alias (`tiny`, `llava-1.5-7b`, `llava-1.5-13b`) to a local directory or hub id; pass others through."""
+    """Map an alias (`tiny`, or one of `ALIASES`) to a local directory or hub id; pass others through."""
     name = str(name_or_path)
     if name == "tiny":
         return str(TINY_DIR)
@@ -129,8 +130,9 @@ def load_llava(
 ):
     """Load `(model, processor)` for a LLaVA checkpoint, in eval mode, on `device` in `dtype`.
 
-    `name_or_path`: ``tiny`` (the embedded model in ``data_samples/``), an alias (``llava-1.5-7b``,
-    ``llava-1.5-13b``), a hub id or a local directory. `attn_implementation` defaults to ``sdpa``;
+    `name_or_path`: ``tiny`` (the embedded model in ``data_samples/``), an alias (`ALIASES`: LLaVA-1.5, LLaVA-NeXT,
+    LLaVA-OneVision), a hub id or a local directory. A OneVision processor is built for images only when its
+    video processor cannot be (no torchvision). `attn_implementation` defaults to ``sdpa``;
     the probe asks for ``eager`` because only eager attention returns attention weights.
     """
     resolved = resolve_name(name_or_path)
@@ -146,7 +148,7 @@ def load_llava(
             attn_implementation=attn_implementation or "sdpa",
             local_files_only=local_only,
         )
-        processor = AutoProcessor.from_pretrained(resolved, local_files_only=local_only)
+        processor = load_processor(resolved, config, local_only)
     except (OSError, ValueError, ImportError) as err:
         if local_only and not Path(resolved).is_dir():
             raise ToolkitError(_offline_message(resolved)) from None
@@ -154,6 +156,38 @@ def load_llava(
     model.eval()
     model.name_or_path = resolved
     return model, processor
+
+
+class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
+    """LLaVA-OneVision's processor without its video processor, for images only.
+
+    The video processor needs torchvision (which the toolkit does not install: it replaces the CPU torch), so
+    ``AutoProcessor`` cannot build a OneVision processor here. Everything the toolkit feeds OneVision is images;
+    this class takes the same files (image processor, tokenizer, chat template, processor kwargs) and saves as a
+    ``LlavaOnevisionProcessor`` would, minus the video processor.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                 vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
+                 video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
+        # no video_processor parameter: ProcessorMixin reads its sub-processors from this signature
+        super().__init__(image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+                         image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio,
+                         **kwargs)
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"processor_class": LlavaOnevisionProcessor.__name__}
+
+
+def load_processor(resolved: str, config, local_only: bool):
+    """The checkpoint's processor; for LLaVA-OneVision without torchvision, `ImageOnlyOnevisionProcessor`."""
+    try:
+        return AutoProcessor.from_pretrained(resolved, local_files_only=local_only)
+    except (OSError, ValueError, ImportError):
+        if getattr(config, "model_type", None) != "llava_onevision" or importlib.util.find_spec("torchvision"):
+            raise
+    return ImageOnlyOnevisionProcessor.from_pretrained(resolved, local_files_only=local_only)
 
 
 SMALL_HIDDEN = 512  # below this, a CPU matmul is too small to gain from intra-op threads

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from . import metrics
 from .anatomy import Anatomy, anatomy, position_ids_from_mask
-from .data import Record, collate, encode_record, read_records, sample_records
+from .data import PromptFormat, Record, collate, encode_record, image_inputs, read_records, sample_records, to_model
 from .errors import ToolkitError
 from .files import atomic_write, ensure_output_dir, write_json
 from .loading import (
@@ -216,9 +216,11 @@ def logit_lens_kl(unembed: Callable[[Tensor], Tensor], hidden: list[Tensor], fin
     return out.clamp_(min=0.0)  # KL >= 0; rounding can leave -1e-7
 
 
-def encode_batch(records: list[Record], processor, image_token_id: int) -> dict[str, Tensor]:
-    """Right-padded batch of each record's first turn with its answer (see the module docstring)."""
-    examples = [encode_record(replace(r, turns=r.turns[:1]), processor) for r in records]
+def encode_batch(records: list[Record], processor, image_token_id: int, fmt: PromptFormat | None = None
+                 ) -> dict[str, Tensor]:
+    """Right-padded batch of each record's first turn with its answer (see the module docstring), in the family's
+    prompt format `fmt` (default LLaVA-1.5's), with its image inputs (LLaVA-NeXT: tiles padded, ``image_sizes``)."""
+    examples = [encode_record(replace(r, turns=r.turns[:1]), processor, fmt=fmt) for r in records]
     pad = processor.tokenizer.pad_token_id
     return collate(examples, 0 if pad is None else pad, image_token_id, padding_side="right")
 
@@ -228,13 +230,14 @@ def probe_batch(anat: Anatomy, reducer: LayerReducer, batch: dict[str, Tensor],
                 timings: dict[str, float] | None = None) -> dict[tuple[str, str], Tensor]:
     """All per-sample values of one batch: {(metric, modality): [batch, num_layers]} on CPU.
 
-    `batch` holds input_ids, attention_mask, pixel_values (on the model's device). `timings`, when given,
+    `batch` holds input_ids, attention_mask and the image inputs (pixel_values and the family's image kwargs),
+    on the model's device; image-token counts may differ per sample (anyres). `timings`, when given,
     accumulates seconds spent in the forward (with hooks) and in the logit lens.
     """
     sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
     t0 = time.perf_counter()
     reducer.begin(batch["attention_mask"], batch["input_ids"] == anat.image_token_id)
-    logits = anat.forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+    logits = anat.forward(batch["input_ids"], batch["attention_mask"], **image_inputs(batch),
                           position_ids=position_ids_from_mask(batch["attention_mask"]))
     sync()
     t1 = time.perf_counter()
@@ -289,7 +292,7 @@ def bridge_probe_batch(bridge, reducer: LayerReducer, batch: dict[str, Tensor]) 
             (f"blocks.{layer}.hook_resid_post", lambda t, hook, layer=layer: reducer.resid_post(layer, resid_pre.pop(layer), t)),
             (f"blocks.{layer}.attn.hook_pattern", lambda t, hook, layer=layer: reducer.pattern(layer, t)),
         ]
-    logits = bridge.run_with_hooks(batch["input_ids"], fwd_hooks=hooks, pixel_values=batch["pixel_values"],
+    logits = bridge.run_with_hooks(batch["input_ids"], fwd_hooks=hooks, **image_inputs(batch),
                                    attention_mask=batch["attention_mask"])
     return reducer.finish(logits, lambda h: bridge.unembed(bridge.ln_final(h)))
 
@@ -558,6 +561,7 @@ def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Recor
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     reducer = LayerReducer(anat)
+    fmt = PromptFormat.of(anat)
     bridge = boot_bridge(model, processor) if cfg.backend == "transformer-lens" else None
     hooks = contextlib.nullcontext(reducer) if bridge is not None else reducer  # the bridge has its own hooks
     with eager_attention(model), cpu_threads(model, cfg.threads), hooks, _progress(cfg.progress) as bar:
@@ -565,9 +569,7 @@ def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Recor
         t0 = time.perf_counter()
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start:start + cfg.batch_size]
-            batch = encode_batch([r for _, r in chunk], processor, anat.image_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            batch = to_model(encode_batch([r for _, r in chunk], processor, anat.image_token_id, fmt), device, dtype)
             if bridge is not None:
                 values = bridge_probe_batch(bridge, reducer, batch)
             else:

@@ -49,6 +49,8 @@ class BackboneSpec:
     q_proj: str = "self_attn.q_proj"
     k_proj: str = "self_attn.k_proj"
     v_proj: str = "self_attn.v_proj"
+    q_norm: str | None = None  # per-head RMSNorm on queries/keys before the rotation (Qwen3)
+    k_norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,25 @@ class PromptTemplate:
 
     user: str = "USER: "
     assistant: str = " ASSISTANT:"
+    image: str | None = None  # the image slot's literal text (Qwen's ``<|vision_start|>…``); None: placeholder + "\n"
 
     def question(self, question: str, first: bool, image_placeholder: str = "<image>") -> str:
-        image = f"{image_placeholder}\n" if first else ""
+        slot = f"{image_placeholder}\n" if self.image is None else self.image
+        image = slot if first else ""
         return f"{self.user}{image}{question}{self.assistant}"
 
 
 LLAVA_TEMPLATE = PromptTemplate()
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """The image merge's result: what the first decoder layer reads, where the images sit, and what is added at the
+    image positions after the first decoder layers (Qwen3-VL's DeepStack; empty for every other family)."""
+
+    inputs_embeds: Tensor  # [B, T, D]
+    image_mask: Tensor  # [B, T] bool
+    deepstack: tuple[Tensor, ...] = ()  # one [n_image_tokens, D] per decoder layer 0, 1, ..., in placeholder order
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -82,6 +96,11 @@ class Backbone:
     spec: ClassVar[BackboneSpec]
     image_kwargs: ClassVar[tuple[str, ...]] = ()
     template: ClassVar[PromptTemplate] = LLAVA_TEMPLATE
+    # Image kwargs the positions read (M-RoPE's image_grid_thw): generate() must keep them after pre-encoding images.
+    position_kwargs: ClassVar[tuple[str, ...]] = ()
+    # Prompts use the checkpoint's chat template when its processor has one (`template` otherwise); a family whose
+    # published training format differs from its hub chat template pins `template` by setting this False.
+    chat_template: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -206,10 +225,15 @@ class Backbone:
         return self.layers[layer].get_submodule(self.spec.q_proj).weight
 
     # ---------------------------------------------------------------- images
+    def image_output(self, pixel_values: Tensor, **image_kwargs):
+        """The model's own ``get_image_features`` output: ``.pooler_output`` (one [n_i, D] per image, in placeholder
+        order) and, for DeepStack families, ``.deepstack_features``. As ``generate()`` pre-encodes images."""
+        mm = self._get(self.spec.multimodal)
+        return mm.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)
+
     def image_features(self, pixel_values: Tensor, **image_kwargs) -> list[Tensor]:
         """One [n_i, D] tensor per image, in placeholder order: the model's own ``get_image_features``."""
-        mm = self._get(self.spec.multimodal)
-        return list(mm.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs).pooler_output)
+        return list(self.image_output(pixel_values, **image_kwargs).pooler_output)
 
     def vision_hidden(self, pixel_values: Tensor) -> Tensor:
         """The tower's features the projector reads: ``vision_feature_layer``, CLS dropped under the "default"
@@ -230,23 +254,61 @@ class Backbone:
 
         Returns ``inputs_embeds`` [B, T, D] and ``image_mask`` [B, T] (bool). `image_kwargs` (e.g. ``image_sizes``)
         go to ``get_image_features``; `image_features` (one [n_i, D] per image, as ``generate()`` pre-encodes them
-        into ``mm_encoder_outputs``) replaces `pixel_values`.
+        into ``mm_encoder_outputs``) replaces `pixel_values`. A walk over the layers needs `encode` (DeepStack).
+        """
+        e = self.encode(input_ids, pixel_values, image_features=image_features, **image_kwargs)
+        return e.inputs_embeds, e.image_mask
+
+    def encode(self, input_ids: Tensor, pixel_values: Tensor | None = None, *, image_features: list[Tensor] | None = None,
+               image_output=None, **image_kwargs) -> Embedded:
+        """`embed`, plus the DeepStack features to add after the first decoder layers (see `injecting`).
+
+        `image_output` (``get_image_features``' output, as ``generate()`` passes it in ``mm_encoder_outputs``) or
+        `image_features` replaces `pixel_values`.
         """
         inputs_embeds = self.embed_tokens(input_ids)
         image_mask = input_ids == self.image_token_id
-        if image_features is None and pixel_values is not None:
-            image_features = self.image_features(pixel_values, **image_kwargs)
+        if image_output is None and image_features is None and pixel_values is not None:
+            image_output = self.image_output(pixel_values, **image_kwargs)
+        deepstack: tuple[Tensor, ...] = ()
+        if image_output is not None:
+            image_features = image_output.pooler_output
+            deepstack = tuple(torch.cat(list(f), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+                              for f in getattr(image_output, "deepstack_features", None) or ())
         if image_features is None:
             if image_mask.any():
                 raise ToolkitError("the batch has image tokens but no pixel_values")
-            return inputs_embeds, image_mask
+            return Embedded(inputs_embeds, image_mask)
         features = torch.cat(list(image_features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         if features.shape[0] != int(image_mask.sum()):
             raise ToolkitError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features "
                                f"(for {self.spec.name}, pass {', '.join(self.image_kwargs) or 'no other image kwargs'}"
                                " as the processor made them)")
         placeholder = self.placeholder_mask(input_ids, inputs_embeds, features)
-        return inputs_embeds.masked_scatter(placeholder, features), image_mask
+        return Embedded(inputs_embeds.masked_scatter(placeholder, features), image_mask, deepstack)
+
+    @property
+    def min_split(self) -> int:
+        """The first allowed split: 1, or after the last DeepStack injection (its layers must stay shallow)."""
+        return 1
+
+    def inject(self, hidden: Tensor, image_mask: Tensor, features: Tensor) -> Tensor:
+        """`hidden` [B, T, D] with `features` [n_image_tokens, D] added at the image positions (DeepStack)."""
+        raise ToolkitError(f"{self.spec.name} has no DeepStack features to inject")
+
+    @contextlib.contextmanager
+    def injecting(self, embedded: Embedded) -> Iterator[None]:
+        """While inside, decoder layer i's output gains ``embedded.deepstack[i]`` at the image positions, as the
+        model's own forward adds it after the layer. Forward hooks put first, so ``blocks.{i}.hook_resid_post``
+        sees the injected states (what layer i+1 reads); nothing happens for families without DeepStack."""
+        handles = [self.layers[i].register_forward_hook(
+            lambda _m, _args, out, f=f: self.inject(out, embedded.image_mask, f), prepend=True)
+            for i, f in enumerate(embedded.deepstack)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @classmethod
     def image_tokens(cls, config, image_size: tuple[int, int] | None = None) -> int:
@@ -255,13 +317,22 @@ class Backbone:
         return (v.image_size // v.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
 
     # ---------------------------------------------------------------- positions, masks, rotary
-    def positions(self, attention_mask: Tensor, last: int | None = None) -> Tensor:
-        """Position ids [B, T] (generate's convention), or of the `last` columns only (a decode step).
+    def positions(self, attention_mask: Tensor, last: int | None = None, *, image_mask: Tensor | None = None,
+                  **image_kwargs) -> Tensor:
+        """Position ids [B, T] (generate's convention), or of the `last` columns only (a decode step). M-RoPE
+        families return [3, B, T] for a prompt with images, from `image_mask` [B, T] and their image kwargs
+        (``image_grid_thw``); the 1D families ignore both.
 
-        A subset (text only, image only) keeps its ORIGINAL positions: index these, never renumber them.
+        A subset (text only, image only) keeps its ORIGINAL positions (`take_positions`): never renumber them.
         """
         pos = position_ids_from_mask(attention_mask)
         return pos if last is None else pos[:, -last:]
+
+    @staticmethod
+    def take_positions(positions: Tensor, take) -> Tensor:
+        """A subset's positions, ORIGINAL values: `take` ([B, T, ...] -> [B, n, ...]) on [B, T] positions, or on
+        each row of M-RoPE's [3, B, T]."""
+        return take(positions) if positions.dim() == 2 else torch.stack([take(p) for p in positions])
 
     def rope(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """``(cos, sin)``, each [B, T, d], computed once per stack; a subset takes its rows of them."""
@@ -271,12 +342,13 @@ class Backbone:
                     cache=None, layer_idx: int = 0):
         """The decoder's mask for the whole sequence (or a decode step against layer `layer_idx`'s cache).
         Always from a 2D `attention_mask`: with ``None`` and gapped positions, transformers infers packed sequences
-        and builds a block-diagonal mask (DESIGN)."""
+        and builds a block-diagonal mask (DESIGN). M-RoPE positions [3, B, T] are not token order: like HF's forward,
+        the mask then gets none (a 2D `attention_mask` says everything)."""
         return create_causal_mask(
             config=self.text_config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids if position_ids.dim() == 2 else None,
             **cache_kwargs(cache),
             layer_idx=layer_idx,
         )
@@ -308,9 +380,13 @@ class Backbone:
         Mistral and Qwen2 LMs each have one; a LLaVA-NeXT may carry either of the first two)."""
         return sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
-    def _heads(self, proj: nn.Module, x: Tensor, head_dim: int) -> Tensor:
-        """[B, n, D] through a projection -> [B, heads, n, d]."""
-        return proj(x).view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+    def _heads(self, proj: nn.Module, x: Tensor, head_dim: int, norm: nn.Module | None = None) -> Tensor:
+        """[B, n, D] through a projection (and a per-head norm, Qwen3's q_norm/k_norm) -> [B, heads, n, d]."""
+        y = proj(x).view(*x.shape[:2], -1, head_dim)
+        return (y if norm is None else norm(y)).transpose(1, 2)
+
+    def _norm(self, module: nn.Module, path: str | None) -> nn.Module | None:
+        return None if path is None else module.get_submodule(path)
 
     def key_values(self, layer: int | nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """The keys (rotated) and values decoder layer `layer` makes from `hidden` [B, n, D] at the positions of
@@ -319,7 +395,7 @@ class Backbone:
         module = self.layers[layer] if isinstance(layer, int) else layer
         attn = self.attention_of(module)
         x = module.get_submodule(self.spec.input_norm)(hidden)
-        keys = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim)
+        keys = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim, self._norm(module, self.spec.k_norm))
         values = self._heads(module.get_submodule(self.spec.v_proj), x, attn.head_dim)
         cos, sin = rope
         _, keys = self._rotary_fn(attn)(keys[:, :0], keys, cos, sin)  # an empty query: rotate the keys only
@@ -332,8 +408,8 @@ class Backbone:
         module = self.layers[layer]
         attn = self.attention_of(module)
         x = module.get_submodule(self.spec.input_norm)(hidden)
-        q = self._heads(module.get_submodule(self.spec.q_proj), x, attn.head_dim)
-        k = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim)
+        q = self._heads(module.get_submodule(self.spec.q_proj), x, attn.head_dim, self._norm(module, self.spec.q_norm))
+        k = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim, self._norm(module, self.spec.k_norm))
         cos, sin = rope
         q, k = self._rotary_fn(attn)(q, k, cos, sin)
         return q, k, float(attn.scaling)
@@ -345,14 +421,19 @@ class Backbone:
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
                 position_ids: Tensor | None = None, **image_kwargs) -> Tensor:
-        """Logits [B, T, vocab] by walking the map by hand; equals ``model(...)`` bit for bit (same positions)."""
-        h, _ = self.embed(input_ids, pixel_values, **image_kwargs)
+        """Logits [B, T, vocab] by walking the map by hand; equals ``model(...)`` bit for bit (same positions).
+
+        Positions default to `positions` (generate's convention; M-RoPE from the image kwargs); DeepStack features
+        are added after their layers (`injecting`)."""
+        e = self.encode(input_ids, pixel_values, **image_kwargs)
+        h = e.inputs_embeds
         if position_ids is None:
-            position_ids = self.positions(attention_mask)
+            position_ids = self.positions(attention_mask, image_mask=e.image_mask, **image_kwargs)
         mask = self.causal_mask(h, attention_mask, position_ids)
         rope = self.rope(h, position_ids)
-        for layer in self.layers:
-            h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=rope)
+        with self.injecting(e):
+            for layer in self.layers:
+                h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=rope)
         return self.unembed(h)
 
     def question_text(self, question: str, first: bool) -> str:
