@@ -40,6 +40,9 @@ class RoutingState:
     prompt_masks: dict[str, Tensor]  # layout -> [batch, its prompt part] (bool), in that layout's cache order
     next_position: Tensor  # [batch]: the position id of the first token after the prompt
     unmasked: bool = False  # no pads and no fillers in any layout: decode steps need no padding mask
+    # [batch]: next_position - real prompt tokens; 0 for 1D positions, M-RoPE's rope_deltas (text after an image
+    # resumes at max(h, w) / merge, not at its index): decode positions are cumsum(mask) - 1 + delta.
+    position_delta: Tensor | None = None
 
 
 def attach_state(cache: Cache, state: RoutingState) -> None:
@@ -63,10 +66,15 @@ def check_cache(cache: Cache) -> None:
         raise ToolkitError("this cache was not filled by a routed prefill: start from an empty cache")
 
 
-def make_state(prompt_masks: dict[str, Tensor], attention_mask: Tensor) -> RoutingState:
-    """The state a prefill leaves on its cache; `attention_mask` is the prompt's 2D mask."""
+def make_state(prompt_masks: dict[str, Tensor], attention_mask: Tensor, positions: Tensor | None = None) -> RoutingState:
+    """The state a prefill leaves on its cache; `attention_mask` is the prompt's 2D mask, `positions` the prompt's
+    position ids ([batch, seq], or M-RoPE's [3, batch, seq]): the next token goes one past the largest."""
     unmasked = all(bool(m.all()) for m in prompt_masks.values())
-    return RoutingState(attention_mask.shape[1], prompt_masks, attention_mask.sum(1), unmasked)
+    real = attention_mask.sum(1)
+    if positions is None:
+        return RoutingState(attention_mask.shape[1], prompt_masks, real, unmasked, torch.zeros_like(real))
+    following = positions.reshape(-1, *attention_mask.shape).amax(dim=(0, 2)) + 1
+    return RoutingState(attention_mask.shape[1], prompt_masks, following, unmasked, following - real)
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,8 @@ def continuation(state: RoutingState, cache: Cache, attention_mask: Tensor | Non
                                f"{state.prompt_length + generated - q} positions and {q} are new")
         tail = attention_mask[:, state.prompt_length:].bool()
         position_ids = position_ids_from_mask(attention_mask)[:, -q:]
+        if state.position_delta is not None:
+            position_ids = position_ids + state.position_delta[:, None]
     if tail is None and state.unmasked:
         return Continuation(dict.fromkeys(state.prompt_masks), position_ids)
     if tail is None:

@@ -27,6 +27,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from saturation.anatomy import Anatomy, anatomy
+from saturation.backbones import Embedded
 from saturation.errors import ToolkitError
 from saturation.hf_compat import CACHE_ARG, cache_kwargs
 
@@ -209,11 +210,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             check_cache(cache)
         state = state_of(cache)
         if state is None:
-            if inputs_embeds is None and (mm_encoder_outputs or {}).get("image") is not None:
-                inputs_embeds, image_mask = self.anatomy.embed(
-                    input_ids, image_features=mm_encoder_outputs["image"].pooler_output)
             h = self._route_prompt(input_ids, pixel_values, attention_mask, cache, inputs_embeds, image_mask,
-                                   **image_kwargs)
+                                   image_output=(mm_encoder_outputs or {}).get("image"), **image_kwargs)
         else:
             h = self._route_next(input_ids, attention_mask, cache, state)
         if logits_to_keep:
@@ -233,17 +231,19 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
                                f"{', '.join(self.anatomy.image_kwargs) or 'none besides pixel_values'})")
         return given
 
-    def _route_prompt(self, input_ids, pixel_values, attention_mask, cache, inputs_embeds, image_mask, **image_kwargs):
+    def _route_prompt(self, input_ids, pixel_values, attention_mask, cache, inputs_embeds, image_mask,
+                      image_output=None, **image_kwargs):
         a, plan = self.anatomy, self.plan
-        if inputs_embeds is None:
-            h, image_mask = a.embed(input_ids, pixel_values, **image_kwargs)
+        if inputs_embeds is None:  # image_output: the image encoder's output, as generate() pre-encodes it
+            e = a.encode(input_ids, pixel_values, image_output=image_output, **image_kwargs)
         else:
-            h = inputs_embeds
-            image_mask = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device) if image_mask is None \
-                else image_mask.bool()
+            e = Embedded(inputs_embeds, torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool,
+                                                    device=inputs_embeds.device) if image_mask is None
+                         else image_mask.bool())
+        h, image_mask = e.inputs_embeds, e.image_mask
         if attention_mask is None:
             attention_mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
-        pos = a.positions(attention_mask)
+        pos = a.positions(attention_mask, image_mask=image_mask, **image_kwargs)  # M-RoPE: [3, batch, seq]
         rope = a.rope(h, pos)
         full_mask = a.causal_mask(h, attention_mask, pos, cache, layer_idx=0)
         # Every host-device sync of the routing happens here, before any layer is queued (free on a GPU).
@@ -255,14 +255,15 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
                                 **cache_kwargs(kv))
             return x
 
-        with self._frozen():  # nothing trainable upstream: no graph, no saved activations
+        with self._frozen(), a.injecting(e):  # nothing trainable upstream: no graph; DeepStack stays shallow
             h = run(plan.shallow, h, full_mask, pos, rope)
         if r is None:  # nothing to route: every layer sees the sequence exactly as vanilla
             if cache is not None:
-                attach_state(cache, make_state(dict.fromkeys(plan.layouts, attention_mask.bool()), attention_mask))
+                attach_state(cache, make_state(dict.fromkeys(plan.layouts, attention_mask.bool()), attention_mask,
+                                               pos))
             return run(range(plan.split, plan.num_layers), h, full_mask, pos, rope)
 
-        text_pos, image_pos = r.text(pos), r.image(pos)
+        text_pos, image_pos = a.take_positions(pos, r.text), a.take_positions(pos, r.image)  # original values
         text_rope, image_rope = tuple(r.text(t) for t in rope), tuple(r.image(t) for t in rope)
 
         # Side branch: image positions only, causal among themselves, original positions; never cached.
@@ -303,7 +304,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         if cache is not None:
             masks = {"full": attention_mask.bool(), "text": r.text_valid,
                      "kv": torch.cat([r.image_valid, r.text_valid], 1)}
-            attach_state(cache, make_state({k: masks[k] for k in plan.layouts}, attention_mask))
+            attach_state(cache, make_state({k: masks[k] for k in plan.layouts}, attention_mask, pos))
         return h
 
     def _route_next(self, input_ids, attention_mask, cache, state) -> Tensor:
@@ -321,6 +322,12 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             h = layer(h, attention_mask=masks[plan.layout(i)], position_ids=c.position_ids, position_embeddings=rope,
                       **cache_kwargs(cache))
         return h
+
+    def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
+        """HF pre-encodes the images and drops what the encoder took (``image_grid_thw``); keep what this family's
+        positions still read (the adapter's ``position_kwargs``)."""
+        keep = {k: model_kwargs[k] for k in self.anatomy.position_kwargs if model_kwargs.get(k) is not None}
+        return super()._prepare_multimodal_encoder_kwargs_for_generation(model_kwargs) | keep
 
     def generate(self, *args, **kwargs):
         """HF ``generate()`` (greedy, sampling, beams, streamers, stopping criteria) with the routed KV cache.
@@ -398,7 +405,7 @@ def build(model: nn.Module, split: int, variant: str = "lf", fusion_layers: int 
     or ``lf-ideal``. Freezes the base; the side branch (copies of layers split .. split+side_depth-1) is trainable.
     """
     a = anatomy(model)
-    plan = make_plan(a.num_layers, split, variant, fusion_layers, side_depth)
+    plan = make_plan(a.num_layers, split, variant, fusion_layers, side_depth, min_split=a.min_split)
     impl = a.attn_implementation
     if impl not in SUPPORTED_ATTENTION:
         raise ToolkitError(f"routing supports attn_implementation sdpa or eager, not '{impl}'")

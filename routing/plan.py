@@ -97,8 +97,9 @@ class RoutingPlan:
 
 
 def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: int = 1,
-              side_depth: int = 1) -> RoutingPlan:
-    """Validate a variant's geometry. `lf-ideal` always has K=0 (that is what makes it ideal and untrainable)."""
+              side_depth: int = 1, min_split: int = 1) -> RoutingPlan:
+    """Validate a variant's geometry. `lf-ideal` always has K=0 (that is what makes it ideal and untrainable).
+    `min_split`: the backbone's first allowed split (after Qwen3-VL's DeepStack layers)."""
     if variant not in VARIANTS:
         raise ToolkitError(f"unknown routing variant '{variant}': use one of {', '.join(VARIANTS)}")
     if variant == "lf-ideal":
@@ -107,7 +108,10 @@ def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: i
         raise ToolkitError("variant 'lf' needs fusion_layers >= 1; with no fusion layer it is 'lf-ideal'")
     if not isinstance(split, int) or isinstance(split, bool):
         raise ToolkitError(f"split must be an integer layer index, got {split!r}")
-    valid = split_range(num_layers, fusion_layers, side_depth)  # the one definition, shared with the probe's rules
+    valid = split_range(num_layers, fusion_layers, side_depth, min_split)  # one definition, shared with the probe
+    if 1 <= split < min_split:
+        raise ToolkitError(f"split {split} is inside the DeepStack layers (image features are still added after "
+                           f"layers 0..{min_split - 1}): the first allowed split is {min_split}")
     if split not in valid:
         raise ToolkitError(f"split {split} is out of range for a {num_layers}-layer model with K={fusion_layers} "
                            f"fusion layer(s) and side depth {side_depth}: choose {valid.start}..{valid.stop - 1}")

@@ -26,6 +26,10 @@ ALIASES: dict[str, str] = {
     "llava-next-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "llava-onevision-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
     "llava-onevision-0.5b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct",
+    "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
 }
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

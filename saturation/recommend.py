@@ -63,12 +63,13 @@ PLATEAU_TOLERANCE = 0.1  # share of the curve's range
 PLATEAU_FLOOR = {"attention_mass": 0.01, "cosine": 0.005}  # absolute: changes smaller than this are noise
 
 
-def split_range(num_layers: int, fusion_layers: int = 1, side_depth: int = 1) -> range:
+def split_range(num_layers: int, fusion_layers: int = 1, side_depth: int = 1, min_split: int = 1) -> range:
     """Every valid split s of an L-layer decoder with K fusion layers and a side branch of depth d_v.
 
     s ≥ 1 keeps a shallow stack; s ≤ L−K−1 keeps at least one deep layer before the fusion layers; s + d_v ≤ L
     leaves d_v layers to copy the side branch from. K = 0 (LF-ideal) allows s = L−1. Raises ToolkitError when
-    K or d_v leave no split at all, naming the option to change.
+    K or d_v leave no split at all, naming the option to change. `min_split` (the adapter's; Qwen3-VL's DeepStack
+    adds image features after its first layers) raises the lower end.
     """
     if fusion_layers < 0:
         raise ToolkitError(f"fusion layers K (--fusion-layers) must be >= 0 (got {fusion_layers})")
@@ -80,7 +81,7 @@ def split_range(num_layers: int, fusion_layers: int = 1, side_depth: int = 1) ->
     if side_depth > num_layers - 1:
         raise ToolkitError(f"a side branch of depth {side_depth} leaves no room for a split in a {num_layers}-layer "
                            f"model: d_v (--side-depth) must be at most {num_layers - 1}")
-    return range(1, min(num_layers - fusion_layers - 1, num_layers - side_depth) + 1)
+    return range(min_split, min(num_layers - fusion_layers - 1, num_layers - side_depth) + 1)
 
 
 def curve(summary: pd.DataFrame, metric: str, modality: str, stat: str = "median") -> list[float]:

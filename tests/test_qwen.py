@@ -1,0 +1,215 @@
+"""Qwen2.5-VL and Qwen3-VL through the adapters (issue 12): M-RoPE positions [3, B, T], ragged image grids,
+Qwen3-VL's DeepStack, q/k/v biases (Qwen2) and q/k norms (Qwen3). Tiny random models built in code
+(tests/qwen_fixtures): two or three image grids in one left-padded batch, text after the image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from qwen_fixtures import (
+    DEEPSTACK,
+    FAMILIES,
+    IMAGE_SIZES,
+    MERGE,
+    PATCH,
+    family,
+    image_kwargs,
+    naive_logits,
+    step_logits,
+)
+from routing_fixtures import SHARP_STD, assert_informative, perturb_side
+
+import routing
+from saturation.anatomy import anatomy, position_ids_from_mask
+from saturation.backbones import Qwen3VL, Qwen25VL
+from saturation.errors import ToolkitError
+from saturation.loading import load_llava, resolve_name
+
+SPLIT = 2  # Qwen3-VL's tiny DeepStack covers layers 0..1: the first allowed split
+NEW = 4
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fam(request):
+    return family(request.param)
+
+
+@pytest.fixture(scope="module")
+def model(fam):
+    return fam.model()
+
+
+@pytest.fixture(scope="module")
+def batch(fam):
+    return fam.batch()
+
+
+def variant_kwargs(variant: str) -> dict:
+    return {"fusion_layers": 0 if variant == "lf-ideal" else 1}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_anatomy_walk_equals_hf_forward_bit_for_bit(fam, batch, attn):
+    """HF's forward with images computes M-RoPE from mm_token_type_ids over the real tokens (pads 0), which is the
+    generate convention, so nothing is passed for positions on either side. The walk would differ with 1D positions
+    and, for Qwen3-VL, without the DeepStack injection: both are in play here."""
+    model = fam.model(attn, seed=2)
+    a = anatomy(model)
+    with torch.no_grad():
+        hf = model(**batch).logits
+        walk = a.forward(**batch)
+        flat = a.forward(**batch, position_ids=position_ids_from_mask(batch["attention_mask"]))
+    assert torch.equal(walk, hf)
+    assert not torch.allclose(flat, hf, atol=1e-4)
+    if fam.name == "qwen3_vl":
+        a.injecting = lambda e: a.__class__.injecting(a, type(e)(e.inputs_embeds, e.image_mask))  # no DeepStack
+        with torch.no_grad():
+            assert not torch.allclose(a.forward(**batch), hf, atol=1e-4)
+
+
+def test_positions_are_the_models_and_text_resumes_after_the_grid(fam, model, batch):
+    """[3, B, T] from the model's get_rope_index; mm_token_type_ids may be left out (derived from the image tokens,
+    where HF would silently fall back to 1D); text after a 2x4 grid resumes at start + 4, not start + 8."""
+    a = anatomy(model)
+    image = batch["input_ids"] == a.image_token_id
+    kw = image_kwargs(batch)
+    pos = a.positions(batch["attention_mask"], image_mask=image, **kw)
+    want, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                                         attention_mask=batch["attention_mask"])
+    assert pos.shape == (3, *image.shape) and torch.equal(pos, want)
+    kw.pop("mm_token_type_ids")
+    assert torch.equal(a.positions(batch["attention_mask"], image_mask=image, **kw), want)
+    row = 0  # 32x64 px: a 2x4 merged grid
+    first = int(image[row].nonzero()[0])
+    end = first + int(image[row].sum())
+    assert pos[:, row, end].tolist() == [pos[0, row, first] + 4] * 3
+    with pytest.raises(ToolkitError, match="other tokens than the image tokens"):
+        a.positions(batch["attention_mask"], image_mask=image, **kw, mm_token_type_ids=batch["attention_mask"])
+
+
+def test_image_token_counts_come_from_the_adapter(fam, model, batch):
+    """Per image: the adapter's count == the processor's placeholders == image_grid_thw / merge^2; ragged."""
+    counts = [int(n) for n in (batch["input_ids"] == anatomy(model).image_token_id).sum(1)]
+    pixels = (16 * 16, 64 * 64)  # the fixture processor's bounds
+    assert counts == [type(anatomy(model)).image_tokens(model.config, size, pixels) for size in IMAGE_SIZES]
+    assert counts == (batch["image_grid_thw"].prod(-1) // MERGE**2).tolist()
+    assert len(set(counts)) == 3
+    assert Qwen25VL.image_tokens(family("qwen2_5_vl").config(layers=1)) == (448 // (PATCH * MERGE)) ** 2
+
+
+@pytest.mark.parametrize("variant", routing.VARIANTS)
+def test_no_image_tokens_routed_equals_hf(fam, model, variant):
+    batch = fam.batch(images=False)
+    routed = perturb_side(routing.build(model, SPLIT, variant, **variant_kwargs(variant)))
+    with torch.no_grad():
+        hf = model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"])).logits
+        assert torch.equal(routed(**batch).logits, hf)
+
+
+@pytest.mark.parametrize("variant", routing.VARIANTS)
+def test_variants_equal_the_naive_reference_on_a_ragged_batch(fam, model, batch, variant):
+    """Subsets carry their ORIGINAL M-RoPE positions (sliced from [3, B, T], never renumbered); DeepStack stays in
+    the shallow stack."""
+    routed = perturb_side(routing.build(model, SPLIT, variant, **variant_kwargs(variant)))
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        got = routed(**batch).logits[valid]
+    torch.testing.assert_close(got, naive_logits(routed, **batch)[valid], atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def sharp_model(fam):
+    """Language-model init std 0.2: greedy continuations vary, so a wrong decode position changes the logits."""
+    return fam.model(std=SHARP_STD, seed=1)
+
+
+@pytest.mark.parametrize("variant", routing.VARIANTS)
+def test_every_decode_step_logits_equal_recomputation(fam, sharp_model, variant):
+    """HF generate() (which pre-encodes the images and would drop image_grid_thw) then cached steps at
+    cumsum(mask) - 1 + the prompt's rope delta, logit for logit against recomputation from scratch."""
+    routed = perturb_side(routing.build(sharp_model, SPLIT, variant, **variant_kwargs(variant)))
+    routed.generation_config.eos_token_id = None
+    new, cached, recomputed = step_logits(routed, fam.batch(), NEW)
+    assert_informative(new)
+    for step, (got, want) in enumerate(zip(cached, recomputed, strict=True)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")
+
+
+def test_decoding_carries_the_rope_delta_in_the_cache(fam, sharp_model, batch):
+    """The delta lives on the routed cache (text after an image sits below its index), not on HF's model.model."""
+    routed = routing.build(sharp_model, SPLIT, "lf")
+    sharp_model.model.rope_deltas = torch.full((3, 1), 1000)  # stale HF state must not matter
+    out = routed(**batch, use_cache=True)
+    state = routing.generation.state_of(out.cache)
+    _, deltas = sharp_model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                 batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    assert torch.equal(state.position_delta, deltas[:, 0]) and bool((deltas < 0).all())
+
+
+def test_pc_equals_kv_at_text_and_text_before_the_image_is_unchanged(fam, model, batch):
+    """KV's image keys come from the adapter (biases, Qwen3's k_norm, the image rows of the M-RoPE tables); PC runs
+    the layer itself: equal at every text position. Text before each row's first image token equals vanilla."""
+    image = batch["input_ids"] == anatomy(model).image_token_id
+    text = batch["attention_mask"].bool() & ~image
+    before = text & (image.long().cumsum(1) == 0)
+    assert before.sum(1).min() >= 3
+    with torch.no_grad():
+        pc, kv, lf = (perturb_side(routing.build(model, SPLIT, v))(**batch).logits for v in ("pc", "kv", "lf"))
+        vanilla = model(**batch).logits
+    torch.testing.assert_close(pc[text], kv[text], atol=2e-5, rtol=1e-4)
+    for logits in (pc, kv, lf):
+        torch.testing.assert_close(logits[before], vanilla[before], atol=2e-5, rtol=1e-4)
+
+
+def test_one_layer_trains_with_a_gradient(fam, model, batch):
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -2:] = batch["input_ids"][:, -2:]
+    routed = routing.build(model, SPLIT, "lf")
+    assert routed.trainable_parameters().trainable == sum(p.numel() for p in anatomy(model).layers[SPLIT].parameters())
+    assert routed.side_gradient_norm(**batch, labels=labels) > 0
+    assert routed._no_split_modules == [type(anatomy(model).layers[0]).__name__]
+
+
+def test_save_load_round_trip(fam, model, batch, tmp_path):
+    routed = perturb_side(routing.build(model, SPLIT, "kv"))
+    routed.save_routing(tmp_path / "r")
+    with torch.no_grad():
+        assert torch.equal(routing.load(model, tmp_path / "r")(**batch).logits, routed(**batch).logits)
+
+
+def test_a_split_inside_the_deepstack_layers_is_refused_in_one_line():
+    model = family("qwen3_vl").model()
+    assert anatomy(model).min_split == DEEPSTACK
+    with pytest.raises(ToolkitError) as err:
+        routing.build(model, DEEPSTACK - 1, "lf")
+    assert "\n" not in str(err.value) and f"first allowed split is {DEEPSTACK}" in str(err.value)
+    assert anatomy(family("qwen2_5_vl").model(layers=2)).min_split == 1  # no DeepStack: only the usual range
+
+
+def test_videos_are_refused_in_one_line(fam, model, batch):
+    routed = routing.build(model, SPLIT, "lf")
+    with pytest.raises(ToolkitError, match="video inputs are not supported"):
+        routed(**batch, pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["image_grid_thw"])
+    ids = batch["input_ids"].clone()
+    ids[0, -1] = model.config.video_token_id
+    with pytest.raises(ToolkitError, match="video inputs are not supported"):
+        anatomy(model).forward(**(batch | {"input_ids": ids}))
+
+
+def test_adapters_are_registered_with_qwens_prompt(fam, model):
+    a = anatomy(model)
+    assert type(a) is {"qwen2_5_vl": Qwen25VL, "qwen3_vl": Qwen3VL}[fam.name]
+    assert a.question_text("what", first=True) == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what<|im_end|>\n<|im_start|>assistant\n")
+
+
+QWEN_ALIASES = {"qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+                "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct", "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct"}
+
+
+@pytest.mark.parametrize("alias", QWEN_ALIASES)
+def test_aliases_resolve_and_fail_offline_in_one_line(alias):
+    assert resolve_name(alias) == QWEN_ALIASES[alias]
+    with pytest.raises(ToolkitError, match=rf"cannot load '{QWEN_ALIASES[alias]}'.*--model PATH") as err:
+        load_llava(alias)
+    assert "\n" not in str(err.value)
