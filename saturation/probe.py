@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .anatomy import Anatomy, anatomy, position_ids_from_mask
+from .anatomy import Anatomy, anatomy
 from .data import PromptFormat, Record, collate, encode_record, image_inputs, read_records, sample_records, to_model
 from .errors import ToolkitError
 from .files import atomic_write, ensure_output_dir, write_json
@@ -237,8 +237,8 @@ def probe_batch(anat: Anatomy, reducer: LayerReducer, batch: dict[str, Tensor],
     sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
     t0 = time.perf_counter()
     reducer.begin(batch["attention_mask"], batch["input_ids"] == anat.image_token_id)
-    logits = anat.forward(batch["input_ids"], batch["attention_mask"], **image_inputs(batch),
-                          position_ids=position_ids_from_mask(batch["attention_mask"]))
+    # the walk's own positions: generate's convention, M-RoPE [3, B, T] where the family has it
+    logits = anat.forward(batch["input_ids"], batch["attention_mask"], **image_inputs(batch))
     sync()
     t1 = time.perf_counter()
     values = reducer.finish(logits)

@@ -213,3 +213,21 @@ def test_aliases_resolve_and_fail_offline_in_one_line(alias):
     with pytest.raises(ToolkitError, match=rf"cannot load '{QWEN_ALIASES[alias]}'.*--model PATH") as err:
         load_llava(alias)
     assert "\n" not in str(err.value)
+
+
+def test_the_probe_walks_with_the_models_positions_and_deepstack(fam, batch):
+    """probe_batch's forward equals HF's: M-RoPE positions (it passed 1D ones before) and DeepStack; its
+    hook_resid_post hooks run after the injection."""
+    from saturation.probe import LayerReducer, eager_attention, probe_batch
+
+    model = fam.model()
+    a = anatomy(model)
+    seen = {}
+    forward = a.forward
+    a.forward = lambda *args, **kw: seen.setdefault("logits", forward(*args, **kw))
+    with eager_attention(model):
+        with torch.no_grad():
+            want = model(**batch).logits
+        with LayerReducer(a) as reducer:
+            probe_batch(a, reducer, batch)
+    assert torch.equal(seen["logits"], want)
