@@ -112,7 +112,7 @@ def check_device(device: str | None) -> None:
         resolve_device(device)
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'tiny' (embedded), 'llava-1.5-7b', 'llava-1.5-13b', a hub id or a local directory.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'tiny' (embedded), an alias (llava-1.5-7b, llava-1.5-13b, llava-next-7b, llava-next-vicuna-7b, llava-onevision-7b, llava-onevision-0.5b), a hub id or a local directory.")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 | auto (default: fp32 on CPU, checkpoint dtype on GPU).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sample selection (and anything random).")]
@@ -292,7 +292,7 @@ def generate_cmd(
     """Answer a question about one or more images with KV-cached (routed) generation."""
     from transformers import set_seed
 
-    from saturation.data import PromptFormat, Record, generation_batch, load_image, to_model
+    from saturation.data import PromptFormat, Record, generation_batch, load_image, no_image_tokens, to_model
 
     require_positive(max_new_tokens=max_new_tokens)
     check_device(device)
@@ -302,10 +302,10 @@ def generate_cmd(
     batch = to_model(generation_batch(records, processor, images, PromptFormat.of(net)), net.device, net.dtype)
     set_seed(seed)
     extra = {"temperature": temperature} if sample else {}
-    ids = net.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample, **extra)
+    ids = net.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample, **extra, **no_image_tokens(net))
     texts = processor.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     for path, text in zip(image, texts):
-        Console().print(f"{path}: {text.strip()}", highlight=False, markup=False)
+        Console().print(f"{path}: {text.strip()}", highlight=False, markup=False, soft_wrap=True)  # one line each
 
 
 @routing_app.command("reproduce")
@@ -414,7 +414,7 @@ def bench_cmd(
     variants: Annotated[str, typer.Option(help="Comma-separated variants measured against vanilla: lf, pc, kv, lf-ideal.")] = "lf,pc,kv",
     text_tokens: Annotated[str, typer.Option(help="Comma-separated text lengths (tokens beside the image tokens) to sweep.")] = "64,128,256,512,1024",
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 1,
-    geometry: Annotated[str | None, typer.Option(help="Random weights of a named architecture instead of a checkpoint, no download: llava-1.5-7b | llava-1.5-13b | tiny (the embedded model's shape) | cpu-bench (h=256, 12 layers, 64 image tokens).")] = None,
+    geometry: Annotated[str | None, typer.Option(help="Random weights of a named architecture instead of a checkpoint, no download: llava-1.5-7b | llava-1.5-13b | llava-next-7b | llava-onevision-7b (anyres: a 480x640 image's tokens) | tiny (the embedded model's shape) | cpu-bench (h=256, 12 layers, 64 image tokens).")] = None,
     layers: Annotated[int | None, typer.Option(help="With --geometry: build only N decoder layers (same widths).")] = None,
     fusion_layers: Annotated[int, typer.Option(help="K: last layers that see image and text again.")] = 1,
     side_depth: Annotated[int, typer.Option(help="d_v: side-branch layers.")] = 1,

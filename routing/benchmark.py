@@ -7,7 +7,8 @@
 - a named geometry (``--geometry llava-1.5-7b``), random weights built in code from the architecture's config
   values (no download; ``--layers N`` shrinks the depth), fed random merged embeddings plus an image mask.
 
-The number of image tokens always comes from the model's vision config (or the processor), never a constant.
+The number of image tokens always comes from the backbone adapter (anyres geometries: one representative 480x640
+image, ``saturation.geometry.REPRESENTATIVE_IMAGE``) or from the processor, never a constant.
 
 Method. Every model sees the same inputs. Each round (after warm-up) times every model's prefill and then every
 decode step, all models back to back, the order rotating from round to round and step to step (A B C D, B C D A,
@@ -45,7 +46,14 @@ from torch import Tensor
 
 from saturation.anatomy import anatomy, position_ids_from_mask
 from saturation.errors import ToolkitError
-from saturation.geometry import CHECKPOINT_DTYPE, GEOMETRIES, geometry_config, image_tokens_of, random_llava
+from saturation.geometry import (
+    CHECKPOINT_DTYPE,
+    GEOMETRIES,
+    REPRESENTATIVE_IMAGE,
+    geometry_config,
+    image_tokens_of,
+    random_llava,
+)
 from saturation.hf_compat import cache_kwargs, cache_of, cache_tensors
 
 from . import flops
@@ -168,12 +176,15 @@ def _text_ids(vocab: int, image_token_id: int, shape, generator) -> Tensor:
 
 
 @torch.no_grad()
-def random_prompt(model, text_tokens: int, batch: int, new_tokens: int, seed: int = 0, before: int = 3) -> Prompt:
-    """`before` text tokens, the image block (random features at the text embeddings' RMS), the rest of the text."""
+def random_prompt(model, text_tokens: int, batch: int, new_tokens: int, seed: int = 0, before: int = 3,
+                  image_size: tuple[int, int] | None = None) -> Prompt:
+    """`before` text tokens, the image block (random features at the text embeddings' RMS), the rest of the text.
+    The block has the adapter's token count for one image of `image_size` (H, W) px (anyres families; default
+    one tile), image_newline positions included."""
     a = anatomy(model)
     g = torch.Generator().manual_seed(seed)
     vocab, image_id = a.text_config.vocab_size, a.image_token_id
-    n_image = image_tokens_of(model.config)
+    n_image = image_tokens_of(model.config, image_size)
     device = a.embed_tokens.weight.device
     text = a.embed_tokens(_text_ids(vocab, image_id, (batch, text_tokens), g).to(device))
     rms = text.float().pow(2).mean().sqrt()
@@ -188,31 +199,33 @@ def random_prompt(model, text_tokens: int, batch: int, new_tokens: int, seed: in
 
 @torch.no_grad()
 def real_prompt(model, processor, records, text_tokens: int, batch: int, new_tokens: int, seed: int = 0) -> Prompt:
-    """Real images and the LLaVA-1.5 template through the processor; each prompt's text is cycled (or cut) to
+    """Real images and the family's prompt through the processor; each prompt's text is cycled (or cut) to
     `text_tokens` tokens around its image block, so every text length keeps the real image tokens."""
-    from saturation.data import encode_prompt
+    from saturation.data import PromptFormat, collate, encode_prompt, image_inputs
 
     a = anatomy(model)
-    rows, pixels = [], []
+    fmt = PromptFormat.of(a)
+    rows, encoded = [], []
     for k in range(batch):
-        enc = encode_prompt(records[k % len(records)], processor)
+        enc = encode_prompt(records[k % len(records)], processor, fmt=fmt)
         ids = enc["input_ids"]
         is_image = ids == a.image_token_id
         first = int(is_image.nonzero()[0]) if is_image.any() else len(ids)
         text = ids[~is_image].repeat(math.ceil(text_tokens / max(1, int((~is_image).sum()))))[:text_tokens]
         b = min(first, text_tokens)
         rows.append(torch.cat([text[:b], ids[is_image], text[b:]]))
-        pixels.append(enc["pixel_values"])
+        encoded.append(enc)
     device, dtype = a.embed_tokens.weight.device, a.embed_tokens.weight.dtype
     input_ids = torch.stack(rows).to(device)
-    pixel_values = torch.stack(pixels).to(device, dtype)
-    embeds, image_mask = a.embed(input_ids, pixel_values)
+    images = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+              for k, v in image_inputs(collate(encoded, 0)).items()}  # pixels and the family's image kwargs
+    embeds, image_mask = a.embed(input_ids, **images)
     if int(image_mask.sum(1).min()) != int(image_mask.sum(1).max()):
         raise ToolkitError("the benchmark needs the same number of image tokens in every row")
     g = torch.Generator().manual_seed(seed)
     pool = torch.stack(rows)[~torch.stack(rows).eq(a.image_token_id)]
     next_tokens = pool[torch.randint(len(pool), (new_tokens, batch, 1), generator=g)].to(device)
-    batch_in = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
+    batch_in = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **images}
     return Prompt(embeds, image_mask, next_tokens, batch_in)
 
 
@@ -439,6 +452,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
     device = a.embed_tokens.weight.device
     geometry = flops.Geometry.of(a.text_config)
     records = _bench_records() if processor is not None else None
+    image_size = REPRESENTATIVE_IMAGE if cfg.geometry is not None else None  # anyres: a typical photo, not one tile
 
     rows, train = [], {}
     with cpu_threads(base, cfg.threads):
@@ -453,7 +467,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
             if records is not None:
                 p = real_prompt(base, processor, records, text_tokens, cfg.batch, cfg.new_tokens, cfg.seed)
             else:
-                p = random_prompt(base, text_tokens, cfg.batch, cfg.new_tokens, cfg.seed)
+                p = random_prompt(base, text_tokens, cfg.batch, cfg.new_tokens, cfg.seed, image_size=image_size)
             theories = {v: theory(geometry, v, split, p.image_tokens, p.text_tokens, fusion_layers, side_depth)
                         for v in cfg.variants}
             peaks = {name: cuda_peak_mb(m, p) for name, m in models.items()} if device.type == "cuda" else {}
@@ -478,6 +492,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
         "fusion_layers": fusion_layers,
         "side_depth": side_depth,
         "images": "real" if records is not None else "random embeddings",
+        "image_size": list(image_size) if image_size else None,
         "image_tokens": rows[0]["image_tokens"],
         "variants": list(cfg.variants),
         "text_tokens": list(cfg.text_tokens),

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from saturation.data import PromptFormat, process, question_prompt, to_model
+from saturation.data import PromptFormat, no_image_tokens, process, question_prompt, to_model
 from saturation.errors import ToolkitError
 
 MODEL_ID = "dpvr_llava"
@@ -108,7 +108,7 @@ def generate_batch(model, processor, contexts: list[str], visuals: list[list], g
     sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0
     extra = {"temperature": temperature, "top_p": gen_kwargs.get("top_p") or 1.0} if sample else {}
     out = model.generate(**batch, max_new_tokens=int(gen_kwargs.get("max_new_tokens", 128)), do_sample=sample,
-                         num_beams=int(gen_kwargs.get("num_beams", 1) or 1), **extra)
+                         num_beams=int(gen_kwargs.get("num_beams", 1) or 1), **extra, **no_image_tokens(model))
     texts = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     until = gen_kwargs.get("until") or []
     until = [until] if isinstance(until, str) else list(until)

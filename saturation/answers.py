@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import torch
 
-from .data import PromptFormat, Record, generation_batch, load_image, normalize_answer, to_model
+from .data import PromptFormat, Record, generation_batch, load_image, no_image_tokens, normalize_answer, to_model
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def answers(model, processor, records: list[Record], images: list | None = None,
         chunk = records[i : i + batch_size]
         imgs = images[i : i + batch_size] if images is not None else [load_image(r) for r in chunk]
         batch = to_model(generation_batch(chunk, processor, imgs, fmt), model.device, model.dtype)
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **no_image_tokens(model))
         new = gen[:, batch["input_ids"].shape[1] :]
         out += [normalize_answer(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
     return out

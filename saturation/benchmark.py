@@ -9,7 +9,8 @@ ratio <= 1.6 + lens share), then the peak memory of whole probe runs at n=16 and
 process (peak RSS on CPU, peak allocated CUDA memory on a GPU), which should be flat in n.
 
 ``--geometry`` measures random weights of a named architecture instead of a checkpoint (``saturation.geometry``:
-the real widths, depth, vocabulary and 576 image tokens of llava-1.5-7b/13b, no download).
+the real widths, depth, vocabulary and image pipeline of llava-1.5-7b/13b, llava-next-7b, llava-onevision-7b, no
+download; anyres families tile the probe images as their processors do).
 
 Without the embedded model in ``data_samples/`` (it is trained separately), a random model of the same
 shape and freshly drawn shapes samples stand in, and the output says so.
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .anatomy import anatomy, position_ids_from_mask
-from .data import read_records, sample_records
+from .data import PromptFormat, image_inputs, read_records, sample_records, to_model
 from .loading import TINY_DIR, cpu_threads, load_llava, resolve_name
 from .probe import (
     DEFAULT_DATA,
@@ -74,7 +75,7 @@ def time_batches(model, batches, repeats: int) -> dict[str, float]:
             _sync(device)
             t0 = time.perf_counter()
             for b in batches:
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **image_inputs(b),
                       position_ids=position_ids_from_mask(b["attention_mask"]))
             _sync(device)
             t1 = time.perf_counter()
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m saturation.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny")
     p.add_argument("--geometry", default=None, help="random weights of a named architecture instead of --model: "
-                   "llava-1.5-7b | llava-1.5-13b | tiny | cpu-bench (no download)")
+                   "llava-1.5-7b | llava-1.5-13b | llava-next-7b | llava-onevision-7b | tiny | cpu-bench (no download)")
     p.add_argument("--layers", type=int, default=None, help="with --geometry: build only N decoder layers")
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--n", type=int, default=32, help="samples in the timed batches")
@@ -171,11 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     records = sample_records(read_records(args.data), min(args.n, len(read_records(args.data))), args.seed)
     image_id = anatomy(model).image_token_id
-    batches = []
-    for i in range(0, len(records), args.batch_size):
-        b = {k: v.to(device) for k, v in encode_batch(records[i:i + args.batch_size], processor, image_id).items()}
-        b["pixel_values"] = b["pixel_values"].to(dtype)
-        batches.append(b)
+    fmt = PromptFormat.of(model)
+    batches = [to_model(encode_batch(records[i:i + args.batch_size], processor, image_id, fmt), device, dtype)
+               for i in range(0, len(records), args.batch_size)]
     cfg = model.config.text_config
     threads = cpu_threads(model, args.threads)
     threads.__enter__()  # the probe's own thread rule, so both sides run as the probe would

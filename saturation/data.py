@@ -368,6 +368,13 @@ def encode_prompt(record: Record, processor, *, image: Image.Image | None = None
     return _encode_segments(segments, processor, image, fmt, label=False)
 
 
+def no_image_tokens(model) -> dict:
+    """``generate`` kwargs that keep the image placeholder out of an answer: it is never a word, and a routed
+    model refuses image tokens after the prompt (a random or barely trained model may emit one)."""
+    image_id = getattr(getattr(model, "config", None), "image_token_id", None)
+    return {"suppress_tokens": [int(image_id)]} if image_id is not None else {}
+
+
 def generation_batch(records: list[Record], processor, images: list[Image.Image] | None = None,
                      fmt: PromptFormat | None = None) -> dict[str, Tensor]:
     """Left-padded prompts (first question of each record) for batched generation."""

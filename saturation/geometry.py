@@ -26,6 +26,38 @@ def _llava_15(hidden: int, intermediate: int, layers: int, heads: int):
                        vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=32001)
 
 
+def _llava_next_7b():
+    """llava-hf/llava-v1.6-mistral-7b-hf: CLIP ViT-L/14 at 336 px, anyres tiles (5 grid pinpoints) with
+    image_newline, Mistral-7B-Instruct-v0.2 LM (GQA 32/8 heads, no sliding window)."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = MistralConfig(vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                         rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, pad_token_id=32001)
+    return LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                           image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+                           vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=32001)
+
+
+def _llava_onevision_7b():
+    """llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP so400m/14 at 384 px (729 tokens a tile, no CLS), anyres up to
+    6x6 tiles capped by anyres_max_9, Qwen2-7B LM (GQA 28/4 heads, q/k/v biases)."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                                image_size=384, patch_size=14)
+    text = Qwen2Config(vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6,
+                       rms_norm_eps=1e-6, use_sliding_window=False, tie_word_embeddings=False)
+    pinpoints = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=151646,
+                                video_token_index=151647, image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                                vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                tie_word_embeddings=False)
+
+
 def _embedded_shape():
     """The embedded model's shape (DESIGN): 48 px / patch 16 -> 9 image tokens, 12 layers, hidden 128."""
     from saturation.shapes import IMAGE_SIZE, vocabulary
@@ -47,19 +79,28 @@ def _cpu_bench_shape():
 GEOMETRIES: dict[str, Callable] = {
     "llava-1.5-7b": functools.partial(_llava_15, 4096, 11008, 32, 32),
     "llava-1.5-13b": functools.partial(_llava_15, 5120, 13824, 40, 40),
+    "llava-next-7b": _llava_next_7b,
+    "llava-onevision-7b": _llava_onevision_7b,
     "tiny": _embedded_shape,
     "cpu-bench": _cpu_bench_shape,
 }
-CHECKPOINT_DTYPE = {"llava-1.5-7b": torch.float16, "llava-1.5-13b": torch.float16, "tiny": torch.float32,
-                    "cpu-bench": torch.float32}
+CHECKPOINT_DTYPE = {"llava-1.5-7b": torch.float16, "llava-1.5-13b": torch.float16, "llava-next-7b": torch.float16,
+                    "llava-onevision-7b": torch.bfloat16, "tiny": torch.float32, "cpu-bench": torch.float32}
+# The image an anyres geometry is measured with, (H, W) px: COCO's typical 480x640 photo. Its tokens, by the
+# adapters' count: llava-next-7b 2,340 (base tile + 2x2 grid with image_newline), llava-onevision-7b 2,929;
+# LLaVA-1.5 takes any image as 576.
+REPRESENTATIVE_IMAGE = (480, 640)
 
 
 def geometry_config(name: str, layers: int | None = None):
-    """The LlavaConfig of a named geometry, optionally `layers` decoder layers deep."""
+    """The config of a named geometry, optionally `layers` decoder layers deep."""
     config = GEOMETRIES[name]()
     if layers is not None:
-        config.text_config.num_hidden_layers = layers
-    config.architectures = ["LlavaForConditionalGeneration"]
+        text = config.text_config
+        text.num_hidden_layers = layers
+        if getattr(text, "layer_types", None):  # Mistral/Qwen2 configs list one type per layer
+            text.layer_types = text.layer_types[:layers]
+    config.architectures = [type(config).__name__.replace("Config", "ForConditionalGeneration")]
     return config
 
 
@@ -73,32 +114,65 @@ def image_tokens_of(config, image_size: tuple[int, int] | None = None) -> int:
 
 
 def random_llava(config, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """Random weights of `config`, initialised directly on `device` in `dtype` (sdpa, eval mode)."""
-    from transformers import LlavaForConditionalGeneration
+    """Random weights of `config` (any supported family), initialised directly on `device` in `dtype` (sdpa, eval
+    mode)."""
+    from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
 
 
+def geometry_processor(config, words):
+    """A word-level processor matched to `config`'s image pipeline (tile size, anyres pinpoints, CLS or not), with
+    ``<image>`` at id 4; offline and PIL-only."""
+    from .tiny import tiny_processor, word_tokenizer
+
+    v = config.vision_config
+    if config.model_type == "llava":
+        return tiny_processor(words, image_size=v.image_size, patch_size=v.patch_size)
+    tokenizer = word_tokenizer(words)
+    if config.model_type == "llava_next":
+        from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+        images = LlavaNextImageProcessorPil(size={"shortest_edge": v.image_size},
+                                            crop_size={"height": v.image_size, "width": v.image_size},
+                                            image_grid_pinpoints=config.image_grid_pinpoints)
+        return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=v.patch_size,
+                                  vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                  num_additional_image_tokens=1)
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    from .loading import ImageOnlyOnevisionProcessor
+
+    images = LlavaOnevisionImageProcessorPil(size={"height": v.image_size, "width": v.image_size},
+                                             image_grid_pinpoints=config.image_grid_pinpoints)
+    return ImageOnlyOnevisionProcessor(image_processor=images, tokenizer=tokenizer,
+                                       num_image_tokens=(v.image_size // v.patch_size) ** 2,
+                                       vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                       vision_aspect_ratio=config.vision_aspect_ratio)
+
+
 def random_checkpoint(name: str, layers: int | None, dtype: torch.dtype | str | None, device, seed: int = 0):
-    """``(model, processor)``: random weights of geometry `name` and a word-level processor of the same image size.
+    """``(model, processor)``: random weights of geometry `name` and a word-level processor matched to its image
+    pipeline (`geometry_processor`: tile size, anyres pinpoints).
 
     The processor knows the shapes-world words (the embedded probe data) and puts ``<image>`` at id 4, so the
-    config's image and pad ids are moved to match; vocabulary size, widths and depth stay the architecture's.
+    config's image and pad ids are moved to match (a video token, where the family has one, goes to the last id,
+    which no word reaches); vocabulary size, widths and depth stay the architecture's.
     """
     from .loading import resolve_device, resolve_dtype
     from .shapes import vocabulary
-    from .tiny import tiny_processor
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     config = geometry_config(name, layers)
-    vision = config.vision_config
-    processor = tiny_processor(vocabulary(), image_size=vision.image_size, patch_size=vision.patch_size)
+    processor = geometry_processor(config, vocabulary())
     tokenizer = processor.tokenizer
     config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if hasattr(config, "video_token_id"):
+        config.video_token_index = config.video_token_id = config.text_config.vocab_size - 1
     config.pad_token_id = config.text_config.pad_token_id = tokenizer.pad_token_id
     model = random_llava(config, CHECKPOINT_DTYPE[name] if dtype == "auto" else dtype, device, seed)
     return model, processor

@@ -159,3 +159,75 @@ def step_logits(routed, batch: dict, new: int, image_token_id: int) -> tuple[tor
 
 def image_counts(model, batch: dict) -> list[int]:
     return (batch["input_ids"] == anatomy(model).image_token_id).sum(1).tolist()
+
+
+# ---------------------------------------------------------------- checkpoints on disk (the CLI's --model DIR)
+
+CHAT_WORDS = ("user", "assistant", "yes", "no")
+# A Qwen-style chat template (llava-onevision's form: images as content entries, <|im_start|>/<|im_end|> turns)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+COLOURS = ("red", "blue", "green")
+
+
+def checkpoint_processor(name: str, chat_template: str | None = None):
+    """A fresh processor of family `name` that can be saved (OneVision's without its video processor, as
+    `load_llava` builds it), knowing the chat words too; with `chat_template`, its turn tokens become specials."""
+    from saturation.loading import ImageOnlyOnevisionProcessor
+
+    if name == "llava":
+        proc = tiny_processor(WORDS + CHAT_WORDS, image_size=TILE, patch_size=PATCH)
+        tokenizer, images = proc.tokenizer, proc.image_processor
+    else:
+        tokenizer, images = word_tokenizer(WORDS + CHAT_WORDS), _processor(name).image_processor
+    if chat_template is not None or name == "llava_onevision":  # Qwen's turn tokens (OneVision's own template too)
+        tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    if name == "llava_next":
+        return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
+                                  vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                  chat_template=chat_template)
+    if name == "llava_onevision":
+        return ImageOnlyOnevisionProcessor(image_processor=images, tokenizer=tokenizer,
+                                           num_image_tokens=(TILE // PATCH) ** 2,
+                                           vision_feature_select_strategy="full", chat_template=chat_template)
+    proc.chat_template = chat_template
+    return proc
+
+
+def save_checkpoint(name: str, folder, layers: int = 4, chat_template: str | None = None, seed: int = 0):
+    """A tiny random checkpoint of family `name` saved with save_pretrained (model + processor), as a user's
+    ``--model DIR``; weights scaled up (std 0.2) so that greedy answers depend on the input."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    proc = checkpoint_processor(name, chat_template)
+    fam = Family(name, proc)
+    model = fam.model(seed=seed, layers=layers, std=0.2)
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+def write_images_dataset(folder, sizes=IMAGE_SIZES, n: int = 6, turns: int = 2):
+    """``data.json`` with `n` LLaVA records about solid-colour images of the given (H, W) sizes, cycled (so anyres
+    batches are ragged), `turns` question/answer turns each, in the fixtures' word vocabulary."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        (h, w), colour = sizes[i % len(sizes)], COLOURS[i % len(COLOURS)]
+        Image.new("RGB", (w, h), colour).save(folder / "images" / f"{i}.png")
+        conv = [{"from": "human", "value": "<image>\nwhat colour is the circle?"}, {"from": "gpt", "value": colour}]
+        conv += [{"from": "human", "value": "is the square red?"}, {"from": "gpt", "value": "yes" if i % 2 else "no"}] \
+            * (turns - 1)
+        records.append({"id": f"s{i}", "image": f"images/{i}.png", "conversations": conv, "question_type": "colour"})
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    return path

@@ -105,7 +105,7 @@ def test_random_checkpoint_has_a_processor_of_its_own_image_size():
     assert int((enc["input_ids"] == image_id).sum()) == image_tokens_of(model.config) == 64
     assert model.dtype == torch.float32 and anatomy(model).num_layers == 3
     with torch.no_grad():
-        logits = model(input_ids=enc["input_ids"][None], pixel_values=enc["pixel_values"][None]).logits
+        logits = model(input_ids=enc["input_ids"][None], pixel_values=enc["pixel_values"]).logits  # [1, 3, H, W]
     assert logits.shape[-1] == model.config.text_config.vocab_size
 
 

@@ -1,0 +1,222 @@
+"""Every command on every supported family: tiny random LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision checkpoints saved
+with save_pretrained (model + processor), loaded by the CLI from disk like a user's ``--model DIR``; images of
+different sizes, so anyres batches are ragged. Plus the data plumbing they rest on (image kwargs, NeXT tiles, chat
+templates), the offline OneVision processor, the FLOP model over ragged counts and the anyres geometries."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from backbone_fixtures import (
+    FAMILIES,
+    IMAGE_SIZES,
+    QWEN_CHAT_TEMPLATE,
+    checkpoint_processor,
+    save_checkpoint,
+    write_images_dataset,
+)
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import routing_app, saturation_app
+from saturation.data import IGNORE_INDEX, PromptFormat, collate, encode_record, read_records
+
+runner = CliRunner()
+CHAT = {"llava_onevision": QWEN_CHAT_TEMPLATE}  # one family through a chat template, the others their adapter's
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_images_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request, tmp_path_factory):
+    name = request.param
+    return name, save_checkpoint(name, tmp_path_factory.mktemp(name) / "model", chat_template=CHAT.get(name))
+
+
+def _ok(result):
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_every_command_runs_on_the_family(checkpoint, data, tmp_path, monkeypatch):
+    """probe (three views, medians in range, Figure 2, a recommendation at the model's own depth) -> train at
+    --split auto -> eval -> generate (two image sizes in one batch = each alone) -> bench -> analyze."""
+    name, model = checkpoint
+    monkeypatch.chdir(tmp_path)  # bench's default folder, anything relative
+    probe = tmp_path / "probe"
+    _ok(runner.invoke(saturation_app, ["probe", "--model", str(model), "--data", str(data), "--n", "6",
+                                       "--batch-size", "3", "--out", str(probe)]))
+    rec = json.loads((probe / "recommendation.json").read_text())
+    assert rec["num_layers"] == 4 and 1 <= rec["split"] <= 2
+    assert (probe / "figure2.png").stat().st_size > 0 and (probe / "figure2.pdf").is_file()
+    summary = pd.read_csv(probe / "summary.csv")
+    med = {m: summary[summary.metric == m]["median"] for m in ("cosine", "attention_mass", "logit_lens_kl")}
+    assert set(summary.layer) == {0, 1, 2, 3} and not any(v.isna().any() for v in med.values())
+    assert med["cosine"].between(-1, 1).all() and med["attention_mass"].between(0, 1).all()
+    assert (med["logit_lens_kl"] >= 0).all()
+
+    run = tmp_path / "run"
+    _ok(runner.invoke(routing_app, ["train", "--model", str(model), "--split", "auto", "--probe", str(probe),
+                                    "--data", str(data), "--out", str(run), "--max-steps", "2", "--batch-size", "3",
+                                    "--save-steps", "2"]))
+    assert json.loads((run / "train_summary.json").read_text())["split"] == rec["split"]
+
+    _ok(runner.invoke(routing_app, ["eval", "--model", str(model), "--routing", str(run), "--data", str(data),
+                                    "--json", str(tmp_path / "eval.json"), "--max-new-tokens", "2"]))
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 6
+
+    images = [tmp_path / "square.png", tmp_path / "wide.png"]
+    Image.new("RGB", (40, 40), "red").save(images[0])
+    Image.new("RGB", (80, 40), "blue").save(images[1])  # (W, H): a 1x2 grid on anyres families
+    ask = ["generate", "--model", str(model), "--routing", str(run), "--prompt", "what colour is the circle?",
+           "--max-new-tokens", "3"]
+    both = runner.invoke(routing_app, [*ask, "--image", str(images[0]), "--image", str(images[1])])
+    alone = [runner.invoke(routing_app, [*ask, "--image", str(p)]) for p in images]
+    _ok(both), [_ok(a) for a in alone]
+    answers = both.stdout.strip().splitlines()
+    assert len(answers) == 2 and answers[0].startswith(f"{images[0]}: ")
+    assert answers == [a.stdout.strip() for a in alone]  # a left-padded ragged batch answers as each alone
+
+    _ok(runner.invoke(routing_app, ["bench", "--model", str(model), "--routing", str(run), "--text-tokens", "8",
+                                    "--repeats", "1", "--warmup", "0", "--new-tokens", "1",
+                                    "--json", str(tmp_path / "bench.json")]))
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["images"] == "real" and bench["layers"] == 4 and bench["split"] == rec["split"]
+
+    _ok(runner.invoke(routing_app, ["analyze", "--routing", str(run), "--model", str(model), "--data", str(data),
+                                    "--n", "4", "--out", str(tmp_path / "analysis")]))
+    mech = json.loads((tmp_path / "analysis" / "mechanism.json").read_text())
+    assert mech["shallow_drift_min_cosine"] > 0.9999  # the shallow stack is shared, ragged padding or not
+
+
+def test_onevision_checkpoint_loads_offline_without_torchvision(tmp_path):
+    """AutoProcessor cannot build OneVision's video processor without torchvision; load_llava builds the
+    image-only processor from the same files, chat template included."""
+    import importlib.util
+
+    from saturation.loading import ImageOnlyOnevisionProcessor, load_llava
+
+    assert importlib.util.find_spec("torchvision") is None  # the toolkit's environment
+    folder = save_checkpoint("llava_onevision", tmp_path / "ov", chat_template=QWEN_CHAT_TEMPLATE)
+    assert json.loads((folder / "processor_config.json").read_text())["processor_class"] == "LlavaOnevisionProcessor"
+    model, processor = load_llava(folder)
+    assert isinstance(processor, ImageOnlyOnevisionProcessor) and processor.chat_template == QWEN_CHAT_TEMPLATE
+    out = processor(images=[Image.new("RGB", (80, 40))], text=["<image>\nwhat"], return_tensors="pt")
+    assert out["image_sizes"].tolist() == [[40, 80]] and out["batch_num_images"].tolist() == [1]
+    assert model(**out).logits.shape[:2] == out["input_ids"].shape
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_collated_records_equal_the_processors_own_batch(name, data):
+    """Per-record encoding + collate == the processor on the whole batch: ids, NeXT tiles zero-padded to the batch
+    max, image_sizes (and OneVision's batch_num_images) concatenated."""
+    from backbone_fixtures import Family
+
+    proc = checkpoint_processor(name)
+    fmt = PromptFormat.of(Family(name, proc).model())
+    records = read_records(data)[:3]  # three image sizes: 2x2, 1x2 and 2x1 grids
+    batch = collate([encode_record(r, proc, fmt=fmt) for r in records], 0, padding_side="right")
+    assert set(batch) == {"input_ids", "attention_mask", "labels", *fmt.image_kwargs}
+    proc.tokenizer.padding_side = "right"
+    pictures = [Image.open(r.image).convert("RGB") for r in records]
+    own = proc(images=pictures, text=[f"USER: <image>\n{r.turns[0][0]} ASSISTANT:" if name == "llava_next" else
+                                      fmt.template.question(r.turns[0][0], True) for r in records],
+               return_tensors="pt", padding=True)
+    for key in fmt.image_kwargs:
+        assert torch.equal(batch[key], own[key]), key
+    tiles = [int((batch["pixel_values"][i].flatten(1).abs().sum(1) > 0).sum()) for i in range(3)]
+    assert len(set(tiles)) > 1 and batch["pixel_values"].shape[1] == max(tiles)  # ragged tiles, padded
+    counts = (batch["input_ids"] == 4).sum(1).tolist()
+    assert len(set(counts)) == 3  # ragged image-token counts
+
+
+def test_chat_template_prompts_and_labels(data):
+    """With a chat template the prompt is the template's, pieces add up to the rendered conversation, and labels
+    cover exactly the assistant's words and its end-of-turn token in every turn."""
+    from backbone_fixtures import Family
+
+    proc = checkpoint_processor("llava_onevision", QWEN_CHAT_TEMPLATE)
+    fmt = PromptFormat.of(Family("llava_onevision", proc).model())
+    assert fmt.chat_template
+    record = read_records(data)[1]  # blue, then "yes"
+    enc = encode_record(record, proc, fmt=fmt)
+    tok = proc.tokenizer
+    labelled = [tok.convert_ids_to_tokens(int(i)) for i, lab in zip(enc["input_ids"], enc["labels"])
+                if lab != IGNORE_INDEX]
+    assert labelled == ["blue", "<|im_end|>", "yes", "<|im_end|>"]
+    text = tok.decode(enc["input_ids"][enc["input_ids"] != 4])
+    assert text == ("<s> <|im_start|> user what colour is the circle? <|im_end|> <|im_start|> assistant blue "
+                    "<|im_end|> <|im_start|> user is the square red? <|im_end|> <|im_start|> assistant yes <|im_end|>")
+    from saturation.data import encode_prompt
+
+    prompt = encode_prompt(record, proc, fmt=fmt)["input_ids"]
+    assert tok.convert_ids_to_tokens(prompt[-2:].tolist()) == ["<|im_start|>", "assistant"]
+
+
+def test_probe_of_a_ragged_padded_batch_equals_each_sample_alone(data):
+    """A NeXT batch of three image sizes (24, 14 and 14 image tokens in different places) right-padded: every
+    sample gets the numbers it gets alone."""
+    from backbone_fixtures import Family
+
+    from saturation.anatomy import anatomy
+    from saturation.probe import LayerReducer, eager_attention, encode_batch, probe_batch
+
+    proc = checkpoint_processor("llava_next")
+    model = Family("llava_next", proc).model(std=0.2)
+    a = anatomy(model)
+    fmt = PromptFormat.of(a)
+    records = read_records(data)[:3]
+    with eager_attention(model), LayerReducer(a) as reducer:
+        batch = probe_batch(a, reducer, encode_batch(records, proc, a.image_token_id, fmt))
+        alone = [probe_batch(a, reducer, encode_batch([r], proc, a.image_token_id, fmt)) for r in records]
+    for key, values in batch.items():
+        for i, one in enumerate(alone):
+            torch.testing.assert_close(values[i], one[key][0], rtol=1e-4, atol=1e-5, equal_nan=True,
+                                       msg=lambda m, key=key, i=i: f"{key} sample {i}: {m}")
+
+
+def test_flop_ratio_over_ragged_samples():
+    from routing import flops
+    from routing.flops import Geometry
+
+    g = Geometry(num_layers=8, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=100)
+    same = flops.sample_ratio(g, "lf", 4, [(24, 10), (24, 10)])
+    assert same == pytest.approx(flops.ratio(g, "lf", 4, 24, 10))
+    ragged = [(24, 10), (200, 10)]
+    mixed = flops.sample_ratio(g, "lf", 4, ragged)["total"]
+    each = [flops.ratio(g, "lf", 4, i, t)["total"] for i, t in ragged]
+    assert min(each) < mixed < max(each)
+    assert not math.isclose(mixed, flops.ratio(g, "lf", 4, 112, 10)["total"], rel_tol=1e-3)  # not the mean's
+
+
+@pytest.mark.parametrize("name, tokens", [("llava-next-7b", 2340), ("llava-onevision-7b", 2929),
+                                          ("llava-1.5-7b", 576)])
+def test_geometry_processor_counts_what_the_adapter_counts(name, tokens):
+    """The geometries' processors tile a 480x640 photo into as many <image> tokens as the adapter prices (no
+    weights are built: 7B widths)."""
+    from saturation.geometry import REPRESENTATIVE_IMAGE, geometry_config, geometry_processor, image_tokens_of
+
+    config = geometry_config(name, layers=3)
+    assert config.text_config.num_hidden_layers == 3
+    proc = geometry_processor(config, ["what"])
+    h, w = REPRESENTATIVE_IMAGE
+    ids = proc(images=[Image.new("RGB", (w, h))], text=["<image>\nwhat"], return_tensors="pt")["input_ids"]
+    assert int((ids == proc.tokenizer.convert_tokens_to_ids("<image>")).sum()) == image_tokens_of(
+        config, REPRESENTATIVE_IMAGE) == tokens
+
+
+def test_image_sizes_travel_with_the_records(data):
+    """A record's image_sizes are its own image's (H, W), in batch order."""
+    from backbone_fixtures import Family
+
+    proc = checkpoint_processor("llava_next")
+    fmt = PromptFormat.of(Family("llava_next", proc).model())
+    batch = collate([encode_record(r, proc, fmt=fmt) for r in read_records(data)[:3]], 0)
+    assert batch["image_sizes"].tolist() == [list(s) for s in IMAGE_SIZES]
