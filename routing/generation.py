@@ -14,7 +14,8 @@ HF's own ``generate()`` drives the routed model (``RoutedLlava`` is a ``Generati
 - A decode mask is sized against the cache slot of its own group (``layer_idx``), never ``get_seq_length()``
   without a layer index.
 - Positions are the original ones (``cumsum(mask) - 1``), so a generated token sits where vanilla would put it,
-  whatever the padding side.
+  whatever the padding side; M-RoPE families add the prompt's delta (``RoutingState.position_delta``, HF's
+  ``rope_deltas``), kept here rather than in HF's state on the model.
 - The side branch does not run during decoding: its output already sits in the fusion (and KV/PC deep) layers' K/V.
 """
 
@@ -30,6 +31,7 @@ from saturation.anatomy import position_ids_from_mask
 from saturation.errors import ToolkitError
 
 _STATE_ATTR = "_dpvr_routing"
+SLIDING = "sliding_attention"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ class RoutingState:
     # [batch]: next_position - real prompt tokens; 0 for 1D positions, M-RoPE's rope_deltas (text after an image
     # resumes at max(h, w) / merge, not at its index): decode positions are cumsum(mask) - 1 + delta.
     position_delta: Tensor | None = None
+    # layout -> [batch, its prompt part]: each cached key's ORIGINAL position, in that layout's cache order (a
+    # sliding window reads them: the text-only and image-first layouts are not in sequence order)
+    prompt_positions: dict[str, Tensor] | None = None
+    # prompt entries in layer 0's cache when pruning before the LLM shortened the prompt (None: prompt_length)
+    cached_prompt_length: int | None = None
 
 
 def attach_state(cache: Cache, state: RoutingState) -> None:
@@ -54,6 +61,12 @@ def state_of(cache: Cache | None) -> RoutingState | None:
 
 
 def new_cache(text_config) -> DynamicCache:
+    """The cache a routed prefill fills. With sliding-window layers a plain one: ``DynamicCache(config=...)`` keeps
+    the last window - 1 entries of a sliding layer BY COUNT, right only for a layout in sequence order; the
+    text-only layout (image positions removed) and the image-first one (KV) hold other entries, so every layer keeps
+    all of its keys and the decode masks cut the window in original positions (`RoutingState.prompt_positions`)."""
+    if SLIDING in (getattr(text_config, "layer_types", None) or ()):
+        return DynamicCache()
     return DynamicCache(config=text_config)
 
 
@@ -62,19 +75,26 @@ def check_cache(cache: Cache) -> None:
     if not isinstance(cache, DynamicCache) or cache.is_compileable:
         raise ToolkitError(f"routed decoding needs a DynamicCache, got {type(cache).__name__} "
                            "(static/compiled caches are not supported)")
+    if any(cache.is_sliding):
+        raise ToolkitError("routed decoding needs cache layers that keep every key: a DynamicCache(config=...) of a "
+                           "sliding-window model keeps only the last window - 1 by count; pass DynamicCache() or none")
     if state_of(cache) is None and cache.get_seq_length(0) > 0:
         raise ToolkitError("this cache was not filled by a routed prefill: start from an empty cache")
 
 
-def make_state(prompt_masks: dict[str, Tensor], attention_mask: Tensor, positions: Tensor | None = None) -> RoutingState:
+def make_state(prompt_masks: dict[str, Tensor], attention_mask: Tensor, positions: Tensor | None = None,
+               prompt_positions: dict[str, Tensor] | None = None) -> RoutingState:
     """The state a prefill leaves on its cache; `attention_mask` is the prompt's 2D mask, `positions` the prompt's
-    position ids ([batch, seq], or M-RoPE's [3, batch, seq]): the next token goes one past the largest."""
+    position ids ([batch, seq], or M-RoPE's [3, batch, seq]): the next token goes one past the largest.
+    `prompt_positions`: layout -> its cached keys' original positions (see `RoutingState`)."""
     unmasked = all(bool(m.all()) for m in prompt_masks.values())
     real = attention_mask.sum(1)
     if positions is None:
-        return RoutingState(attention_mask.shape[1], prompt_masks, real, unmasked, torch.zeros_like(real))
+        return RoutingState(attention_mask.shape[1], prompt_masks, real, unmasked, torch.zeros_like(real),
+                            prompt_positions)
     following = positions.reshape(-1, *attention_mask.shape).amax(dim=(0, 2)) + 1
-    return RoutingState(attention_mask.shape[1], prompt_masks, following, unmasked, following - real)
+    return RoutingState(attention_mask.shape[1], prompt_masks, following, unmasked, following - real,
+                        prompt_positions)
 
 
 @dataclass(frozen=True)
@@ -84,6 +104,16 @@ class Continuation:
 
     masks: dict[str, Tensor | None]
     position_ids: Tensor  # [batch, q]
+    prompt_positions: dict[str, Tensor] | None = None  # the state's
+    generated_positions: Tensor | None = None  # [batch, generated]: positions after the prompt, these q included
+
+    def key_positions(self, layout: str) -> Tensor | None:
+        """[batch, kv_len]: the original position of every key layout `layout` caches, then the new tokens' (None
+        for M-RoPE prompts and states without them: no family with sliding windows needs them there)."""
+        prompt = None if self.prompt_positions is None else self.prompt_positions.get(layout)
+        if prompt is None or prompt.dim() != 2:
+            return None
+        return torch.cat([prompt, self.generated_positions], dim=1)
 
 
 def continuation(state: RoutingState, cache: Cache, attention_mask: Tensor | None, q: int) -> Continuation:
@@ -93,25 +123,28 @@ def continuation(state: RoutingState, cache: Cache, attention_mask: Tensor | Non
     ``None`` when it is all ones. Layer 0 is always a ``full`` layer (split >= 1), so its cache length counts the
     prompt plus every token decoded so far.
     """
-    generated = cache.get_seq_length(0) - state.prompt_length + q  # tokens after the prompt, these q included
+    cached = state.prompt_length if state.cached_prompt_length is None else state.cached_prompt_length
+    generated = cache.get_seq_length(0) - cached + q  # tokens after the prompt, these q included
     device = state.next_position.device
     if attention_mask is None:
         tail = None
-        position_ids = state.next_position[:, None] + (generated - q) + torch.arange(q, device=device)
+        after = state.next_position[:, None] + torch.arange(generated, device=device)
+        position_ids = after[:, -q:]
     else:
         if attention_mask.shape[1] != state.prompt_length + generated:
             raise ToolkitError(f"attention_mask has {attention_mask.shape[1]} columns, but the cache holds "
                                f"{state.prompt_length + generated - q} positions and {q} are new")
         tail = attention_mask[:, state.prompt_length:].bool()
-        position_ids = position_ids_from_mask(attention_mask)[:, -q:]
+        after = position_ids_from_mask(attention_mask)[:, state.prompt_length:]
         if state.position_delta is not None:
-            position_ids = position_ids + state.position_delta[:, None]
+            after = after + state.position_delta[:, None]
+        position_ids = after[:, -q:]
     if tail is None and state.unmasked:
-        return Continuation(dict.fromkeys(state.prompt_masks), position_ids)
+        return Continuation(dict.fromkeys(state.prompt_masks), position_ids, state.prompt_positions, after)
     if tail is None:
         tail = torch.ones(len(position_ids), generated, dtype=torch.bool, device=device)
     masks = {layout: torch.cat([prompt, tail], dim=1) for layout, prompt in state.prompt_masks.items()}
-    return Continuation(masks, position_ids)
+    return Continuation(masks, position_ids, state.prompt_positions, after)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ module path and reads no private config field, so a new family needs no change h
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -32,7 +33,7 @@ from saturation.errors import ToolkitError
 from saturation.hf_compat import CACHE_ARG, cache_kwargs
 
 from .generation import attach_state, check_cache, continuation, make_state, new_cache, state_of
-from .plan import RoutingPlan, make_plan
+from .plan import PRE_LLM, RoutingPlan, make_plan
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -100,6 +101,34 @@ class Route:
         full_text = full_text.index_copy(0, self.text_flat, text.reshape(-1, text.shape[-1])).view(
             *self.image_mask.shape, -1)
         return torch.where(self.image_mask[..., None], self.scatter_image(image), full_text)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """The positions that survive pruning, original order, each row right-aligned behind invalid fillers (the
+    batch stays left-padded). `h_at_drop` [B, N, D]: the states when pruning happened; the pruned positions keep
+    them in the output (nothing reads them again, as VTW's image positions)."""
+
+    flat: Tensor  # [B*m] indices into the flattened [B*N] frame
+    valid: Tensor  # [B, m] bool
+    h_at_drop: Tensor
+
+    @classmethod
+    def of(cls, kept: Tensor, h_at_drop: Tensor) -> Kept:
+        n, m = kept.shape[1], int(kept.sum(1).max())
+        order = torch.argsort(kept.to(torch.uint8), dim=1, stable=True)[:, n - m:]  # dropped first, then kept
+        rows = n * torch.arange(len(kept), device=kept.device)[:, None]
+        return cls((order + rows).reshape(-1), kept.gather(1, order), h_at_drop)
+
+    def take(self, x: Tensor) -> Tensor:
+        """[B, N, ...] -> [B, m, ...]."""
+        return Route._take(x, self.flat, x.shape[0])
+
+    def restore(self, h: Tensor) -> Tensor:
+        """The pruned frame's output [B, m, D] back in the original one [B, N, D]."""
+        d, keep = h.shape[-1], self.valid.reshape(-1)
+        full = self.h_at_drop.to(h.dtype).reshape(-1, d).index_copy(0, self.flat[keep], h.reshape(-1, d)[keep])
+        return full.view(*self.h_at_drop.shape[:2], d)
 
 
 class _PrefixKV:
@@ -187,7 +216,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         """Logits [batch, seq, vocab] (or the last `logits_to_keep`) and, with `labels`, the causal-LM loss over
         positions whose label is not -100, shifted as HF does.
 
-        Positions are always the generate convention, ``cumsum(attention_mask) - 1``. The first call on a cache is
+        Positions are always the generate convention, ``cumsum(attention_mask) - 1`` (M-RoPE families: the
+        model's own [3, batch, seq] positions, from the adapter). The first call on a cache is
         the prefill (images allowed anywhere); later calls continue it with text tokens. `inputs_embeds` with
         `image_mask` [batch, seq] replaces `input_ids`/`pixel_values` (benchmarks); `mm_encoder_outputs`
         ({"image": the base's image-feature output}) replaces `pixel_values`, as ``generate()`` passes it.
@@ -243,34 +273,54 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         h, image_mask = e.inputs_embeds, e.image_mask
         if attention_mask is None:
             attention_mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
+        prompt_mask, kept = attention_mask, None  # kept: what survived pruning (put back under the output)
+        if plan.prune in PRE_LLM and bool(image_mask.any()):  # the LLM sees a shorter prompt (FasterVLM, pooling)
+            kept, h = self._prune_pre(h, image_mask, attention_mask, pixel_values, image_kwargs)
+            h, image_mask, attention_mask = kept.take(h), kept.take(image_mask), kept.valid.long()
         pos = a.positions(attention_mask, image_mask=image_mask, **image_kwargs)  # M-RoPE: [3, batch, seq]
         rope = a.rope(h, pos)
-        full_mask = a.causal_mask(h, attention_mask, pos, cache, layer_idx=0)
+        full_mask = a.causal_mask(h, attention_mask, pos, cache, layer_idx=0, image_mask=image_mask)  # per layer type
         # Every host-device sync of the routing happens here, before any layer is queued (free on a GPU).
         r = Route.of(image_mask, attention_mask) if bool(image_mask.any()) else None
 
         def run(layers, x, mask, x_pos, x_rope, kv=cache):
-            for i in layers:
-                x = a.layers[i](x, attention_mask=mask, position_ids=x_pos, position_embeddings=x_rope,
-                                **cache_kwargs(kv))
+            for i in layers:  # a mask / rotary table per layer type where the family has them (sliding windows)
+                x = a.layers[i](x, attention_mask=a.pick(mask, i), position_ids=x_pos,
+                                position_embeddings=a.pick(x_rope, i), **cache_kwargs(kv))
             return x
 
+        state_pos = pos  # the next token follows the prompt the LLM saw (FastV keeps original positions)
         with self._frozen(), a.injecting(e):  # nothing trainable upstream: no graph; DeepStack stays shallow
-            h = run(plan.shallow, h, full_mask, pos, rope)
-        if r is None:  # nothing to route: every layer sees the sequence exactly as vanilla
-            if cache is not None:
-                attach_state(cache, make_state(dict.fromkeys(plan.layouts, attention_mask.bool()), attention_mask,
-                                               pos))
-            return run(range(plan.split, plan.num_layers), h, full_mask, pos, rope)
+            if plan.prune == "fastv" and r is not None:  # FastV: drop image tokens after layer K-1, by its attention
+                h = run(range(plan.prune_layer - 1), h, full_mask, pos, rope)
+                keep = self._fastv_keep(h, r, pos, rope, attention_mask)
+                h = run([plan.prune_layer - 1], h, full_mask, pos, rope)
+                kept = Kept.of(keep, h)
+                h, image_mask, attention_mask = kept.take(h), kept.take(image_mask), kept.valid.long()
+                pos, rope = a.take_positions(pos, kept.take), a.take_rope(rope, kept.take)
+                full_mask = a.subset_causal_mask(h, kept.valid, bool(kept.valid.all()), pos, cache,
+                                                 layer_idx=plan.prune_layer, image_mask=image_mask)
+                r = Route.of(image_mask, attention_mask)
+                h = run(range(plan.prune_layer, plan.split), h, full_mask, pos, rope)
+            else:
+                h = run(plan.shallow, h, full_mask, pos, rope)
+        frame = {"full": (prompt_mask.bool(), state_pos), "kept": (attention_mask.bool(), pos)}
+        if r is None or not plan.routes:  # nothing to route: every later layer sees the (kept) sequence as vanilla
+            h = run(range(plan.split, plan.num_layers), h, full_mask, pos, rope)
+            self._leave_state(cache, {k: frame.get(k, frame["kept"]) for k in plan.layouts}, prompt_mask, state_pos,
+                              attention_mask)
+            return h if kept is None else kept.restore(h)
 
         text_pos, image_pos = a.take_positions(pos, r.text), a.take_positions(pos, r.image)  # original values
-        text_rope, image_rope = tuple(r.text(t) for t in rope), tuple(r.image(t) for t in rope)
+        text_rope, image_rope = a.take_rope(rope, r.text), a.take_rope(rope, r.image)
 
-        # Side branch: image positions only, causal among themselves, original positions; never cached.
+        # Side branch: image positions only, causal among themselves (and each image's block both ways where the
+        # family has them), original positions; never cached.
         side = r.image(h)
-        side_mask = a.subset_causal_mask(side, r.image_valid, r.image_dense, image_pos)
+        side_mask = a.subset_causal_mask(side, r.image_valid, r.image_dense, image_pos, image_mask=r.image_valid)
         for layer in self.side:
-            side = layer(side, attention_mask=side_mask, position_ids=image_pos, position_embeddings=image_rope)
+            side = layer(side, attention_mask=a.pick(side_mask, layer), position_ids=image_pos,
+                         position_embeddings=a.pick(image_rope, layer))
         if not r.image_dense:
             side = side.masked_fill(~r.image_valid[..., None], 0.0)  # fillers stay finite keys/values
 
@@ -301,11 +351,85 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             h = r.merge(text=t, image=side)
 
         h = run(plan.fusion, h, full_mask, pos, rope)  # fusion: every position again (none for lf-ideal)
-        if cache is not None:
-            masks = {"full": attention_mask.bool(), "text": r.text_valid,
-                     "kv": torch.cat([r.image_valid, r.text_valid], 1)}
-            attach_state(cache, make_state({k: masks[k] for k in plan.layouts}, attention_mask, pos))
-        return h
+        if cache is not None:  # each layout's prompt mask and its keys' original positions
+            frame |= {"text": (r.text_valid, text_pos),
+                      "kv": (torch.cat([r.image_valid, r.text_valid], 1), torch.cat([image_pos, text_pos], -1))}
+            self._leave_state(cache, {k: frame[k] for k in plan.layouts}, prompt_mask, state_pos, attention_mask)
+        return h if kept is None else kept.restore(h)
+
+    def _leave_state(self, cache, layouts: dict, prompt_mask: Tensor, pos: Tensor, frame_mask: Tensor) -> None:
+        """What the decode steps need (`layouts`: layout -> (prompt mask, key positions)); layer 0's prompt part
+        is shorter than the prompt when pruning happened before the LLM."""
+        if cache is None:
+            return
+        state = make_state({k: m for k, (m, _) in layouts.items()}, prompt_mask, pos,
+                           {k: p for k, (_, p) in layouts.items()})
+        if self.plan.layout(0) == "kept":
+            state = dataclasses.replace(state, cached_prompt_length=frame_mask.shape[1])
+        attach_state(cache, state)
+
+    # ---------------------------------------------------------------- pruning (training-free peers)
+    def _fastv_keep(self, h: Tensor, r: Route, pos: Tensor, rope, attention_mask: Tensor) -> Tensor:
+        """FastV's choice [B, N] bool (text and the kept image tokens): the top R of each row's image tokens by the
+        attention they receive at layer K-1 (its input `h`), averaged over heads and the row's text queries.
+
+        One read of that layer's q/k (the adapter's `queries_keys`), text rows only; every layer keeps its sdpa.
+        The softmax needs every visible key, so the scores are text rows x all columns, then the image columns.
+        """
+        a, layer = self.anatomy, self.plan.prune_layer - 1
+        q, k, scale = a.queries_keys(layer, h, a.pick(rope, layer))
+        q = r.text(q.transpose(1, 2)).transpose(1, 2).float()  # [B, H, T, d]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).float()  # grouped-query heads
+        n = h.shape[1]
+        visible = ((torch.arange(n, device=h.device)[None, None, :] <= r.text_index[:, :, None])
+                   & attention_mask.bool()[:, None, :])  # [B, T, N]: causal in the sequence, no pads
+        probs = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+        probs = probs.nan_to_num(0.0).mean(1)  # over heads; a text row with nothing visible has none to give
+        weight = r.text_valid.float()
+        received = (probs * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)  # [B, N]
+        score = received.gather(1, r.image_index).masked_fill(~r.image_valid, float("-inf"))  # [B, I]
+        budget = torch.tensor([self.plan.kept_tokens(int(n_i)) for n_i in r.image_valid.sum(1).tolist()],
+                              device=h.device)
+        rank = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
+        chosen = (rank < budget[:, None]) & r.image_valid
+        keep = attention_mask.bool() & ~r.image_mask
+        return keep.scatter(1, r.image_index, chosen | keep.gather(1, r.image_index))
+
+    def _prune_pre(self, h: Tensor, image_mask: Tensor, attention_mask: Tensor, pixel_values, image_kwargs
+                   ) -> tuple[Kept, Tensor]:
+        """Pre-LLM pruning of each image's tokens: ``prune-pre`` keeps the top R by the tower's patch scores
+        (`Backbone.patch_scores`: [CLS] attention), ``pool`` average-pools the token grid into its first tokens.
+        Returns the kept positions and `h` (pooled features written in)."""
+        a, plan = self.anatomy, self.plan
+        per_image = a.image_tokens(a.model.config)
+        where = image_mask.reshape(-1).nonzero().squeeze(1)  # flat image positions, placeholder order
+        if a.position_kwargs or where.numel() % per_image or (image_mask.sum(1) % per_image).any():
+            raise ToolkitError(f"{plan.prune} needs a fixed grid of {per_image} tokens per image and 1D positions "
+                               f"(LLaVA-1.5 style); {a.spec.name} with this input has another layout")
+        blocks = where.view(-1, per_image)  # [images, tokens per image]
+        m = plan.kept_tokens(per_image)
+        if plan.prune == "pool":
+            side, out = math.isqrt(per_image), math.isqrt(m)
+            if side * side != per_image:
+                raise ToolkitError(f"pool needs a square token grid per image, not {per_image} tokens")
+            flat = h.reshape(-1, h.shape[-1])
+            grid = flat[blocks.reshape(-1)].view(len(blocks), side, side, -1).permute(0, 3, 1, 2)
+            pooled = torch.nn.functional.adaptive_avg_pool2d(grid.float(), out).to(h.dtype)
+            chosen = blocks[:, :m]
+            h = flat.index_copy(0, chosen.reshape(-1), pooled.flatten(2).transpose(1, 2).reshape(-1, h.shape[-1])
+                                ).view(h.shape)
+        else:
+            if pixel_values is None:
+                raise ToolkitError("prune-pre scores the vision tower's attention: it needs pixel_values")
+            scores = a.patch_scores(pixel_values).to(h.device)
+            if scores.shape != blocks.shape:
+                raise ToolkitError(f"prune-pre: the tower scores {tuple(scores.shape)} tokens but the prompt holds "
+                                   f"{tuple(blocks.shape)} image tokens")
+            top = scores.topk(m, dim=1).indices.sort(dim=1).values
+            chosen = blocks.gather(1, top)
+        keep = (attention_mask.bool() & ~image_mask).reshape(-1)
+        keep = keep.index_fill(0, chosen.reshape(-1), True).view(image_mask.shape)
+        return Kept.of(keep, h), h
 
     def _route_next(self, input_ids, attention_mask, cache, state) -> Tensor:
         """New text tokens after a cached prompt: one loop over the layers, one mask per cache layout."""
@@ -316,18 +440,27 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         h = a.embed_tokens(input_ids)
         c = continuation(state, cache, attention_mask, input_ids.shape[1])
         rope = a.rope(h, c.position_ids)
-        masks = {layout: a.causal_mask(h, c.masks[layout], c.position_ids, cache, layer_idx=plan.first_layer(layout))
-                 for layout in plan.layouts}
+        masks = {layout: a.decode_mask(h, c.masks[layout], c.position_ids, cache, plan.first_layer(layout),
+                                       c.key_positions(layout)) for layout in plan.layouts}
         for i, layer in enumerate(a.layers):
-            h = layer(h, attention_mask=masks[plan.layout(i)], position_ids=c.position_ids, position_embeddings=rope,
-                      **cache_kwargs(cache))
+            h = layer(h, attention_mask=a.pick(masks[plan.layout(i)], i), position_ids=c.position_ids,
+                      position_embeddings=a.pick(rope, i), **cache_kwargs(cache))
         return h
 
     def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
         """HF pre-encodes the images and drops what the encoder took (``image_grid_thw``); keep what this family's
         positions still read (the adapter's ``position_kwargs``)."""
-        keep = {k: model_kwargs[k] for k in self.anatomy.position_kwargs if model_kwargs.get(k) is not None}
+        names = self.anatomy.position_kwargs + (("pixel_values",) if self.plan.prune == "prune-pre" else ())
+        keep = {k: model_kwargs[k] for k in names if model_kwargs.get(k) is not None}  # prune-pre scores the pixels
         return super()._prepare_multimodal_encoder_kwargs_for_generation(model_kwargs) | keep
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """HF makes ``DynamicCache(config=...)``, whose sliding-window layers drop keys by count; a routed prefill
+        needs `new_cache`'s (a user's own cache is left to `check_cache`)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        made = model_kwargs.get(CACHE_ARG)
+        if isinstance(made, DynamicCache) and any(made.is_sliding) and not getattr(made, "_is_user_defined", False):
+            model_kwargs[CACHE_ARG] = new_cache(self.anatomy.text_config)
 
     def generate(self, *args, **kwargs):
         """HF ``generate()`` (greedy, sampling, beams, streamers, stopping criteria) with the routed KV cache.
