@@ -41,6 +41,8 @@ def resolve_name(name_or_path: str | os.PathLike) -> str:
     name = str(name_or_path)
     if name == "tiny":
         return str(TINY_DIR)
+    if name == "tiny-clean":  # the embedded model trained on the answer loss alone (data_samples/README.md)
+        return str(DATA_SAMPLES / "tiny-clean")
     return ALIASES.get(name, name)
 
 

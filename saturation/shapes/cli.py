@@ -29,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=1)
     p = sub.add_parser("train", help="train the tiny LLaVA from scratch (resumable); save it to --out")
     p.add_argument("--out", required=True)
+    p.add_argument("--recipe", default="tiny", help="tiny (data_samples/tiny-llava) or tiny-clean (answer loss only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps (default: the recipe's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's)")
@@ -49,10 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "dataset":
         print(make_dataset(args.out, args.n, args.seed, name=args.name, turns=args.turns, exclude=held_out_keys()))
     elif args.command == "train":
-        from .train import Recipe, train
+        from dataclasses import replace
 
+        from ..errors import ToolkitError
+        from .train import RECIPES, train
+
+        if args.recipe not in RECIPES:
+            raise ToolkitError(f"unknown recipe {args.recipe!r}; choose one of {', '.join(RECIPES)}")
         overrides = {k: v for k, v in (("steps", args.steps), ("threads", args.threads)) if v}
-        recipe = Recipe(seed=args.seed, **overrides)
+        recipe = replace(RECIPES[args.recipe], seed=args.seed, **overrides)
         out = train(args.out, recipe, log=lambda msg: print(msg, flush=True))
         if args.eval and Path(args.eval).is_file():
             print_eval(str(out), args.eval, None)

@@ -11,7 +11,18 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from .world import ASK, QA, QUESTION_TYPES, Scene, ask_exist, random_scene, render, scene_key, scene_questions
+from .world import (
+    ASK,
+    MAX_OBJECTS,
+    QA,
+    QUESTION_TYPES,
+    Scene,
+    ask_exist,
+    random_scene,
+    render,
+    scene_key,
+    scene_questions,
+)
 
 # Seeds of the shipped sample sets. Training skips their scenes, so "held-out" means unseen scenes.
 PROBE_SEED = 1001
@@ -20,14 +31,18 @@ SAMPLES_DIR = Path(__file__).resolve().parents[2] / "data_samples" / "shapes"
 
 
 def typed_scene(
-    qtype: str, rng: random.Random, exclude: set | frozenset = frozenset(), answer: str | None = None
+    qtype: str,
+    rng: random.Random,
+    exclude: set | frozenset = frozenset(),
+    answer: str | None = None,
+    max_objects: int = MAX_OBJECTS,
 ) -> tuple[Scene, QA]:
     """A fresh scene (not in `exclude`) that supports a question of `qtype`, with that question.
 
     `answer` forces the yes/no answer of an existence question.
     """
     while True:
-        scene = random_scene(rng)
+        scene = random_scene(rng, max_objects)
         if scene_key(scene) in exclude:
             continue
         qa = ask_exist(scene, rng, answer) if qtype == "exist" else ASK[qtype](scene, rng)
@@ -35,7 +50,9 @@ def typed_scene(
             return scene, qa
 
 
-def sample_scenes(n: int, seed: int, turns: int = 1, exclude: set | frozenset = frozenset()) -> Iterator[dict]:
+def sample_scenes(
+    n: int, seed: int, turns: int = 1, exclude: set | frozenset = frozenset(), max_objects: int = MAX_OBJECTS
+) -> Iterator[dict]:
     """`n` scenes with their questions, deterministic per `seed`.
 
     With ``turns == 1`` question types cycle so each type gets n/5 samples; with more turns each scene gets
@@ -48,12 +65,12 @@ def sample_scenes(n: int, seed: int, turns: int = 1, exclude: set | frozenset = 
             qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
             # Existence answers alternate so that exactly half are "no", as in POPE.
             answer = ("yes", "no")[(i // len(QUESTION_TYPES)) % 2] if qtype == "exist" else None
-            scene, (q, a) = typed_scene(qtype, rng, exclude, answer)
+            scene, (q, a) = typed_scene(qtype, rng, exclude, answer, max_objects)
             qas = [(q, a, qtype)]
         else:
-            scene = random_scene(rng)
+            scene = random_scene(rng, max_objects)
             while scene_key(scene) in exclude:
-                scene = random_scene(rng)
+                scene = random_scene(rng, max_objects)
             qas = scene_questions(scene, rng, turns)
         yield {"scene": scene, "qas": qas, "render_seed": rng.getrandbits(32)}
 

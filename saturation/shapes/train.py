@@ -13,6 +13,8 @@ LLaVA itself does, training is staged:
    words), and two small attention-supervision terms, question words onto matching cells (layer 1) and
    answer-predicting tokens onto the object the question names (layer 3). They turn weeks of CPU into
    minutes, and they shape what the probe sees at those places: see ``data_samples/README.md``.
+   The ``tiny-clean`` recipe (`RECIPES`) sets all three to 0 and uses a curriculum from one-object scenes
+   instead, so nothing but the answer loss acts on the LM; its model is weaker (README: "The clean model").
 
 Everything is seeded: the same `Recipe` gives the same weights, and an interrupted run resumes from
 ``OUT/train_state.pt`` at the step it stopped.
@@ -56,6 +58,7 @@ class Recipe:
     stage1_steps: int = 500
     stage1_batch: int = 64
     stage1_lr: float = 3e-3
+    stage1_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # per-patch colour, shape, cell heads
     # stage 2: frozen tower; projector + LM on multi-turn QA
     train_scenes: int = 16_000
     turns: int = 5
@@ -64,6 +67,17 @@ class Recipe:
     lm_lr: float = 1e-3
     projector_lr: float = 3e-3
     warmup: int = 100
+    # Curriculum: ((until_step, max_objects), ...): before `until_step`, scenes hold at most `max_objects`
+    # objects (a pool of `curriculum_scenes` per stage); afterwards the full pool. () = no curriculum.
+    curriculum: tuple[tuple[int, int], ...] = ()
+    curriculum_scenes: int = 4000
+    # Text world: for the first `text_world_steps` steps, a `text_world` fraction of each batch shows the scene
+    # as text instead of an image: image token k becomes the sum of the word embeddings of cell k's colour,
+    # shape, row and column (row and column only when empty). Only the answer loss trains on these examples.
+    text_world: float = 0.0
+    text_world_steps: int = 0
+    # Every loss weight of stage 2 (0 = unused). Only the answer loss leaves the LM's internals to the data.
+    answer_weight: float = 1.0  # next-token loss on assistant tokens
     aux_weight: float = 1.0  # logit-lens loss on image tokens
     attn_weight: float = 0.1  # attention supervision of question words onto matching cells
     attn_layer: int = 1
@@ -72,6 +86,16 @@ class Recipe:
     rms_scenes: int = 512  # scenes used to measure the per-dimension feature RMS
     log_every: int = 100
     checkpoint_every: int = 250
+
+
+# The named recipes of ``python -m saturation.shapes train --recipe NAME``. `tiny` made data_samples/tiny-llava
+# (with losses on the LM's image tokens and attention); `tiny-clean` trains the LM side on the answer loss
+# alone, so every probe curve of its model is emergent (data_samples/README.md compares the two).
+RECIPES: dict[str, Recipe] = {
+    "tiny": Recipe(),
+    "tiny-clean": Recipe(aux_weight=0.0, attn_weight=0.0, lookup_weight=0.0,
+                         curriculum=((200, 1), (500, 2), (800, 3)), steps=1200),
+}
 
 
 # --------------------------------------------------------------------------- model and processor
@@ -140,14 +164,16 @@ def stage1_heads(recipe: Recipe) -> nn.ModuleDict:
     })
 
 
-def stage1_loss(feats: Tensor, heads: nn.ModuleDict, colours: Tensor, kinds: Tensor) -> tuple[Tensor, float]:
-    """Summed cross-entropy of the three per-patch heads, and the fraction of patches fully right."""
+def stage1_loss(
+    feats: Tensor, heads: nn.ModuleDict, colours: Tensor, kinds: Tensor, weights: tuple[float, ...] = (1.0, 1.0, 1.0)
+) -> tuple[Tensor, float]:
+    """Weighted cross-entropy of the three per-patch heads, and the fraction of patches fully right."""
     b, n, _ = feats.shape
     cells = torch.arange(n).expand(b, n)
     loss, right = 0.0, torch.ones(b, n, dtype=torch.bool)
-    for name, target in (("colour", colours), ("shape", kinds), ("cell", cells)):
+    for w, (name, target) in zip(weights, (("colour", colours), ("shape", kinds), ("cell", cells))):
         logits = heads[name](feats)
-        loss = loss + nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+        loss = loss + w * nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
         right &= logits.argmax(-1) == target
     return loss, right.float().mean().item()
 
@@ -165,7 +191,8 @@ def train_stage1(model, processor, recipe: Recipe, exclude: frozenset, log) -> N
         rng = random.Random(f"stage1-{recipe.seed}-{step}")
         scenes = [fresh_scene(rng, exclude) for _ in range(recipe.stage1_batch)]
         colours, kinds = cell_targets(scenes)
-        loss, acc = stage1_loss(patch_features(model, pixels(processor, render_batch(scenes, rng))), heads, colours, kinds)
+        feats = patch_features(model, pixels(processor, render_batch(scenes, rng)))
+        loss, acc = stage1_loss(feats, heads, colours, kinds, recipe.stage1_weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -213,6 +240,29 @@ def aux_targets(scene: world.Scene, tokenizer) -> Tensor:
         words = (o.colour, o.shape, world.ROWS[o.row], world.COLS[o.col])
         out[o.cell] = torch.tensor(tokenizer.convert_tokens_to_ids(list(words)))
     return out
+
+
+def cell_words(scene: world.Scene, tokenizer) -> Tensor:
+    """Each cell as words, for the text world: colour, shape, row, column ids; -100 for an empty cell's colour
+    and shape. [9, 4]."""
+    out = torch.full((world.GRID**2, 4), IGNORE_INDEX, dtype=torch.long)
+    for cell in range(world.GRID**2):
+        out[cell, 2:] = torch.tensor(tokenizer.convert_tokens_to_ids([world.ROWS[cell // world.GRID],
+                                                                      world.COLS[cell % world.GRID]]))
+    for o in scene:
+        out[o.cell, :2] = torch.tensor(tokenizer.convert_tokens_to_ids([o.colour, o.shape]))
+    return out
+
+
+def text_world_embeds(model, input_ids: Tensor, image_mask: Tensor, words: Tensor) -> Tensor:
+    """The LM's input embeddings with image token k replaced by the sum of cell k's word embeddings. [B, T, D].
+
+    input_ids, image_mask [B, T]; words [B * 9, 4] from `cell_words` (-100 = no word).
+    """
+    embed = model.get_input_embeddings()
+    keep = (words != IGNORE_INDEX).unsqueeze(-1)
+    cells = (embed(words.clamp_min(0)) * keep).sum(-2)
+    return embed(input_ids).masked_scatter(image_mask.unsqueeze(-1), cells)
 
 
 def attention_targets(input_ids: Tensor, labels: Tensor, scene: world.Scene, tokenizer) -> Tensor:
@@ -267,15 +317,18 @@ def lookup_targets(input_ids: Tensor, labels: Tensor, scene: world.Scene, tokeni
     return cells
 
 
-def build_pool(processor, n: int, seed: int, recipe: Recipe, exclude: frozenset, log) -> list[dict]:
+def build_pool(
+    processor, n: int, seed: int, recipe: Recipe, exclude: frozenset, log, max_objects: int = world.MAX_OBJECTS
+) -> list[dict]:
     """Encode `n` multi-turn records (the LLaVA-1.5 template of `saturation.data`) in memory."""
     t0 = time.time()
     pool = []
-    for i, s in enumerate(data.sample_scenes(n, seed, recipe.turns, exclude)):
+    for i, s in enumerate(data.sample_scenes(n, seed, recipe.turns, exclude, max_objects)):
         record = Record(f"train-{i}", Path(f"train-{i}.png"), tuple((q, a) for q, a, _ in s["qas"]))
         image = world.render(s["scene"], random.Random(s["render_seed"]))
         example = encode_record(record, processor, image=image)
         example["aux"] = aux_targets(s["scene"], processor.tokenizer)
+        example["cell_words"] = cell_words(s["scene"], processor.tokenizer)
         args = (example["input_ids"], example["labels"], s["scene"], processor.tokenizer)
         example["attn_cells"] = attention_targets(*args)
         example["lookup_cells"] = lookup_targets(*args)[:, None]  # one supervised head
@@ -288,13 +341,17 @@ def build_pool(processor, n: int, seed: int, recipe: Recipe, exclude: frozenset,
 def make_batch(pool: list[dict], step: int, recipe: Recipe, image_token_id: int) -> dict[str, Tensor]:
     """Batch `step`: a seeded draw from the pool, so a resumed run sees the same batches."""
     rng = random.Random(f"batch-{recipe.seed}-{step}")
-    return batch_of([pool[rng.randrange(len(pool))] for _ in range(recipe.batch)], image_token_id)
+    batch = batch_of([pool[rng.randrange(len(pool))] for _ in range(recipe.batch)], image_token_id)
+    if step < recipe.text_world_steps:  # the first examples of the batch see the scene as text
+        batch["text_world"] = round(recipe.text_world * recipe.batch)
+    return batch
 
 
 def batch_of(examples: list[dict], image_token_id: int) -> dict[str, Tensor]:
     """Right-padded batch of encoded records plus their auxiliary and attention targets."""
     batch = collate(examples, pad_token_id=0, image_token_id=image_token_id)
     batch["aux"] = torch.cat([e["aux"] for e in examples])
+    batch["cell_words"] = torch.cat([e["cell_words"] for e in examples])
     width = batch["input_ids"].shape[1]
     for key in ("attn_cells", "lookup_cells"):  # [B, T, heads, 9]
         batch[key] = torch.stack([nn.functional.pad(e[key], (0, 0, 0, 0, 0, width - len(e[key]))) for e in examples])
@@ -335,6 +392,18 @@ def attention_loss(model, layer_input: Tensor, batch: dict[str, Tensor], targets
 
 def stage2_loss(model, batch: dict[str, Tensor], recipe: Recipe) -> dict[str, Tensor]:
     """The answer loss, the auxiliary lens and attention losses, and their weighted sum (``total``)."""
+    k = batch.get("text_world", 0)
+    if k:  # the first k examples as text, the rest as images; the answer loss is their example-weighted mean
+        cells = world.GRID**2
+        text = model(inputs_embeds=text_world_embeds(model, batch["input_ids"][:k], batch["image_mask"][:k],
+                                                     batch["cell_words"][: k * cells]),
+                     attention_mask=batch["attention_mask"][:k], labels=batch["labels"][:k], use_cache=False)
+        rest = {key: v[k:] for key, v in batch.items() if key not in ("text_world", "aux", "cell_words")}
+        rest.update(aux=batch["aux"][k * cells:], cell_words=batch["cell_words"][k * cells:])
+        losses = stage2_loss(model, rest, recipe)
+        share = k / len(batch["input_ids"])
+        losses["total"] = (1 - share) * losses["total"] + share * recipe.answer_weight * text.loss
+        return {**losses, "text": text.loss}
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -344,7 +413,9 @@ def stage2_loss(model, batch: dict[str, Tensor], recipe: Recipe) -> dict[str, Te
         use_cache=False,
     )
     losses = {"answer": out.loss, "lens": lens_loss(model, out.hidden_states[0][batch["image_mask"]], batch["aux"])}
-    total = out.loss + recipe.aux_weight * losses["lens"]
+    total = recipe.answer_weight * out.loss
+    if recipe.aux_weight > 0:
+        total = total + recipe.aux_weight * losses["lens"]
     if recipe.attn_weight > 0:
         layer = recipe.attn_layer
         losses["attn"] = attention_loss(model, out.hidden_states[layer], batch, batch["attn_cells"], layer)
@@ -443,11 +514,13 @@ def train(out_dir: str | Path, recipe: Recipe | None = None, log=print) -> Path:
         sched.load_state_dict(state["sched"])
     # Training and validation scenes get seeds of their own, apart from the model's and stage 1's.
     pool = build_pool(processor, recipe.train_scenes, recipe.seed + 7, recipe, exclude, log)
+    easy = [(until, build_pool(processor, recipe.curriculum_scenes, recipe.seed + 13 + k, recipe, exclude, log, m))
+            for k, (until, m) in enumerate(recipe.curriculum)]
     val = build_pool(processor, 200, recipe.seed + 11, recipe, exclude, log)  # teacher-forced progress check
     image_token_id = model.config.image_token_id
     anatomy(model).text_model.train()
     while step < recipe.steps:
-        batch = make_batch(pool, step, recipe, image_token_id)
+        batch = make_batch(next((p for until, p in easy if step < until), pool), step, recipe, image_token_id)
         losses = stage2_loss(model, batch, recipe)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()

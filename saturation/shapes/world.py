@@ -74,9 +74,12 @@ class Obj:
 Scene = tuple[Obj, ...]
 
 
-def random_scene(rng: random.Random) -> Scene:
-    """1..MAX_OBJECTS objects in distinct cells, with distinct (shape, colour) pairs so each is nameable."""
-    n = rng.randint(1, MAX_OBJECTS)
+def random_scene(rng: random.Random, max_objects: int = MAX_OBJECTS) -> Scene:
+    """1..`max_objects` objects in distinct cells, with distinct (shape, colour) pairs so each is nameable.
+
+    A smaller `max_objects` makes the easy scenes of a training curriculum; the default draws are unchanged.
+    """
+    n = rng.randint(1, max_objects)
     cells = rng.sample(range(GRID * GRID), n)
     pairs = rng.sample([(s, c) for s in SHAPES for c in COLOURS], n)
     objs = [Obj(s, c, cell // GRID, cell % GRID) for (s, c), cell in zip(pairs, cells)]
