@@ -180,7 +180,7 @@ def random_prompt(model, text_tokens: int, batch: int, new_tokens: int, seed: in
                   image_size: tuple[int, int] | None = None) -> Prompt:
     """`before` text tokens, the image block (random features at the text embeddings' RMS), the rest of the text.
     The block has the adapter's token count for one image of `image_size` (H, W) px (anyres families; default
-    one tile), image_newline positions included."""
+    one tile), row-end newline positions included."""
     a = anatomy(model)
     g = torch.Generator().manual_seed(seed)
     vocab, image_id = a.text_config.vocab_size, a.image_token_id

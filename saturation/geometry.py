@@ -28,7 +28,7 @@ def _llava_15(hidden: int, intermediate: int, layers: int, heads: int):
 
 def _llava_next_7b():
     """llava-hf/llava-v1.6-mistral-7b-hf: CLIP ViT-L/14 at 336 px, anyres tiles (5 grid pinpoints) with
-    image_newline, Mistral-7B-Instruct-v0.2 LM (GQA 32/8 heads, no sliding window)."""
+    a newline token closing each row, Mistral-7B-Instruct-v0.2 LM (GQA 32/8 heads, no sliding window)."""
     from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig
 
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -87,7 +87,7 @@ GEOMETRIES: dict[str, Callable] = {
 CHECKPOINT_DTYPE = {"llava-1.5-7b": torch.float16, "llava-1.5-13b": torch.float16, "llava-next-7b": torch.float16,
                     "llava-onevision-7b": torch.bfloat16, "tiny": torch.float32, "cpu-bench": torch.float32}
 # The image an anyres geometry is measured with, (H, W) px: COCO's typical 480x640 photo. Its tokens, by the
-# adapters' count: llava-next-7b 2,340 (base tile + 2x2 grid with image_newline), llava-onevision-7b 2,929;
+# adapters' count: llava-next-7b 2,340 (base tile + 2x2 grid, each row closed by a newline token), llava-onevision-7b 2,929;
 # LLaVA-1.5 takes any image as 576.
 REPRESENTATIVE_IMAGE = (480, 640)
 
