@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import ToolkitError
 from .base import Backbone, BackboneSpec, Embedded, PromptTemplate, position_ids_from_mask
+from .gemma3 import Gemma3
 from .llava import Llava
 from .llava_next import LlavaNext
 from .llava_onevision import LlavaOnevision
@@ -18,7 +19,7 @@ from .qwen2_5_vl import Qwen25VL
 from .qwen3_vl import Qwen3VL
 
 ADAPTERS: dict[str, type[Backbone]] = {
-    model_type: cls for cls in (Llava, LlavaNext, LlavaOnevision, Qwen25VL, Qwen3VL) for model_type in cls.spec.model_types
+    model_type: cls for cls in (Llava, LlavaNext, LlavaOnevision, Qwen25VL, Qwen3VL, Gemma3) for model_type in cls.spec.model_types
 }
 
 
@@ -38,6 +39,6 @@ def adapter_for(model: nn.Module) -> Backbone:
     return adapter_class(config)(model)
 
 
-__all__ = ["ADAPTERS", "Backbone", "BackboneSpec", "Embedded", "Llava", "LlavaNext", "LlavaOnevision", "PromptTemplate",
+__all__ = ["ADAPTERS", "Backbone", "BackboneSpec", "Embedded", "Gemma3", "Llava", "LlavaNext", "LlavaOnevision", "PromptTemplate",
            "Qwen25VL", "Qwen3VL",
            "adapter_class", "adapter_for", "position_ids_from_mask"]

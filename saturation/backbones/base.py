@@ -242,6 +242,26 @@ class Backbone:
         feats = out.hidden_states[self.model.config.vision_feature_layer]
         return feats[:, 1:] if self.model.config.vision_feature_select_strategy == "default" else feats
 
+    def patch_scores(self, pixel_values: Tensor) -> Tensor:
+        """How much each image token matters to the vision tower, for pre-LLM pruning: [N, tokens per image].
+
+        The attention of the tower layer whose output the projector reads (``vision_feature_layer``), averaged
+        over heads: the [CLS] query's row where the projector drops CLS (FasterVLM); where it keeps every token
+        (SigLIP has no CLS) the attention each token receives, averaged over all queries. Eager for this one call.
+        """
+        c = self.model.config
+        layer = c.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ToolkitError(f"{self.spec.name}: pre-LLM pruning needs one vision feature layer, not {layer!r}")
+        previous = c.vision_config._attn_implementation
+        self.model.set_attn_implementation({"vision_config": "eager"})
+        try:
+            attn = self.vision_encoder(pixel_values, output_attentions=True).attentions
+        finally:
+            self.model.set_attn_implementation({"vision_config": previous})
+        probs = attn[layer if layer < 0 else layer - 1].float().mean(1)  # hidden_states[l] is layer l-1's output
+        return probs[:, 0, 1:] if c.vision_feature_select_strategy == "default" else probs.mean(1)
+
     def placeholder_mask(self, input_ids: Tensor, inputs_embeds: Tensor, features: Tensor) -> Tensor:
         """[B, T, 1] bool: where the image features go (the model's own ``get_placeholder_mask``)."""
         mm = self._get(self.spec.multimodal)
@@ -328,6 +348,26 @@ class Backbone:
         pos = position_ids_from_mask(attention_mask)
         return pos if last is None else pos[:, -last:]
 
+    def layer_type(self, layer: int | nn.Module) -> str:
+        """``full_attention`` or ``sliding_attention``: decoder layer `layer`'s type (``config.layer_types``), or that
+        of a copy of one (its attention's ``layer_type``); every layer of a family without layer types is full."""
+        if isinstance(layer, int):
+            types = getattr(self.text_config, "layer_types", None)
+            return types[layer] if types else "full_attention"
+        return getattr(self.attention_of(layer), "layer_type", None) or "full_attention"
+
+    def pick(self, value, layer: int | nn.Module):
+        """Layer `layer`'s mask or rotary table: `value` itself, or its entry for the layer's type when it is one
+        per layer type (a dict, as families with sliding-window layers make them)."""
+        return value[self.layer_type(layer)] if isinstance(value, dict) else value
+
+    @staticmethod
+    def take_rope(rope, take):
+        """A subset's rows of the rotary tables: `take` on each of ``(cos, sin)``, or on each layer type's pair."""
+        if isinstance(rope, dict):
+            return {kind: tuple(take(t) for t in pair) for kind, pair in rope.items()}
+        return tuple(take(t) for t in rope)
+
     @staticmethod
     def take_positions(positions: Tensor, take) -> Tensor:
         """A subset's positions, ORIGINAL values: `take` ([B, T, ...] -> [B, n, ...]) on [B, T] positions, or on
@@ -335,12 +375,15 @@ class Backbone:
         return take(positions) if positions.dim() == 2 else torch.stack([take(p) for p in positions])
 
     def rope(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """``(cos, sin)``, each [B, T, d], computed once per stack; a subset takes its rows of them."""
+        """``(cos, sin)``, each [B, T, d], computed once per stack; a subset takes its rows of them (`take_rope`).
+        Families whose RoPE depends on the layer type return one pair per type (`pick` chooses a layer's)."""
         return self.rotary_emb(hidden, position_ids=position_ids)
 
     def causal_mask(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                    cache=None, layer_idx: int = 0):
+                    cache=None, layer_idx: int = 0, image_mask: Tensor | None = None):
         """The decoder's mask for the whole sequence (or a decode step against layer `layer_idx`'s cache).
+        `image_mask` [B, T]: where the image tokens sit (families with bidirectional image blocks read it); a family
+        with sliding-window layers returns one mask per layer type (`pick` chooses a layer's).
         Always from a 2D `attention_mask`: with ``None`` and gapped positions, transformers infers packed sequences
         and builds a block-diagonal mask (DESIGN). M-RoPE positions [3, B, T] are not token order: like HF's forward,
         the mask then gets none (a 2D `attention_mask` says everything)."""
@@ -354,14 +397,22 @@ class Backbone:
         )
 
     def subset_causal_mask(self, x: Tensor, valid: Tensor, dense: bool, position_ids: Tensor, cache=None,
-                           layer_idx: int = 0):
+                           layer_idx: int = 0, image_mask: Tensor | None = None):
         """`causal_mask` for a subset in its original order (`valid` [B, n]: real entries), skipping HF's mask
         machinery where its answer is known in advance: under sdpa, with nothing masked (`dense`) and no cached keys
-        before, it is ``None`` (sdpa's own ``is_causal``)."""
+        before, it is ``None`` (sdpa's own ``is_causal``). `image_mask` [B, n]: which entries are image tokens; a
+        window or an image block is computed in the ORIGINAL `position_ids`, never in subset indices."""
         if (self.attn_implementation == "sdpa" and dense
                 and (cache is None or cache.get_seq_length(layer_idx) == 0)):
             return None
         return self.causal_mask(x, valid, position_ids, cache, layer_idx=layer_idx)
+
+    def decode_mask(self, inputs_embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor, cache,
+                    layer_idx: int, key_positions: Tensor | None = None):
+        """The mask of new text tokens against layer `layer_idx`'s cache: `causal_mask` (every cached key comes
+        before them). `key_positions` [B, kv_len]: the original position of every cached key then the new ones, in
+        the cache's order (a routed layout need not keep positions in order); a sliding window reads it."""
+        return self.causal_mask(inputs_embeds, attention_mask, position_ids, cache, layer_idx=layer_idx)
 
     def order_mask(self, q_index: Tensor, k_index: Tensor, k_valid: Tensor, dtype: torch.dtype) -> Tensor:
         """A 4D mask [B, 1, q, k] for keys in any order: causal in the ORIGINAL positions, invalid keys out.
@@ -369,6 +420,10 @@ class Backbone:
         Boolean for sdpa, additive (0 / dtype min) for eager, as ``create_causal_mask`` makes them.
         """
         allowed = (k_index[:, None, None, :] <= q_index[:, None, :, None]) & k_valid[:, None, None, :]
+        return self._as_mask(allowed, dtype)
+
+    def _as_mask(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
+        """A boolean [B, 1, q, k] mask as this attention implementation takes it: itself (sdpa), or additive."""
         if self.attn_implementation == "eager":
             return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min)
@@ -397,7 +452,7 @@ class Backbone:
         x = module.get_submodule(self.spec.input_norm)(hidden)
         keys = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim, self._norm(module, self.spec.k_norm))
         values = self._heads(module.get_submodule(self.spec.v_proj), x, attn.head_dim)
-        cos, sin = rope
+        cos, sin = self.pick(rope, layer)
         _, keys = self._rotary_fn(attn)(keys[:, :0], keys, cos, sin)  # an empty query: rotate the keys only
         return keys, values
 
@@ -410,7 +465,7 @@ class Backbone:
         x = module.get_submodule(self.spec.input_norm)(hidden)
         q = self._heads(module.get_submodule(self.spec.q_proj), x, attn.head_dim, self._norm(module, self.spec.q_norm))
         k = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim, self._norm(module, self.spec.k_norm))
-        cos, sin = rope
+        cos, sin = self.pick(rope, layer)
         q, k = self._rotary_fn(attn)(q, k, cos, sin)
         return q, k, float(attn.scaling)
 
@@ -429,11 +484,12 @@ class Backbone:
         h = e.inputs_embeds
         if position_ids is None:
             position_ids = self.positions(attention_mask, image_mask=e.image_mask, **image_kwargs)
-        mask = self.causal_mask(h, attention_mask, position_ids)
+        mask = self.causal_mask(h, attention_mask, position_ids, image_mask=e.image_mask)
         rope = self.rope(h, position_ids)
         with self.injecting(e):
-            for layer in self.layers:
-                h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=rope)
+            for i, layer in enumerate(self.layers):
+                h = layer(h, attention_mask=self.pick(mask, i), position_ids=position_ids,
+                          position_embeddings=self.pick(rope, i))
         return self.unembed(h)
 
     def question_text(self, question: str, first: bool) -> str:

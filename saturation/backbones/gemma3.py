@@ -1,0 +1,149 @@
+"""Gemma 3 (``gemma3``): SigLIP, a pooling projector (``mm_tokens_per_image`` tokens per image, 256 released), and a
+Gemma 3 LM whose layers are sliding-window or global (``config.layer_types``).
+
+What differs from LLaVA, and nothing else:
+- Masks are one per layer type, built by the model's own functions: every contiguous run of image tokens is one
+  block that attends to itself both ways on top of the causal mask (``token_type_ids``, derived here from the image
+  tokens: without them HF silently builds a plain causal mask); global layers = causal OR same block, sliding
+  layers = window AND (causal OR same block). A subset (image only, text only) or a routed cache layout gets its
+  window and its blocks in ORIGINAL positions, never in subset indices: text far after an image does not see text
+  the window excludes just because the image tokens between them were removed.
+- RoPE depends on the layer type (``rotary_emb(x, pos, layer_type)``: local and global bases), so `rope` returns one
+  pair per type; q/k norms sit in attention (the spec's ``q_norm``/``k_norm``); queries scale by
+  ``query_pre_attn_scalar`` (the attention module's own ``scaling``).
+- ``embed_tokens`` scales by sqrt(hidden) itself; image features go in unscaled (the contract's merge does both).
+- Routed decoding needs full-length cache layers (``routing.generation.new_cache``): ``DynamicCache(config=...)``
+  keeps the last window - 1 entries of a sliding layer BY COUNT, wrong for the text-only and image-first layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from transformers.masking_utils import (
+    blockwise_overlay,
+    create_causal_mask,
+    create_masks_for_generate,
+    sliding_window_overlay,
+)
+from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
+
+from ..errors import ToolkitError
+from ..hf_compat import cache_kwargs
+from .base import Backbone, BackboneSpec, PromptTemplate
+
+GEMMA_TEMPLATE = PromptTemplate(user="<start_of_turn>user\n", assistant="<end_of_turn>\n<start_of_turn>model\n",
+                                image="<start_of_image>")
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def block_ids(image: Tensor, positions: Tensor) -> Tensor:
+    """Image block ids [B, n] of a sequence or a subset in original order: each run of image tokens at consecutive
+    ORIGINAL positions is one image (what HF's ``get_block_sequence_ids_for_mask`` finds over ``token_type_ids``
+    in the full sequence), -1 elsewhere. `image` [B, n] bool, `positions` [B, n]."""
+    before_image = F.pad(image, (1, 0))[:, :-1]
+    before = F.pad(positions, (1, 0), value=-2)[:, :-1]
+    start = image & ~(before_image & (positions == before + 1))
+    return torch.where(image, start.long().cumsum(1) - 1, -1)
+
+
+class Gemma3(Backbone):
+    spec = BackboneSpec(name="gemma-3", model_types=("gemma3",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+                        projector_in="model.multi_modal_projector")
+    image_kwargs = ("token_type_ids",)
+    template = GEMMA_TEMPLATE
+
+    def check(self) -> None:
+        """Sliding-window layers are supported; a bidirectional text model (EmbeddingGemma-style) is not."""
+        if getattr(self.text_config, "use_bidirectional_attention", False):
+            raise ToolkitError(f"{self.spec.name}: use_bidirectional_attention is not supported (a causal LM only)")
+
+    @property
+    def window(self) -> int:
+        return int(self.text_config.sliding_window)
+
+    # ---------------------------------------------------------------- images
+    def image_output(self, pixel_values: Tensor, **_):
+        """``get_image_features`` takes pixel values only (its kwargs go to the tower; token_type_ids are masks')."""
+        return self._get(self.spec.multimodal).get_image_features(pixel_values=pixel_values, return_dict=True)
+
+    def encode(self, input_ids: Tensor, pixel_values: Tensor | None = None, *, token_type_ids: Tensor | None = None,
+               **kwargs):
+        """The contract's merge; `token_type_ids` (the processor's) must mark exactly the image tokens, from which the
+        masks take their blocks."""
+        if token_type_ids is not None and input_ids is not None and not torch.equal(
+                token_type_ids == 1, input_ids == self.image_token_id):
+            raise ToolkitError(f"{self.spec.name}: token_type_ids marks other tokens than the image tokens")
+        return super().encode(input_ids, pixel_values, **kwargs)
+
+    def vision_hidden(self, pixel_values: Tensor) -> Tensor:
+        """The tower's last hidden state, which the projector pools. [N, 3, H, W] -> [N, patches, D_vision]."""
+        return self.vision_encoder(pixel_values).last_hidden_state
+
+    @classmethod
+    def image_tokens(cls, config, image_size: tuple[int, int] | None = None) -> int:
+        """``mm_tokens_per_image`` whatever the size (pooled); pan-and-scan crops (off by default) add as many each."""
+        return int(config.mm_tokens_per_image)
+
+    # ---------------------------------------------------------------- rotary, masks
+    def rope(self, hidden: Tensor, position_ids: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """One ``(cos, sin)`` pair per layer type, as the model's forward computes them."""
+        return {kind: self.rotary_emb(hidden, position_ids, kind) for kind in sorted(set(self.text_config.layer_types))}
+
+    def _window(self, q_pos: Tensor, k_pos: Tensor, q_offset: int = 0) -> Callable:
+        """HF's sliding-window overlay read in ORIGINAL positions: `q_pos` [B, q] and `k_pos` [B, kv] of the mask's
+        query and key indices (query indices start at `q_offset`, the cached length)."""
+        inner = sliding_window_overlay(self.window)
+
+        def mask(b, h, q, kv):
+            return inner(b, h, q_pos[b, q - q_offset], k_pos[b, kv])
+
+        return mask
+
+    def causal_mask(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache=None,
+                    layer_idx: int = 0, image_mask: Tensor | None = None) -> dict:
+        """HF's masks for the whole sequence: with image tokens exactly what its forward builds from
+        ``token_type_ids`` (blocks), without them what it builds with none."""
+        kw = dict(config=self.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                  position_ids=position_ids, **cache_kwargs(cache))
+        if image_mask is None or not bool(image_mask.any()):
+            return create_masks_for_generate(**kw)
+        blocks = get_block_sequence_ids_for_mask(image_mask.long(), device=inputs_embeds.device)
+        return create_masks_for_vision_model(block_sequence_ids=blocks, **kw)
+
+    def subset_causal_mask(self, x: Tensor, valid: Tensor, dense: bool, position_ids: Tensor, cache=None,
+                           layer_idx: int = 0, image_mask: Tensor | None = None) -> dict:
+        """Causal in the subset's (original) order, OR same image block, and for sliding layers AND the window, both
+        in ORIGINAL positions; invalid entries out."""
+        blocks = None
+        if image_mask is not None and bool(image_mask.any()):
+            blocks = blockwise_overlay(block_ids(image_mask & valid.bool(), position_ids))
+        kw = dict(config=self.text_config, inputs_embeds=x, attention_mask=valid, position_ids=position_ids,
+                  **cache_kwargs(cache), layer_idx=layer_idx)
+        skip = (blocks is None and self.attn_implementation == "sdpa" and dense
+                and (cache is None or cache.get_seq_length(layer_idx) == 0))  # sdpa's own is_causal
+        full = None if skip else create_causal_mask(**kw, or_mask_function=blocks)
+        sliding = create_causal_mask(**kw, or_mask_function=blocks, and_mask_function=self._window(position_ids,
+                                                                                                   position_ids))
+        return {FULL: full, SLIDING: sliding}
+
+    def order_mask(self, q_index: Tensor, k_index: Tensor, k_valid: Tensor, dtype: torch.dtype) -> dict:
+        """Keys in any order (KV's image-first deep layers): causal in original indices, and for sliding layers the
+        window in original indices too (HF's window is over indices; for real tokens that is their positions)."""
+        near = k_index[:, None, None, :] > q_index[:, None, :, None] - self.window
+        causal = (k_index[:, None, None, :] <= q_index[:, None, :, None]) & k_valid[:, None, None, :]
+        return {FULL: self._as_mask(causal, dtype), SLIDING: self._as_mask(causal & near, dtype)}
+
+    def decode_mask(self, inputs_embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor, cache,
+                    layer_idx: int, key_positions: Tensor | None = None) -> dict:
+        """New text tokens against a routed cache layout: every cached key is earlier; sliding layers keep the keys
+        whose ORIGINAL position (`key_positions`, in the cache's order) is inside the window."""
+        if key_positions is None:
+            raise ToolkitError(f"{self.spec.name}: a decode mask needs the cached keys' positions")
+        kw = dict(config=self.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                  position_ids=position_ids, **cache_kwargs(cache), layer_idx=layer_idx)
+        window = self._window(position_ids, key_positions, cache.get_seq_length(layer_idx))
+        return {FULL: create_causal_mask(**kw), SLIDING: create_causal_mask(**kw, and_mask_function=window)}

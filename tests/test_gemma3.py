@@ -1,0 +1,243 @@
+"""Gemma 3 through the adapters (issue 13): bidirectional image blocks, sliding-window layers (window 8, shorter than
+an image block and than every sequence here), per-layer-type RoPE, q/k norms, sqrt(hidden) embedding scale. A tiny
+random model built in code (tests/gemma3_fixtures): two images in one row, one image then long text in the other,
+left padded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gemma3_fixtures import (
+    IMAGE,
+    TOKENS_PER_IMAGE,
+    WINDOW,
+    gemma,
+    gemma_config,
+    gemma_model,
+    naive_logits,
+    step_logits,
+)
+from routing_fixtures import SHARP_STD, assert_informative, perturb_side
+from transformers import DynamicCache
+
+import routing
+from saturation.anatomy import anatomy, position_ids_from_mask
+from saturation.backbones import Gemma3
+from saturation.errors import ToolkitError
+from saturation.loading import load_llava, resolve_name
+
+SPLIT = 2  # shallow: sliding, sliding; side branch from layer 2 (global); deep 2..4; fusion 5 (global)
+NEW = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return gemma_model()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return gemma().batch()
+
+
+def generate_positions(batch: dict) -> torch.Tensor:
+    return position_ids_from_mask(batch["attention_mask"])
+
+
+def variant_kwargs(variant: str) -> dict:
+    return {"fusion_layers": 0 if variant == "lf-ideal" else 1}
+
+
+def test_the_fixture_exercises_windows_and_blocks(model, batch):
+    """The window is shorter than an image block and than the text after row 1's image; row 0 has two blocks."""
+    image = batch["input_ids"] == IMAGE
+    assert image.sum(1).tolist() == [2 * TOKENS_PER_IMAGE, TOKENS_PER_IMAGE] and TOKENS_PER_IMAGE > WINDOW
+    after = batch["attention_mask"][1].bool() & (image[1].long().cumsum(0) == TOKENS_PER_IMAGE) & ~image[1]
+    assert int(after.sum()) > 2 * WINDOW
+    assert {"sliding_attention", "full_attention"} == set(model.config.text_config.layer_types)
+    assert torch.equal(batch["token_type_ids"] == 1, image)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_anatomy_walk_equals_hf_forward_bit_for_bit(batch, attn):
+    """With images, token_type_ids and generate's positions: HF's blocks and windows, per-type RoPE. The walk takes
+    its blocks from the image tokens, so it equals HF with token_type_ids (not HF without them, a plain causal mask)."""
+    model = gemma_model(attn, seed=2)
+    a = anatomy(model)
+    pos = generate_positions(batch)
+    without = {k: v for k, v in batch.items() if k != "token_type_ids"}
+    with torch.no_grad():
+        hf = model(**batch, position_ids=pos).logits
+        causal_only = model(**without, position_ids=pos).logits
+        assert torch.equal(a.forward(**batch), hf)
+        assert torch.equal(a.forward(**without), hf)
+    assert not torch.allclose(causal_only, hf, atol=1e-3)
+
+
+def test_the_window_and_the_rope_bases_are_in_play(batch):
+    """Widening the window or giving both layer types one RoPE base changes HF's output: both are really tested."""
+    model = gemma_model()
+    with torch.no_grad():
+        want = anatomy(model).forward(**batch)
+        model.config.text_config.sliding_window = 1000
+        wide = anatomy(model).forward(**batch)
+        model.config.text_config.sliding_window = WINDOW
+        rotary = anatomy(model).rotary_emb
+        rotary.sliding_attention_inv_freq, saved = rotary.full_attention_inv_freq, rotary.sliding_attention_inv_freq
+        one_base = anatomy(model).forward(**batch)
+        rotary.sliding_attention_inv_freq = saved
+    assert not torch.allclose(wide, want, atol=1e-3)
+    assert not torch.allclose(one_base, want, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", routing.VARIANTS)
+def test_no_image_tokens_routed_equals_hf(model, variant):
+    """Text only, 24 and 18 tokens against a window of 8: every layer sees the sequence as HF does."""
+    batch = gemma().batch(images=False)
+    assert batch["attention_mask"].sum(1).min() > 2 * WINDOW
+    routed = perturb_side(routing.build(model, SPLIT, variant, **variant_kwargs(variant)))
+    with torch.no_grad():
+        hf = model(**batch, position_ids=generate_positions(batch)).logits
+        assert torch.equal(routed(**batch).logits, hf)
+
+
+@pytest.mark.parametrize("variant", routing.VARIANTS)
+def test_variants_equal_the_naive_reference(model, batch, variant):
+    """Subsets (the side branch's image tokens, LF's text) carry their blocks and windows in ORIGINAL positions:
+    the reference runs every layer over the full sequence with HF-shaped masks, where nothing is renumbered."""
+    routed = perturb_side(routing.build(model, SPLIT, variant, **variant_kwargs(variant)))
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        got = routed(**batch).logits[valid]
+    torch.testing.assert_close(got, naive_logits(routed, **batch)[valid], atol=2e-5, rtol=1e-4)
+
+
+def test_windows_in_subset_indices_would_be_caught(model, batch, monkeypatch):
+    """The naive reference tells a window counted in subset indices from one in original positions (LF's text after
+    row 1's image sits TOKENS_PER_IMAGE positions further than its subset index says)."""
+    routed = perturb_side(routing.build(model, SPLIT, "lf"))
+    a = anatomy(model)
+    monkeypatch.setattr(type(a), "_window", lambda self, q, k, off=0: (
+        lambda b, h, qi, kv: kv > qi - self.window))
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        got = routed(**batch).logits[valid]
+    assert not torch.allclose(got, naive_logits(routed, **batch)[valid], atol=1e-3)
+
+
+def side_outputs(routed, batch: dict, row: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The side branch's output [batch, image tokens, D] as is, and with its INPUT changed at image token `index` of
+    `row` (subset order = original order): only the side branch's own mask decides where the change goes."""
+    outs, shift = [], {}
+
+    def change(_module, args):
+        if shift:
+            bump = torch.zeros_like(args[0])
+            bump[row, index] = 1.0
+            return (args[0] + bump, *args[1:])
+        return None
+
+    handles = [routed.side[0].register_forward_pre_hook(change),
+               routed.side[0].register_forward_hook(lambda _m, _a, out: outs.append(out))]
+    try:
+        with torch.no_grad():
+            routed(**batch)
+            shift["on"] = True
+            routed(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outs[0], outs[1]
+
+
+def test_the_side_branch_sees_each_image_both_ways(model, batch):
+    """Changing the LAST token of row 0's first image changes the side output at that image's FIRST token (a causal
+    mask would not); changing the last token of the second image leaves the whole first image alone (one block per
+    image, not one bidirectional image subset); the other row never moves."""
+    routed = perturb_side(routing.build(model, SPLIT, "lf"))
+    n = TOKENS_PER_IMAGE
+    before, after = side_outputs(routed, batch, 0, n - 1)
+    assert not torch.allclose(before[0, 0], after[0, 0], atol=1e-4)
+    torch.testing.assert_close(before[1], after[1])
+    before, after = side_outputs(routed, batch, 0, 2 * n - 1)
+    assert not torch.allclose(before[0, n], after[0, n], atol=1e-4)
+    torch.testing.assert_close(before[0, :n], after[0, :n])
+
+
+@pytest.fixture(scope="module")
+def sharp_model():
+    """Init std 0.2 and an untied lm_head: greedy continuations vary, so a wrong decode mask changes the logits."""
+    return gemma_model(std=SHARP_STD, seed=1, tie=False)
+
+
+@pytest.mark.parametrize("variant", routing.VARIANTS)
+def test_every_decode_step_logits_equal_recomputation(sharp_model, variant):
+    """Prompts of 44 tokens against a window of 8: every layout (image+text, text only, image-first) keeps all its
+    keys and masks the window in original positions at every step (HF's own sliding cache would drop by count)."""
+    routed = perturb_side(routing.build(sharp_model, SPLIT, variant, **variant_kwargs(variant)))
+    routed.generation_config.eos_token_id = None
+    new, cached, recomputed = step_logits(routed, gemma().batch(), NEW)
+    assert_informative(new)
+    for step, (got, want) in enumerate(zip(cached, recomputed, strict=True)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")
+
+
+def test_a_sliding_cache_is_refused_in_one_line(model, batch):
+    routed = routing.build(model, SPLIT, "lf")
+    with pytest.raises(ToolkitError, match="keep every key") as err:
+        routed(**batch, cache=DynamicCache(config=model.config.text_config), use_cache=True)
+    assert "\n" not in str(err.value)
+
+
+def test_pc_equals_kv_at_text_and_text_before_the_image_is_unchanged(model, batch):
+    image = batch["input_ids"] == IMAGE
+    text = batch["attention_mask"].bool() & ~image
+    before = text & (image.long().cumsum(1) == 0)
+    with torch.no_grad():
+        pc, kv, lf = (perturb_side(routing.build(model, SPLIT, v))(**batch).logits for v in ("pc", "kv", "lf"))
+        vanilla = model(**batch, position_ids=generate_positions(batch)).logits
+    torch.testing.assert_close(pc[text], kv[text], atol=2e-5, rtol=1e-4)
+    for logits in (pc, kv, lf):
+        torch.testing.assert_close(logits[before], vanilla[before], atol=2e-5, rtol=1e-4)
+
+
+def test_one_layer_trains_with_a_gradient(model, batch):
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -2:] = batch["input_ids"][:, -2:]
+    routed = routing.build(model, SPLIT, "lf")
+    assert routed.trainable_parameters().trainable == sum(p.numel() for p in anatomy(model).layers[SPLIT].parameters())
+    assert routed.side_gradient_norm(**batch, labels=labels) > 0
+    assert routed._no_split_modules == ["Gemma3DecoderLayer"]
+
+
+def test_save_load_round_trip(model, batch, tmp_path):
+    routed = perturb_side(routing.build(model, SPLIT, "kv"))
+    routed.save_routing(tmp_path / "r")
+    with torch.no_grad():
+        assert torch.equal(routing.load(model, tmp_path / "r")(**batch).logits, routed(**batch).logits)
+
+
+def test_token_type_ids_must_mark_the_image_tokens(model, batch):
+    wrong = batch["token_type_ids"].roll(1, dims=1)
+    with pytest.raises(ToolkitError, match="token_type_ids marks other tokens"):
+        routing.build(model, SPLIT, "lf")(**(batch | {"token_type_ids": wrong}))
+
+
+def test_adapter_is_registered_with_gemmas_prompt_and_counts(model):
+    a = anatomy(model)
+    assert type(a) is Gemma3
+    assert a.question_text("what", first=True) == (
+        "<start_of_turn>user\n<start_of_image>what<end_of_turn>\n<start_of_turn>model\n")
+    assert Gemma3.image_tokens(gemma_config(layers=1)) == TOKENS_PER_IMAGE
+    assert [a.layer_type(i) for i in range(a.num_layers)] == model.config.text_config.layer_types
+
+
+GEMMA_ALIASES = {f"gemma-3-{n}b": f"google/gemma-3-{n}b-it" for n in (4, 12, 27)}
+
+
+@pytest.mark.parametrize("alias", GEMMA_ALIASES)
+def test_aliases_resolve_and_fail_offline_in_one_line(alias):
+    assert resolve_name(alias) == GEMMA_ALIASES[alias]
+    with pytest.raises(ToolkitError, match=rf"cannot load '{GEMMA_ALIASES[alias]}'.*--model PATH") as err:
+        load_llava(alias)
+    assert "\n" not in str(err.value)
