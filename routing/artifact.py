@@ -125,11 +125,16 @@ def save_routing(routed, directory) -> Path:
         "fusion_layers": plan.fusion_layers,
         "side_depth": plan.side_depth,
         "num_layers": plan.num_layers,
+        "prune": plan.prune,  # pruning (issue 17): fastv | prune-pre | pool, its layer K and keep ratio R
+        "prune_layer": plan.prune_layer,
+        "keep": plan.keep,
+        "spec": plan.spec,
         "base_model": _base_id(routed.base),
         "base_geometry": base_geometry(routed.base),
         "base_fingerprint": base_fingerprint(routed.base, plan.side_sources),
         "trainable_parameters": routed.trainable_parameters().trainable,
-        "dtype": str(next(routed.side.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(next(routed.side.parameters()).dtype if len(routed.side) else routed.base.dtype
+                     ).removeprefix("torch."),
         "toolkit_version": toolkit_version,
     }
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -174,10 +179,21 @@ def _validate(manifest, path: Path) -> dict:
 
     try:  # split in range, known variant, K and d_v that fit: the plan's own checks
         make_plan(manifest["num_layers"], manifest["split"], manifest["variant"], manifest["fusion_layers"],
-                  manifest["side_depth"])
+                  manifest["side_depth"], **pruning(manifest))
     except ToolkitError as err:
         raise ToolkitError(f"{path}: {err}") from None
     return manifest
+
+
+def pruning(manifest: dict) -> dict:
+    """The plan's pruning keywords from a manifest (absent in artifacts from before issue 17: none)."""
+    prune, layer, keep = manifest.get("prune"), manifest.get("prune_layer"), manifest.get("keep", 1.0)
+    if prune is None:
+        return {}
+    if not isinstance(prune, str) or (layer is not None and (not isinstance(layer, int) or isinstance(layer, bool))) \
+            or isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ToolkitError(f"malformed pruning in routing manifest: prune={prune!r} prune_layer={layer!r} keep={keep!r}")
+    return {"prune": prune, "prune_layer": layer, "keep": keep}
 
 
 def read_manifest(directory) -> dict:
@@ -218,7 +234,8 @@ def load(model, directory):
     directory = artifact_dir(directory)
     manifest = read_manifest(directory)
     check_base(model, manifest, f"'{directory}'")
-    routed = build(model, manifest["split"], manifest["variant"], manifest["fusion_layers"], manifest["side_depth"])
+    routed = build(model, manifest["split"], manifest["variant"], manifest["fusion_layers"], manifest["side_depth"],
+                   **pruning(manifest))
     weights = directory / WEIGHTS
     try:  # never torch.load: safetensors only, and a file that is not one is the user's error, not a crash
         state = load_file(str(weights))

@@ -362,11 +362,15 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         is shorter than the prompt when pruning happened before the LLM."""
         if cache is None:
             return
-        state = make_state({k: m for k, (m, _) in layouts.items()}, prompt_mask, pos,
-                           {k: p for k, (_, p) in layouts.items()})
-        if self.plan.layout(0) == "kept":
-            state = dataclasses.replace(state, cached_prompt_length=frame_mask.shape[1])
-        attach_state(cache, state)
+        masks, keys = {k: m for k, (m, _) in layouts.items()}, {k: p for k, (_, p) in layouts.items()}
+        if self.plan.layout(0) != "kept":
+            return attach_state(cache, make_state(masks, prompt_mask, pos, keys))
+        # Pruned before the LLM: the shorter prompt is what the cache holds and what positions count on from; the
+        # running 2D mask of generate() still has the original prompt's columns.
+        state = make_state(masks, frame_mask, pos, keys)
+        attach_state(cache, dataclasses.replace(
+            state, prompt_length=prompt_mask.shape[1], cached_prompt_length=frame_mask.shape[1],
+            position_delta=state.next_position - prompt_mask.sum(1)))
 
     # ---------------------------------------------------------------- pruning (training-free peers)
     def _fastv_keep(self, h: Tensor, r: Route, pos: Tensor, rope, attention_mask: Tensor) -> Tensor:
@@ -533,12 +537,17 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
 
 def build(model: nn.Module, split: int, variant: str = "lf", fusion_layers: int = 1,
-          side_depth: int = 1) -> RoutedLlava:
+          side_depth: int = 1, *, prune: str | None = None, prune_layer: int | None = None,
+          keep: float = 1.0) -> RoutedLlava:
     """Route `model` (any LLaVA the anatomy map knows, any dtype/device): variant ``lf`` (default), ``pc``, ``kv``
     or ``lf-ideal``. Freezes the base; the side branch (copies of layers split .. split+side_depth-1) is trainable.
+
+    Training-free peers (``routing.plan``): ``vtw`` (split = its K), ``fastv`` (split = its K unless
+    `prune_layer`), ``prune-pre``, ``pool``, each with `keep` = R; `prune` composes one under lf/pc/kv.
     """
     a = anatomy(model)
-    plan = make_plan(a.num_layers, split, variant, fusion_layers, side_depth, min_split=a.min_split)
+    plan = make_plan(a.num_layers, split, variant, fusion_layers, side_depth, min_split=a.min_split, prune=prune,
+                     prune_layer=prune_layer, keep=keep)
     impl = a.attn_implementation
     if impl not in SUPPORTED_ATTENTION:
         raise ToolkitError(f"routing supports attn_implementation sdpa or eager, not '{impl}'")

@@ -19,18 +19,48 @@ loss has no path to the side branch (the paper's Appendix A). A split must leave
 Cache layouts during decoding (a new token is always text): ``full`` layers cache image+text in the original
 order; ``text`` layers (LF deep) cache the text positions only; ``kv`` layers (KV deep) cache the image keys first,
 then the text. Each layout needs its own 2D padding mask, see ``routing.generation``.
+
+Training-free peers are plans too (issue 17), and pruning composes with the DPVR variants:
+
+    vtw        all image tokens leave after layer s (VTW): LF-ideal with no side branch at all
+    fastv      after layer K, keep the top R of the image tokens by the text->image attention they received at
+               layer K-1 (FastV); the rest are gone for every later layer (``kept`` cache layout from K on)
+    prune-pre  keep the top R of each image's tokens before the LLM, by the vision tower's [CLS] attention
+               (FasterVLM); the LLM sees a shorter prompt (positions renumbered, as the method feeds it)
+    pool       average-pool each image's token grid to about R of its tokens before the LLM
+
+``lf`` (or pc, kv, lf-ideal) with ``prune`` set runs the pruning first: the side branch and the fusion layer see
+only the kept image tokens. FastV keeps the original positions of what it keeps (as its reference code does).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 from saturation.errors import ToolkitError
 from saturation.recommend import split_range
 
-VARIANTS = ("lf", "pc", "kv", "lf-ideal")
-DEEP_MODE = {"lf": "text_only", "lf-ideal": "text_only", "pc": "reset", "kv": "kv_only"}
-LAYOUT_OF_MODE = {"text_only": "text", "reset": "full", "kv_only": "kv"}
+VARIANTS = ("lf", "pc", "kv", "lf-ideal")  # the DPVR variants (a side branch)
+PRUNERS = ("fastv", "prune-pre", "pool")  # image-token pruning, alone or under a DPVR variant
+PRE_LLM = ("prune-pre", "pool")  # pruning before the first decoder layer
+PEERS = ("vtw",) + PRUNERS  # training-free baselines (issue 17)
+ALL_VARIANTS = VARIANTS + PEERS
+DEEP_MODE = {"lf": "text_only", "lf-ideal": "text_only", "pc": "reset", "kv": "kv_only", "vtw": "text_only",
+             "fastv": "dense", "prune-pre": "dense", "pool": "dense"}
+LAYOUT_OF_MODE = {"text_only": "text", "reset": "full", "kv_only": "kv", "dense": "full"}
+
+
+def kept_tokens(prune: str | None, n: int, keep: float) -> int:
+    """Image tokens one image of `n` keeps under `prune` at ratio `keep`: floor(R n), at least 1 (9 tokens at 25%
+    keep 2); `pool` keeps a square grid of side round(sqrt(R) side) (24x24 at 25% -> 12x12, 3x3 at 50% -> 2x2)."""
+    if prune is None or n == 0:
+        return n
+    if prune == "pool":
+        side = math.isqrt(n)
+        return max(1, round(side * math.sqrt(keep))) ** 2 if side * side == n else n
+    return max(1, math.floor(keep * n + 1e-9))
 
 
 @dataclass(frozen=True)
@@ -42,6 +72,33 @@ class RoutingPlan:
     split: int  # s: the first layer that no longer sees image tokens the vanilla way
     fusion_layers: int  # K: the last K layers run on every position again
     side_depth: int  # d_v: side-branch layers, initialised from layers s .. s+d_v-1
+    prune: str | None = None  # fastv | prune-pre | pool: image tokens dropped before layer `prune_layer`
+    prune_layer: int = 0  # FastV's K (scores from layer K-1); 0 = before the LLM
+    keep: float = 1.0  # R: the share of each image's tokens kept (FastV: of each row's)
+
+    @property
+    def name(self) -> str:
+        """``lf``, ``fastv``, ``lf+prune-pre``, ...: the variant and the pruning under it."""
+        return self.variant if self.prune in (None, self.variant) else f"{self.variant}+{self.prune}"
+
+    @property
+    def spec(self) -> str:
+        """The plan as `parse_spec` reads it back, e.g. ``lf@6+fastv@2:50%``."""
+        head = self.variant if self.variant in PRUNERS else f"{self.variant}@{self.split}"
+        if self.prune is None:
+            return head
+        layer = f"@{self.prune_layer}" if self.prune == "fastv" else ""
+        tail = f"{self.prune}{layer}:{100 * self.keep:g}%"
+        return tail if self.variant in PRUNERS else f"{head}+{tail}"
+
+    @property
+    def routes(self) -> bool:
+        """Whether image and text go separate ways at the split (every plan but the pruning-only ones)."""
+        return self.split < self.num_layers
+
+    def kept_tokens(self, n: int) -> int:
+        """Image tokens one image of `n` keeps after this plan's pruning."""
+        return kept_tokens(self.prune, n, self.keep)
 
     @property
     def deep_mode(self) -> str:
@@ -66,8 +123,10 @@ class RoutingPlan:
         return range(self.num_layers - self.fusion_layers, self.num_layers)
 
     def layout(self, layer: int) -> str:
-        """The cache layout of base layer `layer`: ``full``, ``text`` or ``kv``."""
-        return LAYOUT_OF_MODE[self.deep_mode] if layer in self.deep else "full"
+        """The cache layout of base layer `layer`: ``full``, ``text``, ``kv``, or ``kept`` (text and the image
+        tokens that survived pruning, original order) for the non-deep layers from `prune_layer` on."""
+        layout = LAYOUT_OF_MODE[self.deep_mode] if layer in self.deep else "full"
+        return "kept" if layout == "full" and self.prune is not None and layer >= self.prune_layer else layout
 
     def first_layer(self, layout: str) -> int:
         """The first base layer with `layout` (its cache slot sizes that layout's decode mask)."""
@@ -80,6 +139,8 @@ class RoutingPlan:
     @property
     def trainable(self) -> bool:
         """Whether the loss has a path to the side branch: it needs a fusion layer, or deep layers that read it."""
+        if self.side_depth == 0:
+            return False
         return self.fusion_layers > 0 or (self.deep_mode != "text_only" and len(self.deep) > 0)
 
     def describe(self) -> str:
@@ -87,32 +148,129 @@ class RoutingPlan:
         def span(r: range) -> str:
             return f"{r.start}..{r.stop - 1}" if len(r) else "-"
 
+        pruning = [] if self.prune is None else [
+            f"  prune   {self.prune}: keep {100 * self.keep:g}% of the image tokens before layer {self.prune_layer}"]
+        if not self.routes:
+            return "\n".join([f"variant {self.variant}: L={self.num_layers}", *pruning])
         return "\n".join([
-            f"variant {self.variant}: L={self.num_layers} s={self.split} K={self.fusion_layers} d_v={self.side_depth}",
+            f"variant {self.name}: L={self.num_layers} s={self.split} K={self.fusion_layers} d_v={self.side_depth}",
+            *pruning,
             f"  shallow {span(self.shallow)}: all positions",
-            f"  side    copies of {span(self.side_sources)}: image positions (trainable)",
+            *([f"  side    copies of {span(self.side_sources)}: image positions (trainable)"] if self.side_depth else
+              ["  side    none: image tokens leave here (VTW)"]),
             f"  deep    {span(self.deep)}: {self.deep_mode}",
-            f"  fusion  {span(self.fusion)}: all positions, image from side branch",
+            *([f"  fusion  {span(self.fusion)}: all positions, image from side branch"] if self.fusion_layers else []),
         ])
 
 
 def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: int = 1,
-              side_depth: int = 1, min_split: int = 1) -> RoutingPlan:
+              side_depth: int = 1, min_split: int = 1, *, prune: str | None = None, prune_layer: int | None = None,
+              keep: float = 1.0) -> RoutingPlan:
     """Validate a variant's geometry. `lf-ideal` always has K=0 (that is what makes it ideal and untrainable).
-    `min_split`: the backbone's first allowed split (after Qwen3-VL's DeepStack layers)."""
-    if variant not in VARIANTS:
-        raise ToolkitError(f"unknown routing variant '{variant}': use one of {', '.join(VARIANTS)}")
-    if variant == "lf-ideal":
+    `min_split`: the backbone's first allowed split (after Qwen3-VL's DeepStack layers).
+
+    Peers: ``vtw`` drops every image token after layer `split` (no side branch, no fusion). ``fastv``,
+    ``prune-pre`` and ``pool`` prune alone (`split` is FastV's K when `prune_layer` is not given); a DPVR variant
+    with `prune` runs on the kept image tokens only (FastV's K must then be <= `split`). `keep` is R in (0, 1].
+    """
+    if variant not in ALL_VARIANTS:
+        raise ToolkitError(f"unknown routing variant '{variant}': use one of {', '.join(ALL_VARIANTS)}")
+    if not isinstance(split, int) or isinstance(split, bool):
+        raise ToolkitError(f"split must be an integer layer index, got {split!r}")
+    if variant in PRUNERS:
+        if prune not in (None, variant):
+            raise ToolkitError(f"variant '{variant}' is itself a pruning; compose pruning with lf, pc or kv")
+        if variant == "fastv" and prune_layer is None:
+            prune_layer = split
+        prune = variant
+        split, fusion_layers, side_depth = num_layers, 0, 0
+    if prune is not None:
+        prune_layer = _check_pruning(num_layers, prune, prune_layer, keep, min_split)
+    if variant in PRUNERS:
+        return RoutingPlan(variant, num_layers, split, 0, 0, prune, prune_layer, float(keep))
+    if variant in ("lf-ideal", "vtw"):
         fusion_layers = 0
     elif variant == "lf" and fusion_layers == 0:
         raise ToolkitError("variant 'lf' needs fusion_layers >= 1; with no fusion layer it is 'lf-ideal'")
-    if not isinstance(split, int) or isinstance(split, bool):
-        raise ToolkitError(f"split must be an integer layer index, got {split!r}")
-    valid = split_range(num_layers, fusion_layers, side_depth, min_split)  # one definition, shared with the probe
+    # VTW has no side branch; its splits are LF-ideal's (it is LF-ideal without one)
+    valid = split_range(num_layers, fusion_layers, 1 if variant == "vtw" else side_depth, min_split)
+    if variant == "vtw":
+        side_depth = 0
     if 1 <= split < min_split:
         raise ToolkitError(f"split {split} is inside the DeepStack layers (image features are still added after "
                            f"layers 0..{min_split - 1}): the first allowed split is {min_split}")
     if split not in valid:
         raise ToolkitError(f"split {split} is out of range for a {num_layers}-layer model with K={fusion_layers} "
                            f"fusion layer(s) and side depth {side_depth}: choose {valid.start}..{valid.stop - 1}")
-    return RoutingPlan(variant, num_layers, split, fusion_layers, side_depth)
+    if prune is not None and prune_layer > split:
+        raise ToolkitError(f"{prune} at layer {prune_layer} comes after the split {split}: pruning must happen in "
+                           "the shallow stack, so that the side branch and the fusion see only the kept tokens")
+    return RoutingPlan(variant, num_layers, split, fusion_layers, side_depth, prune,
+                       0 if prune is None else prune_layer, float(keep) if prune is not None else 1.0)
+
+
+def _check_pruning(num_layers: int, prune: str, prune_layer: int | None, keep: float, min_split: int) -> int:
+    """FastV's layer K in 1..L-1 (it reads attention at K-1), after any DeepStack layers; R in (0, 1]."""
+    if prune not in PRUNERS:
+        raise ToolkitError(f"unknown pruning '{prune}': use one of {', '.join(PRUNERS)}")
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise ToolkitError(f"keep ratio R must be in (0, 1] (e.g. 0.5 or 50%), got {keep!r}")
+    if prune in PRE_LLM:
+        if prune_layer not in (None, 0):
+            raise ToolkitError(f"{prune} prunes before the LLM: it takes no layer (got {prune_layer})")
+        return 0
+    if not isinstance(prune_layer, int) or isinstance(prune_layer, bool) or not 1 <= prune_layer <= num_layers - 1:
+        raise ToolkitError(f"FastV's layer K must be in 1..{num_layers - 1} for a {num_layers}-layer model "
+                           f"(it reads the attention at layer K-1), got {prune_layer!r}")
+    if prune_layer < min_split:
+        raise ToolkitError(f"FastV's layer K={prune_layer} is inside the DeepStack layers: use K >= {min_split}")
+    return prune_layer
+
+
+_PART = re.compile(r"^(?P<name>[a-z-]+)(?:@(?P<layer>\d+))?(?::(?P<keep>[0-9.]+%?))?$")
+
+
+def parse_spec(spec: str) -> dict:
+    """A plan written as one word: ``vanilla``, ``lf@6``, ``vtw@6``, ``fastv@2:50%``, ``prune-pre:25%``,
+    ``pool:0.25``, ``lf@6+prune-pre:50%``, ``lf@6+fastv@2:50%`` (``lf`` with no ``@`` = the recommended split).
+
+    Returns ``{"variant", "split" (None = recommended), "prune", "prune_layer", "keep"}``; `variant` None is vanilla.
+    Raises ToolkitError naming the part it cannot read.
+    """
+    parts = [p.strip() for p in spec.strip().split("+")]
+    parsed = []
+    for part in parts:
+        m = _PART.match(part)
+        if not m:
+            raise ToolkitError(f"cannot read plan '{spec}' at '{part}': write e.g. lf@6, fastv@2:50%, prune-pre:25% "
+                               "or lf@6+prune-pre:50%")
+        keep = m["keep"]
+        ratio = None if keep is None else (float(keep[:-1]) / 100 if keep.endswith("%") else float(keep))
+        parsed.append((m["name"], None if m["layer"] is None else int(m["layer"]), ratio))
+    (name, layer, ratio), rest = parsed[0], parsed[1:]
+    if name == "vanilla" and not rest and layer is None and ratio is None:
+        return {"variant": None, "split": None, "prune": None, "prune_layer": None, "keep": 1.0}
+    if name not in ALL_VARIANTS or len(rest) > 1 or (rest and (name in PRUNERS or rest[0][0] not in PRUNERS)):
+        raise ToolkitError(f"cannot read plan '{spec}': one of vanilla, {', '.join(ALL_VARIANTS)}, optionally "
+                           f"+ one of {', '.join(PRUNERS)} after lf/pc/kv/lf-ideal")
+    if name in PRUNERS:
+        rest, layer = [(name, layer, ratio)], None
+    elif ratio is not None:
+        raise ToolkitError(f"cannot read plan '{spec}': '{name}' takes no keep ratio (did you mean {name}@S+...?)")
+    prune = rest[0] if rest else (None, None, None)
+    if prune[0] is not None and prune[2] is None:
+        raise ToolkitError(f"plan '{spec}': {prune[0]} needs a keep ratio, e.g. {prune[0]}:50%")
+    if prune[0] == "fastv" and prune[1] is None:
+        raise ToolkitError(f"plan '{spec}': fastv needs its layer, e.g. fastv@2:50%")
+    return {"variant": name, "split": layer, "prune": prune[0], "prune_layer": prune[1],
+            "keep": 1.0 if prune[2] is None else prune[2]}
+
+
+def plan_from_spec(parsed: dict, num_layers: int, default_split: int, fusion_layers: int = 1, side_depth: int = 1,
+                   min_split: int = 1) -> RoutingPlan | None:
+    """`parse_spec`'s answer as a plan for an L-layer model (None for vanilla); `default_split` fills a missing @S."""
+    if parsed["variant"] is None:
+        return None
+    split = default_split if parsed["split"] is None else parsed["split"]
+    return make_plan(num_layers, split, parsed["variant"], fusion_layers, side_depth, min_split,
+                     prune=parsed["prune"], prune_layer=parsed["prune_layer"], keep=parsed["keep"])
