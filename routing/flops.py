@@ -5,6 +5,8 @@ One multiply-add is 2 FLOPs. Three parts, priced per layer group of the routing 
 - ``linear``: q/k/v/o projections and the gated MLP, per token processed (the paper's "linear FLOPs");
 - ``attention``: scores and the weighted sum, 4·heads·head_dim per visible (query, key) pair, causal;
   image tokens are taken to come before the text (LLaVA's prompt), which only matters for KV's deep layers;
+  a sliding-window layer (Gemma 3) sees at most `window` keys per query, counted in original positions (LF's text
+  after the image sees only the text inside the window; bidirectional image blocks are left out);
 - ``head``: the LM head on `logit_positions` positions per sequence (1 in generation prefill, 0 to leave out).
 
 Norms, RoPE and residual adds are left out (a fraction of a percent). Costs are per sequence.
@@ -28,6 +30,12 @@ class Geometry:
     kv_heads: int | None = None
     head_dim: int | None = None
     vocab: int = 0
+    window: int | None = None  # sliding window of the layers marked in `sliding`
+    sliding: tuple[bool, ...] = ()  # per layer: a sliding-window layer (empty: none)
+
+    def window_of(self, layer: int) -> int | None:
+        """Layer `layer`'s window, or None for a global layer."""
+        return self.window if self.sliding and self.sliding[layer] else None
 
     @property
     def q_dim(self) -> int:
@@ -58,8 +66,11 @@ class Geometry:
     @classmethod
     def of(cls, text_config) -> Geometry:
         c = text_config
+        types = getattr(c, "layer_types", None) or ()
+        window = getattr(c, "sliding_window", None) if "sliding_attention" in types else None
         return cls(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                   c.num_key_value_heads, getattr(c, "head_dim", None), c.vocab_size)
+                   c.num_key_value_heads, getattr(c, "head_dim", None), c.vocab_size, window,
+                   tuple(t == "sliding_attention" for t in types) if window else ())
 
 
 LLAVA_15_7B = Geometry(num_layers=32, hidden=4096, intermediate=11008, heads=32, vocab=32064)
@@ -83,8 +94,11 @@ class Cost:
                 "total": self.total / other.total}
 
 
-def _causal_pairs(n: int) -> int:
-    return n * (n + 1) // 2
+def _causal_pairs(n: int, window: int | None = None) -> int:
+    """Visible (query, key) pairs of `n` consecutive tokens, causal, each query seeing at most `window` keys."""
+    if window is None or n <= window:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
 
 
 def prefill_cost(g: Geometry, plan: RoutingPlan | None, image_tokens: int, text_tokens: int,
@@ -92,34 +106,42 @@ def prefill_cost(g: Geometry, plan: RoutingPlan | None, image_tokens: int, text_
     """Prefill FLOPs of one sequence; `plan=None` is the vanilla model."""
     n, i, t = image_tokens + text_tokens, image_tokens, text_tokens
     head = 2.0 * g.hidden * g.vocab * logit_positions
+    def pairs(layers, m: int) -> int:  # m consecutive tokens through `layers`, each with its own window
+        return sum(_causal_pairs(m, g.window_of(layer)) for layer in layers)
+
     if plan is None:
-        return Cost(g.num_layers * n * g.linear_flops(), g.num_layers * _causal_pairs(n) * g.pair_flops(), head)
+        return Cost(g.num_layers * n * g.linear_flops(), pairs(range(g.num_layers), n) * g.pair_flops(), head)
     full_layers = len(plan.shallow) + len(plan.fusion)
     tokens = full_layers * n + plan.side_depth * i  # token-layers at full cost
-    pairs = full_layers * _causal_pairs(n) + plan.side_depth * _causal_pairs(i)
+    total_pairs = pairs([*plan.shallow, *plan.fusion], n) + pairs(plan.side_sources, i)
     deep = len(plan.deep)
     kv_only = 0.0
-    if plan.deep_mode == "text_only":
+    if plan.deep_mode == "text_only":  # the text sits after the image: consecutive original positions
         tokens += deep * t
-        pairs += deep * _causal_pairs(t)
+        total_pairs += pairs(plan.deep, t)
     elif plan.deep_mode == "reset":
         tokens += deep * n
-        pairs += deep * _causal_pairs(n)
-    else:  # kv_only: text in full, image tokens only project k and v
+        total_pairs += pairs(plan.deep, n)
+    else:  # kv_only: text in full, image tokens only project k and v; text queries see image and text keys
         tokens += deep * t
         kv_only = deep * i * g.kv_flops()
-        pairs += deep * (t * i + _causal_pairs(t))
-    return Cost(tokens * g.linear_flops() + kv_only, pairs * g.pair_flops(), head)
+        total_pairs += pairs(plan.deep, n) - pairs(plan.deep, i)
+    return Cost(tokens * g.linear_flops() + kv_only, total_pairs * g.pair_flops(), head)
 
 
 def decode_cost(g: Geometry, plan: RoutingPlan | None, image_tokens: int, text_tokens: int) -> Cost:
     """FLOPs of one generated token after a prompt of `image_tokens` + `text_tokens` (cached keys/values)."""
     n = image_tokens + text_tokens
     head = 2.0 * g.hidden * g.vocab
+    def seen(layer: int, keys: int) -> int:  # keys a new token attends to: the window's last ones at most
+        window = g.window_of(layer)
+        return keys if window is None else min(keys, window)
+
     if plan is None:
-        return Cost(g.num_layers * g.linear_flops(), g.num_layers * (n + 1) * g.pair_flops(), head)
-    seen = {"full": n + 1, "kv": n + 1, "text": text_tokens + 1}  # keys a new token attends to, per cache layout
-    keys = sum(seen[plan.layout(layer)] for layer in range(plan.num_layers))
+        return Cost(g.num_layers * g.linear_flops(), sum(seen(j, n + 1) for j in range(g.num_layers)) * g.pair_flops(),
+                    head)
+    cached = {"full": n + 1, "kv": n + 1, "text": text_tokens + 1}  # per cache layout
+    keys = sum(seen(layer, cached[plan.layout(layer)]) for layer in range(plan.num_layers))
     return Cost(g.num_layers * g.linear_flops(), keys * g.pair_flops(), head)
 
 

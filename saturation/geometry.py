@@ -58,6 +58,23 @@ def _llava_onevision_7b():
                                 tie_word_embeddings=False)
 
 
+def _gemma_3(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int):
+    """google/gemma-3-*-it: SigLIP so400m/14 at 896 px pooled 4x4 into 256 image tokens, a Gemma 3 LM (head_dim 256,
+    five sliding-window layers of 1024 per global one, local RoPE base 1e4, global 1e6 with linear scaling 8)."""
+    from transformers import Gemma3Config
+
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
+    text = {"vocab_size": 262208, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 1024, "rope_parameters": rope,
+            "max_position_embeddings": 131072}
+    vision = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+              "image_size": 896, "patch_size": 14, "vision_use_head": False}
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, boi_token_index=255999,
+                        eoi_token_index=256000, image_token_index=262144)
+
+
 def _embedded_shape():
     """The embedded model's shape (DESIGN): 48 px / patch 16 -> 9 image tokens, 12 layers, hidden 128."""
     from saturation.shapes import IMAGE_SIZE, vocabulary
@@ -81,11 +98,14 @@ GEOMETRIES: dict[str, Callable] = {
     "llava-1.5-13b": functools.partial(_llava_15, 5120, 13824, 40, 40),
     "llava-next-7b": _llava_next_7b,
     "llava-onevision-7b": _llava_onevision_7b,
+    "gemma-3-4b": functools.partial(_gemma_3, 2560, 10240, 34, 8, 4),
+    "gemma-3-12b": functools.partial(_gemma_3, 3840, 15360, 48, 16, 8),
     "tiny": _embedded_shape,
     "cpu-bench": _cpu_bench_shape,
 }
 CHECKPOINT_DTYPE = {"llava-1.5-7b": torch.float16, "llava-1.5-13b": torch.float16, "llava-next-7b": torch.float16,
-                    "llava-onevision-7b": torch.bfloat16, "tiny": torch.float32, "cpu-bench": torch.float32}
+                    "llava-onevision-7b": torch.bfloat16, "gemma-3-4b": torch.bfloat16, "gemma-3-12b": torch.bfloat16,
+                    "tiny": torch.float32, "cpu-bench": torch.float32}
 # The image an anyres geometry is measured with, (H, W) px: COCO's typical 480x640 photo. Its tokens, by the
 # adapters' count: llava-next-7b 2,340 (base tile + 2x2 grid, each row closed by a newline token), llava-onevision-7b 2,929;
 # LLaVA-1.5 takes any image as 576.
