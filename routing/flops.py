@@ -14,6 +14,7 @@ Norms, RoPE and residual adds are left out (a fraction of a percent). Costs are 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .plan import RoutingPlan, make_plan
@@ -103,7 +104,10 @@ def _causal_pairs(n: int, window: int | None = None) -> int:
 
 def prefill_cost(g: Geometry, plan: RoutingPlan | None, image_tokens: int, text_tokens: int,
                  logit_positions: int = 1) -> Cost:
-    """Prefill FLOPs of one sequence; `plan=None` is the vanilla model."""
+    """Prefill FLOPs of one sequence; `plan=None` is the vanilla model. A pruning plan is priced per sample
+    (`_pruned_prefill`): `image_tokens` is one image's count before pruning."""
+    if plan is not None and plan.prune is not None:
+        return _pruned_prefill(g, plan, image_tokens, text_tokens, logit_positions)
     n, i, t = image_tokens + text_tokens, image_tokens, text_tokens
     head = 2.0 * g.hidden * g.vocab * logit_positions
     def pairs(layers, m: int) -> int:  # m consecutive tokens through `layers`, each with its own window
@@ -131,6 +135,11 @@ def prefill_cost(g: Geometry, plan: RoutingPlan | None, image_tokens: int, text_
 
 def decode_cost(g: Geometry, plan: RoutingPlan | None, image_tokens: int, text_tokens: int) -> Cost:
     """FLOPs of one generated token after a prompt of `image_tokens` + `text_tokens` (cached keys/values)."""
+    if plan is not None and plan.prune is not None:  # layers from prune_layer on hold only the kept image tokens
+        kept = plan.kept_tokens(image_tokens)
+        inner = decode_cost(g, dataclasses.replace(plan, prune=None), kept, text_tokens)
+        extra = plan.prune_layer * (image_tokens - kept) * g.pair_flops()
+        return Cost(inner.linear, inner.attention + extra, inner.head)
     n = image_tokens + text_tokens
     head = 2.0 * g.hidden * g.vocab
     def seen(layer: int, keys: int) -> int:  # keys a new token attends to: the window's last ones at most
@@ -180,3 +189,32 @@ def table(g: Geometry, split: int, image_tokens: int, text_tokens: int, fusion_l
         rows.append({"variant": variant, "linear_gflops": cost.linear / 1e9, "total_gflops": cost.total / 1e9,
                      "linear_ratio": r["linear"], "total_ratio": r["total"]})
     return rows
+
+
+def _pruned_prefill(g: Geometry, plan: RoutingPlan, image_tokens: int, text_tokens: int,
+                    logit_positions: int) -> Cost:
+    """Layers before `plan.prune_layer` at the full count, every later group on the kept image tokens; FastV adds
+    its one score read (q/k of layer K-1 again, text rows x all keys). Pre-LLM scoring (the tower's CLS attention)
+    is vision-tower compute, outside this decoder-only model."""
+    n, t = image_tokens + text_tokens, text_tokens
+    kept = plan.kept_tokens(image_tokens)
+    inner = prefill_cost(g, dataclasses.replace(plan, prune=None), kept, t, logit_positions)
+    before = plan.prune_layer
+    linear = inner.linear + before * (n - kept - t) * g.linear_flops()
+    attention = inner.attention + before * (_causal_pairs(n) - _causal_pairs(kept + t)) * g.pair_flops()
+    if plan.prune == "fastv":
+        linear += 2.0 * g.hidden * (g.q_dim + g.kv_dim) * n
+        attention += 2.0 * g.q_dim * t * n  # scores only, no weighted sum
+    return Cost(linear, attention, inner.head)
+
+
+def plan_ratios(g: Geometry, plan: RoutingPlan | None, samples: list[tuple[int, int]]) -> dict[str, float]:
+    """Prefill and decode FLOPs of `plan` / vanilla summed over `samples` of ``(image_tokens, text_tokens)``:
+    ``{"prefill", "decode"}`` (total FLOPs; decode: one token after each prompt)."""
+    def total(cost_fn, p) -> float:
+        return sum(cost_fn(g, p, i, t).total for i, t in samples)
+
+    if not samples:
+        raise ValueError("plan_ratios needs at least one (image_tokens, text_tokens) pair")
+    return {"prefill": total(prefill_cost, plan) / total(prefill_cost, None),
+            "decode": total(decode_cost, plan) / total(decode_cost, None)}

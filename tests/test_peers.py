@@ -257,3 +257,21 @@ def test_specs_round_trip():
     assert plan_from_spec(parse_spec("vanilla"), 6, 3) is None
     assert plan_from_spec(parse_spec("lf"), 6, 3).split == 3  # no @: the default (recommended) split
     assert plan_from_spec(parse_spec("prune-pre:0.25"), 6, 3).keep == 0.25
+
+
+def test_the_flop_model_prices_pruning_per_sample():
+    from routing.flops import LLAVA_15_7B as g, decode_cost, plan_ratios, prefill_cost
+
+    def plan(spec):
+        return plan_from_spec(parse_spec(spec), 32, 18)
+    # pre-LLM pruning is vanilla on the shorter prompt; keeping everything costs exactly vanilla
+    assert prefill_cost(g, plan("prune-pre:25%"), 576, 40) == prefill_cost(g, None, 144, 40)
+    assert decode_cost(g, plan("pool:25%"), 576, 40) == decode_cost(g, None, 144, 40)
+    assert plan_ratios(g, plan("prune-pre:100%"), [(576, 40)]) == {"prefill": 1.0, "decode": 1.0}
+    # FastV: two full layers, then 30 on the kept half; its score read makes R=100% cost a little more than vanilla
+    fastv = prefill_cost(g, plan("fastv@2:50%"), 576, 40).linear
+    assert fastv > (2 * 616 + 30 * 328) * g.linear_flops()
+    assert 1.0 < plan_ratios(g, plan("fastv@2:100%"), [(576, 40)])["prefill"] < 1.01
+    # composition compounds: LF on the pruned half is cheaper than either alone
+    both = plan_ratios(g, plan("lf@18+prune-pre:50%"), [(576, 40)])["prefill"]
+    assert both < min(plan_ratios(g, plan(s), [(576, 40)])["prefill"] for s in ("lf@18", "prune-pre:50%"))
