@@ -461,6 +461,37 @@ def bench_cmd(
     Console().print(f"wrote {out}, {figure[0]}, {figure[1]}", highlight=False)
 
 
+@routing_app.command("compare")
+@friendly
+def compare_cmd(
+    model: ModelOpt = "tiny",
+    plans: Annotated[str, typer.Option(help="Comma-separated plan specs: vanilla, lf@S, vtw@S, fastv@K:R%, prune-pre:R%, pool:R%, lf@S+prune-pre:R%, lf@S+fastv@K:R% (no @S: the recommended split, or --routing's).")] = ",".join(("vanilla", "lf", "vtw", "fastv@2:50%", "fastv@2:25%", "prune-pre:50%", "prune-pre:25%", "lf+prune-pre:50%")),
+    routing_dir: Annotated[Path | None, typer.Option("--routing", help="A trained LF run folder or artifact: its split is the default and its side branch serves plans of the same split (pruned ones are trained on the kept tokens).")] = None,
+    split: Annotated[int | None, typer.Option(help="Split for specs without @S (default: the probe's recommendation).")] = None,
+    data: AnswersOpt = None,
+    n: Annotated[int | None, typer.Option("--n", "-n", help="Evaluate a seeded sample of N records (default: all).")] = None,
+    train_steps: Annotated[int, typer.Option(help="Side-branch training steps for plans trained here.")] = 150,
+    repeats: Annotated[int, typer.Option(help="Paired timing rounds.")] = 5,
+    out: Annotated[Path, typer.Option(help="Folder for frontier.csv and pareto.png/.pdf.")] = Path("runs/compare"),
+    seed: SeedOpt = 0,
+) -> None:
+    """Accuracy, FLOPs and measured prefill/decode latency of a list of plans on the same data: frontier.csv and a
+    Pareto figure (accuracy vs FLOPs ratio and vs measured prefill ratio)."""
+    require_positive(n=n, train_steps=train_steps, repeats=repeats)
+    ensure_output_dir(out)
+    from figures.io import save_figure
+    from figures.pareto import pareto_figure
+    from routing.compare import CompareConfig, parse_plans, run_compare
+
+    parse_plans(plans)  # a bad spec is one line before any model loads
+    cfg = CompareConfig(model=model, plans=tuple(p.strip() for p in plans.split(",")), split=split, routing=routing_dir,
+                        data=data, n=n, train_steps=train_steps, repeats=repeats, out=out, seed=seed)
+    table = run_compare(cfg, log=lambda msg: Console().print(msg, highlight=False))
+    drawn = save_figure(pareto_figure(table, title=f"{model}: accuracy against cost"), out / "pareto")
+    Console().print(table.to_string(index=False), highlight=False)
+    Console().print(f"wrote {out / 'frontier.csv'}, {', '.join(map(str, drawn))}", highlight=False)
+
+
 def saturation_main() -> None:  # pragma: no cover - console entry point
     saturation_app()
 

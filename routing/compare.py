@@ -1,0 +1,202 @@
+"""`routing compare`: a list of plans (vanilla, DPVR, training-free peers, compositions) on the same data, with the
+same latency measurement, into one frontier table (issue 17).
+
+Each plan is a spec (``routing.plan.parse_spec``). Accuracy is exact match on the same records (default: the
+embedded held-out set); FLOPs come from the FLOP model at the measured prompt's counts; prefill and decode latency
+are paired and interleaved in one loop (sample k of every plan in the same round, the order rotated each round, as
+`routing bench`), end-to-end from pixels so pre-LLM pruning pays for its scoring. Plans with a side branch are
+trained here on the shapes world (or take `--routing DIR`'s side branch, when its split and depth fit).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from saturation.errors import ToolkitError
+
+from . import flops
+from .plan import RoutingPlan, parse_spec, plan_from_spec
+
+DEFAULT_PLANS = ("vanilla", "lf", "vtw", "fastv@2:50%", "fastv@2:25%", "prune-pre:50%", "prune-pre:25%",
+                 "lf+prune-pre:50%")
+COLUMNS = ("plan", "params", "accuracy", "flops_ratio", "prefill_ratio", "decode_ratio", "trainable_params",
+           "prefill_ms", "decode_ms", "decode_flops_ratio", "trained")
+
+
+@dataclass
+class CompareConfig:
+    model: str = "tiny"
+    plans: tuple[str, ...] = DEFAULT_PLANS
+    split: int | None = None  # for specs without @S (default: the recommended split, or --routing's)
+    routing: Path | None = None  # a trained LF artifact whose side branch the side-branch plans start from
+    data: Path | None = None  # evaluation records (default: the embedded held-out set)
+    n: int | None = None
+    batch_size: int = 16
+    max_new_tokens: int = 8
+    train_steps: int = 150  # side-branch steps for plans trained here
+    repeats: int = 5
+    warmup: int = 1
+    text_tokens: int = 32
+    new_tokens: int = 8
+    seed: int = 0
+    out: Path = field(default_factory=lambda: Path("runs") / "compare")
+
+
+def parse_plans(plans) -> tuple[dict, ...]:
+    """Specs (a comma-separated string or a list) -> parsed dicts; a bad one is one line naming it."""
+    specs = [s.strip() for s in (plans.split(",") if isinstance(plans, str) else plans) if s.strip()]
+    if not specs:
+        raise ToolkitError("--plans is empty: give e.g. vanilla,lf,fastv@2:50%")
+    if len(set(specs)) != len(specs):
+        raise ToolkitError(f"--plans names a plan twice: {', '.join(specs)}")
+    return tuple(parse_spec(s) | {"text": s} for s in specs)
+
+
+def params_of(plan: RoutingPlan | None) -> str:
+    if plan is None:
+        return ""
+    parts = [f"s={plan.split}"] if plan.routes else []
+    if plan.side_depth:
+        parts.append(f"K={plan.fusion_layers} d_v={plan.side_depth}")
+    if plan.prune == "fastv":
+        parts.append(f"fastv K={plan.prune_layer}")
+    if plan.prune is not None:
+        parts.append(f"R={100 * plan.keep:g}%")
+    return " ".join(parts)
+
+
+def _side_from(routed, artifact) -> bool:
+    """Start `routed`'s side branch from a trained artifact's when the shapes fit (same split and depth)."""
+    if artifact is None or routed.plan.side_depth == 0:
+        return False
+    if (artifact.plan.split, artifact.plan.side_depth) != (routed.plan.split, routed.plan.side_depth):
+        return False
+    routed.side.load_state_dict(artifact.side.state_dict())
+    return True
+
+
+def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str], None]) -> dict:
+    """name -> (plan or None, model to run, how its side branch came to be)."""
+    import routing
+    from saturation.anatomy import anatomy
+
+    from .train import TrainConfig, train_side_branch, training_records
+
+    a = anatomy(model)
+    artifact = routing.load(model, cfg.routing) if cfg.routing is not None else None
+    split = cfg.split if cfg.split is not None else (artifact.plan.split if artifact else None)
+    if split is None and any(p["variant"] and p["split"] is None for p in parsed):
+        split = _recommended_split(cfg, a.num_layers, log)
+    built, records = {}, None
+    for p in parsed:
+        plan = plan_from_spec(p, a.num_layers, split if split is not None else a.num_layers // 2,
+                              min_split=a.min_split)
+        name = "vanilla" if plan is None else plan.spec
+        if plan is None:
+            built[name] = (None, model, "")
+            continue
+        routed = routing.build(model, plan.split, plan.variant, plan.fusion_layers, plan.side_depth,
+                               prune=plan.prune if plan.variant != plan.prune else None,
+                               prune_layer=plan.prune_layer, keep=plan.keep)
+        how = ""
+        if plan.trainable:
+            if _side_from(routed, artifact) and plan.prune is None:
+                how = f"side branch from {cfg.routing}"
+            else:
+                if records is None:
+                    records = training_records(None, cfg.out / "train-data", 2000, cfg.seed)
+                opts = TrainConfig(model=cfg.model, variant=plan.variant, max_steps=cfg.train_steps, seed=cfg.seed,
+                                   save_steps=max(cfg.train_steps, 1), resume=False)
+                folder = cfg.out / "train" / name.replace("@", "-s").replace(":", "-").replace("%", "").replace("+", "_")
+                log(f"training {name} ({cfg.train_steps} steps, side branch on the {'kept' if plan.prune else 'image'} tokens)")
+                train_side_branch(routed, processor, records, opts, folder, log=lambda _m: None)
+                how = f"trained {cfg.train_steps} steps"
+        built[name] = (plan, routed.eval(), how)
+    return built
+
+
+def _recommended_split(cfg: CompareConfig, num_layers: int, log) -> int:
+    from .train import TrainConfig, resolve_training_split
+
+    split, source = resolve_training_split(TrainConfig(model=cfg.model, split="auto", seed=cfg.seed), num_layers, log)
+    log(f"split {split} (from {source})")
+    return split
+
+
+@torch.no_grad()
+def measure_latency(models: dict, prompt, repeats: int, warmup: int) -> dict[str, dict[str, list[float]]]:
+    """samples[kind][name] (seconds), kind prefill (end to end, from pixels) / decode (per token): paired rounds,
+    the order rotated every round and every decode step, as `routing bench`."""
+    from saturation.hf_compat import cache_of
+
+    from .benchmark import CLOCKS, Stopwatch, _rotated, decode_step, prefill
+
+    watch = Stopwatch(next(iter(CLOCKS)), prompt.embeds.device)
+    names = list(models)
+    samples = {kind: {name: [] for name in names} for kind in ("prefill", "decode")}
+    n = prompt.embeds.shape[1]
+    for rep in range(warmup + repeats):
+        caches = {}
+        for name in _rotated(names, rep):
+            t, out = watch.time(functools.partial(prefill, models[name], prompt, True))
+            caches[name] = cache_of(out)
+            if rep >= warmup:
+                samples["prefill"][name].append(t)
+        for i, token in enumerate(prompt.next_tokens):
+            for name in _rotated(names, rep + i):
+                t, out = watch.time(functools.partial(decode_step, models[name], caches[name], token, n + i))
+                caches[name] = cache_of(out)
+                if rep >= warmup:
+                    samples["decode"][name].append(t)
+    return samples
+
+
+def _median(xs: list[float]) -> float:
+    return float(torch.tensor(xs).median()) if xs else float("nan")
+
+
+def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Evaluate, price and time every plan of `cfg`; returns the frontier table (also written to
+    ``cfg.out/frontier.csv``)."""
+    from saturation.data import read_records, sample_records
+    from saturation.files import atomic_write, ensure_output_dir
+    from saturation.loading import DATA_SAMPLES, cpu_threads, load_llava
+
+    from .benchmark import paired_ratios, real_prompt
+    from .evaluate import evaluate
+
+    parsed = parse_plans(cfg.plans)
+    ensure_output_dir(cfg.out, "--out")
+    records = sample_records(read_records(cfg.data or DATA_SAMPLES / "shapes" / "heldout.json"), cfg.n, cfg.seed)
+    model, processor = load_llava(cfg.model)
+    with cpu_threads(model, None):
+        built = build_plans(cfg, model, processor, parsed, log)
+        if "vanilla" not in built:
+            built = {"vanilla": (None, model, "")} | built  # every ratio is to vanilla
+        prompt = real_prompt(model, processor, records, cfg.text_tokens, 1, cfg.new_tokens, cfg.seed)
+        geometry = flops.Geometry.of(model.config.text_config)
+        samples = [(prompt.image_tokens, prompt.text_tokens)]
+        rows = []
+        for name, (plan, net, how) in built.items():
+            log(f"evaluating {name} on {len(records)} records")
+            result, _ = evaluate(net, processor, records, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+            ratios = flops.plan_ratios(geometry, plan, samples)
+            trainable = 0 if plan is None else net.trainable_parameters().trainable
+            rows.append({"plan": name, "params": params_of(plan), "accuracy": result["accuracy"],
+                         "flops_ratio": ratios["prefill"], "decode_flops_ratio": ratios["decode"],
+                         "trainable_params": trainable, "trained": how})
+        log(f"timing {len(built)} plans, {cfg.repeats} paired rounds")
+        timing = measure_latency({name: net for name, (_, net, _) in built.items()}, prompt, cfg.repeats, cfg.warmup)
+    for row in rows:
+        for kind in ("prefill", "decode"):
+            row[f"{kind}_ms"] = 1e3 * _median(timing[kind][row["plan"]])
+            row[f"{kind}_ratio"] = _median(paired_ratios(timing[kind]["vanilla"], timing[kind][row["plan"]]))
+    table = pd.DataFrame(rows)[list(COLUMNS)]
+    atomic_write(cfg.out / "frontier.csv", lambda p: table.to_csv(p, index=False, float_format="%.4g"))
+    return table

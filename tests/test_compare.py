@@ -1,0 +1,51 @@
+"""`routing compare` (issue 17): one row per plan with every column filled, the Pareto figure, one-line errors."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cli import routing_app
+from figures.pareto import frontier, pareto_figure
+from routing.compare import COLUMNS, parse_plans
+from saturation.errors import ToolkitError
+
+
+def test_compare_writes_a_filled_row_per_plan_and_the_figure(tmp_path):
+    out = tmp_path / "cmp"
+    plans = "vanilla,lf@5,vtw@5,fastv@2:50%,prune-pre:25%,pool:25%,lf@5+prune-pre:50%"
+    result = CliRunner().invoke(routing_app, ["compare", "--plans", plans, "--n", "8", "--train-steps", "2",
+                                              "--repeats", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "frontier.csv")
+    assert list(table.columns) == list(COLUMNS)
+    assert list(table["plan"]) == plans.split(",")
+    numbers = table[["accuracy", "flops_ratio", "prefill_ratio", "decode_ratio", "trainable_params"]]
+    assert numbers.notna().all().all()
+    assert table.set_index("plan").loc["vanilla", ["flops_ratio", "prefill_ratio", "decode_ratio"]].tolist() == [1, 1, 1]
+    flops = table.set_index("plan")["flops_ratio"]
+    assert flops["prune-pre:25%"] < flops["fastv@2:50%"] < 1 and flops["lf@5+prune-pre:50%"] < flops["lf@5"]
+    trainable = table.set_index("plan")["trainable_params"]
+    assert trainable["lf@5"] == trainable["lf@5+prune-pre:50%"] > 0 and trainable["fastv@2:50%"] == 0
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "pareto.pdf").exists()
+
+
+@pytest.mark.parametrize("plans,message", [("vanilla,fastv@2", "needs a keep ratio"), ("lf@3,lf@3", "twice"),
+                                           ("vanilla,quantize:50%", "cannot read plan"), (",", "empty")])
+def test_bad_plans_fail_in_one_line_before_loading(tmp_path, plans, message):
+    result = CliRunner().invoke(routing_app, ["compare", "--plans", plans, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    with pytest.raises(ToolkitError, match=message):
+        parse_plans(plans)
+
+
+def test_frontier_marks_the_undominated_points():
+    assert frontier([1.0, 0.5, 0.6, 0.4], [0.9, 0.8, 0.7, 0.2]) == [True, True, False, True]
+    rows = pd.DataFrame({"plan": ["vanilla", "a", "geometry"], "accuracy": [0.9, 0.8, math.nan],
+                         "flops_ratio": [1.0, 0.5, 0.4], "prefill_ratio": [1.0, 0.7, 0.5]})
+    fig = pareto_figure(rows)
+    assert len(fig.axes) == 2 and all(len(ax.collections) == 2 for ax in fig.axes)  # the n/a row is left out
