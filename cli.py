@@ -112,7 +112,7 @@ def check_device(device: str | None) -> None:
         resolve_device(device)
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'tiny' (embedded), an alias (llava-1.5-7b, llava-1.5-13b, llava-next-7b, llava-next-vicuna-7b, llava-onevision-7b, llava-onevision-0.5b), a hub id or a local directory.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'tiny' (embedded, default), 'tiny-clean', an alias (llava-1.5-7b/13b, llava-next-7b, llava-next-vicuna-7b, llava-onevision-7b/0.5b, qwen2.5-vl-3b/7b, qwen3-vl-2b/8b, gemma-3-4b/12b/27b), a hub id or a local directory.")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 | auto (default: fp32 on CPU, checkpoint dtype on GPU).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sample selection (and anything random).")]
@@ -408,7 +408,7 @@ def analyze_cmd(
 @routing_app.command("bench")
 @friendly
 def bench_cmd(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'llava-1.5-7b', 'llava-1.5-13b', a hub id or a local directory.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'tiny-clean', an alias (see saturation probe --help), a hub id or a local directory.")] = None,
     routing_dir: Annotated[Path | None, typer.Option("--routing", help="The run folder of `routing train`, or its routing/ artifact: its split, K and d_v; its side branch for its own variant.")] = None,
     split: Annotated[int | None, typer.Option(help="Split layer for the variants built here (default: layers // 2). Not with --routing.")] = None,
     variants: Annotated[str, typer.Option(help="Comma-separated variants measured against vanilla: lf, pc, kv, lf-ideal.")] = "lf,pc,kv",
