@@ -220,3 +220,29 @@ def test_image_sizes_travel_with_the_records(data):
     fmt = PromptFormat.of(Family("llava_next", proc).model())
     batch = collate([encode_record(r, proc, fmt=fmt) for r in read_records(data)[:3]], 0)
     assert batch["image_sizes"].tolist() == [list(s) for s in IMAGE_SIZES]
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_lmms_plugin_carries_the_family_prompt_and_image_kwargs(name):
+    """The lmms-eval plugin's request handling on anyres families: the family's prompt, image_sizes (and
+    batch_num_images) with the pixels; two image sizes in one batch answer as each alone; loglikelihood runs."""
+    from backbone_fixtures import Family
+
+    import routing
+    from routing.lmms_plugin import generate_requests, llava_prompt, loglikelihood
+
+    proc = checkpoint_processor(name, CHAT.get(name))
+    routed = routing.build(Family(name, proc).model(std=0.2), 2).eval()
+    fmt = PromptFormat.of(routed)
+    prompt = llava_prompt("what colour is the circle?", 1, proc, fmt)
+    assert prompt == (proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "what colour is the circle?"}]}], add_generation_prompt=True)
+        if name in CHAT else fmt.template.question("what colour is the circle?", True))
+    pictures = [[Image.new("RGB", (40, 40), "red")], [Image.new("RGB", (80, 40), "blue")]]
+    contexts, settings = ["what colour is the circle?"] * 2, [{"max_new_tokens": 3}] * 2
+    both = generate_requests(routed, proc, contexts, settings, lambda i: pictures[i], batch_size=2)
+    alone = [generate_requests(routed, proc, contexts[:1], settings[:1], lambda _, i=i: pictures[i], batch_size=1)[0]
+             for i in range(2)]
+    assert both == alone
+    nll, _ = loglikelihood(routed, proc, "what colour is the circle?", " red", pictures[1])
+    assert math.isfinite(nll) and nll > 0
