@@ -11,7 +11,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaOnevisionProcessor
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaOnevisionProcessor,
+    Qwen2_5_VLProcessor,
+    Qwen3VLProcessor,
+)
 
 from .anatomy import spec_for_config
 from .errors import ToolkitError
@@ -140,8 +147,8 @@ def load_llava(
     """Load `(model, processor)` for a LLaVA checkpoint, in eval mode, on `device` in `dtype`.
 
     `name_or_path`: ``tiny`` (the embedded model in ``data_samples/``), an alias (`ALIASES`: LLaVA-1.5, LLaVA-NeXT,
-    LLaVA-OneVision), a hub id or a local directory. A OneVision processor is built for images only when its
-    video processor cannot be (no torchvision). `attn_implementation` defaults to ``sdpa``;
+    LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, Gemma 3), a hub id or a local directory. A OneVision or Qwen processor is
+    built for images only when its video processor cannot be (no torchvision). `attn_implementation` defaults to ``sdpa``;
     the probe asks for ``eager`` because only eager attention returns attention weights.
     """
     resolved = resolve_name(name_or_path)
@@ -189,14 +196,42 @@ class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
         return super().to_dict() | {"processor_class": LlavaOnevisionProcessor.__name__}
 
 
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor without its video processor (torchvision), as `ImageOnlyOnevisionProcessor`."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # no video_processor parameter: ProcessorMixin reads its sub-processors from this signature
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"processor_class": Qwen2_5_VLProcessor.__name__}
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3-VL's processor without its video processor (torchvision), as `ImageOnlyOnevisionProcessor`."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"processor_class": Qwen3VLProcessor.__name__}
+
+
+# Families whose processor needs a video processor (torchvision) that images never use. Gemma 3's processor has
+# none, and its image processor resolves to the PIL backend without torchvision, so AutoProcessor loads it as is.
+IMAGE_ONLY_PROCESSORS = {"llava_onevision": ImageOnlyOnevisionProcessor, "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
+                         "qwen3_vl": ImageOnlyQwen3VLProcessor}
+
+
 def load_processor(resolved: str, config, local_only: bool):
-    """The checkpoint's processor; for LLaVA-OneVision without torchvision, `ImageOnlyOnevisionProcessor`."""
+    """The checkpoint's processor; without torchvision, the image-only one of `IMAGE_ONLY_PROCESSORS`."""
     try:
         return AutoProcessor.from_pretrained(resolved, local_files_only=local_only)
     except (OSError, ValueError, ImportError):
-        if getattr(config, "model_type", None) != "llava_onevision" or importlib.util.find_spec("torchvision"):
+        image_only = IMAGE_ONLY_PROCESSORS.get(getattr(config, "model_type", None))
+        if image_only is None or importlib.util.find_spec("torchvision"):
             raise
-    return ImageOnlyOnevisionProcessor.from_pretrained(resolved, local_files_only=local_only)
+    return image_only.from_pretrained(resolved, local_files_only=local_only)
 
 
 SMALL_HIDDEN = 512  # below this, a CPU matmul is too small to gain from intra-op threads

@@ -39,9 +39,9 @@ LONG_TEXT = ("user what colour is the circle and how many red and blue square le
              " ? model")
 
 
-def gemma_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer with Gemma's special tokens (ids as in SPECIALS), then `WORDS`."""
-    vocab = {w: i for i, w in enumerate((*SPECIALS, *WORDS))}
+def gemma_tokenizer(words: tuple[str, ...] = WORDS) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer with Gemma's special tokens (ids as in SPECIALS), then `words`."""
+    vocab = {w: i for i, w in enumerate((*SPECIALS, *words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
@@ -51,15 +51,17 @@ def gemma_tokenizer() -> PreTrainedTokenizerFast:
                               "image_token": "<image_soft_token>"})
 
 
-def gemma_processor() -> Gemma3Processor:
+def gemma_processor(words: tuple[str, ...] = WORDS, chat_template: str | None = None) -> Gemma3Processor:
     images = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    return Gemma3Processor(image_processor=images, tokenizer=gemma_tokenizer(), image_seq_length=TOKENS_PER_IMAGE)
+    return Gemma3Processor(image_processor=images, tokenizer=gemma_tokenizer(words),
+                           image_seq_length=TOKENS_PER_IMAGE, chat_template=chat_template)
 
 
-def gemma_config(layers: int = 6, std: float | None = None, tie: bool = True) -> Gemma3Config:
+def gemma_config(layers: int = 6, std: float | None = None, tie: bool = True, vocab: int | None = None
+                 ) -> Gemma3Config:
     """`tie`: lm_head shares the embedding (as released). Untied, greedy decoding of a random model stops repeating
     the last token (its sqrt(hidden)-scaled embedding dominates the residual stream)."""
-    text = {"vocab_size": len(SPECIALS) + len(WORDS), "hidden_size": 64, "intermediate_size": 128,
+    text = {"vocab_size": vocab or len(SPECIALS) + len(WORDS), "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
             "query_pre_attn_scalar": 16, "sliding_window": WINDOW, "layer_types": (LAYER_TYPES * 2)[:layers],
             "max_position_embeddings": 512, "tie_word_embeddings": tie, "pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": BOS,
@@ -73,11 +75,12 @@ def gemma_config(layers: int = 6, std: float | None = None, tie: bool = True) ->
                         boi_token_index=BOI, eoi_token_index=EOI, image_token_index=IMAGE, tie_word_embeddings=tie)
 
 
-def gemma_model(attn: str = "sdpa", seed: int = 0, layers: int = 6, std: float | None = None, tie: bool = True):
+def gemma_model(attn: str = "sdpa", seed: int = 0, layers: int = 6, std: float | None = None, tie: bool = True,
+                vocab: int | None = None):
     """A random tiny Gemma 3 in eval mode. HF initialises the projector weight to zeros (every image would embed as
     0) and the RMSNorm weights to 0 (scale 1): both are randomised, so a dropped image or norm shows."""
     torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(gemma_config(layers, std, tie)).eval()
+    model = Gemma3ForConditionalGeneration(gemma_config(layers, std, tie, vocab)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("mm_input_projection_weight"):
@@ -192,3 +195,29 @@ def step_logits(routed, batch: dict, new: int) -> tuple[torch.Tensor, list, list
         kw = extra if types is None else extra | {"token_type_ids": types[:, : n + t]}
         recomputed.append(routed(input_ids=ids[:, : n + t], attention_mask=mask[:, : n + t], **kw).logits[:, -1])
     return ids[:, n:], list(out.logits), recomputed
+
+
+# ---------------------------------------------------------------- checkpoints on disk (the CLI's --model DIR)
+
+CHAT_WORDS = ("yes", "no")
+# Gemma 3's chat template, cut to what the data uses (BOS first, images as <start_of_image>, "model" turns)
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+    "else message['role'] %}{{ '<start_of_turn>' + role + '\n' }}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<start_of_image>' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def save_checkpoint(folder, layers: int = 6, chat_template: str | None = None, seed: int = 0):
+    """A tiny random Gemma 3 saved with save_pretrained (model + processor), as a user's ``--model DIR``; weights
+    scaled up (std 0.2) and lm_head untied so that greedy answers depend on the input."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    proc = gemma_processor(WORDS + CHAT_WORDS, chat_template)
+    proc.tokenizer.add_tokens(["<start_of_turn>", "<end_of_turn>"], special_tokens=True)  # whole, as released
+    gemma_model(seed=seed, layers=layers, std=0.2, tie=False, vocab=len(proc.tokenizer)).save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder

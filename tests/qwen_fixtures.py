@@ -40,9 +40,9 @@ IMAGE_SIZES = ((32, 64), (48, 32), (32, 32))  # (H, W): merged grids 2x4, 3x2, 2
 DEEPSTACK = 2  # Qwen3-VL: features injected after decoder layers 0 and 1
 
 
-def qwen_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer with Qwen's special tokens (ids as in SPECIALS), then `WORDS`."""
-    vocab = {w: i for i, w in enumerate((*SPECIALS, *WORDS))}
+def qwen_tokenizer(words: tuple[str, ...] = WORDS) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer with Qwen's special tokens (ids as in SPECIALS), then `words`."""
+    vocab = {w: i for i, w in enumerate((*SPECIALS, *words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
@@ -202,3 +202,46 @@ def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **kwargs)
     for i in plan.fusion:
         h = layer(a.layers[i], h, full)
     return a.unembed(h)
+
+
+# ---------------------------------------------------------------- checkpoints on disk (the CLI's --model DIR)
+
+CHAT_WORDS = ("yes", "no")
+# Qwen-VL's chat template, cut to what the data uses (images as content entries, the vision tokens around the pad)
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# What a released Qwen3-VL checkpoint ships beside its processor: AutoProcessor then wants torchvision
+VIDEO_PREPROCESSOR = {"video_processor_type": "Qwen3VLVideoProcessor", "patch_size": PATCH, "merge_size": MERGE,
+                      "temporal_patch_size": 2}
+
+
+def checkpoint_processor(name: str, chat_template: str | None = None):
+    """A processor of family `name` that can be saved (images only, as `load_llava` builds it without torchvision),
+    knowing the chat words too."""
+    from saturation.loading import ImageOnlyQwen2_5_VLProcessor, ImageOnlyQwen3VLProcessor
+
+    images = _processor(name).image_processor
+    cls = ImageOnlyQwen2_5_VLProcessor if name == "qwen2_5_vl" else ImageOnlyQwen3VLProcessor
+    return cls(image_processor=images, tokenizer=qwen_tokenizer(WORDS + CHAT_WORDS), chat_template=chat_template)
+
+
+def save_checkpoint(name: str, folder, layers: int = 4, chat_template: str | None = None, seed: int = 0,
+                    video_config: bool = False):
+    """A tiny random checkpoint of family `name` saved with save_pretrained (model + processor), as a user's
+    ``--model DIR``; weights scaled up (std 0.2) so that greedy answers depend on the input. `video_config`: also
+    write the video processor's config a released checkpoint has (which AutoProcessor cannot build here)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    proc = checkpoint_processor(name, chat_template)
+    Family(name, proc).model(seed=seed, layers=layers, std=0.2).save_pretrained(folder)
+    proc.save_pretrained(folder)
+    if video_config:
+        (folder / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR))
+    return folder
