@@ -82,6 +82,8 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except ToolkitError as err:
+            if getattr(err, "quiet", False):  # another rank of a torchrun run failed and printed the one line
+                raise typer.Exit(1) from None
             _fresh_line(tracker)
             message = escape(" ".join(str(err).split()))  # one line, whatever the message holds; no markup in it
             err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
@@ -152,6 +154,10 @@ def probe_cmd(
     cfg = ProbeConfig(model=model, n=n, data=data, image_folder=image_folder, out=out, batch_size=batch_size,
                       seed=seed, dtype=dtype, device=device, rule=rule, resume=resume, backend=backend)
     result = run_probe(cfg)
+    from saturation.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 alone draws and reports
+        return
     figures = figure2_from_dir(result.out)
     Console().print("\n".join(summary_lines(result, figures)), highlight=False, markup=False, soft_wrap=True)
 

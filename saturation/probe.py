@@ -52,6 +52,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from . import distributed as dist
 from . import metrics
 from .anatomy import Anatomy, anatomy
 from .data import PromptFormat, Record, collate, encode_record, image_inputs, read_records, sample_records, to_model
@@ -325,11 +326,16 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
 
 
 class ShardStore:
-    """``DIR/samples/``: a manifest (what produced the shards) and ``shard-NNNNN.parquet`` files."""
+    """``DIR/samples/``: a manifest (what produced the shards) and ``shard-NNNNN.parquet`` files.
 
-    def __init__(self, folder: Path):
+    Under a launcher each rank writes ``shard-r{rank}-NNNNN.parquet`` (`tag` ``r{rank}-``), numbering only its own
+    files, so ranks never collide; every rank's shards count as done on a resume, whatever the world size.
+    """
+
+    def __init__(self, folder: Path, tag: str = ""):
         self.folder = folder
         self.manifest = folder / "manifest.json"
+        self.tag = tag
 
     def shards(self) -> list[Path]:
         return sorted(self.folder.glob("shard-*.parquet"))
@@ -355,9 +361,9 @@ class ShardStore:
         return {int(s) for p in self.shards() for s in pd.read_parquet(p, columns=["sample"])["sample"].unique()}
 
     def write(self, table: pd.DataFrame) -> Path:
-        existing = self.shards()
-        index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
-        path = self.folder / f"shard-{index:05d}.parquet"
+        own = [p for p in self.shards() if re.fullmatch(rf"shard-{self.tag}\d+", p.stem)]
+        index = int(own[-1].stem.rsplit("-", 1)[1]) + 1 if own else 0
+        path = self.folder / f"shard-{self.tag}{index:05d}.parquet"
         atomic_write(path, lambda p: table.to_parquet(p, index=False))
         return path
 
@@ -507,12 +513,47 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
     A loaded (`model`, `processor`) may be passed instead of loading ``cfg.model`` (its attention is switched
     to eager for the run and restored after). Figure 2 is drawn by the caller (``figures.figure2``), since
     ``saturation`` does not import ``figures``.
-    """
-    from .recommend import recommend
 
-    _check_options(cfg)
+    Under ``torchrun``/``accelerate launch`` (`saturation.distributed`) every rank probes its share of the samples
+    not yet in shards (``todo[rank::world]``) into its own shard files; rank 0 waits for all, then alone merges
+    and writes the results. Every rank returns the same result; a failure on any rank stops all of them.
+    """
     given = model is not None
+    if not given and dist.world_size() > 1:
+        cfg = replace(cfg, device=dist.rank_device(cfg.device))
+    dist.init(cfg.device)
+    model_name, fingerprint, samples, records, out, store = dist.together(lambda: _prepare(cfg, model))
+
+    started = time.perf_counter()
+    done = store.done()  # after rank 0 opened the store (`together` is a barrier): a --no-resume has cleared it
+    todo = [(s, r) for s, r in zip(samples, records) if s not in done][dist.rank()::dist.world_size()]
+
+    def probe_mine() -> None:
+        nonlocal model, processor
+        if todo:
+            if model is None:
+                model, processor = load_llava(cfg.model, dtype=cfg.dtype, device=cfg.device)
+            _probe_into(store, model, processor, todo, cfg)
+
+    dist.together(probe_mine)  # the barrier before the merge: every rank's shards are on disk, or all ranks stop
+    seconds = max(dist.gather(time.perf_counter() - started))
+    probed = sum(dist.gather(len(todo)))
+    paths = out / "per_sample.parquet", out / "summary.csv", out / "recommendation.json"
+    shown = display_name(model_name if given else cfg.model)
+    if dist.is_main():
+        rec, summary = dist.together(lambda: _write_results(cfg, store, samples, model_name, shown,
+                                                            fingerprint["num_layers"], paths))
+    else:
+        dist.together(lambda: None)  # rank 0 writes; then the files are there to read
+        rec, summary = json.loads(paths[2].read_text()), pd.read_csv(paths[1])
+    return ProbeResult(out, *paths, rec, len(samples), probed, seconds, summary)
+
+
+def _prepare(cfg: ProbeConfig, model) -> tuple[str, dict, list[int], list[Record], Path, ShardStore]:
+    """Every check before any work, the chosen samples and the shard store (rank 0 opens it: clears or checks)."""
+    _check_options(cfg)
     out = ensure_output_dir(cfg.out if cfg.out is not None else default_out(cfg.model))
+    given = model is not None
     device = next(model.parameters()).device if given else resolve_device(cfg.device)
     dtype = next(model.parameters()).dtype if given else resolve_dtype(cfg.dtype, device)
     if not given:
@@ -522,37 +563,35 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
         config = model.config
         model_name = str(getattr(model, "name_or_path", "") or cfg.model)
     data, records, samples = plan_samples(cfg)
-    store = ShardStore(out / "samples")
+    store = ShardStore(out / "samples", tag=f"r{dist.rank()}-" if dist.world_size() > 1 else "")
     fingerprint = {"model": model_name, "seed": cfg.seed, "data": str(data.resolve()), "data_sha256": _file_digest(data),
                    "dtype": str(dtype), "num_layers": int(config.text_config.num_hidden_layers)}
-    # A fresh start (store.open will not refuse it): old results would describe another run, so they go first.
-    if not cfg.resume or not (store.manifest.is_file() or store.shards()):
-        for name in RESULT_FILES:
-            (out / name).unlink(missing_ok=True)
-    store.open(fingerprint, cfg.resume)
-    done = store.done()
-    todo = [(s, r) for s, r in zip(samples, records) if s not in done]
+    if dist.is_main():
+        # A fresh start (store.open will not refuse it): old results would describe another run, so they go first.
+        if not cfg.resume or not (store.manifest.is_file() or store.shards()):
+            for name in RESULT_FILES:
+                (out / name).unlink(missing_ok=True)
+        store.open(fingerprint, cfg.resume)
+    return model_name, fingerprint, samples, records, out, store
 
-    started = time.perf_counter()
-    if todo:
-        if not given:
-            model, processor = load_llava(cfg.model, dtype=cfg.dtype, device=cfg.device)
-        _probe_into(store, model, processor, todo, cfg)
-    seconds = time.perf_counter() - started
 
+def _write_results(cfg: ProbeConfig, store: ShardStore, samples: list[int], model_name: str, shown: str,
+                   num_layers: int, paths: tuple[Path, Path, Path]) -> tuple[dict, pd.DataFrame]:
+    """Merge every shard of `samples` into the per-sample table, ``summary.csv`` and ``recommendation.json``."""
+    from .recommend import recommend
+
+    table_path, summary_path, rec_path = paths
     table = store.read(set(samples))
-    table_path, summary_path, rec_path = out / "per_sample.parquet", out / "summary.csv", out / "recommendation.json"
     atomic_write(table_path, lambda p: table.to_parquet(p, index=False))
     summary = summarize(table)
     atomic_write(summary_path, lambda p: summary.to_csv(p, index=False))
-    num_layers = fingerprint["num_layers"]
     rec = recommend(summary, model=model_name, num_layers=num_layers, rule=cfg.rule, n=len(samples), per_sample=table)
-    rec["display_name"] = display_name(model_name if given else cfg.model)
+    rec["display_name"] = shown
     if Path(model_name) == Path(resolve_name("tiny")):
         rec["evidence"]["caveat"] = ("the embedded model was trained with an auxiliary logit-lens loss on image tokens "
                                      "at the LM input, which shapes what the logit-lens view sees there")
     write_json(rec_path, rec)
-    return ProbeResult(out, table_path, summary_path, rec_path, rec, len(samples), len(todo), seconds, summary)
+    return rec, summary
 
 
 def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Record]], cfg: ProbeConfig) -> None:
@@ -564,7 +603,7 @@ def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Recor
     fmt = PromptFormat.of(anat)
     bridge = boot_bridge(model, processor) if cfg.backend == "transformer-lens" else None
     hooks = contextlib.nullcontext(reducer) if bridge is not None else reducer  # the bridge has its own hooks
-    with eager_attention(model), cpu_threads(model, cfg.threads), hooks, _progress(cfg.progress) as bar:
+    with eager_attention(model), cpu_threads(model, cfg.threads), hooks, _progress(cfg.progress and dist.is_main()) as bar:
         task = bar.add_task("probe", total=len(todo), rate="")
         t0 = time.perf_counter()
         for start in range(0, len(todo), cfg.batch_size):

@@ -1,0 +1,93 @@
+"""Data parallelism through real launchers: `torchrun --nproc_per_node 2` subprocesses on CPU (gloo).
+
+Each multi-process run costs ~15-25 s here (two interpreters importing torch and transformers), so runs are few
+and small, and every one has a timeout and its own free port: a hung collective fails the test, never the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from saturation.loading import DATA_SAMPLES
+from saturation.probe import ProbeConfig, run_probe
+
+BIN = Path(sys.executable).parent
+TIMEOUT = 120  # seconds per launcher run: far above the ~25 s it takes, far below a hang
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, *args, nproc: int = 2, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node nproc <console script> args` on its own port, killed after `TIMEOUT`."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "300", "MPLBACKEND": "Agg"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(BIN / script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=cwd)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_two_process_probe_equals_one_process_and_resumes_per_shard(tmp_path):
+    single = run_probe(ProbeConfig(model="tiny", n=8, out=tmp_path / "one", progress=False))
+    out = tmp_path / "two"
+    proc = torchrun("saturation", "probe", "-n", 8, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("recommended split") == 1  # rank 0 alone reports
+    assert proc.stderr.count("probe ━") <= 1 or "4/4" in proc.stderr  # one progress bar (rank 0's)
+    shards = sorted(p.name for p in (out / "samples").glob("shard-*.parquet"))
+    assert shards == ["shard-r0-00000.parquet", "shard-r1-00000.parquet"]  # each rank its own files
+    for name in ("per_sample.parquet", "summary.csv", "recommendation.json", "figure2.png", "figure2.pdf"):
+        assert (out / name).stat().st_size > 0, name
+
+    a = pd.read_parquet(single.table_path)
+    b = pd.read_parquet(out / "per_sample.parquet")
+    keys = ["sample", "sample_id", "layer", "modality", "metric"]
+    assert a[keys].astype(str).equals(b[keys].astype(str))  # the same samples, rows in the same order
+    np.testing.assert_allclose(b["value"], a["value"], rtol=1e-5, atol=1e-6, equal_nan=True)
+    sa, sb = pd.read_csv(single.summary_path), pd.read_csv(out / "summary.csv")
+    assert sa[["layer", "modality", "metric"]].equals(sb[["layer", "modality", "metric"]])
+    np.testing.assert_allclose(sb[["median", "q25", "q75"]], sa[["median", "q25", "q75"]], atol=1e-5, equal_nan=True)
+    rec_a, rec_b = single.recommendation, json.loads((out / "recommendation.json").read_text())
+    assert rec_b["split"] == rec_a["split"] and rec_b["alternatives"] == rec_a["alternatives"]
+
+    # rank 1 "was killed": its shard is gone. A restart of all ranks probes only its samples again.
+    (out / "samples" / "shard-r1-00000.parquet").unlink()
+    (out / "per_sample.parquet").unlink()
+    again = torchrun("saturation", "probe", "-n", 8, "--out", out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(4 probed now, 4 from shards" in again.stdout
+    np.testing.assert_allclose(pd.read_parquet(out / "per_sample.parquet")["value"], a["value"], rtol=1e-5,
+                               atol=1e-6, equal_nan=True)
+
+
+def test_an_error_on_one_rank_stops_all_ranks_with_one_line(tmp_path):
+    """A broken image in one rank's share: that rank fails while probing, the other ends quietly at the barrier,
+    and no merged result is written."""
+    data = tmp_path / "data"
+    shutil.copytree(DATA_SAMPLES / "shapes" / "images", data / "images")
+    records = json.loads((DATA_SAMPLES / "shapes" / "probe.json").read_text())[:4]
+    (data / records[0]["image"]).write_bytes(b"not an image")
+    (data / "probe.json").write_text(json.dumps(records))
+    out = tmp_path / "run"
+    proc = torchrun("saturation", "probe", "-n", 4, "--batch-size", 1, "--data", data / "probe.json", "--out", out)
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "cannot read image" in lines[0], proc.stderr[-3000:]
+    assert "saturation/probe.py" not in proc.stderr  # no traceback from our code on any rank
+    assert not (out / "per_sample.parquet").exists() and not (out / "recommendation.json").exists()
