@@ -153,6 +153,7 @@ class Prompt:
     image_mask: Tensor  # [batch, seq] bool
     next_tokens: Tensor  # [new_tokens, batch, 1] text ids fed to the decode steps (never the image token)
     batch: dict | None = None  # input_ids, attention_mask, pixel_values: end-to-end prefill (real images only)
+    own_positions: bool = False  # the batch's image kwargs drive positions (M-RoPE): vanilla HF derives them too
     attention_mask: Tensor = field(init=False)
     position_ids: Tensor = field(init=False)
 
@@ -201,7 +202,7 @@ def random_prompt(model, text_tokens: int, batch: int, new_tokens: int, seed: in
 def real_prompt(model, processor, records, text_tokens: int, batch: int, new_tokens: int, seed: int = 0) -> Prompt:
     """Real images and the family's prompt through the processor; each prompt's text is cycled (or cut) to
     `text_tokens` tokens around its image block, so every text length keeps the real image tokens."""
-    from saturation.data import PromptFormat, collate, encode_prompt, image_inputs
+    from saturation.data import SEQUENCE_KEYS, PromptFormat, collate, encode_prompt, image_inputs
 
     a = anatomy(model)
     fmt = PromptFormat.of(a)
@@ -219,6 +220,9 @@ def real_prompt(model, processor, records, text_tokens: int, batch: int, new_tok
     input_ids = torch.stack(rows).to(device)
     images = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
               for k, v in image_inputs(collate(encoded, 0)).items()}  # pixels and the family's image kwargs
+    for key in SEQUENCE_KEYS:  # per-token kwargs (Gemma's token_type_ids, Qwen's mm_token_type_ids): 1 = image,
+        if key in images:      # marking the rebuilt rows, not the processor's
+            images[key] = input_ids.eq(a.image_token_id).to(images[key].dtype)
     embeds, image_mask = a.embed(input_ids, **images)
     if int(image_mask.sum(1).min()) != int(image_mask.sum(1).max()):
         raise ToolkitError("the benchmark needs the same number of image tokens in every row")
@@ -226,7 +230,7 @@ def real_prompt(model, processor, records, text_tokens: int, batch: int, new_tok
     pool = torch.stack(rows)[~torch.stack(rows).eq(a.image_token_id)]
     next_tokens = pool[torch.randint(len(pool), (new_tokens, batch, 1), generator=g)].to(device)
     batch_in = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **images}
-    return Prompt(embeds, image_mask, next_tokens, batch_in)
+    return Prompt(embeds, image_mask, next_tokens, batch_in, own_positions=bool(a.position_kwargs))
 
 
 # ---------------------------------------------------------------- timing
@@ -259,7 +263,7 @@ def prefill(model, p: Prompt, e2e: bool = False):
     """Generation prefill: cache filled, last position's logits only (from merged embeddings unless `e2e`)."""
     routed = isinstance(model, RoutedLlava)
     if e2e:
-        positions = {} if routed else {"position_ids": p.position_ids}
+        positions = {} if routed or p.own_positions else {"position_ids": p.position_ids}
         return model(**p.batch, **positions, use_cache=True, logits_to_keep=1)
     if routed:
         return model(inputs_embeds=p.embeds, image_mask=p.image_mask, attention_mask=p.attention_mask,

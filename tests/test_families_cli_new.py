@@ -55,3 +55,97 @@ def test_checkpoint_loads_offline_and_walks_as_hf(name, tmp_path):
             k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")})
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(walk[valid], hf[valid], rtol=0, atol=0)
+
+
+def _ok(result):
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_images_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module", params=NEW)
+def checkpoint(request, tmp_path_factory):
+    name = request.param  # Qwen2.5-VL through its chat template, the others through their adapter's
+    return name, save(name, tmp_path_factory.mktemp(name) / "model", chat=name == "qwen2_5_vl")
+
+
+def test_every_command_runs_on_the_family(checkpoint, data, tmp_path, monkeypatch):
+    """probe (three views, medians in range, Figure 2, a recommendation at the model's own depth) -> train at
+    --split auto -> eval -> generate (two image sizes in one batch = each alone) -> bench -> analyze."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from cli import routing_app, saturation_app
+
+    runner = CliRunner()
+    name, model = checkpoint
+    layers = 6 if name == "gemma3" else 4
+    monkeypatch.chdir(tmp_path)  # bench's default folder, anything relative
+    probe = tmp_path / "probe"
+    _ok(runner.invoke(saturation_app, ["probe", "--model", str(model), "--data", str(data), "--n", "6",
+                                       "--batch-size", "3", "--out", str(probe)]))
+    rec = json.loads((probe / "recommendation.json").read_text())
+    assert rec["num_layers"] == layers and 1 <= rec["split"] <= layers - 2
+    assert (probe / "figure2.png").stat().st_size > 0 and (probe / "figure2.pdf").is_file()
+    summary = pd.read_csv(probe / "summary.csv")
+    med = {m: summary[summary.metric == m]["median"] for m in ("cosine", "attention_mass", "logit_lens_kl")}
+    assert set(summary.layer) == set(range(layers)) and not any(v.isna().any() for v in med.values())
+    assert med["cosine"].between(-1, 1).all() and med["attention_mass"].between(0, 1).all()
+    assert (med["logit_lens_kl"] >= 0).all()
+
+    run = tmp_path / "run"
+    _ok(runner.invoke(routing_app, ["train", "--model", str(model), "--split", "auto", "--probe", str(probe),
+                                    "--data", str(data), "--out", str(run), "--max-steps", "2", "--batch-size", "3",
+                                    "--save-steps", "2"]))
+    assert json.loads((run / "train_summary.json").read_text())["split"] == rec["split"]
+
+    _ok(runner.invoke(routing_app, ["eval", "--model", str(model), "--routing", str(run), "--data", str(data),
+                                    "--json", str(tmp_path / "eval.json"), "--max-new-tokens", "2"]))
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 6
+
+    images = [tmp_path / "square.png", tmp_path / "wide.png"]
+    Image.new("RGB", (40, 40), "red").save(images[0])
+    Image.new("RGB", (80, 40), "blue").save(images[1])  # (W, H): 2x2 and 2x5 merged grids on Qwen
+    ask = ["generate", "--model", str(model), "--routing", str(run), "--prompt", "what colour is the circle?",
+           "--max-new-tokens", "3"]
+    both = runner.invoke(routing_app, [*ask, "--image", str(images[0]), "--image", str(images[1])])
+    alone = [runner.invoke(routing_app, [*ask, "--image", str(p)]) for p in images]
+    _ok(both), [_ok(a) for a in alone]
+    answers = [line.strip() for line in both.stdout.strip().splitlines()]
+    assert len(answers) == 2 and answers[0].startswith(f"{images[0]}:")
+    assert answers == [a.stdout.strip() for a in alone]  # a left-padded ragged batch answers as each alone
+    assert any(len(line) > len(f"{images[0]}:") for line in answers)  # something was generated
+
+    _ok(runner.invoke(routing_app, ["bench", "--model", str(model), "--routing", str(run), "--text-tokens", "8",
+                                    "--repeats", "1", "--warmup", "0", "--new-tokens", "1",
+                                    "--json", str(tmp_path / "bench.json")]))
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["images"] == "real" and bench["layers"] == layers and bench["split"] == rec["split"]
+
+    _ok(runner.invoke(routing_app, ["analyze", "--routing", str(run), "--model", str(model), "--data", str(data),
+                                    "--n", "4", "--out", str(tmp_path / "analysis")]))
+    mech = json.loads((tmp_path / "analysis" / "mechanism.json").read_text())
+    assert mech["shallow_drift_min_cosine"] > 0.9999  # the shallow stack is shared, ragged padding or not
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+def test_bench_real_prompt_marks_its_own_image_tokens(name, tmp_path):
+    """routing bench rebuilds each prompt's text around its image block: the per-token image kwargs (Qwen's
+    mm_token_type_ids, Gemma's token_type_ids) must mark the rebuilt rows' image tokens, not the processor's rows
+    (before: a shape error on Qwen, 'marks other tokens' on Gemma), and vanilla HF takes the batch end to end."""
+    from routing.benchmark import _bench_records, prefill, real_prompt
+    from saturation.loading import load_llava
+
+    model, proc = load_llava(save(name, tmp_path / name))
+    a = anatomy(model)
+    for text_tokens in (5, 40):  # cut and cycled
+        p = real_prompt(model, proc, _bench_records(), text_tokens, batch=2, new_tokens=1)
+        key = "token_type_ids" if name == "gemma3" else "mm_token_type_ids"
+        assert torch.equal(p.batch[key] == 1, p.batch["input_ids"] == a.image_token_id)
+        assert p.text_tokens == text_tokens and p.own_positions == (name != "gemma3")
+        with torch.no_grad():
+            assert prefill(model, p, e2e=True).logits.shape[:2] == (2, 1)
