@@ -223,8 +223,10 @@ def train_cmd(
                       side_depth=side_depth, data=data, n_train=n_train, out=out, max_steps=max_steps, lr=lr,
                       batch_size=batch_size, save_steps=save_steps, resume=resume, seed=seed, dtype=dtype,
                       device=device)
+    from saturation.distributed import is_main
+
     summary = run_train(cfg, log=lambda msg: Console().print(msg, highlight=False, markup=False, soft_wrap=True))
-    if summary.get("unchanged"):  # a finished run of the same options: run_train said so, and nothing changed
+    if summary.get("unchanged") or not is_main():  # nothing changed, or another rank of torchrun: rank 0 writes
         return
     source = Path(summary["split_source"])
     if source.name == "recommendation.json" and not (source.parent / "figure2.png").exists():

@@ -211,6 +211,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         image_grid_thw: Tensor | None = None,
         mm_token_type_ids: Tensor | None = None,
         token_type_ids: Tensor | None = None,
+        num_items_in_batch: Tensor | int | None = None,
         **image_kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits [batch, seq, vocab] (or the last `logits_to_keep`) and, with `labels`, the causal-LM loss over
@@ -222,6 +223,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         `image_mask` [batch, seq] replaces `input_ids`/`pixel_values` (benchmarks); `mm_encoder_outputs`
         ({"image": the base's image-feature output}) replaces `pixel_values`, as ``generate()`` passes it.
         `image_sizes`, `batch_num_images`, ...: the family's own image kwargs (see ``IMAGE_KWARGS``), to its merge.
+        `num_items_in_batch` (the Trainer's count of labelled tokens over every process): the loss is their sum over
+        it, so data-parallel ranks add up to the one-process mean instead of averaging per-rank means.
         """
         if image_kwargs.pop("position_ids", None) is not None:
             raise ToolkitError("the routed model derives positions from attention_mask (cumsum - 1, the generate "
@@ -249,7 +252,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         logits = self.anatomy.unembed(h)
         loss = None
         if labels is not None:
-            loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
+            loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: cache})
 
     def _family_kwargs(self, named: dict) -> dict:

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 
+from saturation import distributed as dist
 from saturation.data import PromptFormat, Record, collate, encode_record, read_records
 from saturation.errors import ToolkitError
 from saturation.files import ensure_output_dir, write_json, write_text
@@ -50,7 +51,9 @@ SUMMARY = "train_summary.json"
 # What defines a run (resuming with any of them changed would mix two runs), and the option that sets each.
 RUN_OPTIONS = {"model": "--model", "variant": "--variant", "split": "--split", "fusion_layers": "--fusion-layers",
                "side_depth": "--side-depth", "learning_rate": "--lr", "seed": "--seed", "batch_size": "--batch-size",
-               "data_sha256": "data (--data/--n-train)"}
+               "data_sha256": "data (--data/--n-train)", "world_size": "processes (torchrun --nproc_per_node)"}
+# Options an older run.json lacks, and the value it ran with: a run from before `world_size` was recorded ran alone.
+RUN_DEFAULTS = {"world_size": 1}
 
 
 @dataclass
@@ -125,7 +128,10 @@ def run_identity(model_id: str, plan: RoutingPlan, opts: TrainConfig, records: l
     """The options that define a run (`RUN_OPTIONS`); without `records`, all but the data digest."""
     identity = {"model": model_id, "variant": plan.variant, "split": plan.split, "fusion_layers": plan.fusion_layers,
                 "side_depth": plan.side_depth, "learning_rate": opts.learning_rate, "seed": opts.seed,
-                "batch_size": opts.batch_size}
+                "batch_size": opts.batch_size,
+                # the global batch is world_size x batch_size and the optimizer state is per process layout:
+                # checkpoints resume only under the same number of processes
+                "world_size": dist.world_size()}
     if records is not None:
         identity["data_sha256"] = records_digest(records)
     return identity
@@ -135,7 +141,7 @@ def _differences(old: dict, new: dict) -> list[str]:
     """``--split 4 (now 5)`` for each defining option of `new` that `old` has otherwise."""
     diffs = []
     for key in (k for k in RUN_OPTIONS if k in new):
-        before, now = old.get(key), new[key]
+        before, now = old.get(key, RUN_DEFAULTS.get(key)), new[key]
         same = (Path(str(before)).name == Path(str(now)).name) if key == "model" else before == now  # a local copy
         if not same:
             diffs.append(f"{RUN_OPTIONS[key]} {before} (now {now})")
@@ -239,10 +245,16 @@ class SideBranchTrainer(Trainer):
         return loss
 
     def loss_sum(self) -> float | None:
-        """Summed per-step loss of the whole run up to now (None when the resumed checkpoint did not record it)."""
+        """Summed per-step loss of the whole run up to now (None when the resumed checkpoint did not record it).
+
+        Under DDP each rank's step loss is its share of the global one (times the world size): the mean over ranks
+        is the global loss. A collective, so every rank calls it (checkpoint saves and the end of training do)."""
+        now = self._loss_now if self._loss_now is not None else torch.zeros((), device=self.args.device)
+        if self.args.world_size > 1:
+            now = self.accelerator.reduce(now.to(self.args.device), reduction="mean")
         if self.loss_before is None:
             return None
-        return self.loss_before + (float(self._loss_now) if self._loss_now is not None else 0.0)
+        return self.loss_before + float(now)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -264,8 +276,11 @@ class SideBranchTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        write_json(folder / LOSS_FILE, {"step": self.state.global_step, "loss_sum": self.loss_sum()})
-        (folder / DONE_MARKER).write_text(str(self.state.global_step))  # written last: the folder is whole
+        loss_sum = self.loss_sum()  # every rank: it is a collective
+        self.accelerator.wait_for_everyone()  # every rank's part of the checkpoint (its RNG state) is on disk
+        if self.args.should_save:  # rank 0 alone finishes the folder
+            write_json(folder / LOSS_FILE, {"step": self.state.global_step, "loss_sum": loss_sum})
+            (folder / DONE_MARKER).write_text(str(self.state.global_step))  # written last: the folder is whole
 
 
 def checkpoint_loss_sum(folder: Path) -> float | None:
@@ -320,7 +335,13 @@ def checkpointing_arguments(enabled: bool) -> dict:
 
 
 def training_arguments(opts: TrainConfig, out: Path, device: torch.device) -> TrainingArguments:
-    """The paper's recipe as `TrainingArguments`; bf16 and gradient checkpointing only on CUDA."""
+    """The paper's recipe as `TrainingArguments`; bf16 and gradient checkpointing only on CUDA.
+
+    Under torchrun the Trainer runs DDP (NCCL on CUDA, gloo on CPU): `per_device_train_batch_size` per process,
+    so the global batch is world size x `batch_size`. Only the side branch needs gradients; DDP registers only
+    parameters that require them, and every side-branch parameter is used in each step, so no search for unused
+    ones.
+    """
     cuda = device.type == "cuda"
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
@@ -345,6 +366,8 @@ def training_arguments(opts: TrainConfig, out: Path, device: torch.device) -> Tr
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        ddp_backend=None if cuda or dist.world_size() == 1 else "gloo",
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -487,8 +510,11 @@ def resolve_training_split(cfg: TrainConfig, num_layers: int, log=print) -> tupl
 def run_train(cfg: TrainConfig, log=print) -> dict:
     """`routing train`: resolve the split, route the model, train the side branch, write the artifact and logs.
 
-    Every check that needs no weights (numbers, --out, split, a resume with other options) runs first.
+    Every check that needs no weights (numbers, --out, split, a resume with other options) runs first. Under
+    torchrun every rank trains (DDP) and rank 0 alone logs and writes.
     """
+    if not dist.is_main():
+        log = lambda msg: None  # noqa: E731 - one report, rank 0's
     check_options(cfg)
     if cfg.out is not None:
         ensure_output_dir(cfg.out)  # a bad --out fails now, not after loading and training
@@ -500,7 +526,10 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     model_id = resolve_name(cfg.model)
     if cfg.resume:  # other options than the run in --out: refuse before making data or loading weights
         check_run(out, run_identity(model_id, plan, cfg, None))
-    records = training_records(cfg.data, out, cfg.n_train, cfg.seed)
+    dist.init(dist.rank_device(cfg.device))
+    # rank 0 makes the generated training set once; the others read it after (`together` is a barrier)
+    records = dist.together(lambda: training_records(cfg.data, out, cfg.n_train, cfg.seed) if dist.is_main() else None)
+    records = records or training_records(cfg.data, out, cfg.n_train, cfg.seed)
     identity = run_identity(model_id, plan, cfg, records)
     if cfg.resume:
         planned = planned_steps(len(records), cfg)
@@ -508,7 +537,8 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
             log(_finished_message(out, done))
             return done | {"unchanged": True}
         check_not_past(out, planned)
-    model, processor = load_llava(cfg.model, dtype=training_dtype(cfg.dtype, cfg.device), device=cfg.device)
+    device = dist.rank_device(cfg.device)  # under torchrun on GPUs: this rank's GPU
+    model, processor = load_llava(cfg.model, dtype=training_dtype(cfg.dtype, device), device=device)
     routed = build(model, split, cfg.variant, cfg.fusion_layers, cfg.side_depth)
     log(f"split {split} (from {source})\n{routed.plan.describe()}\ntrainable: {routed.trainable_parameters()}")
     with cpu_threads(model, None):
@@ -516,6 +546,6 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     if summary.pop("unchanged", False):
         return summary | {"unchanged": True}
     summary |= {"model": resolve_name(cfg.model), "split_source": source, "out": str(out)}
-    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 writes
+    if dist.is_main():  # torchrun: rank 0 writes
         write_json(out / SUMMARY, summary)
     return summary

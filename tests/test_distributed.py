@@ -17,11 +17,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from typer.testing import CliRunner
 
+from cli import routing_app
 from saturation.loading import DATA_SAMPLES
 from saturation.probe import ProbeConfig, run_probe
 
 BIN = Path(sys.executable).parent
+runner = CliRunner()
 TIMEOUT = 120  # seconds per launcher run: far above the ~25 s it takes, far below a hang
 
 
@@ -91,3 +95,46 @@ def test_an_error_on_one_rank_stops_all_ranks_with_one_line(tmp_path):
     assert len(lines) == 1 and "cannot read image" in lines[0], proc.stderr[-3000:]
     assert "saturation/probe.py" not in proc.stderr  # no traceback from our code on any rank
     assert not (out / "per_sample.parquet").exists() and not (out / "recommendation.json").exists()
+
+
+def _side_update(run: Path, split: int) -> dict[str, torch.Tensor]:
+    """The trained side branch minus its initial weights (a copy of layer `split` of the embedded model)."""
+    from safetensors.torch import load_file
+
+    side = load_file(run / "routing" / "side_branch.safetensors")
+    base = load_file(DATA_SAMPLES / "tiny-llava" / "model.safetensors")
+    layer = {k.split(f"layers.{split}.", 1)[1]: v for k, v in base.items() if "language_model" in k and f"layers.{split}." in k}
+    return {k: side[k] - layer[k.split(".", 1)[1]] for k in side}
+
+
+def test_two_process_ddp_update_equals_one_process_with_twice_the_batch(tmp_path):
+    """2 gloo processes x batch 2 see the samples of 1 process x batch 4 per step, so 3 steps of side-branch updates
+    agree; rank 0 alone writes; the run folder records its world size and refuses another one in one line."""
+    opts = ["--split", 5, "--n-train", 16, "--max-steps", 3, "--lr", "1e-3", "--save-steps", 2]
+    one = tmp_path / "one"
+    single = runner.invoke(routing_app, ["train", *map(str, opts), "--batch-size", "4", "--out", str(one)])
+    assert single.exit_code == 0, single.output
+    two = tmp_path / "two"
+    proc = torchrun("routing", "train", *opts, "--batch-size", 2, "--out", two, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained to step 3") == 1 and proc.stdout.count("split 5 (from") == 1  # rank 0 reports
+
+    a, b = _side_update(one, 5), _side_update(two, 5)
+    assert a.keys() == b.keys()
+    norm = torch.sqrt(sum((v ** 2).sum() for v in a.values()))
+    diff = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
+    assert norm > 1e-4 and diff / norm <= 1e-3, (float(norm), float(diff))
+    loss_a = json.loads((one / "train_summary.json").read_text())["train_loss"]
+    loss_b = json.loads((two / "train_summary.json").read_text())["train_loss"]
+    assert loss_b == pytest.approx(loss_a, rel=1e-4)  # the global mean loss, not rank 0's share
+
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+    ckpt = two / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "checkpoint_complete").is_file() and (ckpt / "loss_sum.json").is_file()
+    assert {"loss.png", "train_log.csv", "train_summary.json"} <= {p.name for p in two.iterdir()}
+
+    alone = runner.invoke(routing_app, ["train", *map(str, opts), "--max-steps", "4", "--batch-size", "2",
+                                        "--out", str(two)])
+    assert alone.exit_code == 1
+    lines = alone.output.strip().splitlines()
+    assert len(lines) == 1 and "nproc_per_node) 2 (now 1)" in lines[0], alone.output
