@@ -55,6 +55,7 @@ from torch import Tensor
 from . import distributed as dist
 from . import metrics
 from .anatomy import Anatomy, anatomy
+from .backbones import adapter_class
 from .data import PromptFormat, Record, collate, encode_record, image_inputs, read_records, sample_records, to_model
 from .errors import ToolkitError
 from .files import atomic_write, ensure_output_dir, write_json
@@ -405,6 +406,8 @@ class ProbeConfig:
     backend: str = "hf"  # 'hf' hooks, or 'transformer-lens' (extra `lens`)
     progress: bool = True
     threads: int | None = None  # CPU intra-op threads; None: 1 for small models on CPU (see cpu_threads)
+    device_map: str | None = None  # 'auto' etc.: accelerate places the layers (GPUs, CPU, disk); not with --device
+    max_memory: str | None = None  # with device_map: "0=20GiB,cpu=64GiB"
 
 
 @dataclass
@@ -450,6 +453,8 @@ def summary_lines(result: ProbeResult, figures: list[Path] = ()) -> list[str]:
     ]
     if ev.get("disagreement"):  # rules far apart: say so plainly, with the conservative choice
         lines.append(f"  WARNING: {ev['disagreement']['text']}")
+    if ev.get("min_split"):  # a rule's split fell inside layers the backbone needs shallow (DeepStack)
+        lines.append(f"  note: {ev['min_split']['text']}")
     if "caveat" in ev:
         lines.append(f"  note: {ev['caveat']}")
     lines += [f"  files in {result.out}:",
@@ -532,7 +537,8 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
         nonlocal model, processor
         if todo:
             if model is None:
-                model, processor = load_llava(cfg.model, dtype=cfg.dtype, device=cfg.device)
+                model, processor = load_llava(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                              device_map=cfg.device_map, max_memory=cfg.max_memory)
             _probe_into(store, model, processor, todo, cfg)
 
     dist.together(probe_mine)  # the barrier before the merge: every rank's shards are on disk, or all ranks stop
@@ -541,8 +547,10 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
     paths = out / "per_sample.parquet", out / "summary.csv", out / "recommendation.json"
     shown = display_name(model_name if given else cfg.model)
     if dist.is_main():
+        config = model.config if model is not None else load_config(cfg.model)  # no model loaded: all from shards
+        min_split = adapter_class(config).first_split(config)  # Qwen3-VL: after its DeepStack layers
         rec, summary = dist.together(lambda: _write_results(cfg, store, samples, model_name, shown,
-                                                            fingerprint["num_layers"], paths))
+                                                            fingerprint["num_layers"], paths, min_split))
     else:
         dist.together(lambda: None)  # rank 0 writes; then the files are there to read
         rec, summary = json.loads(paths[2].read_text()), pd.read_csv(paths[1])
@@ -552,9 +560,12 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
 def _prepare(cfg: ProbeConfig, model) -> tuple[str, dict, list[int], list[Record], Path, ShardStore]:
     """Every check before any work, the chosen samples and the shard store (rank 0 opens it: clears or checks)."""
     _check_options(cfg)
+    if cfg.device_map is not None and dist.world_size() > 1:
+        raise ToolkitError("--device-map under torchrun is not supported: data parallelism gives each rank one "
+                           "device; use one of them (several processes, or one process with --device-map)")
     out = ensure_output_dir(cfg.out if cfg.out is not None else default_out(cfg.model))
     given = model is not None
-    device = next(model.parameters()).device if given else resolve_device(cfg.device)
+    device = next(model.parameters()).device if given else resolve_device(None if cfg.device_map else cfg.device)
     dtype = next(model.parameters()).dtype if given else resolve_dtype(cfg.dtype, device)
     if not given:
         config = load_config(cfg.model)  # fail fast (offline, not LLaVA) before reading the data
@@ -576,7 +587,7 @@ def _prepare(cfg: ProbeConfig, model) -> tuple[str, dict, list[int], list[Record
 
 
 def _write_results(cfg: ProbeConfig, store: ShardStore, samples: list[int], model_name: str, shown: str,
-                   num_layers: int, paths: tuple[Path, Path, Path]) -> tuple[dict, pd.DataFrame]:
+                   num_layers: int, paths: tuple[Path, Path, Path], min_split: int = 1) -> tuple[dict, pd.DataFrame]:
     """Merge every shard of `samples` into the per-sample table, ``summary.csv`` and ``recommendation.json``."""
     from .recommend import recommend
 
@@ -585,7 +596,8 @@ def _write_results(cfg: ProbeConfig, store: ShardStore, samples: list[int], mode
     atomic_write(table_path, lambda p: table.to_parquet(p, index=False))
     summary = summarize(table)
     atomic_write(summary_path, lambda p: summary.to_csv(p, index=False))
-    rec = recommend(summary, model=model_name, num_layers=num_layers, rule=cfg.rule, n=len(samples), per_sample=table)
+    rec = recommend(summary, model=model_name, num_layers=num_layers, rule=cfg.rule, n=len(samples), per_sample=table,
+                    min_split=min_split)
     rec["display_name"] = shown
     if Path(model_name) == Path(resolve_name("tiny")):
         rec["evidence"]["caveat"] = ("the embedded model was trained with an auxiliary logit-lens loss on image tokens "
@@ -598,6 +610,8 @@ def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Recor
     """Probe `todo` batch by batch, writing one shard per batch."""
     anat = anatomy(model)
     device = next(model.parameters()).device
+    if device.type == "meta":  # offloaded by a device map: accelerate's hooks bring inputs and weights per layer
+        device = torch.device("cpu")
     dtype = next(model.parameters()).dtype
     reducer = LayerReducer(anat)
     fmt = PromptFormat.of(anat)

@@ -227,25 +227,45 @@ def per_sample_transitions(per_sample: pd.DataFrame, modality: str = "image") ->
     return {"median": float(q[0.5]), "q25": float(q[0.25]), "q75": float(q[0.75])}
 
 
+def raise_to_min_split(split: int, alternatives: dict[str, int], min_split: int) -> tuple[int, dict, dict | None]:
+    """``(split, alternatives, note)`` with every split raised to `min_split` (the backbone's first allowed split:
+    Qwen3-VL's DeepStack still adds image features to layers 0..min_split-1); `note` says which rules were raised
+    from what, in words, or is None when none was."""
+    raised = {k: v for k, v in alternatives.items() if v < min_split}
+    if not raised:
+        return split, alternatives, None
+    note = {"min_split": min_split, "raised": raised,
+            "text": f"raised to s = {min_split}, the backbone's first allowed split (image features are still added "
+                    f"to layers 0..{min_split - 1}, DeepStack): " + ", ".join(f"{k} {v}" for k, v in raised.items())}
+    return max(split, min_split), {k: max(v, min_split) for k, v in alternatives.items()}, note
+
+
 def recommend(summary: pd.DataFrame, *, model: str, num_layers: int, rule: str = DEFAULT_RULE, n: int | None = None,
-              per_sample: pd.DataFrame | None = None) -> dict:
+              per_sample: pd.DataFrame | None = None, min_split: int = 1) -> dict:
     """``{"model", "num_layers", "split", "rule", "decided_by", "alternatives", "evidence"}``, JSON-ready.
 
     `alternatives` is every rule's split; `decided_by` says in words which evidence fixed this rule's answer.
     `evidence` holds every number any rule used, the attention cross-check and, when the rules disagree by
     more than a few layers, ``disagreement`` (else None); `per_sample`, if given, adds the spread of
-    per-sample vision transitions.
+    per-sample vision transitions. Every split is at least `min_split` (the backbone's, `Backbone.first_split`);
+    ``evidence["min_split"]`` says which rules it raised (else None).
     """
     if rule not in RULES:
         raise ValueError(f"unknown rule '{rule}': use one of {', '.join(RULES)}")
     if num_layers < 3:
         raise ValueError(f"a split needs at least 3 decoder layers (got {num_layers})")
+    valid = split_range(num_layers, min_split=min_split)
+    if not valid:
+        raise ToolkitError(f"no split exists in a {num_layers}-layer model whose first allowed split is {min_split}")
     ev = curve_evidence(summary)
     split, decided_by = RULES[rule](ev, num_layers)
     alternatives = {name: fn(ev, num_layers)[0] for name, fn in RULES.items()}
+    split, alternatives, raised = raise_to_min_split(split, alternatives, min_split)
+    if raised is not None and rule in raised["raised"]:
+        decided_by += f"; {raised['text']}"
     plateau = ev["attention_plateau_layer"]
-    valid = split_range(num_layers)
     ev |= {
+        "min_split": raised,
         "offset": paper_offset(num_layers),
         "raw_paper_split": ev["transition"]["image"] - paper_offset(num_layers),
         "clip": [valid.start, valid.stop - 1],

@@ -89,7 +89,9 @@ def test_every_command_runs_on_the_family(checkpoint, data, tmp_path, monkeypatc
     _ok(runner.invoke(saturation_app, ["probe", "--model", str(model), "--data", str(data), "--n", "6",
                                        "--batch-size", "3", "--out", str(probe)]))
     rec = json.loads((probe / "recommendation.json").read_text())
-    assert rec["num_layers"] == layers and 1 <= rec["split"] <= layers - 2
+    first = 2 if name == "qwen3_vl" else 1  # Qwen3-VL: after its 2 DeepStack layers
+    assert rec["num_layers"] == layers and first <= rec["split"] <= layers - 2
+    assert rec["evidence"]["clip"] == [first, layers - 2] and min(rec["alternatives"].values()) >= first
     assert (probe / "figure2.png").stat().st_size > 0 and (probe / "figure2.pdf").is_file()
     summary = pd.read_csv(probe / "summary.csv")
     med = {m: summary[summary.metric == m]["median"] for m in ("cosine", "attention_mass", "logit_lens_kl")}

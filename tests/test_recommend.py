@@ -195,3 +195,22 @@ def test_probe_of_the_embedded_model_recommends_a_working_split(tmp_path):
     assert rec["split"] in EMBEDDED_WORKING_SPLITS and rec["alternatives"]["paper"] not in EMBEDDED_WORKING_SPLITS
     printed = "\n".join(summary_lines(result))
     assert "WARNING: the rules disagree" in printed and "decided by: image tokens close to final" in printed
+
+
+def test_the_recommendation_honours_the_backbones_first_split():
+    """Qwen3-VL's DeepStack adds image features to layers 0..n-1: no rule may split there. Every rule is raised to
+    min_split, and the recommendation says which were, from what; unraised runs say nothing."""
+    from saturation.errors import ToolkitError
+
+    summary = synthetic_summary(12, 2, 1, mass_plateau=1)
+    plain = recommend(summary, model="m", num_layers=12, rule="paper")
+    assert plain["split"] == 1 and plain["evidence"]["min_split"] is None and plain["evidence"]["clip"] == [1, 10]
+    rec = recommend(summary, model="m", num_layers=12, rule="paper", min_split=3)
+    ev = rec["evidence"]
+    assert rec["split"] == 3 and min(rec["alternatives"].values()) >= 3 and ev["clip"] == [3, 10]
+    assert ev["min_split"]["raised"]["paper"] == 1 and "first allowed split" in rec["decided_by"]
+    assert {k: max(v, 3) for k, v in plain["alternatives"].items()} == rec["alternatives"]
+    assert recommend(summary, model="m", num_layers=12, rule="paper", min_split=1) == plain
+    json.dumps(rec, allow_nan=False)
+    with pytest.raises(ToolkitError, match="first allowed split is 11"):
+        recommend(summary, model="m", num_layers=12, min_split=11)

@@ -307,10 +307,15 @@ class Backbone:
         placeholder = self.placeholder_mask(input_ids, inputs_embeds, features)
         return Embedded(inputs_embeds.masked_scatter(placeholder, features), image_mask, deepstack)
 
+    @classmethod
+    def first_split(cls, config) -> int:
+        """`min_split` from the config alone (the probe writes its recommendation with no model loaded on resume)."""
+        return 1
+
     @property
     def min_split(self) -> int:
         """The first allowed split: 1, or after the last DeepStack injection (its layers must stay shallow)."""
-        return 1
+        return self.first_split(self.model.config)
 
     def inject(self, hidden: Tensor, image_mask: Tensor, features: Tensor) -> Tensor:
         """`hidden` [B, T, D] with `features` [n_image_tokens, D] added at the image positions (DeepStack)."""

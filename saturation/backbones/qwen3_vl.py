@@ -23,10 +23,10 @@ class Qwen3VL(QwenVL):
                         q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
     PIXELS = (256 * 256, 4096 * 4096)
 
-    @property
-    def min_split(self) -> int:
+    @classmethod
+    def first_split(cls, config) -> int:
         """After the last DeepStack injection: layers 0..n-1 must stay shallow (they still receive image features)."""
-        return max(1, len(self.model.config.vision_config.deepstack_visual_indexes))
+        return max(1, len(config.vision_config.deepstack_visual_indexes))
 
     def inject(self, hidden: Tensor, image_mask: Tensor, features: Tensor) -> Tensor:
         return self.text_model._deepstack_process(hidden, image_mask, features)
