@@ -117,6 +117,8 @@ def check_device(device: str | None) -> None:
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'tiny' (embedded, default), 'tiny-clean', an alias (llava-1.5-7b/13b, llava-next-7b, llava-next-vicuna-7b, llava-onevision-7b/0.5b, qwen2.5-vl-3b/7b, qwen3-vl-2b/8b, gemma-3-4b/12b/27b), a hub id or a local directory.")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 | auto (default: fp32 on CPU, checkpoint dtype on GPU).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")]
+DeviceMapOpt = Annotated[str | None, typer.Option(help="auto | balanced | sequential: accelerate places the layers across GPUs, CPU and disk (a model larger than one device); not with --device or torchrun.")]
+MaxMemoryOpt = Annotated[str | None, typer.Option(help="With --device-map: per-device caps, e.g. 0=20GiB,1=20GiB,cpu=64GiB (beyond them: offload to disk).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sample selection (and anything random).")]
 
 
@@ -145,6 +147,8 @@ def probe_cmd(
     rule: Annotated[str, typer.Option(help="Split rule: auto (the paper's rule as a floor, later while text still reads image tokens that are not yet close to final) | paper (as published: s = L_trans - round(L/8)) | attention | cosine | conservative (the latest of all). See saturation.recommend.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished shards in --out (same model, seed and data only).")] = True,
     backend: Annotated[str, typer.Option(help="hf (hooks on the anatomy) | transformer-lens (extra 'lens').")] = "hf",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Probe every decoder layer and recommend a split layer (writes tables, recommendation.json, Figure 2)."""
     from figures.figure2 import figure2_from_dir
@@ -152,7 +156,8 @@ def probe_cmd(
 
     require_positive(n=n, batch_size=batch_size)  # run_probe checks the device and --out before any work
     cfg = ProbeConfig(model=model, n=n, data=data, image_folder=image_folder, out=out, batch_size=batch_size,
-                      seed=seed, dtype=dtype, device=device, rule=rule, resume=resume, backend=backend)
+                      seed=seed, dtype=dtype, device=device, rule=rule, resume=resume, backend=backend,
+                      device_map=device_map, max_memory=max_memory)
     result = run_probe(cfg)
     from saturation.distributed import is_main
 

@@ -182,7 +182,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         self.generation_config = copy.deepcopy(base.generation_config)
         self._anatomy = a = anatomy(base)
         # The side branch: trainable copies of layers s.., each caching into its own slot L + i (never layer s's).
-        self.side = nn.ModuleList(a.copy_layer(src, a.num_layers + i).requires_grad_(True)
+        self.side = nn.ModuleList(_side_copy(a, src, a.num_layers + i).requires_grad_(True)
                                   for i, src in enumerate(plan.side_sources))
         self._gradient_probe = False
 
@@ -537,6 +537,37 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
     def extra_repr(self) -> str:
         return self.plan.describe()
+
+
+def _side_copy(a: Anatomy, source: int, layer_idx: int) -> nn.Module:
+    """`a.copy_layer`, also for a base dispatched by accelerate (``device_map``): the copy gets real weights (an
+    offloaded source's come in from CPU or disk for the copy), no hooks of the source's, and lives on the source
+    layer's execution device, where an accelerate hook of its own brings its inputs and returns its output."""
+    layer = a.layers[source]
+    hooks = [m._hf_hook for m in layer.modules() if hasattr(m, "_hf_hook")]
+    if not hooks:
+        return a.copy_layer(source, layer_idx)
+    from contextlib import ExitStack
+
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+    from accelerate.utils import align_module_device
+
+    device = next((h.execution_device for h in hooks if getattr(h, "execution_device", None) is not None), "cpu")
+    with ExitStack() as stack:  # every offloaded submodule's weights in place while copying
+        for m in layer.modules():
+            stack.enter_context(align_module_device(m))
+        maps = [getattr(h, "weights_map", None) for h in hooks]
+        try:  # the hooks are copied too (and dropped below): not the offloaded weights of the whole model with them
+            for h in hooks:
+                h.weights_map = None
+            new = a.copy_layer(source, layer_idx)
+        finally:
+            for h, m in zip(hooks, maps):
+                h.weights_map = m
+    remove_hook_from_module(new, recurse=True)
+    new.to(device)
+    add_hook_to_module(new, AlignDevicesHook(execution_device=device, io_same_device=True))
+    return new
 
 
 def build(model: nn.Module, split: int, variant: str = "lf", fusion_layers: int = 1,

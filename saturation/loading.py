@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -143,8 +144,15 @@ def load_llava(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ):
     """Load `(model, processor)` for a LLaVA checkpoint, in eval mode, on `device` in `dtype`.
+
+    `device_map` (``auto``, ``balanced``, ``sequential`` or an explicit map) places the layers across GPUs, CPU and
+    disk with accelerate instead of one `device`; `max_memory` caps each (``"0=20GiB,1=20GiB,cpu=64GiB"`` or a
+    dict), and layers beyond every cap are offloaded to `offload_folder` (default: a temporary folder).
 
     `name_or_path`: ``tiny`` (the embedded model in ``data_samples/``), an alias (`ALIASES`: LLaVA-1.5, LLaVA-NeXT,
     LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, Gemma 3), a hub id or a local directory. A OneVision or Qwen processor is
@@ -153,16 +161,22 @@ def load_llava(
     """
     resolved = resolve_name(name_or_path)
     config = load_config(resolved)
-    dev = resolve_device(device)
+    if device_map is not None and device is not None:
+        raise ToolkitError("--device and --device-map exclude each other: --device-map places every layer itself")
+    dev = resolve_device(device) if device_map is None else _map_main_device(device_map)
+    placement = {"device_map": str(dev)}
+    if device_map is not None:
+        placement = {"device_map": device_map, "max_memory": parse_max_memory(max_memory),
+                     "offload_folder": str(offload_folder or tempfile.mkdtemp(prefix="dpvr-offload-"))}
     local_only = Path(resolved).is_dir() or not _hub_reachable()
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             resolved,
             config=config,
             dtype=resolve_dtype(dtype, dev),
-            device_map=str(dev),
             attn_implementation=attn_implementation or "sdpa",
             local_files_only=local_only,
+            **placement,
         )
         processor = load_processor(resolved, config, local_only)
     except (OSError, ValueError, ImportError) as err:
@@ -172,6 +186,30 @@ def load_llava(
     model.eval()
     model.name_or_path = resolved
     return model, processor
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _map_main_device(device_map: str | dict) -> torch.device:
+    """Where a device-mapped model's inputs start (and which dtype default applies): the first GPU if any."""
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise ToolkitError(f"unknown --device-map '{device_map}': use one of {', '.join(DEVICE_MAPS)}")
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def parse_max_memory(text: str | dict | None) -> dict | None:
+    """``"0=20GiB,1=20GiB,cpu=64GiB"`` -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (accelerate's `max_memory`)."""
+    if text is None or isinstance(text, dict):
+        return text
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, size = part.partition("=")
+        key, size = key.strip(), size.strip()
+        if not sep or not size or not (key.isdigit() or key in ("cpu", "disk", "mps")):
+            raise ToolkitError(f"--max-memory '{text}': write DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+        out[int(key) if key.isdigit() else key] = size
+    return out
 
 
 class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):

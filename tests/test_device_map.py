@@ -1,0 +1,82 @@
+"""Models placed by accelerate's big-model machinery (device maps, offload to disk) route as the plain model does.
+
+No GPU here: the map keeps some decoder layers on ``cpu`` and offloads others to ``disk``, so accelerate's own
+hooks move their weights in per call; the routed logits must equal the undispatched model's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import dispatch_model, infer_auto_device_map
+
+import routing
+from saturation.anatomy import anatomy
+from saturation.loading import load_llava
+
+from conftest import make_model
+
+
+def _inputs(processor, batch: int = 2) -> dict:
+    from PIL import Image
+
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")][:batch]
+    texts = ["USER: <image>\nwhat colour is the circle? ASSISTANT: red", "USER: <image>\nwhat shape? ASSISTANT:"]
+    enc = processor(images=images, text=texts[:batch], return_tensors="pt", padding=True)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pixel_values": enc["pixel_values"]}
+
+
+@pytest.mark.parametrize("variant", ["lf", "pc", "kv"])
+def test_dispatched_with_disk_offload_routes_like_the_plain_model(processor, tmp_path, variant):
+    split = 2
+    inputs = _inputs(processor)
+    with torch.no_grad():
+        want = routing.build(make_model(processor), split, variant)(**inputs).logits
+
+    model = make_model(processor)
+    layers = anatomy(model).layers
+    names = {id(m): n for n, m in model.named_modules()}
+    device_map = infer_auto_device_map(model, max_memory={"cpu": "1GiB"},
+                                       no_split_module_classes=[type(layers[0]).__name__])
+    offloaded = [names[id(layers[i])] for i in (split, 4)]  # the side branch's source and a deep layer
+    device_map = {k: v for k, v in device_map.items() if not any(k.startswith(f"{o}.") or k == o for o in offloaded)}
+    device_map |= {o: "disk" for o in offloaded}
+    if "" in device_map:  # the whole model fitted in one entry: spell out its children instead
+        del device_map[""]
+        device_map |= {n: "cpu" for n, _ in model.named_children()}
+    model = dispatch_model(model, device_map=device_map, main_device="cpu", offload_dir=str(tmp_path / "offload"))
+    assert layers[split].self_attn.q_proj.weight.device.type == "meta"  # really offloaded: weights come per call
+    routed = routing.build(model, split, variant)
+    side = routed.side[0].self_attn.q_proj.weight
+    assert side.device.type == "cpu" and side.requires_grad  # a real, trainable copy, not the meta placeholder
+    with torch.no_grad():
+        got = routed(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_load_llava_device_map_offloads_past_max_memory(tmp_path):
+    model, _ = load_llava("tiny", device_map="auto", max_memory="cpu=1MiB", offload_folder=tmp_path)
+    assert "disk" in set(model.hf_device_map.values())  # accelerate really put layers on disk
+
+
+def test_probe_cli_with_device_map_equals_plain_probe_and_bad_options_are_one_line(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from cli import saturation_app
+
+    runner = CliRunner()
+    plain = runner.invoke(saturation_app, ["probe", "-n", "4", "--out", str(tmp_path / "plain")])
+    mapped = runner.invoke(saturation_app, ["probe", "-n", "4", "--out", str(tmp_path / "mapped"),
+                                            "--device-map", "auto", "--max-memory", "cpu=1MiB"])
+    assert plain.exit_code == 0 and mapped.exit_code == 0, mapped.output
+    a, b = (pd.read_parquet(tmp_path / d / "per_sample.parquet") for d in ("plain", "mapped"))
+    np.testing.assert_allclose(b["value"], a["value"], rtol=1e-5, atol=1e-6, equal_nan=True)
+    for args, text in ((["--device-map", "nope"], "unknown --device-map"),
+                       (["--device-map", "auto", "--max-memory", "cpu"], "DEVICE=SIZE"),
+                       (["--device-map", "auto", "--device", "cpu"], "exclude each other")):
+        bad = runner.invoke(saturation_app, ["probe", "-n", "4", "--out", str(tmp_path / "bad"), *args])
+        assert not (tmp_path / "bad").exists()  # refused before anything is written
+        lines = bad.output.strip().splitlines()
+        assert bad.exit_code == 1 and len(lines) == 1 and text in lines[0], bad.output
