@@ -23,6 +23,7 @@ import routing
 from saturation.anatomy import anatomy, position_ids_from_mask
 from saturation.backbones import Qwen3VL, Qwen25VL
 from saturation.errors import ToolkitError
+from saturation.hf_compat import cache_of
 from saturation.loading import load_llava, resolve_name
 
 SPLIT = 2  # Qwen3-VL's tiny DeepStack covers layers 0..1: the first allowed split
@@ -140,7 +141,7 @@ def test_decoding_carries_the_rope_delta_in_the_cache(fam, sharp_model, batch):
     routed = routing.build(sharp_model, SPLIT, "lf")
     sharp_model.model.rope_deltas = torch.full((3, 1), 1000)  # stale HF state must not matter
     out = routed(**batch, use_cache=True)
-    state = routing.generation.state_of(out.cache)
+    state = routing.generation.state_of(cache_of(out))  # `cache` from transformers 5.24, `past_key_values` before
     _, deltas = sharp_model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
                                                  batch["image_grid_thw"], attention_mask=batch["attention_mask"])
     assert torch.equal(state.position_delta, deltas[:, 0]) and bool((deltas < 0).all())
