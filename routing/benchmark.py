@@ -443,7 +443,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
         plan = trained.plan
         split, fusion_layers, side_depth, split_source = plan.split, plan.fusion_layers, plan.side_depth, "routing"
     else:
-        split = num_layers // 2 if cfg.split is None else cfg.split
+        # Qwen3-VL: the default must not land inside the DeepStack layers (min_split is 1 for every other family)
+        split = max(num_layers // 2, a.min_split) if cfg.split is None else cfg.split
         fusion_layers, side_depth = cfg.fusion_layers, cfg.side_depth
         split_source = "default (layers // 2)" if cfg.split is None else "given"
     plan_args = {"split": split, "fusion_layers": fusion_layers, "side_depth": side_depth}

@@ -75,6 +75,41 @@ def _gemma_3(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: 
                         eoi_token_index=256000, image_token_index=262144)
 
 
+def _qwen2_5_vl_7b():
+    """Qwen/Qwen2.5-VL-7B-Instruct: a 32-block ViT (hidden 1280, patch 14, window attention of 112 px with full
+    attention in blocks 7/15/23/31) whose merger joins 2x2 patches into one token of the LM's width, a Qwen2-7B LM
+    (GQA 28/4 heads, q/k/v biases) with M-RoPE sections [16, 24, 24] at base 1e6."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+            "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 128000,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
+    vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "hidden_act": "silu",
+              "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2}
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                            vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
+
+
+def _qwen3_vl_8b():
+    """Qwen/Qwen3-VL-8B-Instruct: a 27-layer SigLIP-2-style ViT (hidden 1152, patch 16, 2304 learned positions
+    interpolated), DeepStack features from ViT layers 8/16/24 added after LM layers 0..2, a Qwen3-8B LM (GQA 32/8
+    heads, head_dim 128, q/k norms) with interleaved M-RoPE sections [24, 20, 20] at base 5e6."""
+    from transformers import Qwen3VLConfig
+
+    text = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                "mrope_interleaved": True}}
+    vision = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+              "hidden_act": "gelu_pytorch_tanh", "out_hidden_size": 4096, "patch_size": 16, "spatial_merge_size": 2,
+              "temporal_patch_size": 2, "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]}
+    return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                         vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
+
+
 def _embedded_shape():
     """The embedded model's shape (DESIGN): 48 px / patch 16 -> 9 image tokens, 12 layers, hidden 128."""
     from saturation.shapes import IMAGE_SIZE, vocabulary
@@ -100,15 +135,19 @@ GEOMETRIES: dict[str, Callable] = {
     "llava-onevision-7b": _llava_onevision_7b,
     "gemma-3-4b": functools.partial(_gemma_3, 2560, 10240, 34, 8, 4),
     "gemma-3-12b": functools.partial(_gemma_3, 3840, 15360, 48, 16, 8),
+    "qwen2.5-vl-7b": _qwen2_5_vl_7b,
+    "qwen3-vl-8b": _qwen3_vl_8b,
     "tiny": _embedded_shape,
     "cpu-bench": _cpu_bench_shape,
 }
 CHECKPOINT_DTYPE = {"llava-1.5-7b": torch.float16, "llava-1.5-13b": torch.float16, "llava-next-7b": torch.float16,
                     "llava-onevision-7b": torch.bfloat16, "gemma-3-4b": torch.bfloat16, "gemma-3-12b": torch.bfloat16,
+                    "qwen2.5-vl-7b": torch.bfloat16, "qwen3-vl-8b": torch.bfloat16,
                     "tiny": torch.float32, "cpu-bench": torch.float32}
 # The image an anyres geometry is measured with, (H, W) px: COCO's typical 480x640 photo. Its tokens, by the
 # adapters' count: llava-next-7b 2,340 (base tile + 2x2 grid, each row closed by a newline token), llava-onevision-7b 2,929;
-# LLaVA-1.5 takes any image as 576.
+# qwen2.5-vl-7b 391 (resized to 476x644, 28 px per token), qwen3-vl-8b 300 (480x640, 32 px per token);
+# LLaVA-1.5 takes any image as 576, Gemma 3 as 256.
 REPRESENTATIVE_IMAGE = (480, 640)
 
 

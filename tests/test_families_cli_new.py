@@ -151,3 +151,35 @@ def test_bench_real_prompt_marks_its_own_image_tokens(name, tmp_path):
         assert p.text_tokens == text_tokens and p.own_positions == (name != "gemma3")
         with torch.no_grad():
             assert prefill(model, p, e2e=True).logits.shape[:2] == (2, 1)
+
+
+@pytest.mark.parametrize("name, layers, heads, kv, tokens, first", [("qwen2.5-vl-7b", 28, 28, 4, 391, 1),
+                                                                     ("qwen3-vl-8b", 36, 32, 8, 300, 3)])
+def test_qwen_geometries_are_the_released_configs(name, layers, heads, kv, tokens, first):
+    """The geometries' numbers as the released config.json files have them (no weights are built), the tokens of
+    a 480x640 photo, and the first allowed split (after Qwen3-VL's DeepStack layers)."""
+    from saturation.backbones import adapter_class
+    from saturation.geometry import CHECKPOINT_DTYPE, REPRESENTATIVE_IMAGE, geometry_config, image_tokens_of
+
+    config = geometry_config(name)
+    t = config.text_config
+    assert (t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == (layers, heads, kv)
+    assert image_tokens_of(config, REPRESENTATIVE_IMAGE) == tokens and CHECKPOINT_DTYPE[name] == torch.bfloat16
+    assert adapter_class(config).first_split(config) == first and not config.tie_word_embeddings
+    assert config.vision_config.out_hidden_size == t.hidden_size
+    assert geometry_config(name, layers=5).text_config.num_hidden_layers == 5
+
+
+def test_bench_default_split_is_after_the_deepstack_layers():
+    """With no --split, bench splits at layers // 2, but never inside Qwen3-VL's DeepStack layers (before: the
+    routed build refused the default split)."""
+    import qwen_fixtures as q
+
+    from routing.benchmark import BenchConfig, run_bench
+
+    fam = q.family("qwen3_vl")
+    config = fam.config(layers=5)
+    config.vision_config.deepstack_visual_indexes = [0, 1, 2]  # min_split 3 > 5 // 2
+    model = type(fam.model())(config).eval()
+    out = run_bench(BenchConfig(variants="lf", text_tokens="4", repeats=1, warmup=0, new_tokens=1), model=model)
+    assert out["split"] == 3 and out["layers"] == 5
