@@ -183,12 +183,77 @@ def random_llava(config, dtype: torch.dtype, device: torch.device, seed: int = 0
     return model.eval()
 
 
+# The image and turn tokens of families whose prompts do not use LLaVA's ``<image>``: config attribute -> token.
+FAMILY_TOKENS = {
+    "qwen2_5_vl": {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                   "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"},
+    "qwen3_vl": {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                 "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"},
+    "gemma3": {"image_token_id": "<image_soft_token>", "boi_token_id": "<start_of_image>",
+               "eoi_token_id": "<end_of_image>"},
+}
+TURN_TOKENS = {"qwen2_5_vl": ("<|im_start|>", "<|im_end|>"), "qwen3_vl": ("<|im_start|>", "<|im_end|>"),
+               "gemma3": ("<start_of_turn>", "<end_of_turn>")}
+
+
+def _family_tokenizer(model_type: str, words, extra: dict | None = None):
+    """A word-level tokenizer (`saturation.tiny`'s specials and template words, the family's turn words, `words`)
+    that knows the family's image and turn tokens as whole special tokens; `extra`: named special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .tiny import SPECIAL_TOKENS, TEMPLATE_WORDS
+
+    specials = [*FAMILY_TOKENS[model_type].values(), *TURN_TOKENS[model_type]]
+    vocab: dict[str, int] = {}
+    for w in (*SPECIAL_TOKENS[:4], *specials, *TEMPLATE_WORDS, "user", "assistant", "model", *words):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", extra_special_tokens=extra or {})
+    fast.add_tokens(specials, special_tokens=True)
+    return fast
+
+
+def _qwen_processor(config, words):
+    """Qwen's PIL image processor at the released min/max pixels, images only (no torchvision)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from .backbones import adapter_class
+    from .loading import IMAGE_ONLY_PROCESSORS
+
+    v = config.vision_config
+    low, high = adapter_class(config).PIXELS
+    images = Qwen2VLImageProcessorPil(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                      temporal_patch_size=v.temporal_patch_size,
+                                      size={"shortest_edge": low, "longest_edge": high})
+    return IMAGE_ONLY_PROCESSORS[config.model_type](image_processor=images,
+                                                    tokenizer=_family_tokenizer(config.model_type, words))
+
+
+def _gemma_processor(config, words):
+    """Gemma 3's PIL image processor at the tower's size, ``mm_tokens_per_image`` soft tokens an image."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    size = config.vision_config.image_size
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    return Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": size, "width": size}),
+                           tokenizer=_family_tokenizer("gemma3", words, named),
+                           image_seq_length=config.mm_tokens_per_image)
+
+
 def geometry_processor(config, words):
     """A word-level processor matched to `config`'s image pipeline (tile size, anyres pinpoints, CLS or not), with
-    ``<image>`` at id 4; offline and PIL-only."""
+    ``<image>`` at id 4 (Qwen and Gemma 3: their own image tokens, `FAMILY_TOKENS`); offline and PIL-only."""
     from .tiny import tiny_processor, word_tokenizer
 
     v = config.vision_config
+    if config.model_type in ("qwen2_5_vl", "qwen3_vl"):
+        return _qwen_processor(config, words)
+    if config.model_type == "gemma3":
+        return _gemma_processor(config, words)
     if config.model_type == "llava":
         return tiny_processor(words, image_size=v.image_size, patch_size=v.patch_size)
     tokenizer = word_tokenizer(words)
@@ -219,7 +284,8 @@ def random_checkpoint(name: str, layers: int | None, dtype: torch.dtype | str | 
 
     The processor knows the shapes-world words (the embedded probe data) and puts ``<image>`` at id 4, so the
     config's image and pad ids are moved to match (a video token, where the family has one, goes to the last id,
-    which no word reaches); vocabulary size, widths and depth stay the architecture's.
+    which no word reaches; Qwen and Gemma 3 get their own image, vision and video tokens' ids, `FAMILY_TOKENS`);
+    vocabulary size, widths and depth stay the architecture's.
     """
     from .loading import resolve_device, resolve_dtype
     from .shapes import vocabulary
@@ -229,8 +295,12 @@ def random_checkpoint(name: str, layers: int | None, dtype: torch.dtype | str | 
     config = geometry_config(name, layers)
     processor = geometry_processor(config, vocabulary())
     tokenizer = processor.tokenizer
-    config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    if hasattr(config, "video_token_id"):
+    if config.model_type in FAMILY_TOKENS:
+        for attr, token in FAMILY_TOKENS[config.model_type].items():
+            setattr(config, attr, tokenizer.convert_tokens_to_ids(token))
+    else:
+        config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if hasattr(config, "video_token_id") and config.model_type not in FAMILY_TOKENS:
         config.video_token_index = config.video_token_id = config.text_config.vocab_size - 1
     config.pad_token_id = config.text_config.pad_token_id = tokenizer.pad_token_id
     model = random_llava(config, CHECKPOINT_DTYPE[name] if dtype == "auto" else dtype, device, seed)

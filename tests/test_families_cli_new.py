@@ -183,3 +183,48 @@ def test_bench_default_split_is_after_the_deepstack_layers():
     model = type(fam.model())(config).eval()
     out = run_bench(BenchConfig(variants="lf", text_tokens="4", repeats=1, warmup=0, new_tokens=1), model=model)
     assert out["split"] == 3 and out["layers"] == 5
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl-7b", "qwen3-vl-8b", "gemma-3-4b"])
+def test_geometry_processor_counts_what_the_adapter_counts(name):
+    """The geometries' processors turn a 480x640 photo in the family's own prompt into as many image tokens as the
+    adapter prices (no weights are built)."""
+    from saturation.backbones import adapter_class
+    from saturation.geometry import FAMILY_TOKENS, REPRESENTATIVE_IMAGE, geometry_config, geometry_processor, \
+        image_tokens_of
+
+    config = geometry_config(name, layers=3)
+    proc = geometry_processor(config, ["what"])
+    text = adapter_class(config).template.question("what", True)
+    h, w = REPRESENTATIVE_IMAGE
+    picture = Image.new("RGB", (w, h))
+    out = proc(images=[[picture]] if config.model_type == "gemma3" else [picture], text=[text], return_tensors="pt")
+    image = proc.tokenizer.convert_tokens_to_ids(FAMILY_TOKENS[config.model_type]["image_token_id"])
+    assert int((out["input_ids"] == image).sum()) == image_tokens_of(config, REPRESENTATIVE_IMAGE)
+    assert proc.tokenizer.unk_token_id not in out["input_ids"][0].tolist()  # the template's words are known
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_random_checkpoint_wires_the_familys_tokens(name, monkeypatch):
+    """random_checkpoint (probe benchmark --geometry) moves the config's image/vision/pad ids onto its processor's
+    tokens: the model's forward takes the processor's batch and finds every image token (checked on a small
+    geometry of each family)."""
+    from saturation import geometry
+
+    if name == "gemma3":
+        import gemma3_fixtures as g
+
+        monkeypatch.setitem(geometry.GEOMETRIES, "small", lambda: g.gemma_config(layers=3))
+    else:
+        import qwen_fixtures as q
+
+        monkeypatch.setitem(geometry.GEOMETRIES, "small", lambda: q.family(name).config(layers=3))
+    monkeypatch.setitem(geometry.CHECKPOINT_DTYPE, "small", torch.float32)
+    model, proc = geometry.random_checkpoint("small", None, None, "cpu")
+    a = anatomy(model)
+    text = a.template.question("what", True)
+    picture = Image.new("RGB", (32, 64))
+    batch = proc(images=[[picture]] if name == "gemma3" else [picture], text=[text], return_tensors="pt")
+    assert int((batch["input_ids"] == a.image_token_id).sum()) == a.image_tokens(model.config, (64, 32)) > 0
+    with torch.no_grad():
+        assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
