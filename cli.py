@@ -202,6 +202,7 @@ def train_cmd(
     split: Annotated[str, typer.Option(help="Split layer: an integer in [1, L-2], or 'auto' for the probe's recommendation (runs the probe if none exists).")] = "auto",
     probe: Annotated[Path | None, typer.Option(help="Probe folder whose recommendation.json --split auto reads (default: newest probe of this model under runs/probe).")] = None,
     variant: Annotated[str, typer.Option(help="lf (DPVR late fusion) | pc | kv. lf-ideal cannot be trained (zero gradient).")] = "lf",
+    plan: Annotated[str | None, typer.Option(help="A plan spec instead of --variant/--split, pruning composed: lf@6+prune-pre:50%, pc+fastv@2:25% (no @S: --split). The side branch trains on the kept image tokens.")] = None,
     fusion_layers: Annotated[int, typer.Option(help="K: last layers that see image and text again.")] = 1,
     side_depth: Annotated[int, typer.Option(help="d_v: side-branch layers (copies of layers s..s+d_v-1).")] = 1,
     data: Annotated[Path | None, typer.Option(help="LLaVA JSON to train on (default: a shapes-world set generated once per seed).")] = None,
@@ -224,7 +225,7 @@ def train_cmd(
     from figures.training import loss_curve
     from routing.train import TrainConfig, run_train
 
-    cfg = TrainConfig(model=model, split=split, probe=probe, variant=variant, fusion_layers=fusion_layers,
+    cfg = TrainConfig(model=model, split=split, probe=probe, variant=variant, plan=plan, fusion_layers=fusion_layers,
                       side_depth=side_depth, data=data, n_train=n_train, out=out, max_steps=max_steps, lr=lr,
                       batch_size=batch_size, save_steps=save_steps, resume=resume, seed=seed, dtype=dtype,
                       device=device)

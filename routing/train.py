@@ -20,7 +20,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 
 from saturation import distributed as dist
+from saturation.backbones import adapter_class
 from saturation.data import PromptFormat, Record, collate, encode_record, read_records
 from saturation.errors import ToolkitError
 from saturation.files import ensure_output_dir, write_json, write_text
@@ -37,7 +38,7 @@ from saturation.probe import default_out as probe_default_out
 
 from .artifact import _base_id, read_manifest
 from .model import build
-from .plan import RoutingPlan, make_plan
+from .plan import RoutingPlan, make_plan, parse_spec
 from .split import resolve_split, validate_split
 
 PAPER_LR = {"lf": 1e-4, "pc": 5e-5, "kv": 5e-5}
@@ -51,9 +52,11 @@ SUMMARY = "train_summary.json"
 # What defines a run (resuming with any of them changed would mix two runs), and the option that sets each.
 RUN_OPTIONS = {"model": "--model", "variant": "--variant", "split": "--split", "fusion_layers": "--fusion-layers",
                "side_depth": "--side-depth", "learning_rate": "--lr", "seed": "--seed", "batch_size": "--batch-size",
-               "data_sha256": "data (--data/--n-train)", "world_size": "processes (torchrun --nproc_per_node)"}
-# Options an older run.json lacks, and the value it ran with: a run from before `world_size` was recorded ran alone.
-RUN_DEFAULTS = {"world_size": 1}
+               "data_sha256": "data (--data/--n-train)", "world_size": "processes (torchrun --nproc_per_node)",
+               "prune": "--plan", "prune_layer": "--plan", "keep": "--plan"}
+# Options an older run.json lacks, and the value it ran with: a run from before `world_size` was recorded ran alone,
+# one from before --plan pruned nothing.
+RUN_DEFAULTS = {"world_size": 1, "prune": None, "prune_layer": 0, "keep": 1.0}
 
 
 @dataclass
@@ -64,6 +67,7 @@ class TrainConfig:
     split: str = "auto"  # an integer layer index, or 'auto' (the probe's recommendation)
     probe: Path | None = None  # probe folder for --split auto (default: newest probe of the same model)
     variant: str = "lf"
+    plan: str | None = None  # a plan spec (lf@6+prune-pre:50%, pc+fastv@2:25%): variant, split and pruning in one
     fusion_layers: int = 1
     side_depth: int = 1
     data: Path | None = None  # LLaVA JSON; default: a shapes-world training set made on the fly
@@ -128,7 +132,7 @@ def run_identity(model_id: str, plan: RoutingPlan, opts: TrainConfig, records: l
     """The options that define a run (`RUN_OPTIONS`); without `records`, all but the data digest."""
     identity = {"model": model_id, "variant": plan.variant, "split": plan.split, "fusion_layers": plan.fusion_layers,
                 "side_depth": plan.side_depth, "learning_rate": opts.learning_rate, "seed": opts.seed,
-                "batch_size": opts.batch_size,
+                "batch_size": opts.batch_size, "prune": plan.prune, "prune_layer": plan.prune_layer, "keep": plan.keep,
                 # the global batch is world_size x batch_size and the optimizer state is per process layout:
                 # checkpoints resume only under the same number of processes
                 "world_size": dist.world_size()}
@@ -451,6 +455,7 @@ def train_side_branch(routed, processor, records: list[Record], opts: TrainConfi
     loss_sum = trainer.loss_sum()
     summary = {
         "variant": opts.variant,
+        "plan": routed.plan.spec,  # lf@6, or with its pruning: lf@6+prune-pre:50%
         "split": routed.plan.split,
         "fusion_layers": routed.plan.fusion_layers,
         "side_depth": routed.plan.side_depth,
@@ -490,9 +495,36 @@ def training_records(data: Path | None, out: Path, n: int, seed: int) -> list[Re
     return read_records(path)
 
 
-def default_out(model: str, variant: str, split: int) -> Path:
-    """``runs/train/<model>/<variant>-s<split>``, next to the probe's ``runs/probe/<model>``."""
-    return Path("runs") / "train" / probe_default_out(model).name / f"{variant}-s{split}"
+def default_out(model: str, variant: str, split: int, plan: RoutingPlan | None = None) -> Path:
+    """``runs/train/<model>/<variant>-s<split>``, next to the probe's ``runs/probe/<model>``; a pruned plan's
+    folder names its pruning too (``lf-s6_prune-pre-50``)."""
+    name = f"{variant}-s{split}"
+    if plan is not None and plan.prune is not None:
+        name = plan.spec.replace("@", "-s").replace(":", "-").replace("%", "").replace("+", "_")
+    return Path("runs") / "train" / probe_default_out(model).name / name
+
+
+def plan_options(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+    """`cfg` with `--plan`'s variant and split in place, and its pruning (``prune``, ``prune_layer``, ``keep``; all
+    None/1.0 without a plan). A plan with no side branch to train, or one that contradicts --variant or --split,
+    is one line."""
+    if cfg.plan is None:
+        return cfg, {"prune": None, "prune_layer": None, "keep": 1.0}
+    parsed = parse_spec(cfg.plan)
+    variant = parsed["variant"]
+    if variant not in PAPER_LR:
+        what = "vanilla" if variant is None else variant
+        raise ToolkitError(f"--plan {cfg.plan}: {what} has no side branch to train (training takes lf, pc or kv, "
+                           "optionally + a pruning); save a training-free plan with `routing save-plan`")
+    if cfg.variant not in ("lf", variant):
+        raise ToolkitError(f"--plan {cfg.plan} is a {variant} plan but --variant says {cfg.variant}: give one")
+    split = cfg.split
+    if parsed["split"] is not None:
+        if cfg.split not in ("auto", str(parsed["split"])):
+            raise ToolkitError(f"--plan {cfg.plan} splits at {parsed['split']} but --split says {cfg.split}: give one")
+        split = str(parsed["split"])
+    pruning = {k: parsed[k] for k in ("prune", "prune_layer", "keep")}
+    return replace(cfg, variant=variant, split=split), pruning
 
 
 def resolve_training_split(cfg: TrainConfig, num_layers: int, log=print) -> tuple[int, str]:
@@ -515,14 +547,16 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     """
     if not dist.is_main():
         log = lambda msg: None  # noqa: E731 - one report, rank 0's
+    cfg, pruning = plan_options(cfg)
     check_options(cfg)
     if cfg.out is not None:
         ensure_output_dir(cfg.out)  # a bad --out fails now, not after loading and training
     config = load_config(cfg.model)
     num_layers = config.text_config.num_hidden_layers
     split, source = resolve_training_split(cfg, num_layers, log)
-    plan = make_plan(num_layers, split, cfg.variant, cfg.fusion_layers, cfg.side_depth)
-    out = Path(cfg.out) if cfg.out is not None else ensure_output_dir(default_out(cfg.model, cfg.variant, split))
+    plan = make_plan(num_layers, split, cfg.variant, cfg.fusion_layers, cfg.side_depth,
+                     adapter_class(config).first_split(config), **pruning)
+    out = Path(cfg.out) if cfg.out is not None else ensure_output_dir(default_out(cfg.model, cfg.variant, split, plan))
     model_id = resolve_name(cfg.model)
     if cfg.resume:  # other options than the run in --out: refuse before making data or loading weights
         check_run(out, run_identity(model_id, plan, cfg, None))
@@ -539,7 +573,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
         check_not_past(out, planned)
     device = dist.rank_device(cfg.device)  # under torchrun on GPUs: this rank's GPU
     model, processor = load_llava(cfg.model, dtype=training_dtype(cfg.dtype, device), device=device)
-    routed = build(model, split, cfg.variant, cfg.fusion_layers, cfg.side_depth)
+    routed = build(model, split, cfg.variant, cfg.fusion_layers, cfg.side_depth, **pruning)
     log(f"split {split} (from {source})\n{routed.plan.describe()}\ntrainable: {routed.trainable_parameters()}")
     with cpu_threads(model, None):
         summary = train_side_branch(routed, processor, records, cfg, out, log=log)
