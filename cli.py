@@ -179,13 +179,23 @@ def held_out_records(data: Path | None, n: int | None, seed: int):
     return sample_records(read_records(data or DATA_SAMPLES / "shapes" / "heldout.json"), n, seed)
 
 
-def load_model_for_cli(model: str, routing_dir: Path | None, dtype: str | None, device: str | None):
-    """`(model or routed model, processor)`: the base from `--model`, routed when `--routing` is given."""
+def check_placement(device: str | None, device_map: str | None = None, max_memory: str | None = None) -> None:
+    """`--device`, or `--device-map` with `--max-memory`, checked before data or weights are read."""
+    if device is not None or device_map is not None or max_memory is not None:
+        from saturation.loading import check_placement as check
+
+        check(device, device_map, max_memory)
+
+
+def load_model_for_cli(model: str, routing_dir: Path | None, dtype: str | None, device: str | None,
+                       device_map: str | None = None, max_memory: str | None = None):
+    """`(model or routed model, processor)`: the base from `--model` (on `device`, or placed by accelerate with
+    `device_map`), routed when `--routing` is given."""
     import torch
 
     from saturation.loading import default_threads, load_llava
 
-    base, processor = load_llava(model, dtype=dtype, device=device)
+    base, processor = load_llava(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
     if threads := default_threads(base):  # a CLI process runs one model: set it for the whole run
         torch.set_num_threads(threads)
     if routing_dir is None:
@@ -262,10 +272,12 @@ def eval_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Exact-match accuracy (overall and per question_type) with greedy, KV-cached, batched generation."""
     require_positive(n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)  # before the heavy imports
-    check_device(device)
+    check_placement(device, device_map, max_memory)
     if json_out is not None:
         ensure_output_file(json_out, "--json")
     from rich.table import Table
@@ -273,7 +285,7 @@ def eval_cmd(
     from routing.evaluate import evaluate
 
     records = held_out_records(data, n, seed)
-    net, processor = load_model_for_cli(model, routing_dir, dtype, device)
+    net, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory)
     result, table = evaluate(net, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     result |= {"model": model, "routing": str(routing_dir) if routing_dir else None}
     view = Table(title=f"{model}{' + ' + str(routing_dir) if routing_dir else ' (vanilla)'}: n={result['n']}")
@@ -302,6 +314,8 @@ def generate_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Answer a question about one or more images with KV-cached (routed) generation."""
     from transformers import set_seed
@@ -309,10 +323,10 @@ def generate_cmd(
     from saturation.data import PromptFormat, Record, generation_batch, load_image, no_image_tokens, to_model
 
     require_positive(max_new_tokens=max_new_tokens)
-    check_device(device)
+    check_placement(device, device_map, max_memory)
     records = [Record(id=str(p), image=p, turns=((prompt, ""),)) for p in image]
     images = [load_image(r) for r in records]
-    net, processor = load_model_for_cli(model, routing_dir, dtype, device)
+    net, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory)
     batch = to_model(generation_batch(records, processor, images, PromptFormat.of(net)), net.device, net.dtype)
     set_seed(seed)
     extra = {"temperature": temperature} if sample else {}
@@ -388,6 +402,8 @@ def analyze_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Mechanism checks: fusion-layer text→image attention (routed vs vanilla) and shallow drift (must be 1)."""
     import json
@@ -398,10 +414,10 @@ def analyze_cmd(
     from routing.artifact import artifact_dir
 
     require_positive(n=n, batch_size=batch_size)
-    check_device(device)
+    check_placement(device, device_map, max_memory)
     out = ensure_output_dir(out or artifact_dir(routing_dir).parent / "analysis")
     records = held_out_records(data, n, seed)
-    routed, processor = load_model_for_cli(model, routing_dir, dtype, device)
+    routed, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory)
     tables = mechanism(routed.base, routed.eval(), processor, records, batch_size=batch_size)
     out.mkdir(parents=True, exist_ok=True)
     for name, frame in tables.items():

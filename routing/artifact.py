@@ -57,12 +57,15 @@ def base_fingerprint(model, layers: range) -> list[float]:
     Sampled at fixed strided indices of each layer's fingerprint weight (the adapter's: the query projection);
     stable across dtypes up to rounding.
     """
+    from saturation.loading import weights_in_place
+
     a = anatomy(model)
     values = []
     for i in layers:
-        w = a.fingerprint_weight(i).detach().reshape(-1)
-        step = max(1, w.numel() // 16)
-        values += w[::step][:16].float().cpu().tolist()
+        with weights_in_place(a.layers[i]):  # a layer a device map offloaded holds meta tensors until then
+            w = a.fingerprint_weight(i).detach().reshape(-1)
+            step = max(1, w.numel() // 16)
+            values += w[::step][:16].float().cpu().tolist()
     return values
 
 

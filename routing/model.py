@@ -547,15 +547,12 @@ def _side_copy(a: Anatomy, source: int, layer_idx: int) -> nn.Module:
     hooks = [m._hf_hook for m in layer.modules() if hasattr(m, "_hf_hook")]
     if not hooks:
         return a.copy_layer(source, layer_idx)
-    from contextlib import ExitStack
-
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
-    from accelerate.utils import align_module_device
+
+    from saturation.loading import weights_in_place
 
     device = next((h.execution_device for h in hooks if getattr(h, "execution_device", None) is not None), "cpu")
-    with ExitStack() as stack:  # every offloaded submodule's weights in place while copying
-        for m in layer.modules():
-            stack.enter_context(align_module_device(m))
+    with weights_in_place(layer):  # every offloaded submodule's weights in place while copying
         maps = [getattr(h, "weights_map", None) for h in hooks]
         try:  # the hooks are copied too (and dropped below): not the offloaded weights of the whole model with them
             for h in hooks:

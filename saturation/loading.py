@@ -198,6 +198,33 @@ def _map_main_device(device_map: str | dict) -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
+@contextlib.contextmanager
+def weights_in_place(module: torch.nn.Module):
+    """Inside, every weight of `module` is real even where a device map offloaded it to CPU or disk (accelerate
+    keeps meta tensors there and brings the weights in per call): for reading or copying weights outside a call."""
+    from accelerate.utils import align_module_device
+
+    with contextlib.ExitStack() as stack:
+        for m in module.modules():
+            stack.enter_context(align_module_device(m))
+        yield module
+
+
+def check_placement(device: str | None, device_map: str | dict | None, max_memory: str | dict | None) -> None:
+    """Refuse, before any work, a device that is not here, an unknown device map, malformed memory caps, or
+    --device together with --device-map (the map places every layer itself)."""
+    if device_map is None:
+        if max_memory is not None:
+            raise ToolkitError("--max-memory goes with --device-map (it caps what each device of the map holds)")
+        if device is not None:
+            resolve_device(device)
+        return
+    if device is not None:
+        raise ToolkitError("--device and --device-map exclude each other: --device-map places every layer itself")
+    _map_main_device(device_map)
+    parse_max_memory(max_memory)
+
+
 def parse_max_memory(text: str | dict | None) -> dict | None:
     """``"0=20GiB,1=20GiB,cpu=64GiB"`` -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (accelerate's `max_memory`)."""
     if text is None or isinstance(text, dict):

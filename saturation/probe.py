@@ -478,12 +478,9 @@ def _check_options(cfg: ProbeConfig) -> None:
     if cfg.batch_size < 1:
         raise ToolkitError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
     if cfg.device_map is not None:  # before any file is written
-        from .loading import _map_main_device, parse_max_memory
+        from .loading import check_placement
 
-        if cfg.device is not None:
-            raise ToolkitError("--device and --device-map exclude each other: --device-map places every layer itself")
-        _map_main_device(cfg.device_map)
-        parse_max_memory(cfg.max_memory)
+        check_placement(cfg.device, cfg.device_map, cfg.max_memory)
     if cfg.rule not in RULES:
         raise ToolkitError(f"unknown rule '{cfg.rule}': use one of {', '.join(RULES)}")
     if cfg.backend not in BACKENDS:

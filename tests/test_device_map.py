@@ -9,12 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import dispatch_model, infer_auto_device_map
+from conftest import make_model
 
 import routing
 from saturation.anatomy import anatomy
 from saturation.loading import load_llava
-
-from conftest import make_model
 
 
 def _inputs(processor, batch: int = 2) -> dict:
@@ -78,5 +77,31 @@ def test_probe_cli_with_device_map_equals_plain_probe_and_bad_options_are_one_li
                        (["--device-map", "auto", "--device", "cpu"], "exclude each other")):
         bad = runner.invoke(saturation_app, ["probe", "-n", "4", "--out", str(tmp_path / "bad"), *args])
         assert not (tmp_path / "bad").exists()  # refused before anything is written
+        lines = bad.output.strip().splitlines()
+        assert bad.exit_code == 1 and len(lines) == 1 and text in lines[0], bad.output
+
+
+def test_eval_with_device_map_answers_like_the_plain_model_and_bad_options_are_one_line(tmp_path):
+    """`routing eval --device-map auto` (layers offloaded to disk past a 1 MiB cap), routed, gives the plain answers."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from cli import routing_app
+
+    runner = CliRunner()
+    routing.build(load_llava("tiny")[0], 4).save_routing(tmp_path / "run" / "routing")
+    common = ["eval", "--routing", str(tmp_path / "run"), "-n", "12", "--batch-size", "4"]
+    plain = runner.invoke(routing_app, [*common, "--json", str(tmp_path / "plain.json")])
+    mapped = runner.invoke(routing_app, [*common, "--json", str(tmp_path / "mapped.json"),
+                                         "--device-map", "auto", "--max-memory", "cpu=1MiB"])
+    assert plain.exit_code == 0 and mapped.exit_code == 0, mapped.output
+    a, b = (pd.read_csv(tmp_path / f"{d}.csv") for d in ("plain", "mapped"))
+    assert list(a["prediction"]) == list(b["prediction"])
+    for command, args, text in (("eval", ["--device-map", "auto", "--device", "cpu"], "exclude each other"),
+                                ("eval", ["--max-memory", "cpu=1GiB"], "goes with --device-map"),
+                                ("generate", ["--device-map", "nope"], "unknown --device-map"),
+                                ("analyze", ["--device-map", "auto", "--max-memory", "cpu"], "DEVICE=SIZE")):
+        extra = ["--image", "x.png", "--prompt", "q"] if command == "generate" else ["--routing", str(tmp_path / "run")]
+        bad = runner.invoke(routing_app, [command, *extra, *args])
         lines = bad.output.strip().splitlines()
         assert bad.exit_code == 1 and len(lines) == 1 and text in lines[0], bad.output
