@@ -259,6 +259,27 @@ def train_cmd(
                     f"log: {run / 'train_log.csv'}, figure: {run / 'loss.png'}", highlight=False, markup=False)
 
 
+@routing_app.command("save-plan")
+@friendly
+def save_plan_cmd(
+    plan: Annotated[str, typer.Option(help="A training-free plan: vtw@6, fastv@2:50%, prune-pre:25%, pool:25%, lf-ideal@6.")],
+    out: Annotated[Path, typer.Option(help="Artifact folder, for eval/generate/bench/analyze --routing and lmms-eval routing=.")],
+    model: ModelOpt = "tiny",
+    split: Annotated[int | None, typer.Option(help="The split of a plan written without @S (vtw, lf-ideal).")] = None,
+) -> None:
+    """Save a training-free plan (a peer, or a pruning) as a routing artifact; no training, nothing but the plan."""
+    from routing.artifact import read_manifest, save_plan, training_free_plan
+    from saturation.backbones import adapter_class
+    from saturation.loading import load_config, load_llava
+
+    config = load_config(model)  # the plan and --out are checked before any weights load
+    training_free_plan(plan, config.text_config.num_hidden_layers, adapter_class(config).first_split(config), split)
+    ensure_output_dir(out)
+    base, _ = load_llava(model)
+    folder = save_plan(base, plan, out, split)
+    Console().print(f"saved plan {read_manifest(folder)['spec']} on {model}: {folder}", highlight=False, markup=False)
+
+
 @routing_app.command("eval")
 @friendly
 def eval_cmd(

@@ -253,3 +253,40 @@ def load(model, directory):
         raise ToolkitError(f"routing '{directory}': side-branch weights do not match the plan "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return routed
+
+
+
+def training_free_plan(spec: str, num_layers: int, min_split: int = 1, split: int | None = None):
+    """The plan `spec` (``vtw@6``, ``fastv@2:50%``, ``prune-pre:25%``, ``pool:25%``, ``lf-ideal@6``) for an L-layer
+    model, checked before any weights load; `split` fills a missing ``@S``. Vanilla and plans with a side branch to
+    train (``routing train --plan``) are one line."""
+    from .plan import PRUNERS, make_plan, parse_spec
+
+    parsed = parse_spec(spec)
+    variant = parsed["variant"]
+    if variant is None:
+        raise ToolkitError("the vanilla plan needs no artifact: leave --routing out")
+    if variant in PRUNERS:  # the pruning carries its own layer; the split is the model's depth
+        split = 0
+    elif parsed["split"] is not None:
+        split = parsed["split"]
+    elif split is None:
+        raise ToolkitError(f"plan '{spec}' needs its split: write {variant}@S (or pass --split S)")
+    plan = make_plan(num_layers, split, variant, min_split=min_split, prune=parsed["prune"],
+                     prune_layer=parsed["prune_layer"], keep=parsed["keep"])
+    if plan.trainable:
+        raise ToolkitError(f"plan '{plan.spec}' has a side branch to train: use `routing train --plan {plan.spec}` "
+                           "(save-plan saves training-free plans)")
+    return plan
+
+
+def save_plan(model, spec: str, directory, split: int | None = None) -> Path:
+    """Save a training-free plan (`training_free_plan`) on `model` as an artifact, so every command's ``--routing``
+    and the lmms-eval plugin's ``routing=`` take it."""
+    from .model import build
+
+    a = anatomy(model)
+    plan = training_free_plan(spec, a.num_layers, a.min_split, split)
+    routed = build(model, plan.split, plan.variant, plan.fusion_layers, plan.side_depth, prune=plan.prune,
+                   prune_layer=plan.prune_layer, keep=plan.keep)
+    return save_routing(routed, directory)

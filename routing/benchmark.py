@@ -433,6 +433,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
     """
     from saturation.loading import cpu_threads
 
+    if model is None and cfg.routing is not None:  # a saved plan bench cannot time fails before any weights load
+        from .artifact import read_manifest
+
+        manifest = read_manifest(cfg.routing)
+        _check_saved_plan(make_plan(manifest["num_layers"], manifest["split"], manifest["variant"],
+                                    manifest["fusion_layers"], manifest["side_depth"], prune=manifest.get("prune"),
+                                    prune_layer=manifest.get("prune_layer"), keep=manifest.get("keep", 1.0)), cfg)
     if model is None:
         base, processor, trained, source = load_models(cfg)
     else:
@@ -449,8 +456,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
         split_source = "default (layers // 2)" if cfg.split is None else "given"
     plan_args = {"split": split, "fusion_layers": fusion_layers, "side_depth": side_depth}
     models = {"vanilla": base}
-    for variant in cfg.variants:
-        if trained is not None and trained.plan.variant == variant:
+    # A saved peer or pruned plan (routing save-plan, train --plan) is measured alone against vanilla, named by its
+    # spec: lf/pc/kv at its split would be other plans than the one asked about.
+    peer = trained is not None and _is_peer(trained.plan)
+    variants = (trained.plan.spec,) if peer else cfg.variants
+    for variant in variants:
+        if trained is not None and (peer or trained.plan.variant == variant):
             models[variant] = trained
         else:
             models[variant] = build(base, variant=variant, **plan_args).eval()
@@ -473,8 +484,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
                 p = real_prompt(base, processor, records, text_tokens, cfg.batch, cfg.new_tokens, cfg.seed)
             else:
                 p = random_prompt(base, text_tokens, cfg.batch, cfg.new_tokens, cfg.seed, image_size=image_size)
-            theories = {v: theory(geometry, v, split, p.image_tokens, p.text_tokens, fusion_layers, side_depth)
-                        for v in cfg.variants}
+            theories = ({variants[0]: flops.plan_ratios(geometry, trained.plan, [(p.image_tokens, p.text_tokens)])}
+                        if peer else {v: theory(geometry, v, split, p.image_tokens, p.text_tokens, fusion_layers,
+                                                side_depth) for v in variants})
             peaks = {name: cuda_peak_mb(m, p) for name, m in models.items()} if device.type == "cuda" else {}
             samples, cache_mb = measure(models, p, watch, cfg.repeats, cfg.warmup)
             new = rows_of(samples, cache_mb, text_tokens, p.image_tokens, theories)
@@ -499,7 +511,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
         "images": "real" if records is not None else "random embeddings",
         "image_size": list(image_size) if image_size else None,
         "image_tokens": rows[0]["image_tokens"],
-        "variants": list(cfg.variants),
+        "variants": list(variants),
         "text_tokens": list(cfg.text_tokens),
         "batch": cfg.batch,
         "new_tokens": cfg.new_tokens,
@@ -513,7 +525,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
     by = {}
     for key in ("prefill_ratio", "decode_ratio", "prefill_e2e_ratio", "prefill_theory", "decode_theory"):
         if key in rows[0]:
-            by[key] = {v: {str(r["text_tokens"]): r[key] for r in rows if r["model"] == v} for v in cfg.variants}
+            by[key] = {v: {str(r["text_tokens"]): r[key] for r in rows if r["model"] == v} for v in variants}
     result |= {"prefill_ratio": by["prefill_ratio"], "decode_ratio": by["decode_ratio"],
                "theory": {"prefill": by["prefill_theory"], "decode": by["decode_theory"]}}
     if "prefill_e2e_ratio" in by:
@@ -527,6 +539,23 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
         result["train_step"] = train
     result["rows"] = rows
     return result
+
+
+def _is_peer(plan) -> bool:
+    """A training-free or pruned plan (routing save-plan, train --plan): bench times it alone against vanilla."""
+    return plan.variant not in ("lf", "pc", "kv") or plan.prune is not None
+
+
+def _check_saved_plan(plan, cfg: BenchConfig) -> None:
+    """One line for a saved plan this benchmark cannot time."""
+    if not _is_peer(plan):
+        return
+    if cfg.train:
+        raise ToolkitError(f"--train times lf/pc/kv training steps; the routing holds plan {plan.spec}")
+    if plan.prune == "prune-pre":  # it scores patches in the vision tower, which bench's prefill skips
+        raise ToolkitError(f"routing bench times prefill from merged embeddings, where {plan.spec} has no "
+                           f"vision-tower attention to score: time it from pixels with `routing compare --plans "
+                           f"vanilla,{plan.spec}`")
 
 
 def _bench_records():
