@@ -141,11 +141,11 @@ def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **_) -> t
     """Every variant as full-sequence layer loops with explicit per-layer-type masks (`allowed`): LF's deep stack is
     HF's mask with text queries kept off image keys, the side branch HF's mask among image tokens. Windows count in
     the full sequence, so a subset that counted its own indices would differ."""
-    from routing_fixtures import layer_mask
+    from routing_fixtures import layer_mask, run_plan_naively
 
     from saturation.anatomy import anatomy, position_ids_from_mask
 
-    model, plan = routed.base, routed.plan
+    model = routed.base
     a = anatomy(model)
     h, img = a.embed(input_ids, pixel_values)
     pos = position_ids_from_mask(attention_mask)
@@ -159,23 +159,7 @@ def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **_) -> t
         kind = a.layer_type(module)
         return module(x, attention_mask=layer_mask(masks[kind] | eye, model), position_embeddings=rope[kind])
 
-    for i in plan.shallow:
-        h = layer(a.layers[i], h, full)
-    side = h
-    for module in routed.side:
-        side = layer(module, side, image_only)
-    keep = img[..., None]
-    for i in plan.deep:
-        if plan.deep_mode == "text_only":
-            h = layer(a.layers[i], h, text_only)
-        elif plan.deep_mode == "reset":
-            h = layer(a.layers[i], torch.where(keep, side, h), full)
-        else:
-            h = torch.where(keep, side, layer(a.layers[i], torch.where(keep, side, h), full))
-    h = torch.where(keep, side, h)
-    for i in plan.fusion:
-        h = layer(a.layers[i], h, full)
-    return a.unembed(h)
+    return run_plan_naively(routed, h, img, layer, full, image_only, text_only)
 
 
 @torch.no_grad()

@@ -164,11 +164,11 @@ def step_logits(routed, batch: dict, new: int) -> tuple[torch.Tensor, list, list
 def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **kwargs) -> torch.Tensor:
     """Every variant as full-sequence layer loops (routing is a mask plus a reset of the image positions), with the
     model's M-RoPE positions and DeepStack injection: `routing_fixtures.naive_logits` for the Qwen families."""
-    from routing_fixtures import layer_mask
+    from routing_fixtures import layer_mask, run_plan_naively
 
     from saturation.anatomy import anatomy
 
-    model, plan = routed.base, routed.plan
+    model = routed.base
     a = anatomy(model)
     e = a.encode(input_ids, pixel_values, **kwargs)
     h, img = e.inputs_embeds, e.image_mask
@@ -184,24 +184,7 @@ def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **kwargs)
     def layer(module, x, allowed):
         return module(x, attention_mask=layer_mask(allowed | eye, model), position_embeddings=rope)
 
-    with a.injecting(e):
-        for i in plan.shallow:
-            h = layer(a.layers[i], h, full)
-    side = h
-    for module in routed.side:
-        side = layer(module, side, image_only)
-    keep = img[..., None]
-    for i in plan.deep:
-        if plan.deep_mode == "text_only":
-            h = layer(a.layers[i], h, text_only)
-        elif plan.deep_mode == "reset":
-            h = layer(a.layers[i], torch.where(keep, side, h), full)
-        else:
-            h = torch.where(keep, side, layer(a.layers[i], torch.where(keep, side, h), full))
-    h = torch.where(keep, side, h)
-    for i in plan.fusion:
-        h = layer(a.layers[i], h, full)
-    return a.unembed(h)
+    return run_plan_naively(routed, h, img, layer, full, image_only, text_only, shallow=a.injecting(e))
 
 
 # ---------------------------------------------------------------- checkpoints on disk (the CLI's --model DIR)

@@ -87,27 +87,16 @@ def layer_mask(allowed: torch.Tensor, model, dtype=torch.float32) -> torch.Tenso
     return allowed
 
 
-@torch.no_grad()
-def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **image_kwargs) -> torch.Tensor:
-    """Every variant as full-sequence layer loops: routing is a mask plus a reset of the image positions."""
-    model, plan = routed.base, routed.plan
-    a = anatomy(model)
-    h, img = a.embed(input_ids, pixel_values, **image_kwargs)
-    pos = position_ids_from_mask(attention_mask)
-    rope = a.rotary_emb(h, pos)
-    valid = attention_mask.bool()
-    n = h.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool).tril()[None]
-    eye = torch.eye(n, dtype=torch.bool)[None]  # keeps rows that see nothing finite; never changes a real row
-    full = causal & valid[:, None, :]
-    image_only = full & img[:, :, None] & img[:, None, :]  # image queries see image keys
-    text_only = full & ~img[:, :, None] & ~img[:, None, :]  # text queries see text keys
+def run_plan_naively(routed, h, img, layer, full, image_only, text_only, shallow=None) -> torch.Tensor:
+    """The routing plan as full-sequence layer loops over embedded `h`: routing is a mask plus a reset of the image
+    positions. `layer(module, x, masks)` runs one decoder layer under one of the three mask sets (whatever a
+    family's masks are); `shallow` wraps the shallow stack (Qwen3-VL's DeepStack injection)."""
+    from contextlib import nullcontext
 
-    def layer(module, x, allowed):
-        return module(x, attention_mask=layer_mask(allowed | eye, model), position_ids=pos, position_embeddings=rope)
-
-    for i in plan.shallow:
-        h = layer(a.layers[i], h, full)
+    plan, a = routed.plan, routed.anatomy
+    with shallow if shallow is not None else nullcontext():
+        for i in plan.shallow:
+            h = layer(a.layers[i], h, full)
     side = h
     for module in routed.side:
         side = layer(module, side, image_only)
@@ -123,6 +112,28 @@ def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **image_k
     for i in plan.fusion:
         h = layer(a.layers[i], h, full)
     return a.unembed(h)
+
+
+@torch.no_grad()
+def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **image_kwargs) -> torch.Tensor:
+    """Every variant as full-sequence layer loops: routing is a mask plus a reset of the image positions."""
+    model = routed.base
+    a = anatomy(model)
+    h, img = a.embed(input_ids, pixel_values, **image_kwargs)
+    pos = position_ids_from_mask(attention_mask)
+    rope = a.rotary_emb(h, pos)
+    valid = attention_mask.bool()
+    n = h.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None]
+    eye = torch.eye(n, dtype=torch.bool)[None]  # keeps rows that see nothing finite; never changes a real row
+    full = causal & valid[:, None, :]
+    image_only = full & img[:, :, None] & img[:, None, :]  # image queries see image keys
+    text_only = full & ~img[:, :, None] & ~img[:, None, :]  # text queries see text keys
+
+    def layer(module, x, allowed):
+        return module(x, attention_mask=layer_mask(allowed | eye, model), position_ids=pos, position_embeddings=rope)
+
+    return run_plan_naively(routed, h, img, layer, full, image_only, text_only)
 
 
 @torch.no_grad()

@@ -11,11 +11,6 @@ from unittest import mock
 
 import pytest
 import torch
-
-import routing
-from routing.plan import parse_spec, plan_from_spec
-from saturation.anatomy import anatomy, position_ids_from_mask
-from saturation.errors import ToolkitError
 from routing_fixtures import (
     IMAGE,
     assert_informative,
@@ -26,6 +21,11 @@ from routing_fixtures import (
     tiny_llava,
     without_labels,
 )
+
+import routing
+from routing.plan import parse_spec, plan_from_spec
+from saturation.anatomy import anatomy, position_ids_from_mask
+from saturation.errors import ToolkitError
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,8 @@ def test_specs_round_trip():
 
 
 def test_the_flop_model_prices_pruning_per_sample():
-    from routing.flops import LLAVA_15_7B as g, decode_cost, plan_ratios, prefill_cost
+    from routing.flops import LLAVA_15_7B as g
+    from routing.flops import decode_cost, plan_ratios, prefill_cost
 
     def plan(spec):
         return plan_from_spec(parse_spec(spec), 32, 18)
