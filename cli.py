@@ -431,11 +431,13 @@ def analyze_cmd(
 
     from figures.io import save_figure
     from figures.mechanism import mechanism_figure
-    from routing.analysis import mechanism, summarize
-    from routing.artifact import artifact_dir
+    from routing.analysis import check_analyzable, mechanism, summarize
+    from routing.artifact import artifact_dir, read_manifest
 
     require_positive(n=n, batch_size=batch_size)
     check_placement(device, device_map, max_memory)
+    saved = read_manifest(routing_dir)  # a plan these checks do not apply to: one line before any work
+    check_analyzable(saved["spec"] if "spec" in saved else saved["variant"], saved.get("prune"), saved["fusion_layers"])
     out = ensure_output_dir(out or artifact_dir(routing_dir).parent / "analysis")
     records = held_out_records(data, n, seed)
     routed, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory)

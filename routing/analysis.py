@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from saturation.data import PromptFormat, Record, collate, encode_prompt, image_inputs, to_model
+from saturation.errors import ToolkitError
 from saturation.metrics import masked_mean, token_cosine, token_groups
 from saturation.probe import eager_attention
 
@@ -53,9 +54,19 @@ def recording(anat, layers: list[int], hidden: dict, patterns: dict, groups: dic
 
 
 @torch.no_grad()
+def check_analyzable(spec: str, prune: str | None, fusion_layers: int) -> None:
+    """One line for a plan these checks do not apply to: they compare fusion layers, token for token, with vanilla."""
+    if prune is not None:
+        raise ToolkitError(f"routing analyze compares the routed and vanilla runs token for token; plan {spec} prunes "
+                           "image tokens, so the two sequences differ (compare plans with `routing compare`)")
+    if not fusion_layers:
+        raise ToolkitError(f"routing analyze reads the fusion layers' attention; plan {spec} has none")
+
+
 def mechanism(base, routed, processor, records: list[Record], batch_size: int = 16) -> dict[str, pd.DataFrame]:
     """``{"fusion_attention": per (model, layer, head) mass, "shallow_drift": per layer cosine}`` over `records`."""
     anat, plan = routed.anatomy, routed.plan
+    check_analyzable(plan.spec, plan.prune, plan.fusion_layers)
     fusion, shallow = list(plan.fusion), list(plan.shallow)
     heads, drift = [], []
     fmt = PromptFormat.of(anat)

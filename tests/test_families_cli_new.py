@@ -190,8 +190,13 @@ def test_geometry_processor_counts_what_the_adapter_counts(name):
     """The geometries' processors turn a 480x640 photo in the family's own prompt into as many image tokens as the
     adapter prices (no weights are built)."""
     from saturation.backbones import adapter_class
-    from saturation.geometry import FAMILY_TOKENS, REPRESENTATIVE_IMAGE, geometry_config, geometry_processor, \
-        image_tokens_of
+    from saturation.geometry import (
+        FAMILY_TOKENS,
+        REPRESENTATIVE_IMAGE,
+        geometry_config,
+        geometry_processor,
+        image_tokens_of,
+    )
 
     config = geometry_config(name, layers=3)
     proc = geometry_processor(config, ["what"])

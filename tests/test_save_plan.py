@@ -88,3 +88,15 @@ def test_split_option_fills_a_missing_split_and_bench_refuses_pre_llm_scores_in_
                                         "--repeats", "1", "--warmup", "0", "--json", str(tmp_path / "b.json")])
     assert bench.exit_code == 1 and "routing compare --plans vanilla,prune-pre:50%" in bench.output
     assert len(bench.output.strip().splitlines()) == 1
+
+
+def test_analyze_refuses_plans_it_cannot_compare_in_one_line_before_any_work(tmp_path):
+    """analyze compares fusion layers token for token with vanilla: a pruned plan (before: KeyError traceback) or
+    one with no fusion layer is one line, and no analysis folder is made."""
+    assert _save(tmp_path / "vtw", "--plan", "vtw@4").exit_code == 0
+    assert _save(tmp_path / "fastv", "--plan", "fastv@2:50%").exit_code == 0
+    for plan, message in (("vtw", "plan vtw@4 has none"), ("fastv", "plan fastv@2:50% prunes image tokens")):
+        result = runner.invoke(routing_app, ["analyze", "--routing", str(tmp_path / plan), "--n", "2",
+                                             "--out", str(tmp_path / f"an-{plan}")])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / f"an-{plan}").exists()
