@@ -79,8 +79,8 @@ def llava_prompt(context: str, n_images: int, processor=None, fmt: PromptFormat 
 
 
 def encode(processor, prompts: list[str], images: list, fmt: PromptFormat | None = None) -> dict:
-    """Left-padded batch for generation; `images` is the flat list of every prompt's images, in order. Keeps the
-    family's image kwargs (``image_sizes``, ``batch_num_images``, ...) with the pixels."""
+    """Left-padded batch for generation; `images` is one list of images per prompt (or one flat list, in order).
+    Keeps the family's image kwargs (``image_sizes``, ``batch_num_images``, ...) with the pixels."""
     processor.tokenizer.padding_side = "left"
     return process(processor, prompts, images, fmt or PromptFormat(), padding=True)
 
@@ -103,7 +103,10 @@ def generate_batch(model, processor, contexts: list[str], visuals: list[list], g
     do_sample, num_beams, top_p, until)."""
     fmt = PromptFormat.of(model)
     prompts = [llava_prompt(c, len(v), processor, fmt) for c, v in zip(contexts, visuals)]
-    batch = _to_model(encode(processor, prompts, [im.convert("RGB") for v in visuals for im in v], fmt), model)
+    rgb = [[im.convert("RGB") for im in v] for v in visuals]
+    # one list per prompt, as processors batch them (Gemma 3 counts images per prompt); flat if some have none
+    images = rgb if all(rgb) else [im for v in rgb for im in v]
+    batch = _to_model(encode(processor, prompts, images, fmt), model)
     temperature = float(gen_kwargs.get("temperature", 0) or 0)
     sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0
     extra = {"temperature": temperature, "top_p": gen_kwargs.get("top_p") or 1.0} if sample else {}
@@ -156,7 +159,7 @@ def loglikelihood(model, processor, context: str, continuation: str, images: lis
     """
     fmt = PromptFormat.of(model)
     prompt = llava_prompt(context, len(images), processor, fmt)
-    rgb = [im.convert("RGB") for im in images]
+    rgb = [[im.convert("RGB") for im in images]] if images else []
     full = _to_model(encode(processor, [prompt + continuation], rgb, fmt), model)
     n_prompt = encode(processor, [prompt], rgb, fmt)["input_ids"].shape[1]
     logits = model(**full).logits[0, n_prompt - 1:-1].float()

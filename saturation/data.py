@@ -186,8 +186,10 @@ def question_prompt(question: str, processor, fmt: PromptFormat = PromptFormat()
     render = _chat_renderer(processor, fmt)
     placed = IMAGE_PLACEHOLDER in question
     if render is None:
-        if n_images and not placed:
-            question = " ".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + question
+        if n_images and not placed:  # the family's image slot (Qwen, Gemma), else LLaVA's placeholders
+            slot = fmt.template.image
+            question = (slot * n_images if slot is not None
+                        else " ".join([IMAGE_PLACEHOLDER] * n_images) + "\n") + question
         return f"{fmt.template.user}{question}{fmt.template.assistant}"
     images = [] if placed else [{"type": "image"}] * n_images
     return render([{"role": "user", "content": [*images, {"type": "text", "text": question}]}], True)
