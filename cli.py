@@ -517,8 +517,10 @@ def bench_cmd(
 @routing_app.command("compare")
 @friendly
 def compare_cmd(
-    model: ModelOpt = "tiny",
-    plans: Annotated[str, typer.Option(help="Comma-separated plan specs: vanilla, lf@S, vtw@S, fastv@K:R%, prune-pre:R%, pool:R%, lf@S+prune-pre:R%, lf@S+fastv@K:R% (no @S: the recommended split, or --routing's).")] = ",".join(("vanilla", "lf", "vtw", "fastv@2:50%", "fastv@2:25%", "prune-pre:50%", "prune-pre:25%", "lf+prune-pre:50%")),
+    model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'tiny-clean', an alias (see saturation probe --help), a hub id or a local directory.")] = None,
+    plans: Annotated[str | None, typer.Option(help="Comma-separated plan specs: vanilla, lf@S, vtw@S, fastv@K:R%, prune-pre:R%, pool:R%, lf@S+prune-pre:R%, lf@S+fastv@K:R% (no @S: the recommended split, or --routing's). Default: vanilla,lf,vtw,fastv@2:50%,fastv@2:25%,prune-pre:50%,prune-pre:25%,lf+prune-pre:50% (with --geometry, pool in place of prune-pre).")] = None,
+    geometry: Annotated[str | None, typer.Option(help="Latency at an architecture's real size: random weights (as routing bench --geometry, e.g. llava-1.5-7b, tiny, cpu-bench), random image embeddings, untrained side branches; accuracy n/a. Not with --model/--routing/--data/--n or prune-pre plans.")] = None,
+    layers: Annotated[int | None, typer.Option(help="With --geometry: build only N decoder layers (same widths).")] = None,
     routing_dir: Annotated[Path | None, typer.Option("--routing", help="A trained LF run folder or artifact: its split is the default and its side branch serves plans of the same split (pruned ones are trained on the kept tokens).")] = None,
     split: Annotated[int | None, typer.Option(help="Split for specs without @S (default: the probe's recommendation).")] = None,
     data: AnswersOpt = None,
@@ -534,14 +536,17 @@ def compare_cmd(
     ensure_output_dir(out)
     from figures.io import save_figure
     from figures.pareto import pareto_figure
-    from routing.compare import CompareConfig, parse_plans, run_compare
+    from routing.compare import NA, CompareConfig, parse_plans, run_compare
 
-    parse_plans(plans)  # a bad spec is one line before any model loads
-    cfg = CompareConfig(model=model, plans=tuple(p.strip() for p in plans.split(",")), split=split, routing=routing_dir,
+    if plans is not None:
+        parse_plans(plans)  # a bad spec is one line before any model loads
+    cfg = CompareConfig(model=model, plans=plans, geometry=geometry, layers=layers, split=split, routing=routing_dir,
                         data=data, n=n, train_steps=train_steps, repeats=repeats, out=out, seed=seed)
     table = run_compare(cfg, log=lambda msg: Console().print(msg, highlight=False))
-    drawn = save_figure(pareto_figure(table, title=f"{model}: accuracy against cost"), out / "pareto")
-    Console().print(table.to_string(index=False), highlight=False)
+    name = f"random {geometry}" + (f", {layers} layers" if layers else "") if geometry else (model or "tiny")
+    what = "measured prefill against FLOPs" if geometry else "accuracy against cost"
+    drawn = save_figure(pareto_figure(table, title=f"{name}: {what}"), out / "pareto")
+    Console().print(table.to_string(index=False, na_rep=NA), highlight=False)
     Console().print(f"wrote {out / 'frontier.csv'}, {', '.join(map(str, drawn))}", highlight=False)
 
 

@@ -6,6 +6,11 @@ embedded held-out set); FLOPs come from the FLOP model at the measured prompt's 
 are paired and interleaved in one loop (sample k of every plan in the same round, the order rotated each round, as
 `routing bench`), end-to-end from pixels so pre-LLM pruning pays for its scoring. Plans with a side branch are
 trained here on the shapes world (or take `--routing DIR`'s side branch, when its split and depth fit).
+
+Geometry mode (``geometry="llava-1.5-7b"``, optional ``layers``) times the plans at an architecture's real size:
+random weights and random image embeddings, as `routing bench --geometry` (``benchmark.load_models`` and
+``random_prompt``); side branches stay untrained (latency does not depend on training) and accuracy is NaN, written
+"n/a". Plans that score the vision tower's attention (prune-pre) need real pixels and are refused before loading.
 """
 
 from __future__ import annotations
@@ -23,16 +28,22 @@ from saturation.errors import ToolkitError
 from . import flops
 from .plan import RoutingPlan, parse_spec, plan_from_spec
 
+NEEDS_PIXELS = ("prune-pre",)  # prunings that read the vision tower: no plan of geometry mode's random embeddings
+
 DEFAULT_PLANS = ("vanilla", "lf", "vtw", "fastv@2:50%", "fastv@2:25%", "prune-pre:50%", "prune-pre:25%",
                  "lf+prune-pre:50%")
+# Geometry mode has no pixels: spatial pooling stands in for the tower-scored pruning of the default sweep.
+GEOMETRY_PLANS = ("vanilla", "lf", "vtw", "fastv@2:50%", "fastv@2:25%", "pool:50%", "pool:25%", "lf+pool:50%")
 COLUMNS = ("plan", "params", "accuracy", "flops_ratio", "prefill_ratio", "decode_ratio", "trainable_params",
            "prefill_ms", "decode_ms", "decode_flops_ratio", "trained")
 
 
 @dataclass
 class CompareConfig:
-    model: str = "tiny"
-    plans: tuple[str, ...] = DEFAULT_PLANS
+    model: str | None = None  # checkpoint; None: 'tiny' unless a geometry is given
+    plans: tuple[str, ...] | str | None = None  # None: DEFAULT_PLANS (GEOMETRY_PLANS with a geometry)
+    geometry: str | None = None  # random weights of a named architecture (saturation.geometry.GEOMETRIES)
+    layers: int | None = None  # geometry only: decoder depth to build (same widths)
     split: int | None = None  # for specs without @S (default: the recommended split, or --routing's)
     routing: Path | None = None  # a trained LF artifact whose side branch the side-branch plans start from
     data: Path | None = None  # evaluation records (default: the embedded held-out set)
@@ -46,6 +57,26 @@ class CompareConfig:
     new_tokens: int = 8
     seed: int = 0
     out: Path = field(default_factory=lambda: Path("runs") / "compare")
+
+    def __post_init__(self):
+        if self.plans is None:
+            self.plans = GEOMETRY_PLANS if self.geometry is not None else DEFAULT_PLANS
+        if self.geometry is None:
+            if self.layers is not None:
+                raise ToolkitError("--layers shrinks a --geometry; a checkpoint keeps its own depth")
+            return
+        given = [name for name, value in (("--model", self.model), ("--routing", self.routing),
+                                          ("--data", self.data), ("--n", self.n)) if value is not None]
+        if given:
+            raise ToolkitError(f"--geometry times random weights on random image embeddings (accuracy n/a): it "
+                               f"takes no {', '.join(given)}")
+        from .benchmark import BenchConfig
+
+        BenchConfig(geometry=self.geometry, layers=self.layers)  # its one-line checks of the name and depth
+        for p in parse_plans(self.plans):
+            if p["prune"] in NEEDS_PIXELS:
+                raise ToolkitError(f"plan '{p['text']}' scores the vision tower's attention on real pixels, which "
+                                   f"--geometry does not have (random image embeddings): leave it out, or use pool:R%")
 
 
 def parse_plans(plans) -> tuple[dict, ...]:
@@ -82,7 +113,8 @@ def _side_from(routed, artifact) -> bool:
 
 
 def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str], None]) -> dict:
-    """name -> (plan or None, model to run, how its side branch came to be)."""
+    """name -> (plan or None, model to run, how its side branch came to be). Geometry mode trains nothing: its
+    default split is layers // 2 (random weights have no probe recommendation), as `routing bench`'s."""
     import routing
     from saturation.anatomy import anatomy
 
@@ -91,6 +123,8 @@ def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str
     a = anatomy(model)
     artifact = routing.load(model, cfg.routing) if cfg.routing is not None else None
     split = cfg.split if cfg.split is not None else (artifact.plan.split if artifact else None)
+    if split is None and cfg.geometry is not None:
+        split = max(a.num_layers // 2, a.min_split)
     if split is None and any(p["variant"] and p["split"] is None for p in parsed):
         split = _recommended_split(cfg, a.num_layers, log)
     built, records = {}, None
@@ -105,13 +139,15 @@ def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str
                                prune=plan.prune if plan.variant != plan.prune else None,
                                prune_layer=plan.prune_layer, keep=plan.keep)
         how = ""
-        if plan.trainable:
+        if plan.trainable and cfg.geometry is not None:
+            how = "untrained (geometry)"
+        elif plan.trainable:
             if _side_from(routed, artifact) and plan.prune is None:
                 how = f"side branch from {cfg.routing}"
             else:
                 if records is None:
                     records = training_records(None, cfg.out / "train-data", 2000, cfg.seed)
-                opts = TrainConfig(model=cfg.model, variant=plan.variant, max_steps=cfg.train_steps, seed=cfg.seed,
+                opts = TrainConfig(model=cfg.model or "tiny", variant=plan.variant, max_steps=cfg.train_steps, seed=cfg.seed,
                                    save_steps=max(cfg.train_steps, 1), resume=False)
                 folder = cfg.out / "train" / name.replace("@", "-s").replace(":", "-").replace("%", "").replace("+", "_")
                 log(f"training {name} ({cfg.train_steps} steps, side branch on the {'kept' if plan.prune else 'image'} tokens)")
@@ -124,27 +160,30 @@ def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str
 def _recommended_split(cfg: CompareConfig, num_layers: int, log) -> int:
     from .train import TrainConfig, resolve_training_split
 
-    split, source = resolve_training_split(TrainConfig(model=cfg.model, split="auto", seed=cfg.seed), num_layers, log)
+    split, source = resolve_training_split(TrainConfig(model=cfg.model or "tiny", split="auto", seed=cfg.seed), num_layers, log)
     log(f"split {split} (from {source})")
     return split
 
 
 @torch.no_grad()
 def measure_latency(models: dict, prompt, repeats: int, warmup: int) -> dict[str, dict[str, list[float]]]:
-    """samples[kind][name] (seconds), kind prefill (end to end, from pixels) / decode (per token): paired rounds,
-    the order rotated every round and every decode step, as `routing bench`."""
+    """samples[kind][name] (seconds), kind prefill (end to end from pixels; from the merged embeddings when the
+    prompt has none, geometry mode) / decode (per token): paired rounds, the order rotated every round and every
+    decode step, as `routing bench`, on its clock rule (one thread's CPU time on CPU with one thread, else wall)."""
     from saturation.hf_compat import cache_of
 
-    from .benchmark import CLOCKS, Stopwatch, _rotated, decode_step, prefill
+    from .benchmark import Stopwatch, _rotated, decode_step, prefill
 
-    watch = Stopwatch(next(iter(CLOCKS)), prompt.embeds.device)
+    device = prompt.embeds.device
+    watch = Stopwatch("cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall", device)
+    e2e = prompt.batch is not None
     names = list(models)
     samples = {kind: {name: [] for name in names} for kind in ("prefill", "decode")}
     n = prompt.embeds.shape[1]
     for rep in range(warmup + repeats):
         caches = {}
         for name in _rotated(names, rep):
-            t, out = watch.time(functools.partial(prefill, models[name], prompt, True))
+            t, out = watch.time(functools.partial(prefill, models[name], prompt, e2e))
             caches[name] = cache_of(out)
             if rep >= warmup:
                 samples["prefill"][name].append(t)
@@ -163,40 +202,59 @@ def _median(xs: list[float]) -> float:
 
 def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.DataFrame:
     """Evaluate, price and time every plan of `cfg`; returns the frontier table (also written to
-    ``cfg.out/frontier.csv``)."""
+    ``cfg.out/frontier.csv``, NaN accuracy as "n/a")."""
     from saturation.data import read_records, sample_records
     from saturation.files import atomic_write, ensure_output_dir
+    from saturation.geometry import REPRESENTATIVE_IMAGE
     from saturation.loading import DATA_SAMPLES, cpu_threads, load_llava
 
-    from .benchmark import paired_ratios, real_prompt
+    from .benchmark import BenchConfig, load_models, paired_ratios, random_prompt, real_prompt
     from .evaluate import evaluate
 
     parsed = parse_plans(cfg.plans)
     ensure_output_dir(cfg.out, "--out")
-    records = sample_records(read_records(cfg.data or DATA_SAMPLES / "shapes" / "heldout.json"), cfg.n, cfg.seed)
-    model, processor = load_llava(cfg.model)
+    records = None
+    if cfg.geometry is None:
+        records = sample_records(read_records(cfg.data or DATA_SAMPLES / "shapes" / "heldout.json"), cfg.n, cfg.seed)
+        model, processor = load_llava(cfg.model or "tiny")
+    else:
+        model, processor, _, source = load_models(BenchConfig(geometry=cfg.geometry, layers=cfg.layers,
+                                                              seed=cfg.seed))
+        log(f"{source}: untrained side branches, random image embeddings (accuracy n/a)")
     with cpu_threads(model, None):
         built = build_plans(cfg, model, processor, parsed, log)
         if "vanilla" not in built:
             built = {"vanilla": (None, model, "")} | built  # every ratio is to vanilla
-        prompt = real_prompt(model, processor, records, cfg.text_tokens, 1, cfg.new_tokens, cfg.seed)
+        if records is None:  # anyres families: a typical photo's tokens, as `routing bench --geometry`
+            prompt = random_prompt(model, cfg.text_tokens, 1, cfg.new_tokens, cfg.seed, image_size=REPRESENTATIVE_IMAGE)
+        else:
+            prompt = real_prompt(model, processor, records, cfg.text_tokens, 1, cfg.new_tokens, cfg.seed)
         geometry = flops.Geometry.of(model.config.text_config)
         samples = [(prompt.image_tokens, prompt.text_tokens)]
         rows = []
         for name, (plan, net, how) in built.items():
-            log(f"evaluating {name} on {len(records)} records")
-            result, _ = evaluate(net, processor, records, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+            accuracy = float("nan")
+            if records is not None:
+                log(f"evaluating {name} on {len(records)} records")
+                result, _ = evaluate(net, processor, records, batch_size=cfg.batch_size,
+                                     max_new_tokens=cfg.max_new_tokens)
+                accuracy = result["accuracy"]
             ratios = flops.plan_ratios(geometry, plan, samples)
             trainable = 0 if plan is None else net.trainable_parameters().trainable
-            rows.append({"plan": name, "params": params_of(plan), "accuracy": result["accuracy"],
+            rows.append({"plan": name, "params": params_of(plan), "accuracy": accuracy,
                          "flops_ratio": ratios["prefill"], "decode_flops_ratio": ratios["decode"],
                          "trainable_params": trainable, "trained": how})
-        log(f"timing {len(built)} plans, {cfg.repeats} paired rounds")
+        log(f"timing {len(built)} plans, {cfg.repeats} paired rounds ({prompt.image_tokens} image + "
+            f"{prompt.text_tokens} text tokens)")
         timing = measure_latency({name: net for name, (_, net, _) in built.items()}, prompt, cfg.repeats, cfg.warmup)
     for row in rows:
         for kind in ("prefill", "decode"):
             row[f"{kind}_ms"] = 1e3 * _median(timing[kind][row["plan"]])
             row[f"{kind}_ratio"] = _median(paired_ratios(timing[kind]["vanilla"], timing[kind][row["plan"]]))
     table = pd.DataFrame(rows)[list(COLUMNS)]
-    atomic_write(cfg.out / "frontier.csv", lambda p: table.to_csv(p, index=False, float_format="%.4g"))
+    atomic_write(cfg.out / "frontier.csv",
+                 lambda p: table.to_csv(p, index=False, float_format="%.4g", na_rep=NA))
     return table
+
+
+NA = "n/a"  # a column that has no value in this mode (accuracy under --geometry)

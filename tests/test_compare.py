@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cli import routing_app
 from figures.pareto import frontier, pareto_figure
-from routing.compare import COLUMNS, parse_plans
+from routing.compare import COLUMNS, GEOMETRY_PLANS, CompareConfig, parse_plans
 from saturation.errors import ToolkitError
 
 
@@ -49,3 +49,55 @@ def test_frontier_marks_the_undominated_points():
                          "flops_ratio": [1.0, 0.5, 0.4], "prefill_ratio": [1.0, 0.7, 0.5]})
     fig = pareto_figure(rows)
     assert len(fig.axes) == 2 and all(len(ax.collections) == 2 for ax in fig.axes)  # the n/a row is left out
+
+
+def test_geometry_mode_times_random_weights_with_accuracy_na(tmp_path):
+    out = tmp_path / "geo"
+    plans = "vanilla,lf@2,vtw@2,fastv@1:50%,pool:25%,lf@2+pool:50%"
+    result = CliRunner().invoke(routing_app, ["compare", "--geometry", "tiny", "--layers", "4", "--plans", plans,
+                                              "--repeats", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    raw = pd.read_csv(out / "frontier.csv", keep_default_na=False)
+    assert list(raw.columns) == list(COLUMNS) and list(raw["plan"]) == plans.split(",")
+    assert (raw["accuracy"] == "n/a").all()  # written as n/a, not an empty cell or nan
+    numbers = raw[["flops_ratio", "prefill_ratio", "decode_ratio", "prefill_ms", "decode_ms", "trainable_params"]]
+    assert numbers.apply(pd.to_numeric).notna().all().all()
+    table = raw.set_index("plan")
+    assert table.loc["vanilla", ["flops_ratio", "prefill_ratio", "decode_ratio"]].tolist() == [1, 1, 1]
+    assert table.loc["vtw@2", "flops_ratio"] < 1 and table.loc["lf@2+pool:50%", "flops_ratio"] < table.loc["lf@2", "flops_ratio"]
+    assert table.loc["lf@2", "trainable_params"] > 0 and table.loc["lf@2", "trained"] == "untrained (geometry)"
+    assert "n/a" in result.output and "random tiny, 4 layers" in result.output
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "pareto.pdf").exists()
+
+
+def test_geometry_default_sweep_needs_no_pixels():
+    cfg = CompareConfig(geometry="tiny")
+    assert cfg.plans == GEOMETRY_PLANS and not any("prune-pre" in p for p in cfg.plans)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--routing", "runs/x"], "takes no --routing"), (["--data", "x.json"], "takes no --data"),
+    (["--n", "4"], "takes no --n"), (["--model", "tiny"], "takes no --model"),
+    (["--plans", "vanilla,prune-pre:50%"], "real pixels"), (["--plans", "vanilla,lf@2+prune-pre:50%"], "real pixels"),
+    (["--layers", "2"], "at least 3")])
+def test_bad_geometry_combinations_fail_in_one_line(tmp_path, args, message):
+    out = tmp_path / "x"
+    result = CliRunner().invoke(routing_app, ["compare", "--geometry", "tiny", *args, "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (out / "frontier.csv").exists()
+
+
+@pytest.mark.parametrize("args,message", [(["--geometry", "llava-9b"], "unknown geometry"),
+                                          (["--layers", "4"], "shrinks a --geometry")])
+def test_bad_geometry_names_fail_in_one_line(tmp_path, args, message):
+    result = CliRunner().invoke(routing_app, ["compare", *args, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_the_figure_without_accuracy_draws_the_cost_panel():
+    rows = pd.DataFrame({"plan": ["vanilla", "vtw@2"], "accuracy": [math.nan, math.nan],
+                         "flops_ratio": [1.0, 0.8], "prefill_ratio": [1.0, 0.85]})
+    fig = pareto_figure(rows)
+    assert len(fig.axes) == 1 and len(fig.axes[0].collections[0].get_offsets()) == 2
+    assert "n/a" in fig.axes[0].get_title()
