@@ -226,6 +226,8 @@ def train_cmd(
     seed: SeedOpt = 0,
     dtype: Annotated[str | None, typer.Option(help="Base model dtype: float32 | bfloat16 | float16 | auto (default: fp32 on CPU, bf16 on a CUDA GPU that has it, as the paper trains; the side branch keeps fp32 master weights under autocast).")] = None,
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Train only the side branch of a DPVR-routed model (HF Trainer), and save the small routing artifact."""
     import pandas as pd
@@ -238,7 +240,7 @@ def train_cmd(
     cfg = TrainConfig(model=model, split=split, probe=probe, variant=variant, plan=plan, fusion_layers=fusion_layers,
                       side_depth=side_depth, data=data, n_train=n_train, out=out, max_steps=max_steps, lr=lr,
                       batch_size=batch_size, save_steps=save_steps, resume=resume, seed=seed, dtype=dtype,
-                      device=device)
+                      device=device, device_map=device_map, max_memory=max_memory)
     from saturation.distributed import is_main
 
     summary = run_train(cfg, log=lambda msg: Console().print(msg, highlight=False, markup=False, soft_wrap=True))

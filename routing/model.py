@@ -185,6 +185,12 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         self.side = nn.ModuleList(_side_copy(a, src, a.num_layers + i).requires_grad_(True)
                                   for i, src in enumerate(plan.side_sources))
         self._gradient_probe = False
+        if getattr(base, "hf_device_map", None):
+            # A base placed by accelerate (device_map): say so as HF does, so the Trainer and accelerate leave the
+            # placement alone (without it the Trainer calls .to(device): meta tensors of offloaded layers raise,
+            # and a model spread over GPUs would be gathered onto one) and generate() knows the model is split.
+            self.hf_device_map = {f"base.{k}" if k else "base": v for k, v in base.hf_device_map.items()} | {
+                f"side.{i}": _map_entry(next(layer.parameters()).device) for i, layer in enumerate(self.side)}
 
     @property
     def anatomy(self) -> Anatomy:
@@ -537,6 +543,11 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
     def extra_repr(self) -> str:
         return self.plan.describe()
+
+
+def _map_entry(device: torch.device) -> int | str:
+    """A device as accelerate's device maps write it: a GPU by its index, else ``cpu``/``mps``."""
+    return device.index if device.type == "cuda" else device.type
 
 
 def _side_copy(a: Anatomy, source: int, layer_idx: int) -> nn.Module:

@@ -17,7 +17,9 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -32,7 +34,7 @@ from saturation.backbones import adapter_class
 from saturation.data import PromptFormat, Record, collate, encode_record, read_records
 from saturation.errors import ToolkitError
 from saturation.files import ensure_output_dir, write_json, write_text
-from saturation.loading import cpu_threads, load_config, load_llava, resolve_name
+from saturation.loading import check_placement, cpu_threads, load_config, load_llava, resolve_name
 from saturation.probe import ProbeConfig, run_probe
 from saturation.probe import default_out as probe_default_out
 
@@ -84,6 +86,10 @@ class TrainConfig:
     resume: bool = True
     dtype: str | None = None
     device: str | None = None
+    # accelerate places the base across GPUs, CPU and disk (a base larger than one device). Not a defining option
+    # (not in run.json): placement moves weights, not results, so a run resumes under another placement.
+    device_map: str | None = None
+    max_memory: str | None = None  # with device_map: per-device caps, "0=20GiB,1=20GiB,cpu=64GiB"
 
     @property
     def learning_rate(self) -> float:
@@ -107,6 +113,18 @@ def check_options(opts: TrainConfig) -> None:
         raise ToolkitError(f"epochs must be a positive number (got {opts.epochs})")
     if not (math.isfinite(opts.warmup) and opts.warmup >= 0):
         raise ToolkitError(f"warmup must be a ratio in [0, 1) or a number of steps (got {opts.warmup})")
+    check_training_placement(opts)
+
+
+def check_training_placement(opts: TrainConfig) -> None:
+    """--device or --device-map/--max-memory as the loader takes them; a device map not under torchrun."""
+    if opts.device_map is None and opts.max_memory is None:
+        return  # --device alone: checked where it is used (each torchrun rank takes its own GPU)
+    check_placement(opts.device, opts.device_map, opts.max_memory)
+    if dist.world_size() > 1:
+        raise ToolkitError("--device-map under torchrun is not supported: DDP gives each process one device and "
+                           "a whole model; train a model that fits one device with torchrun, or a larger one in "
+                           "one process with --device-map")
 
 
 def planned_steps(n_records: int, opts: TrainConfig, world_size: int | None = None) -> int:
@@ -263,7 +281,9 @@ class SideBranchTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         full = self.model.state_dict() if state_dict is None else state_dict
-        super()._save(output_dir, state_dict={k: v.contiguous() for k, v in full.items() if k in trainable})
+        with warnings.catch_warnings():  # HF warns about offloaded modules (device map); only the side branch is saved
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+            super()._save(output_dir, state_dict={k: v.contiguous() for k, v in full.items() if k in trainable})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load only the side branch back (the frozen base is not in our checkpoints), strictly."""
@@ -572,11 +592,14 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
             return done | {"unchanged": True}
         check_not_past(out, planned)
     device = dist.rank_device(cfg.device)  # under torchrun on GPUs: this rank's GPU
-    model, processor = load_llava(cfg.model, dtype=training_dtype(cfg.dtype, device), device=device)
-    routed = build(model, split, cfg.variant, cfg.fusion_layers, cfg.side_depth, **pruning)
-    log(f"split {split} (from {source})\n{routed.plan.describe()}\ntrainable: {routed.trainable_parameters()}")
-    with cpu_threads(model, None):
-        summary = train_side_branch(routed, processor, records, cfg, out, log=log)
+    # layers a device map puts on disk live in a temporary folder for the run (not the run folder: it is the base)
+    with tempfile.TemporaryDirectory(prefix="dpvr-offload-") as offload:
+        model, processor = load_llava(cfg.model, dtype=training_dtype(cfg.dtype, device), device=device,
+                                      device_map=cfg.device_map, max_memory=cfg.max_memory, offload_folder=offload)
+        routed = build(model, split, cfg.variant, cfg.fusion_layers, cfg.side_depth, **pruning)
+        log(f"split {split} (from {source})\n{routed.plan.describe()}\ntrainable: {routed.trainable_parameters()}")
+        with cpu_threads(model, None):
+            summary = train_side_branch(routed, processor, records, cfg, out, log=log)
     if summary.pop("unchanged", False):
         return summary | {"unchanged": True}
     summary |= {"model": resolve_name(cfg.model), "split_source": source, "out": str(out)}

@@ -105,3 +105,50 @@ def test_eval_with_device_map_answers_like_the_plain_model_and_bad_options_are_o
         bad = runner.invoke(routing_app, [command, *extra, *args])
         lines = bad.output.strip().splitlines()
         assert bad.exit_code == 1 and len(lines) == 1 and text in lines[0], bad.output
+
+
+def test_train_with_layers_offloaded_to_disk_learns_the_same_side_branch(tmp_path, monkeypatch):
+    """`routing train --device-map auto --max-memory cpu=1MiB`: every layer past the cap goes to disk and comes in
+    per call; the Trainer must leave that placement alone (it called .to(cpu) on the meta tensors before: the
+    routed model now carries `hf_device_map`) and the side branch learns exactly what it learns undispatched."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from cli import routing_app
+    from routing.train import RUN_MANIFEST
+
+    monkeypatch.chdir(tmp_path)  # a default --out must not land in the repository
+    runner = CliRunner()
+    common = ["train", "--split", "4", "--n-train", "6", "--batch-size", "2", "--max-steps", "3", "--lr", "1e-2"]
+    plain = runner.invoke(routing_app, [*common, "--out", "plain"])
+    mapped = runner.invoke(routing_app, [*common, "--out", "mapped", "--device-map", "auto", "--max-memory", "cpu=1MiB"])
+    assert plain.exit_code == 0 and mapped.exit_code == 0, mapped.output
+    start = routing.build(load_llava("tiny")[0], 4).side.state_dict()
+    a, b = (load_file(tmp_path / d / "routing" / "side_branch.safetensors") for d in ("plain", "mapped"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - start[k.removeprefix("side.")]).abs().max() for k in a) > 1e-4  # training moved the weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+    # placement is not a defining option: the run records the same identity either way
+    assert (tmp_path / "plain" / RUN_MANIFEST).read_text() == (tmp_path / "mapped" / RUN_MANIFEST).read_text()
+
+
+def test_train_bad_placements_are_one_line_before_any_work(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli import routing_app
+
+    runner = CliRunner()
+    cases = [(["--device-map", "nope"], {}, "unknown --device-map"),
+             (["--device-map", "auto", "--device", "cpu"], {}, "exclude each other"),
+             (["--max-memory", "cpu=1GiB"], {}, "goes with --device-map"),
+             (["--device-map", "auto", "--max-memory", "cpu"], {}, "DEVICE=SIZE"),
+             (["--device-map", "auto"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "under torchrun")]
+    for args, env, text in cases:
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            bad = runner.invoke(routing_app, ["train", "--split", "4", "--out", str(tmp_path / "bad"), *args])
+        assert not (tmp_path / "bad").exists()  # refused before anything is written
+        lines = bad.output.strip().splitlines()
+        assert bad.exit_code == 1 and len(lines) == 1 and text in lines[0], bad.output
