@@ -483,6 +483,8 @@ def bench_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Prefill and decode latency of vanilla and each variant, interleaved, with the FLOP model's ratios beside."""
     import pandas as pd
@@ -492,7 +494,7 @@ def bench_cmd(
     from routing.benchmark import BenchConfig, run_bench, summary_table
 
     require_positive(batch_size=batch_size)
-    check_device(device)
+    check_placement(device, device_map, max_memory)
     if json_out is not None:
         ensure_output_file(json_out, "--json")
     else:
@@ -500,7 +502,8 @@ def bench_cmd(
     cfg = BenchConfig(model=model, geometry=geometry, layers=layers, routing=routing_dir, split=split,
                       fusion_layers=fusion_layers, side_depth=side_depth, variants=variants, text_tokens=text_tokens,
                       batch=batch_size, new_tokens=new_tokens, repeats=repeats, warmup=warmup, dtype=dtype,
-                      device=device, threads=threads, clock=clock, train=train, seed=seed)
+                      device=device, device_map=device_map, max_memory=max_memory, threads=threads, clock=clock,
+                      train=train, seed=seed)
     result = run_bench(cfg, log=lambda msg: err_console.print(msg, highlight=False, markup=False))
     Console().print(summary_table(result))
     for text, steps in result.get("train_step", {}).items():

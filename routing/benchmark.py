@@ -85,6 +85,8 @@ class BenchConfig:
     warmup: int = 2  # untimed rounds first
     dtype: str | None = None
     device: str | None = None
+    device_map: str | None = None  # checkpoint only: accelerate places the layers across GPUs, CPU and disk
+    max_memory: str | None = None  # with device_map: "0=20GiB,1=20GiB,cpu=64GiB"
     threads: int | None = None  # None: one thread for a small model on CPU (saturation.loading rule)
     clock: str = "auto"  # auto: 'cpu' on CPU with one thread, else 'wall'
     train: bool = False  # also time one training step of each variant against PC
@@ -111,6 +113,12 @@ class BenchConfig:
             raise ToolkitError(f"warmup must be 0 or more, got {self.warmup}")
         if self.clock not in ("auto", *CLOCKS):
             raise ToolkitError(f"unknown clock '{self.clock}': use auto, cpu or wall")
+        if self.device_map is not None or self.max_memory is not None:
+            from saturation.loading import check_placement
+
+            check_placement(self.device, self.device_map, self.max_memory)
+            if self.geometry is not None:
+                raise ToolkitError("--device-map places a checkpoint's layers; a --geometry is built on one --device")
 
 
 def parse_variants(value) -> tuple[str, ...]:
@@ -186,7 +194,7 @@ def random_prompt(model, text_tokens: int, batch: int, new_tokens: int, seed: in
     g = torch.Generator().manual_seed(seed)
     vocab, image_id = a.text_config.vocab_size, a.image_token_id
     n_image = image_tokens_of(model.config, image_size)
-    device = a.embed_tokens.weight.device
+    device = input_device(model)
     text = a.embed_tokens(_text_ids(vocab, image_id, (batch, text_tokens), g).to(device))
     rms = text.float().pow(2).mean().sqrt()
     image = (torch.randn(batch, n_image, text.shape[-1], generator=g) * rms.cpu()).to(device, text.dtype)
@@ -216,7 +224,7 @@ def real_prompt(model, processor, records, text_tokens: int, batch: int, new_tok
         b = min(first, text_tokens)
         rows.append(torch.cat([text[:b], ids[is_image], text[b:]]))
         encoded.append(enc)
-    device, dtype = a.embed_tokens.weight.device, a.embed_tokens.weight.dtype
+    device, dtype = input_device(model), a.embed_tokens.weight.dtype
     input_ids = torch.stack(rows).to(device)
     images = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
               for k, v in image_inputs(collate(encoded, 0)).items()}  # pixels and the family's image kwargs
@@ -316,20 +324,59 @@ def measure(models: dict, p: Prompt, watch: Stopwatch, repeats: int, warmup: int
 
 
 @torch.no_grad()
-def cuda_peak_mb(model, p: Prompt) -> dict[str, float]:
-    """Peak allocated CUDA memory of one prefill + decode of `model`: absolute, and above what was allocated
-    before (activations, cache, logits)."""
-    device = p.embeds.device
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
+def cuda_peak_mb(model, p: Prompt) -> dict:
+    """Peak allocated CUDA memory of one prefill + decode of `model` on every GPU it uses (a device map spreads it):
+    ``peak_mb`` and ``work_mb`` (above what was allocated before: activations, cache, logits) summed over them, and
+    ``per_device`` {"cuda:0": {"peak_mb", "work_mb"}, ...}."""
+    devices = sorted(cuda_devices(model) | {p.embeds.device}, key=str)
+    before = {}
+    for d in devices:
+        torch.cuda.synchronize(d)
+        torch.cuda.reset_peak_memory_stats(d)
+        before[d] = torch.cuda.memory_allocated(d)
     cache = cache_of(prefill(model, p))
     for i, token in enumerate(p.next_tokens):
         cache = cache_of(decode_step(model, cache, token, p.embeds.shape[1] + i))
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
+    per_device = {}
+    for d in devices:
+        torch.cuda.synchronize(d)
+        peak = torch.cuda.max_memory_allocated(d)
+        per_device[str(d)] = {"peak_mb": peak / 2**20, "work_mb": (peak - before[d]) / 2**20}
     del cache
-    return {"peak_mb": peak / 2**20, "work_mb": (peak - before) / 2**20}
+    return {"peak_mb": sum(v["peak_mb"] for v in per_device.values()),
+            "work_mb": sum(v["work_mb"] for v in per_device.values()), "per_device": per_device}
+
+
+def input_device(model) -> torch.device:
+    """Where inputs go: the embedding's device, or under a device map that offloaded it (its weight a meta
+    placeholder), the device its accelerate hook runs it on."""
+    embed = anatomy(model).embed_tokens
+    if embed.weight.device.type != "meta":
+        return embed.weight.device
+    device = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device or "cpu")
+
+
+def cuda_devices(model) -> set[torch.device]:
+    """The GPUs `model` computes on: where its weights live, and where a device map runs offloaded layers."""
+    devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    for value in (getattr(model, "hf_device_map", None) or {}).values():
+        if isinstance(value, int) or str(value).startswith("cuda"):
+            devices.add(torch.device(f"cuda:{value}" if isinstance(value, int) else value))
+    return devices
+
+
+def parameter_mb(model) -> dict[str, float]:
+    """MB of `model`'s weights by where a device map placed them (``cuda:0``, ``cpu``, ``disk``), or where they
+    are: what each device must hold, the frozen base included (offloaded weights count where they are stored)."""
+    placement = {k: ("disk" if v == "disk" else str(torch.device(v if not isinstance(v, int) else f"cuda:{v}")))
+                 for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
+    out: dict[str, float] = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        owners = [k for k in placement if k == "" or name == k or name.startswith(f"{k}.")]
+        where = placement[max(owners, key=len)] if owners else str(p.device)
+        out[where] = out.get(where, 0.0) + p.numel() * p.element_size() / 2**20
+    return dict(sorted(out.items()))
 
 
 def measure_train(base, variants, plan_args: dict, p: Prompt, watch: Stopwatch, repeats: int, warmup: int) -> dict:
@@ -421,7 +468,8 @@ def load_models(cfg: BenchConfig):
 
     from .artifact import load as load_routing
 
-    base, processor = load_llava(cfg.model or "tiny", dtype=cfg.dtype, device=cfg.device)
+    base, processor = load_llava(cfg.model or "tiny", dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
+                                 max_memory=cfg.max_memory)
     routed = load_routing(base, cfg.routing).eval() if cfg.routing is not None else None
     return base, processor, routed, str(cfg.model or "tiny")
 
@@ -446,6 +494,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
         base, trained, source = model, None, getattr(model, "name_or_path", "given model")
     a = anatomy(base)
     num_layers = a.num_layers
+    # before any call: accelerate's offload hooks untie tied weights (embeddings, lm_head) once they have run
+    weights_mb = parameter_mb(base)
     if trained is not None:
         plan = trained.plan
         split, fusion_layers, side_depth, split_source = plan.split, plan.fusion_layers, plan.side_depth, "routing"
@@ -465,7 +515,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
             models[variant] = trained
         else:
             models[variant] = build(base, variant=variant, **plan_args).eval()
-    device = a.embed_tokens.weight.device
+    device = input_device(base)
     geometry = flops.Geometry.of(a.text_config)
     records = _bench_records() if processor is not None else None
     image_size = REPRESENTATIVE_IMAGE if cfg.geometry is not None else None  # anyres: a typical photo, not one tile
@@ -490,8 +540,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
             peaks = {name: cuda_peak_mb(m, p) for name, m in models.items()} if device.type == "cuda" else {}
             samples, cache_mb = measure(models, p, watch, cfg.repeats, cfg.warmup)
             new = rows_of(samples, cache_mb, text_tokens, p.image_tokens, theories)
-            for row in new:
-                row |= peaks.get(row["model"], {})
+            for row in new:  # flat columns: the total over GPUs, and each GPU's (peak_mb_cuda:0, ...)
+                peak = peaks.get(row["model"], {})
+                row |= {k: v for k, v in peak.items() if k != "per_device"}
+                row |= {f"peak_mb_{d}": v["peak_mb"] for d, v in peak.get("per_device", {}).items()}
             rows += new
             if cfg.train:
                 steps = measure_train(base, cfg.variants, plan_args, p, watch, cfg.repeats, cfg.warmup)
@@ -531,14 +583,28 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
     if "prefill_e2e_ratio" in by:
         result["prefill_e2e_ratio"] = by["prefill_e2e_ratio"]
     result["memory"] = ({"cuda_peak_mb": {m: {str(r["text_tokens"]): r["peak_mb"] for r in rows if r["model"] == m}
-                                          for m in models}} if device.type == "cuda"
+                                          for m in models},
+                         "cuda_peak_mb_per_device": _per_device(rows, models)} if device.type == "cuda"
                         else {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    # weights each device holds: the base by its placement, and each routed model's side branch (its only extra)
+    result["memory"]["parameters_mb"] = {"vanilla": weights_mb} | {
+        m: parameter_mb(r.side) for m, r in models.items() if m != "vanilla" and len(r.side)}
+    result["device_map"] = cfg.device_map
     result["memory"]["cache_mb"] = {m: {str(r["text_tokens"]): r["cache_mb"] for r in rows if r["model"] == m}
                                     for m in models}
     if cfg.train:
         result["train_step"] = train
     result["rows"] = rows
     return result
+
+
+def _per_device(rows: list[dict], models: dict) -> dict:
+    """{device: {model: {text: peak MB}}} from the rows' per-device CUDA peaks."""
+    out: dict = {}
+    for r in rows:
+        for key in (k for k in r if k.startswith("peak_mb_")):
+            out.setdefault(key.removeprefix("peak_mb_"), {m: {} for m in models})[r["model"]][str(r["text_tokens"])] = r[key]
+    return out
 
 
 def _is_peer(plan) -> bool:
@@ -582,15 +648,18 @@ def summary_table(result: dict):
 
     e2e = "prefill_e2e_ratio" in result
     peak = "peak_mb" in result["rows"][0]
+    gpus = [k for k in result["rows"][0] if k.startswith("peak_mb_")]
+    gpus = gpus if len(gpus) > 1 else []  # one GPU: its column is the total's
     title = (f"{result['model']}: split {result['split']} ({result['split_source']}), K={result['fusion_layers']}, "
              f"d_v={result['side_depth']}; {result['image_tokens']} image tokens ({result['images']}), batch "
              f"{result['batch']}; {result['device']} {result['dtype']}, {result['threads']} thread(s), "
              f"{result['clock']} clock, {result['repeats']} rounds")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, caption_justify="left", pad_edge=False,
-                  caption="ratio: routed / vanilla (median of paired ratios); FLOPs: routing.flops' ratio")
+                  caption="ratio: routed / vanilla (median of paired ratios); FLOPs: routing.flops' ratio"
+                  + _memory_caption(result.get("memory", {})))
     columns = ["text", "model", "prefill ms", "ratio", "FLOPs", "decode ms/tok", "ratio", "FLOPs"]
     columns += ["e2e ratio"] if e2e else []
-    columns += ["KV MB"] + (["peak MB"] if peak else [])
+    columns += ["KV MB"] + (["peak MB"] if peak else []) + [f"peak MB {k.removeprefix('peak_mb_')}" for k in gpus]
     for name in columns:
         table.add_column(name, justify="left" if name in ("text", "model") else "right")
     for r in result["rows"]:
@@ -602,9 +671,19 @@ def summary_table(result: dict):
         cells = [str(r["text_tokens"]), r["model"], _ms(r, "prefill"), ratio("prefill_ratio"),
                  ratio("prefill_theory"), _ms(r, "decode"), ratio("decode_ratio"), ratio("decode_theory")]
         cells += [ratio("prefill_e2e_ratio")] if e2e else []
-        cells += [f"{r['cache_mb']:.2f}"] + ([f"{r['peak_mb']:.0f}"] if peak else [])
+        cells += [f"{r['cache_mb']:.2f}"] + ([f"{r['peak_mb']:.0f}"] if peak else []) + [f"{r[k]:.0f}" for k in gpus]
         table.add_row(*cells, end_section=r["model"] == result["variants"][-1])
     return table
+
+
+def _memory_caption(memory: dict) -> str:
+    """'\nweights: cpu 3.1 MB, disk 2.0 MB; process peak RSS 812 MB' (what each device holds, and the CPU peak)."""
+    parts = []
+    if weights := memory.get("parameters_mb", {}).get("vanilla"):
+        parts.append("weights: " + ", ".join(f"{d} {mb:.1f} MB" for d, mb in weights.items()))
+    if "peak_rss_mb" in memory:
+        parts.append(f"process peak RSS {memory['peak_rss_mb']:.0f} MB")
+    return "\n" + "; ".join(parts) if parts else ""
 
 
 def _ms(row: dict, kind: str) -> str:

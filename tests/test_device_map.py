@@ -152,3 +152,33 @@ def test_train_bad_placements_are_one_line_before_any_work(tmp_path, monkeypatch
         assert not (tmp_path / "bad").exists()  # refused before anything is written
         lines = bad.output.strip().splitlines()
         assert bad.exit_code == 1 and len(lines) == 1 and text in lines[0], bad.output
+
+
+def test_bench_with_device_map_reports_memory_per_device_and_bad_options_are_one_line(tmp_path):
+    """`routing bench --device-map auto`: the same KV caches as the plain model, the weights counted where the map
+    put them (disk included, same total), the process peak RSS on CPU; bad placements one line before loading."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import routing_app
+
+    runner = CliRunner()
+    common = ["bench", "--variants", "lf", "--text-tokens", "8", "--repeats", "1", "--warmup", "0", "--new-tokens", "1"]
+    plain = runner.invoke(routing_app, [*common, "--json", str(tmp_path / "plain.json")])
+    mapped = runner.invoke(routing_app, [*common, "--json", str(tmp_path / "mapped.json"),
+                                         "--device-map", "auto", "--max-memory", "cpu=1MiB"])
+    assert plain.exit_code == 0 and mapped.exit_code == 0, mapped.output
+    a, b = (json.loads((tmp_path / f"{d}.json").read_text())["memory"] for d in ("plain", "mapped"))
+    assert b["cache_mb"] == a["cache_mb"]
+    assert list(a["parameters_mb"]["vanilla"]) == ["cpu"] and b["parameters_mb"]["vanilla"]["disk"] > 0
+    assert sum(b["parameters_mb"]["vanilla"].values()) == pytest.approx(a["parameters_mb"]["vanilla"]["cpu"])
+    assert b["parameters_mb"]["lf"] == a["parameters_mb"]["lf"]  # the side branch: a real copy on the CPU
+    assert b["peak_rss_mb"] > 0 and "weights: cpu" in mapped.output and "disk" in mapped.output
+    for args, text in ((["--geometry", "tiny", "--device-map", "auto"], "--geometry is built on one --device"),
+                       (["--device-map", "auto", "--device", "cpu"], "exclude each other"),
+                       (["--max-memory", "cpu=1GiB"], "goes with --device-map")):
+        bad = runner.invoke(routing_app, ["bench", "--json", str(tmp_path / "bad.json"), *args])
+        lines = bad.output.strip().splitlines()
+        assert bad.exit_code == 1 and len(lines) == 1 and text in lines[0], bad.output
+        assert not (tmp_path / "bad.json").exists()
