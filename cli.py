@@ -551,7 +551,7 @@ def compare_cmd(
     name = f"random {geometry}" + (f", {layers} layers" if layers else "") if geometry else (model or "tiny")
     what = "measured prefill against FLOPs" if geometry else "accuracy against cost"
     drawn = save_figure(pareto_figure(table, title=f"{name}: {what}"), out / "pareto")
-    Console().print(table.to_string(index=False, na_rep=NA), highlight=False)
+    Console().print(table.to_string(index=False, na_rep=NA), highlight=False, soft_wrap=True)  # one row a line
     Console().print(f"wrote {out / 'frontier.csv'}, {', '.join(map(str, drawn))}", highlight=False)
 
 
