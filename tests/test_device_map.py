@@ -182,3 +182,33 @@ def test_bench_with_device_map_reports_memory_per_device_and_bad_options_are_one
         lines = bad.output.strip().splitlines()
         assert bad.exit_code == 1 and len(lines) == 1 and text in lines[0], bad.output
         assert not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_train_and_bench_with_layers_offloaded_to_cpu(tmp_path, monkeypatch):
+    """On a GPU: a map that keeps a few MiB on cuda:0 and offloads the rest to CPU trains the side branch as the
+    plain GPU run does (same bf16 autocast, so a looser tolerance), and bench reports the GPU's peak."""
+    import json
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from cli import routing_app
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    common = ["train", "--split", "4", "--n-train", "6", "--batch-size", "2", "--max-steps", "3", "--lr", "1e-2",
+              "--dtype", "float32"]
+    plain = runner.invoke(routing_app, [*common, "--out", "plain", "--device", "cuda"])
+    mapped = runner.invoke(routing_app, [*common, "--out", "mapped", "--device-map", "auto",
+                                         "--max-memory", "0=2MiB,cpu=1GiB"])
+    assert plain.exit_code == 0 and mapped.exit_code == 0, mapped.output
+    a, b = (load_file(tmp_path / d / "routing" / "side_branch.safetensors") for d in ("plain", "mapped"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3)
+    bench = runner.invoke(routing_app, ["bench", "--variants", "lf", "--text-tokens", "8", "--repeats", "1",
+                                        "--warmup", "0", "--new-tokens", "1", "--json", "b.json",
+                                        "--device-map", "auto", "--max-memory", "0=2MiB,cpu=1GiB"])
+    assert bench.exit_code == 0, bench.output
+    memory = json.loads((tmp_path / "b.json").read_text())["memory"]
+    assert "cuda:0" in memory["cuda_peak_mb_per_device"] and "cpu" in memory["parameters_mb"]["vanilla"]
