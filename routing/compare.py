@@ -16,9 +16,9 @@ random weights and random image embeddings, as `routing bench --geometry` (``ben
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch

@@ -8,6 +8,7 @@ Tiles are 16 px with patch 8 (4 tokens a tile) so anyres images stay a few dozen
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -231,3 +232,67 @@ def write_images_dataset(folder, sizes=IMAGE_SIZES, n: int = 6, turns: int = 2):
     path = folder / "data.json"
     path.write_text(json.dumps(records))
     return path
+
+
+# ---------------------------------------------------------------- every command, as a user runs them
+def _ok(result):
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def run_every_command(model, data, tmp_path, layers: int, first: int = 1) -> None:
+    """Every command on the checkpoint `model` (a `--model DIR`) as a user runs them, run from `tmp_path`: probe
+    (three views, medians in range, Figure 2, a recommendation at the model's own depth, no split before `first`)
+    -> train at --split auto -> eval -> generate (two image sizes in one batch = each alone) -> bench -> analyze."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from cli import routing_app, saturation_app
+
+    runner = CliRunner()
+    probe = tmp_path / "probe"
+    _ok(runner.invoke(saturation_app, ["probe", "--model", str(model), "--data", str(data), "--n", "6",
+                                       "--batch-size", "3", "--out", str(probe)]))
+    rec = json.loads((probe / "recommendation.json").read_text())
+    assert rec["num_layers"] == layers and first <= rec["split"] <= layers - 2
+    assert rec["evidence"]["clip"] == [first, layers - 2] and min(rec["alternatives"].values()) >= first
+    assert (probe / "figure2.png").stat().st_size > 0 and (probe / "figure2.pdf").is_file()
+    summary = pd.read_csv(probe / "summary.csv")
+    med = {m: summary[summary.metric == m]["median"] for m in ("cosine", "attention_mass", "logit_lens_kl")}
+    assert set(summary.layer) == set(range(layers)) and not any(v.isna().any() for v in med.values())
+    assert med["cosine"].between(-1, 1).all() and med["attention_mass"].between(0, 1).all()
+    assert (med["logit_lens_kl"] >= 0).all()
+
+    run = tmp_path / "run"
+    _ok(runner.invoke(routing_app, ["train", "--model", str(model), "--split", "auto", "--probe", str(probe),
+                                    "--data", str(data), "--out", str(run), "--max-steps", "2", "--batch-size", "3",
+                                    "--save-steps", "2"]))
+    assert json.loads((run / "train_summary.json").read_text())["split"] == rec["split"]
+
+    _ok(runner.invoke(routing_app, ["eval", "--model", str(model), "--routing", str(run), "--data", str(data),
+                                    "--json", str(tmp_path / "eval.json"), "--max-new-tokens", "2"]))
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 6
+
+    images = [tmp_path / "square.png", tmp_path / "wide.png"]
+    Image.new("RGB", (40, 40), "red").save(images[0])
+    Image.new("RGB", (80, 40), "blue").save(images[1])  # (W, H): a 1x2 grid on anyres families, 2x2 and 2x5 on Qwen
+    ask = ["generate", "--model", str(model), "--routing", str(run), "--prompt", "what colour is the circle?",
+           "--max-new-tokens", "3"]
+    both = runner.invoke(routing_app, [*ask, "--image", str(images[0]), "--image", str(images[1])])
+    alone = [runner.invoke(routing_app, [*ask, "--image", str(p)]) for p in images]
+    _ok(both), [_ok(a) for a in alone]
+    answers = [line.strip() for line in both.stdout.strip().splitlines()]
+    assert len(answers) == 2 and answers[0].startswith(f"{images[0]}:")
+    assert answers == [a.stdout.strip() for a in alone]  # a left-padded ragged batch answers as each alone
+    assert any(len(line) > len(f"{images[0]}:") for line in answers)  # something was generated
+
+    _ok(runner.invoke(routing_app, ["bench", "--model", str(model), "--routing", str(run), "--text-tokens", "8",
+                                    "--repeats", "1", "--warmup", "0", "--new-tokens", "1",
+                                    "--json", str(tmp_path / "bench.json")]))
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["images"] == "real" and bench["layers"] == layers and bench["split"] == rec["split"]
+
+    _ok(runner.invoke(routing_app, ["analyze", "--routing", str(run), "--model", str(model), "--data", str(data),
+                                    "--n", "4", "--out", str(tmp_path / "analysis")]))
+    mech = json.loads((tmp_path / "analysis" / "mechanism.json").read_text())
+    assert mech["shallow_drift_min_cosine"] > 0.9999  # the shallow stack is shared, ragged padding or not

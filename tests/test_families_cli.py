@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 
-import pandas as pd
 import pytest
 import torch
 from backbone_fixtures import (
@@ -16,13 +15,13 @@ from backbone_fixtures import (
     IMAGE_SIZES,
     QWEN_CHAT_TEMPLATE,
     checkpoint_processor,
+    run_every_command,
     save_checkpoint,
     write_images_dataset,
 )
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import routing_app, saturation_app
 from saturation.data import IGNORE_INDEX, PromptFormat, collate, encode_record, read_records
 
 runner = CliRunner()
@@ -46,54 +45,10 @@ def _ok(result):
 
 
 def test_every_command_runs_on_the_family(checkpoint, data, tmp_path, monkeypatch):
-    """probe (three views, medians in range, Figure 2, a recommendation at the model's own depth) -> train at
-    --split auto -> eval -> generate (two image sizes in one batch = each alone) -> bench -> analyze."""
-    name, model = checkpoint
+    """probe -> train at --split auto -> eval -> generate -> bench -> analyze (`backbone_fixtures.run_every_command`)."""
+    _, model = checkpoint
     monkeypatch.chdir(tmp_path)  # bench's default folder, anything relative
-    probe = tmp_path / "probe"
-    _ok(runner.invoke(saturation_app, ["probe", "--model", str(model), "--data", str(data), "--n", "6",
-                                       "--batch-size", "3", "--out", str(probe)]))
-    rec = json.loads((probe / "recommendation.json").read_text())
-    assert rec["num_layers"] == 4 and 1 <= rec["split"] <= 2
-    assert (probe / "figure2.png").stat().st_size > 0 and (probe / "figure2.pdf").is_file()
-    summary = pd.read_csv(probe / "summary.csv")
-    med = {m: summary[summary.metric == m]["median"] for m in ("cosine", "attention_mass", "logit_lens_kl")}
-    assert set(summary.layer) == {0, 1, 2, 3} and not any(v.isna().any() for v in med.values())
-    assert med["cosine"].between(-1, 1).all() and med["attention_mass"].between(0, 1).all()
-    assert (med["logit_lens_kl"] >= 0).all()
-
-    run = tmp_path / "run"
-    _ok(runner.invoke(routing_app, ["train", "--model", str(model), "--split", "auto", "--probe", str(probe),
-                                    "--data", str(data), "--out", str(run), "--max-steps", "2", "--batch-size", "3",
-                                    "--save-steps", "2"]))
-    assert json.loads((run / "train_summary.json").read_text())["split"] == rec["split"]
-
-    _ok(runner.invoke(routing_app, ["eval", "--model", str(model), "--routing", str(run), "--data", str(data),
-                                    "--json", str(tmp_path / "eval.json"), "--max-new-tokens", "2"]))
-    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 6
-
-    images = [tmp_path / "square.png", tmp_path / "wide.png"]
-    Image.new("RGB", (40, 40), "red").save(images[0])
-    Image.new("RGB", (80, 40), "blue").save(images[1])  # (W, H): a 1x2 grid on anyres families
-    ask = ["generate", "--model", str(model), "--routing", str(run), "--prompt", "what colour is the circle?",
-           "--max-new-tokens", "3"]
-    both = runner.invoke(routing_app, [*ask, "--image", str(images[0]), "--image", str(images[1])])
-    alone = [runner.invoke(routing_app, [*ask, "--image", str(p)]) for p in images]
-    _ok(both), [_ok(a) for a in alone]
-    answers = both.stdout.strip().splitlines()
-    assert len(answers) == 2 and answers[0].startswith(f"{images[0]}: ")
-    assert answers == [a.stdout.strip() for a in alone]  # a left-padded ragged batch answers as each alone
-
-    _ok(runner.invoke(routing_app, ["bench", "--model", str(model), "--routing", str(run), "--text-tokens", "8",
-                                    "--repeats", "1", "--warmup", "0", "--new-tokens", "1",
-                                    "--json", str(tmp_path / "bench.json")]))
-    bench = json.loads((tmp_path / "bench.json").read_text())
-    assert bench["images"] == "real" and bench["layers"] == 4 and bench["split"] == rec["split"]
-
-    _ok(runner.invoke(routing_app, ["analyze", "--routing", str(run), "--model", str(model), "--data", str(data),
-                                    "--n", "4", "--out", str(tmp_path / "analysis")]))
-    mech = json.loads((tmp_path / "analysis" / "mechanism.json").read_text())
-    assert mech["shallow_drift_min_cosine"] > 0.9999  # the shallow stack is shared, ragged padding or not
+    run_every_command(model, data, tmp_path, layers=4)
 
 
 def test_onevision_checkpoint_loads_offline_without_torchvision(tmp_path):
