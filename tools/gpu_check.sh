@@ -24,7 +24,7 @@ routing() { python3 -c "import sys; from cli import routing_app; sys.argv[0] = '
 
 PARTS=${PARTS:-tests bench probe cli}
 if [[ $PARTS == *tests* ]]; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_device_map.py 2>&1 | tee "$OUT/test_cuda.log"
   echo "tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/test_cuda.log"
 fi
 if [[ $PARTS == *bench* ]]; then
