@@ -143,21 +143,6 @@ def hf_logits(model, batch: dict) -> torch.Tensor:
     return model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"])).logits
 
 
-@torch.no_grad()
-def step_logits(routed, batch: dict, new: int, image_token_id: int) -> tuple[torch.Tensor, list, list]:
-    """Cached greedy ``generate``'s logits at every step, and the same steps recomputed with no cache (the prompt
-    plus the first t generated ids through the routed forward, with the batch's image kwargs)."""
-    out = routed.generate(**batch, max_new_tokens=new, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, suppress_tokens=[image_token_id])
-    n = batch["input_ids"].shape[1]
-    ids = out.sequences
-    mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, n:])], dim=1)
-    extra = image_kwargs(batch)
-    recomputed = [routed(input_ids=ids[:, : n + t], attention_mask=mask[:, : n + t], **extra).logits[:, -1]
-                  for t in range(new)]
-    return ids[:, n:], list(out.logits), recomputed
-
-
 def image_counts(model, batch: dict) -> list[int]:
     return (batch["input_ids"] == anatomy(model).image_token_id).sum(1).tolist()
 

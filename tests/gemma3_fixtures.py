@@ -162,25 +162,6 @@ def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **_) -> t
     return run_plan_naively(routed, h, img, layer, full, image_only, text_only)
 
 
-@torch.no_grad()
-def step_logits(routed, batch: dict, new: int) -> tuple[torch.Tensor, list, list]:
-    """Cached greedy ``generate``'s logits at every step, and the same steps recomputed with no cache (token_type_ids
-    extended with text zeros)."""
-    out = routed.generate(**batch, max_new_tokens=new, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, suppress_tokens=[IMAGE, BOI, EOI])
-    n = batch["input_ids"].shape[1]
-    ids = out.sequences
-    zeros = torch.zeros_like(ids[:, n:])
-    mask = torch.cat([batch["attention_mask"], 1 + zeros], dim=1)
-    types = torch.cat([batch["token_type_ids"], zeros], dim=1) if "token_type_ids" in batch else None
-    extra = {k: v for k, v in batch.items() if k == "pixel_values"}
-    recomputed = []
-    for t in range(new):
-        kw = extra if types is None else extra | {"token_type_ids": types[:, : n + t]}
-        recomputed.append(routed(input_ids=ids[:, : n + t], attention_mask=mask[:, : n + t], **kw).logits[:, -1])
-    return ids[:, n:], list(out.logits), recomputed
-
-
 # ---------------------------------------------------------------- checkpoints on disk (the CLI's --model DIR)
 
 CHAT_WORDS = ("yes", "no")

@@ -142,25 +142,6 @@ def image_kwargs(batch: dict) -> dict:
 
 
 @torch.no_grad()
-def step_logits(routed, batch: dict, new: int) -> tuple[torch.Tensor, list, list]:
-    """Cached greedy ``generate``'s logits at every step, and the same steps recomputed with no cache: the prompt plus
-    the first t generated ids through the routed forward (``mm_token_type_ids`` extended with text zeros)."""
-    out = routed.generate(**batch, max_new_tokens=new, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, suppress_tokens=[IMAGE, VIDEO])
-    n = batch["input_ids"].shape[1]
-    ids = out.sequences
-    ones = torch.ones_like(ids[:, n:])
-    mask = torch.cat([batch["attention_mask"], ones], dim=1)
-    extra = image_kwargs(batch)
-    types = torch.cat([extra.pop("mm_token_type_ids"), 0 * ones], dim=1) if "mm_token_type_ids" in extra else None
-    recomputed = []
-    for t in range(new):
-        kw = extra if types is None else extra | {"mm_token_type_ids": types[:, : n + t]}
-        recomputed.append(routed(input_ids=ids[:, : n + t], attention_mask=mask[:, : n + t], **kw).logits[:, -1])
-    return ids[:, n:], list(out.logits), recomputed
-
-
-@torch.no_grad()
 def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **kwargs) -> torch.Tensor:
     """Every variant as full-sequence layer loops (routing is a mask plus a reset of the image positions), with the
     model's M-RoPE positions and DeepStack injection: `routing_fixtures.naive_logits` for the Qwen families."""

@@ -137,21 +137,26 @@ def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **image_k
 
 
 @torch.no_grad()
-def decode_step_logits(routed, batch: dict, new: int) -> tuple[torch.Tensor, list, list]:
+def decode_step_logits(routed, batch: dict, new: int, suppress=(IMAGE,)) -> tuple[torch.Tensor, list, list]:
     """Cached greedy ``generate``'s raw logits at every decode step, and the same steps recomputed with no cache.
 
     Returns (the new ids [batch, new], cached step logits, recomputed step logits), each step [batch, vocab]. The
     reference feeds the prompt plus the first t generated ids through the routed forward from scratch and takes the
-    last position, so both sides score the same tokens and a near tie cannot hide a difference. The image token is
-    suppressed: after the prompt the routed model takes text only.
+    last position, so both sides score the same tokens and a near tie cannot hide a difference. The batch's image
+    inputs go with it; per-token ones (Qwen's ``mm_token_type_ids``, Gemma's ``token_type_ids``) are extended with
+    text zeros. `suppress` (the family's image tokens): after the prompt the routed model takes text only.
     """
     out = routed.generate(**batch, max_new_tokens=new, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, suppress_tokens=[IMAGE])
+                          return_dict_in_generate=True, suppress_tokens=list(suppress))
     n = batch["input_ids"].shape[1]
     ids = out.sequences
-    mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, n:])], dim=1)
+    zeros = torch.zeros_like(ids[:, n:])
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
+    per_token = {k: torch.cat([v, zeros], dim=1) for k, v in extra.items() if v.shape == batch["input_ids"].shape}
+    mask = torch.cat([batch["attention_mask"], 1 + zeros], dim=1)
     recomputed = [routed(input_ids=ids[:, : n + t], attention_mask=mask[:, : n + t],
-                         pixel_values=batch.get("pixel_values")).logits[:, -1] for t in range(new)]
+                         **(extra | {k: v[:, : n + t] for k, v in per_token.items()})).logits[:, -1]
+                  for t in range(new)]
     return ids[:, n:], list(out.logits), recomputed
 
 

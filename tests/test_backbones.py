@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backbone_fixtures import FAMILIES, IMAGE_SIZES, family, hf_logits, image_counts, image_kwargs, step_logits
+from backbone_fixtures import FAMILIES, IMAGE_SIZES, family, hf_logits, image_counts, image_kwargs
 from PIL import Image
-from routing_fixtures import SHARP_STD, assert_informative, naive_logits, perturb_side
+from routing_fixtures import SHARP_STD, assert_informative, decode_step_logits, naive_logits, perturb_side
 from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
 import routing
@@ -90,7 +90,7 @@ def test_every_decode_step_logits_equal_recomputation(fam, sharp_model, variant)
     signature) then the cached steps, logit for logit against recomputation."""
     routed = perturb_side(routing.build(sharp_model, SPLIT, variant, fusion_layers=0 if variant == "lf-ideal" else 1))
     routed.generation_config.eos_token_id = None
-    new, cached, recomputed = step_logits(routed, fam.batch(), NEW, anatomy(sharp_model).image_token_id)
+    new, cached, recomputed = decode_step_logits(routed, fam.batch(), NEW, [anatomy(sharp_model).image_token_id])
     assert_informative(new)
     for step, (got, want) in enumerate(zip(cached, recomputed, strict=True)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")

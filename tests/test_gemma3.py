@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from gemma3_fixtures import (
+    BOI,
+    EOI,
     IMAGE,
     LAYER_TYPES,
     TOKENS_PER_IMAGE,
@@ -16,9 +18,8 @@ from gemma3_fixtures import (
     gemma_config,
     gemma_model,
     naive_logits,
-    step_logits,
 )
-from routing_fixtures import SHARP_STD, assert_informative, perturb_side
+from routing_fixtures import SHARP_STD, assert_informative, decode_step_logits, perturb_side
 from transformers import DynamicCache
 
 import routing
@@ -177,7 +178,7 @@ def test_every_decode_step_logits_equal_recomputation(sharp_model, variant):
     keys and masks the window in original positions at every step (HF's own sliding cache would drop by count)."""
     routed = perturb_side(routing.build(sharp_model, SPLIT, variant, **variant_kwargs(variant)))
     routed.generation_config.eos_token_id = None
-    new, cached, recomputed = step_logits(routed, gemma().batch(), NEW)
+    new, cached, recomputed = decode_step_logits(routed, gemma().batch(), NEW, [IMAGE, BOI, EOI])
     assert_informative(new)
     for step, (got, want) in enumerate(zip(cached, recomputed, strict=True)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")

@@ -9,15 +9,16 @@ import torch
 from qwen_fixtures import (
     DEEPSTACK,
     FAMILIES,
+    IMAGE,
     IMAGE_SIZES,
     MERGE,
     PATCH,
+    VIDEO,
     family,
     image_kwargs,
     naive_logits,
-    step_logits,
 )
-from routing_fixtures import SHARP_STD, assert_informative, perturb_side
+from routing_fixtures import SHARP_STD, assert_informative, decode_step_logits, perturb_side
 
 import routing
 from saturation.anatomy import anatomy, position_ids_from_mask
@@ -130,7 +131,7 @@ def test_every_decode_step_logits_equal_recomputation(fam, sharp_model, variant)
     cumsum(mask) - 1 + the prompt's rope delta, logit for logit against recomputation from scratch."""
     routed = perturb_side(routing.build(sharp_model, SPLIT, variant, **variant_kwargs(variant)))
     routed.generation_config.eos_token_id = None
-    new, cached, recomputed = step_logits(routed, fam.batch(), NEW)
+    new, cached, recomputed = decode_step_logits(routed, fam.batch(), NEW, [IMAGE, VIDEO])
     assert_informative(new)
     for step, (got, want) in enumerate(zip(cached, recomputed, strict=True)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")
