@@ -281,3 +281,19 @@ def run_every_command(model, data, tmp_path, layers: int, first: int = 1) -> Non
                                     "--n", "4", "--out", str(tmp_path / "analysis")]))
     mech = json.loads((tmp_path / "analysis" / "mechanism.json").read_text())
     assert mech["shallow_drift_min_cosine"] > 0.9999  # the shallow stack is shared, ragged padding or not
+
+
+def check_plugin_requests(routed, proc, pictures: list[list]) -> None:
+    """The lmms-eval plugin's requests on `routed` (no lmms-eval needed): two prompts with the two images of
+    `pictures` answer in one batch as each alone, and loglikelihood is a finite loss."""
+    import math
+
+    from routing.lmms_plugin import generate_requests, loglikelihood
+
+    contexts, settings = ["what colour is the circle?"] * 2, [{"max_new_tokens": 3}] * 2
+    both = generate_requests(routed, proc, contexts, settings, lambda i: pictures[i], batch_size=2)
+    alone = [generate_requests(routed, proc, contexts[:1], settings[:1], lambda _, i=i: pictures[i], batch_size=1)[0]
+             for i in range(2)]
+    assert both == alone
+    nll, _ = loglikelihood(routed, proc, "what colour is the circle?", " red", pictures[1])
+    assert math.isfinite(nll) and nll > 0

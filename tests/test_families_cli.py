@@ -14,6 +14,7 @@ from backbone_fixtures import (
     FAMILIES,
     IMAGE_SIZES,
     QWEN_CHAT_TEMPLATE,
+    check_plugin_requests,
     checkpoint_processor,
     run_every_command,
     save_checkpoint,
@@ -184,7 +185,7 @@ def test_lmms_plugin_carries_the_family_prompt_and_image_kwargs(name):
     from backbone_fixtures import Family
 
     import routing
-    from routing.lmms_plugin import generate_requests, llava_prompt, loglikelihood
+    from routing.lmms_plugin import llava_prompt
 
     proc = checkpoint_processor(name, CHAT.get(name))
     routed = routing.build(Family(name, proc).model(std=0.2), 2).eval()
@@ -194,10 +195,4 @@ def test_lmms_plugin_carries_the_family_prompt_and_image_kwargs(name):
         {"type": "image"}, {"type": "text", "text": "what colour is the circle?"}]}], add_generation_prompt=True)
         if name in CHAT else fmt.template.question("what colour is the circle?", True))
     pictures = [[Image.new("RGB", (40, 40), "red")], [Image.new("RGB", (80, 40), "blue")]]
-    contexts, settings = ["what colour is the circle?"] * 2, [{"max_new_tokens": 3}] * 2
-    both = generate_requests(routed, proc, contexts, settings, lambda i: pictures[i], batch_size=2)
-    alone = [generate_requests(routed, proc, contexts[:1], settings[:1], lambda _, i=i: pictures[i], batch_size=1)[0]
-             for i in range(2)]
-    assert both == alone
-    nll, _ = loglikelihood(routed, proc, "what colour is the circle?", " red", pictures[1])
-    assert math.isfinite(nll) and nll > 0
+    check_plugin_requests(routed, proc, pictures)

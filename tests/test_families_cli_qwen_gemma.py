@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 import torch
-from backbone_fixtures import run_every_command, write_images_dataset
+from backbone_fixtures import check_plugin_requests, run_every_command, write_images_dataset
 from PIL import Image
 
 from saturation.anatomy import anatomy, position_ids_from_mask
@@ -184,20 +184,12 @@ def test_random_checkpoint_wires_the_familys_tokens(name, monkeypatch):
 def test_lmms_plugin_on_the_family(checkpoint):
     """The lmms-eval plugin's request handling (no lmms-eval needed) on a saved checkpoint of the family, routed:
     two image sizes in one batch answer as each alone, and loglikelihood is a finite loss."""
-    import math
 
     import routing
-    from routing.lmms_plugin import generate_requests, loglikelihood
     from saturation.loading import load_llava
 
     name, folder = checkpoint
     model, proc = load_llava(folder)
     routed = routing.build(model, anatomy(model).min_split).eval()  # Qwen3-VL: the first split after DeepStack
     pictures = [[Image.new("RGB", (56, 56), "red")], [Image.new("RGB", (112, 56), "blue")]]
-    contexts, settings = ["what colour is the circle?"] * 2, [{"max_new_tokens": 3}] * 2
-    both = generate_requests(routed, proc, contexts, settings, lambda i: pictures[i], batch_size=2)
-    alone = [generate_requests(routed, proc, contexts[:1], settings[:1], lambda _, i=i: pictures[i], batch_size=1)[0]
-             for i in range(2)]
-    assert both == alone
-    nll, _ = loglikelihood(routed, proc, "what colour is the circle?", " red", pictures[1])
-    assert math.isfinite(nll) and nll > 0
+    check_plugin_requests(routed, proc, pictures)
