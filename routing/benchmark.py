@@ -56,7 +56,7 @@ from saturation.geometry import (
 )
 from saturation.hf_compat import cache_kwargs, cache_of, cache_tensors
 
-from . import flops
+from . import flops, memory
 from .model import RoutedLlava, build
 from .plan import VARIANTS, make_plan
 
@@ -366,17 +366,41 @@ def cuda_devices(model) -> set[torch.device]:
     return devices
 
 
+def _placement(model) -> dict[str, str]:
+    """`model`'s device map with devices as strings (``cuda:0``, ``cpu``, ``disk``); empty when not dispatched."""
+    return {k: ("disk" if v == "disk" else str(torch.device(v if not isinstance(v, int) else f"cuda:{v}")))
+            for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
+
+
+def _placed(placement: dict[str, str], name: str, default: str) -> str:
+    """Where the device map stores module or parameter `name` (its longest entry), else `default`."""
+    owners = [k for k in placement if k == "" or name == k or name.startswith(f"{k}.")]
+    return placement[max(owners, key=len)] if owners else default
+
+
 def parameter_mb(model) -> dict[str, float]:
     """MB of `model`'s weights by where a device map placed them (``cuda:0``, ``cpu``, ``disk``), or where they
     are: what each device must hold, the frozen base included (offloaded weights count where they are stored)."""
-    placement = {k: ("disk" if v == "disk" else str(torch.device(v if not isinstance(v, int) else f"cuda:{v}")))
-                 for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
+    placement = _placement(model)
     out: dict[str, float] = {}
     for name, p in model.named_parameters(remove_duplicate=True):
-        owners = [k for k in placement if k == "" or name == k or name.startswith(f"{k}.")]
-        where = placement[max(owners, key=len)] if owners else str(p.device)
+        where = _placed(placement, name, str(p.device))
         out[where] = out.get(where, 0.0) + p.numel() * p.element_size() / 2**20
     return dict(sorted(out.items()))
+
+
+def layer_devices(model) -> tuple[list[str], list[str]]:
+    """Per decoder layer: where its weights are stored (``placement``) and where it computes (``execution``: an
+    offloaded layer runs on its accelerate hook's device, and fills its cache there)."""
+    placement, names = _placement(model), {id(m): n for n, m in model.named_modules()}
+    stored, runs = [], []
+    for layer in anatomy(model).layers:
+        here = next((str(p.device) for p in layer.parameters() if p.device.type != "meta"), "cpu")
+        stored.append(_placed(placement, names[id(layer)], here))
+        hooked = getattr(getattr(layer, "_hf_hook", None), "execution_device", None)
+        runs.append(here if hooked is None else str(torch.device(f"cuda:{hooked}" if isinstance(hooked, int)
+                                                                 else hooked)))
+    return stored, runs
 
 
 def measure_train(base, variants, plan_args: dict, p: Prompt, watch: Stopwatch, repeats: int, warmup: int) -> dict:
@@ -521,6 +545,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
     image_size = REPRESENTATIVE_IMAGE if cfg.geometry is not None else None  # anyres: a typical photo, not one tile
 
     rows, train = [], {}
+    placed, runs = layer_devices(base)  # per decoder layer: stored where, computes where (routing.memory)
+    nbytes = a.embed_tokens.weight.element_size()
     with cpu_threads(base, cfg.threads):
         threads = torch.get_num_threads()
         clock = cfg.clock
@@ -544,6 +570,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
                 peak = peaks.get(row["model"], {})
                 row |= {k: v for k, v in peak.items() if k != "per_device"}
                 row |= {f"peak_mb_{d}": v["peak_mb"] for d, v in peak.get("per_device", {}).items()}
+            for row in new:  # routing.memory's per-device prediction for this prompt; its cache total beside KV MB
+                row["memory_model"] = memory.per_device(geometry, getattr(models[row["model"]], "plan", None), placed,
+                                                        runs, p.image_tokens, p.text_tokens, cfg.batch, nbytes)
+                row["cache_mb_model"] = sum(d["cache_mb"] for d in row["memory_model"].values())
             rows += new
             if cfg.train:
                 steps = measure_train(base, cfg.variants, plan_args, p, watch, cfg.repeats, cfg.warmup)
@@ -591,6 +621,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
         m: parameter_mb(r.side) for m, r in models.items() if m != "vanilla" and len(r.side)}
     result["device_map"] = cfg.device_map
     result["memory"]["cache_mb"] = {m: {str(r["text_tokens"]): r["cache_mb"] for r in rows if r["model"] == m}
+                                    for m in models}
+    # routing.memory's prediction per device (decoder layers, side branch, prompt cache), beside the measurements
+    result["memory"]["model_mb"] = {m: {str(r["text_tokens"]): r.pop("memory_model") for r in rows if r["model"] == m}
                                     for m in models}
     if cfg.train:
         result["train_step"] = train
@@ -655,11 +688,12 @@ def summary_table(result: dict):
              f"{result['batch']}; {result['device']} {result['dtype']}, {result['threads']} thread(s), "
              f"{result['clock']} clock, {result['repeats']} rounds")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, caption_justify="left", pad_edge=False,
-                  caption="ratio: routed / vanilla (median of paired ratios); FLOPs: routing.flops' ratio"
+                  caption="ratio: routed / vanilla (median of paired ratios); FLOPs: routing.flops' ratio; "
+                  "KV MB model: routing.memory's prompt cache"
                   + _memory_caption(result.get("memory", {})))
     columns = ["text", "model", "prefill ms", "ratio", "FLOPs", "decode ms/tok", "ratio", "FLOPs"]
     columns += ["e2e ratio"] if e2e else []
-    columns += ["KV MB"] + (["peak MB"] if peak else []) + [f"peak MB {k.removeprefix('peak_mb_')}" for k in gpus]
+    columns += ["KV MB", "model"] + (["peak MB"] if peak else []) + [f"peak MB {k.removeprefix('peak_mb_')}" for k in gpus]
     for name in columns:
         table.add_column(name, justify="left" if name in ("text", "model") else "right")
     for r in result["rows"]:
@@ -671,7 +705,8 @@ def summary_table(result: dict):
         cells = [str(r["text_tokens"]), r["model"], _ms(r, "prefill"), ratio("prefill_ratio"),
                  ratio("prefill_theory"), _ms(r, "decode"), ratio("decode_ratio"), ratio("decode_theory")]
         cells += [ratio("prefill_e2e_ratio")] if e2e else []
-        cells += [f"{r['cache_mb']:.2f}"] + ([f"{r['peak_mb']:.0f}"] if peak else []) + [f"{r[k]:.0f}" for k in gpus]
+        cells += [f"{r['cache_mb']:.2f}", f"{r['cache_mb_model']:.2f}"]
+        cells += ([f"{r['peak_mb']:.0f}"] if peak else []) + [f"{r[k]:.0f}" for k in gpus]
         table.add_row(*cells, end_section=r["model"] == result["variants"][-1])
     return table
 

@@ -175,6 +175,12 @@ def test_bench_with_device_map_reports_memory_per_device_and_bad_options_are_one
     assert sum(b["parameters_mb"]["vanilla"].values()) == pytest.approx(a["parameters_mb"]["vanilla"]["cpu"])
     assert b["parameters_mb"]["lf"] == a["parameters_mb"]["lf"]  # the side branch: a real copy on the CPU
     assert b["peak_rss_mb"] > 0 and "weights: cpu" in mapped.output and "disk" in mapped.output
+    # routing.memory's prediction: decoder weights where the map stored them (disk here, the side copy on the CPU
+    # it runs on), the cache where each layer computes; the cache total is what the model really held
+    model_a, model_b = a["model_mb"]["lf"]["8"], b["model_mb"]["lf"]["8"]
+    assert list(model_a) == ["cpu"] and model_b["disk"]["weights_mb"] > 0 and model_b["disk"]["cache_mb"] == 0
+    assert sum(d["cache_mb"] for d in model_b.values()) == pytest.approx(a["cache_mb"]["lf"]["8"])
+    assert sum(d["weights_mb"] for d in model_b.values()) == pytest.approx(model_a["cpu"]["weights_mb"])
     for args, text in ((["--geometry", "tiny", "--device-map", "auto"], "--geometry is built on one --device"),
                        (["--device-map", "auto", "--device", "cpu"], "exclude each other"),
                        (["--max-memory", "cpu=1GiB"], "goes with --device-map")):

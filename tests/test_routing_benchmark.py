@@ -46,6 +46,9 @@ def test_result_structure(geometry_result):
     assert r["memory"]["peak_rss_mb"] > 0
     cache = r["memory"]["cache_mb"]
     assert cache["lf"]["8"] < cache["vanilla"]["8"] == cache["pc"]["8"] == cache["kv"]["8"]
+    for row in r["rows"]:  # routing.memory's cache: what each model really held after its prefill (batch 2)
+        assert row["cache_mb_model"] == pytest.approx(row["cache_mb"], rel=1e-9)
+    assert list(r["memory"]["model_mb"]["lf"]["8"]) == ["cpu"]
     assert "prefill_e2e_ratio" not in r and r["images"] == "random embeddings"
 
 
