@@ -108,14 +108,61 @@ def kl_from_logits(final_logits: Tensor, lens_logits: Tensor) -> Tensor:
     return kl_from_log_probs(torch.log_softmax(final_logits.float(), -1), torch.log_softmax(lens_logits.float(), -1))
 
 
+def final_distribution(final_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """p_final and its ``Σ p log p`` in fp32, the reference side of the logit lens. [n, vocab] -> ([n, vocab], [n])."""
+    log_p = torch.log_softmax(final_logits.float(), -1)
+    p = log_p.exp()
+    return p, (p * log_p).sum(-1)
+
+
 def kl_against_logits(p: Tensor, neg_entropy: Tensor, logits: Tensor) -> Tensor:
     """KL(p ‖ softmax(logits)) per row without forming log-softmax: ``Σp log p − p·z + logsumexp(z)``.
 
-    `p` [n, vocab] and its ``Σ p log p`` [n] are computed once and reused for every layer; `logits` z is the
-    lens at one layer (fp32). One pass over z for the dot product, one for logsumexp: the logit lens's
-    cost beyond lm_head itself stays small.
+    `p` [n, vocab] and its ``Σ p log p`` [n] come from `final_distribution`; `logits` z is the lens at one layer
+    ([n, vocab]) or at k layers ([n, k, vocab], -> [n, k]), in any float dtype. `logits` is left untouched;
+    `kl_against_logits_` is the same without the copy.
     """
-    return neg_entropy - (p * logits).sum(-1) + torch.logsumexp(logits, -1)
+    return kl_against_logits_(p, neg_entropy, logits.clone())
+
+
+def kl_against_logits_(p: Tensor, neg_entropy: Tensor, logits: Tensor) -> Tensor:
+    """`kl_against_logits` that overwrites `logits` (its own temporary), so a lens chunk needs no second buffer.
+
+    The log-softmax of z is streamed, never formed: the dot ``Σ p z``, then ``max + log Σ exp(z − max)`` with
+    z − max and its exp taken in place. z stays in the compute dtype (bf16/fp16 on a GPU); the reductions
+    accumulate in fp32, and the dot reads z before the shift, whose half-precision rounding would cost up to
+    2^-8 |z − max| exactly where p_final is large and the lens is wrong.
+    """
+    vector = logits.dim() == 2
+    z = logits.unsqueeze(1) if vector else logits  # [n, k, vocab]
+    if z.dtype == p.dtype:
+        dot = torch.bmm(z, p.unsqueeze(-1)).squeeze(-1)  # BLAS, no [n, k, vocab] temporary
+    else:
+        dot = (z * p.unsqueeze(1)).sum(-1)  # half-precision z times fp32 p: fp32 products and sum
+    shift = z.amax(-1, keepdim=True)  # exact in any dtype
+    lse = z.sub_(shift).exp_().sum(-1, dtype=torch.float32).log_() + shift.squeeze(-1).float()
+    kl = neg_entropy.float().unsqueeze(-1) - dot.float() + lse
+    return kl.squeeze(1) if vector else kl
+
+
+def lens_sample(image: Tensor, text: Tensor, n: int, seeds: Sequence[int]) -> Tensor:
+    """At most `n` of each row's image and text positions, drawn with that row's seed. [batch, seq] bool x2 -> same.
+
+    Stratified with an equal share per modality, not a proportional one: the probe reports a mean per modality,
+    and in LLaVA-1.5 (576 image, ~20-60 text tokens) a proportional 64 would leave 2-6 text positions. Text gets
+    ``n // 2`` and image the rest; a modality with fewer positions than its share passes what it cannot use to the
+    other, so a row with at most `n` positions keeps all of them. Each row's draw depends only on its seed and its
+    own two counts (never on padding or the rest of the batch).
+    """
+    keep = torch.zeros_like(image, dtype=torch.bool)
+    for row, seed in enumerate(seeds):
+        img, txt = image[row].nonzero().flatten(), text[row].nonzero().flatten()
+        n_text = min(len(txt), max(n - len(img), n // 2))
+        n_image = min(len(img), n - n_text)
+        g = torch.Generator().manual_seed(int(seed))
+        for where, count in ((img, n_image), (txt, n_text)):
+            keep[row, where[torch.randperm(len(where), generator=g)[:count].to(where.device)]] = True
+    return keep
 
 
 def segment_mean(values: Tensor, segment: Tensor, num_segments: int) -> Tensor:

@@ -118,9 +118,10 @@ class LayerReducer:
     can feed the very same code.
     """
 
-    def __init__(self, anat: Anatomy):
+    def __init__(self, anat: Anatomy, lens_positions: int | None = None):
         self.anat = anat
         self.num_layers = anat.num_layers
+        self.lens_positions = lens_positions  # None: the lens at every image and text position
         self._handles: list = []
         self._groups: dict[str, Tensor] | None = None
 
@@ -139,11 +140,18 @@ class LayerReducer:
         self._handles.clear()
         self._groups = self.hidden = None
 
-    def begin(self, attention_mask: Tensor, image_mask: Tensor) -> None:
-        """Set the token groups of the next forward ([batch, seq] masks) and clear the buffers."""
+    def begin(self, attention_mask: Tensor, image_mask: Tensor, lens_seeds: list[int] | None = None) -> None:
+        """Set the token groups of the next forward ([batch, seq] masks) and clear the buffers.
+
+        With `lens_positions`, `lens_seeds` (one per sample, `lens_seed`) draws the positions the logit lens reads.
+        """
         g = metrics.token_groups(attention_mask, image_mask)
         self._groups = g
         self._lens_rows = g["image"] | g["text"]
+        if self.lens_positions is not None:
+            if lens_seeds is None or len(lens_seeds) != attention_mask.shape[0]:
+                raise ValueError("a sampled logit lens needs one seed per sample (lens_seed)")
+            self._lens_rows = metrics.lens_sample(g["image"], g["text"], self.lens_positions, lens_seeds)
         any_query = g["query"].any(0).nonzero()
         self._q0 = int(any_query[0]) if len(any_query) else 0  # queries never start earlier in any row
         batch = attention_mask.shape[0]
@@ -157,7 +165,8 @@ class LayerReducer:
         cos = metrics.adjacent_cosine(h_in, h_out, {"image": g["image"], "text": g["text"]})
         for modality, v in cos.items():
             self.values["cosine", modality][:, layer] = v
-        self.hidden[layer] = h_out[self._lens_rows]  # [rows, d_model]: what the logit lens will need
+        if layer < self.num_layers - 1:  # the last layer's lens is the model's own output: KL 0, never kept
+            self.hidden[layer] = h_out[self._lens_rows]  # [rows, d_model]: what the logit lens will need
 
     def pattern(self, layer: int, weights: Tensor | None) -> None:
         """Layer `layer`'s attention pattern [batch, heads, q, k], reduced to a few numbers per sample."""
@@ -188,7 +197,8 @@ class LayerReducer:
         """Run the logit lens against `logits` [batch, seq, vocab] (the model's own output) and return all
         per-sample values, on CPU. Frees the kept layer outputs. `unembed` defaults to the anatomy's."""
         rows = self._lens_rows
-        kl = logit_lens_kl(unembed or self.anat.unembed, self.hidden, logits[rows])  # [layers, rows]
+        index = rows.flatten().nonzero().flatten()  # the lens rows of logits [batch * seq, vocab], read per chunk
+        kl = logit_lens_kl(unembed or self.anat.unembed, self.hidden, logits.reshape(-1, logits.shape[-1]), index)
         self.hidden = [None] * self.num_layers
         sample = rows.nonzero()[:, 0]
         is_image = self._groups["image"][rows]
@@ -199,22 +209,33 @@ class LayerReducer:
         return {k: v.float().cpu() for k, v in self.values.items()}
 
 
-def logit_lens_kl(unembed: Callable[[Tensor], Tensor], hidden: list[Tensor], final_logits: Tensor) -> Tensor:
+def logit_lens_kl(unembed: Callable[[Tensor], Tensor], hidden: list[Tensor | None], final_logits: Tensor,
+                  index: Tensor | None = None) -> Tensor:
     """KL(p_final ‖ softmax(unembed(h_ℓ))) per layer and row, in nats. hidden: L x [rows, d]; -> [L, rows] fp32.
 
-    `final_logits` must be ``unembed(hidden[-1])``, so the last layer's KL is 0 by definition and is not
-    computed. Runs in row chunks so the [rows, vocab] temporaries stay near `LENS_CHUNK_ELEMENTS`.
+    `final_logits` [rows, vocab] (or [N, vocab] with `index` [rows] picking the rows) must be the model's output
+    ``unembed(h_L)``, so the last layer's KL is 0 by definition: ``hidden[-1]`` is never read (it may be None).
+    The lens runs in the compute dtype in chunks of (layer, row) pairs: a chunk's lens logits [rows, layers, vocab]
+    hold at most `LENS_CHUNK_ELEMENTS` (several layers at once when the batch has few rows, so small models make
+    few large matmuls), and its log-softmax is streamed (`metrics.kl_against_logits_`). Peak memory is about three
+    chunks (lens logits, p_final in fp32 and one temporary), whatever the number of rows or layers.
     """
-    rows, vocab = final_logits.shape
+    rows = len(index) if index is not None else final_logits.shape[0]
+    layers, vocab = len(hidden) - 1, final_logits.shape[-1]  # the last layer is not computed
     out = torch.zeros(len(hidden), rows, device=final_logits.device)
-    step = max(1, LENS_CHUNK_ELEMENTS // vocab)
+    if rows == 0 or layers == 0:
+        return out
+    budget = max(1, LENS_CHUNK_ELEMENTS // vocab)  # (layer, row) pairs per chunk
+    step = min(rows, budget)
+    group = max(1, budget // step)  # layers per chunk
     for start in range(0, rows, step):
         sl = slice(start, start + step)
-        log_p = torch.log_softmax(final_logits[sl].float(), -1)
-        p = log_p.exp()
-        neg_entropy = (p * log_p).sum(-1)
-        for layer, h in enumerate(hidden[:-1]):
-            out[layer, sl] = metrics.kl_against_logits(p, neg_entropy, unembed(h[sl]).float())
+        p, neg_entropy = metrics.final_distribution(final_logits[index[sl]] if index is not None else final_logits[sl])
+        for first in range(0, layers, group):
+            span = range(first, min(first + group, layers))
+            z = unembed(torch.stack([hidden[layer][sl] for layer in span], 1))  # [rows, k, vocab], compute dtype
+            out[first:span.stop, sl] = metrics.kl_against_logits_(p, neg_entropy, z).T
+            del z
     return out.clamp_(min=0.0)  # KL >= 0; rounding can leave -1e-7
 
 

@@ -221,3 +221,54 @@ def test_transformer_lens_backend_without_the_extra(tiny_model, processor, datas
     cfg = ProbeConfig(model="x", data=dataset, out=tmp_path, n=2, progress=False, backend="transformer-lens")
     with pytest.raises(ToolkitError, match="lens"):
         run_probe(cfg, model=tiny_model, processor=processor)
+
+
+def _lens_case(rows=37, layers=5, d=16, vocab=50, dtype=torch.float32):
+    torch.manual_seed(0)
+    norm, head = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.mul_(8.0)  # logits of a few units, like a trained model's
+    norm, head = norm.to(dtype), head.to(dtype)
+    hidden = [torch.randn(rows, d, dtype=dtype) for _ in range(layers)]
+    return (lambda h: head(norm(h))), hidden
+
+
+@pytest.mark.parametrize("chunk", [50, 50 * 7, 50 * 37 * 2, 1 << 25])  # 1 pair, row chunks, 2 layers, everything
+def test_chunked_lens_equals_the_plain_kl(chunk, monkeypatch):
+    """The chunked, streamed lens = KL(p_final ‖ p_ℓ) from full log-softmaxes (the previous code's values), and no
+    chunk of lens logits is larger than LENS_CHUNK_ELEMENTS."""
+    import saturation.probe as probe
+    from saturation import metrics
+
+    monkeypatch.setattr(probe, "LENS_CHUNK_ELEMENTS", chunk)
+    unembed, hidden = _lens_case()
+    sizes = []
+
+    def recording(h):
+        z = unembed(h)
+        sizes.append(z.numel())
+        return z
+
+    with torch.no_grad():
+        final = unembed(hidden[-1])
+        ref = torch.stack([metrics.kl_from_logits(final, unembed(h)) for h in hidden])
+        got = probe.logit_lens_kl(recording, hidden[:-1] + [None], final)
+        index = torch.arange(37 * 2)[::2]  # rows picked out of a larger [N, vocab] logits tensor
+        padded = torch.zeros(74, 50).index_copy_(0, index, final)
+        picked = probe.logit_lens_kl(unembed, hidden, padded, index)
+    assert ref[-1].abs().max() < 1e-5 and (got[-1] == 0).all()
+    assert torch.allclose(got, ref.clamp(min=0), atol=1e-5, rtol=0) and torch.equal(picked, got)
+    assert max(sizes) <= max(chunk, 50) and sum(sizes) == 4 * 37 * 50  # every (layer, row) once, the last layer never
+
+
+def test_half_precision_lens_accumulates_in_fp32():
+    """bf16 lens logits: the KL of those very logits (taken in fp32) to ~1e-3, though bf16 sums would be ~1e-2 off."""
+    from saturation import metrics
+
+    unembed, hidden = _lens_case(rows=64, vocab=3000, d=32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        final = unembed(hidden[-1])
+        got = metrics.kl_against_logits(*metrics.final_distribution(final), unembed(hidden[0]))
+        ref = metrics.kl_from_logits(final.double(), unembed(hidden[0]).double())
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=2e-3, rtol=1e-3), (got - ref).abs().max()
