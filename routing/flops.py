@@ -10,6 +10,8 @@ One multiply-add is 2 FLOPs. Three parts, priced per layer group of the routing 
 - ``head``: the LM head on `logit_positions` positions per sequence (1 in generation prefill, 0 to leave out).
 
 Norms, RoPE and residual adds are left out (a fraction of a percent). Costs are per sequence.
+``train_step_cost`` prices one training step per variant: the forward with the head at labelled positions only, plus
+the backward that variant needs (none before the side branch; see its docstring).
 """
 
 from __future__ import annotations
@@ -218,3 +220,77 @@ def plan_ratios(g: Geometry, plan: RoutingPlan | None, samples: list[tuple[int, 
         raise ValueError("plan_ratios needs at least one (image_tokens, text_tokens) pair")
     return {"prefill": total(prefill_cost, plan) / total(prefill_cost, None),
             "decode": total(decode_cost, plan) / total(decode_cost, None)}
+
+
+# ---------------------------------------------------------------- one training step
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """FLOPs of one training step of one sequence: `groups` maps shallow / side / deep / fusion / head to
+    (forward, backward)."""
+
+    groups: dict[str, tuple[float, float]]
+
+    @property
+    def forward(self) -> float:
+        return sum(f for f, _ in self.groups.values())
+
+    @property
+    def backward(self) -> float:
+        return sum(b for _, b in self.groups.values())
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward
+
+
+def train_step_cost(g: Geometry, plan: RoutingPlan, image_tokens: int, text_tokens: int, labelled: int) -> StepCost:
+    """Forward + the backward a variant needs, per sequence, the LM head at `labelled` positions only.
+
+    Backward rules: nothing before the side branch has one (the shallow stack runs under no_grad), nor LF's
+    text-only deep stack (it never sees the side branch). The side branch (trainable weights) costs 2x its forward.
+    A frozen layer the gradient passes through (fusion; PC's and KV's deep layers; the head) costs 1x its linear
+    FLOPs (the input's gradient only, no weight gradient) and 2x its attention FLOPs (dQ, dK, dV and dP: four
+    products against the forward's two). Gradient checkpointing would add one more forward of every layer with a
+    backward; it is not counted (`routing bench --train` runs without it).
+    """
+    if plan.prune is not None:
+        raise ValueError("train_step_cost prices lf/pc/kv without pruning")
+    if not plan.trainable:
+        raise ValueError(f"variant '{plan.variant}' has no gradient path to the side branch: no training step")
+    n, i, t = image_tokens + text_tokens, image_tokens, text_tokens
+    f, pair = g.linear_flops(), g.pair_flops()
+
+    def pairs(layers, m: int) -> int:
+        return sum(_causal_pairs(m, g.window_of(layer)) for layer in layers)
+
+    def frozen_pass(linear: float, attention: float) -> tuple[float, float]:
+        """(forward, backward) of frozen layers the gradient passes through."""
+        return linear + attention, linear + 2 * attention
+
+    side_forward = len(plan.side_sources) * i * f + pairs(plan.side_sources, i) * pair
+    groups = {"shallow": (len(plan.shallow) * n * f + pairs(plan.shallow, n) * pair, 0.0),
+              "side": (side_forward, 2 * side_forward)}
+    deep = len(plan.deep)
+    if plan.deep_mode == "text_only":
+        groups["deep"] = (deep * t * f + pairs(plan.deep, t) * pair, 0.0)
+    elif plan.deep_mode == "reset":
+        groups["deep"] = frozen_pass(deep * n * f, pairs(plan.deep, n) * pair)
+    else:  # kv_only: text in full, image tokens project k and v only; text queries see image and text keys
+        groups["deep"] = frozen_pass(deep * (t * f + i * g.kv_flops()),
+                                     (pairs(plan.deep, n) - pairs(plan.deep, i)) * pair)
+    groups["fusion"] = frozen_pass(len(plan.fusion) * n * f, pairs(plan.fusion, n) * pair)
+    head = 2.0 * g.hidden * g.vocab * labelled
+    groups["head"] = (head, head)
+    return StepCost(groups)
+
+
+def train_step_ratio(g: Geometry, variant: str, split: int, image_tokens: int, text_tokens: int, labelled: int,
+                     fusion_layers: int = 1, side_depth: int = 1) -> float:
+    """A training step of `variant` / one of PC on the same batch (total FLOPs, the model of `train_step_cost`)."""
+    def total(v: str) -> float:
+        plan = make_plan(g.num_layers, split, v, fusion_layers, side_depth)
+        return train_step_cost(g, plan, image_tokens, text_tokens, labelled).total
+
+    return total(variant) / total("pc")

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.loss.loss_utils import ForCausalLMLoss, fixed_cross_entropy
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from saturation.anatomy import Anatomy, anatomy
@@ -231,6 +231,9 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         `image_sizes`, `batch_num_images`, ...: the family's own image kwargs (see ``IMAGE_KWARGS``), to its merge.
         `num_items_in_batch` (the Trainer's count of labelled tokens over every process): the loss is their sum over
         it, so data-parallel ranks add up to the one-process mean instead of averaging per-rank means.
+        A training step (training mode, gradients enabled, `labels`) runs the head only at labelled positions
+        (`labelled_loss`, the same loss) and returns ``logits=None``; otherwise (eval mode as the Trainer's
+        evaluation, generate and lmms-eval use it, or under no_grad) the logits are computed as above.
         """
         if image_kwargs.pop("position_ids", None) is not None:
             raise ToolkitError("the routed model derives positions from attention_mask (cumsum - 1, the generate "
@@ -253,6 +256,10 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
                                    image_output=(mm_encoder_outputs or {}).get("image"), **image_kwargs)
         else:
             h = self._route_next(input_ids, attention_mask, cache, state)
+        if labels is not None and self.training and torch.is_grad_enabled() and not logits_to_keep:
+            # A training step: the head only where a label is; `logits` None (nothing in a step reads them)
+            loss = labelled_loss(self.anatomy.unembed, h, labels, num_items_in_batch)
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_ARG: cache})
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.anatomy.unembed(h)
@@ -543,6 +550,18 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
     def extra_repr(self) -> str:
         return self.plan.describe()
+
+
+def labelled_loss(unembed, h: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None = None,
+                  ignore_index: int = -100) -> Tensor:
+    """HF's causal-LM loss (``ForCausalLMLoss``: position t predicts ``labels[t + 1]``, its reduction, its
+    `num_items_in_batch`) with the head run only on the rows that have a label: `h` [B, T, D] -> [n, D] -> `unembed`
+    -> [n, vocab]. Labels sit on the answer tokens alone, so this skips the LM head and its backward almost
+    everywhere; equal to the full-head loss up to float rounding."""
+    shifted = nn.functional.pad(labels, (0, 1), value=ignore_index)[:, 1:].to(h.device)
+    at = shifted != ignore_index
+    logits = unembed(h[at]).float()  # upcast as HF does
+    return fixed_cross_entropy(logits, shifted[at], num_items_in_batch, ignore_index)
 
 
 def _map_entry(device: torch.device) -> int | str:
