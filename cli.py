@@ -149,6 +149,7 @@ def probe_cmd(
     backend: Annotated[str, typer.Option(help="hf (hooks on the anatomy) | transformer-lens (extra 'lens').")] = "hf",
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
+    lens_positions: Annotated[int | None, typer.Option(help="Logit lens on a seeded sample of N positions per sample (half image, half text; from --seed and the record id), the other views on all (default: all).")] = None,
 ) -> None:
     """Probe every decoder layer and recommend a split layer (writes tables, recommendation.json, Figure 2)."""
     from figures.figure2 import figure2_from_dir
@@ -157,7 +158,7 @@ def probe_cmd(
     require_positive(n=n, batch_size=batch_size)  # run_probe checks the device and --out before any work
     cfg = ProbeConfig(model=model, n=n, data=data, image_folder=image_folder, out=out, batch_size=batch_size,
                       seed=seed, dtype=dtype, device=device, rule=rule, resume=resume, backend=backend,
-                      device_map=device_map, max_memory=max_memory)
+                      device_map=device_map, max_memory=max_memory, lens_positions=lens_positions)
     result = run_probe(cfg)
     from saturation.distributed import is_main
 

@@ -22,11 +22,18 @@ ids; pads are in no token group, so a padded batch gives each sample the numbers
 Memory: hooks on the anatomy's hook points (TransformerLens names) reduce the attention pattern and the
 cosine inside the layer's forward. The logit lens cannot finish before p_final exists, so each layer keeps
 only its output rows at image and text positions ([tokens, d_model], far smaller than [tokens, vocab]) until
-the forward ends; the lens then runs in row chunks. Nothing is kept across batches except a few numbers per
+the forward ends; the lens then runs in chunks of (layer, row) pairs in the compute dtype, never forming a
+[layers, rows, vocab] tensor (`logit_lens_kl`). Nothing is kept across batches except a few numbers per
 sample, which go to disk in parquet shards, so peak memory depends on the batch, never on n.
 
+``lens_positions`` N (``--lens-positions``) runs the lens on a seeded sample of at most N positions per sample,
+half image and half text (`metrics.lens_sample`; a modality short of its half passes the rest to the other),
+drawn from ``--seed`` and the record id (`lens_seed`): the same positions whatever the batch, rank or resume.
+The other views still read every position. The lens is lm_head once per layer and position (at 7B about 0.65
+of the layer's own FLOPs), so this is what makes the probe cheap on long image blocks.
+
 Files (`run_probe`): ``DIR/samples/`` (manifest.json + shard-NNNNN.parquet, one per batch: an interrupted run
-resumes there; a different model, seed, data file or dtype is refused), ``per_sample.parquet`` (sample,
+resumes there; a different model, seed, data file, dtype or lens_positions is refused), ``per_sample.parquet`` (sample,
 sample_id, layer, modality, metric, value), ``summary.csv`` (layer, modality, metric, median, q25, q75) and
 ``recommendation.json`` (`saturation.recommend`). Figure 2 is drawn from these by ``figures.figure2``.
 
@@ -248,18 +255,26 @@ def encode_batch(records: list[Record], processor, image_token_id: int, fmt: Pro
     return collate(examples, 0 if pad is None else pad, image_token_id, padding_side="right")
 
 
+def lens_seed(seed: int, sample_id: str) -> int:
+    """The seed of one sample's logit-lens positions: from ``--seed`` and the record id alone, so the draw is the
+    same whatever batch or rank the sample lands in, and on a resume."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{sample_id}".encode()).digest()[:8], "little") >> 1
+
+
 @torch.inference_mode()
 def probe_batch(anat: Anatomy, reducer: LayerReducer, batch: dict[str, Tensor],
-                timings: dict[str, float] | None = None) -> dict[tuple[str, str], Tensor]:
+                timings: dict[str, float] | None = None, lens_seeds: list[int] | None = None
+                ) -> dict[tuple[str, str], Tensor]:
     """All per-sample values of one batch: {(metric, modality): [batch, num_layers]} on CPU.
 
     `batch` holds input_ids, attention_mask and the image inputs (pixel_values and the family's image kwargs),
     on the model's device; image-token counts may differ per sample (anyres). `timings`, when given,
-    accumulates seconds spent in the forward (with hooks) and in the logit lens.
+    accumulates seconds spent in the forward (with hooks) and in the logit lens. `lens_seeds` (`lens_seed`, one
+    per sample) is needed when the reducer samples the lens positions.
     """
     sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
     t0 = time.perf_counter()
-    reducer.begin(batch["attention_mask"], batch["input_ids"] == anat.image_token_id)
+    reducer.begin(batch["attention_mask"], batch["input_ids"] == anat.image_token_id, lens_seeds)
     # the walk's own positions: generate's convention, M-RoPE [3, B, T] where the family has it
     logits = anat.forward(batch["input_ids"], batch["attention_mask"], **image_inputs(batch))
     sync()
@@ -303,10 +318,11 @@ def boot_bridge(model, processor):
 
 
 @torch.inference_mode()
-def bridge_probe_batch(bridge, reducer: LayerReducer, batch: dict[str, Tensor]) -> dict[tuple[str, str], Tensor]:
+def bridge_probe_batch(bridge, reducer: LayerReducer, batch: dict[str, Tensor], lens_seeds: list[int] | None = None
+                       ) -> dict[tuple[str, str], Tensor]:
     """`probe_batch` through TransformerLens hook points: the same reductions (`reducer.resid_post`,
     `reducer.pattern`) fed by ``blocks.{l}.hook_resid_pre/hook_resid_post`` and ``blocks.{l}.attn.hook_pattern``."""
-    reducer.begin(batch["attention_mask"], batch["input_ids"] == reducer.anat.image_token_id)
+    reducer.begin(batch["attention_mask"], batch["input_ids"] == reducer.anat.image_token_id, lens_seeds)
     resid_pre: dict[int, Tensor] = {}
     hooks = []
     for layer in range(reducer.num_layers):
@@ -429,6 +445,7 @@ class ProbeConfig:
     threads: int | None = None  # CPU intra-op threads; None: 1 for small models on CPU (see cpu_threads)
     device_map: str | None = None  # 'auto' etc.: accelerate places the layers (GPUs, CPU, disk); not with --device
     max_memory: str | None = None  # with device_map: "0=20GiB,cpu=64GiB"
+    lens_positions: int | None = None  # logit lens on a seeded sample of N positions per sample (None: all)
 
 
 @dataclass
@@ -467,7 +484,8 @@ def summary_lines(result: ProbeResult, figures: list[Path] = ()) -> list[str]:
         f"  recommended split  s = {rec['split']}   (rule '{rec['rule']}')",
         f"    {ev['rule_definition']}",
         f"    decided by: {ev.get('decided_by', '-')}",
-        f"  logit-lens 50% transition  image L{t['image']}, text L{t['text']}",
+        f"  logit-lens 50% transition  image L{t['image']}, text L{t['text']}"
+        + (f"  (lens on {rec['lens_positions']} sampled positions per sample)" if rec.get("lens_positions") else ""),
         f"  text->image attention  plateau L{ev['attention_plateau_layer']}; "
         f"cross-check: {'agrees' if ev['cross_check']['agrees'] else 'DISAGREES'} ({ev['cross_check']['text']})",
         "  other rules  " + ", ".join(f"{k} {v}" for k, v in alt.items()),
@@ -498,6 +516,9 @@ def _check_options(cfg: ProbeConfig) -> None:
 
     if cfg.batch_size < 1:
         raise ToolkitError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    if cfg.lens_positions is not None and cfg.lens_positions < 2:
+        raise ToolkitError(f"--lens-positions must be at least 2, one image and one text position "
+                           f"(got {cfg.lens_positions})")
     if cfg.device_map is not None:  # before any file is written
         from .loading import check_placement
 
@@ -601,7 +622,8 @@ def _prepare(cfg: ProbeConfig, model) -> tuple[str, dict, list[int], list[Record
     data, records, samples = plan_samples(cfg)
     store = ShardStore(out / "samples", tag=f"r{dist.rank()}-" if dist.world_size() > 1 else "")
     fingerprint = {"model": model_name, "seed": cfg.seed, "data": str(data.resolve()), "data_sha256": _file_digest(data),
-                   "dtype": str(dtype), "num_layers": int(config.text_config.num_hidden_layers)}
+                   "dtype": str(dtype), "num_layers": int(config.text_config.num_hidden_layers),
+                   "lens_positions": cfg.lens_positions}  # a sampled lens changes the KL values: defining
     if dist.is_main():
         # A fresh start (store.open will not refuse it): old results would describe another run, so they go first.
         if not cfg.resume or not (store.manifest.is_file() or store.shards()):
@@ -624,6 +646,7 @@ def _write_results(cfg: ProbeConfig, store: ShardStore, samples: list[int], mode
     rec = recommend(summary, model=model_name, num_layers=num_layers, rule=cfg.rule, n=len(samples), per_sample=table,
                     min_split=min_split)
     rec["display_name"] = shown
+    rec["lens_positions"] = cfg.lens_positions  # None: the logit lens read every image and text position
     if Path(model_name) == Path(resolve_name("tiny")):
         rec["evidence"]["caveat"] = ("the embedded model was trained with an auxiliary logit-lens loss on image tokens "
                                      "at the LM input, which shapes what the logit-lens view sees there")
@@ -638,7 +661,7 @@ def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Recor
     if device.type == "meta":  # offloaded by a device map: accelerate's hooks bring inputs and weights per layer
         device = torch.device("cpu")
     dtype = next(model.parameters()).dtype
-    reducer = LayerReducer(anat)
+    reducer = LayerReducer(anat, cfg.lens_positions)
     fmt = PromptFormat.of(anat)
     bridge = boot_bridge(model, processor) if cfg.backend == "transformer-lens" else None
     hooks = contextlib.nullcontext(reducer) if bridge is not None else reducer  # the bridge has its own hooks
@@ -648,10 +671,11 @@ def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Recor
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start:start + cfg.batch_size]
             batch = to_model(encode_batch([r for _, r in chunk], processor, anat.image_token_id, fmt), device, dtype)
+            seeds = [lens_seed(cfg.seed, r.id) for _, r in chunk]
             if bridge is not None:
-                values = bridge_probe_batch(bridge, reducer, batch)
+                values = bridge_probe_batch(bridge, reducer, batch, seeds)
             else:
-                values = probe_batch(anat, reducer, batch)
+                values = probe_batch(anat, reducer, batch, lens_seeds=seeds)
             store.write(values_table(values, [s for s, _ in chunk], [r.id for _, r in chunk]))
             done = start + len(chunk)
             bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):.1f} samples/s")

@@ -92,3 +92,19 @@ def test_plateau_layer():
     assert metrics.plateau_layer([0.9, 0.7, 0.5, 0.3, 0.21, 0.2, 0.2, 0.2]) == 4
     assert metrics.plateau_layer([0.60, 0.601, 0.599, 0.60], floor=0.01) == 0  # flat up to noise
     assert metrics.plateau_layer([0.1, 0.5, 0.5, 0.5]) == 1
+
+
+def test_lens_sample_splits_between_modalities_and_follows_the_seed():
+    # row 0: 10 image + 6 text positions; row 1 is the same sample shifted by 3 pads, with 1 text position
+    image = torch.zeros(2, 20, dtype=torch.bool)
+    text = torch.zeros(2, 20, dtype=torch.bool)
+    image[0, 1:11], text[0, 11:17] = True, True
+    image[1, 4:14], text[1, 14] = True, True
+    keep = metrics.lens_sample(image, text, 8, [7, 7])
+    assert (keep & image).sum(1).tolist() == [4, 7] and (keep & text).sum(1).tolist() == [4, 1]  # text's unused share
+    assert not (keep & ~(image | text)).any()
+    assert torch.equal(metrics.lens_sample(image, text, 8, [7, 7]), keep)  # the seed alone decides
+    assert (keep[0, 1:11] != metrics.lens_sample(image, text, 8, [8, 7])[0, 1:11]).any()
+    same = metrics.lens_sample(image[:1].roll(3, 1), text[:1].roll(3, 1), 8, [7])
+    assert torch.equal(same[0].roll(-3), keep[0])  # where the row sits (padding) does not move the draw
+    assert metrics.lens_sample(image, text, 40, [1, 2]).eq(image | text).all()  # n >= positions: all kept

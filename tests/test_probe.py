@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -272,3 +273,57 @@ def test_half_precision_lens_accumulates_in_fp32():
         ref = metrics.kl_from_logits(final.double(), unembed(hidden[0]).double())
     assert got.dtype == torch.float32
     assert torch.allclose(got, ref, atol=2e-3, rtol=1e-3), (got - ref).abs().max()
+
+
+def _lens_medians(summary: pd.DataFrame) -> pd.Series:
+    return summary[summary["metric"] == "logit_lens_kl"].set_index(["modality", "layer"])["median"]
+
+
+def test_sampled_lens_is_close_to_all_positions_on_the_embedded_model(tmp_path):
+    """--lens-positions 8 (4 image + 4 text of ~21) moves no median KL by more than 10% of its curve's peak, leaves the
+    other views as they are, and a sample at least as large as every sample keeps all positions (same table)."""
+    model, processor = load_llava("tiny")
+    runs = {lp: run_probe(ProbeConfig(model="tiny", n=32, out=tmp_path / str(lp), progress=False, lens_positions=lp),
+                          model=model, processor=processor) for lp in (None, 8, 64)}
+    full, sampled = _lens_medians(runs[None].summary), _lens_medians(runs[8].summary)
+    diff = (sampled - full).abs()
+    assert diff.max() > 0  # positions really were left out
+    for modality in ("image", "text"):
+        assert diff[modality].max() <= 0.1 * full[modality].max(), (modality, diff[modality].max())
+    tables = {lp: pd.read_parquet(r.table_path) for lp, r in runs.items()}
+    other = tables[None]["metric"] != "logit_lens_kl"
+    pd.testing.assert_frame_equal(tables[8][other], tables[None][other])
+    pd.testing.assert_frame_equal(tables[64], tables[None])
+    assert json.loads(runs[8].recommendation_path.read_text())["lens_positions"] == 8
+    assert json.loads(runs[None].recommendation_path.read_text())["lens_positions"] is None
+
+
+def test_sampled_lens_does_not_depend_on_the_batch(tiny_model, processor, varied_dataset, tmp_path):
+    """The positions come from --seed and the record id: batches of 1, 3 and 8 give each sample the same numbers,
+    another seed draws other positions, and a resume with another --lens-positions is refused in one line."""
+    tables = [pd.read_parquet(run_probe(replace(_config(tmp_path / str(b), varied_dataset, n=8, lens_positions=3),
+                                                batch_size=b), model=tiny_model, processor=processor).table_path)
+              for b in (1, 3, 8)]
+    for table in tables[1:]:
+        pd.testing.assert_frame_equal(table, tables[0], atol=1e-6, rtol=0)
+    reseeded = run_probe(_config(tmp_path / "s", varied_dataset, n=8, lens_positions=3, seed=5),
+                         model=tiny_model, processor=processor)
+    kl = tables[0][tables[0]["metric"] == "logit_lens_kl"].set_index(["sample", "modality", "layer"])["value"]
+    other = pd.read_parquet(reseeded.table_path)
+    other = other[other["metric"] == "logit_lens_kl"].set_index(["sample", "modality", "layer"])["value"]
+    assert not kl.reindex(other.index).sub(other).abs().lt(1e-7).all()
+
+    for lp in (None, 4):
+        with pytest.raises(ToolkitError, match="lens_positions") as err:
+            run_probe(_config(tmp_path / "1", varied_dataset, n=8, lens_positions=lp), model=tiny_model,
+                      processor=processor)
+        assert "\n" not in str(err.value) and "--no-resume" in str(err.value)
+
+
+def test_bad_lens_positions_are_one_line_errors(tiny_model, processor, dataset, tmp_path):
+    for bad in (0, -3, 1):
+        cfg = ProbeConfig(model="x", data=dataset, out=tmp_path / "out", progress=False, lens_positions=bad)
+        with pytest.raises(ToolkitError, match="--lens-positions must be at least 2") as err:
+            run_probe(cfg, model=tiny_model, processor=processor)
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -91,3 +91,9 @@ def test_embedded_model_end_to_end_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "summary.csv").read_bytes() == (tmp_path / "b" / "summary.csv").read_bytes()
     summary = pd.read_csv(tmp_path / "a" / "summary.csv")
     assert set(summary["metric"]) >= {"cosine", "attention_mass", "logit_lens_kl"}
+
+
+def test_bad_lens_positions(tiny_model_dir, dataset, tmp_path):
+    for bad in (0, -2):
+        _one_line_error(_probe("--model", tiny_model_dir, "--data", dataset, "--lens-positions", bad, "--out", tmp_path),
+                        "--lens-positions must be at least 2")
