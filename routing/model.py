@@ -78,7 +78,7 @@ class Route:
     @staticmethod
     def _take(x: Tensor, flat: Tensor, batch: int) -> Tensor:
         """Rows of `x` [batch, seq, ...] at flattened indices -> [batch, m, ...]."""
-        rows = x.reshape(-1, *x.shape[2:]).index_select(0, flat)
+        rows = x.reshape(-1, *x.shape[2:]).index_select(0, flat.to(x.device))  # a device map: x may sit elsewhere
         return rows.view(batch, -1, *x.shape[2:])
 
     def text(self, x: Tensor) -> Tensor:
@@ -90,17 +90,19 @@ class Route:
     def scatter_image(self, image: Tensor) -> Tensor:
         """[batch, I, D] -> [batch, seq, D], correct at image positions (zeros elsewhere)."""
         full = image.new_zeros(self.image_mask.numel(), image.shape[-1])
-        return full.index_copy(0, self.image_flat, image.reshape(-1, image.shape[-1])).view(
+        return full.index_copy(0, self.image_flat.to(image.device), image.reshape(-1, image.shape[-1])).view(
             *self.image_mask.shape, -1)
 
     def merge(self, text: Tensor, image: Tensor) -> Tensor:
-        """The full sequence [batch, seq, D] from the text subset and the image subset."""
+        """The full sequence [batch, seq, D] from the text subset and the image subset, on the text's device (under
+        a device map the side branch runs with its source layer, the deep text layers maybe on another GPU)."""
+        image = image.to(text.device)
         if self.inverse is not None:  # the two subsets partition every row: one concatenation, one selection
             return self._take(torch.cat([text, image], dim=1), self.inverse, text.shape[0])
         full_text = text.new_zeros(self.image_mask.numel(), text.shape[-1])
-        full_text = full_text.index_copy(0, self.text_flat, text.reshape(-1, text.shape[-1])).view(
+        full_text = full_text.index_copy(0, self.text_flat.to(text.device), text.reshape(-1, text.shape[-1])).view(
             *self.image_mask.shape, -1)
-        return torch.where(self.image_mask[..., None], self.scatter_image(image), full_text)
+        return torch.where(self.image_mask.to(text.device)[..., None], self.scatter_image(image), full_text)
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,9 @@ class Kept:
 
     def restore(self, h: Tensor) -> Tensor:
         """The pruned frame's output [B, m, D] back in the original one [B, N, D]."""
-        d, keep = h.shape[-1], self.valid.reshape(-1)
-        full = self.h_at_drop.to(h.dtype).reshape(-1, d).index_copy(0, self.flat[keep], h.reshape(-1, d)[keep])
+        d, keep = h.shape[-1], self.valid.reshape(-1).to(h.device)
+        full = self.h_at_drop.to(h.device, h.dtype).reshape(-1, d).index_copy(
+            0, self.flat.to(h.device)[keep], h.reshape(-1, d)[keep])
         return full.view(*self.h_at_drop.shape[:2], d)
 
 
@@ -338,7 +341,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             side = layer(side, attention_mask=a.pick(side_mask, layer), position_ids=image_pos,
                          position_embeddings=a.pick(image_rope, layer))
         if not r.image_dense:
-            side = side.masked_fill(~r.image_valid[..., None], 0.0)  # fillers stay finite keys/values
+            side = side.masked_fill(~r.image_valid.to(side.device)[..., None], 0.0)  # fillers: finite keys/values
 
         # Deep layers: the one place the variants differ.
         if plan.deep_mode == "text_only":  # LF: text positions only, their original positions, causal over text
@@ -350,9 +353,10 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             h = r.merge(text=text, image=side)
         elif plan.deep_mode == "reset":  # PC: image positions reset to the side output before every deep layer
             side_full = r.scatter_image(side)
-            for i in plan.deep:
-                h = run([i], torch.where(r.image_mask[..., None], side_full, h), full_mask, pos, rope)
-            h = torch.where(r.image_mask[..., None], side_full, h)
+            for i in plan.deep:  # `.to`: a no-op unless a device map put deep layers on another device
+                h = run([i], torch.where(r.image_mask.to(h.device)[..., None], side_full.to(h.device), h), full_mask,
+                        pos, rope)
+            h = torch.where(r.image_mask.to(h.device)[..., None], side_full.to(h.device), h)
         else:  # KV: image positions supply only K/V (from the side output); text does the rest
             keys_order = torch.cat([r.image_index, r.text_index], 1)
             keys_valid = torch.cat([r.image_valid, r.text_valid], 1)
@@ -398,10 +402,12 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         """
         a, layer = self.anatomy, self.plan.prune_layer - 1
         q, k, scale = a.queries_keys(layer, h, a.pick(rope, layer))
+        device = r.image_mask.device  # the routing's (a device map may run layer K-1 elsewhere)
+        q, k = q.to(device), k.to(device)
         q = r.text(q.transpose(1, 2)).transpose(1, 2).float()  # [B, H, T, d]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).float()  # grouped-query heads
         n = h.shape[1]
-        visible = ((torch.arange(n, device=h.device)[None, None, :] <= r.text_index[:, :, None])
+        visible = ((torch.arange(n, device=device)[None, None, :] <= r.text_index[:, :, None])
                    & attention_mask.bool()[:, None, :])  # [B, T, N]: causal in the sequence, no pads
         probs = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible[:, None], float("-inf")).softmax(-1)
         probs = probs.nan_to_num(0.0).mean(1)  # over heads; a text row with nothing visible has none to give
@@ -409,7 +415,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         received = (probs * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)  # [B, N]
         score = received.gather(1, r.image_index).masked_fill(~r.image_valid, float("-inf"))  # [B, I]
         budget = torch.tensor([self.plan.kept_tokens(int(n_i)) for n_i in r.image_valid.sum(1).tolist()],
-                              device=h.device)
+                              device=device)
         rank = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
         chosen = (rank < budget[:, None]) & r.image_valid
         keep = attention_mask.bool() & ~r.image_mask

@@ -218,3 +218,42 @@ def test_cuda_train_and_bench_with_layers_offloaded_to_cpu(tmp_path, monkeypatch
     assert bench.exit_code == 0, bench.output
     memory = json.loads((tmp_path / "b.json").read_text())["memory"]
     assert "cuda:0" in memory["cuda_peak_mb_per_device"] and "cpu" in memory["parameters_mb"]["vanilla"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("variant", ["lf", "pc", "kv", "fastv"])
+def test_layers_split_over_two_gpus_route_and_decode_like_one_gpu(processor, variant):
+    """A device map with the shallow layers (and the side branch's source) on cuda:0 and the deep and fusion layers
+    on cuda:1: every place where the routing joins tensors of two groups (merge, PC's reset, KV's image keys,
+    FastV's scores) must move them, and the cached decode must still equal one GPU's."""
+    split, inputs = 2, {k: v.to("cuda:0") for k, v in _inputs(processor).items()}
+    one = routing.build(make_model(processor).to("cuda:0"), split, variant)
+    model = make_model(processor)
+    device_map = _two_device_map(model, split, 0, 1)
+    two = routing.build(dispatch_model(model, device_map=device_map, main_device="cuda:0"), split, variant)
+    assert {p.device.index for p in two.base.parameters()} == {0, 1} and two.side[0].self_attn.q_proj.weight.is_cuda
+    with torch.no_grad():
+        torch.testing.assert_close(two(**inputs).logits.to("cuda:0"), one(**inputs).logits, rtol=1e-5, atol=1e-5)
+    gen, row = {"max_new_tokens": 4, "do_sample": False}, {k: v[:1] for k, v in inputs.items()}  # no right padding
+    assert torch.equal(two.generate(**row, **gen).cpu(), one.generate(**row, **gen).cpu())
+
+
+def _two_device_map(model, split: int, first, second) -> dict:
+    """Every module of `model` on `first`, except decoder layers past `split` (the side branch's source stays on
+    `first`), the final norm and the LM head, which go to `second`."""
+    names = {id(m): n for n, m in model.named_modules()}
+    a = anatomy(model)
+    path = names[id(a.layers)]  # the family's own path to the decoder layers
+    device_map = {}
+
+    def place(prefix: str, module) -> None:  # every child off the path to the layers goes to `first` whole
+        for n, child in module.named_children():
+            full = f"{prefix}{n}"
+            if path.startswith(f"{full}."):
+                place(f"{full}.", child)
+            elif full != path:
+                device_map[full] = first
+
+    place("", model)
+    device_map |= {names[id(layer)]: (first if i <= split else second) for i, layer in enumerate(a.layers)}
+    return device_map | {names[id(a.lm_head)]: second, names[id(a.norm)]: second}

@@ -454,6 +454,7 @@ class Backbone:
         projection or MLP. Returns ``(keys, values)``, each [B, Hkv, n, d], as the layer's cache holds them."""
         module = self.layers[layer] if isinstance(layer, int) else layer
         attn = self.attention_of(module)
+        hidden, rope = _to_weights(module, hidden, rope)
         x = module.get_submodule(self.spec.input_norm)(hidden)
         keys = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim, self._norm(module, self.spec.k_norm))
         values = self._heads(module.get_submodule(self.spec.v_proj), x, attn.head_dim)
@@ -467,6 +468,7 @@ class Backbone:
         pruning) without running the attention itself."""
         module = self.layers[layer]
         attn = self.attention_of(module)
+        hidden, rope = _to_weights(module, hidden, rope)
         x = module.get_submodule(self.spec.input_norm)(hidden)
         q = self._heads(module.get_submodule(self.spec.q_proj), x, attn.head_dim, self._norm(module, self.spec.q_norm))
         k = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim, self._norm(module, self.spec.k_norm))
@@ -500,3 +502,22 @@ class Backbone:
     def question_text(self, question: str, first: bool) -> str:
         """The human half of a turn in this family's prompt template, ending with the assistant cue."""
         return self.template.question(question, first)
+
+
+def _to_weights(module: nn.Module, hidden: Tensor, rope):
+    """`hidden` and the rotary table(s) on the device of `module`'s weights: its projections are called one by one
+    here, past the accelerate hook a device map puts on the whole layer (which would move the inputs). Offloaded
+    weights (meta placeholders) have per-submodule hooks of their own that do it."""
+    device = next((p.device for p in module.parameters() if p.device.type != "meta"), None)
+    if device is None or device == hidden.device:
+        return hidden, rope
+    return hidden.to(device), _moved(rope, device)
+
+
+def _moved(x, device: torch.device):
+    """Tensors inside tuples and dicts (a rotary table, or one per layer type) on `device`."""
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _moved(v, device) for k, v in x.items()}
+    return type(x)(_moved(v, device) for v in x) if isinstance(x, (tuple, list)) else x
