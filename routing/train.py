@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -114,6 +114,26 @@ def check_options(opts: TrainConfig) -> None:
     if not (math.isfinite(opts.warmup) and opts.warmup >= 0):
         raise ToolkitError(f"warmup must be a ratio in [0, 1) or a number of steps (got {opts.warmup})")
     check_training_placement(opts)
+    check_sharding_engine()
+
+
+def check_sharding_engine(env: Mapping[str, str] = os.environ) -> None:
+    """`accelerate launch` with an FSDP config, refused in one line where it cannot work: accelerate's FSDP plugin
+    needs an accelerator (it raises deep inside the Trainer on CPU), and only a full state dict gives the
+    side-branch-only checkpoints and artifact (a sharded one is saved by accelerate in its own layout)."""
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() not in ("true", "1"):
+        return
+    version = env.get("FSDP_VERSION", "1")
+    kind = env.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT" if version == "1" else "SHARDED_STATE_DICT")  # its defaults
+    if env.get("FSDP_USE_ORIG_PARAMS", "true").lower() == "false" and version == "1":
+        raise ToolkitError("FSDP needs fsdp_use_orig_params: true here: the frozen base and the trainable side branch "
+                           "share wrapped modules")
+    if kind != "FULL_STATE_DICT":
+        raise ToolkitError(f"FSDP with fsdp_state_dict_type {kind} is not supported: routing saves only the side "
+                           "branch, from a full state dict; set fsdp_state_dict_type: FULL_STATE_DICT")
+    if not torch.cuda.is_available():
+        raise ToolkitError("FSDP needs GPUs (accelerate's FSDP plugin has no CPU backend); on CPU use data "
+                           "parallelism: torchrun --nproc_per_node N routing train ...")
 
 
 def check_training_placement(opts: TrainConfig) -> None:
@@ -567,8 +587,12 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     """
     if not dist.is_main():
         log = lambda msg: None  # noqa: E731 - one report, rank 0's
-    cfg, pruning = plan_options(cfg)
-    check_options(cfg)
+    try:
+        cfg, pruning = plan_options(cfg)
+        check_options(cfg)
+    except ToolkitError as err:  # options and launcher: every rank fails alike, before any collective
+        err.quiet = not dist.is_main()  # so rank 0 alone prints the one line
+        raise
     if cfg.out is not None:
         ensure_output_dir(cfg.out)  # a bad --out fails now, not after loading and training
     config = load_config(cfg.model)

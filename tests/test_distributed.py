@@ -138,3 +138,53 @@ def test_two_process_ddp_update_equals_one_process_with_twice_the_batch(tmp_path
     assert alone.exit_code == 1
     lines = alone.output.strip().splitlines()
     assert len(lines) == 1 and "nproc_per_node) 2 (now 1)" in lines[0], alone.output
+
+
+FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+main_process_ip: 127.0.0.1
+main_process_port: {port}
+mixed_precision: 'no'
+use_cpu: true
+fsdp_config:
+  fsdp_version: 1
+  fsdp_sharding_strategy: FULL_SHARD
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_use_orig_params: true
+  fsdp_state_dict_type: {state_dict}
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
+def test_accelerate_launch_with_fsdp_on_cpu_is_one_line_before_any_work(tmp_path):
+    """The real `accelerate launch` with the README's FSDP config: accelerate's FSDP plugin has no CPU backend (it
+    raised deep inside the Trainer on every rank); now rank 0 says so in one line, nothing is written."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG.format(port=free_port(), state_dict="FULL_STATE_DICT"))
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), str(BIN / "routing"), "train",
+           "--split", "4", "--n-train", "4", "--max-steps", "1", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "FSDP needs GPUs" in lines[0], proc.stderr[-3000:]
+    assert "routing/train.py" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}, "set fsdp_state_dict_type: FULL_STATE_DICT"),
+    ({"FSDP_VERSION": "2"}, "set fsdp_state_dict_type: FULL_STATE_DICT"),  # FSDP2's default is sharded
+    ({"FSDP_USE_ORIG_PARAMS": "false"}, "fsdp_use_orig_params: true"),
+])
+def test_fsdp_configs_that_cannot_save_the_side_branch_are_refused(env, message):
+    from routing.train import check_sharding_engine
+    from saturation.errors import ToolkitError
+
+    check_sharding_engine({})  # no FSDP: nothing to check
+    with pytest.raises(ToolkitError, match=message):
+        check_sharding_engine({"ACCELERATE_USE_FSDP": "true"} | env)
