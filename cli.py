@@ -492,7 +492,7 @@ def bench_cmd(
 
     from figures.io import save_figure
     from figures.latency import latency_figure
-    from routing.benchmark import BenchConfig, run_bench, summary_table
+    from routing.benchmark import BenchConfig, run_bench, summary_table, train_lines
 
     require_positive(batch_size=batch_size)
     check_placement(device, device_map, max_memory)
@@ -507,10 +507,8 @@ def bench_cmd(
                       train=train, seed=seed)
     result = run_bench(cfg, log=lambda msg: err_console.print(msg, highlight=False, markup=False))
     Console().print(summary_table(result))
-    for text, steps in result.get("train_step", {}).items():
-        cells = ", ".join(f"{v} {s['ms']:.1f} ms ({s['ratio_vs_pc']:.3f}x PC)" for v, s in steps.items())
-        Console().print(f"train step (forward + backward into the side branch), text {text}: {cells}",
-                        highlight=False)
+    for line in train_lines(result):  # --train: each step against PC, the FLOP model's ratio, where it goes
+        Console().print(line, highlight=False, soft_wrap=True)
     name = f"{geometry}-L{result['layers']}" if geometry else Path(model or "tiny").name
     out = json_out or Path("runs/bench") / name / "bench.json"
     write_json(out, result)

@@ -27,7 +27,9 @@ the calling thread's CPU time (paired ratios then move by 1-2% between runs, whe
 - Memory: the prompt's KV cache size per model (exact); on CUDA the peak allocated memory of one untimed
   prefill + decode per model, on CPU the process's peak RSS.
 - With ``train=True`` also one training step (forward + backward, side branch only) of each trainable variant
-  against PC, DESIGN's target for LF being <= 0.4x of PC.
+  against PC, DESIGN's target for LF being <= 0.4x of PC, with ``flops.train_step_cost``'s ratio beside it and the
+  step's time per group of the plan (``routing.step_profile``: shallow, side, deep, fusion, head+loss, other,
+  backward; measured in hooked rounds of their own).
 """
 
 from __future__ import annotations
@@ -261,6 +263,11 @@ class Stopwatch:
         self._sync()
         return self.read() - start, out
 
+    def now(self) -> float:
+        """The clock, once the device has finished what was queued (for hooks that time parts of a call)."""
+        self._sync()
+        return self.read()
+
 
 def _rotated(names: list[str], k: int) -> list[str]:
     k %= len(names)
@@ -403,34 +410,74 @@ def layer_devices(model) -> tuple[list[str], list[str]]:
     return stored, runs
 
 
-def measure_train(base, variants, plan_args: dict, p: Prompt, watch: Stopwatch, repeats: int, warmup: int) -> dict:
-    """Seconds per training step (forward + backward into the side branch, no optimizer) of PC and each
-    trainable variant, from the same embeddings; the answer is the last 8 text positions."""
+TRAIN_LABELS = 8  # labelled positions per row in bench's training step: a short answer at the end
+
+
+def measure_train(base, variants, plan_args: dict, p: Prompt, watch: Stopwatch, repeats: int, warmup: int
+                  ) -> tuple[dict, dict, int]:
+    """``(samples, breakdown, labelled)``: seconds per training step (forward + backward into the side branch, no
+    optimizer) of PC and each trainable variant, from the same embeddings, the answer being the last
+    `TRAIN_LABELS` text positions; the median seconds per group of the step (`routing.step_profile`, hooked rounds
+    after the timed ones); and the positions per row with a (shifted) label, which the head runs on."""
+    from .step_profile import GROUPS, step_breakdown
+
     labels = torch.full(p.image_mask.shape, -100, dtype=torch.long, device=p.embeds.device)
-    labels[:, -8:] = p.next_tokens[0]
-    steps = {}
-    for variant in dict.fromkeys(("pc", *variants)):
-        if variant == "lf-ideal":
-            continue
-        routed = build(base, plan_args["split"], variant, plan_args["fusion_layers"], plan_args["side_depth"]).train()
+    labels[:, -TRAIN_LABELS:] = p.next_tokens[0]
+    inputs = {"inputs_embeds": p.embeds, "image_mask": p.image_mask, "attention_mask": p.attention_mask,
+              "labels": labels}
+    models = {v: build(base, plan_args["split"], v, plan_args["fusion_layers"], plan_args["side_depth"]).train()
+              for v in dict.fromkeys(("pc", *variants)) if v != "lf-ideal"}
 
-        def step(routed=routed):
-            routed(inputs_embeds=p.embeds, image_mask=p.image_mask, attention_mask=p.attention_mask,
-                   labels=labels).loss.backward()
-            routed.zero_grad(set_to_none=True)
+    def step(routed):
+        routed(**inputs).loss.backward()
+        routed.zero_grad(set_to_none=True)
 
-        steps[variant] = step
-    names = list(steps)
+    names = list(models)
     samples = {name: [] for name in names}
+    parts = {name: {g: [] for g in GROUPS} for name in names}
     try:
         for rep in range(warmup + repeats):
             for name in _rotated(names, rep):
-                t, _ = watch.time(steps[name])
+                t, _ = watch.time(functools.partial(step, models[name]))
                 if rep >= warmup:
                     samples[name].append(t)
+        for rep in range(repeats):  # hooked rounds apart: the timed steps carry no instrumentation
+            for name in _rotated(names, rep):
+                for g, seconds in step_breakdown(models[name], inputs, watch.now).items():
+                    parts[name][g].append(seconds)
     finally:
         base.eval()
-    return samples
+    breakdown = {name: {g: statistics.median(v) for g, v in by.items()} for name, by in parts.items()}
+    return samples, breakdown, int((labels[0, 1:] != -100).sum())
+
+
+def train_step_rows(steps: dict, parts: dict, geometry: flops.Geometry, plan_args: dict, p: Prompt,
+                    labelled: int) -> dict:
+    """Per variant: median ms, the paired ratio to PC, the FLOP model's ratio beside it (`flops.train_step_cost`)
+    and its GFLOPs per sequence (forward, backward), and the measured ms per group of the step."""
+    costs = {v: flops.train_step_cost(geometry, make_plan(geometry.num_layers, plan_args["split"], v,
+                                                          plan_args["fusion_layers"], plan_args["side_depth"]),
+                                      p.image_tokens, p.text_tokens, labelled) for v in steps}
+    return {v: {"ms": 1e3 * statistics.median(s), "ratio_vs_pc": spread(paired_ratios(steps["pc"], s))[0],
+                "flop_ratio_vs_pc": costs[v].total / costs["pc"].total,
+                "flop_gflops": {"forward": costs[v].forward / 1e9, "backward": costs[v].backward / 1e9},
+                "breakdown_ms": {g: 1e3 * t for g, t in parts[v].items()}} for v, s in steps.items()}
+
+
+def train_lines(result: dict) -> list[str]:
+    """What `routing bench --train` prints: per text length the step of each variant against PC with the FLOP
+    model's ratio beside it, then where each variant's step goes."""
+    lines = []
+    for text, steps in result.get("train_step", {}).items():
+        cells = ", ".join(f"{v} {s['ms']:.1f} ms ({s['ratio_vs_pc']:.3f}x PC, FLOP model {s['flop_ratio_vs_pc']:.3f})"
+                          for v, s in steps.items())
+        lines.append(f"train step (forward + backward into the side branch), text {text}: {cells}")
+        for v, s in steps.items():
+            parts = " · ".join(f"{g} {ms:.1f}" for g, ms in s["breakdown_ms"].items())
+            f = s["flop_gflops"]
+            lines.append(f"  {v} step in ms, by group (hooked rounds): {parts}; FLOP model {f['forward']:.3g} "
+                         f"GFLOP forward + {f['backward']:.3g} backward per sequence")
+    return lines
 
 
 # ---------------------------------------------------------------- statistics and theory
@@ -576,10 +623,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
                 row["cache_mb_model"] = sum(d["cache_mb"] for d in row["memory_model"].values())
             rows += new
             if cfg.train:
-                steps = measure_train(base, cfg.variants, plan_args, p, watch, cfg.repeats, cfg.warmup)
-                train[str(text_tokens)] = {v: {"ms": 1e3 * statistics.median(s),
-                                               "ratio_vs_pc": spread(paired_ratios(steps["pc"], s))[0]}
-                                           for v, s in steps.items()}
+                steps, parts, labelled = measure_train(base, cfg.variants, plan_args, p, watch, cfg.repeats,
+                                                       cfg.warmup)
+                train[str(text_tokens)] = train_step_rows(steps, parts, geometry, plan_args, p, labelled)
             log(_progress_line(new))
     result = {
         "model": source,

@@ -57,7 +57,7 @@ def test_head_at_labelled_positions_gives_todays_loss_and_gradient(make):
         routed = perturb_side(routing.build(model, split, variant))
         for items in (None, torch.tensor(n_labelled + 5)):  # HF's mean, and the Trainer's sum over a global count
             rows = []
-            handle = a.lm_head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape))
+            handle = a.lm_head.register_forward_hook(lambda _m, args, _out, rows=rows: rows.append(args[0].shape))
             try:
                 loss, grads, out = _loss_and_grads(routed, batch, True, items)
             finally:
@@ -199,3 +199,59 @@ def test_train_step_forward_is_the_prefill_cost_with_the_head_at_labelled_positi
 def test_train_step_cost_refuses_lf_ideal():
     with pytest.raises(ValueError, match="no gradient"):
         flops.train_step_cost(G, make_plan(4, 2, "lf-ideal", fusion_layers=0), 2, 3, labelled=2)
+
+
+# ---------------------------------------------------------------- routing bench --train
+
+
+def test_bench_train_reports_the_flop_model_and_where_the_step_goes(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import routing_app
+    from saturation.geometry import geometry_config
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(routing_app, ["bench", "--geometry", "tiny", "--layers", "4", "--split", "1",
+                                              "--variants", "lf,kv", "--text-tokens", "6", "--batch-size", "2",
+                                              "--repeats", "1", "--warmup", "0", "--new-tokens", "1", "--train",
+                                              "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    steps = json.loads(out.read_text())["train_step"]["6"]
+    assert list(steps) == ["pc", "lf", "kv"]
+    g = flops.Geometry.of(geometry_config("tiny", 4).text_config)
+    pc = flops.train_step_cost(g, make_plan(4, 1, "pc"), 9, 6, labelled=8)  # the last 8 positions
+    for v, s in steps.items():
+        cost = flops.train_step_cost(g, make_plan(4, 1, v), 9, 6, labelled=8)
+        assert s["flop_ratio_vs_pc"] == pytest.approx(cost.total / pc.total)
+        assert s["flop_gflops"]["backward"] == pytest.approx(cost.backward / 1e9)
+        parts = s["breakdown_ms"]
+        assert list(parts) == ["shallow", "side", "deep", "fusion", "head+loss", "other", "backward"]
+        assert all(parts[k] > 0 for k in ("shallow", "side", "deep", "fusion", "head+loss", "backward"))
+    assert steps["pc"]["ratio_vs_pc"] == 1.0 and steps["pc"]["flop_ratio_vs_pc"] == 1.0
+    text = " ".join(result.output.split())
+    lf = steps["lf"]
+    assert (f"lf {lf['ms']:.1f} ms ({lf['ratio_vs_pc']:.3f}x PC, FLOP model {lf['flop_ratio_vs_pc']:.3f})" in text)
+    assert "lf step in ms, by group (hooked rounds): shallow" in text and "pc step in ms" in text
+
+
+def test_step_breakdown_leaves_no_hooks_and_adds_up():
+    """The hooks exist only during the breakdown; its groups add up to the hooked step's own time."""
+    import time
+
+    from routing.step_profile import step_breakdown
+
+    model, split, batch = _llava()
+    routed = routing.build(model, split, "lf").train()
+    try:
+        start = time.perf_counter()
+        parts = step_breakdown(routed, batch, time.perf_counter)
+        elapsed = time.perf_counter() - start
+    finally:
+        routed.eval()
+    assert sum(parts.values()) == pytest.approx(elapsed, rel=0.05, abs=1e-3)
+    assert parts["deep"] > 0 and parts["backward"] > 0
+    layers = [*routed.anatomy.layers, *routed.side]
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in layers)
+    assert all(p.grad is None for p in routed.side.parameters())
