@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import socket
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -164,10 +166,12 @@ def load_llava(
     if device_map is not None and device is not None:
         raise ToolkitError("--device and --device-map exclude each other: --device-map places every layer itself")
     dev = resolve_device(device) if device_map is None else _map_main_device(device_map)
-    placement = {"device_map": str(dev)}
+    placement, scratch = {"device_map": str(dev)}, None
     if device_map is not None:
+        # our own temporary offload folder goes with the model (or with a failed load); a given one is the user's
+        scratch = None if offload_folder else tempfile.mkdtemp(prefix="dpvr-offload-")
         placement = {"device_map": device_map, "max_memory": parse_max_memory(max_memory),
-                     "offload_folder": str(offload_folder or tempfile.mkdtemp(prefix="dpvr-offload-"))}
+                     "offload_folder": str(offload_folder or scratch)}
     local_only = Path(resolved).is_dir() or not _hub_reachable()
     try:
         model = AutoModelForImageTextToText.from_pretrained(
@@ -180,11 +184,15 @@ def load_llava(
         )
         processor = load_processor(resolved, config, local_only)
     except (OSError, ValueError, ImportError) as err:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         if local_only and not Path(resolved).is_dir():
             raise ToolkitError(_offline_message(resolved)) from None
         raise ToolkitError(f"cannot load '{resolved}': {_first_line(err)}") from None
     model.eval()
     model.name_or_path = resolved
+    if scratch is not None:  # deleted when the model is collected, or at exit
+        weakref.finalize(model, shutil.rmtree, scratch, ignore_errors=True)
     return model, processor
 
 

@@ -56,6 +56,24 @@ def test_dispatched_with_disk_offload_routes_like_the_plain_model(processor, tmp
 def test_load_llava_device_map_offloads_past_max_memory(tmp_path):
     model, _ = load_llava("tiny", device_map="auto", max_memory="cpu=1MiB", offload_folder=tmp_path)
     assert "disk" in set(model.hf_device_map.values())  # accelerate really put layers on disk
+    del model
+    __import__("gc").collect()
+    assert tmp_path.exists()  # a folder the caller gave is the caller's: kept
+
+
+def test_load_llavas_own_offload_folder_goes_with_the_model(tmp_path, monkeypatch):
+    import gc
+    import tempfile
+
+    made = []
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(str(tmp_path / "scratch")) or
+                        (tmp_path / "scratch").mkdir() or made[-1])
+    model, _ = load_llava("tiny", device_map="auto", max_memory="cpu=1MiB")
+    # safetensors weights are read in place, so it may stay empty; a .bin checkpoint's layers are written there
+    assert made and (tmp_path / "scratch").is_dir()
+    del model
+    gc.collect()
+    assert not (tmp_path / "scratch").exists()
 
 
 def test_probe_cli_with_device_map_equals_plain_probe_and_bad_options_are_one_line(tmp_path):
