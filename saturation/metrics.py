@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+DOT_BLOCK = 4096  # vocabulary entries per block of the logit lens's dot product
+
 
 def token_groups(attention_mask: Tensor, image_mask: Tensor) -> dict[str, Tensor]:
     """The four token groups of a batch. [batch, seq] x2 -> {name: [batch, seq] bool}.
@@ -110,9 +112,18 @@ def kl_from_logits(final_logits: Tensor, lens_logits: Tensor) -> Tensor:
 
 def final_distribution(final_logits: Tensor) -> tuple[Tensor, Tensor]:
     """p_final and its ``Σ p log p`` in fp32, the reference side of the logit lens. [n, vocab] -> ([n, vocab], [n])."""
-    log_p = torch.log_softmax(final_logits.float(), -1)
+    return final_distribution_(final_logits.clone())
+
+
+def final_distribution_(final_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """`final_distribution` that overwrites fp32 `final_logits` (its own temporary): two [n, vocab] buffers at most."""
+    log_p = final_logits.float()
+    log_p.sub_(log_p.amax(-1, keepdim=True))  # a log-softmax in place: torch.logsumexp would add two temporaries
     p = log_p.exp()
-    return p, (p * log_p).sum(-1)
+    total = p.sum(-1, keepdim=True)
+    p.div_(total)
+    log_p.sub_(total.log_())
+    return p, log_p.mul_(p).sum(-1)  # Σ p log p: torch's cascade sum (a BLAS dot drifts ~1e-4 over 32k same-sign terms)
 
 
 def kl_against_logits(p: Tensor, neg_entropy: Tensor, logits: Tensor) -> Tensor:
@@ -128,17 +139,17 @@ def kl_against_logits(p: Tensor, neg_entropy: Tensor, logits: Tensor) -> Tensor:
 def kl_against_logits_(p: Tensor, neg_entropy: Tensor, logits: Tensor) -> Tensor:
     """`kl_against_logits` that overwrites `logits` (its own temporary), so a lens chunk needs no second buffer.
 
-    The log-softmax of z is streamed, never formed: the dot ``Σ p z``, then ``max + log Σ exp(z − max)`` with
-    z − max and its exp taken in place. z stays in the compute dtype (bf16/fp16 on a GPU); the reductions
-    accumulate in fp32, and the dot reads z before the shift, whose half-precision rounding would cost up to
-    2^-8 |z − max| exactly where p_final is large and the lens is wrong.
+    The log-softmax of z is streamed, never formed: the dot ``Σ p z`` in vocabulary blocks, then
+    ``max + log Σ exp(z − max)`` with z − max and its exp taken in place. z stays in the compute dtype (bf16/fp16
+    on a GPU); the reductions accumulate in fp32, and the dot reads z before the shift, whose half-precision
+    rounding would cost up to 2^-8 |z − max| exactly where p_final is large and the lens is wrong.
     """
     vector = logits.dim() == 2
     z = logits.unsqueeze(1) if vector else logits  # [n, k, vocab]
-    if z.dtype == p.dtype:
-        dot = torch.bmm(z, p.unsqueeze(-1)).squeeze(-1)  # BLAS, no [n, k, vocab] temporary
-    else:
-        dot = (z * p.unsqueeze(1)).sum(-1)  # half-precision z times fp32 p: fp32 products and sum
+    dot = torch.zeros(z.shape[:-1], dtype=torch.float32, device=z.device)
+    for start in range(0, z.shape[-1], DOT_BLOCK):  # fp32 products of one block at a time: a small temporary
+        block = slice(start, start + DOT_BLOCK)
+        dot += (z[..., block] * p[:, None, block]).sum(-1, dtype=torch.float32)
     shift = z.amax(-1, keepdim=True)  # exact in any dtype
     lse = z.sub_(shift).exp_().sum(-1, dtype=torch.float32).log_() + shift.squeeze(-1).float()
     kl = neg_entropy.float().unsqueeze(-1) - dot.float() + lse

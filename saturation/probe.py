@@ -224,8 +224,8 @@ def logit_lens_kl(unembed: Callable[[Tensor], Tensor], hidden: list[Tensor | Non
     ``unembed(h_L)``, so the last layer's KL is 0 by definition: ``hidden[-1]`` is never read (it may be None).
     The lens runs in the compute dtype in chunks of (layer, row) pairs: a chunk's lens logits [rows, layers, vocab]
     hold at most `LENS_CHUNK_ELEMENTS` (several layers at once when the batch has few rows, so small models make
-    few large matmuls), and its log-softmax is streamed (`metrics.kl_against_logits_`). Peak memory is about three
-    chunks (lens logits, p_final in fp32 and one temporary), whatever the number of rows or layers.
+    few large matmuls), and its log-softmax is streamed (`metrics.kl_against_logits_`). Peak memory is about two
+    chunks (the lens logits and p_final in fp32), whatever the number of rows or layers.
     """
     rows = len(index) if index is not None else final_logits.shape[0]
     layers, vocab = len(hidden) - 1, final_logits.shape[-1]  # the last layer is not computed
@@ -237,12 +237,15 @@ def logit_lens_kl(unembed: Callable[[Tensor], Tensor], hidden: list[Tensor | Non
     group = max(1, budget // step)  # layers per chunk
     for start in range(0, rows, step):
         sl = slice(start, start + step)
-        p, neg_entropy = metrics.final_distribution(final_logits[index[sl]] if index is not None else final_logits[sl])
+        final = final_logits[index[sl]] if index is not None else final_logits[sl].clone()  # a copy, used up below
+        p, neg_entropy = metrics.final_distribution_(final)
+        del final
         for first in range(0, layers, group):
             span = range(first, min(first + group, layers))
             z = unembed(torch.stack([hidden[layer][sl] for layer in span], 1))  # [rows, k, vocab], compute dtype
             out[first:span.stop, sl] = metrics.kl_against_logits_(p, neg_entropy, z).T
             del z
+        del p  # before the next chunk's p_final exists
     return out.clamp_(min=0.0)  # KL >= 0; rounding can leave -1e-7
 
 
