@@ -327,3 +327,15 @@ def test_bad_lens_positions_are_one_line_errors(tiny_model, processor, dataset, 
             run_probe(cfg, model=tiny_model, processor=processor)
         assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_benchmark_times_the_sampled_lens_beside_all_positions(tiny_model_dir, dataset, capsys):
+    from saturation.benchmark import main
+
+    main(["--model", str(tiny_model_dir), "--data", str(dataset), "--n", "4", "--batch-size", "2", "--repeats", "1",
+          "--memory-n", "--lens-positions", "3"])
+    out = capsys.readouterr().out
+    assert out.count("ratio probe/forward") == 2 and "probe, lens on 3" in out and "FLOP ratio" in out
+    assert "max |diff| over layers: image" in out and "issue 18 targets" in out
+    with pytest.raises(SystemExit, match="at least 2"):
+        main(["--model", str(tiny_model_dir), "--lens-positions", "0"])
