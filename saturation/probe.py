@@ -33,8 +33,8 @@ The other views still read every position. The lens is lm_head once per layer an
 of the layer's own FLOPs), so this is what makes the probe cheap on long image blocks.
 
 Files (`run_probe`): ``DIR/samples/`` (manifest.json + shard-NNNNN.parquet, one per batch: an interrupted run
-resumes there; a different model, seed, data file, dtype or lens_positions is refused), ``per_sample.parquet`` (sample,
-sample_id, layer, modality, metric, value), ``summary.csv`` (layer, modality, metric, median, q25, q75) and
+resumes there; a different model, seed, data file, dtype or lens_positions is refused), ``per_sample.parquet``
+(sample, sample_id, layer, modality, metric, value), ``summary.csv`` (layer, modality, metric, median, q25, q75) and
 ``recommendation.json`` (`saturation.recommend`). Figure 2 is drawn from these by ``figures.figure2``.
 
 ``backend="transformer-lens"`` feeds the same reductions from a TransformerBridge's hook points instead
@@ -204,7 +204,7 @@ class LayerReducer:
         """Run the logit lens against `logits` [batch, seq, vocab] (the model's own output) and return all
         per-sample values, on CPU. Frees the kept layer outputs. `unembed` defaults to the anatomy's."""
         rows = self._lens_rows
-        index = rows.flatten().nonzero().flatten()  # the lens rows of logits [batch * seq, vocab], read per chunk
+        index = rows.flatten().nonzero().flatten().to(logits.device)  # lens rows of logits [batch*seq, vocab]
         kl = logit_lens_kl(unembed or self.anat.unembed, self.hidden, logits.reshape(-1, logits.shape[-1]), index)
         self.hidden = [None] * self.num_layers
         sample = rows.nonzero()[:, 0]
@@ -242,7 +242,8 @@ def logit_lens_kl(unembed: Callable[[Tensor], Tensor], hidden: list[Tensor | Non
         del final
         for first in range(0, layers, group):
             span = range(first, min(first + group, layers))
-            z = unembed(torch.stack([hidden[layer][sl] for layer in span], 1))  # [rows, k, vocab], compute dtype
+            # [rows, k, vocab] in the compute dtype; a device map may have left the layers on several devices
+            z = unembed(torch.stack([hidden[layer][sl].to(final_logits.device) for layer in span], 1))
             out[first:span.stop, sl] = metrics.kl_against_logits_(p, neg_entropy, z).T
             del z
         del p  # before the next chunk's p_final exists
