@@ -371,6 +371,10 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
 def checkpointing_arguments(enabled: bool) -> dict:
     """Gradient checkpointing, the paper's setting (on CUDA): LF barely needs it (almost no backward), PC does.
 
+    Only layers with a backward recompute: HF's ``GradientCheckpointingLayer`` (5.24) checkpoints only while
+    gradients are enabled, and the routed model runs the shallow stack (and LF's text-only deep stack) under
+    ``no_grad`` (tests/test_train_step.py counts the recomputes).
+
     transformers renamed it `activation_checkpointing` in 5.x; use whichever this version has.
     """
     names = {f.name for f in fields(TrainingArguments)}
