@@ -97,9 +97,17 @@ def _reference(model, processor, record):
     return {k: torch.stack(v) for k, v in ref.items()}
 
 
-@pytest.mark.parametrize("which", ["tiny_model", "mha_model"])
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded model and its processor (data_samples/tiny-llava)."""
+    return load_llava("tiny")
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "mha_model", "embedded"])
 def test_hook_values_match_a_brute_force_reference(request, which, processor, varied_dataset):
     model = request.getfixturevalue(which)
+    if which == "embedded":
+        model, processor = model
     record = read_records(varied_dataset)[4]
     values, _ = _values(model, processor, [record])
     ref = _reference(model, processor, record)
@@ -279,10 +287,10 @@ def _lens_medians(summary: pd.DataFrame) -> pd.Series:
     return summary[summary["metric"] == "logit_lens_kl"].set_index(["modality", "layer"])["median"]
 
 
-def test_sampled_lens_is_close_to_all_positions_on_the_embedded_model(tmp_path):
+def test_sampled_lens_is_close_to_all_positions_on_the_embedded_model(embedded, tmp_path):
     """--lens-positions 8 (4 image + 4 text of ~21) moves no median KL by more than 10% of its curve's peak, leaves the
     other views as they are, and a sample at least as large as every sample keeps all positions (same table)."""
-    model, processor = load_llava("tiny")
+    model, processor = embedded
     runs = {lp: run_probe(ProbeConfig(model="tiny", n=32, out=tmp_path / str(lp), progress=False, lens_positions=lp),
                           model=model, processor=processor) for lp in (None, 8, 64)}
     full, sampled = _lens_medians(runs[None].summary), _lens_medians(runs[8].summary)
