@@ -70,6 +70,21 @@ def test_head_at_labelled_positions_gives_todays_loss_and_gradient(make):
                 torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
 
 
+def test_logits_stay_whole_outside_a_training_step():
+    """The contract: only a training step (training mode, gradients on, labels) drops `logits`; under no_grad or in
+    eval mode with labels, or without labels, every position's logits come back as before."""
+    model, split, batch = _llava()
+    routed = routing.build(model, split).train()
+    try:
+        with torch.no_grad():
+            assert routed(**batch).logits.shape[:2] == batch["input_ids"].shape
+        assert routed(**{k: v for k, v in batch.items() if k != "labels"}).logits.shape[:2] == batch["input_ids"].shape
+        assert routed(**batch).logits is None
+    finally:
+        routed.eval()
+    assert routed(**batch).logits.shape[:2] == batch["input_ids"].shape
+
+
 def test_no_label_in_the_batch_gives_hfs_nan_mean_and_zero_sum():
     """Nothing to predict: HF's mean is NaN (0/0) and its sum over `num_items_in_batch` is 0; so is ours."""
     model, split, batch = _llava()
