@@ -120,6 +120,7 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (defa
 DeviceMapOpt = Annotated[str | None, typer.Option(help="auto | balanced | sequential: accelerate places the layers across GPUs, CPU and disk (a model larger than one device); not with --device or torchrun.")]
 MaxMemoryOpt = Annotated[str | None, typer.Option(help="With --device-map: per-device caps, e.g. 0=20GiB,1=20GiB,cpu=64GiB (beyond them: offload to disk).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sample selection (and anything random).")]
+CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile (inductor, dynamic shapes) the routed model's layer groups and vanilla's decoder stack; the first calls compile (about a minute for the embedded model on CPU). Not with --device-map.")]
 
 
 @saturation_app.callback()
@@ -150,8 +151,13 @@ def probe_cmd(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     lens_positions: Annotated[int | None, typer.Option(help="Logit lens on a seeded sample of N positions per sample (half image, half text; from --seed and the record id), the other views on all (default: all).")] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="Refused: the probe's forward hooks read every layer's output and attention, which breaks a compiled graph at each layer.")] = False,
 ) -> None:
     """Probe every decoder layer and recommend a split layer (writes tables, recommendation.json, Figure 2)."""
+    if compile:  # hooks on every layer (and eager attention for the patterns) leave nothing for a graph to fuse
+        raise ToolkitError("saturation probe does not take --compile: its forward hooks read every decoder layer's "
+                           "output and attention pattern, so a compiled graph would break at each layer (compile "
+                           "time, no speed-up); run it without --compile")
     from figures.figure2 import figure2_from_dir
     from saturation.probe import ProbeConfig, run_probe, summary_lines
 
@@ -188,10 +194,18 @@ def check_placement(device: str | None, device_map: str | None = None, max_memor
         check(device, device_map, max_memory)
 
 
+def check_compile(compile: bool, device_map: str | None) -> None:
+    """`--compile` with an option it cannot serve: one line before data or weights are read."""
+    if compile:
+        from routing.compiled import check_compile as check
+
+        check(device_map=device_map)
+
+
 def load_model_for_cli(model: str, routing_dir: Path | None, dtype: str | None, device: str | None,
-                       device_map: str | None = None, max_memory: str | None = None):
+                       device_map: str | None = None, max_memory: str | None = None, compile: bool = False):
     """`(model or routed model, processor)`: the base from `--model` (on `device`, or placed by accelerate with
-    `device_map`), routed when `--routing` is given."""
+    `device_map`), routed when `--routing` is given, its layer groups compiled with `compile`."""
     import torch
 
     from saturation.loading import default_threads, load_llava
@@ -199,11 +213,16 @@ def load_model_for_cli(model: str, routing_dir: Path | None, dtype: str | None, 
     base, processor = load_llava(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
     if threads := default_threads(base):  # a CLI process runs one model: set it for the whole run
         torch.set_num_threads(threads)
-    if routing_dir is None:
-        return base, processor
-    import routing
+    net = base
+    if routing_dir is not None:
+        import routing
 
-    return routing.load(base, routing_dir), processor
+        net = routing.load(base, routing_dir)
+    if compile:
+        from routing.compiled import compile_model
+
+        compile_model(net)
+    return net, processor
 
 
 @routing_app.command("train")
@@ -298,9 +317,11 @@ def eval_cmd(
     device: DeviceOpt = None,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
+    compile: CompileOpt = False,
 ) -> None:
     """Exact-match accuracy (overall and per question_type) with greedy, KV-cached, batched generation."""
     require_positive(n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)  # before the heavy imports
+    check_compile(compile, device_map)
     check_placement(device, device_map, max_memory)
     if json_out is not None:
         ensure_output_file(json_out, "--json")
@@ -309,7 +330,7 @@ def eval_cmd(
     from routing.evaluate import evaluate
 
     records = held_out_records(data, n, seed)
-    net, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory)
+    net, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory, compile)
     result, table = evaluate(net, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     result |= {"model": model, "routing": str(routing_dir) if routing_dir else None}
     view = Table(title=f"{model}{' + ' + str(routing_dir) if routing_dir else ' (vanilla)'}: n={result['n']}")
@@ -340,6 +361,7 @@ def generate_cmd(
     device: DeviceOpt = None,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
+    compile: CompileOpt = False,
 ) -> None:
     """Answer a question about one or more images with KV-cached (routed) generation."""
     from transformers import set_seed
@@ -347,10 +369,11 @@ def generate_cmd(
     from saturation.data import PromptFormat, Record, generation_batch, load_image, no_image_tokens, to_model
 
     require_positive(max_new_tokens=max_new_tokens)
+    check_compile(compile, device_map)
     check_placement(device, device_map, max_memory)
     records = [Record(id=str(p), image=p, turns=((prompt, ""),)) for p in image]
     images = [load_image(r) for r in records]
-    net, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory)
+    net, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory, compile)
     batch = to_model(generation_batch(records, processor, images, PromptFormat.of(net)), net.device, net.dtype)
     set_seed(seed)
     extra = {"temperature": temperature} if sample else {}
@@ -486,6 +509,7 @@ def bench_cmd(
     device: DeviceOpt = None,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="Time compiled vanilla against compiled routed models (torch.compile, inductor; routing.compiled): ratios to the compiled vanilla. Compiling happens in the first warm-up round (at least one is run). Not with --device-map or --train.")] = False,
 ) -> None:
     """Prefill and decode latency of vanilla and each variant, interleaved, with the FLOP model's ratios beside."""
     import pandas as pd
@@ -495,6 +519,7 @@ def bench_cmd(
     from routing.benchmark import BenchConfig, run_bench, summary_table, train_lines
 
     require_positive(batch_size=batch_size)
+    check_compile(compile, device_map)
     check_placement(device, device_map, max_memory)
     if json_out is not None:
         ensure_output_file(json_out, "--json")
@@ -504,7 +529,7 @@ def bench_cmd(
                       fusion_layers=fusion_layers, side_depth=side_depth, variants=variants, text_tokens=text_tokens,
                       batch=batch_size, new_tokens=new_tokens, repeats=repeats, warmup=warmup, dtype=dtype,
                       device=device, device_map=device_map, max_memory=max_memory, threads=threads, clock=clock,
-                      train=train, seed=seed)
+                      train=train, seed=seed, compile=compile)
     result = run_bench(cfg, log=lambda msg: err_console.print(msg, highlight=False, markup=False))
     Console().print(summary_table(result))
     for line in train_lines(result):  # --train: each step against PC, the FLOP model's ratio, where it goes

@@ -92,6 +92,7 @@ class BenchConfig:
     threads: int | None = None  # None: one thread for a small model on CPU (saturation.loading rule)
     clock: str = "auto"  # auto: 'cpu' on CPU with one thread, else 'wall'
     train: bool = False  # also time one training step of each variant against PC
+    compile: bool = False  # torch.compile vanilla's decoder stack and every routed group (routing.compiled)
     seed: int = 0
 
     def __post_init__(self):
@@ -115,6 +116,13 @@ class BenchConfig:
             raise ToolkitError(f"warmup must be 0 or more, got {self.warmup}")
         if self.clock not in ("auto", *CLOCKS):
             raise ToolkitError(f"unknown clock '{self.clock}': use auto, cpu or wall")
+        if self.compile:
+            from .compiled import check_compile
+
+            check_compile(device_map=self.device_map)
+            if self.train:
+                raise ToolkitError("--compile times compiled inference; the training step (--train) is not compiled: "
+                                   "give one of them")
         if self.device_map is not None or self.max_memory is not None:
             from saturation.loading import check_placement
 
@@ -291,6 +299,21 @@ def decode_step(model, cache, token: Tensor, position: int):
     """One cached step of one new text token per row (the routed model derives its positions itself)."""
     positions = {} if isinstance(model, RoutedLlava) else {"position_ids": torch.full_like(token, position)}
     return model(input_ids=token, use_cache=True, logits_to_keep=1, **positions, **cache_kwargs(cache))
+
+
+@torch.no_grad()
+def warm(models: dict, p: Prompt, steps: int = 3) -> float:
+    """Wall seconds of one untimed prefill (and end-to-end prefill) plus `steps` decode steps per model: under
+    ``--compile`` this is where the graphs compile, so no timed round pays for it."""
+    start = time.perf_counter()
+    n = p.embeds.shape[1]
+    for model in models.values():
+        if p.batch is not None:
+            prefill(model, p, True)
+        cache = cache_of(prefill(model, p))
+        for i, token in enumerate(p.next_tokens[:steps]):
+            cache = cache_of(decode_step(model, cache, token, n + i))
+    return time.perf_counter() - start
 
 
 def cache_bytes(cache) -> int:
@@ -591,7 +614,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
     records = _bench_records() if processor is not None else None
     image_size = REPRESENTATIVE_IMAGE if cfg.geometry is not None else None  # anyres: a typical photo, not one tile
 
-    rows, train = [], {}
+    rows, train, compile_s = [], {}, {}
+    if cfg.compile:
+        from .compiled import compile_model
+
+        for m in models.values():
+            compile_model(m)
     placed, runs = layer_devices(base)  # per decoder layer: stored where, computes where (routing.memory)
     nbytes = a.embed_tokens.weight.element_size()
     with cpu_threads(base, cfg.threads):
@@ -611,6 +639,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
                         if peer else {v: theory(geometry, v, split, p.image_tokens, p.text_tokens, fusion_layers,
                                                 side_depth) for v in variants})
             peaks = {name: cuda_peak_mb(m, p) for name, m in models.items()} if device.type == "cuda" else {}
+            if cfg.compile:  # the first calls compile (each group's prefill, first and later decode graphs)
+                compile_s[str(text_tokens)] = warm(models, p)
             samples, cache_mb = measure(models, p, watch, cfg.repeats, cfg.warmup)
             new = rows_of(samples, cache_mb, text_tokens, p.image_tokens, theories)
             for row in new:  # flat columns: the total over GPUs, and each GPU's (peak_mb_cuda:0, ...)
@@ -649,6 +679,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
         "dtype": str(a.embed_tokens.weight.dtype).removeprefix("torch."),
         "threads": threads,
         "clock": clock,
+        "compiled": cfg.compile,
     }
     by = {}
     for key in ("prefill_ratio", "decode_ratio", "prefill_e2e_ratio", "prefill_theory", "decode_theory"):
@@ -673,6 +704,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
                                     for m in models}
     if cfg.train:
         result["train_step"] = train
+    if cfg.compile:
+        result["compile_s"] = compile_s  # wall seconds of the warm-up that compiled, per text length
     result["rows"] = rows
     return result
 
@@ -732,7 +765,7 @@ def summary_table(result: dict):
     title = (f"{result['model']}: split {result['split']} ({result['split_source']}), K={result['fusion_layers']}, "
              f"d_v={result['side_depth']}; {result['image_tokens']} image tokens ({result['images']}), batch "
              f"{result['batch']}; {result['device']} {result['dtype']}, {result['threads']} thread(s), "
-             f"{result['clock']} clock, {result['repeats']} rounds")
+             f"{result['clock']} clock, {result['repeats']} rounds" + (", compiled" if result.get("compiled") else ""))
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, caption_justify="left", pad_edge=False,
                   caption="ratio: routed / vanilla (median of paired ratios); FLOPs: routing.flops' ratio; "
                   "KV MB model: routing.memory's prompt cache"

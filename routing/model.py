@@ -144,6 +144,16 @@ class _PrefixKV:
         return torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2)
 
 
+def run_layers(layers, hidden: Tensor, masks: list, position_ids: Tensor, ropes: list, cache=None) -> Tensor:
+    """`hidden` [B, n, D] through `layers` in turn, layer i under ``masks[i]`` and ``ropes[i]`` (one per layer: a
+    family with sliding windows has one per layer type), appending to `cache` (a KV cache or `_PrefixKV`) when given.
+    Every group of the plan runs through here; ``--compile`` makes it one graph per group (``routing.compiled``)."""
+    kv = cache_kwargs(cache) if cache is not None else {}
+    for layer, mask, rope in zip(layers, masks, ropes, strict=True):
+        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rope, **kv)
+    return hidden
+
+
 @dataclass(frozen=True)
 class TrainableReport:
     trainable: int
@@ -176,6 +186,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
     # Image keyword arguments some family's forward takes besides pixel_values; named in `forward`'s signature
     # because HF generate() validates model kwargs against it (behind **kwargs they are refused).
     IMAGE_KWARGS = ("image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids", "token_type_ids")
+    run_layers = staticmethod(run_layers)  # each layer group's loop; routing.compiled swaps in a compiled one
 
     def __init__(self, base: nn.Module, plan: RoutingPlan):
         super().__init__(base.config)
@@ -303,10 +314,10 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         r = Route.of(image_mask, attention_mask) if bool(image_mask.any()) else None
 
         def run(layers, x, mask, x_pos, x_rope, kv=cache):
-            for i in layers:  # a mask / rotary table per layer type where the family has them (sliding windows)
-                x = a.layers[i](x, attention_mask=a.pick(mask, i), position_ids=x_pos,
-                                position_embeddings=a.pick(x_rope, i), **cache_kwargs(kv))
-            return x
+            # a mask / rotary table per layer type where the family has them (sliding windows); one group = one
+            # `run_layers` call (one graph under --compile, routing.compiled)
+            return self.run_layers([a.layers[i] for i in layers], x, [a.pick(mask, i) for i in layers], x_pos,
+                                   [a.pick(x_rope, i) for i in layers], kv)
 
         state_pos = pos  # the next token follows the prompt the LLM saw (FastV keeps original positions)
         with self._frozen(), a.injecting(e):  # nothing trainable upstream: no graph; DeepStack stays shallow
@@ -337,9 +348,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         # family has them), original positions; never cached.
         side = r.image(h)
         side_mask = a.subset_causal_mask(side, r.image_valid, r.image_dense, image_pos, image_mask=r.image_valid)
-        for layer in self.side:
-            side = layer(side, attention_mask=a.pick(side_mask, layer), position_ids=image_pos,
-                         position_embeddings=a.pick(image_rope, layer))
+        side = self.run_layers(self.side, side, [a.pick(side_mask, layer) for layer in self.side], image_pos,
+                               [a.pick(image_rope, layer) for layer in self.side])
         if not r.image_dense:
             side = side.masked_fill(~r.image_valid.to(side.device)[..., None], 0.0)  # fillers: finite keys/values
 
@@ -468,10 +478,9 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         rope = a.rope(h, c.position_ids)
         masks = {layout: a.decode_mask(h, c.masks[layout], c.position_ids, cache, plan.first_layer(layout),
                                        c.key_positions(layout)) for layout in plan.layouts}
-        for i, layer in enumerate(a.layers):
-            h = layer(h, attention_mask=a.pick(masks[plan.layout(i)], i), position_ids=c.position_ids,
-                      position_embeddings=a.pick(rope, i), **cache_kwargs(cache))
-        return h
+        n = range(a.num_layers)  # the whole step is one group (one graph under --compile)
+        return self.run_layers(a.layers, h, [a.pick(masks[plan.layout(i)], i) for i in n], c.position_ids,
+                               [a.pick(rope, i) for i in n], cache)
 
     def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
         """HF pre-encodes the images and drops what the encoder took (``image_grid_thw``); keep what this family's

@@ -24,6 +24,12 @@ WORDS = ("what", "colour", "is", "the", "circle", "square", "shape", "red", "blu
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--compile-backend", default="eager",
+                     help="torch.compile backend of tests/test_compile.py: eager (dynamo's graph capture, fast), "
+                          "aot_eager, or inductor (the generated kernels too; tools/ci_compile.sh)")
+
+
 @pytest.fixture(scope="session")
 def processor():
     """An offline LlavaProcessor: 32 px images, patch 16 → 4 image tokens."""

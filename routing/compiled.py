@@ -1,0 +1,103 @@
+"""Compiled routing (``--compile``): ``torch.compile`` over the routed model's layer groups and the vanilla stack.
+
+What is compiled, and why there:
+
+- **Routed**: every run of consecutive decoder layers the plan makes (shallow, side branch, deep, fusion, and the
+  whole decode step's layer loop) goes through `run_layers`, one function; compiling it makes each group ONE graph
+  (its layers unrolled, the KV-cache appends inside). The routing bookkeeping between groups stays eager on
+  purpose: ``Route.of`` reads image counts on the host (data-dependent shapes: a graph break wherever it sits) and
+  each subset's size differs per batch, so the groups are traced with dynamic shapes and fed the subsets' tensors.
+- **Vanilla**: the base's own decoder stack (``anatomy.text_model``: mask, rotary, every layer, norm), compiled
+  whole, as HF's ``model.compile()`` would; its lm_head stays eager like the routed model's.
+
+What does not compile into those graphs (graph breaks and recompiles, checked with ``TORCH_LOGS=graph_breaks,
+recompiles``): nothing breaks inside a group. Each group is its own entry of `run_layers`' cache (dynamo guards on
+which layer modules, the cache layers' state and whether a mask is given), so a model holds one entry per group
+and phase: prefill, the first decode step, then one more once the cache's keys are views grown by ``torch.cat``
+(a stride guard); later decode steps reuse it (dynamic sizes). Hence the raised `RECOMPILE_LIMIT`.
+
+Not here: CUDA graphs (``mode="reduce-overhead"``) need static shapes and a static cache, and routed decoding keeps
+a different length per layer group in a ``DynamicCache`` (``generation.check_cache``); with a growing cache every
+decode length would record a new graph. `compile_model` takes `mode` for a GPU session to try; it was not run here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from saturation.anatomy import anatomy
+from saturation.errors import ToolkitError
+
+from .model import RoutedLlava, run_layers
+
+# dynamo's default (8 per code object) is below the entries a few routed models share: `run_layers` holds one per
+# group and phase of every plan compiled in one process (bench: vanilla's stack plus lf, pc, kv's groups).
+RECOMPILE_LIMIT = 512
+
+
+class Compiled:
+    """`fn` under ``torch.compile`` (dynamic shapes); a compile failure at run time becomes one `ToolkitError`."""
+
+    def __init__(self, fn: Callable, mode: str | None = None, backend: str = "inductor"):
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=True, mode=mode, backend=backend)
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self.compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            raise ToolkitError(f"--compile: torch.compile failed: {_cause(err)}; run without --compile") from None
+
+
+def _cause(err: Exception) -> str:
+    """The first line of a compile error (inductor appends a long how-to-debug paragraph)."""
+    line = next((s for s in str(err).splitlines() if s.strip()), type(err).__name__)
+    return line.strip()
+
+
+def check_compile(device_map: str | None = None, device: str | torch.device | None = None) -> None:
+    """One line for a combination `--compile` cannot serve, before any work."""
+    if device_map is not None:
+        raise ToolkitError("--compile cannot trace a model placed by --device-map (accelerate's hooks move offloaded "
+                           "weights in and out around every layer call); give one of them")
+    if device is not None and torch.device(device).type not in ("cpu", "cuda"):
+        raise ToolkitError(f"--compile needs inductor, which runs on cpu or cuda, not {torch.device(device).type}")
+
+
+def preflight(device: torch.device, backend: str = "inductor") -> None:
+    """Compile one tiny function on `device`: a missing C++ compiler (CPU) or toolchain fails here, in one line,
+    before the model's first call."""
+    Compiled(lambda x: (x * 2).sin() + 1, backend=backend)(torch.ones(3, device=device))
+
+
+def compile_model(model: nn.Module, mode: str | None = None, backend: str = "inductor") -> nn.Module:
+    """`model` with its layer groups compiled, in place, and returned: a routed model's `run_layers` (every group)
+    and its base's decoder stack (vanilla's path, shared by reference), or a vanilla LLaVA's decoder stack.
+
+    Exactness: the same modules and inputs; fp32 logits match eager within ~1e-5 (tests/test_compile.py).
+    """
+    base = model.base if isinstance(model, RoutedLlava) else model
+    if getattr(base, "hf_device_map", None):
+        check_compile(device_map="given")
+    a = anatomy(base)
+    device = a.embed_tokens.weight.device
+    check_compile(device=device)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           4 * RECOMPILE_LIMIT)
+    preflight(device, backend)
+    stack = a.text_model
+    if not isinstance(getattr(stack, "_compiled_call_impl", None), Compiled):
+        # what nn.Module.compile() sets, behind the one-line error translation
+        stack._compiled_call_impl = Compiled(stack._call_impl, mode=mode, backend=backend)
+    if isinstance(model, RoutedLlava):
+        model.run_layers = Compiled(run_layers, mode=mode, backend=backend)
+    return model
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether `compile_model` compiled this routed model's groups."""
+    return isinstance(getattr(model, "run_layers", None), Compiled)

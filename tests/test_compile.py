@@ -1,0 +1,149 @@
+"""`--compile` (routing.compiled): compiled routed and vanilla models equal eager ones, decode steps stop
+recompiling, and what cannot compile is one line.
+
+One tiny LLaVA (4 layers, split 2) compiled once for the whole module. The backend is ``--compile-backend``
+(tests/conftest.py): ``eager`` by default, dynamo's capture of every group (guards, cache appends, dynamic
+shapes, recompiles: what routing could get wrong under compile) run as captured; ``inductor`` (tools/ci_compile.sh)
+adds AOT autograd and the generated C++ kernels, about 4 minutes on 2 CPU cores, too slow for the main suite.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+from routing_fixtures import SHARP_STD, decode_step_logits, make_batch, tiny_llava, without_labels
+from typer.testing import CliRunner
+
+import routing
+from cli import routing_app, saturation_app
+from routing.compiled import Compiled, check_compile, compile_model, is_compiled
+from saturation.errors import ToolkitError
+
+VARIANTS = ("lf", "lf-ideal", "kv", "pc")
+SPLIT, NEW = 2, 3
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def models(request):
+    """Eager references first, then the same models compiled: {variant: (routed, eager logits, eager decode)}."""
+    torch._dynamo.reset()
+    base = tiny_llava(layers=4, std=SHARP_STD)
+    batch = without_labels(make_batch("plain"))
+    with torch.no_grad():
+        vanilla = base(**batch).logits
+    eager = {}
+    for variant in VARIANTS:
+        routed = routing.build(base, SPLIT, variant).eval()
+        with torch.no_grad():
+            logits = routed(**batch).logits
+        eager[variant] = (routed, logits, decode_step_logits(routed, batch, NEW)[1])
+    backend = request.config.getoption("--compile-backend")
+    for routed, _, _ in eager.values():
+        compile_model(routed, backend=backend)
+    yield base, batch, vanilla, eager
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_routed_logits_equal_eager(models, variant):
+    _, batch, _, eager = models
+    routed, reference, _ = eager[variant]
+    assert is_compiled(routed)
+    with torch.no_grad():
+        got = routed(**batch).logits
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_cached_decode_equals_recomputation_and_eager(models, variant):
+    _, batch, _, eager = models
+    routed, _, eager_steps = eager[variant]
+    _, cached, recomputed = decode_step_logits(routed, batch, NEW)
+    for step, (c, r, e) in enumerate(zip(cached, recomputed, eager_steps, strict=True)):
+        torch.testing.assert_close(c, r, rtol=0, atol=1e-4, msg=f"step {step}: cached != recomputed")
+        torch.testing.assert_close(c, e, rtol=0, atol=1e-4, msg=f"step {step}: compiled != eager")
+
+
+def test_compiled_vanilla_equals_eager(models):
+    base, batch, vanilla, _ = models
+    with torch.no_grad():
+        torch.testing.assert_close(base(**batch).logits, vanilla, rtol=0, atol=1e-4)
+
+
+def test_decode_steps_do_not_recompile(models, monkeypatch):
+    """After a warm-up generate (prefill, the first step, the step after the cache was first grown), longer
+    generations and a prompt of another length reuse the graphs: dynamic shapes, no per-step recompile."""
+    base, batch, _, eager = models
+    routed = eager["lf"][0]
+    ask = {"do_sample": False, "suppress_tokens": [4]}
+    with torch.no_grad():
+        routed.generate(**batch, max_new_tokens=3, **ask)
+        base.generate(**batch, max_new_tokens=3, **ask)
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        routed.generate(**batch, max_new_tokens=6, **ask)
+        base.generate(**batch, max_new_tokens=6, **ask)
+        longer = make_batch("plain")  # two more text tokens in front of every row
+        longer = without_labels(longer) | {
+            "input_ids": torch.cat([torch.full((3, 2), 9), longer["input_ids"]], 1),
+            "attention_mask": torch.cat([torch.ones(3, 2, dtype=torch.long), longer["attention_mask"]], 1)}
+        routed.generate(**longer, max_new_tokens=4, **ask)
+
+
+def no_compiler():
+    """Inductor as on a machine without a C++ compiler (and no cached kernel, which would need none)."""
+    return torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False})
+
+
+def test_compile_failure_is_one_toolkit_error():
+    """A missing C++ compiler surfaces as a ToolkitError naming the cause (inductor's own error otherwise)."""
+    with no_compiler(), pytest.raises(ToolkitError, match="No working C\\+\\+ compiler"):
+        Compiled(lambda x: x.cos() * 3 + 0.5)(torch.ones(4))
+
+
+def test_unsupported_combinations_refused():
+    with pytest.raises(ToolkitError, match="--device-map"):
+        check_compile(device_map="auto")
+    with pytest.raises(ToolkitError, match="inductor"):
+        check_compile(device="meta")
+
+
+@pytest.mark.parametrize("args", [
+    ["bench", "--compile", "--device-map", "auto"],
+    ["bench", "--compile", "--train"],
+    ["eval", "--compile", "--device-map", "auto"],
+])
+def test_cli_refuses_unsupported_compile_in_one_line(args, tmp_path):
+    result = runner.invoke(routing_app, [*args, "--json", str(tmp_path / "out.json")])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--compile" in lines[0], result.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_probe_refuses_compile_in_one_line(tmp_path):
+    result = runner.invoke(saturation_app, ["probe", "--compile", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "hook" in lines[0], result.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_cli_compile_failure_is_one_line():
+    """routing generate --compile on a machine whose C++ compiler is missing: one line naming it, no traceback."""
+    from saturation.loading import DATA_SAMPLES
+
+    image = next((DATA_SAMPLES / "shapes").rglob("*.png"))
+    torch._dynamo.reset()  # the preflight must really compile
+    try:
+        with no_compiler():
+            result = runner.invoke(routing_app, ["generate", "--compile", "--image", str(image), "--prompt", "colour?",
+                                                 "--max-new-tokens", "2"])
+    finally:
+        torch._dynamo.reset()
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "C++ compiler" in errors[0], result.stderr
+    assert result.stderr.rstrip().endswith(errors[0]) and "Traceback" not in result.output, result.stderr
