@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from saturation.loading import default_threads, load_llava
 
-from .lmms_plugin import MODEL_ID, batch_size_of, generate_requests, loglikelihood, model_args
+from .lmms_plugin import MODEL_ID, batch_size_of, flag_of, generate_requests, loglikelihood, model_args
 
 
 class DPVRLlava(lmms):
@@ -29,11 +29,12 @@ class DPVRLlava(lmms):
 
     def __init__(self, pretrained: str = "llava-1.5-7b", routing: str | None = None, dtype: str | None = None,
                  device: str | None = None, attn_implementation: str | None = None, batch_size: int | str = 1,
-                 max_batch_size: int | None = None, **unknown) -> None:
+                 max_batch_size: int | None = None, compile: bool | str = False, **unknown) -> None:
         super().__init__()
         if unknown:  # direct construction with a bad key: the same one-line refusal
             model_args(unknown, {})
         self.batch_size_per_gpu = batch_size_of(batch_size, max_batch_size)
+        compile = flag_of(compile, "compile")  # a bad value: one line before any weights load
         if str(batch_size).lower().startswith("auto"):
             logger.info(f"dpvr_llava: batch_size {batch_size} -> {self.batch_size_per_gpu} (no memory probing)")
         model, self.processor = load_llava(str(pretrained), dtype=dtype, device=device,
@@ -44,6 +45,10 @@ class DPVRLlava(lmms):
             from . import load
 
             model = load(model, routing)
+        if compile:  # compile=true: the layer groups under torch.compile (routing.compiled)
+            from .compiled import compile_model
+
+            compile_model(model)
         self.model = model.eval()
         self._rank, self._world_size = 0, 1
 

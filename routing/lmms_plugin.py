@@ -22,7 +22,7 @@ from saturation.errors import ToolkitError
 MODEL_ID = "dpvr_llava"
 # What `--model_args` may set. The batch size comes from lmms-eval's own --batch_size/--max_batch_size, which
 # it always passes (default 1), so a second one in `--model_args` could only conflict with it.
-MODEL_ARGS = ("pretrained", "routing", "dtype", "device", "attn_implementation")
+MODEL_ARGS = ("pretrained", "routing", "dtype", "device", "attn_implementation", "compile")
 AUTO_BATCH_SIZE = 8  # what --batch_size auto means here: we do not probe memory as HF's auto batch finder does
 
 
@@ -53,6 +53,18 @@ def model_args(args: dict, cli: dict) -> dict:
                                "give it once")
         merged.setdefault(key, value)
     return merged
+
+
+def flag_of(value: bool | str | None, name: str) -> bool:
+    """A boolean ``--model_args`` value (``compile=true``): lmms-eval passes ``true``/``false`` as bools or text."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ToolkitError(f"dpvr_llava: {name} must be true or false, got {value!r}")
 
 
 def batch_size_of(batch_size: int | str, max_batch_size: int | str | None = None) -> int:

@@ -147,3 +147,14 @@ def test_cli_compile_failure_is_one_line():
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "C++ compiler" in errors[0], result.stderr
     assert result.stderr.rstrip().endswith(errors[0]) and "Traceback" not in result.output, result.stderr
+
+
+def test_lmms_compile_model_arg():
+    """lmms-eval's ``--model_args ...,compile=true`` (a bool or text there); anything else is one line."""
+    from routing.lmms_plugin import MODEL_ARGS, flag_of, model_args
+
+    assert "compile" in MODEL_ARGS and model_args({"compile": "true"}, {}) == {"compile": "true"}
+    assert flag_of("true", "compile") and flag_of(True, "compile") and flag_of("1", "compile")
+    assert not flag_of("false", "compile") and not flag_of(False, "compile") and not flag_of(None, "compile")
+    with pytest.raises(ToolkitError, match="compile must be true or false"):
+        flag_of("fast", "compile")
