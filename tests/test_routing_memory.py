@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gemma3_fixtures import gemma_model
+from routing_fixtures import tiny_llava
 
 from routing.benchmark import prefill, random_prompt
 from routing.flops import Geometry
@@ -12,8 +14,6 @@ from routing.memory import cache_bytes, per_device, weight_bytes
 from routing.model import build
 from routing.plan import make_plan
 from saturation.anatomy import anatomy
-from tests.gemma3_fixtures import gemma_model
-from tests.routing_fixtures import tiny_llava
 
 PLANS = [("lf", {}), ("lf-ideal", {}), ("pc", {}), ("kv", {}), ("vtw", {}), ("fastv", {"keep": 0.5}),
          ("lf", {"prune": "fastv", "prune_layer": 2, "keep": 0.25}), ("kv", {"prune": "pool", "keep": 0.25})]
