@@ -37,6 +37,7 @@ from .model import RoutedLlava, run_layers
 # dynamo's default (8 per code object) is below the entries a few routed models share: `run_layers` holds one per
 # group and phase of every plan compiled in one process (bench: vanilla's stack plus lf, pc, kv's groups).
 RECOMPILE_LIMIT = 512
+BACKEND = "inductor"  # torch.compile's backend when none is given (tests swap in dynamo's "eager": capture only)
 
 
 class Compiled:
@@ -48,9 +49,9 @@ class Compiled:
     each group's entries to its own phases (prefill, first decode step, later steps).
     """
 
-    def __init__(self, fn: Callable, mode: str | None = None, backend: str = "inductor",
+    def __init__(self, fn: Callable, mode: str | None = None, backend: str | None = None,
                  key: Callable | None = None):
-        self.fn, self.key, self.options = fn, key, {"dynamic": True, "mode": mode, "backend": backend}
+        self.fn, self.key, self.options = fn, key, {"dynamic": True, "mode": mode, "backend": backend or BACKEND}
         self.compiled = torch.compile(fn, **self.options)
         self.copies: dict = {}
 
@@ -91,13 +92,13 @@ def check_compile(device_map: str | None = None, device: str | torch.device | No
         raise ToolkitError(f"--compile needs inductor, which runs on cpu or cuda, not {torch.device(device).type}")
 
 
-def preflight(device: torch.device, backend: str = "inductor") -> None:
+def preflight(device: torch.device, backend: str | None = None) -> None:
     """Compile one tiny function on `device`: a missing C++ compiler (CPU) or toolchain fails here, in one line,
     before the model's first call."""
     Compiled(lambda x: (x * 2).sin() + 1, backend=backend)(torch.ones(3, device=device))
 
 
-def compile_model(model: nn.Module, mode: str | None = None, backend: str = "inductor") -> nn.Module:
+def compile_model(model: nn.Module, mode: str | None = None, backend: str | None = None) -> nn.Module:
     """`model` with its layer groups compiled, in place, and returned: a routed model's `run_layers` (every group)
     and its base's decoder stack (vanilla's path, shared by reference), or a vanilla LLaVA's decoder stack.
 

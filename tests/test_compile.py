@@ -73,7 +73,7 @@ def test_compiled_vanilla_equals_eager(models):
         torch.testing.assert_close(base(**batch).logits, vanilla, rtol=0, atol=1e-4)
 
 
-def test_decode_steps_do_not_recompile(models, monkeypatch):
+def test_decode_steps_do_not_recompile(models):
     """After a warm-up generate (prefill, the first step, the step after the cache was first grown), longer
     generations and a prompt of another length reuse the graphs: dynamic shapes, no per-step recompile."""
     base, batch, _, eager = models
@@ -82,14 +82,14 @@ def test_decode_steps_do_not_recompile(models, monkeypatch):
     with torch.no_grad():
         routed.generate(**batch, max_new_tokens=3, **ask)
         base.generate(**batch, max_new_tokens=3, **ask)
-        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-        routed.generate(**batch, max_new_tokens=6, **ask)
-        base.generate(**batch, max_new_tokens=6, **ask)
         longer = make_batch("plain")  # two more text tokens in front of every row
         longer = without_labels(longer) | {
             "input_ids": torch.cat([torch.full((3, 2), 9), longer["input_ids"]], 1),
             "attention_mask": torch.cat([torch.ones(3, 2, dtype=torch.long), longer["attention_mask"]], 1)}
-        routed.generate(**longer, max_new_tokens=4, **ask)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            routed.generate(**batch, max_new_tokens=6, **ask)
+            base.generate(**batch, max_new_tokens=6, **ask)
+            routed.generate(**longer, max_new_tokens=4, **ask)
 
 
 def no_compiler():
@@ -158,3 +158,22 @@ def test_lmms_compile_model_arg():
     assert not flag_of("false", "compile") and not flag_of(False, "compile") and not flag_of(None, "compile")
     with pytest.raises(ToolkitError, match="compile must be true or false"):
         flag_of("fast", "compile")
+
+
+def test_bench_times_compiled_models(monkeypatch):
+    """routing bench --compile: every model compiled before timing, the compile in an untimed warm-up, the result
+    says so (dynamo's eager backend here: the wiring, not inductor's speed)."""
+    import routing.compiled
+    from routing.benchmark import BenchConfig, run_bench
+
+    monkeypatch.setattr(routing.compiled, "BACKEND", "eager")
+    compiled = []
+    real = routing.compiled.compile_model
+    monkeypatch.setattr(routing.compiled, "compile_model", lambda m, **kw: compiled.append(real(m, **kw)) or m)
+    cfg = BenchConfig(geometry="tiny", layers=3, variants="lf", text_tokens="4,6", repeats=1, warmup=0, new_tokens=3,
+                      compile=True)
+    result = run_bench(cfg)
+    assert result["compiled"] is True and set(result["compile_s"]) == {"4", "6"}
+    assert len(compiled) == 2 and is_compiled(compiled[1])  # vanilla, then lf's groups
+    assert {r["model"] for r in result["rows"]} == {"vanilla", "lf"}
+    torch._dynamo.reset()
