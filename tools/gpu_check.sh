@@ -5,9 +5,11 @@
 #      one training step LF vs PC.
 #   3. the probe's cost on the same geometry: probe/forward and peak CUDA memory at n=16 and n=64.
 #   4. the CLI end to end on CUDA with the embedded model: train (bf16) -> eval -> analyze -> generate.
+#   5. --compile (issue 18): routing bench on the same 7B geometry, compiled vanilla vs compiled LF at batch 1;
+#      the issue's targets: prefill LF <= FLOP ratio + 0.05, decode ms/token <= 0.5x eager vanilla's (from part 2).
 # Run from the repository root; results go to $OUT (default runs/gpu-check). Where the machine's transformers is
 # older than ours, put a wheel in .whl/ (`pip download --no-deps -d .whl transformers==X`): it goes to /tmp/site first.
-# Knobs: PARTS (default "tests bench probe cli"), BATCH (1), TEXT_TOKENS (64,256,1024), REPEATS (11), OUT.
+# Knobs: PARTS (default "tests bench probe cli compile"; each part fits one 10-minute call alone), BATCH (1), TEXT_TOKENS (64,256,1024), REPEATS (11), OUT.
 set -uo pipefail
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
@@ -22,7 +24,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
   | tee -a "$OUT/gpu.txt"
 routing() { python3 -c "import sys; from cli import routing_app; sys.argv[0] = 'routing'; routing_app()" "$@"; }
 
-PARTS=${PARTS:-tests bench probe cli}
+PARTS=${PARTS:-tests bench probe cli compile}
 if [[ $PARTS == *tests* ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_device_map.py 2>&1 | tee "$OUT/test_cuda.log"
   echo "tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/test_cuda.log"
@@ -34,7 +36,7 @@ if [[ $PARTS == *bench* ]]; then
 fi
 if [[ $PARTS == *probe* ]]; then
   python3 -m saturation.benchmark --geometry llava-1.5-7b --dtype bfloat16 --device cuda --n 32 --batch-size 8 \
-    --repeats 3 --memory-n 16 64 2>&1 | tee "$OUT/probe-7b.log"
+    --repeats 3 --memory-n 16 64 --lens-positions 64 2>&1 | tee "$OUT/probe-7b.log"
 fi
 if [[ $PARTS == *cli* ]]; then
   W=runs/gpu-cli
@@ -48,4 +50,8 @@ if [[ $PARTS == *cli* ]]; then
          --image data_samples/shapes/images/heldout_00001.png --prompt "what colour is the circle?" --device cuda
   } 2>&1 | tee "$OUT/cli.log"
   echo "cli exit ${PIPESTATUS[0]}" | tee -a "$OUT/cli.log"
+fi
+if [[ $PARTS == *compile* ]]; then
+  routing bench --geometry llava-1.5-7b --split 18 --dtype bfloat16 --variants lf --text-tokens 64,1024 \
+    --batch-size 1 --repeats ${REPEATS:-11} --compile --json "$OUT/bench-7b-compiled.json" 2>&1 | tee "$OUT/bench-7b-compiled.log"
 fi
