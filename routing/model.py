@@ -154,6 +154,34 @@ def run_layers(layers, hidden: Tensor, masks: list, position_ids: Tensor, ropes:
     return hidden
 
 
+def lf_prefill(a: Anatomy, plan: RoutingPlan, side_layers: nn.ModuleList, r: Route, h: Tensor, masks: dict,
+               pos: Tensor, rope, text_pos: Tensor, image_pos: Tensor, cache=None, freeze: bool = False,
+               shallow: bool = True) -> Tensor:
+    """LF's prompt after `Route.of`, from the embeddings `h` [B, N, D] to the fusion output [B, N, D]: shallow on
+    every position, the side branch on the image subset (never cached), the deep stack on the text subset (their
+    original positions, causal over text), the merge, then the fusion layers on every position.
+
+    Tensor operations only, given what needs the host before (`r`, each group's mask in `masks`: ``full``, ``side``,
+    ``text``; the subsets' positions): no value-dependent branch, so ``--compile`` makes the whole of it ONE graph
+    (``routing.compiled``), as vanilla's stack is one; eager runs the same function. `freeze`: shallow and deep under ``no_grad`` (a training step
+    with a frozen base: only the side branch and fusion need a backward)."""
+    def run(layers, x, mask, x_pos, x_rope, kv=cache):
+        return run_layers([a.layers[i] for i in layers], x, [a.pick(mask, i) for i in layers], x_pos,
+                          [a.pick(x_rope, i) for i in layers], kv)
+
+    if shallow:  # False: the caller ran the shallow layers (FastV prunes inside them)
+        with torch.no_grad() if freeze else nullcontext():
+            h = run(plan.shallow, h, masks["full"], pos, rope)
+    image_rope = a.take_rope(rope, r.image)
+    side = run_layers(side_layers, r.image(h), [a.pick(masks["side"], layer) for layer in side_layers], image_pos,
+                      [a.pick(image_rope, layer) for layer in side_layers])
+    if not r.image_dense:
+        side = side.masked_fill(~r.image_valid.to(side.device)[..., None], 0.0)  # fillers: finite keys/values
+    with torch.no_grad() if freeze else nullcontext():
+        text = run(plan.deep, r.text(h), masks["text"], text_pos, a.take_rope(rope, r.text))
+    return run(plan.fusion, r.merge(text=text, image=side), masks["full"], pos, rope)
+
+
 @dataclass(frozen=True)
 class TrainableReport:
     trainable: int
@@ -187,6 +215,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
     # because HF generate() validates model kwargs against it (behind **kwargs they are refused).
     IMAGE_KWARGS = ("image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids", "token_type_ids")
     run_layers = staticmethod(run_layers)  # each layer group's loop; routing.compiled swaps in a compiled one
+    lf_prefill = staticmethod(lf_prefill)  # LF's whole prompt after Route.of; routing.compiled: one graph
 
     def __init__(self, base: nn.Module, plan: RoutingPlan):
         super().__init__(base.config)
@@ -320,6 +349,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
                                    [a.pick(x_rope, i) for i in layers], kv)
 
         state_pos = pos  # the next token follows the prompt the LLM saw (FastV keeps original positions)
+        fused = r is not None and plan.routes and plan.deep_mode == "text_only"  # LF: shallow inside lf_prefill
         with self._frozen(), a.injecting(e):  # nothing trainable upstream: no graph; DeepStack stays shallow
             if plan.prune == "fastv" and r is not None:  # FastV: drop image tokens after layer K-1, by its attention
                 h = run(range(plan.prune_layer - 1), h, full_mask, pos, rope)
@@ -332,7 +362,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
                                                  layer_idx=plan.prune_layer, image_mask=image_mask)
                 r = Route.of(image_mask, attention_mask)
                 h = run(range(plan.prune_layer, plan.split), h, full_mask, pos, rope)
-            else:
+            elif not fused:
                 h = run(plan.shallow, h, full_mask, pos, rope)
         frame = {"full": (prompt_mask.bool(), state_pos), "kept": (attention_mask.bool(), pos)}
         if r is None or not plan.routes:  # nothing to route: every later layer sees the (kept) sequence as vanilla
@@ -342,6 +372,20 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             return h if kept is None else kept.restore(h)
 
         text_pos, image_pos = a.take_positions(pos, r.text), a.take_positions(pos, r.image)  # original values
+        if plan.deep_mode == "text_only":  # LF: the masks first (they need the host), then one call / one graph
+            def like(index):  # all a mask reads of a subset: its shape, dtype and device (a view, no copy)
+                return h[:, :1].expand(-1, index.shape[1], -1)
+
+            masks = {"full": full_mask,
+                     "side": a.subset_causal_mask(like(r.image_index), r.image_valid, r.image_dense, image_pos,
+                                                  image_mask=r.image_valid),
+                     "text": a.subset_causal_mask(like(r.text_index), r.text_valid, r.text_dense, text_pos, cache,
+                                                  layer_idx=plan.deep.start)}
+            with a.injecting(e):
+                h = self.lf_prefill(a, plan, self.side, r, h, masks, pos, rope, text_pos, image_pos, cache,
+                                    freeze=self._freezes(), shallow=plan.prune != "fastv")
+            return self._finish_prompt(h, r, cache, frame, text_pos, image_pos, prompt_mask, state_pos,
+                                       attention_mask, kept)
         text_rope, image_rope = a.take_rope(rope, r.text), a.take_rope(rope, r.image)
 
         # Side branch: image positions only, causal among themselves (and each image's block both ways where the
@@ -353,15 +397,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         if not r.image_dense:
             side = side.masked_fill(~r.image_valid.to(side.device)[..., None], 0.0)  # fillers: finite keys/values
 
-        # Deep layers: the one place the variants differ.
-        if plan.deep_mode == "text_only":  # LF: text positions only, their original positions, causal over text
-            text = r.text(h)
-            text_mask = a.subset_causal_mask(text, r.text_valid, r.text_dense, text_pos, cache,
-                                           layer_idx=plan.deep.start)
-            with self._frozen():
-                text = run(plan.deep, text, text_mask, text_pos, text_rope)
-            h = r.merge(text=text, image=side)
-        elif plan.deep_mode == "reset":  # PC: image positions reset to the side output before every deep layer
+        # Deep layers: the one place the variants differ (LF's, text positions only: `lf_prefill`).
+        if plan.deep_mode == "reset":  # PC: image positions reset to the side output before every deep layer
             side_full = r.scatter_image(side)
             for i in plan.deep:  # `.to`: a no-op unless a device map put deep layers on another device
                 h = run([i], torch.where(r.image_mask.to(h.device)[..., None], side_full.to(h.device), h), full_mask,
@@ -381,10 +418,17 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             h = r.merge(text=t, image=side)
 
         h = run(plan.fusion, h, full_mask, pos, rope)  # fusion: every position again (none for lf-ideal)
-        if cache is not None:  # each layout's prompt mask and its keys' original positions
+        return self._finish_prompt(h, r, cache, frame, text_pos, image_pos, prompt_mask, state_pos, attention_mask,
+                                   kept)
+
+    def _finish_prompt(self, h: Tensor, r: Route, cache, frame: dict, text_pos: Tensor, image_pos: Tensor,
+                       prompt_mask: Tensor, state_pos: Tensor, attention_mask: Tensor, kept: Kept | None) -> Tensor:
+        """A routed prompt's output in the original frame, and the cache's state (each layout's prompt mask and its
+        keys' original positions) for the decode steps."""
+        if cache is not None:
             frame |= {"text": (r.text_valid, text_pos),
                       "kv": (torch.cat([r.image_valid, r.text_valid], 1), torch.cat([image_pos, text_pos], -1))}
-            self._leave_state(cache, {k: frame[k] for k in plan.layouts}, prompt_mask, state_pos, attention_mask)
+            self._leave_state(cache, {k: frame[k] for k in self.plan.layouts}, prompt_mask, state_pos, attention_mask)
         return h if kept is None else kept.restore(h)
 
     def _leave_state(self, cache, layouts: dict, prompt_mask: Tensor, pos: Tensor, frame_mask: Tensor) -> None:
@@ -509,9 +553,11 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
     # ---------------------------------------------------------------- training helpers
     def _frozen(self):
         """``no_grad`` for base-only stacks when training with a frozen base (DESIGN: LF needs almost no backward)."""
-        if torch.is_grad_enabled() and not any(p.requires_grad for p in self.base.parameters()):
-            return torch.no_grad()
-        return nullcontext()
+        return torch.no_grad() if self._freezes() else nullcontext()
+
+    def _freezes(self) -> bool:
+        """Whether `_frozen` turns gradients off: they are on, and the base is frozen."""
+        return torch.is_grad_enabled() and not any(p.requires_grad for p in self.base.parameters())
 
     def _refuse_untrainable(self, labels) -> None:
         if (labels is not None and self.training and torch.is_grad_enabled() and not self.plan.trainable

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 import routing
 from cli import routing_app, saturation_app
 from routing.compiled import Compiled, check_compile, compile_model, is_compiled
+from routing.model import lf_prefill
 from saturation.errors import ToolkitError
 
 VARIANTS = ("lf", "lf-ideal", "kv", "pc")
@@ -65,6 +66,46 @@ def test_compiled_cached_decode_equals_recomputation_and_eager(models, variant):
     for step, (c, r, e) in enumerate(zip(cached, recomputed, eager_steps, strict=True)):
         torch.testing.assert_close(c, r, rtol=0, atol=1e-4, msg=f"step {step}: cached != recomputed")
         torch.testing.assert_close(c, e, rtol=0, atol=1e-4, msg=f"step {step}: compiled != eager")
+
+
+def _count_compiled_calls(monkeypatch) -> list:
+    """Every call into a `Compiled` function from here on, by its function's name."""
+    calls, call = [], Compiled.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.fn.__name__)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(Compiled, "__call__", counting)
+    return calls
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_compiled_lf_prefill_is_one_graph_call(models, monkeypatch, use_cache):
+    """A compiled LF prompt (left-padded batch: subset masks, fillers) enters compiled code once, `lf_prefill`, as
+    vanilla's stack does; the per-group path made four calls (shallow, side, deep, fusion)."""
+    _, batch, _, eager = models
+    routed, reference, _ = eager["lf"]
+    calls = _count_compiled_calls(monkeypatch)
+    with torch.no_grad():
+        got = routed(**batch, use_cache=use_cache).logits
+    assert calls == ["lf_prefill"]
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-4)
+
+
+def test_lf_prefill_traces_to_one_graph_without_breaks(models, monkeypatch):
+    """dynamo's own account of `lf_prefill` on a real prompt's arguments: one graph, no graph break (a break would
+    split it back into several graphs with eager code between them)."""
+    _, batch, _, eager = models
+    routed = eager["lf"][0]
+    seen = []
+    monkeypatch.setattr(routed, "lf_prefill", lambda *args, **kwargs: seen.append((args, kwargs)) or args[4])
+    with torch.no_grad():
+        routed(**batch)
+    (args, kwargs), = seen
+    with torch.no_grad():
+        explained = torch._dynamo.explain(lf_prefill)(*args, **kwargs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 def test_compiled_vanilla_equals_eager(models):
