@@ -64,10 +64,10 @@ def new_cache(text_config) -> DynamicCache:
     """The cache a routed prefill fills. With sliding-window layers a plain one: ``DynamicCache(config=...)`` keeps
     the last window - 1 entries of a sliding layer BY COUNT, right only for a layout in sequence order; the
     text-only layout (image positions removed) and the image-first one (KV) hold other entries, so every layer keeps
-    all of its keys and the decode masks cut the window in original positions (`RoutingState.prompt_positions`)."""
-    if SLIDING in (getattr(text_config, "layer_types", None) or ()):
-        return DynamicCache()
-    return DynamicCache(config=text_config)
+    all of its keys and the decode masks cut the window in original positions (`RoutingState.prompt_positions`).
+    Every family gets that one: its layers are made as they are first written, and ``DynamicCache(config=...)``
+    read the config for ~0.2 ms per prefill on CPU (a fifth of a compiled LF prefill's eager work)."""
+    return DynamicCache()
 
 
 def check_cache(cache: Cache) -> None:
