@@ -108,6 +108,21 @@ def test_lf_prefill_traces_to_one_graph_without_breaks(models, monkeypatch):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
+def test_compiled_lf_with_fastv_equals_eager(models, request):
+    """LF under FastV pruning: FastV's shallow layers run as their groups, then `lf_prefill` from the split on
+    (its other entry: shallow layers done, the pruned frame's masks); logits and cached decode equal eager."""
+    base, batch, _, _ = models
+    routed = routing.build(base, SPLIT, "lf", prune="fastv", prune_layer=1, keep=0.5).eval()
+    with torch.no_grad():
+        reference = routed(**batch).logits
+    steps = decode_step_logits(routed, batch, NEW)[1]
+    compile_model(routed, backend=request.config.getoption("--compile-backend"))
+    with torch.no_grad():
+        torch.testing.assert_close(routed(**batch).logits, reference, rtol=0, atol=1e-4)
+    for step, (c, e) in enumerate(zip(decode_step_logits(routed, batch, NEW)[1], steps, strict=True)):
+        torch.testing.assert_close(c, e, rtol=0, atol=1e-4, msg=f"step {step}: compiled != eager")
+
+
 def test_compiled_vanilla_equals_eager(models):
     base, batch, vanilla, _ = models
     with torch.no_grad():
