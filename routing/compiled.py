@@ -6,8 +6,8 @@ What is compiled, and why there:
   subset, the merge, fusion) is ONE graph, as vanilla's stack is: what needs the host (``Route.of`` reads image
   counts: data-dependent shapes, a graph break wherever it sits; HF's mask code branches on values) runs before it,
   once, and the graph takes the subsets' indices as tensors (dynamic shapes). On the embedded model at 64 text
-  tokens, LF's prefill went from 1.11x compiled vanilla (four group graphs, eager gathers and merge between them)
-  to 1.05x (FLOP ratio 0.956); what stays outside the graph is eager per-call work (README).
+  tokens, LF's prefill went from 1.14-1.23x compiled vanilla (four group graphs, eager gathers and merge between
+  them) to 1.00-1.05x (FLOP ratio 0.956; README); what stays outside is eager per-call work (``Route.of``, masks).
 - **Routed, other groups**: every other run of consecutive decoder layers (PC's and KV's groups, FastV's shallow
   layers, the whole decode step's layer loop) goes through `run_layers`; compiling it makes each group ONE graph
   (its layers unrolled, the KV-cache appends inside), with the bookkeeping between groups eager.
