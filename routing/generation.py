@@ -31,7 +31,6 @@ from saturation.anatomy import position_ids_from_mask
 from saturation.errors import ToolkitError
 
 _STATE_ATTR = "_dpvr_routing"
-SLIDING = "sliding_attention"
 
 
 @dataclass(frozen=True)
