@@ -772,7 +772,8 @@ def summary_table(result: dict):
                   + _memory_caption(result.get("memory", {})))
     columns = ["text", "model", "prefill ms", "ratio", "FLOPs", "decode ms/tok", "ratio", "FLOPs"]
     columns += ["e2e ratio"] if e2e else []
-    columns += ["KV MB", "model"] + (["peak MB"] if peak else []) + [f"peak MB {k.removeprefix('peak_mb_')}" for k in gpus]
+    columns += ["KV MB", "model"] + (["peak MB"] if peak else [])
+    columns += [f"peak MB {k.removeprefix('peak_mb_')}" for k in gpus]
     for name in columns:
         table.add_column(name, justify="left" if name in ("text", "model") else "right")
     for r in result["rows"]:

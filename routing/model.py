@@ -163,8 +163,8 @@ def lf_prefill(a: Anatomy, plan: RoutingPlan, side_layers: nn.ModuleList, r: Rou
 
     Tensor operations only, given what needs the host before (`r`, each group's mask in `masks`: ``full``, ``side``,
     ``text``; the subsets' positions): no value-dependent branch, so ``--compile`` makes the whole of it ONE graph
-    (``routing.compiled``), as vanilla's stack is one; eager runs the same function. `freeze`: shallow and deep under ``no_grad`` (a training step
-    with a frozen base: only the side branch and fusion need a backward)."""
+    (``routing.compiled``), as vanilla's stack is one; eager runs the same function. `freeze`: shallow and deep
+    under ``no_grad`` (a training step with a frozen base: only the side branch and fusion need a backward)."""
     def run(layers, x, mask, x_pos, x_rope, kv=cache):
         return run_layers([a.layers[i] for i in layers], x, [a.pick(mask, i) for i in layers], x_pos,
                           [a.pick(x_rope, i) for i in layers], kv)

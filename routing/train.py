@@ -124,7 +124,8 @@ def check_sharding_engine(env: Mapping[str, str] = os.environ) -> None:
     if env.get("ACCELERATE_USE_FSDP", "false").lower() not in ("true", "1"):
         return
     version = env.get("FSDP_VERSION", "1")
-    kind = env.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT" if version == "1" else "SHARDED_STATE_DICT")  # its defaults
+    default = "FULL_STATE_DICT" if version == "1" else "SHARDED_STATE_DICT"  # accelerate's, per FSDP version
+    kind = env.get("FSDP_STATE_DICT_TYPE", default)
     if env.get("FSDP_USE_ORIG_PARAMS", "true").lower() == "false" and version == "1":
         raise ToolkitError("FSDP needs fsdp_use_orig_params: true here: the frozen base and the trainable side branch "
                            "share wrapped modules")
