@@ -165,21 +165,33 @@ def lf_prefill(a: Anatomy, plan: RoutingPlan, side_layers: nn.ModuleList, r: Rou
     ``text``; the subsets' positions): no value-dependent branch, so ``--compile`` makes the whole of it ONE graph
     (``routing.compiled``), as vanilla's stack is one; eager runs the same function. `freeze`: shallow and deep
     under ``no_grad`` (a training step with a frozen base: only the side branch and fusion need a backward)."""
-    def run(layers, x, mask, x_pos, x_rope, kv=cache):
-        return run_layers([a.layers[i] for i in layers], x, [a.pick(mask, i) for i in layers], x_pos,
-                          [a.pick(x_rope, i) for i in layers], kv)
-
     if shallow:  # False: the caller ran the shallow layers (FastV prunes inside them)
         with torch.no_grad() if freeze else nullcontext():
-            h = run(plan.shallow, h, masks["full"], pos, rope)
-    image_rope = a.take_rope(rope, r.image)
-    side = run_layers(side_layers, r.image(h), [a.pick(masks["side"], layer) for layer in side_layers], image_pos,
-                      [a.pick(image_rope, layer) for layer in side_layers])
-    if not r.image_dense:
-        side = side.masked_fill(~r.image_valid.to(side.device)[..., None], 0.0)  # fillers: finite keys/values
+            h = run_group(a, plan.shallow, h, masks["full"], pos, rope, cache)
+    side = side_branch(a, side_layers, r, h, masks["side"], image_pos, a.take_rope(rope, r.image))
     with torch.no_grad() if freeze else nullcontext():
-        text = run(plan.deep, r.text(h), masks["text"], text_pos, a.take_rope(rope, r.text))
-    return run(plan.fusion, r.merge(text=text, image=side), masks["full"], pos, rope)
+        text = run_group(a, plan.deep, r.text(h), masks["text"], text_pos, a.take_rope(rope, r.text), cache)
+    return run_group(a, plan.fusion, r.merge(text=text, image=side), masks["full"], pos, rope, cache)
+
+
+def run_group(a: Anatomy, indices, hidden: Tensor, mask, position_ids: Tensor, rope, cache=None,
+              runner=run_layers) -> Tensor:
+    """Base layers `indices` through `runner` (`run_layers`, or a compiled copy), each under its layer type's mask
+    and rotary table (`a.pick`: one per type where the family has sliding windows)."""
+    layers = list(indices)
+    return runner([a.layers[i] for i in layers], hidden, [a.pick(mask, i) for i in layers], position_ids,
+                  [a.pick(rope, i) for i in layers], cache)
+
+
+def side_branch(a: Anatomy, side_layers, r: Route, h: Tensor, mask, image_pos: Tensor, image_rope,
+                runner=run_layers) -> Tensor:
+    """The side branch on the image subset of `h` (original positions, never cached); fillers zeroed so they stay
+    finite keys/values for whoever reads them."""
+    side = runner(side_layers, r.image(h), [a.pick(mask, layer) for layer in side_layers], image_pos,
+                  [a.pick(image_rope, layer) for layer in side_layers])
+    if not r.image_dense:
+        side = side.masked_fill(~r.image_valid.to(side.device)[..., None], 0.0)
+    return side
 
 
 @dataclass(frozen=True)
@@ -342,11 +354,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         # Every host-device sync of the routing happens here, before any layer is queued (free on a GPU).
         r = Route.of(image_mask, attention_mask) if bool(image_mask.any()) else None
 
-        def run(layers, x, mask, x_pos, x_rope, kv=cache):
-            # a mask / rotary table per layer type where the family has them (sliding windows); one group = one
-            # `run_layers` call (one graph under --compile, routing.compiled)
-            return self.run_layers([a.layers[i] for i in layers], x, [a.pick(mask, i) for i in layers], x_pos,
-                                   [a.pick(x_rope, i) for i in layers], kv)
+        def run(layers, x, mask, x_pos, x_rope, kv=cache):  # one group = one call (one graph under --compile)
+            return run_group(a, layers, x, mask, x_pos, x_rope, kv, runner=self.run_layers)
 
         state_pos = pos  # the next token follows the prompt the LLM saw (FastV keeps original positions)
         fused = r is not None and plan.routes and plan.deep_mode == "text_only"  # LF: shallow inside lf_prefill
@@ -372,13 +381,14 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             return h if kept is None else kept.restore(h)
 
         text_pos, image_pos = a.take_positions(pos, r.text), a.take_positions(pos, r.image)  # original values
-        if plan.deep_mode == "text_only":  # LF: the masks first (they need the host), then one call / one graph
-            def like(index):  # all a mask reads of a subset: its shape, dtype and device (a view, no copy)
-                return h[:, :1].expand(-1, index.shape[1], -1)
 
-            masks = {"full": full_mask,
-                     "side": a.subset_causal_mask(like(r.image_index), r.image_valid, r.image_dense, image_pos,
-                                                  image_mask=r.image_valid),
+        def like(index):  # all a mask reads of a subset: its shape, dtype and device (a view, no copy)
+            return h[:, :1].expand(-1, index.shape[1], -1)
+
+        side_mask = a.subset_causal_mask(like(r.image_index), r.image_valid, r.image_dense, image_pos,
+                                         image_mask=r.image_valid)
+        if plan.deep_mode == "text_only":  # LF: the masks first (they need the host), then one call / one graph
+            masks = {"full": full_mask, "side": side_mask,
                      "text": a.subset_causal_mask(like(r.text_index), r.text_valid, r.text_dense, text_pos, cache,
                                                   layer_idx=plan.deep.start)}
             with a.injecting(e):
@@ -390,12 +400,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
         # Side branch: image positions only, causal among themselves (and each image's block both ways where the
         # family has them), original positions; never cached.
-        side = r.image(h)
-        side_mask = a.subset_causal_mask(side, r.image_valid, r.image_dense, image_pos, image_mask=r.image_valid)
-        side = self.run_layers(self.side, side, [a.pick(side_mask, layer) for layer in self.side], image_pos,
-                               [a.pick(image_rope, layer) for layer in self.side])
-        if not r.image_dense:
-            side = side.masked_fill(~r.image_valid.to(side.device)[..., None], 0.0)  # fillers: finite keys/values
+        side = side_branch(a, self.side, r, h, side_mask, image_pos, image_rope, runner=self.run_layers)
 
         # Deep layers: the one place the variants differ (LF's, text positions only: `lf_prefill`).
         if plan.deep_mode == "reset":  # PC: image positions reset to the side output before every deep layer
