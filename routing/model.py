@@ -60,19 +60,36 @@ class Route:
     image_dense: bool
 
     @classmethod
-    def of(cls, image_mask: Tensor, attention_mask: Tensor) -> Route:
-        n = image_mask.shape[1]
-        n_image = image_mask.sum(1)
-        n_image_max, n_image_min = int(n_image.max()), int(n_image.min())
+    def of(cls, image_mask: Tensor, attention_mask: Tensor) -> Route | None:
+        """The route of a batch, or None when no row has an image token. Two host reads (image counts, padding),
+        whatever the batch; an unpadded batch with one image count per row skips the validity gathers (each op
+        costs a few microseconds on CPU, where a compiled prefill's eager work is what LF pays over vanilla)."""
+        counts = image_mask.sum(1).tolist()
+        n_image_max, n_image_min = max(counts), min(counts)
+        if n_image_max == 0:
+            return None
+        batch, n = image_mask.shape
         order = torch.argsort(image_mask.to(torch.uint8), dim=1, stable=True)  # text first, then image
         text_index, image_index = order[:, : n - n_image_min], order[:, n - n_image_max:]
+        if batch > 1:
+            rows = n * torch.arange(batch, device=order.device)[:, None]
+            text_flat, image_flat = (text_index + rows).reshape(-1), (image_index + rows).reshape(-1)
+        else:
+            text_flat, image_flat = text_index.reshape(-1), image_index.reshape(-1)
+        even = n_image_max == n_image_min
+        inverse = None
+        if even:  # [text | image] -> original order
+            inverse = torch.argsort(order, dim=1)
+            inverse = (inverse + rows if batch > 1 else inverse).reshape(-1)
+        if even and bool(attention_mask.all()):  # nothing padded, no fillers
+            text_valid = torch.ones(text_index.shape, dtype=torch.bool, device=order.device)
+            image_valid = torch.ones(image_index.shape, dtype=torch.bool, device=order.device)
+            return cls(image_mask, text_index, text_valid, image_index, image_valid, inverse, text_flat,
+                       image_flat, True, True)
         valid = attention_mask.bool()
-        rows = n * torch.arange(len(order), device=order.device)[:, None]
-        inverse = (torch.argsort(order, dim=1) + rows).reshape(-1) if n_image_max == n_image_min else None
         text_valid = (valid & ~image_mask).gather(1, text_index)
         image_valid = (valid & image_mask).gather(1, image_index)
-        return cls(image_mask, text_index, text_valid, image_index, image_valid, inverse,
-                   (text_index + rows).reshape(-1), (image_index + rows).reshape(-1),
+        return cls(image_mask, text_index, text_valid, image_index, image_valid, inverse, text_flat, image_flat,
                    bool(text_valid.all()), bool(image_valid.all()))
 
     @staticmethod
@@ -352,7 +369,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         rope = a.rope(h, pos)
         full_mask = a.causal_mask(h, attention_mask, pos, cache, layer_idx=0, image_mask=image_mask)  # per layer type
         # Every host-device sync of the routing happens here, before any layer is queued (free on a GPU).
-        r = Route.of(image_mask, attention_mask) if bool(image_mask.any()) else None
+        r = Route.of(image_mask, attention_mask)  # None: no image token in the batch
 
         def run(layers, x, mask, x_pos, x_rope, kv=cache):  # one group = one call (one graph under --compile)
             return run_group(a, layers, x, mask, x_pos, x_rope, kv, runner=self.run_layers)

@@ -114,3 +114,34 @@ def test_llava_15_7b_geometry_on_meta_device():
     assert (a.num_layers, a.image_token_id) == (32, 32000)
     assert a.layers[0].self_attn.q_proj.weight.shape == (4096, 4096)
     assert a.lm_head.weight.shape == (32064, 4096)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_causal_mask_shortcut_agrees_with_transformers(tiny_model, attn):
+    """`causal_mask` answers None itself where HF would (sdpa, nothing padded, a prompt or one new token) and
+    leaves every other case to HF: padding, several new tokens on a cache, no mask with gapped positions."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    tiny_model.set_attn_implementation(attn)
+    a = anatomy(tiny_model)
+    filled = DynamicCache()
+    for i in range(a.num_layers):
+        filled.update(torch.zeros(2, 2, 5, 8), torch.zeros(2, 2, 5, 8), i)
+    ones, padded = torch.ones(2, 6, dtype=torch.long), torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6])
+    cases = [  # (queries, 2D mask, cache)
+        (6, ones, None), (6, padded, None), (6, ones, DynamicCache()), (1, None, filled),
+        (1, torch.ones(2, 6, dtype=torch.long), filled), (1, torch.tensor([[0] + [1] * 5, [1] * 6]), filled),
+        (3, None, filled), (3, torch.ones(2, 8, dtype=torch.long), filled), (4, None, None)]
+    try:
+        for q, mask, cache in cases:
+            x = torch.zeros(2, q, a.text_config.hidden_size)
+            past = 0 if cache is None else cache.get_seq_length(0)
+            pos = torch.arange(past, past + q).expand(2, -1) * (2 if mask is None and q > 1 else 1)  # gaps: packed
+            ours = a.causal_mask(x, mask, pos, cache)
+            theirs = create_causal_mask(config=a.text_config, inputs_embeds=x, attention_mask=mask, cache=cache,
+                                        position_ids=pos, layer_idx=0)
+            assert (ours is None) == (theirs is None), (q, mask, attn)
+            assert ours is None or torch.equal(ours, theirs)
+    finally:
+        tiny_model.set_attn_implementation("sdpa")

@@ -391,7 +391,14 @@ class Backbone:
         with sliding-window layers returns one mask per layer type (`pick` chooses a layer's).
         Always from a 2D `attention_mask`: with ``None`` and gapped positions, transformers infers packed sequences
         and builds a block-diagonal mask (DESIGN). M-RoPE positions [3, B, T] are not token order: like HF's forward,
-        the mask then gets none (a 2D `attention_mask` says everything)."""
+        the mask then gets none (a 2D `attention_mask` says everything). Where HF's answer is None (sdpa's own
+        ``is_causal``: nothing padded, and a prompt on an empty cache or one new token) it is None straight away,
+        without HF's mask machinery (~45 us a call on CPU, paid eagerly by a compiled routed prefill and decode step
+        where vanilla's compiled stack traces it away). No mask and several queries go to HF (packed sequences)."""
+        q = inputs_embeds.shape[1]
+        if self._sdpa_is_causal(cache, layer_idx, q) and (q == 1 if attention_mask is None
+                                                          else bool(attention_mask.all())):
+            return None
         return create_causal_mask(
             config=self.text_config,
             inputs_embeds=inputs_embeds,
@@ -407,10 +414,15 @@ class Backbone:
         machinery where its answer is known in advance: under sdpa, with nothing masked (`dense`) and no cached keys
         before, it is ``None`` (sdpa's own ``is_causal``). `image_mask` [B, n]: which entries are image tokens; a
         window or an image block is computed in the ORIGINAL `position_ids`, never in subset indices."""
-        if (self.attn_implementation == "sdpa" and dense
-                and (cache is None or cache.get_seq_length(layer_idx) == 0)):
+        if dense and self._sdpa_is_causal(cache, layer_idx):
             return None
         return self.causal_mask(x, valid, position_ids, cache, layer_idx=layer_idx)
+
+    def _sdpa_is_causal(self, cache, layer_idx: int, queries: int = 0) -> bool:
+        """Whether an unpadded block of `queries` needs no mask (HF's ``_ignore_causal_mask_sdpa``): sdpa, and no
+        keys cached before it (queries = keys) or a single query (it sees every key)."""
+        return self.attn_implementation == "sdpa" and (queries == 1 or cache is None
+                                                       or cache.get_seq_length(layer_idx) == 0)
 
     def decode_mask(self, inputs_embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor, cache,
                     layer_idx: int, key_positions: Tensor | None = None):

@@ -123,8 +123,7 @@ class Gemma3(Backbone):
             blocks = blockwise_overlay(block_ids(image_mask & valid.bool(), position_ids))
         kw = dict(config=self.text_config, inputs_embeds=x, attention_mask=valid, position_ids=position_ids,
                   **cache_kwargs(cache), layer_idx=layer_idx)
-        skip = (blocks is None and self.attn_implementation == "sdpa" and dense
-                and (cache is None or cache.get_seq_length(layer_idx) == 0))  # sdpa's own is_causal
+        skip = blocks is None and dense and self._sdpa_is_causal(cache, layer_idx)  # sdpa's own is_causal
         full = None if skip else create_causal_mask(**kw, or_mask_function=blocks)
         sliding = create_causal_mask(**kw, or_mask_function=blocks, and_mask_function=self._window(position_ids,
                                                                                                    position_ids))
