@@ -1,6 +1,7 @@
 """Command line: `saturation` (probe a model, recommend a split) and `routing` (build, train, evaluate DPVR).
 
-Each command is a thin shell over a library function; bad input becomes one plain error line and exit code 1.
+Each command is a thin shell over a library function; bad input becomes one plain error line and exit code 1
+(click's usage errors, caught by the console scripts `saturation_main`/`routing_main`: one line and exit code 2).
 """
 
 from __future__ import annotations
@@ -579,9 +580,37 @@ def compare_cmd(
     Console().print(f"wrote {out / 'frontier.csv'}, {', '.join(map(str, drawn))}", highlight=False)
 
 
-def saturation_main() -> None:  # pragma: no cover - console entry point
-    saturation_app()
+# click's base of every usage error; typer >= 0.2x vendors its own click, so reach it from typer's public class
+CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _console_entry(app: typer.Typer):
+    """The console script of `app`: click's own bad input (an unknown option or command, a value of the wrong
+    type, a missing value) becomes one `error:` line naming the command's --help and exit 2, as the toolkit's own
+    errors are one line (typer would print a usage line and a boxed panel)."""
+
+    def main(args: list[str] | None = None) -> None:
+        try:
+            code = app(args=args, standalone_mode=False)  # typer.Exit (friendly's exit 1, --help's 0) returns its code
+        except CLICK_ERROR as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # no arguments: the help is already printed (typer's test)
+                sys.exit(err.exit_code)
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            message = escape(" ".join(err.format_message().split()) + hint)
+            err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            err_console.print("[yellow]aborted[/]")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    return main
+
+
+saturation_main = _console_entry(saturation_app)
+routing_main = _console_entry(routing_app)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(saturation_app())
+    saturation_main()

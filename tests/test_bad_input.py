@@ -108,12 +108,47 @@ def test_unsupported_device_type(tiny_model_dir, dataset):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_in_the_real_console_script(tmp_path):
     """What a user sees: stderr is exactly one line, no traceback, exit 1."""
-    proc = subprocess.run([sys.executable, "-c", "import cli; cli.saturation_app()", "probe", "--n", "2",
+    proc = subprocess.run([sys.executable, "-c", "import cli; cli.saturation_main()", "probe", "--n", "2",
                            "--device", "cuda", "--out", str(tmp_path / "p")],
                           capture_output=True, text=True, env=dict(os.environ, **ENV), timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: device 'cuda'"), proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "p").exists()
+
+
+USAGE = [  # click's own checks, before any command runs
+    (("routing", "bench", "--out", "x"), "No such option: --out", "routing bench --help"),
+    (("routing", "bench", "--repeats", "abc"), "Invalid value for '--repeats'", "routing bench --help"),
+    (("routing", "nosuch"), "No such command 'nosuch'", "routing --help"),
+    (("saturation", "probe", "--n"), "Option '--n' requires an argument", ""),
+    (("saturation", "probe", "extra"), "Got unexpected extra argument", "saturation probe --help"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message", "hint"), USAGE, ids=[" ".join(c[0]) for c in USAGE])
+def test_usage_errors_are_one_line_in_the_installed_scripts(tmp_path, argv, message, hint):
+    """The console scripts as installed (pyproject's entry points): an unknown option, a wrong type, an unknown
+    command, a missing value or an extra argument is one `error:` line naming the --help to read, exit 2; typer
+    alone prints a usage line and a boxed panel."""
+    script = Path(sys.executable).parent / argv[0]
+    proc = subprocess.run([str(script), *argv[1:]], capture_output=True, text=True, cwd=tmp_path,
+                          env=dict(os.environ, **ENV), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {message}"), proc.stderr
+    assert f"(see '{hint}')" in proc.stderr if hint else "(see" not in proc.stderr
+    assert proc.stdout == "" and not any(tmp_path.iterdir())
+
+
+def test_console_scripts_keep_help_and_exit_codes():
+    """--help exits 0; no arguments prints the help and exits 2 (click's rule); a toolkit error exits 1."""
+    bin_dir = Path(sys.executable).parent
+    ok = subprocess.run([str(bin_dir / "routing"), "bench", "--help"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "--text-tokens" in ok.stdout and ok.stderr == ""
+    bare = subprocess.run([str(bin_dir / "saturation")], capture_output=True, text=True, timeout=120)
+    assert bare.returncode == 2 and "probe" in bare.stdout and "error" not in bare.stderr
+    bad = subprocess.run([str(bin_dir / "saturation"), "probe", "--n", "0"], capture_output=True, text=True,
+                         env=dict(os.environ, **ENV), timeout=120)
+    assert bad.returncode == 1 and bad.stderr == "error: --n must be at least 1 (got 0)\n", bad.stderr
 
 
 # --- --out and --json ---
@@ -185,7 +220,7 @@ def test_json_whose_parent_is_a_file(command, tiny_model_dir, dataset, tmp_path)
 def test_json_under_a_file_in_the_real_console_script(tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
-    proc = subprocess.run([sys.executable, "-c", "import cli; cli.routing_app()", "eval", "--n", "2", "--json",
+    proc = subprocess.run([sys.executable, "-c", "import cli; cli.routing_main()", "eval", "--n", "2", "--json",
                            str(a_file / "eval.json")], capture_output=True, text=True,
                           env=dict(os.environ, **ENV), timeout=120)
     assert proc.returncode == 1, proc.stderr

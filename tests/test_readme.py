@@ -4,6 +4,8 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,12 +32,16 @@ def test_ci_runs_the_readme_test_command():
     assert readme_commands()[1] in ci
 
 
-def test_console_scripts_point_at_typer_apps():
+def test_console_scripts_run_the_typer_apps():
+    """The scripts' entry points wrap the typer apps (click's usage errors as one line: tests/test_bad_input.py)."""
     import cli
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"saturation": "cli:saturation_app", "routing": "cli:routing_app"}
+    assert scripts == {"saturation": "cli:saturation_main", "routing": "cli:routing_main"}
     assert cli.saturation_app.registered_commands and cli.routing_app.info.help
+    with pytest.raises(SystemExit) as done:
+        cli.routing_main(["bench", "--help"])
+    assert done.value.code == 0
 
 
 def test_readme_main_job_runs_on_the_embedded_model(tmp_path):
