@@ -2,15 +2,16 @@
 
 What is compiled, and why there:
 
-- **Routed LF prompt**: ``lf_prefill`` (shallow, the side branch on the image subset, the deep stack on the text
-  subset, the merge, fusion) is ONE graph, as vanilla's stack is: what needs the host (``Route.of`` reads image
-  counts: data-dependent shapes, a graph break wherever it sits; HF's mask code branches on values) runs before it,
-  once, and the graph takes the subsets' indices as tensors (dynamic shapes). On the embedded model at 64 text
-  tokens, LF's prefill went from 1.14-1.23x compiled vanilla (four group graphs, eager gathers and merge between
-  them) to 1.00-1.05x (FLOP ratio 0.956; README); what stays outside is eager per-call work (``Route.of``, masks).
-- **Routed, other groups**: every other run of consecutive decoder layers (PC's and KV's groups, FastV's shallow
-  layers, the whole decode step's layer loop) goes through `run_layers`; compiling it makes each group ONE graph
-  (its layers unrolled, the KV-cache appends inside), with the bookkeeping between groups eager.
+- **Routed prompt**: ``routed_prefill`` (shallow, the side branch on the image subset, the deep layers as the
+  variant routes them: LF's text subset, PC's resets, KV's image keys; fusion) is ONE graph for every variant, as
+  vanilla's stack is: what needs the host (``Route.of`` reads image counts: data-dependent shapes, a graph break
+  wherever it sits; HF's mask code branches on values) runs before it, once, and the graph takes the subsets'
+  indices as tensors (dynamic shapes). On the embedded model at 64 text tokens LF's prefill went from 1.14-1.23x
+  compiled vanilla (four group graphs, eager gathers and merge between them) to 0.97x (FLOP ratio 0.956; README);
+  what stays outside is eager per-call work (``Route.of``, rotary tables, the cache's routing state).
+- **Routed, other groups**: every other run of consecutive decoder layers (FastV's shallow layers, the layers
+  after a route-free prompt, the whole decode step's layer loop) goes through `run_layers`; compiling it makes
+  each group ONE graph (its layers unrolled, the KV-cache appends inside), with the bookkeeping between groups eager.
 - **Vanilla**: the base's own decoder stack (``anatomy.text_model``: mask, rotary, every layer, norm), compiled
   whole, as HF's ``model.compile()`` would; its lm_head stays eager like the routed model's.
 
@@ -36,7 +37,7 @@ from torch import nn
 from saturation.anatomy import anatomy
 from saturation.errors import ToolkitError
 
-from .model import RoutedLlava, lf_prefill, run_layers
+from .model import RoutedLlava, routed_prefill, run_layers
 
 # dynamo's default (8 per code object) is below the entries a few routed models share: `run_layers` holds one per
 # group and phase of every plan compiled in one process (bench: vanilla's stack plus lf, pc, kv's groups).
@@ -103,8 +104,9 @@ def preflight(device: torch.device, backend: str | None = None) -> None:
 
 
 def compile_model(model: nn.Module, mode: str | None = None, backend: str | None = None) -> nn.Module:
-    """`model` with its layer groups compiled, in place, and returned: a routed model's `lf_prefill` (LF's whole
-    prompt), `run_layers` (every other group) and its base's decoder stack (vanilla's path, shared by reference), or a vanilla LLaVA's decoder stack.
+    """`model` with its layer groups compiled, in place, and returned: a routed model's `routed_prefill` (its whole
+    prompt), `run_layers` (every other group) and its base's decoder stack (vanilla's path, shared by reference),
+    or a vanilla LLaVA's decoder stack.
 
     Exactness: the same modules and inputs; fp32 logits match eager within ~1e-5 (tests/test_compile.py).
     """
@@ -124,7 +126,7 @@ def compile_model(model: nn.Module, mode: str | None = None, backend: str | None
         stack._compiled_call_impl = Compiled(stack._call_impl, mode=mode, backend=backend)
     if isinstance(model, RoutedLlava):
         model.run_layers = Compiled(run_layers, mode=mode, backend=backend, key=group_key)
-        model.lf_prefill = Compiled(lf_prefill, mode=mode, backend=backend)
+        model.routed_prefill = Compiled(routed_prefill, mode=mode, backend=backend)
     return model
 
 

@@ -1,8 +1,9 @@
 """The routed model: DPVR-LF and its baselines as one plan over the base model's own layers.
 
 Read top to bottom: ``Route`` (where image and text sit, computed once per forward), ``RoutedLlava.forward``
-(prefill or cached continuation, then the head), ``_route_prompt`` (the plan's groups; each variant's difference is
-one short block), ``_route_next`` (a decode step: one loop, one mask per cache layout), and ``build``.
+(prefill or cached continuation, then the head), ``_route_prompt`` (what needs the host: the route, masks,
+pruning), ``routed_prefill`` (the plan's groups; each variant's difference is one short block), ``_route_next`` (a
+decode step: one loop, one mask per cache layout), and ``build``.
 
 The base model is held by reference and frozen; the only new weights are the side branch, ``d_v`` deep copies of
 layers ``s .. s+d_v-1`` whose attention has its own ``layer_idx = L + i`` (it never touches the base's cache slots,
@@ -171,24 +172,49 @@ def run_layers(layers, hidden: Tensor, masks: list, position_ids: Tensor, ropes:
     return hidden
 
 
-def lf_prefill(a: Anatomy, plan: RoutingPlan, side_layers: nn.ModuleList, r: Route, h: Tensor, masks: dict,
-               pos: Tensor, rope, text_pos: Tensor, image_pos: Tensor, cache=None, freeze: bool = False,
-               shallow: bool = True) -> Tensor:
-    """LF's prompt after `Route.of`, from the embeddings `h` [B, N, D] to the fusion output [B, N, D]: shallow on
-    every position, the side branch on the image subset (never cached), the deep stack on the text subset (their
-    original positions, causal over text), the merge, then the fusion layers on every position.
+def routed_prefill(a: Anatomy, plan: RoutingPlan, side_layers: nn.ModuleList, r: Route, h: Tensor, masks: dict,
+                   pos: Tensor, rope, text_pos: Tensor, image_pos: Tensor, cache=None, freeze: bool = False,
+                   shallow: bool = True) -> Tensor:
+    """A routed prompt after `Route.of`, from the embeddings `h` [B, N, D] to the fusion output [B, N, D]: shallow on
+    every position, the side branch on the image subset (never cached), the deep layers as the variant says, then
+    the fusion layers on every position. The deep layers are the one place the variants differ:
 
-    Tensor operations only, given what needs the host before (`r`, each group's mask in `masks`: ``full``, ``side``,
-    ``text``; the subsets' positions): no value-dependent branch, so ``--compile`` makes the whole of it ONE graph
-    (``routing.compiled``), as vanilla's stack is one; eager runs the same function. `freeze`: shallow and deep
-    under ``no_grad`` (a training step with a frozen base: only the side branch and fusion need a backward)."""
+    - LF (``text_only``): the text subset alone (original positions, causal over text), then the merge;
+    - PC (``reset``): every position, the image positions reset to the side output before every deep layer;
+    - KV (``kv_only``): the text subset, with the side output's keys/values (through each deep layer's own norm and
+      projections) before the text's own; no query, output projection or MLP for the image positions.
+
+    Tensor operations only, given what needs the host before (`r`, each group's mask in `masks`: ``full``, ``side``
+    and ``text`` (LF) or ``kv`` (KV); the subsets' positions): no value-dependent branch, so ``--compile`` makes the
+    whole of it ONE graph (``routing.compiled``), as vanilla's stack is one; eager runs the same function.
+    `freeze`: the layers no gradient reaches under ``no_grad`` (a training step with a frozen base: the shallow
+    stack always, LF's deep text stack too)."""
     if shallow:  # False: the caller ran the shallow layers (FastV prunes inside them)
         with torch.no_grad() if freeze else nullcontext():
             h = run_group(a, plan.shallow, h, masks["full"], pos, rope, cache)
-    side = side_branch(a, side_layers, r, h, masks["side"], image_pos, a.take_rope(rope, r.image))
-    with torch.no_grad() if freeze else nullcontext():
-        text = run_group(a, plan.deep, r.text(h), masks["text"], text_pos, a.take_rope(rope, r.text), cache)
-    return run_group(a, plan.fusion, r.merge(text=text, image=side), masks["full"], pos, rope, cache)
+    image_rope = a.take_rope(rope, r.image)
+    side = side_branch(a, side_layers, r, h, masks["side"], image_pos, image_rope)
+    if plan.deep_mode == "text_only":
+        with torch.no_grad() if freeze else nullcontext():
+            text = run_group(a, plan.deep, r.text(h), masks["text"], text_pos, a.take_rope(rope, r.text), cache)
+        h = r.merge(text=text, image=side)
+    elif plan.deep_mode == "reset":
+        at_image = r.image_mask[..., None]
+        side_full = r.scatter_image(side)
+        for i in plan.deep:  # `.to`: a no-op unless a device map put deep layers on another device
+            h = run_group(a, [i], torch.where(at_image.to(h.device), side_full.to(h.device), h), masks["full"], pos,
+                          rope, cache)
+        h = torch.where(at_image.to(h.device), side_full.to(h.device), h)
+    else:
+        t, text_rope = r.text(h), a.take_rope(rope, r.text)
+        for i in plan.deep:
+            keys, values = a.key_values(i, side, image_rope)
+            if cache is not None:
+                cache.update(keys, values, i)  # this layer's cache: image keys first, then text
+            t = run_group(a, [i], t, masks["kv"], text_pos, text_rope, cache if cache is not None
+                          else _PrefixKV(keys, values))
+        h = r.merge(text=t, image=side)
+    return run_group(a, plan.fusion, h, masks["full"], pos, rope, cache)  # none for lf-ideal and VTW
 
 
 def run_group(a: Anatomy, indices, hidden: Tensor, mask, position_ids: Tensor, rope, cache=None,
@@ -200,12 +226,11 @@ def run_group(a: Anatomy, indices, hidden: Tensor, mask, position_ids: Tensor, r
                   [a.pick(rope, i) for i in layers], cache)
 
 
-def side_branch(a: Anatomy, side_layers, r: Route, h: Tensor, mask, image_pos: Tensor, image_rope,
-                runner=run_layers) -> Tensor:
+def side_branch(a: Anatomy, side_layers, r: Route, h: Tensor, mask, image_pos: Tensor, image_rope) -> Tensor:
     """The side branch on the image subset of `h` (original positions, never cached); fillers zeroed so they stay
     finite keys/values for whoever reads them."""
-    side = runner(side_layers, r.image(h), [a.pick(mask, layer) for layer in side_layers], image_pos,
-                  [a.pick(image_rope, layer) for layer in side_layers])
+    side = run_layers(side_layers, r.image(h), [a.pick(mask, layer) for layer in side_layers], image_pos,
+                      [a.pick(image_rope, layer) for layer in side_layers])
     if not r.image_dense:
         side = side.masked_fill(~r.image_valid.to(side.device)[..., None], 0.0)
     return side
@@ -244,7 +269,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
     # because HF generate() validates model kwargs against it (behind **kwargs they are refused).
     IMAGE_KWARGS = ("image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids", "token_type_ids")
     run_layers = staticmethod(run_layers)  # each layer group's loop; routing.compiled swaps in a compiled one
-    lf_prefill = staticmethod(lf_prefill)  # LF's whole prompt after Route.of; routing.compiled: one graph
+    routed_prefill = staticmethod(routed_prefill)  # the prompt after Route.of; routing.compiled: one graph
 
     def __init__(self, base: nn.Module, plan: RoutingPlan):
         super().__init__(base.config)
@@ -375,7 +400,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             return run_group(a, layers, x, mask, x_pos, x_rope, kv, runner=self.run_layers)
 
         state_pos = pos  # the next token follows the prompt the LLM saw (FastV keeps original positions)
-        fused = r is not None and plan.routes and plan.deep_mode == "text_only"  # LF: shallow inside lf_prefill
+        fused = r is not None and plan.routes  # the shallow layers run inside routed_prefill (one graph)
         with self._frozen(), a.injecting(e):  # nothing trainable upstream: no graph; DeepStack stays shallow
             if plan.prune == "fastv" and r is not None:  # FastV: drop image tokens after layer K-1, by its attention
                 h = run(range(plan.prune_layer - 1), h, full_mask, pos, rope)
@@ -404,42 +429,16 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
         side_mask = a.subset_causal_mask(like(r.image_index), r.image_valid, r.image_dense, image_pos,
                                          image_mask=r.image_valid)
-        if plan.deep_mode == "text_only":  # LF: the masks first (they need the host), then one call / one graph
-            masks = {"full": full_mask, "side": side_mask,
-                     "text": a.subset_causal_mask(like(r.text_index), r.text_valid, r.text_dense, text_pos, cache,
-                                                  layer_idx=plan.deep.start)}
-            with a.injecting(e):
-                h = self.lf_prefill(a, plan, self.side, r, h, masks, pos, rope, text_pos, image_pos, cache,
+        masks = {"full": full_mask, "side": side_mask}  # every mask first (they need the host), then one call
+        if plan.deep_mode == "text_only":
+            masks["text"] = a.subset_causal_mask(like(r.text_index), r.text_valid, r.text_dense, text_pos, cache,
+                                                 layer_idx=plan.deep.start)
+        elif plan.deep_mode == "kv_only":  # text queries; keys: the image subset's, then the text's
+            masks["kv"] = a.order_mask(r.text_index, torch.cat([r.image_index, r.text_index], 1),
+                                       torch.cat([r.image_valid, r.text_valid], 1), h.dtype)
+        with a.injecting(e):
+            h = self.routed_prefill(a, plan, self.side, r, h, masks, pos, rope, text_pos, image_pos, cache,
                                     freeze=self._freezes(), shallow=plan.prune != "fastv")
-            return self._finish_prompt(h, r, cache, frame, text_pos, image_pos, prompt_mask, state_pos,
-                                       attention_mask, kept)
-        text_rope, image_rope = a.take_rope(rope, r.text), a.take_rope(rope, r.image)
-
-        # Side branch: image positions only, causal among themselves (and each image's block both ways where the
-        # family has them), original positions; never cached.
-        side = side_branch(a, self.side, r, h, side_mask, image_pos, image_rope, runner=self.run_layers)
-
-        # Deep layers: the one place the variants differ (LF's, text positions only: `lf_prefill`).
-        if plan.deep_mode == "reset":  # PC: image positions reset to the side output before every deep layer
-            side_full = r.scatter_image(side)
-            for i in plan.deep:  # `.to`: a no-op unless a device map put deep layers on another device
-                h = run([i], torch.where(r.image_mask.to(h.device)[..., None], side_full.to(h.device), h), full_mask,
-                        pos, rope)
-            h = torch.where(r.image_mask.to(h.device)[..., None], side_full.to(h.device), h)
-        else:  # KV: image positions supply only K/V (from the side output); text does the rest
-            keys_order = torch.cat([r.image_index, r.text_index], 1)
-            keys_valid = torch.cat([r.image_valid, r.text_valid], 1)
-            kv_mask = a.order_mask(r.text_index, keys_order, keys_valid, h.dtype)
-            t = r.text(h)
-            for i in plan.deep:
-                keys, values = a.key_values(i, side, image_rope)  # no query, output projection or MLP for them
-                if cache is not None:
-                    cache.update(keys, values, i)  # this layer's cache: image keys first, then text
-                kv = cache if cache is not None else _PrefixKV(keys, values)
-                t = run([i], t, kv_mask, text_pos, text_rope, kv=kv)
-            h = r.merge(text=t, image=side)
-
-        h = run(plan.fusion, h, full_mask, pos, rope)  # fusion: every position again (none for lf-ideal)
         return self._finish_prompt(h, r, cache, frame, text_pos, image_pos, prompt_mask, state_pos, attention_mask,
                                    kept)
 

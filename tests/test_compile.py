@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import routing
 from cli import routing_app, saturation_app
 from routing.compiled import Compiled, check_compile, compile_model, is_compiled
-from routing.model import lf_prefill
+from routing.model import routed_prefill
 from saturation.errors import ToolkitError
 
 VARIANTS = ("lf", "lf-ideal", "kv", "pc")
@@ -81,35 +81,38 @@ def _count_compiled_calls(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_compiled_lf_prefill_is_one_graph_call(models, monkeypatch, use_cache):
-    """A compiled LF prompt (left-padded batch: subset masks, fillers) enters compiled code once, `lf_prefill`, as
-    vanilla's stack does; the per-group path made four calls (shallow, side, deep, fusion)."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_routed_prompt_is_one_graph_call(models, monkeypatch, variant, use_cache):
+    """A compiled routed prompt (left-padded batch: subset masks, fillers) enters compiled code once,
+    `routed_prefill`, as vanilla's stack does; the per-group path made four calls for LF (shallow, side, deep,
+    fusion) and one per deep layer for PC and KV. Without a cache KV's image keys sit in a stand-in cache."""
     _, batch, _, eager = models
-    routed, reference, _ = eager["lf"]
+    routed, reference, _ = eager[variant]
     calls = _count_compiled_calls(monkeypatch)
     with torch.no_grad():
         got = routed(**batch, use_cache=use_cache).logits
-    assert calls == ["lf_prefill"]
+    assert calls == ["routed_prefill"]
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-4)
 
 
-def test_lf_prefill_traces_to_one_graph_without_breaks(models, monkeypatch):
-    """dynamo's own account of `lf_prefill` on a real prompt's arguments: one graph, no graph break (a break would
-    split it back into several graphs with eager code between them)."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_routed_prefill_traces_to_one_graph_without_breaks(models, monkeypatch, variant):
+    """dynamo's own account of `routed_prefill` on a real prompt's arguments: one graph, no graph break (a break
+    would split it back into several graphs with eager code between them)."""
     _, batch, _, eager = models
-    routed = eager["lf"][0]
+    routed = eager[variant][0]
     seen = []
-    monkeypatch.setattr(routed, "lf_prefill", lambda *args, **kwargs: seen.append((args, kwargs)) or args[4])
+    monkeypatch.setattr(routed, "routed_prefill", lambda *args, **kwargs: seen.append((args, kwargs)) or args[4])
     with torch.no_grad():
         routed(**batch)
     (args, kwargs), = seen
     with torch.no_grad():
-        explained = torch._dynamo.explain(lf_prefill)(*args, **kwargs)
+        explained = torch._dynamo.explain(routed_prefill)(*args, **kwargs)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 def test_compiled_lf_with_fastv_equals_eager(models, request):
-    """LF under FastV pruning: FastV's shallow layers run as their groups, then `lf_prefill` from the split on
+    """LF under FastV pruning: FastV's shallow layers run as their groups, then `routed_prefill` from the split on
     (its other entry: shallow layers done, the pruned frame's masks); logits and cached decode equal eager."""
     base, batch, _, _ = models
     routed = routing.build(base, SPLIT, "lf", prune="fastv", prune_layer=1, keep=0.5).eval()
