@@ -59,7 +59,7 @@ def state_of(cache: Cache | None) -> RoutingState | None:
     return getattr(cache, _STATE_ATTR, None)
 
 
-def new_cache(text_config) -> DynamicCache:
+def new_cache() -> DynamicCache:
     """The cache a routed prefill fills. With sliding-window layers a plain one: ``DynamicCache(config=...)`` keeps
     the last window - 1 entries of a sliding layer BY COUNT, right only for a layout in sequence order; the
     text-only layout (image positions removed) and the image-first one (KV) hold other entries, so every layer keeps

@@ -345,7 +345,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         use_cache = cache is not None if use_cache is None else use_cache
         cache = cache if use_cache else None
         if use_cache:
-            cache = new_cache(self.anatomy.text_config) if cache is None else cache
+            cache = new_cache() if cache is None else cache
             check_cache(cache)
         state = state_of(cache)
         if state is None:
@@ -447,8 +447,9 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         """A routed prompt's output in the original frame, and the cache's state (each layout's prompt mask and its
         keys' original positions) for the decode steps."""
         if cache is not None:
-            frame |= {"text": (r.text_valid, text_pos),
-                      "kv": (torch.cat([r.image_valid, r.text_valid], 1), torch.cat([image_pos, text_pos], -1))}
+            frame["text"] = (r.text_valid, text_pos)
+            if "kv" in self.plan.layouts:  # image keys first, then text
+                frame["kv"] = (torch.cat([r.image_valid, r.text_valid], 1), torch.cat([image_pos, text_pos], -1))
             self._leave_state(cache, {k: frame[k] for k in self.plan.layouts}, prompt_mask, state_pos, attention_mask)
         return h if kept is None else kept.restore(h)
 
@@ -560,7 +561,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         made = model_kwargs.get(CACHE_ARG)
         if isinstance(made, DynamicCache) and any(made.is_sliding) and not getattr(made, "_is_user_defined", False):
-            model_kwargs[CACHE_ARG] = new_cache(self.anatomy.text_config)
+            model_kwargs[CACHE_ARG] = new_cache()
 
     def generate(self, *args, **kwargs):
         """HF ``generate()`` (greedy, sampling, beams, streamers, stopping criteria) with the routed KV cache.
@@ -687,6 +688,7 @@ def build(model: nn.Module, split: int, variant: str = "lf", fusion_layers: int 
 
     Training-free peers (``routing.plan``): ``vtw`` (split = its K), ``fastv`` (split = its K unless
     `prune_layer`), ``prune-pre``, ``pool``, each with `keep` = R; `prune` composes one under lf/pc/kv.
+    The routed model is in the base's mode (eval for a model from ``from_pretrained``); the Trainer switches it.
     """
     a = anatomy(model)
     plan = make_plan(a.num_layers, split, variant, fusion_layers, side_depth, min_split=a.min_split, prune=prune,
@@ -694,4 +696,4 @@ def build(model: nn.Module, split: int, variant: str = "lf", fusion_layers: int 
     impl = a.attn_implementation
     if impl not in SUPPORTED_ATTENTION:
         raise ToolkitError(f"routing supports attn_implementation sdpa or eager, not '{impl}'")
-    return RoutedLlava(model, plan)
+    return RoutedLlava(model, plan).train(model.training)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from saturation.errors import ToolkitError
 from saturation.recommend import split_range
@@ -125,16 +126,25 @@ class RoutingPlan:
     def layout(self, layer: int) -> str:
         """The cache layout of base layer `layer`: ``full``, ``text``, ``kv``, or ``kept`` (text and the image
         tokens that survived pruning, original order) for the non-deep layers from `prune_layer` on."""
-        layout = LAYOUT_OF_MODE[self.deep_mode] if layer in self.deep else "full"
-        return "kept" if layout == "full" and self.prune is not None and layer >= self.prune_layer else layout
+        return self.layer_layouts[layer]
+
+    @cached_property
+    def layer_layouts(self) -> tuple[str, ...]:
+        """`layout` of every base layer, worked out once (every prefill and decode step reads them)."""
+        def of(layer: int) -> str:
+            layout = LAYOUT_OF_MODE[self.deep_mode] if layer in self.deep else "full"
+            return "kept" if layout == "full" and self.prune is not None and layer >= self.prune_layer else layout
+
+        return tuple(map(of, range(self.num_layers)))
 
     def first_layer(self, layout: str) -> int:
         """The first base layer with `layout` (its cache slot sizes that layout's decode mask)."""
         return next(i for i in range(self.num_layers) if self.layout(i) == layout)
 
-    @property
+    @cached_property
     def layouts(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.layout(i) for i in range(self.num_layers)))
+        """The distinct cache layouts, in layer order."""
+        return tuple(dict.fromkeys(self.layer_layouts))
 
     @property
     def trainable(self) -> bool:
