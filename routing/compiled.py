@@ -73,7 +73,7 @@ class Compiled:
     def __call__(self, *args, **kwargs):
         try:
             return self._for(args)(*args, **kwargs)
-        except torch._dynamo.exc.BackendCompilerFailed as err:
+        except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.InternalTorchDynamoError) as err:
             raise ToolkitError(f"--compile: torch.compile failed: {_cause(err)}; run without --compile") from None
 
 
@@ -123,6 +123,10 @@ def compile_model(model: nn.Module, mode: str | None = None, backend: str | None
     a = anatomy(base)
     device = a.embed_tokens.weight.device
     check_compile(device=device)
+    # Python ints are the plan's (split, layer counts: fixed per model), never sizes (those come from tensors): keep
+    # them static. With dynamic shapes dynamo may trace one as a symbol, and Qwen3-VL's prompt (DeepStack hooks)
+    # then failed inside dynamo on `range(plan.split)` (InternalTorchDynamoError) instead of specialising it.
+    torch._dynamo.config.specialize_int = True
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            4 * RECOMPILE_LIMIT)
