@@ -123,6 +123,8 @@ def test_causal_mask_shortcut_agrees_with_transformers(tiny_model, attn):
     from transformers.cache_utils import DynamicCache
     from transformers.masking_utils import create_causal_mask
 
+    from saturation.hf_compat import cache_kwargs
+
     tiny_model.set_attn_implementation(attn)
     a = anatomy(tiny_model)
     filled = DynamicCache()
@@ -139,8 +141,8 @@ def test_causal_mask_shortcut_agrees_with_transformers(tiny_model, attn):
             past = 0 if cache is None else cache.get_seq_length(0)
             pos = torch.arange(past, past + q).expand(2, -1) * (2 if mask is None and q > 1 else 1)  # gaps: packed
             ours = a.causal_mask(x, mask, pos, cache)
-            theirs = create_causal_mask(config=a.text_config, inputs_embeds=x, attention_mask=mask, cache=cache,
-                                        position_ids=pos, layer_idx=0)
+            theirs = create_causal_mask(config=a.text_config, inputs_embeds=x, attention_mask=mask,
+                                        position_ids=pos, layer_idx=0, **cache_kwargs(cache))
             assert (ours is None) == (theirs is None), (q, mask, attn)
             assert ours is None or torch.equal(ours, theirs)
     finally:
