@@ -7,8 +7,8 @@ What is compiled, and why there:
   vanilla's stack is: what needs the host (``Route.of`` reads image counts: data-dependent shapes, a graph break
   wherever it sits; HF's mask code branches on values) runs before it, once, and the graph takes the subsets'
   indices as tensors (dynamic shapes). On the embedded model at 64 text tokens LF's prefill went from 1.14-1.23x
-  compiled vanilla (four group graphs, eager gathers and merge between them) to 0.97x (FLOP ratio 0.956; README);
-  what stays outside is eager per-call work (``Route.of``, rotary tables, the cache's routing state).
+  compiled vanilla (four group graphs, eager gathers and merge between them) to 0.97-1.01x by run and period (FLOP
+  ratio 0.956; README); what stays outside is eager per-call work (``Route.of``, rotary tables, routing state).
 - **Routed, other groups**: every other run of consecutive decoder layers (FastV's shallow layers, the layers
   after a route-free prompt, the whole decode step's layer loop) goes through `run_layers`; compiling it makes
   each group ONE graph (its layers unrolled, the KV-cache appends inside), with the bookkeeping between groups eager.

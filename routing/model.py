@@ -62,9 +62,9 @@ class Route:
 
     @classmethod
     def of(cls, image_mask: Tensor, attention_mask: Tensor) -> Route | None:
-        """The route of a batch, or None when no row has an image token. Two host reads (image counts, padding),
-        whatever the batch; an unpadded batch with one image count per row skips the validity gathers (each op
-        costs a few microseconds on CPU, where a compiled prefill's eager work is what LF pays over vanilla)."""
+        """The route of a batch, or None when no row has an image token. An unpadded batch with one image count per
+        row reads the host twice (the counts, the padding) and skips the validity gathers: each op costs a few
+        microseconds on CPU, where a compiled prefill's eager work is what LF pays over vanilla."""
         counts = image_mask.sum(1).tolist()
         n_image_max, n_image_min = max(counts), min(counts)
         if n_image_max == 0:
@@ -72,16 +72,14 @@ class Route:
         batch, n = image_mask.shape
         order = torch.argsort(image_mask.to(torch.uint8), dim=1, stable=True)  # text first, then image
         text_index, image_index = order[:, : n - n_image_min], order[:, n - n_image_max:]
-        if batch > 1:
-            rows = n * torch.arange(batch, device=order.device)[:, None]
-            text_flat, image_flat = (text_index + rows).reshape(-1), (image_index + rows).reshape(-1)
-        else:
-            text_flat, image_flat = text_index.reshape(-1), image_index.reshape(-1)
+        rows = n * torch.arange(batch, device=order.device)[:, None] if batch > 1 else None
+
+        def flat(index: Tensor) -> Tensor:  # indices over the flattened [batch * seq] rows
+            return (index if rows is None else index + rows).reshape(-1)
+
+        text_flat, image_flat = flat(text_index), flat(image_index)
         even = n_image_max == n_image_min
-        inverse = None
-        if even:  # [text | image] -> original order
-            inverse = torch.argsort(order, dim=1)
-            inverse = (inverse + rows if batch > 1 else inverse).reshape(-1)
+        inverse = flat(torch.argsort(order, dim=1)) if even else None  # [text | image] -> original order
         if even and bool(attention_mask.all()):  # nothing padded, no fillers
             text_valid = torch.ones(text_index.shape, dtype=torch.bool, device=order.device)
             image_valid = torch.ones(image_index.shape, dtype=torch.bool, device=order.device)

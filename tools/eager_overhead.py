@@ -75,7 +75,8 @@ def main() -> None:
         graph_call = captured(routed, "routed_prefill", lambda: prefill(routed, p))
         stack_call = captured(stack, "_compiled_call_impl", lambda: prefill(base, p))
         real_graph, real_stack = routed.routed_prefill, stack._compiled_call_impl
-        stack_out = real_stack(*fresh_cache(*stack_call)[0], **fresh_cache(*stack_call)[1])
+        stack_args, stack_kwargs = fresh_cache(*stack_call)
+        stack_out = real_stack(*stack_args, **stack_kwargs)
         for _ in range(args.rounds):
             times["routed"].append(per_call_ms(lambda: prefill(routed, p), args.calls))
             times["vanilla"].append(per_call_ms(lambda: prefill(base, p), args.calls))
@@ -90,8 +91,8 @@ def main() -> None:
                 times["vanilla eager"].append(per_call_ms(lambda: prefill(base, p), args.calls))
             finally:
                 routed.routed_prefill, stack._compiled_call_impl = real_graph, real_stack
-    for name, values in times.items():
-        label = name.replace("routed", args.variant) if " " in name else f"{name.replace('routed', args.variant)} prefill"
+    for name, values in times.items():  # "routed eager" -> "lf eager", "vanilla" -> "vanilla prefill"
+        label = name.replace("routed", args.variant) + ("" if " " in name else " prefill")
         print(f"{label:16s} ms {statistics.median(values):.3f}  ({', '.join(f'{v:.3f}' for v in values)})")
 
     def ratio(a: str, b: str) -> float:
