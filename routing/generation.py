@@ -82,11 +82,14 @@ def check_cache(cache: Cache) -> None:
 
 
 def make_state(prompt_masks: dict[str, Tensor], attention_mask: Tensor, positions: Tensor | None = None,
-               prompt_positions: dict[str, Tensor] | None = None) -> RoutingState:
+               prompt_positions: dict[str, Tensor] | None = None, unmasked: bool | None = None) -> RoutingState:
     """The state a prefill leaves on its cache; `attention_mask` is the prompt's 2D mask, `positions` the prompt's
-    position ids ([batch, seq], or M-RoPE's [3, batch, seq]): the next token goes one past the largest.
-    `prompt_positions`: layout -> its cached keys' original positions (see `RoutingState`)."""
-    unmasked = all(bool(m.all()) for m in prompt_masks.values())
+    position ids ([batch, seq], or M-RoPE's [3, batch, seq]): the next token goes one past the largest (None:
+    generate's ``cumsum(mask) - 1``, the next is the count of real tokens). `prompt_positions`: layout -> its cached
+    keys' original positions (see `RoutingState`). `unmasked`: whether no prompt mask masks anything, when the
+    caller knows (read from the masks otherwise: a host read each)."""
+    if unmasked is None:
+        unmasked = all(bool(m.all()) for m in prompt_masks.values())
     real = attention_mask.sum(1)
     if positions is None:
         return RoutingState(attention_mask.shape[1], prompt_masks, real, unmasked, torch.zeros_like(real),

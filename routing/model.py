@@ -59,12 +59,14 @@ class Route:
     image_flat: Tensor
     text_dense: bool  # every text slot is real (no padding, no fillers): sdpa's own causal mask will do
     image_dense: bool
+    unpadded: bool  # the attention mask masks nothing
 
     @classmethod
-    def of(cls, image_mask: Tensor, attention_mask: Tensor) -> Route | None:
-        """The route of a batch, or None when no row has an image token. An unpadded batch with one image count per
-        row reads the host twice (the counts, the padding) and skips the validity gathers: each op costs a few
-        microseconds on CPU, where a compiled prefill's eager work is what LF pays over vanilla."""
+    def of(cls, image_mask: Tensor, attention_mask: Tensor, unpadded: bool | None = None) -> Route | None:
+        """The route of a batch, or None when no row has an image token. `unpadded`: whether `attention_mask` masks
+        nothing, when the caller has read it. An unpadded batch with one image count per row reads the host once
+        more (the counts) and skips the validity gathers: each op costs a few microseconds on CPU, where a compiled
+        prefill's eager work is what LF pays over vanilla."""
         counts = image_mask.sum(1).tolist()
         n_image_max, n_image_min = max(counts), min(counts)
         if n_image_max == 0:
@@ -80,16 +82,17 @@ class Route:
         text_flat, image_flat = flat(text_index), flat(image_index)
         even = n_image_max == n_image_min
         inverse = flat(torch.argsort(order, dim=1)) if even else None  # [text | image] -> original order
-        if even and bool(attention_mask.all()):  # nothing padded, no fillers
+        unpadded = bool(attention_mask.all()) if unpadded is None else unpadded
+        if even and unpadded:  # nothing padded, no fillers
             text_valid = torch.ones(text_index.shape, dtype=torch.bool, device=order.device)
             image_valid = torch.ones(image_index.shape, dtype=torch.bool, device=order.device)
             return cls(image_mask, text_index, text_valid, image_index, image_valid, inverse, text_flat,
-                       image_flat, True, True)
+                       image_flat, True, True, True)
         valid = attention_mask.bool()
         text_valid = (valid & ~image_mask).gather(1, text_index)
         image_valid = (valid & image_mask).gather(1, image_index)
         return cls(image_mask, text_index, text_valid, image_index, image_valid, inverse, text_flat, image_flat,
-                   bool(text_valid.all()), bool(image_valid.all()))
+                   bool(text_valid.all()), bool(image_valid.all()), unpadded)
 
     @staticmethod
     def _take(x: Tensor, flat: Tensor, batch: int) -> Tensor:
@@ -160,22 +163,25 @@ class _PrefixKV:
         return torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2)
 
 
-def run_layers(layers, hidden: Tensor, masks: list, position_ids: Tensor, ropes: list, cache=None) -> Tensor:
+def run_layers(layers, hidden: Tensor, masks: list, position_ids: Tensor, ropes: list, cache=None,
+               norm: nn.Module | None = None) -> Tensor:
     """`hidden` [B, n, D] through `layers` in turn, layer i under ``masks[i]`` and ``ropes[i]`` (one per layer: a
-    family with sliding windows has one per layer type), appending to `cache` (a KV cache or `_PrefixKV`) when given.
+    family with sliding windows has one per layer type), appending to `cache` (a KV cache or `_PrefixKV`) when given,
+    then through `norm` if given (the stack's final norm, when the group ends the stack: a decode step).
     Every group of the plan runs through here; ``--compile`` makes it one graph per group (``routing.compiled``)."""
     kv = cache_kwargs(cache) if cache is not None else {}
     for layer, mask, rope in zip(layers, masks, ropes, strict=True):
         hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rope, **kv)
-    return hidden
+    return hidden if norm is None else norm(hidden)
 
 
 def routed_prefill(a: Anatomy, plan: RoutingPlan, side_layers: nn.ModuleList, r: Route, h: Tensor, masks: dict,
                    pos: Tensor, rope, text_pos: Tensor, image_pos: Tensor, cache=None, freeze: bool = False,
-                   shallow: bool = True) -> Tensor:
-    """A routed prompt after `Route.of`, from the embeddings `h` [B, N, D] to the fusion output [B, N, D]: shallow on
-    every position, the side branch on the image subset (never cached), the deep layers as the variant says, then
-    the fusion layers on every position. The deep layers are the one place the variants differ:
+                   shallow: bool = True, norm: bool = True) -> Tensor:
+    """A routed prompt after `Route.of`, from the embeddings `h` [B, N, D] to the stack's output [B, N, D]: shallow on
+    every position, the side branch on the image subset (never cached), the deep layers as the variant says, the
+    fusion layers on every position, then the final norm (as HF's text model ends; `norm` False: the caller puts a
+    pruned frame back first). The deep layers are the one place the variants differ:
 
     - LF (``text_only``): the text subset alone (original positions, causal over text), then the merge;
     - PC (``reset``): every position, the image positions reset to the side output before every deep layer;
@@ -212,7 +218,8 @@ def routed_prefill(a: Anatomy, plan: RoutingPlan, side_layers: nn.ModuleList, r:
             t = run_group(a, [i], t, masks["kv"], text_pos, text_rope, cache if cache is not None
                           else _PrefixKV(keys, values))
         h = r.merge(text=t, image=side)
-    return run_group(a, plan.fusion, h, masks["full"], pos, rope, cache)  # none for lf-ideal and VTW
+    h = run_group(a, plan.fusion, h, masks["full"], pos, rope, cache)  # none for lf-ideal and VTW
+    return a.norm(h) if norm else h
 
 
 def run_group(a: Anatomy, indices, hidden: Tensor, mask, position_ids: Tensor, rope, cache=None,
@@ -342,8 +349,9 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         cache = past_key_values if cache is None else cache  # the name before transformers 5.24 (hf_compat)
         use_cache = cache is not None if use_cache is None else use_cache
         cache = cache if use_cache else None
-        if use_cache:
-            cache = new_cache() if cache is None else cache
+        if use_cache and cache is None:
+            cache = new_cache()
+        elif use_cache:  # a caller's cache (ours is fine by construction)
             check_cache(cache)
         state = state_of(cache)
         if state is None:
@@ -353,11 +361,11 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             h = self._route_next(input_ids, attention_mask, cache, state)
         if labels is not None and self.training and torch.is_grad_enabled() and not logits_to_keep:
             # A training step: the head only where a label is; `logits` None (nothing in a step reads them)
-            loss = labelled_loss(self.anatomy.unembed, h, labels, num_items_in_batch)
+            loss = labelled_loss(self.anatomy.lm_head, h, labels, num_items_in_batch)
             return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_ARG: cache})
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.anatomy.unembed(h)
+        logits = self.anatomy.lm_head(h)  # `h` is normed: the stack's output, as HF's text model returns it
         loss = None
         if labels is not None:
             loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
@@ -413,12 +421,13 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
                 h = run(range(plan.prune_layer, plan.split), h, full_mask, pos, rope)
             elif not fused:
                 h = run(plan.shallow, h, full_mask, pos, rope)
-        frame = {"full": (prompt_mask.bool(), state_pos), "kept": (attention_mask.bool(), pos)}
+        valid = attention_mask.bool()  # after pruning: the kept frame's
+        frame = {"full": (valid if kept is None else prompt_mask.bool(), state_pos), "kept": (valid, pos)}
         if r is None or not plan.routes:  # nothing to route: every later layer sees the (kept) sequence as vanilla
             h = run(range(plan.split, plan.num_layers), h, full_mask, pos, rope)
             self._leave_state(cache, {k: frame.get(k, frame["kept"]) for k in plan.layouts}, prompt_mask, state_pos,
                               attention_mask)
-            return h if kept is None else kept.restore(h)
+            return a.norm(h if kept is None else kept.restore(h))
 
         text_pos, image_pos = a.take_positions(pos, r.text), a.take_positions(pos, r.image)  # original values
 
@@ -436,32 +445,37 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
                                        torch.cat([r.image_valid, r.text_valid], 1), h.dtype)
         with a.injecting(e):
             h = self.routed_prefill(a, plan, self.side, r, h, masks, pos, rope, text_pos, image_pos, cache,
-                                    freeze=self._freezes(), shallow=plan.prune != "fastv")
+                                    freeze=self._freezes(), shallow=plan.prune != "fastv", norm=kept is None)
         return self._finish_prompt(h, r, cache, frame, text_pos, image_pos, prompt_mask, state_pos, attention_mask,
                                    kept)
 
     def _finish_prompt(self, h: Tensor, r: Route, cache, frame: dict, text_pos: Tensor, image_pos: Tensor,
                        prompt_mask: Tensor, state_pos: Tensor, attention_mask: Tensor, kept: Kept | None) -> Tensor:
-        """A routed prompt's output in the original frame, and the cache's state (each layout's prompt mask and its
-        keys' original positions) for the decode steps."""
+        """A routed prompt's output (after the final norm) in the original frame, and the cache's state (each
+        layout's prompt mask and its keys' original positions) for the decode steps."""
         if cache is not None:
             frame["text"] = (r.text_valid, text_pos)
             if "kv" in self.plan.layouts:  # image keys first, then text
                 frame["kv"] = (torch.cat([r.image_valid, r.text_valid], 1), torch.cat([image_pos, text_pos], -1))
-            self._leave_state(cache, {k: frame[k] for k in self.plan.layouts}, prompt_mask, state_pos, attention_mask)
-        return h if kept is None else kept.restore(h)
+            dense = {"full": r.unpadded, "text": r.text_dense, "kv": r.text_dense and r.image_dense}
+            unmasked = all(dense[k] for k in self.plan.layouts) if kept is None else None  # known: no host reads
+            self._leave_state(cache, {k: frame[k] for k in self.plan.layouts}, prompt_mask, state_pos, attention_mask,
+                              unmasked)
+        return h if kept is None else self.anatomy.norm(kept.restore(h))
 
-    def _leave_state(self, cache, layouts: dict, prompt_mask: Tensor, pos: Tensor, frame_mask: Tensor) -> None:
+    def _leave_state(self, cache, layouts: dict, prompt_mask: Tensor, pos: Tensor, frame_mask: Tensor,
+                     unmasked: bool | None = None) -> None:
         """What the decode steps need (`layouts`: layout -> (prompt mask, key positions)); layer 0's prompt part
-        is shorter than the prompt when pruning happened before the LLM."""
+        is shorter than the prompt when pruning happened before the LLM. `unmasked`: see `make_state`."""
         if cache is None:
             return
         masks, keys = {k: m for k, (m, _) in layouts.items()}, {k: p for k, (_, p) in layouts.items()}
+        pos = pos if pos.dim() == 3 else None  # 1D: generate's cumsum(mask) - 1 (`positions`), the next is the count
         if self.plan.layout(0) != "kept":
-            return attach_state(cache, make_state(masks, prompt_mask, pos, keys))
+            return attach_state(cache, make_state(masks, prompt_mask, pos, keys, unmasked))
         # Pruned before the LLM: the shorter prompt is what the cache holds and what positions count on from; the
         # running 2D mask of generate() still has the original prompt's columns.
-        state = make_state(masks, frame_mask, pos, keys)
+        state = make_state(masks, frame_mask, pos, keys, unmasked)
         attach_state(cache, dataclasses.replace(
             state, prompt_length=prompt_mask.shape[1], cached_prompt_length=frame_mask.shape[1],
             position_delta=state.next_position - prompt_mask.sum(1)))
@@ -532,7 +546,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         return Kept.of(keep, h), h
 
     def _route_next(self, input_ids, attention_mask, cache, state) -> Tensor:
-        """New text tokens after a cached prompt: one loop over the layers, one mask per cache layout."""
+        """New text tokens after a cached prompt: one loop over the layers and the final norm, one mask per cache
+        layout."""
         a, plan = self.anatomy, self.plan
         if input_ids is None or (input_ids == a.image_token_id).any():
             raise ToolkitError("after the prompt, the routed model takes text token ids only (images go in the "
@@ -544,7 +559,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
                                        c.key_positions(layout)) for layout in plan.layouts}
         n = range(a.num_layers)  # the whole step is one group (one graph under --compile)
         return self.run_layers(a.layers, h, [a.pick(masks[plan.layout(i)], i) for i in n], c.position_ids,
-                               [a.pick(rope, i) for i in n], cache)
+                               [a.pick(rope, i) for i in n], cache, norm=a.norm)
 
     def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
         """HF pre-encodes the images and drops what the encoder took (``image_grid_thw``); keep what this family's

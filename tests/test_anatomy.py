@@ -147,3 +147,35 @@ def test_causal_mask_shortcut_agrees_with_transformers(tiny_model, attn):
             assert ours is None or torch.equal(ours, theirs)
     finally:
         tiny_model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize(("family", "head_dim"), [("llava", 16), ("llava", 24), ("gemma3", None)])
+def test_rope_table_is_the_rotary_modules_own_output(processor, family, head_dim):
+    """`rope` answers 2D positions on CPU from a table of the rotary module's output: bit for bit what the module
+    returns, for padded rows, positions past the first table (it grows), an odd head size (24: rows end inside a
+    vector block), after the model changes dtype and back (bf16 rounds the frequencies: a new buffer must mean a
+    new table), and per layer type (Gemma 3)."""
+    if family == "llava":
+        model = make_model(processor, seed=3, hidden=head_dim * 4, heads=4)
+        module = anatomy(model).rotary_emb
+        kinds = [()]
+    else:
+        from gemma3_fixtures import gemma_model
+
+        model = gemma_model()
+        module = anatomy(model).rotary_emb
+        kinds = [(k,) for k in sorted(set(anatomy(model).text_config.layer_types))]
+    a = anatomy(model)
+    mask = torch.ones(3, 37, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    cases = [position_ids_from_mask(mask), torch.tensor([[0, 1, 600, 601, 1023]]), torch.tensor([[3]])]
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
+        model.to(dtype)
+        h = torch.zeros(1, 1, 8, dtype=dtype)
+        for pos in cases:
+            got = a.rope(h, pos)
+            for kind in kinds:
+                want = module(h, pos, *kind)
+                table = got[kind[0]] if kind else got
+                assert all(torch.equal(g, w) and g.dtype == dtype for g, w in zip(table, want, strict=True))
+    assert max(t[1].shape[0] for t in a._rope_tables.values()) >= 1024

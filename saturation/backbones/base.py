@@ -382,7 +382,31 @@ class Backbone:
     def rope(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """``(cos, sin)``, each [B, T, d], computed once per stack; a subset takes its rows of them (`take_rope`).
         Families whose RoPE depends on the layer type return one pair per type (`pick` chooses a layer's)."""
-        return self.rotary_emb(hidden, position_ids=position_ids)
+        return self._rotary(hidden, position_ids)
+
+    def _rotary(self, hidden: Tensor, position_ids: Tensor, layer_type: str | None = None) -> tuple[Tensor, Tensor]:
+        """The rotary module's ``(cos, sin)`` at `position_ids` (for `layer_type` where it takes one), bit for bit.
+
+        On CPU, 2D positions are answered from a table of the module's own output at positions 0, 1, ..., n - 1
+        (its output at a position depends on that position alone): two row lookups instead of its ~10 small ops,
+        which a compiled routed prompt and every compiled decode step pay eagerly (~40 us on CPU) where vanilla's
+        compiled stack has them in its graph. Elsewhere (a GPU, where reading the largest position would be a sync;
+        M-RoPE's [3, B, T]; RoPE types that rescale with the sequence length) the module runs as it is."""
+        rotary, extra = self.rotary_emb, () if layer_type is None else (layer_type,)
+        rope_type = rotary.rope_type if layer_type is None else rotary.rope_type[layer_type]
+        if (position_ids.device.type != "cpu" or position_ids.dim() != 2 or "dynamic" in rope_type
+                or rope_type == "longrope" or torch.compiler.is_compiling()):
+            return rotary(hidden, position_ids, *extra)
+        inv_freq = getattr(rotary, "inv_freq" if layer_type is None else f"{layer_type}_inv_freq")
+        key, need = (layer_type, hidden.dtype), int(position_ids.max()) + 1 if position_ids.numel() else 1
+        tables = self.__dict__.setdefault("_rope_tables", {})
+        table = tables.get(key)
+        if table is None or table[0] is not inv_freq or table[1].shape[0] < need:  # a new buffer: model.to(...)
+            length = max(need, 2 * table[1].shape[0] if table is not None else 256)
+            cos, sin = rotary(hidden[:1, :1], torch.arange(length, device=position_ids.device)[None], *extra)
+            tables[key] = table = (inv_freq, cos[0], sin[0])
+        flat = position_ids.reshape(-1)
+        return tuple(t.index_select(0, flat).view(*position_ids.shape, -1) for t in table[1:])
 
     def causal_mask(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
                     cache=None, layer_idx: int = 0, image_mask: Tensor | None = None):

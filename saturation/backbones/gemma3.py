@@ -91,7 +91,7 @@ class Gemma3(Backbone):
     # ---------------------------------------------------------------- rotary, masks
     def rope(self, hidden: Tensor, position_ids: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """One ``(cos, sin)`` pair per layer type, as the model's forward computes them."""
-        return {kind: self.rotary_emb(hidden, position_ids, kind) for kind in sorted(set(self.text_config.layer_types))}
+        return {kind: self._rotary(hidden, position_ids, kind) for kind in sorted(set(self.text_config.layer_types))}
 
     def _window(self, q_pos: Tensor, k_pos: Tensor, q_offset: int = 0) -> Callable:
         """HF's sliding-window overlay read in ORIGINAL positions: `q_pos` [B, q] and `k_pos` [B, kv] of the mask's
