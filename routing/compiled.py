@@ -37,7 +37,7 @@ from torch import nn
 from saturation.anatomy import anatomy
 from saturation.errors import ToolkitError
 
-from .model import RoutedLlava, routed_prefill, run_layers
+from .model import RoutedLlava, dense_prefill, routed_prefill, run_layers
 
 # dynamo's default (8 per code object) is below the entries a few routed models share: `run_layers` holds one per
 # group and phase of every plan compiled in one process (bench: vanilla's stack plus lf, pc, kv's groups).
@@ -120,7 +120,7 @@ def compile_model(model: nn.Module, mode: str | None = None, backend: str | None
     base = model.base if isinstance(model, RoutedLlava) else model
     if getattr(base, "hf_device_map", None):
         check_compile(device_map="given")
-    a = anatomy(base)
+    a = model.anatomy if isinstance(model, RoutedLlava) else anatomy(base)  # the routed model's own: it keeps it
     device = a.embed_tokens.weight.device
     check_compile(device=device)
     # Python ints are the plan's (split, layer counts: fixed per model), never sizes (those come from tensors): keep
@@ -131,6 +131,10 @@ def compile_model(model: nn.Module, mode: str | None = None, backend: str | None
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            4 * RECOMPILE_LIMIT)
     preflight(device, backend)
+    # functools.cached_property takes a lock on its first read (Python 3.11), which dynamo cannot trace: a graph
+    # break. Read the anatomy's modules that compiled code reads now, so that no graph is the first to.
+    for name in ("layers", "norm", "rotary_emb", "text_model"):
+        getattr(a, name)
     stack = a.text_model
     if not isinstance(getattr(stack, "_compiled_call_impl", None), Compiled):
         # what nn.Module.compile() sets, behind the one-line error translation
@@ -138,6 +142,7 @@ def compile_model(model: nn.Module, mode: str | None = None, backend: str | None
     if isinstance(model, RoutedLlava):
         model.run_layers = Compiled(run_layers, mode=mode, backend=backend, key=group_key)
         model.routed_prefill = Compiled(routed_prefill, mode=mode, backend=backend, key=prefill_key)
+        model.dense_prefill = Compiled(dense_prefill, mode=mode, backend=backend, key=prefill_key)
     return model
 
 

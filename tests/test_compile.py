@@ -116,6 +116,61 @@ def test_routed_prefill_traces_to_one_graph_without_breaks(models, monkeypatch, 
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
+@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_dense_prompt_is_one_graph_call(models, monkeypatch, variant, use_cache):
+    """The common prompt (nothing padded, one image count per row) enters compiled code once, `dense_prefill`:
+    its route, positions and rotary tables inside that graph, not eager before it. Logits and every cached decode
+    step equal the same routing built afresh and run eagerly."""
+    base, _, _, eager = models
+    routed = eager[variant][0]
+    batch = without_labels(make_batch("uniform"))
+    reference = routing.build(base, SPLIT, variant).eval()
+    with torch.no_grad():
+        want = reference(**batch).logits
+    calls = _count_compiled_calls(monkeypatch)
+    with torch.no_grad():
+        got = routed(**batch, use_cache=use_cache).logits
+    assert calls == ["dense_prefill"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    if use_cache:
+        steps = zip(decode_step_logits(routed, batch, NEW)[1], decode_step_logits(reference, batch, NEW)[1], strict=True)
+        for step, (c, e) in enumerate(steps):
+            torch.testing.assert_close(c, e, rtol=0, atol=1e-4, msg=f"step {step}: compiled != eager")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dense_prefill_traces_to_one_graph_without_breaks(models, monkeypatch, variant):
+    """`dense_prefill` on a real dense prompt's arguments: one graph, no break (the route's sorting and slicing,
+    positions and rotary tables included; sizes come from tensor shapes, never a host read)."""
+    from routing.model import dense_prefill
+
+    routed = models[3][variant][0]
+    seen = []
+    monkeypatch.setattr(routed, "dense_prefill", lambda *args, **kwargs: seen.append((args, kwargs)) or (
+        dense_prefill(*args, **kwargs)))
+    with torch.no_grad():
+        routed(**without_labels(make_batch("uniform")))
+    (args, kwargs), = seen
+    with torch.no_grad():
+        explained = torch._dynamo.explain(dense_prefill)(*args, **kwargs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.parametrize("kind", ["uniform", "plain"])
+def test_a_model_compiled_before_any_eager_call_breaks_no_graph(request, kind):
+    """A fresh model's first prompt and decode steps compiled: no graph break. (Python 3.11's
+    functools.cached_property takes a lock on a first read, which dynamo cannot trace: an anatomy module first read
+    inside a graph, as the rotary module or the final norm are, broke `dense_prefill` in two and `routed_prefill`.)"""
+    from torch._dynamo.utils import counters
+
+    routed = routing.build(tiny_llava(layers=4, seed=7), SPLIT, "lf").eval()
+    compile_model(routed, backend=request.config.getoption("--compile-backend"))
+    counters.clear()
+    decode_step_logits(routed, without_labels(make_batch(kind)), NEW)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_compiled_lf_with_fastv_equals_eager(models, request):
     """LF under FastV pruning: FastV's shallow layers run as their groups, then `routed_prefill` from the split on
     (its other entry: shallow layers done, the pruned frame's masks); logits and cached decode equal eager."""

@@ -83,9 +83,10 @@ def test_no_image_routing_equals_hf_forward_bit_for_bit_in_bf16(attn, kv_heads):
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize(("variant", "fusion_layers"), [("lf", 1), ("lf-ideal", 0), ("pc", 0), ("pc", 1),
                                                         ("kv", 0), ("kv", 1)])
-@pytest.mark.parametrize("kind", ["plain", "mixed"])
+@pytest.mark.parametrize("kind", ["plain", "mixed", "uniform"])
 def test_variants_equal_naive_reference(model, padding, variant, fusion_layers, kind):
-    """Each variant against the full-sequence layer loops; `mixed` has 2, 0 and 1 images per row."""
+    """Each variant against the full-sequence layer loops; `mixed` has 2, 0 and 1 images per row; `uniform` (no
+    padding, one image each) goes through `dense_prefill` (test_dense_prompts_take_the_one_call_path)."""
     batch = without_labels(make_batch(kind, padding))
     routed = _perturb(routing.build(model, SPLIT, variant, fusion_layers=fusion_layers))
     valid = batch["attention_mask"].bool()
@@ -235,3 +236,26 @@ def test_bfloat16_runs():
         out = routed(**batch)
     assert out.logits.dtype == torch.bfloat16 and out.loss.isfinite()
     assert next(routed.side.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("variant", ["lf", "lf-ideal", "pc", "kv"])
+def test_dense_prompts_take_the_one_call_path(monkeypatch, variant):
+    """An unpadded batch with one image count per row goes through `dense_prefill` (route and positions inside
+    it); a padded one, or eager attention (masks needed), through `Route.of` and `routed_prefill`."""
+    model = tiny_llava("sdpa")
+    routed = routing.build(model, SPLIT, variant)
+    calls = []
+    for name in ("dense_prefill", "routed_prefill"):
+        real = getattr(routed, name)
+        monkeypatch.setattr(routed, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    with torch.no_grad():
+        routed(**without_labels(make_batch("uniform")))
+        assert calls == ["dense_prefill"]
+        routed(**without_labels(make_batch("plain")))
+        assert calls[1:] == ["routed_prefill"]
+        model.set_attn_implementation("eager")
+        try:
+            routed(**without_labels(make_batch("uniform")))
+        finally:
+            model.set_attn_implementation("sdpa")
+        assert calls[2:] == ["routed_prefill"]

@@ -442,6 +442,12 @@ class Backbone:
             return None
         return self.causal_mask(x, valid, position_ids, cache, layer_idx=layer_idx)
 
+    def maskless(self, cache=None) -> bool:
+        """Whether an unpadded prompt on `cache` needs no mask in any layer: what `causal_mask` answers None for,
+        and `subset_causal_mask` for a dense subset (sdpa's own ``is_causal``, no keys cached before). A family with
+        sliding windows or image blocks overrides it (never)."""
+        return self._sdpa_is_causal(cache, 0)
+
     def _sdpa_is_causal(self, cache, layer_idx: int, queries: int = 0) -> bool:
         """Whether an unpadded block of `queries` needs no mask (HF's ``_ignore_causal_mask_sdpa``): sdpa, and no
         keys cached before it (queries = keys) or a single query (it sees every key)."""

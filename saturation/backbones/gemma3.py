@@ -114,6 +114,10 @@ class Gemma3(Backbone):
         blocks = get_block_sequence_ids_for_mask(image_mask.long(), device=inputs_embeds.device)
         return create_masks_for_vision_model(block_sequence_ids=blocks, **kw)
 
+    def maskless(self, cache=None) -> bool:
+        """Never: sliding layers always need their window, image blocks their bidirectional attention."""
+        return False
+
     def subset_causal_mask(self, x: Tensor, valid: Tensor, dense: bool, position_ids: Tensor, cache=None,
                            layer_idx: int = 0, image_mask: Tensor | None = None) -> dict:
         """Causal in the subset's (original) order, OR same image block, and for sliding layers AND the window, both
