@@ -1,6 +1,6 @@
 """Where a compiled routed prefill's time goes against compiled vanilla's: the graph alone, and the eager work around it.
 
-    python tools/eager_overhead.py [--variant lf] [--text-tokens 64] [--rounds 7] [--calls 200]
+    python tools/eager_overhead.py [--variant lf] [--text-tokens 64] [--rounds 7] [--calls 200] [--cold]
 
 The embedded model and the benchmark's prompt (`routing bench`'s, real images), both models compiled, one thread,
 CPU clock. Each round times, in turn: both whole prefills; each graph called alone on the arguments a real prefill
@@ -9,7 +9,8 @@ which leaves only the eager work around it (the routing's host reads, cache stat
 vanilla's: its wrappers and LM head). The routed prompt is `dense_prefill` (the benchmark's prompt is unpadded with
 one image). Medians over rounds; the ratios are of paired rounds. Steadier than the bench's whole-prefill ratio on a
 shared CPU, whose load moves between runs by more than LF's saving at this size; the eager work costs more in a real
-prefill than stubbed (it runs after the graph has evicted the caches).
+prefill than stubbed (it runs after the graph has evicted the caches). `--cold` flushes the CPU caches before every
+call (a 64 MiB copy, outside the timing), as `routing bench` sees each prefill with other models' calls between.
 """
 
 from __future__ import annotations
@@ -29,11 +30,20 @@ from saturation.data import read_records
 from saturation.loading import DATA_SAMPLES, load_llava
 
 
-def per_call_ms(fn, calls: int) -> float:
-    start = time.thread_time()
+def per_call_ms(fn, calls: int, flush=None) -> float:
+    """Mean CPU ms of `fn` over `calls`; with `flush`, it runs before every call, untimed."""
+    if flush is None:
+        start = time.thread_time()
+        for _ in range(calls):
+            fn()
+        return (time.thread_time() - start) / calls * 1e3
+    total = 0.0
     for _ in range(calls):
+        flush()
+        start = time.thread_time()
         fn()
-    return (time.thread_time() - start) / calls * 1e3
+        total += time.thread_time() - start
+    return total / calls * 1e3
 
 
 def captured(obj, name: str, run) -> tuple[tuple, dict]:
@@ -60,7 +70,12 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--cold", action="store_true", help="flush the CPU caches before every call")
     args = parser.parse_args()
+    flush = None
+    if args.cold:
+        big, sink = torch.ones(2**24), torch.empty(2**24)  # 64 MiB: more than this machine's L2 and L3
+        flush = lambda: sink.copy_(big)  # noqa: E731
     torch.set_num_threads(1)
     base, processor = load_llava("tiny", dtype="float32", device="cpu")
     base.eval()
@@ -80,17 +95,17 @@ def main() -> None:
         stack_out = (lambda a, k: real_stack(*a, **k))(*fresh_cache(*stack_call))
         graph_out = (lambda a, k: real_graph(*a, **k))(*fresh_cache(*graph_call))
         for _ in range(args.rounds):
-            times["routed"].append(per_call_ms(lambda: prefill(routed, p), args.calls))
-            times["vanilla"].append(per_call_ms(lambda: prefill(base, p), args.calls))
+            times["routed"].append(per_call_ms(lambda: prefill(routed, p), args.calls, flush))
+            times["vanilla"].append(per_call_ms(lambda: prefill(base, p), args.calls, flush))
             times["routed graph"].append(per_call_ms(
-                lambda: (lambda a, k: real_graph(*a, **k))(*fresh_cache(*graph_call)), args.calls))
+                lambda: (lambda a, k: real_graph(*a, **k))(*fresh_cache(*graph_call)), args.calls, flush))
             times["vanilla graph"].append(per_call_ms(
-                lambda: (lambda a, k: real_stack(*a, **k))(*fresh_cache(*stack_call)), args.calls))
+                lambda: (lambda a, k: real_stack(*a, **k))(*fresh_cache(*stack_call)), args.calls, flush))
             routed.dense_prefill = lambda *a, **k: graph_out  # no layer runs
             stack._compiled_call_impl = lambda *a, **k: stack_out
             try:
-                times["routed eager"].append(per_call_ms(lambda: prefill(routed, p), args.calls))
-                times["vanilla eager"].append(per_call_ms(lambda: prefill(base, p), args.calls))
+                times["routed eager"].append(per_call_ms(lambda: prefill(routed, p), args.calls, flush))
+                times["vanilla eager"].append(per_call_ms(lambda: prefill(base, p), args.calls, flush))
             finally:
                 routed.dense_prefill, stack._compiled_call_impl = real_graph, real_stack
     for name, values in times.items():  # "routed eager" -> "lf eager", "vanilla" -> "vanilla prefill"
