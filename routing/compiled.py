@@ -2,18 +2,22 @@
 
 What is compiled, and why there:
 
-- **Routed prompt**: ``routed_prefill`` (shallow, the side branch on the image subset, the deep layers as the
-  variant routes them: LF's text subset, PC's resets, KV's image keys; fusion) is ONE graph for every variant, as
-  vanilla's stack is: what needs the host (``Route.of`` reads image counts: data-dependent shapes, a graph break
-  wherever it sits; HF's mask code branches on values) runs before it, once, and the graph takes the subsets'
-  indices as tensors (dynamic shapes). On the embedded model at 64 text tokens LF's prefill went from 1.14-1.23x
-  compiled vanilla (four group graphs, eager gathers and merge between them) to 0.97-1.01x by run and period (FLOP
-  ratio 0.956; README); what stays outside is eager per-call work (``Route.of``, rotary tables, routing state).
+- **Routed prompt**: ONE graph for every variant, as vanilla's stack is. The common prompt (nothing padded, one
+  image count per row, positions from the mask, no mask needed: ``dense_prefill``) has its route (`Route.dense`:
+  argsort and slices sized by tensor shapes), positions and rotary tables in that graph too; only `RouteSizes`' two
+  host reads stay before it. Any other prompt (padding, uneven image counts, FastV, M-RoPE, Gemma's masks) runs
+  ``routed_prefill`` after what needs the host (``Route.of`` reads image counts: data-dependent shapes, a graph break
+  wherever it sits; HF's mask code branches on values). Both end with the final norm. On the embedded model at 64
+  text tokens LF's compiled prefill is 0.99-1.00x compiled vanilla in the bench (FLOP ratio 0.956; README); the eager
+  work around the graph is 0.18 ms against vanilla's 0.13 (``tools/eager_overhead.py``).
 - **Routed, other groups**: every other run of consecutive decoder layers (FastV's shallow layers, the layers
   after a route-free prompt, the whole decode step's layer loop) goes through `run_layers`; compiling it makes
   each group ONE graph (its layers unrolled, the KV-cache appends inside), with the bookkeeping between groups eager.
 - **Vanilla**: the base's own decoder stack (``anatomy.text_model``: mask, rotary, every layer, norm), compiled
-  whole, as HF's ``model.compile()`` would; its lm_head stays eager like the routed model's.
+  whole, as HF's ``model.compile()`` would; its lm_head stays eager like the routed model's. While tracing,
+  transformers builds its full causal mask even for an unpadded prompt (``_ignore_causal_mask_sdpa``, before torch
+  2.14), so compiled vanilla attends under an explicit mask where the routed prompt uses sdpa's ``is_causal``: at
+  long prompts that, not routing, is most of the gap between them (README).
 
 What does not compile into those graphs (graph breaks and recompiles, checked with ``TORCH_LOGS=graph_breaks,
 recompiles``): nothing breaks inside a group. Each group is its own entry of `run_layers`' cache (dynamo guards on
