@@ -470,7 +470,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
                     freeze=self._freezes())
             frame = {"full": (attention_mask.bool(), pos)}
             return self._finish_prompt(h, r, cache, frame, text_pos, image_pos, prompt_mask, pos, attention_mask,
-                                       kept)
+                                       None)
         pos = a.positions(attention_mask, image_mask=image_mask, **image_kwargs)  # M-RoPE: [3, batch, seq]
         rope = a.rope(h, pos)
         full_mask = a.causal_mask(h, attention_mask, pos, cache, layer_idx=0, image_mask=image_mask)  # per layer type

@@ -104,6 +104,7 @@ class Backbone:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self._rope_tables: dict = {}  # (layer type, dtype) -> (inv_freq it was made from, cos, sin): `_rotary`
         self.check()
 
     def __repr__(self) -> str:
@@ -399,12 +400,11 @@ class Backbone:
             return rotary(hidden, position_ids, *extra)
         inv_freq = getattr(rotary, "inv_freq" if layer_type is None else f"{layer_type}_inv_freq")
         key, need = (layer_type, hidden.dtype), int(position_ids.max()) + 1 if position_ids.numel() else 1
-        tables = self.__dict__.setdefault("_rope_tables", {})
-        table = tables.get(key)
+        table = self._rope_tables.get(key)
         if table is None or table[0] is not inv_freq or table[1].shape[0] < need:  # a new buffer: model.to(...)
             length = max(need, 2 * table[1].shape[0] if table is not None else 256)
             cos, sin = rotary(hidden[:1, :1], torch.arange(length, device=position_ids.device)[None], *extra)
-            tables[key] = table = (inv_freq, cos[0], sin[0])
+            self._rope_tables[key] = table = (inv_freq, cos[0], sin[0])
         flat = position_ids.reshape(-1)
         return tuple(t.index_select(0, flat).view(*position_ids.shape, -1) for t in table[1:])
 
