@@ -641,6 +641,23 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         keep = {k: model_kwargs[k] for k in names if model_kwargs.get(k) is not None}  # prune-pre scores the pixels
         return super()._prepare_multimodal_encoder_kwargs_for_generation(model_kwargs) | keep
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: Tensor | None = None, **model_kwargs) -> tuple[Tensor | None, dict]:
+        """Beams and ``num_return_sequences``: HF repeats every tensor kwarg row by row, right for per-sample ones but
+        not for a kept per-image one (Qwen's ``image_grid_thw`` [images, 3]): a row with images A, B needs [A, B, A, B],
+        not [A, A, B, B], as HF repeats the encoded images themselves (``_expand_multimodal_outputs``)."""
+        names = self.anatomy.per_image_kwargs if expand_size > 1 and input_ids is not None else ()
+        per_image = {k: model_kwargs.pop(k) for k in names if model_kwargs.get(k) is not None}
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder,
+                                                                           input_ids, **model_kwargs)
+        if per_image:
+            counts = self.anatomy.images_per_row(input_ids)
+            for k, v in per_image.items():
+                if sum(counts) != len(v):
+                    raise ToolkitError(f"{k} has {len(v)} rows but the prompts hold {sum(counts)} images")
+                model_kwargs[k] = torch.cat([g.repeat(expand_size, *(1,) * (v.ndim - 1)) for g in v.split(counts)])
+        return expanded_ids, model_kwargs
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """HF makes ``DynamicCache(config=...)``, whose sliding-window layers drop keys by count; a routed prefill
         needs `new_cache`'s (a user's own cache is left to `check_cache`)."""

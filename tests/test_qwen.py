@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 from qwen_fixtures import (
+    ASSISTANT,
     DEEPSTACK,
     FAMILIES,
     IMAGE,
     IMAGE_SIZES,
     MERGE,
     PATCH,
+    PICTURE,
+    USER,
     VIDEO,
     family,
     image_kwargs,
@@ -146,6 +150,41 @@ def test_decoding_carries_the_rope_delta_in_the_cache(fam, sharp_model, batch):
     _, deltas = sharp_model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
                                                  batch["image_grid_thw"], attention_mask=batch["attention_mask"])
     assert torch.equal(state.position_delta, deltas[:, 0]) and bool((deltas < 0).all())
+
+
+def test_beam_search_with_two_images_in_a_row_scores_each_beam_as_recomputed(fam, sharp_model):
+    """Beams (and num_return_sequences) expand the batch: a row holding two grids of different sizes needs its
+    grids repeated as a group, [A, B, A, B], or the expanded rows' positions read the wrong grid (it crashed in
+    HF's M-RoPE index). Each returned beam's score (length_penalty 0: the sum of its tokens' log-probabilities) must
+    equal that sum recomputed from scratch on its own, unexpanded prompt."""
+    routed = perturb_side(routing.build(sharp_model, SPLIT, "lf"))
+    routed.generation_config.eos_token_id = None
+    texts = [f"{USER}{PICTURE}what colour {PICTURE}is the circle ?{ASSISTANT}", f"{USER}how many {PICTURE}?{ASSISTANT}"]
+    images = [[Image.new("RGB", (64, 32), "red"), Image.new("RGB", (32, 48), "blue")], [Image.new("RGB", (32, 32), "green")]]
+    fam.processor.tokenizer.padding_side = "left"
+    batch = dict(fam.processor(images=images, text=texts, return_tensors="pt", padding=True))
+    grids = batch["image_grid_thw"]
+    assert grids[0].tolist() != grids[1].tolist()  # two sizes in the first row: the order matters
+    _, expanded = routed._expand_inputs_for_generation(2, input_ids=batch["input_ids"], image_grid_thw=grids)
+    assert expanded["image_grid_thw"].tolist() == grids[[0, 1, 0, 1, 2, 2]].tolist()
+
+    beams, n = 3, batch["input_ids"].shape[1]
+    out = routed.generate(**batch, max_new_tokens=NEW, num_beams=beams, num_return_sequences=beams, do_sample=False,
+                          length_penalty=0.0, output_scores=True, return_dict_in_generate=True,
+                          suppress_tokens=[IMAGE, VIDEO])
+    for row, (text, pictures) in enumerate(zip(texts, images)):
+        alone = dict(fam.processor(images=[pictures], text=[text], return_tensors="pt"))
+        pads = n - alone["input_ids"].shape[1]
+        for k in range(row * beams, (row + 1) * beams):
+            ids = out.sequences[k:k + 1, pads:]
+            assert torch.equal(ids[:, :n - pads], alone["input_ids"])
+            types = torch.cat([alone["mm_token_type_ids"], torch.zeros_like(ids[:, n - pads:])], 1)
+            with torch.no_grad():
+                logits = routed(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=alone["pixel_values"],
+                                image_grid_thw=alone["image_grid_thw"], mm_token_type_ids=types).logits
+            logp = logits[0, n - pads - 1:-1].float().log_softmax(-1).gather(1, ids[0, n - pads:, None]).sum()
+            torch.testing.assert_close(out.sequences_scores[k], logp, atol=1e-4, rtol=0, msg=f"beam {k}")
+    assert len({tuple(s.tolist()) for s in out.sequences[:beams]}) == beams  # real beams, not one sequence thrice
 
 
 def test_pc_equals_kv_at_text_and_text_before_the_image_is_unchanged(fam, model, batch):

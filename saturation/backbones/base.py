@@ -98,6 +98,8 @@ class Backbone:
     template: ClassVar[PromptTemplate] = LLAVA_TEMPLATE
     # Image kwargs the positions read (M-RoPE's image_grid_thw): generate() must keep them after pre-encoding images.
     position_kwargs: ClassVar[tuple[str, ...]] = ()
+    # Of those, the ones with a row per IMAGE (not per sample): expanding a batch for beams repeats them by row groups.
+    per_image_kwargs: ClassVar[tuple[str, ...]] = ()
     # Prompts use the checkpoint's chat template when its processor has one (`template` otherwise); a family whose
     # published training format differs from its hub chat template pins `template` by setting this False.
     chat_template: ClassVar[bool] = True
@@ -262,6 +264,13 @@ class Backbone:
             self.model.set_attn_implementation({"vision_config": previous})
         probs = attn[layer if layer < 0 else layer - 1].float().mean(1)  # hidden_states[l] is layer l-1's output
         return probs[:, 0, 1:] if c.vision_feature_select_strategy == "default" else probs.mean(1)
+
+    def images_per_row(self, input_ids: Tensor) -> list[int]:
+        """How many images each row of `input_ids` [B, T] holds: its runs of image tokens (as HF's M-RoPE index
+        reads one grid per run of image tokens; pads are never image tokens)."""
+        image = input_ids == self.image_token_id
+        starts = image & ~torch.nn.functional.pad(image[:, :-1], (1, 0))
+        return starts.sum(1).tolist()
 
     def placeholder_mask(self, input_ids: Tensor, inputs_embeds: Tensor, features: Tensor) -> Tensor:
         """[B, T, 1] bool: where the image features go (the model's own ``get_placeholder_mask``)."""

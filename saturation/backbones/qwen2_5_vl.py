@@ -33,6 +33,7 @@ class QwenVL(Backbone):
 
     image_kwargs = ("image_grid_thw", "mm_token_type_ids")
     position_kwargs = ("image_grid_thw", "mm_token_type_ids")
+    per_image_kwargs = ("image_grid_thw",)
     template = QWEN_VL_TEMPLATE
     # The released checkpoints' preprocessor_config.json: (min_pixels, max_pixels) an image is resized into.
     PIXELS: ClassVar[tuple[int, int]] = (56 * 56, 28 * 28 * 1280)
