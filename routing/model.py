@@ -484,7 +484,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         with self._frozen(), a.injecting(e):  # nothing trainable upstream: no graph; DeepStack stays shallow
             if plan.prune == "fastv" and r is not None:  # FastV: drop image tokens after layer K-1, by its attention
                 h = run(range(plan.prune_layer - 1), h, full_mask, pos, rope)
-                keep = self._fastv_keep(h, r, pos, rope, attention_mask)
+                keep = self._fastv_keep(h, r, rope, attention_mask, a.pick(full_mask, plan.prune_layer - 1))
                 h = run([plan.prune_layer - 1], h, full_mask, pos, rope)
                 kept = Kept.of(keep, h)
                 h, image_mask, attention_mask = kept.take(h), kept.take(image_mask), kept.valid.long()
@@ -554,12 +554,14 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             position_delta=state.next_position - prompt_mask.sum(1)))
 
     # ---------------------------------------------------------------- pruning (training-free peers)
-    def _fastv_keep(self, h: Tensor, r: Route, pos: Tensor, rope, attention_mask: Tensor) -> Tensor:
+    def _fastv_keep(self, h: Tensor, r: Route, rope, attention_mask: Tensor, mask: Tensor | None) -> Tensor:
         """FastV's choice [B, N] bool (text and the kept image tokens): the top R of each row's image tokens by the
         attention they receive at layer K-1 (its input `h`), averaged over heads and the row's text queries.
 
         One read of that layer's q/k (the adapter's `queries_keys`), text rows only; every layer keeps its sdpa.
         The softmax needs every visible key, so the scores are text rows x all columns, then the image columns.
+        What a query sees is that layer's own `mask` (a sliding-window layer's window, in original positions), or
+        causal over the real tokens where the layer needs none.
         """
         a, layer = self.anatomy, self.plan.prune_layer - 1
         q, k, scale = a.queries_keys(layer, h, a.pick(rope, layer))
@@ -570,6 +572,8 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         n = h.shape[1]
         visible = ((torch.arange(n, device=device)[None, None, :] <= r.text_index[:, :, None])
                    & attention_mask.bool()[:, None, :])  # [B, T, N]: causal in the sequence, no pads
+        if mask is not None:
+            visible = visible & r.text(a.allowed(mask.to(device))[:, 0])
         probs = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible[:, None], float("-inf")).softmax(-1)
         probs = probs.nan_to_num(0.0).mean(1)  # over heads; a text row with nothing visible has none to give
         weight = r.text_valid.float()

@@ -6,6 +6,8 @@ loops over the FULL sequence, where routing is nothing but a mask and a reset of
 
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 from transformers import LlavaForConditionalGeneration
 
@@ -175,3 +177,26 @@ def perturb_side(routed, seed: int = 3, scale: float = 0.05):
         for p in routed.side.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
     return routed
+
+
+def pinned_fastv(routed):
+    """Recomputation with the kept set chosen on the prompt, as cached decoding keeps it (a recomputation over
+    prompt + generated tokens would otherwise rank with the new text queries too)."""
+    original, first = routed._fastv_keep, []
+
+    def pinned(h, r, rope, attention_mask, mask):
+        keep = original(h, r, rope, attention_mask, mask)
+        if not first:
+            first.append(keep)
+        return torch.cat([first[0], attention_mask[:, first[0].shape[1]:].bool()], 1)
+    return mock.patch.object(routed, "_fastv_keep", pinned)
+
+
+def fastv_kept(routed, batch: dict) -> torch.Tensor:
+    """The kept set [B, N] bool FastV chose on `batch` (its one call of ``_fastv_keep``)."""
+    seen = []
+    original = routed._fastv_keep
+    with mock.patch.object(routed, "_fastv_keep", lambda *a: seen.append(original(*a)) or seen[-1]):
+        with torch.no_grad():
+            routed(**batch)
+    return seen[0]

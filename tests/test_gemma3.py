@@ -19,7 +19,14 @@ from gemma3_fixtures import (
     gemma_model,
     naive_logits,
 )
-from routing_fixtures import SHARP_STD, assert_informative, decode_step_logits, perturb_side
+from routing_fixtures import (
+    SHARP_STD,
+    assert_informative,
+    decode_step_logits,
+    fastv_kept,
+    perturb_side,
+    pinned_fastv,
+)
 from transformers import DynamicCache
 
 import routing
@@ -179,6 +186,39 @@ def test_every_decode_step_logits_equal_recomputation(sharp_model, variant):
     routed = perturb_side(routing.build(sharp_model, SPLIT, variant, **variant_kwargs(variant)))
     routed.generation_config.eos_token_id = None
     new, cached, recomputed = decode_step_logits(routed, gemma().batch(), NEW, [IMAGE, BOI, EOI])
+    assert_informative(new)
+    for step, (got, want) in enumerate(zip(cached, recomputed, strict=True)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")
+
+
+@pytest.mark.parametrize("layer", [2, 3])  # K-1 = 1 (sliding: the window hides most image keys), 2 (global)
+def test_fastv_keeps_what_an_eager_attention_read_ranks_highest(model, batch, layer):
+    """FastV's scores read layer K-1's own mask: on a sliding layer a text query far after the image gives its
+    keys nothing (scored causally they would). Reference: HF's eager attention probabilities at that layer,
+    averaged over heads and text queries; the budget stays below the image tokens any text query can see."""
+    routed = routing.build(model, split=4, variant="fastv", prune_layer=layer, keep=0.25)
+    kept = fastv_kept(routed, batch)
+    with torch.no_grad():
+        attn = gemma_model("eager")(**batch, position_ids=generate_positions(batch), output_attentions=True).attentions
+    probs = attn[layer - 1].mean(1)
+    image = batch["input_ids"] == IMAGE
+    text = batch["attention_mask"].bool() & ~image
+    for b in range(len(image)):
+        received, columns = probs[b][text[b]].mean(0), image[b].nonzero().squeeze(1)
+        budget = routed.plan.kept_tokens(len(columns))
+        assert 0 < budget < int((received[columns] > 0).sum())  # no ties at zero decide the set
+        expected = set(columns[received[columns].topk(budget).indices].tolist())
+        assert set((kept[b] & image[b]).nonzero().squeeze(1).tolist()) == expected
+
+
+@pytest.mark.parametrize("spec", [{"variant": "fastv", "split": 4}, {"variant": "lf", "split": SPLIT, "prune": "fastv"}])
+def test_fastv_decode_steps_equal_recomputation(sharp_model, spec):
+    """FastV on Gemma (alone and under LF): the kept layout's keys keep their original positions, so windows and
+    image blocks hold at every cached step."""
+    routed = perturb_side(routing.build(sharp_model, **spec, prune_layer=2, keep=0.5))
+    routed.generation_config.eos_token_id = None
+    with pinned_fastv(routed):
+        new, cached, recomputed = decode_step_logits(routed, gemma().batch(), NEW, [IMAGE, BOI, EOI])
     assert_informative(new)
     for step, (got, want) in enumerate(zip(cached, recomputed, strict=True)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")

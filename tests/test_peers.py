@@ -7,17 +7,17 @@ keys; the shorter prompt through HF's own forward); every decode step equals rec
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 from routing_fixtures import (
     IMAGE,
     assert_informative,
     decode_step_logits,
+    fastv_kept,
     layer_mask,
     make_batch,
     perturb_side,
+    pinned_fastv,
     tiny_llava,
     without_labels,
 )
@@ -77,22 +77,13 @@ def test_vtw_is_lf_ideal_with_an_untrained_side_branch(model, kind):
     assert build(model, "vtw@3").trainable_parameters().trainable == 0
 
 
-def _kept_set(routed, batch) -> torch.Tensor:
-    seen = []
-    original = routed._fastv_keep
-    with mock.patch.object(routed, "_fastv_keep", lambda *a: seen.append(original(*a)) or seen[-1]):
-        with torch.no_grad():
-            routed(**batch)
-    return seen[0]
-
-
 @pytest.mark.parametrize("layer,keep", [(2, 0.5), (1, 0.25), (4, 0.75)])
 @pytest.mark.parametrize("kind", ["plain", "mixed"])
 def test_fastv_keeps_what_an_eager_attention_read_ranks_highest(model, eager_model, layer, keep, kind):
     """The reference: HF's own eager attention probabilities at layer K-1, averaged over heads and text queries,
     top floor(R n) image tokens per row."""
     batch = without_labels(make_batch(kind))
-    kept = _kept_set(build(model, f"fastv@{layer}:{keep}"), batch)
+    kept = fastv_kept(build(model, f"fastv@{layer}:{keep}"), batch)
     mask = batch["attention_mask"]
     with torch.no_grad():
         attn = eager_model(**batch, position_ids=position_ids_from_mask(mask), output_attentions=True).attentions
@@ -127,7 +118,7 @@ def _naive_pruned(model, batch, layer: int, kept: torch.Tensor) -> torch.Tensor:
 def test_fastv_equals_a_masked_full_sequence_reference(model, kind):
     batch = without_labels(make_batch(kind))
     routed = build(model, "fastv@2:50%")
-    kept = _kept_set(routed, batch)
+    kept = fastv_kept(routed, batch)
     with torch.no_grad():
         logits = routed(**batch).logits
     reference = _naive_pruned(model, batch, 2, kept)
@@ -167,26 +158,13 @@ def test_prune_pre_keeps_the_top_cls_attention_tokens(model):
         assert set(chosen.tolist()) == set(scores[b].topk(4).indices.tolist())
 
 
-def _pinned_fastv(routed):
-    """Recomputation with the kept set chosen on the prompt, as cached decoding keeps it (a recomputation over
-    prompt + generated tokens would otherwise rank with the new text queries too)."""
-    original, first = routed._fastv_keep, []
-
-    def pinned(h, r, pos, rope, mask):
-        keep = original(h, r, pos, rope, mask)
-        if not first:
-            first.append(keep)
-        return torch.cat([first[0], mask[:, first[0].shape[1]:].bool()], 1)
-    return mock.patch.object(routed, "_fastv_keep", pinned)
-
-
 @pytest.mark.parametrize("spec", ["vtw@3", "fastv@2:50%", "prune-pre:25%", "pool:25%", "lf@3+fastv@2:50%",
                                   "lf@3+prune-pre:50%", "kv@3+fastv@3:25%", "pc@3+pool:25%"])
 @pytest.mark.parametrize("kind", ["plain", "mixed"])
 def test_cached_decoding_equals_recomputation_at_every_step(model, spec, kind):
     routed = perturb_side(build(model, spec))
     batch = without_labels(make_batch(kind))
-    with _pinned_fastv(routed):
+    with pinned_fastv(routed):
         new, cached, recomputed = decode_step_logits(routed, batch, 5)
     assert_informative(new)
     for step, (c, r) in enumerate(zip(cached, recomputed)):

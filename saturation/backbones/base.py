@@ -485,6 +485,11 @@ class Backbone:
                 ~allowed, torch.finfo(dtype).min)
         return allowed
 
+    @staticmethod
+    def allowed(mask: Tensor) -> Tensor:
+        """`_as_mask` undone: the [B, 1, q, k] bool of what a layer's mask lets attend (an additive mask is 0 there)."""
+        return mask if mask.dtype == torch.bool else mask == 0
+
     # ---------------------------------------------------------------- one layer's attention inputs
     def _rotary_fn(self, attn: nn.Module):
         """The family's own ``apply_rotary_pos_emb``, from the modeling module the attention class lives in (Llama,
