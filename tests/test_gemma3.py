@@ -28,11 +28,14 @@ from routing_fixtures import (
     pinned_fastv,
 )
 from transformers import DynamicCache
+from transformers.masking_utils import blockwise_overlay, create_causal_mask, sliding_window_overlay
 
 import routing
 from saturation.anatomy import anatomy, position_ids_from_mask
 from saturation.backbones import Gemma3
+from saturation.backbones.gemma3 import FULL, SLIDING, block_ids
 from saturation.errors import ToolkitError
+from saturation.hf_compat import cache_kwargs
 from saturation.loading import load_llava, resolve_name
 
 SPLIT = 2  # shallow: sliding, sliding; side branch from layer 2 (global); deep 2..4; fusion 5 (global)
@@ -126,8 +129,8 @@ def test_windows_in_subset_indices_would_be_caught(model, batch, monkeypatch):
     row 1's image sits TOKENS_PER_IMAGE positions further than its subset index says)."""
     routed = perturb_side(routing.build(model, SPLIT, "lf"))
     a = anatomy(model)
-    monkeypatch.setattr(type(a), "_window", lambda self, q, k, off=0: (
-        lambda b, h, qi, kv: kv > qi - self.window))
+    monkeypatch.setattr(type(a), "near", lambda self, q, k: (  # subset indices instead of positions
+        torch.arange(k.shape[1])[None, None, None, :] > torch.arange(q.shape[1])[None, None, :, None] - self.window))
     valid = batch["attention_mask"].bool()
     with torch.no_grad():
         got = routed(**batch).logits[valid]
@@ -222,6 +225,62 @@ def test_fastv_decode_steps_equal_recomputation(sharp_model, spec):
     assert_informative(new)
     for step, (got, want) in enumerate(zip(cached, recomputed, strict=True)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")
+
+
+def hf_window(q_pos: torch.Tensor, k_pos: torch.Tensor, q_offset: int = 0):
+    """HF's sliding-window overlay read in ORIGINAL positions, as an and_mask_function (HF expands it under vmap)."""
+    inner = sliding_window_overlay(WINDOW)
+    return lambda b, h, q, kv: inner(b, h, q_pos[b, q - q_offset], k_pos[b, kv])
+
+
+def subset(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The `chosen` tokens of every row [B, n], in original order, left-aligned, padded to the longest row."""
+    order = torch.argsort((~chosen).to(torch.uint8), dim=1, stable=True)[:, : int(chosen.sum(1).max())]
+    return x.gather(1, order)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_subset_masks_equal_hfs_own_construction(batch, attn):
+    """A prompt's subset masks (image only: two blocks in row 0; text only, padded; the whole sequence), built
+    directly, equal HF's create_causal_mask with blockwise_overlay and the window as its mask functions, bit for bit."""
+    a = anatomy(gemma_model(attn))
+    image, valid = batch["input_ids"] == IMAGE, batch["attention_mask"].bool()
+    pos = generate_positions(batch)
+    for chosen in (image & valid, ~image & valid, valid):
+        sub_valid, sub_pos, sub_image = subset(chosen, chosen), subset(pos, chosen), subset(image, chosen) & subset(chosen, chosen)
+        x = torch.zeros(*sub_valid.shape, 8)
+        kw = dict(config=a.text_config, inputs_embeds=x, attention_mask=sub_valid, position_ids=sub_pos, layer_idx=0,
+                  **cache_kwargs(None))
+        blocks = blockwise_overlay(block_ids(sub_image, sub_pos)) if bool(sub_image.any()) else None
+        got = a.subset_causal_mask(x, sub_valid, bool(sub_valid.all()), sub_pos, image_mask=sub_image)
+        assert torch.equal(got[SLIDING], create_causal_mask(**kw, or_mask_function=blocks,
+                                                            and_mask_function=hf_window(sub_pos, sub_pos)))
+        assert torch.equal(got[FULL], create_causal_mask(**kw, or_mask_function=blocks))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("new", [1, 3])
+def test_decode_sliding_mask_equals_hfs_own_construction(attn, new):
+    """New tokens against a cache layout whose keys are out of order (row 0: image keys first, as KV caches them)
+    and padded (row 1): the directly built sliding mask equals HF's with the window as and_mask_function."""
+    a = anatomy(gemma_model(attn))
+    c = a.text_config
+    generated = 2 + new
+    prompt = torch.tensor([[*range(5, 25), *range(5), *range(25, 31)], [0] * 4 + list(range(27))])
+    after = prompt.max(1).values[:, None] + 1 + torch.arange(generated)[None]
+    keys = torch.cat([prompt, after], 1)
+    mask = torch.ones_like(keys)
+    mask[1, :4] = 0
+    past = keys.shape[1] - new
+    cache = DynamicCache()
+    cache.update(torch.zeros(2, c.num_key_value_heads, past, c.head_dim), torch.zeros(2, c.num_key_value_heads, past,
+                                                                                       c.head_dim), 0)
+    queries, x = keys[:, past:], torch.zeros(2, new, c.hidden_size)
+    want = create_causal_mask(config=c, inputs_embeds=x, attention_mask=mask, position_ids=queries,
+                              **cache_kwargs(cache), layer_idx=0, and_mask_function=hf_window(queries, keys, past))
+    got = a.decode_mask(x, mask, queries, cache, 0, keys)[SLIDING]
+    assert torch.equal(got, want)
+    assert not bool(a.allowed(want)[0, 0, 0, :20].all())  # the window really cuts row 0's image keys
 
 
 def test_a_sliding_cache_is_refused_in_one_line(model, batch):

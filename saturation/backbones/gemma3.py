@@ -18,17 +18,10 @@ What differs from LLaVA, and nothing else:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from transformers.masking_utils import (
-    blockwise_overlay,
-    create_causal_mask,
-    create_masks_for_generate,
-    sliding_window_overlay,
-)
+from transformers.masking_utils import create_causal_mask, create_masks_for_generate
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
 from ..errors import ToolkitError
@@ -93,15 +86,10 @@ class Gemma3(Backbone):
         """One ``(cos, sin)`` pair per layer type, as the model's forward computes them."""
         return {kind: self._rotary(hidden, position_ids, kind) for kind in sorted(set(self.text_config.layer_types))}
 
-    def _window(self, q_pos: Tensor, k_pos: Tensor, q_offset: int = 0) -> Callable:
-        """HF's sliding-window overlay read in ORIGINAL positions: `q_pos` [B, q] and `k_pos` [B, kv] of the mask's
-        query and key indices (query indices start at `q_offset`, the cached length)."""
-        inner = sliding_window_overlay(self.window)
-
-        def mask(b, h, q, kv):
-            return inner(b, h, q_pos[b, q - q_offset], k_pos[b, kv])
-
-        return mask
+    def near(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """[B, 1, q, k] bool: keys inside a sliding layer's window, counted in ORIGINAL positions (HF's
+        ``sliding_window_overlay``, ``kv > q - window``, read at `q_pos` [B, q] and `k_pos` [B, k])."""
+        return k_pos[:, None, None, :] > q_pos[:, None, :, None] - self.window
 
     def causal_mask(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache=None,
                     layer_idx: int = 0, image_mask: Tensor | None = None) -> dict:
@@ -121,22 +109,35 @@ class Gemma3(Backbone):
     def subset_causal_mask(self, x: Tensor, valid: Tensor, dense: bool, position_ids: Tensor, cache=None,
                            layer_idx: int = 0, image_mask: Tensor | None = None) -> dict:
         """Causal in the subset's (original) order, OR same image block, and for sliding layers AND the window, both
-        in ORIGINAL positions; invalid entries out."""
-        blocks = None
-        if image_mask is not None and bool(image_mask.any()):
-            blocks = blockwise_overlay(block_ids(image_mask & valid.bool(), position_ids))
-        kw = dict(config=self.text_config, inputs_embeds=x, attention_mask=valid, position_ids=position_ids,
-                  **cache_kwargs(cache), layer_idx=layer_idx)
-        skip = blocks is None and dense and self._sdpa_is_causal(cache, layer_idx)  # sdpa's own is_causal
-        full = None if skip else create_causal_mask(**kw, or_mask_function=blocks)
-        sliding = create_causal_mask(**kw, or_mask_function=blocks, and_mask_function=self._window(position_ids,
-                                                                                                   position_ids))
-        return {FULL: full, SLIDING: sliding}
+        in ORIGINAL positions; invalid keys out. For a prompt's subset, so on an empty cache: its keys are itself.
+
+        What HF's ``create_causal_mask`` gives with ``or_mask_function=blockwise_overlay(...)`` and the window as
+        ``and_mask_function``, built directly: HF expands any custom mask function under vmap (~40 ms a mask on
+        CPU, host time on a GPU). tests/test_gemma3.py holds the two equal, bit for bit."""
+        if cache is not None and cache.get_seq_length(layer_idx):
+            raise ToolkitError(f"{self.spec.name}: a routed prompt starts on an empty cache (layer {layer_idx} holds "
+                               f"{cache.get_seq_length(layer_idx)} keys)")
+        index = torch.arange(valid.shape[1], device=valid.device)
+        allowed = index[None, None, :] <= index[None, :, None]  # [1, q, k]: causal in the subset's order
+        blocks = image_mask is not None and bool(image_mask.any())
+        if blocks:
+            ids = block_ids(image_mask & valid.bool(), position_ids)
+            allowed = allowed | ((ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0))
+        allowed = (allowed & valid.bool()[:, None, :])[:, None]  # [B, 1, q, k]
+        near = self.near(position_ids, position_ids)
+        if blocks:
+            full = self._as_mask(allowed, x.dtype)
+        elif dense and self._sdpa_is_causal(cache, layer_idx):
+            full = None  # sdpa's own is_causal
+        else:  # HF's plain causal mask: no custom function, no vmap
+            full = create_causal_mask(config=self.text_config, inputs_embeds=x, attention_mask=valid,
+                                      position_ids=position_ids, **cache_kwargs(cache), layer_idx=layer_idx)
+        return {FULL: full, SLIDING: self._as_mask(allowed & near, x.dtype)}
 
     def order_mask(self, q_index: Tensor, k_index: Tensor, k_valid: Tensor, dtype: torch.dtype) -> dict:
         """Keys in any order (KV's image-first deep layers): causal in original indices, and for sliding layers the
         window in original indices too (HF's window is over indices; for real tokens that is their positions)."""
-        near = k_index[:, None, None, :] > q_index[:, None, :, None] - self.window
+        near = self.near(q_index, k_index)
         causal = (k_index[:, None, None, :] <= q_index[:, None, :, None]) & k_valid[:, None, None, :]
         return {FULL: self._as_mask(causal, dtype), SLIDING: self._as_mask(causal & near, dtype)}
 
