@@ -214,7 +214,8 @@ def test_fastv_keeps_what_an_eager_attention_read_ranks_highest(model, batch, la
         assert set((kept[b] & image[b]).nonzero().squeeze(1).tolist()) == expected
 
 
-@pytest.mark.parametrize("spec", [{"variant": "fastv", "split": 4}, {"variant": "lf", "split": SPLIT, "prune": "fastv"}])
+@pytest.mark.parametrize("spec", [{"variant": "fastv", "split": 4},
+                                  {"variant": "lf", "split": SPLIT, "prune": "fastv"}])
 def test_fastv_decode_steps_equal_recomputation(sharp_model, spec):
     """FastV on Gemma (alone and under LF): the kept layout's keys keep their original positions, so windows and
     image blocks hold at every cached step."""
@@ -247,7 +248,8 @@ def test_subset_masks_equal_hfs_own_construction(batch, attn):
     image, valid = batch["input_ids"] == IMAGE, batch["attention_mask"].bool()
     pos = generate_positions(batch)
     for chosen in (image & valid, ~image & valid, valid):
-        sub_valid, sub_pos, sub_image = subset(chosen, chosen), subset(pos, chosen), subset(image, chosen) & subset(chosen, chosen)
+        sub_valid, sub_pos = subset(chosen, chosen), subset(pos, chosen)
+        sub_image = subset(image, chosen) & sub_valid
         x = torch.zeros(*sub_valid.shape, 8)
         kw = dict(config=a.text_config, inputs_embeds=x, attention_mask=sub_valid, position_ids=sub_pos, layer_idx=0,
                   **cache_kwargs(None))

@@ -160,7 +160,8 @@ def test_beam_search_with_two_images_in_a_row_scores_each_beam_as_recomputed(fam
     routed = perturb_side(routing.build(sharp_model, SPLIT, "lf"))
     routed.generation_config.eos_token_id = None
     texts = [f"{USER}{PICTURE}what colour {PICTURE}is the circle ?{ASSISTANT}", f"{USER}how many {PICTURE}?{ASSISTANT}"]
-    images = [[Image.new("RGB", (64, 32), "red"), Image.new("RGB", (32, 48), "blue")], [Image.new("RGB", (32, 32), "green")]]
+    images = [[Image.new("RGB", (64, 32), "red"), Image.new("RGB", (32, 48), "blue")],
+              [Image.new("RGB", (32, 32), "green")]]
     fam.processor.tokenizer.padding_side = "left"
     batch = dict(fam.processor(images=images, text=texts, return_tensors="pt", padding=True))
     grids = batch["image_grid_thw"]

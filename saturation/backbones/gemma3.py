@@ -2,12 +2,14 @@
 Gemma 3 LM whose layers are sliding-window or global (``config.layer_types``).
 
 What differs from LLaVA, and nothing else:
-- Masks are one per layer type, built by the model's own functions: every contiguous run of image tokens is one
-  block that attends to itself both ways on top of the causal mask (``token_type_ids``, derived here from the image
-  tokens: without them HF silently builds a plain causal mask); global layers = causal OR same block, sliding
-  layers = window AND (causal OR same block). A subset (image only, text only) or a routed cache layout gets its
-  window and its blocks in ORIGINAL positions, never in subset indices: text far after an image does not see text
-  the window excludes just because the image tokens between them were removed.
+- Masks are one per layer type, for the whole sequence built by the model's own functions: every contiguous run of
+  image tokens is one block that attends to itself both ways on top of the causal mask (``token_type_ids``, derived
+  here from the image tokens: without them HF silently builds a plain causal mask); global layers = causal OR same
+  block, sliding layers = window AND (causal OR same block). A subset (image only, text only) or a routed cache
+  layout gets its window and its blocks in ORIGINAL positions, never in subset indices: text far after an image
+  does not see text the window excludes just because the image tokens between them were removed. Those subset and
+  decode masks are built here by the same rules (HF would expand the custom mask functions they need under vmap,
+  tens of ms a mask); tests hold them equal to HF's own construction.
 - RoPE depends on the layer type (``rotary_emb(x, pos, layer_type)``: local and global bases), so `rope` returns one
   pair per type; q/k norms sit in attention (the spec's ``q_norm``/``k_norm``); queries scale by
   ``query_pre_attn_scalar`` (the attention module's own ``scaling``).
