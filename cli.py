@@ -16,8 +16,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from saturation.errors import ToolkitError
-from saturation.files import atomic_write, ensure_output_dir, ensure_output_file, write_json
+from saturation.core.errors import ToolkitError
+from saturation.core.files import atomic_write, ensure_output_dir, ensure_output_file, write_json
 
 err_console = Console(stderr=True)
 
@@ -110,7 +110,7 @@ def require_positive(**options: int | None) -> None:
 def check_device(device: str | None) -> None:
     """Refuse a device this machine does not have now, before data or weights are read."""
     if device is not None:
-        from saturation.loading import resolve_device
+        from saturation.core.loading import resolve_device
 
         resolve_device(device)
 
@@ -167,7 +167,7 @@ def probe_cmd(
                       seed=seed, dtype=dtype, device=device, rule=rule, resume=resume, backend=backend,
                       device_map=device_map, max_memory=max_memory, lens_positions=lens_positions)
     result = run_probe(cfg)
-    from saturation.distributed import is_main
+    from saturation.core.distributed import is_main
 
     if not is_main():  # under torchrun, rank 0 alone draws and reports
         return
@@ -181,8 +181,8 @@ RoutingOpt = Annotated[Path | None, typer.Option("--routing", help="The run fold
 
 def held_out_records(data: Path | None, n: int | None, seed: int):
     """Records of `data` (default: the embedded held-out shapes set), a seeded sample of `n` when given."""
-    from saturation.data import read_records, sample_records
-    from saturation.loading import DATA_SAMPLES
+    from saturation.core.data import read_records, sample_records
+    from saturation.core.loading import DATA_SAMPLES
 
     return sample_records(read_records(data or DATA_SAMPLES / "shapes" / "heldout.json"), n, seed)
 
@@ -190,7 +190,7 @@ def held_out_records(data: Path | None, n: int | None, seed: int):
 def check_placement(device: str | None, device_map: str | None = None, max_memory: str | None = None) -> None:
     """`--device`, or `--device-map` with `--max-memory`, checked before data or weights are read."""
     if device is not None or device_map is not None or max_memory is not None:
-        from saturation.loading import check_placement as check
+        from saturation.core.loading import check_placement as check
 
         check(device, device_map, max_memory)
 
@@ -209,9 +209,9 @@ def load_model_for_cli(model: str, routing_dir: Path | None, dtype: str | None, 
     `device_map`), routed when `--routing` is given, its layer groups compiled with `compile`."""
     import torch
 
-    from saturation.loading import default_threads, load_llava
+    from saturation.core.loading import default_threads, load_model
 
-    base, processor = load_llava(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
+    base, processor = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
     if threads := default_threads(base):  # a CLI process runs one model: set it for the whole run
         torch.set_num_threads(threads)
     net = base
@@ -256,13 +256,13 @@ def train_cmd(
     from figures.figure2 import figure2_from_dir
     from figures.io import save_figure
     from figures.training import loss_curve
-    from routing.train import TrainConfig, run_train
+    from routing.jobs.train import TrainConfig, run_train
 
     cfg = TrainConfig(model=model, split=split, probe=probe, variant=variant, plan=plan, fusion_layers=fusion_layers,
                       side_depth=side_depth, data=data, n_train=n_train, out=out, max_steps=max_steps, lr=lr,
                       batch_size=batch_size, save_steps=save_steps, resume=resume, seed=seed, dtype=dtype,
                       device=device, device_map=device_map, max_memory=max_memory)
-    from saturation.distributed import is_main
+    from saturation.core.distributed import is_main
 
     summary = run_train(cfg, log=lambda msg: Console().print(msg, highlight=False, markup=False, soft_wrap=True))
     if summary.get("unchanged") or not is_main():  # nothing changed, or another rank of torchrun: rank 0 writes
@@ -292,13 +292,13 @@ def save_plan_cmd(
 ) -> None:
     """Save a training-free plan (a peer, or a pruning) as a routing artifact; no training, nothing but the plan."""
     from routing.artifact import read_manifest, save_plan, training_free_plan
-    from saturation.backbones import adapter_class
-    from saturation.loading import load_config, load_llava
+    from saturation.core.adapters import adapter_class
+    from saturation.core.loading import load_config, load_model
 
     config = load_config(model)  # the plan and --out are checked before any weights load
     training_free_plan(plan, config.text_config.num_hidden_layers, adapter_class(config).first_split(config), split)
     ensure_output_dir(out)
-    base, _ = load_llava(model)
+    base, _ = load_model(model)
     folder = save_plan(base, plan, out, split)
     Console().print(f"saved plan {read_manifest(folder)['spec']} on {model}: {folder}", highlight=False, markup=False)
 
@@ -328,7 +328,7 @@ def eval_cmd(
         ensure_output_file(json_out, "--json")
     from rich.table import Table
 
-    from routing.evaluate import evaluate
+    from routing.jobs.evaluate import evaluate
 
     records = held_out_records(data, n, seed)
     net, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory, compile)
@@ -367,7 +367,7 @@ def generate_cmd(
     """Answer a question about one or more images with KV-cached (routed) generation."""
     from transformers import set_seed
 
-    from saturation.data import PromptFormat, Record, generation_batch, load_image, no_image_tokens, to_model
+    from saturation.core.data import PromptFormat, Record, generation_batch, load_image, no_image_tokens, to_model
 
     require_positive(max_new_tokens=max_new_tokens)
     check_compile(compile, device_map)
@@ -411,7 +411,7 @@ def reproduce_cmd(
     from figures.io import save_figure
     from figures.sweeps import sweep_figure
     from figures.training import loss_curve
-    from routing.reproduce import ReproduceConfig, run_reproduce, write_report
+    from routing.jobs.reproduce import ReproduceConfig, run_reproduce, write_report
 
     ensure_output_dir(out)
     check_device(device)
@@ -458,8 +458,8 @@ def analyze_cmd(
 
     from figures.io import save_figure
     from figures.mechanism import mechanism_figure
-    from routing.analysis import check_analyzable, mechanism, summarize
     from routing.artifact import artifact_dir, read_manifest
+    from routing.jobs.analysis import check_analyzable, mechanism, summarize
 
     require_positive(n=n, batch_size=batch_size)
     check_placement(device, device_map, max_memory)
@@ -517,7 +517,7 @@ def bench_cmd(
 
     from figures.io import save_figure
     from figures.latency import latency_figure
-    from routing.benchmark import BenchConfig, run_bench, summary_table, train_lines
+    from routing.jobs.bench import BenchConfig, run_bench, summary_table, train_lines
 
     require_positive(batch_size=batch_size)
     check_compile(compile, device_map)
@@ -566,7 +566,7 @@ def compare_cmd(
     ensure_output_dir(out)
     from figures.io import save_figure
     from figures.pareto import pareto_figure
-    from routing.compare import NA, CompareConfig, parse_plans, run_compare
+    from routing.jobs.compare import NA, CompareConfig, parse_plans, run_compare
 
     if plans is not None:
         parse_plans(plans)  # a bad spec is one line before any model loads

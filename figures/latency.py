@@ -14,7 +14,7 @@ def latency_figure(rows: pd.DataFrame, title: str = ""):
     """Four panels over text length: prefill ms and decode ms/token per model (median, IQR bars), then the
     prefill and decode ratios to vanilla per variant, measured (solid) beside the FLOP model's (dashed).
 
-    `rows`: one row per (text_tokens, model) with the columns of ``routing.benchmark.rows_of`` (``*_q1``/``*_q3``
+    `rows`: one row per (text_tokens, model) with the columns of ``routing.jobs.bench.rows_of`` (``*_q1``/``*_q3``
     columns are optional).
     """
     missing = [c for c in REQUIRED if c not in rows.columns]

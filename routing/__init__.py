@@ -6,8 +6,8 @@
 
 from . import flops
 from .artifact import load, save_routing
-from .model import RoutedLlava, TrainableReport, build
+from .model import RoutedLlava, RoutedModel, TrainableReport, build
 from .plan import VARIANTS, RoutingPlan, make_plan
 
-__all__ = ["VARIANTS", "RoutedLlava", "RoutingPlan", "TrainableReport", "build", "flops", "load", "make_plan",
+__all__ = ["VARIANTS", "RoutedLlava", "RoutedModel", "RoutingPlan", "TrainableReport", "build", "flops", "load", "make_plan",
            "save_routing"]

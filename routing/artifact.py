@@ -22,9 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saturation import __version__ as toolkit_version
-from saturation.anatomy import anatomy
-from saturation.errors import ToolkitError
-from saturation.files import read_json
+from saturation.core.adapters import adapter_for
+from saturation.core.errors import ToolkitError
+from saturation.core.files import read_json
 
 WEIGHTS = "side_branch.safetensors"
 MANIFEST = "routing.json"
@@ -37,7 +37,7 @@ REQUIRED = {"variant": str, "split": int, "fusion_layers": int, "side_depth": in
 
 def base_geometry(model) -> dict:
     """The base facts a side branch depends on: a routing saved on one geometry cannot run on another."""
-    a = anatomy(model)
+    a = adapter_for(model)
     c = a.text_config
     return {
         "model_type": model.config.model_type,
@@ -57,9 +57,9 @@ def base_fingerprint(model, layers: range) -> list[float]:
     Sampled at fixed strided indices of each layer's fingerprint weight (the adapter's: the query projection);
     stable across dtypes up to rounding.
     """
-    from saturation.loading import weights_in_place
+    from saturation.core.loading import weights_in_place
 
-    a = anatomy(model)
+    a = adapter_for(model)
     values = []
     for i in layers:
         with weights_in_place(a.layers[i]):  # a layer a device map offloaded holds meta tensors until then
@@ -285,7 +285,7 @@ def save_plan(model, spec: str, directory, split: int | None = None) -> Path:
     and the lmms-eval plugin's ``routing=`` take it."""
     from .model import build
 
-    a = anatomy(model)
+    a = adapter_for(model)
     plan = training_free_plan(spec, a.num_layers, a.min_split, split)
     routed = build(model, plan.split, plan.variant, plan.fusion_layers, plan.side_depth, prune=plan.prune,
                    prune_layer=plan.prune_layer, keep=plan.keep)

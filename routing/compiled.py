@@ -38,10 +38,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from saturation.anatomy import anatomy
-from saturation.errors import ToolkitError
+from saturation.core.adapters import adapter_for
+from saturation.core.errors import ToolkitError
 
-from .model import RoutedLlava, dense_prefill, routed_prefill, run_layers
+from .model import RoutedModel, dense_prefill, routed_prefill, run_layers
 
 # dynamo's default (8 per code object) is below the entries a few routed models share: `run_layers` holds one per
 # group and phase of every plan compiled in one process (bench: vanilla's stack plus lf, pc, kv's groups).
@@ -121,10 +121,10 @@ def compile_model(model: nn.Module, mode: str | None = None, backend: str | None
 
     Exactness: the same modules and inputs; fp32 logits match eager within ~1e-5 (tests/test_compile.py).
     """
-    base = model.base if isinstance(model, RoutedLlava) else model
+    base = model.base if isinstance(model, RoutedModel) else model
     if getattr(base, "hf_device_map", None):
         check_compile(device_map="given")
-    a = model.anatomy if isinstance(model, RoutedLlava) else anatomy(base)  # the routed model's own: it keeps it
+    a = model.adapter if isinstance(model, RoutedModel) else adapter_for(base)  # the routed model's own: it keeps it
     device = a.embed_tokens.weight.device
     check_compile(device=device)
     # Python ints are the plan's (split, layer counts: fixed per model), never sizes (those come from tensors): keep
@@ -143,7 +143,7 @@ def compile_model(model: nn.Module, mode: str | None = None, backend: str | None
     if not isinstance(getattr(stack, "_compiled_call_impl", None), Compiled):
         # what nn.Module.compile() sets, behind the one-line error translation
         stack._compiled_call_impl = Compiled(stack._call_impl, mode=mode, backend=backend)
-    if isinstance(model, RoutedLlava):
+    if isinstance(model, RoutedModel):
         model.run_layers = Compiled(run_layers, mode=mode, backend=backend, key=group_key)
         model.routed_prefill = Compiled(routed_prefill, mode=mode, backend=backend, key=prefill_key)
         model.dense_prefill = Compiled(dense_prefill, mode=mode, backend=backend, key=prefill_key)

@@ -1,6 +1,6 @@
 """KV-cached decoding for the routed model: what the cache must remember about the prompt, and nothing more.
 
-HF's own ``generate()`` drives the routed model (``RoutedLlava`` is a ``GenerationMixin``), so ``max_new_tokens``,
+HF's own ``generate()`` drives the routed model (``RoutedModel`` is a ``GenerationMixin``), so ``max_new_tokens``,
 ``eos_token_id``, sampling, streamers and stopping criteria all work. The routing-specific part is small:
 
 - The one ``DynamicCache`` holds a different length per layer group (DESIGN): ``full`` layers cache image+text,
@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache
 
-from saturation.anatomy import position_ids_from_mask
-from saturation.errors import ToolkitError
+from saturation.core.adapters import position_ids_from_mask
+from saturation.core.errors import ToolkitError
 
 _STATE_ATTR = "_dpvr_routing"
 

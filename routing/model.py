@@ -1,6 +1,6 @@
 """The routed model: DPVR-LF and its baselines as one plan over the base model's own layers.
 
-Read top to bottom: ``Route`` (where image and text sit, computed once per forward), ``RoutedLlava.forward``
+Read top to bottom: ``Route`` (where image and text sit, computed once per forward), ``RoutedModel.forward``
 (prefill or cached continuation, then the head), ``_route_prompt`` (what needs the host: the route, masks,
 pruning), ``routed_prefill`` (the plan's groups; each variant's difference is one short block), ``_route_next`` (a
 decode step: one loop, one mask per cache layout), and ``build``.
@@ -8,8 +8,8 @@ decode step: one loop, one mask per cache layout), and ``build``.
 The base model is held by reference and frozen; the only new weights are the side branch, ``d_v`` deep copies of
 layers ``s .. s+d_v-1`` whose attention has its own ``layer_idx = L + i`` (it never touches the base's cache slots,
 and it is not cached at all: during decoding its output already sits in the K/V of the layers that read it).
-Everything goes through the backbone adapter (``saturation.anatomy(model)``, one per family in
-``saturation/backbones/``): its image merge, positions, masks, rotary tables and per-layer K/V. This file names no HF
+Everything goes through the backbone adapter (``adapter_for(model)``, one per family in
+``saturation/core/adapters/``): its image merge, positions, masks, rotary tables and per-layer K/V. This file names no HF
 module path and reads no private config field, so a new family needs no change here.
 """
 
@@ -29,10 +29,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.loss.loss_utils import ForCausalLMLoss, fixed_cross_entropy
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from saturation.anatomy import Anatomy, anatomy
-from saturation.backbones import Embedded
-from saturation.errors import ToolkitError
-from saturation.hf_compat import CACHE_ARG, cache_kwargs
+from saturation.core.adapters import Adapter, Embedded, adapter_for
+from saturation.core.errors import ToolkitError
+from saturation.core.hf_compat import CACHE_ARG, cache_kwargs
 
 from .generation import attach_state, check_cache, continuation, make_state, new_cache, state_of
 from .plan import PRE_LLM, RoutingPlan, make_plan
@@ -210,7 +209,7 @@ def run_layers(layers, hidden: Tensor, masks: list, position_ids: Tensor, ropes:
     return hidden if norm is None else norm(hidden)
 
 
-def routed_prefill(a: Anatomy, plan: RoutingPlan, side_layers: nn.ModuleList, r: Route, h: Tensor, masks: dict,
+def routed_prefill(a: Adapter, plan: RoutingPlan, side_layers: nn.ModuleList, r: Route, h: Tensor, masks: dict,
                    pos: Tensor, rope, text_pos: Tensor, image_pos: Tensor, cache=None, freeze: bool = False,
                    shallow: bool = True, norm: bool = True) -> Tensor:
     """A routed prompt after `Route.of`, from the embeddings `h` [B, N, D] to the stack's output [B, N, D]: shallow on
@@ -257,13 +256,13 @@ def routed_prefill(a: Anatomy, plan: RoutingPlan, side_layers: nn.ModuleList, r:
     return a.norm(h) if norm else h
 
 
-def dense_prefill(a: Anatomy, plan: RoutingPlan, side_layers: nn.ModuleList, h: Tensor, image_mask: Tensor,
+def dense_prefill(a: Adapter, plan: RoutingPlan, side_layers: nn.ModuleList, h: Tensor, image_mask: Tensor,
                   attention_mask: Tensor, text_valid: Tensor, image_valid: Tensor, cache=None,
                   freeze: bool = False) -> tuple[Tensor, Route, Tensor, Tensor, Tensor]:
     """`routed_prefill` for the common prompt, computing inside what it otherwise gets: the route (`Route.dense`:
     a dense batch, the subsets' sizes in `text_valid`/`image_valid`), positions from the mask, rotary tables and
     the subsets' positions. Only for a family whose positions read the mask alone and whose prompt needs no mask
-    in any layer (`Backbone.maskless`), so every mask is None, or KV's order mask (tensor operations). Under
+    in any layer (`Adapter.maskless`), so every mask is None, or KV's order mask (tensor operations). Under
     ``--compile`` all of it is then in the prompt's one graph: as eager work before the graph it cost ~0.03 of LF's
     compiled prefill at 64 text tokens on CPU (measured with it answered from a cache), more than its op count says
     (it runs after the graph has evicted the caches). Returns the stack's output, the route, and the positions of
@@ -279,13 +278,13 @@ def dense_prefill(a: Anatomy, plan: RoutingPlan, side_layers: nn.ModuleList, h: 
     return h, r, pos, text_pos, image_pos
 
 
-def kv_mask(a: Anatomy, r: Route, dtype: torch.dtype):
+def kv_mask(a: Adapter, r: Route, dtype: torch.dtype):
     """KV's deep-layer mask: text queries; keys of the image subset, then of the text subset (the cache's order)."""
     return a.order_mask(r.text_index, torch.cat([r.image_index, r.text_index], 1),
                         torch.cat([r.image_valid, r.text_valid], 1), dtype)
 
 
-def run_group(a: Anatomy, indices, hidden: Tensor, mask, position_ids: Tensor, rope, cache=None,
+def run_group(a: Adapter, indices, hidden: Tensor, mask, position_ids: Tensor, rope, cache=None,
               runner=run_layers) -> Tensor:
     """Base layers `indices` through `runner` (`run_layers`, or a compiled copy), each under its layer type's mask
     and rotary table (`a.pick`: one per type where the family has sliding windows)."""
@@ -294,7 +293,7 @@ def run_group(a: Anatomy, indices, hidden: Tensor, mask, position_ids: Tensor, r
                   [a.pick(rope, i) for i in layers], cache)
 
 
-def side_branch(a: Anatomy, side_layers, r: Route, h: Tensor, mask, image_pos: Tensor, image_rope) -> Tensor:
+def side_branch(a: Adapter, side_layers, r: Route, h: Tensor, mask, image_pos: Tensor, image_rope) -> Tensor:
     """The side branch on the image subset of `h` (original positions, never cached); fillers zeroed so they stay
     finite keys/values for whoever reads them."""
     side = run_layers(side_layers, r.image(h), [a.pick(mask, layer) for layer in side_layers], image_pos,
@@ -324,7 +323,7 @@ def _human(n: int) -> str:
     return str(n)
 
 
-class RoutedLlava(PreTrainedModel, GenerationMixin):
+class RoutedModel(PreTrainedModel, GenerationMixin):
     """A DPVR-routed LLaVA. ``routed(input_ids=, pixel_values=, attention_mask=, labels=)`` gives ``.loss`` and
     ``.logits``; ``routed.generate(...)`` is HF's own generate with a per-group KV cache."""
 
@@ -342,11 +341,11 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
 
     def __init__(self, base: nn.Module, plan: RoutingPlan):
         super().__init__(base.config)
-        self._no_split_modules = [anatomy(base).decoder_layer_class]  # accelerate never splits a decoder layer
+        self._no_split_modules = [adapter_for(base).decoder_layer_class]  # accelerate never splits a decoder layer
         self.base = base.requires_grad_(False)  # held by reference: no copy of the base weights
         self.plan = plan
         self.generation_config = copy.deepcopy(base.generation_config)
-        self._anatomy = a = anatomy(base)
+        self._adapter = a = adapter_for(base)
         # The side branch: trainable copies of layers s.., each caching into its own slot L + i (never layer s's).
         self.side = nn.ModuleList(_side_copy(a, src, a.num_layers + i).requires_grad_(True)
                                   for i, src in enumerate(plan.side_sources))
@@ -359,9 +358,9 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
                 f"side.{i}": _map_entry(next(layer.parameters()).device) for i, layer in enumerate(self.side)}
 
     @property
-    def anatomy(self) -> Anatomy:
+    def adapter(self) -> Adapter:
         """The base model's map: the only way this class reaches the base's modules."""
-        return self._anatomy
+        return self._adapter
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -425,11 +424,11 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             h = self._route_next(input_ids, attention_mask, cache, state)
         if labels is not None and self.training and torch.is_grad_enabled() and not logits_to_keep:
             # A training step: the head only where a label is; `logits` None (nothing in a step reads them)
-            loss = labelled_loss(self.anatomy.lm_head, h, labels, num_items_in_batch)
+            loss = labelled_loss(self.adapter.lm_head, h, labels, num_items_in_batch)
             return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_ARG: cache})
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.anatomy.lm_head(h)  # `h` is normed: the stack's output, as HF's text model returns it
+        logits = self.adapter.lm_head(h)  # `h` is normed: the stack's output, as HF's text model returns it
         loss = None
         if labels is not None:
             loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
@@ -438,15 +437,15 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
     def _family_kwargs(self, named: dict) -> dict:
         """The given image kwargs; one this family does not take is refused in one line (not silently dropped)."""
         given = {k: v for k, v in named.items() if v is not None}
-        foreign = sorted(set(given) - set(self.anatomy.image_kwargs))
+        foreign = sorted(set(given) - set(self.adapter.image_kwargs))
         if foreign:
-            raise ToolkitError(f"{self.anatomy.spec.name} takes no {', '.join(foreign)} (its image kwargs: "
-                               f"{', '.join(self.anatomy.image_kwargs) or 'none besides pixel_values'})")
+            raise ToolkitError(f"{self.adapter.spec.name} takes no {', '.join(foreign)} (its image kwargs: "
+                               f"{', '.join(self.adapter.image_kwargs) or 'none besides pixel_values'})")
         return given
 
     def _route_prompt(self, input_ids, pixel_values, attention_mask, cache, inputs_embeds, image_mask,
                       image_output=None, **image_kwargs):
-        a, plan = self.anatomy, self.plan
+        a, plan = self.adapter, self.plan
         if inputs_embeds is None:  # image_output: the image encoder's output, as generate() pre-encodes it
             e = a.encode(input_ids, pixel_values, image_output=image_output, **image_kwargs)
         else:
@@ -534,7 +533,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             unmasked = all(dense[k] for k in self.plan.layouts) if kept is None else None  # known: no host reads
             self._leave_state(cache, {k: frame[k] for k in self.plan.layouts}, prompt_mask, state_pos, attention_mask,
                               unmasked)
-        return h if kept is None else self.anatomy.norm(kept.restore(h))
+        return h if kept is None else self.adapter.norm(kept.restore(h))
 
     def _leave_state(self, cache, layouts: dict, prompt_mask: Tensor, pos: Tensor, frame_mask: Tensor,
                      unmasked: bool | None = None) -> None:
@@ -563,7 +562,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         What a query sees is that layer's own `mask` (a sliding-window layer's window, in original positions), or
         causal over the real tokens where the layer needs none.
         """
-        a, layer = self.anatomy, self.plan.prune_layer - 1
+        a, layer = self.adapter, self.plan.prune_layer - 1
         q, k, scale = a.queries_keys(layer, h, a.pick(rope, layer))
         device = r.image_mask.device  # the routing's (a device map may run layer K-1 elsewhere)
         q, k = q.to(device), k.to(device)
@@ -589,9 +588,9 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
     def _prune_pre(self, h: Tensor, image_mask: Tensor, attention_mask: Tensor, pixel_values, image_kwargs
                    ) -> tuple[Kept, Tensor]:
         """Pre-LLM pruning of each image's tokens: ``prune-pre`` keeps the top R by the tower's patch scores
-        (`Backbone.patch_scores`: [CLS] attention), ``pool`` average-pools the token grid into its first tokens.
+        (`Adapter.patch_scores`: [CLS] attention), ``pool`` average-pools the token grid into its first tokens.
         Returns the kept positions and `h` (pooled features written in)."""
-        a, plan = self.anatomy, self.plan
+        a, plan = self.adapter, self.plan
         per_image = a.image_tokens(a.model.config)
         where = image_mask.reshape(-1).nonzero().squeeze(1)  # flat image positions, placeholder order
         if a.position_kwargs or where.numel() % per_image or (image_mask.sum(1) % per_image).any():
@@ -625,7 +624,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
     def _route_next(self, input_ids, attention_mask, cache, state) -> Tensor:
         """New text tokens after a cached prompt: one loop over the layers and the final norm, one mask per cache
         layout."""
-        a, plan = self.anatomy, self.plan
+        a, plan = self.adapter, self.plan
         if input_ids is None or (input_ids == a.image_token_id).any():
             raise ToolkitError("after the prompt, the routed model takes text token ids only (images go in the "
                                "first call on a cache)")
@@ -641,7 +640,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
     def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
         """HF pre-encodes the images and drops what the encoder took (``image_grid_thw``); keep what this family's
         positions still read (the adapter's ``position_kwargs``)."""
-        names = self.anatomy.position_kwargs + (("pixel_values",) if self.plan.prune == "prune-pre" else ())
+        names = self.adapter.position_kwargs + (("pixel_values",) if self.plan.prune == "prune-pre" else ())
         keep = {k: model_kwargs[k] for k in names if model_kwargs.get(k) is not None}  # prune-pre scores the pixels
         return super()._prepare_multimodal_encoder_kwargs_for_generation(model_kwargs) | keep
 
@@ -650,12 +649,12 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         """Beams and ``num_return_sequences``: HF repeats every tensor kwarg row by row, right for per-sample ones but
         not for a kept per-image one (Qwen's ``image_grid_thw`` [images, 3]): a row with images A, B needs [A, B, A, B],
         not [A, A, B, B], as HF repeats the encoded images themselves (``_expand_multimodal_outputs``)."""
-        names = self.anatomy.per_image_kwargs if expand_size > 1 and input_ids is not None else ()
+        names = self.adapter.per_image_kwargs if expand_size > 1 and input_ids is not None else ()
         per_image = {k: model_kwargs.pop(k) for k in names if model_kwargs.get(k) is not None}
         expanded_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder,
                                                                            input_ids, **model_kwargs)
         if per_image:
-            counts = self.anatomy.images_per_row(input_ids)
+            counts = self.adapter.images_per_row(input_ids)
             for k, v in per_image.items():
                 if sum(counts) != len(v):
                     raise ToolkitError(f"{k} has {len(v)} rows but the prompts hold {sum(counts)} images")
@@ -694,7 +693,7 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
             raise ToolkitError(
                 f"variant '{self.plan.variant}' cannot be trained: with no fusion layer the loss has no path to the "
                 "side branch, so its gradient is exactly 0 (the paper's Appendix A; see "
-                "RoutedLlava.side_gradient_norm). Train 'lf' with fusion_layers >= 1 instead.")
+                "RoutedModel.side_gradient_norm). Train 'lf' with fusion_layers >= 1 instead.")
 
     @contextmanager
     def _probing(self):
@@ -732,10 +731,10 @@ class RoutedLlava(PreTrainedModel, GenerationMixin):
         Under LF and KV the deep blocks' outputs cover the text subset only ([batch, T, d_model], original order,
         then fillers); the side branch's cover the image subset ([batch, I, d_model]).
         """
-        points = self.anatomy.hook_points()
+        points = self.adapter.hook_points()
         for i, layer in enumerate(self.side):
             points[f"side.{i}.hook_resid_post"] = layer
-            points[f"side.{i}.attn.hook_pattern"] = self.anatomy.attention_of(layer)
+            points[f"side.{i}.attn.hook_pattern"] = self.adapter.attention_of(layer)
         return points
 
     def extra_repr(self) -> str:
@@ -759,7 +758,7 @@ def _map_entry(device: torch.device) -> int | str:
     return device.index if device.type == "cuda" else device.type
 
 
-def _side_copy(a: Anatomy, source: int, layer_idx: int) -> nn.Module:
+def _side_copy(a: Adapter, source: int, layer_idx: int) -> nn.Module:
     """`a.copy_layer`, also for a base dispatched by accelerate (``device_map``): the copy gets real weights (an
     offloaded source's come in from CPU or disk for the copy), no hooks of the source's, and lives on the source
     layer's execution device, where an accelerate hook of its own brings its inputs and returns its output."""
@@ -769,7 +768,7 @@ def _side_copy(a: Anatomy, source: int, layer_idx: int) -> nn.Module:
         return a.copy_layer(source, layer_idx)
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
 
-    from saturation.loading import weights_in_place
+    from saturation.core.loading import weights_in_place
 
     device = next((h.execution_device for h in hooks if getattr(h, "execution_device", None) is not None), "cpu")
     with weights_in_place(layer):  # every offloaded submodule's weights in place while copying
@@ -789,7 +788,7 @@ def _side_copy(a: Anatomy, source: int, layer_idx: int) -> nn.Module:
 
 def build(model: nn.Module, split: int, variant: str = "lf", fusion_layers: int = 1,
           side_depth: int = 1, *, prune: str | None = None, prune_layer: int | None = None,
-          keep: float = 1.0) -> RoutedLlava:
+          keep: float = 1.0) -> RoutedModel:
     """Route `model` (any LLaVA the anatomy map knows, any dtype/device): variant ``lf`` (default), ``pc``, ``kv``
     or ``lf-ideal``. Freezes the base; the side branch (copies of layers split .. split+side_depth-1) is trainable.
 
@@ -797,10 +796,13 @@ def build(model: nn.Module, split: int, variant: str = "lf", fusion_layers: int 
     `prune_layer`), ``prune-pre``, ``pool``, each with `keep` = R; `prune` composes one under lf/pc/kv.
     The routed model is in the base's mode (eval for a model from ``from_pretrained``); the Trainer switches it.
     """
-    a = anatomy(model)
+    a = adapter_for(model)
     plan = make_plan(a.num_layers, split, variant, fusion_layers, side_depth, min_split=a.min_split, prune=prune,
                      prune_layer=prune_layer, keep=keep)
     impl = a.attn_implementation
     if impl not in SUPPORTED_ATTENTION:
         raise ToolkitError(f"routing supports attn_implementation sdpa or eager, not '{impl}'")
-    return RoutedLlava(model, plan).train(model.training)
+    return RoutedModel(model, plan).train(model.training)
+
+
+RoutedLlava = RoutedModel  # the name before the other families; kept for one release

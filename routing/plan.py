@@ -40,7 +40,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
-from saturation.errors import ToolkitError
+from saturation.core.errors import ToolkitError
 from saturation.recommend import split_range
 
 VARIANTS = ("lf", "pc", "kv", "lf-ideal")  # the DPVR variants (a side branch)

@@ -1,20 +1,21 @@
-"""Saturation probe: model loading, anatomy, LLaVA-format data, probes and the split recommendation.
+"""Saturation probe, on top of the model layer (`saturation.core`: loading, adapters, data) it shares with routing.
 
 Public names are imported lazily so that `saturation --help` does not pay for importing torch.
-The anatomy map itself is `saturation.anatomy.anatomy(model)` (the module shares its name).
 """
 
 from importlib import import_module
 
-from .errors import ToolkitError
+from saturation.core.errors import ToolkitError
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Anatomy": "anatomy",
-    "BackboneSpec": "anatomy",
-    "position_ids_from_mask": "anatomy",
-    "load_llava": "loading",
+    "Adapter": "core.adapters",
+    "BackboneSpec": "core.adapters",
+    "adapter_for": "core.adapters",
+    "position_ids_from_mask": "core.adapters",
+    "load_model": "core.loading",
+    "load_llava": "core.loading",
     "ProbeConfig": "probe",
     "run_probe": "probe",
 }

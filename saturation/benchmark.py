@@ -13,7 +13,7 @@ fresh process (peak RSS on CPU, peak allocated CUDA memory on a GPU), which shou
 all-positions probe (interleaved per batch) and prints the largest difference between the two median KL curves,
 per modality: the error the sampling introduces.
 
-``--geometry`` measures random weights of a named architecture instead of a checkpoint (``saturation.geometry``:
+``--geometry`` measures random weights of a named architecture instead of a checkpoint (``saturation.core.geometry``:
 the real widths, depth, vocabulary and image pipeline of llava-1.5-7b/13b, llava-next-7b, llava-onevision-7b, no
 download; anyres families tile the probe images as their processors do).
 
@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-from .anatomy import anatomy, position_ids_from_mask
-from .data import PromptFormat, image_inputs, read_records, sample_records, to_model
-from .loading import TINY_DIR, cpu_threads, load_llava, resolve_name
+from saturation.core.adapters import adapter_for, position_ids_from_mask
+from saturation.core.data import PromptFormat, image_inputs, read_records, sample_records, to_model
+from saturation.core.loading import TINY_DIR, cpu_threads, load_model, resolve_name
+
 from .probe import (
     DEFAULT_DATA,
     LayerReducer,
@@ -53,7 +54,8 @@ from .probe import (
 
 def stand_in(folder: Path) -> tuple[Path, Path]:
     """A random LLaVA shaped like the embedded model (geometry ``tiny``) saved to disk, and 64 shapes samples."""
-    from .geometry import random_checkpoint
+    from saturation.core.geometry import random_checkpoint
+
     from .shapes import PROBE_SEED, make_dataset
 
     model, processor = random_checkpoint("tiny", None, "float32", "cpu")
@@ -79,7 +81,7 @@ def time_batches(model, batches, repeats: int, lens_positions: int | None = None
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    anat = anatomy(model)
+    anat = adapter_for(model)
     device = next(model.parameters()).device
     variants = {"all": LayerReducer(anat)}
     if lens_positions is not None:
@@ -146,10 +148,10 @@ def median_curve_difference(kl: dict) -> dict[str, tuple[float, float]]:
 def _load(args):
     """The model under test: a checkpoint (`--model`) or random weights of a named geometry (`--geometry`)."""
     if args.geometry is not None:
-        from .geometry import random_checkpoint
+        from saturation.core.geometry import random_checkpoint
 
         return random_checkpoint(args.geometry, args.layers, args.dtype, args.device, args.seed)
-    return load_llava(args.model, dtype=args.dtype, device=args.device)
+    return load_model(args.model, dtype=args.dtype, device=args.device)
 
 
 def _peak_memory_child(args) -> None:
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.lens_positions is not None and args.lens_positions < 2:
         raise SystemExit(f"--lens-positions must be at least 2 (got {args.lens_positions})")
     if args.geometry is not None:
-        from .geometry import GEOMETRIES
+        from saturation.core.geometry import GEOMETRIES
 
         if args.geometry not in GEOMETRIES:
             raise SystemExit(f"unknown geometry '{args.geometry}': choose one of {', '.join(GEOMETRIES)}")
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = _load(args)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     records = sample_records(read_records(args.data), min(args.n, len(read_records(args.data))), args.seed)
-    image_id = anatomy(model).image_token_id
+    image_id = adapter_for(model).image_token_id
     fmt = PromptFormat.of(model)
     batches = [to_model(encode_batch(records[i:i + args.batch_size], processor, image_id, fmt), device, dtype)
                for i in range(0, len(records), args.batch_size)]

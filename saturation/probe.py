@@ -59,22 +59,31 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from . import distributed as dist
-from . import metrics
-from .anatomy import Anatomy, anatomy
-from .backbones import adapter_class
-from .data import PromptFormat, Record, collate, encode_record, image_inputs, read_records, sample_records, to_model
-from .errors import ToolkitError
-from .files import atomic_write, ensure_output_dir, write_json
-from .loading import (
+from saturation.core import distributed as dist
+from saturation.core.adapters import Adapter, adapter_class, adapter_for
+from saturation.core.data import (
+    PromptFormat,
+    Record,
+    collate,
+    encode_record,
+    image_inputs,
+    read_records,
+    sample_records,
+    to_model,
+)
+from saturation.core.errors import ToolkitError
+from saturation.core.files import atomic_write, ensure_output_dir, write_json
+from saturation.core.loading import (
     DATA_SAMPLES,
     cpu_threads,
     load_config,
-    load_llava,
+    load_model,
     resolve_device,
     resolve_dtype,
     resolve_name,
 )
+
+from . import metrics
 
 DEFAULT_DATA = DATA_SAMPLES / "shapes" / "probe.json"
 DEFAULT_N = 64
@@ -109,7 +118,7 @@ def eager_attention(model) -> Iterator[None]:
 
     The vision tower keeps its own implementation; only the decoder layers' patterns are read.
     """
-    with anatomy(model).use_attention("eager"):
+    with adapter_for(model).use_attention("eager"):
         yield
 
 
@@ -117,7 +126,7 @@ def eager_attention(model) -> Iterator[None]:
 
 
 class LayerReducer:
-    """Forward hooks on ``blocks.{l}.hook_resid_post`` and ``blocks.{l}.attn.hook_pattern`` of an `Anatomy`.
+    """Forward hooks on ``blocks.{l}.hook_resid_post`` and ``blocks.{l}.attn.hook_pattern`` of an `Adapter`.
 
     Use as a context manager around any number of forwards; call `begin` before each forward and `finish`
     after it. Per-sample results are [batch, num_layers] fp32 tensors keyed by (metric, modality).
@@ -125,7 +134,7 @@ class LayerReducer:
     can feed the very same code.
     """
 
-    def __init__(self, anat: Anatomy, lens_positions: int | None = None):
+    def __init__(self, anat: Adapter, lens_positions: int | None = None):
         self.anat = anat
         self.num_layers = anat.num_layers
         self.lens_positions = lens_positions  # None: the lens at every image and text position
@@ -266,7 +275,7 @@ def lens_seed(seed: int, sample_id: str) -> int:
 
 
 @torch.inference_mode()
-def probe_batch(anat: Anatomy, reducer: LayerReducer, batch: dict[str, Tensor],
+def probe_batch(anat: Adapter, reducer: LayerReducer, batch: dict[str, Tensor],
                 timings: dict[str, float] | None = None, lens_seeds: list[int] | None = None
                 ) -> dict[tuple[str, str], Tensor]:
     """All per-sample values of one batch: {(metric, modality): [batch, num_layers]} on CPU.
@@ -524,7 +533,7 @@ def _check_options(cfg: ProbeConfig) -> None:
         raise ToolkitError(f"--lens-positions must be at least 2, one image and one text position "
                            f"(got {cfg.lens_positions})")
     if cfg.device_map is not None:  # before any file is written
-        from .loading import check_placement
+        from saturation.core.loading import check_placement
 
         check_placement(cfg.device, cfg.device_map, cfg.max_memory)
     if cfg.rule not in RULES:
@@ -569,7 +578,7 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
     to eager for the run and restored after). Figure 2 is drawn by the caller (``figures.figure2``), since
     ``saturation`` does not import ``figures``.
 
-    Under ``torchrun``/``accelerate launch`` (`saturation.distributed`) every rank probes its share of the samples
+    Under ``torchrun``/``accelerate launch`` (`saturation.core.distributed`) every rank probes its share of the samples
     not yet in shards (``todo[rank::world]``) into its own shard files; rank 0 waits for all, then alone merges
     and writes the results. Every rank returns the same result; a failure on any rank stops all of them.
     """
@@ -587,7 +596,7 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
         nonlocal model, processor
         if todo:
             if model is None:
-                model, processor = load_llava(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                model, processor = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                               device_map=cfg.device_map, max_memory=cfg.max_memory)
             _probe_into(store, model, processor, todo, cfg)
 
@@ -660,7 +669,7 @@ def _write_results(cfg: ProbeConfig, store: ShardStore, samples: list[int], mode
 
 def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Record]], cfg: ProbeConfig) -> None:
     """Probe `todo` batch by batch, writing one shard per batch."""
-    anat = anatomy(model)
+    anat = adapter_for(model)
     device = next(model.parameters()).device
     if device.type == "meta":  # offloaded by a device map: accelerate's hooks bring inputs and weights per layer
         device = torch.device("cpu")

@@ -53,7 +53,8 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from .errors import ToolkitError
+from saturation.core.errors import ToolkitError
+
 from .metrics import final_level, plateau_layer, transition_layer
 
 TRANSITION_FRACTION = 0.5
@@ -247,7 +248,7 @@ def recommend(summary: pd.DataFrame, *, model: str, num_layers: int, rule: str =
     `alternatives` is every rule's split; `decided_by` says in words which evidence fixed this rule's answer.
     `evidence` holds every number any rule used, the attention cross-check and, when the rules disagree by
     more than a few layers, ``disagreement`` (else None); `per_sample`, if given, adds the spread of
-    per-sample vision transitions. Every split is at least `min_split` (the backbone's, `Backbone.first_split`);
+    per-sample vision transitions. Every split is at least `min_split` (the backbone's, `Adapter.first_split`);
     ``evidence["min_split"]`` says which rules it raised (else None).
     """
     if rule not in RULES:

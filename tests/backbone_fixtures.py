@@ -29,8 +29,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from saturation.anatomy import anatomy, position_ids_from_mask
-from saturation.tiny import tiny_llava_config, tiny_processor, word_tokenizer
+from saturation.core.adapters import adapter_for, position_ids_from_mask
+from saturation.core.tiny import tiny_llava_config, tiny_processor, word_tokenizer
 
 WORDS = ("what", "colour", "is", "the", "circle", "square", "red", "blue", "green", "how", "many", "left", "a")
 TILE, PATCH = 16, 8
@@ -144,7 +144,7 @@ def hf_logits(model, batch: dict) -> torch.Tensor:
 
 
 def image_counts(model, batch: dict) -> list[int]:
-    return (batch["input_ids"] == anatomy(model).image_token_id).sum(1).tolist()
+    return (batch["input_ids"] == adapter_for(model).image_token_id).sum(1).tolist()
 
 
 # ---------------------------------------------------------------- checkpoints on disk (the CLI's --model DIR)
@@ -162,8 +162,8 @@ COLOURS = ("red", "blue", "green")
 
 def checkpoint_processor(name: str, chat_template: str | None = None):
     """A fresh processor of family `name` that can be saved (OneVision's without its video processor, as
-    `load_llava` builds it), knowing the chat words too; with `chat_template`, its turn tokens become specials."""
-    from saturation.loading import ImageOnlyOnevisionProcessor
+    `load_model` builds it), knowing the chat words too; with `chat_template`, its turn tokens become specials."""
+    from saturation.core.loading import ImageOnlyOnevisionProcessor
 
     if name == "llava":
         proc = tiny_processor(WORDS + CHAT_WORDS, image_size=TILE, patch_size=PATCH)
@@ -288,7 +288,7 @@ def check_plugin_requests(routed, proc, pictures: list[list]) -> None:
     `pictures` answer in one batch as each alone, and loglikelihood is a finite loss."""
     import math
 
-    from routing.lmms_plugin import generate_requests, loglikelihood
+    from routing.lmms.plugin import generate_requests, loglikelihood
 
     contexts, settings = ["what colour is the circle?"] * 2, [{"max_new_tokens": 3}] * 2
     both = generate_requests(routed, proc, contexts, settings, lambda i: pictures[i], batch_size=2)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import LlavaForConditionalGeneration
 
-from saturation.tiny import tiny_llava_config, tiny_processor
+from saturation.core.tiny import tiny_llava_config, tiny_processor
 
 # Toy models gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot to contention.
 torch.set_num_threads(1)

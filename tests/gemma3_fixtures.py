@@ -143,10 +143,10 @@ def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **_) -> t
     the full sequence, so a subset that counted its own indices would differ."""
     from routing_fixtures import layer_mask, run_plan_naively
 
-    from saturation.anatomy import anatomy, position_ids_from_mask
+    from saturation.core.adapters import adapter_for, position_ids_from_mask
 
     model = routed.base
-    a = anatomy(model)
+    a = adapter_for(model)
     h, img = a.embed(input_ids, pixel_values)
     pos = position_ids_from_mask(attention_mask)
     rope = a.rope(h, pos)

@@ -147,10 +147,10 @@ def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **kwargs)
     model's M-RoPE positions and DeepStack injection: `routing_fixtures.naive_logits` for the Qwen families."""
     from routing_fixtures import layer_mask, run_plan_naively
 
-    from saturation.anatomy import anatomy
+    from saturation.core.adapters import adapter_for
 
     model = routed.base
-    a = anatomy(model)
+    a = adapter_for(model)
     e = a.encode(input_ids, pixel_values, **kwargs)
     h, img = e.inputs_embeds, e.image_mask
     pos = a.positions(attention_mask, image_mask=img, **kwargs)
@@ -185,9 +185,9 @@ VIDEO_PREPROCESSOR = {"video_processor_type": "Qwen3VLVideoProcessor", "patch_si
 
 
 def checkpoint_processor(name: str, chat_template: str | None = None):
-    """A processor of family `name` that can be saved (images only, as `load_llava` builds it without torchvision),
+    """A processor of family `name` that can be saved (images only, as `load_model` builds it without torchvision),
     knowing the chat words too."""
-    from saturation.loading import ImageOnlyQwen2_5_VLProcessor, ImageOnlyQwen3VLProcessor
+    from saturation.core.loading import ImageOnlyQwen2_5_VLProcessor, ImageOnlyQwen3VLProcessor
 
     images = _processor(name).image_processor
     cls = ImageOnlyQwen2_5_VLProcessor if name == "qwen2_5_vl" else ImageOnlyQwen3VLProcessor

@@ -11,8 +11,8 @@ from unittest import mock
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from saturation.anatomy import anatomy, position_ids_from_mask
-from saturation.tiny import tiny_llava_config
+from saturation.core.adapters import adapter_for, position_ids_from_mask
+from saturation.core.tiny import tiny_llava_config
 
 VOCAB = 48
 IMAGE = 4  # image token id (tiny_llava_config default)
@@ -95,7 +95,7 @@ def run_plan_naively(routed, h, img, layer, full, image_only, text_only, shallow
     family's masks are); `shallow` wraps the shallow stack (Qwen3-VL's DeepStack injection)."""
     from contextlib import nullcontext
 
-    plan, a = routed.plan, routed.anatomy
+    plan, a = routed.plan, routed.adapter
     with shallow if shallow is not None else nullcontext():
         for i in plan.shallow:
             h = layer(a.layers[i], h, full)
@@ -120,7 +120,7 @@ def run_plan_naively(routed, h, img, layer, full, image_only, text_only, shallow
 def naive_logits(routed, input_ids, attention_mask, pixel_values=None, **image_kwargs) -> torch.Tensor:
     """Every variant as full-sequence layer loops: routing is a mask plus a reset of the image positions."""
     model = routed.base
-    a = anatomy(model)
+    a = adapter_for(model)
     h, img = a.embed(input_ids, pixel_values, **image_kwargs)
     pos = position_ids_from_mask(attention_mask)
     rope = a.rotary_emb(h, pos)

@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 import routing
 from cli import routing_app
-from routing.analysis import mechanism, per_head_mass, summarize
-from saturation.data import read_records
+from routing.jobs.analysis import mechanism, per_head_mass, summarize
+from saturation.core.data import read_records
 
 runner = CliRunner()
 

@@ -14,15 +14,15 @@ from transformers import (
 )
 
 from saturation import ToolkitError
-from saturation.anatomy import (
+from saturation.core.adapters import (
     LLAVA_15,
     LLAVA_NEXT,
     LLAVA_ONEVISION,
-    anatomy,
+    adapter_for,
     position_ids_from_mask,
     spec_for_config,
 )
-from saturation.tiny import tiny_llava_config, tiny_processor
+from saturation.core.tiny import tiny_llava_config, tiny_processor
 
 TEXTS = [
     "USER: <image>\nwhat colour is the circle? ASSISTANT: red</s>",
@@ -46,15 +46,15 @@ def test_anatomy_forward_is_bit_identical_to_model(processor, side, attn):
     pos = position_ids_from_mask(batch["attention_mask"])
     with torch.no_grad():
         ref = model(**batch, position_ids=pos).logits
-        got = anatomy(model).forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        got = adapter_for(model).forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     assert torch.equal(ref, got)
 
 
 def test_embed_marks_exactly_the_image_tokens(processor, tiny_model):
     batch = _batch(processor, "right")
-    embeds, image_mask = anatomy(tiny_model).embed(batch["input_ids"], batch["pixel_values"])
+    embeds, image_mask = adapter_for(tiny_model).embed(batch["input_ids"], batch["pixel_values"])
     assert image_mask.sum(1).tolist() == [4, 4, 4]  # 32 px / patch 16 → 4 tokens per image
-    text_embeds = anatomy(tiny_model).embed_tokens(batch["input_ids"])
+    text_embeds = adapter_for(tiny_model).embed_tokens(batch["input_ids"])
     assert torch.equal(embeds[~image_mask], text_embeds[~image_mask])
     assert not torch.equal(embeds[image_mask], text_embeds[image_mask])
 
@@ -62,13 +62,13 @@ def test_embed_marks_exactly_the_image_tokens(processor, tiny_model):
 def test_image_tokens_without_pixels_is_a_clear_error(processor, tiny_model):
     batch = _batch(processor, "right")
     with pytest.raises(ToolkitError, match="no pixel_values"):
-        anatomy(tiny_model).embed(batch["input_ids"], None)
+        adapter_for(tiny_model).embed(batch["input_ids"], None)
 
 
 def test_hook_points_use_transformer_lens_names(tiny_model):
-    points = anatomy(tiny_model).hook_points()
-    assert points["blocks.5.hook_resid_post"] is anatomy(tiny_model).layers[5]
-    assert points["blocks.0.attn.hook_pattern"] is anatomy(tiny_model).layers[0].self_attn
+    points = adapter_for(tiny_model).hook_points()
+    assert points["blocks.5.hook_resid_post"] is adapter_for(tiny_model).layers[5]
+    assert points["blocks.0.attn.hook_pattern"] is adapter_for(tiny_model).layers[0].self_attn
     assert "blocks.6.hook_resid_post" not in points
 
 
@@ -76,7 +76,7 @@ def test_not_llava_is_refused():
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2))
     with pytest.raises(ToolkitError, match="not a LLaVA model: model_type is 'llama'"):
-        anatomy(llama)
+        adapter_for(llama)
 
 
 def test_backbone_specs_cover_llava_next_and_onevision():
@@ -91,7 +91,7 @@ def test_geometry_comes_from_the_config_not_constants():
     cfg = tiny_llava_config(len(proc.tokenizer), image_size=48, patch_size=16, layers=3, kv_heads=1)
     model = LlavaForConditionalGeneration(cfg).eval()
     batch = proc(images=[Image.new("RGB", (48, 48))], text=["USER: <image>\nwhat ASSISTANT:"], return_tensors="pt")
-    a = anatomy(model)
+    a = adapter_for(model)
     assert a.num_layers == 3
     with torch.no_grad():
         _, mask = a.embed(batch["input_ids"], batch["pixel_values"])
@@ -110,7 +110,7 @@ def test_llava_15_7b_geometry_on_meta_device():
     )
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(cfg)
-    a = anatomy(model)
+    a = adapter_for(model)
     assert (a.num_layers, a.image_token_id) == (32, 32000)
     assert a.layers[0].self_attn.q_proj.weight.shape == (4096, 4096)
     assert a.lm_head.weight.shape == (32064, 4096)
@@ -123,10 +123,10 @@ def test_causal_mask_shortcut_agrees_with_transformers(tiny_model, attn):
     from transformers.cache_utils import DynamicCache
     from transformers.masking_utils import create_causal_mask
 
-    from saturation.hf_compat import cache_kwargs
+    from saturation.core.hf_compat import cache_kwargs
 
     tiny_model.set_attn_implementation(attn)
-    a = anatomy(tiny_model)
+    a = adapter_for(tiny_model)
     filled = DynamicCache()
     for i in range(a.num_layers):
         filled.update(torch.zeros(2, 2, 5, 8), torch.zeros(2, 2, 5, 8), i)
@@ -157,15 +157,15 @@ def test_rope_table_is_the_rotary_modules_own_output(processor, family, head_dim
     new table), and per layer type (Gemma 3)."""
     if family == "llava":
         model = make_model(processor, seed=3, hidden=head_dim * 4, heads=4)
-        module = anatomy(model).rotary_emb
+        module = adapter_for(model).rotary_emb
         kinds = [()]
     else:
         from gemma3_fixtures import gemma_model
 
         model = gemma_model()
-        module = anatomy(model).rotary_emb
-        kinds = [(k,) for k in sorted(set(anatomy(model).text_config.layer_types))]
-    a = anatomy(model)
+        module = adapter_for(model).rotary_emb
+        kinds = [(k,) for k in sorted(set(adapter_for(model).text_config.layer_types))]
+    a = adapter_for(model)
     mask = torch.ones(3, 37, dtype=torch.long)
     mask[1, :5] = 0  # left padding
     cases = [position_ids_from_mask(mask), torch.tensor([[0, 1, 600, 601, 1023]]), torch.tensor([[3]])]

@@ -11,11 +11,10 @@ from routing_fixtures import SHARP_STD, assert_informative, decode_step_logits, 
 from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
 import routing
-from saturation.anatomy import anatomy
-from saturation.backbones import LlavaNext, LlavaOnevision
-from saturation.errors import ToolkitError
-from saturation.geometry import image_tokens_of
-from saturation.loading import load_llava, resolve_name
+from saturation.core.adapters import LlavaNext, LlavaOnevision, adapter_for
+from saturation.core.errors import ToolkitError
+from saturation.core.geometry import image_tokens_of
+from saturation.core.loading import load_model, resolve_name
 
 SPLIT = 2
 NEW = 5
@@ -49,7 +48,7 @@ def test_anatomy_walk_equals_hf_forward_bit_for_bit(fam, attn):
     model = fam.model(attn, seed=2)
     batch = fam.batch()
     with torch.no_grad():
-        assert torch.equal(anatomy(model).forward(**batch), hf_logits(model, batch))
+        assert torch.equal(adapter_for(model).forward(**batch), hf_logits(model, batch))
 
 
 def test_image_token_counts_come_from_the_adapter(fam, model):
@@ -59,7 +58,7 @@ def test_image_token_counts_come_from_the_adapter(fam, model):
     counts = image_counts(model, batch)
     assert counts == [image_tokens_of(model.config, size) for size in IMAGE_SIZES]
     with torch.no_grad():
-        _, mask = anatomy(model).embed(batch["input_ids"], **image_kwargs(batch))
+        _, mask = adapter_for(model).embed(batch["input_ids"], **image_kwargs(batch))
     assert mask.sum(1).tolist() == counts
     assert (len(set(counts)) > 1) == (fam.name != "llava")
 
@@ -90,7 +89,7 @@ def test_every_decode_step_logits_equal_recomputation(fam, sharp_model, variant)
     signature) then the cached steps, logit for logit against recomputation."""
     routed = perturb_side(routing.build(sharp_model, SPLIT, variant, fusion_layers=0 if variant == "lf-ideal" else 1))
     routed.generation_config.eos_token_id = None
-    new, cached, recomputed = decode_step_logits(routed, fam.batch(), NEW, [anatomy(sharp_model).image_token_id])
+    new, cached, recomputed = decode_step_logits(routed, fam.batch(), NEW, [adapter_for(sharp_model).image_token_id])
     assert_informative(new)
     for step, (got, want) in enumerate(zip(cached, recomputed, strict=True)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")
@@ -98,7 +97,7 @@ def test_every_decode_step_logits_equal_recomputation(fam, sharp_model, variant)
 
 def test_pc_equals_kv_at_text_and_text_before_the_image_is_unchanged(fam, model):
     batch = fam.batch()
-    image = batch["input_ids"] == anatomy(model).image_token_id
+    image = batch["input_ids"] == adapter_for(model).image_token_id
     text = batch["attention_mask"].bool() & ~image
     before = text & (image.long().cumsum(1) == 0)  # real text before each row's first image token
     assert before.sum(1).min() >= 2
@@ -116,10 +115,10 @@ def test_pc_equals_kv_at_text_and_text_before_the_image_is_unchanged(fam, model)
 def test_one_layer_trains_with_a_gradient_and_lf_ideal_refuses(fam, model):
     batch = with_labels(fam.batch())
     routed = routing.build(model, SPLIT, "lf")
-    layer = sum(p.numel() for p in anatomy(model).layers[SPLIT].parameters())
+    layer = sum(p.numel() for p in adapter_for(model).layers[SPLIT].parameters())
     assert routed.trainable_parameters().trainable == layer
     assert routed.side_gradient_norm(**batch) > 0
-    assert routed._no_split_modules == [type(anatomy(model).layers[0]).__name__]
+    assert routed._no_split_modules == [type(adapter_for(model).layers[0]).__name__]
     ideal = routing.build(model, SPLIT, "lf-ideal", fusion_layers=0).train()
     assert ideal.side_gradient_norm(**batch) == 0.0
     with pytest.raises(ToolkitError, match="cannot be trained"):
@@ -152,7 +151,7 @@ def test_missing_image_sizes_is_one_line():
     batch = fam.batch()
     batch.pop("image_sizes")
     with pytest.raises((ToolkitError, TypeError, ValueError)):
-        anatomy(fam.model()).embed(batch["input_ids"], batch["pixel_values"])
+        adapter_for(fam.model()).embed(batch["input_ids"], batch["pixel_values"])
 
 
 def test_onevision_caps_large_grids_as_the_model_does():
@@ -173,7 +172,7 @@ def test_onevision_caps_large_grids_as_the_model_does():
         assert expected < 4 + 8 * 9  # the 8x8 grid was shrunk
         assert image_counts(model, batch) == [expected]
         with torch.no_grad():
-            _, mask = anatomy(model).embed(batch["input_ids"], **image_kwargs(batch))
+            _, mask = adapter_for(model).embed(batch["input_ids"], **image_kwargs(batch))
         assert int(mask.sum()) == expected
     finally:
         proc.image_processor.image_grid_pinpoints = family("llava_onevision").config().image_grid_pinpoints
@@ -186,7 +185,7 @@ def test_sliding_window_language_models_are_refused():
     with torch.device("meta"):
         model = LlavaNextForConditionalGeneration(config)
     with pytest.raises(ToolkitError, match="sliding-window"):
-        anatomy(model)
+        adapter_for(model)
 
 
 def test_next_counts_match_the_processor_for_many_sizes():
@@ -207,18 +206,18 @@ NEW_ALIASES = {"llava-next-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
 def test_aliases_resolve_and_fail_offline_in_one_line(alias):
     assert resolve_name(alias) == NEW_ALIASES[alias]
     with pytest.raises(ToolkitError, match=rf"cannot load '{NEW_ALIASES[alias]}'.*--model PATH") as err:
-        load_llava(alias)
+        load_model(alias)
     assert "\n" not in str(err.value)
 
 
 def test_a_local_llava_next_checkpoint_loads(tmp_path):
-    """load_llava accepts the llava_next model type (it said "not a LLaVA model" before the adapters)."""
+    """load_model accepts the llava_next model type (it said "not a LLaVA model" before the adapters)."""
     fam = family("llava_next")
     model = fam.model()
     model.save_pretrained(tmp_path)
     fam.processor.save_pretrained(tmp_path)
-    loaded, processor = load_llava(tmp_path, device="cpu")
+    loaded, processor = load_model(tmp_path, device="cpu")
     batch = fam.batch()
-    assert type(anatomy(loaded)) is LlavaNext
+    assert type(adapter_for(loaded)) is LlavaNext
     assert torch.equal(hf_logits(loaded, batch), hf_logits(model, batch))
     assert type(processor).__name__ == "LlavaNextProcessor"

@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import friendly, routing_app, saturation_app
-from saturation.errors import ToolkitError
+from saturation.core.errors import ToolkitError
 
 runner = CliRunner()
 ENV = {"COLUMNS": "300", "HF_HUB_OFFLINE": "1"}
@@ -321,7 +321,7 @@ def _corrupt_copy(dataset: Path, name: str) -> Path:
 
 
 def test_failed_no_resume_probe_leaves_no_stale_recommendation(tiny_model_dir, dataset, tmp_path):
-    from routing.split import resolve_split
+    from routing.jobs.split import resolve_split
 
     out = tmp_path / "probe"
     first = _run(saturation_app, "probe", "--model", tiny_model_dir, "--data", dataset, "--n", 4, "--out", out)

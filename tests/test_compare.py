@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from cli import routing_app
 from figures.pareto import frontier, pareto_figure
-from routing.compare import COLUMNS, GEOMETRY_PLANS, CompareConfig, parse_plans
-from saturation.errors import ToolkitError
+from routing.jobs.compare import COLUMNS, GEOMETRY_PLANS, CompareConfig, parse_plans
+from saturation.core.errors import ToolkitError
 
 
 def test_compare_writes_a_filled_row_per_plan_and_the_figure(tmp_path):

@@ -24,8 +24,8 @@ import routing
 from cli import routing_app, saturation_app
 from routing.compiled import Compiled, check_compile, compile_model, is_compiled
 from routing.model import routed_prefill
-from saturation.anatomy import anatomy
-from saturation.errors import ToolkitError
+from saturation.core.adapters import adapter_for
+from saturation.core.errors import ToolkitError
 
 VARIANTS = ("lf", "lf-ideal", "kv", "pc")
 SPLIT, NEW = 2, 3
@@ -194,10 +194,10 @@ def _family(name: str):
     a decode must not produce (after the prompt the routed model takes text only)."""
     if name == "gemma3":
         base = gemma_model(layers=6, std=SHARP_STD)
-        return base, gemma().batch(), (anatomy(base).image_token_id, BOI, EOI)
+        return base, gemma().batch(), (adapter_for(base).image_token_id, BOI, EOI)
     fixtures = qwen_family(name) if name.startswith("qwen") else llava_family(name)
     base = fixtures.model(layers=4, std=SHARP_STD)
-    return base, fixtures.batch(), (anatomy(base).image_token_id,) + ((VIDEO,) if name.startswith("qwen") else ())
+    return base, fixtures.batch(), (adapter_for(base).image_token_id,) + ((VIDEO,) if name.startswith("qwen") else ())
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -206,7 +206,7 @@ def test_compiled_families_equal_eager(name, monkeypatch, request):
     compiled call, its logits and every cached decode step equal eager. Qwen3-VL failed inside dynamo before
     `compile_model` kept Python ints static (`range(plan.split)` traced as a symbol beside the DeepStack hooks)."""
     base, batch, suppress = _family(name)
-    a = anatomy(base)
+    a = adapter_for(base)
     routed = routing.build(base, max(2, a.min_split), "lf").eval()
     with torch.no_grad():
         reference = routed(**batch).logits
@@ -286,7 +286,7 @@ def test_probe_refuses_compile_in_one_line(tmp_path):
 
 def test_cli_compile_failure_is_one_line():
     """routing generate --compile on a machine whose C++ compiler is missing: one line naming it, no traceback."""
-    from saturation.loading import DATA_SAMPLES
+    from saturation.core.loading import DATA_SAMPLES
 
     image = next((DATA_SAMPLES / "shapes").rglob("*.png"))
     torch._dynamo.reset()  # the preflight must really compile
@@ -304,7 +304,7 @@ def test_cli_compile_failure_is_one_line():
 
 def test_lmms_compile_model_arg():
     """lmms-eval's ``--model_args ...,compile=true`` (a bool or text there); anything else is one line."""
-    from routing.lmms_plugin import MODEL_ARGS, flag_of, model_args
+    from routing.lmms.plugin import MODEL_ARGS, flag_of, model_args
 
     assert "compile" in MODEL_ARGS and model_args({"compile": "true"}, {}) == {"compile": "true"}
     assert flag_of("true", "compile") and flag_of(True, "compile") and flag_of("1", "compile")
@@ -317,7 +317,7 @@ def test_bench_times_compiled_models(monkeypatch):
     """routing bench --compile: every model compiled before timing, the compile in an untimed warm-up, the result
     says so (dynamo's eager backend here: the wiring, not inductor's speed)."""
     import routing.compiled
-    from routing.benchmark import BenchConfig, run_bench
+    from routing.jobs.bench import BenchConfig, run_bench
 
     monkeypatch.setattr(routing.compiled, "BACKEND", "eager")
     compiled = []

@@ -21,8 +21,8 @@ from routing_fixtures import (
 from transformers import TrainerCallback
 
 import routing
-from saturation.anatomy import anatomy, position_ids_from_mask
-from saturation.data import read_records
+from saturation.core.adapters import adapter_for, position_ids_from_mask
+from saturation.core.data import read_records
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 VARIANTS = ("lf", "pc", "kv")
@@ -95,7 +95,7 @@ def test_no_image_routing_equals_vanilla_in_bf16_on_cuda(attn, kv_heads):
     positions = position_ids_from_mask(batch["attention_mask"])
     with torch.no_grad():
         ours = routed(**batch).logits
-        walked = anatomy(model).forward(**batch)  # the same layers, masks and positions, walked by hand
+        walked = adapter_for(model).forward(**batch)  # the same layers, masks and positions, walked by hand
         hf = model(**batch, position_ids=positions, use_cache=False).logits
         hf_cached = model(**batch, position_ids=positions).logits
     assert ours.dtype == torch.bfloat16
@@ -109,11 +109,11 @@ def test_bf16_training_keeps_fp32_master_weights_and_saves_in_the_base_dtype(tin
     checkpointing; the artifact is written in the base's dtype and the base never changes."""
     import pandas as pd
 
-    from routing.train import TrainConfig, train_side_branch, training_dtype
-    from saturation.loading import load_llava
+    from routing.jobs.train import TrainConfig, train_side_branch, training_dtype
+    from saturation.core.loading import load_model
 
     assert training_dtype(None, "cuda") == "bfloat16" and training_dtype("float16", "cuda") == "float16"
-    model, processor = load_llava(str(tiny_model_dir), dtype="bfloat16", device="cuda")
+    model, processor = load_model(str(tiny_model_dir), dtype="bfloat16", device="cuda")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     routed = routing.build(model, 2)
     seen = []
@@ -148,10 +148,10 @@ def test_probe_on_cuda_matches_the_cpu(tiny_model_dir, dataset, tmp_path):
 
 
 def test_embedded_model_answers_on_cuda_in_its_checkpoint_dtype():
-    from routing.evaluate import evaluate
-    from saturation.loading import DATA_SAMPLES, load_llava
+    from routing.jobs.evaluate import evaluate
+    from saturation.core.loading import DATA_SAMPLES, load_model
 
-    model, processor = load_llava("tiny", device="cuda")
+    model, processor = load_model("tiny", device="cuda")
     assert model.dtype == torch.float16 and model.device.type == "cuda"
     records = read_records(DATA_SAMPLES / "shapes" / "heldout.json")[:64]
     result, _ = evaluate(model, processor, records)
@@ -159,7 +159,7 @@ def test_embedded_model_answers_on_cuda_in_its_checkpoint_dtype():
 
 
 def test_bench_on_cuda_times_with_the_wall_clock_and_reports_peak_memory():
-    from routing.benchmark import BenchConfig, run_bench
+    from routing.jobs.bench import BenchConfig, run_bench
 
     result = run_bench(BenchConfig(geometry="tiny", device="cuda", text_tokens="16,64", variants="lf,pc,kv",
                                    repeats=3, warmup=1, new_tokens=4, train=True))

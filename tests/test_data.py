@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saturation import ToolkitError
-from saturation.data import (
+from saturation.core.data import (
     IGNORE_INDEX,
     collate,
     encode_record,

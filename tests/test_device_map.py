@@ -12,8 +12,8 @@ from accelerate import dispatch_model, infer_auto_device_map
 from conftest import make_model
 
 import routing
-from saturation.anatomy import anatomy
-from saturation.loading import load_llava
+from saturation.core.adapters import adapter_for
+from saturation.core.loading import load_model
 
 
 def _inputs(processor, batch: int = 2) -> dict:
@@ -33,7 +33,7 @@ def test_dispatched_with_disk_offload_routes_like_the_plain_model(processor, tmp
         want = routing.build(make_model(processor), split, variant)(**inputs).logits
 
     model = make_model(processor)
-    layers = anatomy(model).layers
+    layers = adapter_for(model).layers
     names = {id(m): n for n, m in model.named_modules()}
     device_map = infer_auto_device_map(model, max_memory={"cpu": "1GiB"},
                                        no_split_module_classes=[type(layers[0]).__name__])
@@ -54,7 +54,7 @@ def test_dispatched_with_disk_offload_routes_like_the_plain_model(processor, tmp
 
 
 def test_load_llava_device_map_offloads_past_max_memory(tmp_path):
-    model, _ = load_llava("tiny", device_map="auto", max_memory="cpu=1MiB", offload_folder=tmp_path)
+    model, _ = load_model("tiny", device_map="auto", max_memory="cpu=1MiB", offload_folder=tmp_path)
     assert "disk" in set(model.hf_device_map.values())  # accelerate really put layers on disk
     del model
     __import__("gc").collect()
@@ -68,7 +68,7 @@ def test_load_llavas_own_offload_folder_goes_with_the_model(tmp_path, monkeypatc
     made = []
     monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(str(tmp_path / "scratch")) or
                         (tmp_path / "scratch").mkdir() or made[-1])
-    model, _ = load_llava("tiny", device_map="auto", max_memory="cpu=1MiB")
+    model, _ = load_model("tiny", device_map="auto", max_memory="cpu=1MiB")
     # safetensors weights are read in place, so it may stay empty; a .bin checkpoint's layers are written there
     assert made and (tmp_path / "scratch").is_dir()
     del model
@@ -107,7 +107,7 @@ def test_eval_with_device_map_answers_like_the_plain_model_and_bad_options_are_o
     from cli import routing_app
 
     runner = CliRunner()
-    routing.build(load_llava("tiny")[0], 4).save_routing(tmp_path / "run" / "routing")
+    routing.build(load_model("tiny")[0], 4).save_routing(tmp_path / "run" / "routing")
     common = ["eval", "--routing", str(tmp_path / "run"), "-n", "12", "--batch-size", "4"]
     plain = runner.invoke(routing_app, [*common, "--json", str(tmp_path / "plain.json")])
     mapped = runner.invoke(routing_app, [*common, "--json", str(tmp_path / "mapped.json"),
@@ -133,7 +133,7 @@ def test_train_with_layers_offloaded_to_disk_learns_the_same_side_branch(tmp_pat
     from typer.testing import CliRunner
 
     from cli import routing_app
-    from routing.train import RUN_MANIFEST
+    from routing.jobs.train import RUN_MANIFEST
 
     monkeypatch.chdir(tmp_path)  # a default --out must not land in the repository
     runner = CliRunner()
@@ -141,7 +141,7 @@ def test_train_with_layers_offloaded_to_disk_learns_the_same_side_branch(tmp_pat
     plain = runner.invoke(routing_app, [*common, "--out", "plain"])
     mapped = runner.invoke(routing_app, [*common, "--out", "mapped", "--device-map", "auto", "--max-memory", "cpu=1MiB"])
     assert plain.exit_code == 0 and mapped.exit_code == 0, mapped.output
-    start = routing.build(load_llava("tiny")[0], 4).side.state_dict()
+    start = routing.build(load_model("tiny")[0], 4).side.state_dict()
     a, b = (load_file(tmp_path / d / "routing" / "side_branch.safetensors") for d in ("plain", "mapped"))
     assert a.keys() == b.keys()
     assert max((a[k] - start[k.removeprefix("side.")]).abs().max() for k in a) > 1e-4  # training moved the weights
@@ -260,7 +260,7 @@ def _two_device_map(model, split: int, first, second) -> dict:
     """Every module of `model` on `first`, except decoder layers past `split` (the side branch's source stays on
     `first`), the final norm and the LM head, which go to `second`."""
     names = {id(m): n for n, m in model.named_modules()}
-    a = anatomy(model)
+    a = adapter_for(model)
     path = names[id(a.layers)]  # the family's own path to the decoder layers
     device_map = {}
 

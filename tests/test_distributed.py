@@ -21,7 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import routing_app
-from saturation.loading import DATA_SAMPLES
+from saturation.core.loading import DATA_SAMPLES
 from saturation.probe import ProbeConfig, run_probe
 
 BIN = Path(sys.executable).parent
@@ -182,8 +182,8 @@ def test_accelerate_launch_with_fsdp_on_cpu_is_one_line_before_any_work(tmp_path
     ({"FSDP_USE_ORIG_PARAMS": "false"}, "fsdp_use_orig_params: true"),
 ])
 def test_fsdp_configs_that_cannot_save_the_side_branch_are_refused(env, message):
-    from routing.train import check_sharding_engine
-    from saturation.errors import ToolkitError
+    from routing.jobs.train import check_sharding_engine
+    from saturation.core.errors import ToolkitError
 
     check_sharding_engine({})  # no FSDP: nothing to check
     with pytest.raises(ToolkitError, match=message):

@@ -6,8 +6,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli import routing_app
-from routing.evaluate import evaluate
-from saturation.data import read_records
+from routing.jobs.evaluate import evaluate
+from saturation.core.data import read_records
 
 runner = CliRunner()
 

@@ -23,7 +23,7 @@ from backbone_fixtures import (
 from PIL import Image
 from typer.testing import CliRunner
 
-from saturation.data import IGNORE_INDEX, PromptFormat, collate, encode_record, read_records
+from saturation.core.data import IGNORE_INDEX, PromptFormat, collate, encode_record, read_records
 
 runner = CliRunner()
 CHAT = {"llava_onevision": QWEN_CHAT_TEMPLATE}  # one family through a chat template, the others their adapter's
@@ -53,16 +53,16 @@ def test_every_command_runs_on_the_family(checkpoint, data, tmp_path, monkeypatc
 
 
 def test_onevision_checkpoint_loads_offline_without_torchvision(tmp_path):
-    """AutoProcessor cannot build OneVision's video processor without torchvision; load_llava builds the
+    """AutoProcessor cannot build OneVision's video processor without torchvision; load_model builds the
     image-only processor from the same files, chat template included."""
     import importlib.util
 
-    from saturation.loading import ImageOnlyOnevisionProcessor, load_llava
+    from saturation.core.loading import ImageOnlyOnevisionProcessor, load_model
 
     assert importlib.util.find_spec("torchvision") is None  # the toolkit's environment
     folder = save_checkpoint("llava_onevision", tmp_path / "ov", chat_template=QWEN_CHAT_TEMPLATE)
     assert json.loads((folder / "processor_config.json").read_text())["processor_class"] == "LlavaOnevisionProcessor"
-    model, processor = load_llava(folder)
+    model, processor = load_model(folder)
     assert isinstance(processor, ImageOnlyOnevisionProcessor) and processor.chat_template == QWEN_CHAT_TEMPLATE
     out = processor(images=[Image.new("RGB", (80, 40))], text=["<image>\nwhat"], return_tensors="pt")
     assert out["image_sizes"].tolist() == [[40, 80]] and out["batch_num_images"].tolist() == [1]
@@ -110,7 +110,7 @@ def test_chat_template_prompts_and_labels(data):
     text = tok.decode(enc["input_ids"][enc["input_ids"] != 4])
     assert text == ("<s> <|im_start|> user what colour is the circle? <|im_end|> <|im_start|> assistant blue "
                     "<|im_end|> <|im_start|> user is the square red? <|im_end|> <|im_start|> assistant yes <|im_end|>")
-    from saturation.data import encode_prompt
+    from saturation.core.data import encode_prompt
 
     prompt = encode_prompt(record, proc, fmt=fmt)["input_ids"]
     assert tok.convert_ids_to_tokens(prompt[-2:].tolist()) == ["<|im_start|>", "assistant"]
@@ -121,12 +121,12 @@ def test_probe_of_a_ragged_padded_batch_equals_each_sample_alone(data):
     sample gets the numbers it gets alone."""
     from backbone_fixtures import Family
 
-    from saturation.anatomy import anatomy
+    from saturation.core.adapters import adapter_for
     from saturation.probe import LayerReducer, eager_attention, encode_batch, probe_batch
 
     proc = checkpoint_processor("llava_next")
     model = Family("llava_next", proc).model(std=0.2)
-    a = anatomy(model)
+    a = adapter_for(model)
     fmt = PromptFormat.of(a)
     records = read_records(data)[:3]
     with eager_attention(model), LayerReducer(a) as reducer:
@@ -157,7 +157,7 @@ def test_flop_ratio_over_ragged_samples():
 def test_geometry_processor_counts_what_the_adapter_counts(name, tokens):
     """The geometries' processors tile a 480x640 photo into as many <image> tokens as the adapter prices (no
     weights are built: 7B widths)."""
-    from saturation.geometry import REPRESENTATIVE_IMAGE, geometry_config, geometry_processor, image_tokens_of
+    from saturation.core.geometry import REPRESENTATIVE_IMAGE, geometry_config, geometry_processor, image_tokens_of
 
     config = geometry_config(name, layers=3)
     assert config.text_config.num_hidden_layers == 3
@@ -185,7 +185,7 @@ def test_lmms_plugin_carries_the_family_prompt_and_image_kwargs(name):
     from backbone_fixtures import Family
 
     import routing
-    from routing.lmms_plugin import llava_prompt
+    from routing.lmms.plugin import llava_prompt
 
     proc = checkpoint_processor(name, CHAT.get(name))
     routed = routing.build(Family(name, proc).model(std=0.2), 2).eval()

@@ -1,5 +1,5 @@
 """Every command on Qwen2.5-VL, Qwen3-VL and Gemma 3: tiny random checkpoints saved with save_pretrained (model +
-processor), loaded offline by ``load_llava`` and by the CLI from disk like a user's ``--model DIR``; images of
+processor), loaded offline by ``load_model`` and by the CLI from disk like a user's ``--model DIR``; images of
 different sizes, so Qwen batches are ragged (different M-RoPE grids)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from backbone_fixtures import check_plugin_requests, run_every_command, write_images_dataset
 from PIL import Image
 
-from saturation.anatomy import anatomy, position_ids_from_mask
+from saturation.core.adapters import adapter_for, position_ids_from_mask
 
 NEW = ("qwen2_5_vl", "qwen3_vl", "gemma3")
 
@@ -31,15 +31,15 @@ def save(name: str, folder, chat: bool = False, video_config: bool = False):
 @pytest.mark.parametrize("name", NEW)
 def test_checkpoint_loads_offline_and_walks_as_hf(name, tmp_path):
     """A saved checkpoint + processor (Qwen3-VL with the video processor config a release ships) loads through
-    load_llava without torchvision; the processor batches two image sizes; the anatomy walk equals HF's forward."""
-    from saturation.loading import load_llava
+    load_model without torchvision; the processor batches two image sizes; the anatomy walk equals HF's forward."""
+    from saturation.core.loading import load_model
 
     assert importlib.util.find_spec("torchvision") is None  # the toolkit's environment
     folder = save(name, tmp_path / name, chat=True, video_config=name == "qwen3_vl")
-    model, proc = load_llava(folder)
+    model, proc = load_model(folder)
     assert proc.chat_template and type(proc).__name__.lower().replace("_", "").startswith(
         ("imageonly", "gemma3"))
-    a = anatomy(model)
+    a = adapter_for(model)
     texts = [a.template.question(q, True) for q in ("what colour is the circle ?", "how many")]
     proc.tokenizer.padding_side = "left"
     pictures = [Image.new("RGB", (40, 40), "red"), Image.new("RGB", (80, 40), "blue")]
@@ -85,11 +85,11 @@ def test_bench_real_prompt_marks_its_own_image_tokens(name, tmp_path):
     """routing bench rebuilds each prompt's text around its image block: the per-token image kwargs (Qwen's
     mm_token_type_ids, Gemma's token_type_ids) must mark the rebuilt rows' image tokens, not the processor's rows
     (before: a shape error on Qwen, 'marks other tokens' on Gemma), and vanilla HF takes the batch end to end."""
-    from routing.benchmark import _bench_records, prefill, real_prompt
-    from saturation.loading import load_llava
+    from routing.jobs.bench import _bench_records, prefill, real_prompt
+    from saturation.core.loading import load_model
 
-    model, proc = load_llava(save(name, tmp_path / name))
-    a = anatomy(model)
+    model, proc = load_model(save(name, tmp_path / name))
+    a = adapter_for(model)
     for text_tokens in (5, 40):  # cut and cycled
         p = real_prompt(model, proc, _bench_records(), text_tokens, batch=2, new_tokens=1)
         key = "token_type_ids" if name == "gemma3" else "mm_token_type_ids"
@@ -104,8 +104,8 @@ def test_bench_real_prompt_marks_its_own_image_tokens(name, tmp_path):
 def test_qwen_geometries_are_the_released_configs(name, layers, heads, kv, tokens, first):
     """The geometries' numbers as the released config.json files have them (no weights are built), the tokens of
     a 480x640 photo, and the first allowed split (after Qwen3-VL's DeepStack layers)."""
-    from saturation.backbones import adapter_class
-    from saturation.geometry import CHECKPOINT_DTYPE, REPRESENTATIVE_IMAGE, geometry_config, image_tokens_of
+    from saturation.core.adapters import adapter_class
+    from saturation.core.geometry import CHECKPOINT_DTYPE, REPRESENTATIVE_IMAGE, geometry_config, image_tokens_of
 
     config = geometry_config(name)
     t = config.text_config
@@ -121,7 +121,7 @@ def test_bench_default_split_is_after_the_deepstack_layers():
     routed build refused the default split)."""
     import qwen_fixtures as q
 
-    from routing.benchmark import BenchConfig, run_bench
+    from routing.jobs.bench import BenchConfig, run_bench
 
     fam = q.family("qwen3_vl")
     config = fam.config(layers=5)
@@ -135,8 +135,8 @@ def test_bench_default_split_is_after_the_deepstack_layers():
 def test_geometry_processor_counts_what_the_adapter_counts(name):
     """The geometries' processors turn a 480x640 photo in the family's own prompt into as many image tokens as the
     adapter prices (no weights are built)."""
-    from saturation.backbones import adapter_class
-    from saturation.geometry import (
+    from saturation.core.adapters import adapter_class
+    from saturation.core.geometry import (
         FAMILY_TOKENS,
         REPRESENTATIVE_IMAGE,
         geometry_config,
@@ -160,7 +160,7 @@ def test_random_checkpoint_wires_the_familys_tokens(name, monkeypatch):
     """random_checkpoint (probe benchmark --geometry) moves the config's image/vision/pad ids onto its processor's
     tokens: the model's forward takes the processor's batch and finds every image token (checked on a small
     geometry of each family)."""
-    from saturation import geometry
+    from saturation.core import geometry
 
     if name == "gemma3":
         import gemma3_fixtures as g
@@ -172,7 +172,7 @@ def test_random_checkpoint_wires_the_familys_tokens(name, monkeypatch):
         monkeypatch.setitem(geometry.GEOMETRIES, "small", lambda: q.family(name).config(layers=3))
     monkeypatch.setitem(geometry.CHECKPOINT_DTYPE, "small", torch.float32)
     model, proc = geometry.random_checkpoint("small", None, None, "cpu")
-    a = anatomy(model)
+    a = adapter_for(model)
     text = a.template.question("what", True)
     picture = Image.new("RGB", (32, 64))
     batch = proc(images=[[picture]] if name == "gemma3" else [picture], text=[text], return_tensors="pt")
@@ -186,10 +186,10 @@ def test_lmms_plugin_on_the_family(checkpoint):
     two image sizes in one batch answer as each alone, and loglikelihood is a finite loss."""
 
     import routing
-    from saturation.loading import load_llava
+    from saturation.core.loading import load_model
 
     name, folder = checkpoint
-    model, proc = load_llava(folder)
-    routed = routing.build(model, anatomy(model).min_split).eval()  # Qwen3-VL: the first split after DeepStack
+    model, proc = load_model(folder)
+    routed = routing.build(model, adapter_for(model).min_split).eval()  # Qwen3-VL: the first split after DeepStack
     pictures = [[Image.new("RGB", (56, 56), "red")], [Image.new("RGB", (112, 56), "blue")]]
     check_plugin_requests(routed, proc, pictures)

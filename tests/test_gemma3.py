@@ -31,12 +31,11 @@ from transformers import DynamicCache
 from transformers.masking_utils import blockwise_overlay, create_causal_mask, sliding_window_overlay
 
 import routing
-from saturation.anatomy import anatomy, position_ids_from_mask
-from saturation.backbones import Gemma3
-from saturation.backbones.gemma3 import FULL, SLIDING, block_ids
-from saturation.errors import ToolkitError
-from saturation.hf_compat import cache_kwargs
-from saturation.loading import load_llava, resolve_name
+from saturation.core.adapters import Gemma3, adapter_for, position_ids_from_mask
+from saturation.core.adapters.gemma3 import FULL, SLIDING, block_ids
+from saturation.core.errors import ToolkitError
+from saturation.core.hf_compat import cache_kwargs
+from saturation.core.loading import load_model, resolve_name
 
 SPLIT = 2  # shallow: sliding, sliding; side branch from layer 2 (global); deep 2..4; fusion 5 (global)
 NEW = 4
@@ -75,7 +74,7 @@ def test_anatomy_walk_equals_hf_forward_bit_for_bit(batch, attn):
     """With images, token_type_ids and generate's positions: HF's blocks and windows, per-type RoPE. The walk takes
     its blocks from the image tokens, so it equals HF with token_type_ids (not HF without them, a plain causal mask)."""
     model = gemma_model(attn, seed=2)
-    a = anatomy(model)
+    a = adapter_for(model)
     pos = generate_positions(batch)
     without = {k: v for k, v in batch.items() if k != "token_type_ids"}
     with torch.no_grad():
@@ -90,13 +89,13 @@ def test_the_window_and_the_rope_bases_are_in_play(batch):
     """Widening the window or giving both layer types one RoPE base changes HF's output: both are really tested."""
     model = gemma_model()
     with torch.no_grad():
-        want = anatomy(model).forward(**batch)
+        want = adapter_for(model).forward(**batch)
         model.config.text_config.sliding_window = 1000
-        wide = anatomy(model).forward(**batch)
+        wide = adapter_for(model).forward(**batch)
         model.config.text_config.sliding_window = WINDOW
-        rotary = anatomy(model).rotary_emb
+        rotary = adapter_for(model).rotary_emb
         rotary.sliding_attention_inv_freq, saved = rotary.full_attention_inv_freq, rotary.sliding_attention_inv_freq
-        one_base = anatomy(model).forward(**batch)
+        one_base = adapter_for(model).forward(**batch)
         rotary.sliding_attention_inv_freq = saved
     assert not torch.allclose(wide, want, atol=1e-3)
     assert not torch.allclose(one_base, want, atol=1e-3)
@@ -128,7 +127,7 @@ def test_windows_in_subset_indices_would_be_caught(model, batch, monkeypatch):
     """The naive reference tells a window counted in subset indices from one in original positions (LF's text after
     row 1's image sits TOKENS_PER_IMAGE positions further than its subset index says)."""
     routed = perturb_side(routing.build(model, SPLIT, "lf"))
-    a = anatomy(model)
+    a = adapter_for(model)
     monkeypatch.setattr(type(a), "near", lambda self, q, k: (  # subset indices instead of positions
         torch.arange(k.shape[1])[None, None, None, :] > torch.arange(q.shape[1])[None, None, :, None] - self.window))
     valid = batch["attention_mask"].bool()
@@ -244,7 +243,7 @@ def subset(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 def test_subset_masks_equal_hfs_own_construction(batch, attn):
     """A prompt's subset masks (image only: two blocks in row 0; text only, padded; the whole sequence), built
     directly, equal HF's create_causal_mask with blockwise_overlay and the window as its mask functions, bit for bit."""
-    a = anatomy(gemma_model(attn))
+    a = adapter_for(gemma_model(attn))
     image, valid = batch["input_ids"] == IMAGE, batch["attention_mask"].bool()
     pos = generate_positions(batch)
     for chosen in (image & valid, ~image & valid, valid):
@@ -265,7 +264,7 @@ def test_subset_masks_equal_hfs_own_construction(batch, attn):
 def test_decode_sliding_mask_equals_hfs_own_construction(attn, new):
     """New tokens against a cache layout whose keys are out of order (row 0: image keys first, as KV caches them)
     and padded (row 1): the directly built sliding mask equals HF's with the window as and_mask_function."""
-    a = anatomy(gemma_model(attn))
+    a = adapter_for(gemma_model(attn))
     c = a.text_config
     generated = 2 + new
     prompt = torch.tensor([[*range(5, 25), *range(5), *range(25, 31)], [0] * 4 + list(range(27))])
@@ -308,7 +307,7 @@ def test_one_layer_trains_with_a_gradient(model, batch):
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, -2:] = batch["input_ids"][:, -2:]
     routed = routing.build(model, SPLIT, "lf")
-    assert routed.trainable_parameters().trainable == sum(p.numel() for p in anatomy(model).layers[SPLIT].parameters())
+    assert routed.trainable_parameters().trainable == sum(p.numel() for p in adapter_for(model).layers[SPLIT].parameters())
     assert routed.side_gradient_norm(**batch, labels=labels) > 0
     assert routed._no_split_modules == ["Gemma3DecoderLayer"]
 
@@ -327,7 +326,7 @@ def test_token_type_ids_must_mark_the_image_tokens(model, batch):
 
 
 def test_adapter_is_registered_with_gemmas_prompt_and_counts(model):
-    a = anatomy(model)
+    a = adapter_for(model)
     assert type(a) is Gemma3
     assert a.question_text("what", first=True) == (
         "<start_of_turn>user\n<start_of_image>what<end_of_turn>\n<start_of_turn>model\n")
@@ -342,7 +341,7 @@ GEMMA_ALIASES = {f"gemma-3-{n}b": f"google/gemma-3-{n}b-it" for n in (4, 12, 27)
 def test_aliases_resolve_and_fail_offline_in_one_line(alias):
     assert resolve_name(alias) == GEMMA_ALIASES[alias]
     with pytest.raises(ToolkitError, match=rf"cannot load '{GEMMA_ALIASES[alias]}'.*--model PATH") as err:
-        load_llava(alias)
+        load_model(alias)
     assert "\n" not in str(err.value)
 
 

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKBONES = ROOT / "saturation" / "backbones"
+BACKBONES = ROOT / "saturation" / "core" / "adapters"
 FORBIDDEN = re.compile(
     r"\b(language_model|self_attn|q_proj|k_proj|v_proj|o_proj|vision_tower|multi_modal_projector|input_layernorm"
     r"|image_newline|get_placeholder_mask|get_image_features)\b"  # module paths and merge internals
@@ -39,5 +39,5 @@ def test_the_pattern_catches_what_it_must():
                  "model.model.multi_modal_projector.linear_1"):
         assert FORBIDDEN.search(leak), leak
     for fine in ("from transformers.modeling_outputs import CausalLMOutputWithPast", "a.attn_implementation",
-                 "anatomy(model).text_model.train()", "a.key_values(i, side, rope)"):
+                 "adapter_for(model).text_model.train()", "a.key_values(i, side, rope)"):
         assert not FORBIDDEN.search(fine), fine

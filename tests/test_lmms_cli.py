@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from saturation.loading import DATA_SAMPLES
+from saturation.core.loading import DATA_SAMPLES
 
 pytest.importorskip("lmms_eval")
 
@@ -89,9 +89,9 @@ def artifact(tmp_path_factory) -> Path:
     """An untrained LF routing at s=1 of the embedded model (image tokens leave after layer 0): much weaker than
     vanilla, so the scores compared below differ from vanilla's."""
     import routing
-    from saturation.loading import load_llava
+    from saturation.core.loading import load_model
 
-    model, _ = load_llava("tiny")
+    model, _ = load_model("tiny")
     out = tmp_path_factory.mktemp("routing") / "routing"
     routing.build(model, 1).save_routing(out)
     return out

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
 import routing
-from routing.lmms_plugin import (
+from routing.lmms.plugin import (
     AUTO_BATCH_SIZE,
     MODEL_ARGS,
     MODEL_ID,
@@ -27,15 +27,15 @@ from routing.lmms_plugin import (
     model_args,
     truncate_at,
 )
-from saturation.errors import ToolkitError
-from saturation.loading import DATA_SAMPLES, load_llava
+from saturation.core.errors import ToolkitError
+from saturation.core.loading import DATA_SAMPLES, load_model
 
 
 @pytest.fixture(scope="module")
 def embedded():
     """The embedded shapes model, which answers held-out yes/no questions ~0.99 (data_samples/README.md)."""
     torch.set_num_threads(1)
-    return load_llava("tiny")
+    return load_model("tiny")
 
 
 def heldout(question_type: str | None, n: int) -> list[tuple[str, str, Image.Image]]:
@@ -48,7 +48,7 @@ def heldout(question_type: str | None, n: int) -> list[tuple[str, str, Image.Ima
 
 def test_entry_point_is_registered_without_lmms_eval():
     eps = {ep.name: ep.value for ep in entry_points(group="lmms_eval.models")}
-    assert eps[MODEL_ID] == "routing.lmms_plugin:manifest"
+    assert eps[MODEL_ID] == "routing.lmms.plugin:manifest"
 
 
 def test_prompt_template_adds_missing_image_placeholders():
@@ -79,7 +79,7 @@ def sentencepiece_processor() -> LlavaProcessor:
                                    pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
     fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
     assert fast.convert_tokens_to_ids("<image>") == 4  # tiny_llava_config's image_token_id
-    from saturation.tiny import tiny_processor
+    from saturation.core.tiny import tiny_processor
 
     return LlavaProcessor(image_processor=tiny_processor([]).image_processor, tokenizer=fast, patch_size=16,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1)

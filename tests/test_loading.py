@@ -1,4 +1,4 @@
-"""load_llava: aliases, local directories, dtype/attention flow-through, and one-line errors."""
+"""load_model: aliases, local directories, dtype/attention flow-through, and one-line errors."""
 
 import json
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlavaProcessor
 
-from saturation import ToolkitError, load_llava
-from saturation.loading import TINY_DIR, resolve_dtype, resolve_name
+from saturation import ToolkitError, load_model
+from saturation.core.loading import TINY_DIR, resolve_dtype, resolve_name
 
 
 def test_aliases_resolve():
@@ -18,7 +18,7 @@ def test_aliases_resolve():
 
 
 def test_local_directory_loads_in_eval_fp32(tiny_model_dir, tiny_model):
-    model, processor = load_llava(tiny_model_dir, device="cpu")
+    model, processor = load_model(tiny_model_dir, device="cpu")
     assert isinstance(processor, LlavaProcessor)
     assert not model.training and model.dtype == torch.float32
     assert model.config.text_config._attn_implementation == "sdpa"
@@ -27,26 +27,26 @@ def test_local_directory_loads_in_eval_fp32(tiny_model_dir, tiny_model):
 
 
 def test_dtype_and_attention_flow_through(tiny_model_dir):
-    model, _ = load_llava(tiny_model_dir, dtype="bfloat16", device="cpu", attn_implementation="eager")
+    model, _ = load_model(tiny_model_dir, dtype="bfloat16", device="cpu", attn_implementation="eager")
     assert model.dtype == torch.bfloat16
     assert model.config.text_config._attn_implementation == "eager"
 
 
 def test_offline_hub_id_names_the_resolved_id():
     with pytest.raises(ToolkitError, match=r"cannot load 'llava-hf/llava-1.5-7b-hf'.*--model PATH") as info:
-        load_llava("llava-1.5-7b")
+        load_model("llava-1.5-7b")
     assert "\n" not in str(info.value)
 
 
 def test_not_llava_directory_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8}))
     with pytest.raises(ToolkitError, match="not a LLaVA model: model_type is 'llama'"):
-        load_llava(tmp_path)
+        load_model(tmp_path)
 
 
 def test_directory_without_config_is_refused(tmp_path):
     with pytest.raises(ToolkitError, match="cannot read a model config"):
-        load_llava(tmp_path)
+        load_model(tmp_path)
 
 
 def test_unknown_dtype_is_refused():

@@ -24,8 +24,8 @@ from routing_fixtures import (
 
 import routing
 from routing.plan import parse_spec, plan_from_spec
-from saturation.anatomy import anatomy, position_ids_from_mask
-from saturation.errors import ToolkitError
+from saturation.core.adapters import adapter_for, position_ids_from_mask
+from saturation.core.errors import ToolkitError
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def text_positions(batch) -> torch.Tensor:
 def test_keeping_everything_is_vanilla_bit_for_bit(spec, kind, attn):
     model = tiny_llava(attn, layers=6, std=0.2)
     batch = without_labels(make_batch(kind))
-    vanilla = anatomy(model).forward(**batch)
+    vanilla = adapter_for(model).forward(**batch)
     with torch.no_grad():
         routed = build(model, spec)(**batch).logits
     valid = batch["attention_mask"].bool()
@@ -100,7 +100,7 @@ def test_fastv_keeps_what_an_eager_attention_read_ranks_highest(model, eager_mod
 
 def _naive_pruned(model, batch, layer: int, kept: torch.Tensor) -> torch.Tensor:
     """FastV as full-sequence layer loops: after layer K-1 nobody attends to a dropped key; original positions."""
-    a = anatomy(model)
+    a = adapter_for(model)
     h, _ = a.embed(batch["input_ids"], batch["pixel_values"])
     pos = position_ids_from_mask(batch["attention_mask"])
     rope = a.rotary_emb(h, pos)
@@ -131,7 +131,7 @@ def test_pre_llm_pruning_is_the_shorter_prompt_through_hf(model, spec):
     """The LLM sees only the kept (or pooled) image tokens: HF's own forward on that shorter, left-padded prompt."""
     batch = without_labels(make_batch("plain"))
     routed = build(model, spec)
-    a = anatomy(model)
+    a = adapter_for(model)
     h, image = a.embed(batch["input_ids"], batch["pixel_values"])
     kept, h = routed._prune_pre(h, image, batch["attention_mask"], batch["pixel_values"], {})
     short, mask = kept.take(h), kept.valid.long()
@@ -147,9 +147,9 @@ def test_pre_llm_pruning_is_the_shorter_prompt_through_hf(model, spec):
 
 def test_prune_pre_keeps_the_top_cls_attention_tokens(model):
     batch = without_labels(make_batch("uniform"))
-    scores = anatomy(model).patch_scores(batch["pixel_values"])
+    scores = adapter_for(model).patch_scores(batch["pixel_values"])
     routed = build(model, "prune-pre:25%")
-    a = anatomy(model)
+    a = adapter_for(model)
     h, image = a.embed(batch["input_ids"], batch["pixel_values"])
     kept, _ = routed._prune_pre(h, image, batch["attention_mask"], batch["pixel_values"], {})
     full = torch.zeros_like(image).reshape(-1).index_fill(0, kept.flat[kept.valid.reshape(-1)], True).view(image.shape)

@@ -11,9 +11,9 @@ import torch
 from conftest import make_model, write_dataset
 
 from saturation import ToolkitError
-from saturation.anatomy import anatomy
-from saturation.data import read_records
-from saturation.loading import load_llava
+from saturation.core.adapters import adapter_for
+from saturation.core.data import read_records
+from saturation.core.loading import load_model
 from saturation.probe import (
     KEYS,
     SUMMARY_COLUMNS,
@@ -54,7 +54,7 @@ def mha_model(processor):
 
 
 def _values(model, processor, records):
-    anat = anatomy(model)
+    anat = adapter_for(model)
     batch = encode_batch(records, processor, anat.image_token_id)
     with eager_attention(model), LayerReducer(anat) as reducer:
         return probe_batch(anat, reducer, batch), batch
@@ -62,7 +62,7 @@ def _values(model, processor, records):
 
 def _reference(model, processor, record):
     """The three views from `model(..., output_attentions, output_hidden_states)`, written out by hand."""
-    anat = anatomy(model)
+    anat = adapter_for(model)
     batch = encode_batch([record], processor, anat.image_token_id)
     raw_last = {}
     handle = anat.layers[-1].register_forward_hook(lambda m, a, o: raw_last.setdefault("h", o))
@@ -100,7 +100,7 @@ def _reference(model, processor, record):
 @pytest.fixture(scope="module")
 def embedded():
     """The embedded model and its processor (data_samples/tiny-llava)."""
-    return load_llava("tiny")
+    return load_model("tiny")
 
 
 @pytest.mark.parametrize("which", ["tiny_model", "mha_model", "embedded"])
@@ -128,7 +128,7 @@ def test_padded_batch_gives_each_sample_its_own_numbers(tiny_model, processor, v
 
 
 def test_nothing_large_outlives_the_forward(tiny_model, processor, varied_dataset):
-    anat = anatomy(tiny_model)
+    anat = adapter_for(tiny_model)
     batch = encode_batch(read_records(varied_dataset)[:4], processor, anat.image_token_id)
     before = (len(anat.layers[0]._forward_hooks), len(anat.attention(0)._forward_hooks))
     with eager_attention(tiny_model), LayerReducer(anat) as reducer:
@@ -214,10 +214,10 @@ def test_bad_options_are_one_line_errors(tiny_model, processor, dataset, tmp_pat
 def test_transformer_lens_backend_agrees(tiny_model_dir, varied_dataset):
     """The same reductions fed by TransformerBridge hook points give the same numbers (extra `lens` only)."""
     pytest.importorskip("transformer_lens")
-    model, processor = load_llava(tiny_model_dir)  # a fresh copy: the bridge wraps the model in place
+    model, processor = load_model(tiny_model_dir)  # a fresh copy: the bridge wraps the model in place
     records = read_records(varied_dataset)[:6]
     ref, batch = _values(model, processor, records)
-    anat = anatomy(model)
+    anat = adapter_for(model)
     bridge = boot_bridge(model, processor)
     got = bridge_probe_batch(bridge, LayerReducer(anat), batch)
     for key in KEYS:

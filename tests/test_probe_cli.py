@@ -68,10 +68,10 @@ def test_bad_rule_and_batch_size(tiny_model_dir, dataset, tmp_path):
 
 def test_no_arguments_probes_the_embedded_model(tiny_model_dir, dataset, tmp_path, monkeypatch):
     """`saturation probe` alone: the embedded model (stood in for by the tiny random one) and its samples."""
-    import saturation.loading
+    import saturation.core.loading
     import saturation.probe
 
-    monkeypatch.setattr(saturation.loading, "TINY_DIR", tiny_model_dir)
+    monkeypatch.setattr(saturation.core.loading, "TINY_DIR", tiny_model_dir)
     monkeypatch.setattr(saturation.probe, "DEFAULT_DATA", dataset)
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(saturation_app, ["probe"], env={"COLUMNS": "300"})

@@ -25,11 +25,10 @@ from qwen_fixtures import (
 from routing_fixtures import SHARP_STD, assert_informative, decode_step_logits, perturb_side
 
 import routing
-from saturation.anatomy import anatomy, position_ids_from_mask
-from saturation.backbones import Qwen3VL, Qwen25VL
-from saturation.errors import ToolkitError
-from saturation.hf_compat import cache_of
-from saturation.loading import load_llava, resolve_name
+from saturation.core.adapters import Qwen3VL, Qwen25VL, adapter_for, position_ids_from_mask
+from saturation.core.errors import ToolkitError
+from saturation.core.hf_compat import cache_of
+from saturation.core.loading import load_model, resolve_name
 
 SPLIT = 2  # Qwen3-VL's tiny DeepStack covers layers 0..1: the first allowed split
 NEW = 4
@@ -60,7 +59,7 @@ def test_anatomy_walk_equals_hf_forward_bit_for_bit(fam, batch, attn):
     generate convention, so nothing is passed for positions on either side. The walk would differ with 1D positions
     and, for Qwen3-VL, without the DeepStack injection: both are in play here."""
     model = fam.model(attn, seed=2)
-    a = anatomy(model)
+    a = adapter_for(model)
     with torch.no_grad():
         hf = model(**batch).logits
         walk = a.forward(**batch)
@@ -76,7 +75,7 @@ def test_anatomy_walk_equals_hf_forward_bit_for_bit(fam, batch, attn):
 def test_positions_are_the_models_and_text_resumes_after_the_grid(fam, model, batch):
     """[3, B, T] from the model's get_rope_index; mm_token_type_ids may be left out (derived from the image tokens,
     where HF would silently fall back to 1D); text after a 2x4 grid resumes at start + 4, not start + 8."""
-    a = anatomy(model)
+    a = adapter_for(model)
     image = batch["input_ids"] == a.image_token_id
     kw = image_kwargs(batch)
     pos = a.positions(batch["attention_mask"], image_mask=image, **kw)
@@ -95,9 +94,9 @@ def test_positions_are_the_models_and_text_resumes_after_the_grid(fam, model, ba
 
 def test_image_token_counts_come_from_the_adapter(fam, model, batch):
     """Per image: the adapter's count == the processor's placeholders == image_grid_thw / merge^2; ragged."""
-    counts = [int(n) for n in (batch["input_ids"] == anatomy(model).image_token_id).sum(1)]
+    counts = [int(n) for n in (batch["input_ids"] == adapter_for(model).image_token_id).sum(1)]
     pixels = (16 * 16, 64 * 64)  # the fixture processor's bounds
-    assert counts == [type(anatomy(model)).image_tokens(model.config, size, pixels) for size in IMAGE_SIZES]
+    assert counts == [type(adapter_for(model)).image_tokens(model.config, size, pixels) for size in IMAGE_SIZES]
     assert counts == (batch["image_grid_thw"].prod(-1) // MERGE**2).tolist()
     assert len(set(counts)) == 3
     assert Qwen25VL.image_tokens(family("qwen2_5_vl").config(layers=1)) == (448 // (PATCH * MERGE)) ** 2
@@ -191,7 +190,7 @@ def test_beam_search_with_two_images_in_a_row_scores_each_beam_as_recomputed(fam
 def test_pc_equals_kv_at_text_and_text_before_the_image_is_unchanged(fam, model, batch):
     """KV's image keys come from the adapter (biases, Qwen3's k_norm, the image rows of the M-RoPE tables); PC runs
     the layer itself: equal at every text position. Text before each row's first image token equals vanilla."""
-    image = batch["input_ids"] == anatomy(model).image_token_id
+    image = batch["input_ids"] == adapter_for(model).image_token_id
     text = batch["attention_mask"].bool() & ~image
     before = text & (image.long().cumsum(1) == 0)
     assert before.sum(1).min() >= 3
@@ -207,9 +206,9 @@ def test_one_layer_trains_with_a_gradient(fam, model, batch):
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, -2:] = batch["input_ids"][:, -2:]
     routed = routing.build(model, SPLIT, "lf")
-    assert routed.trainable_parameters().trainable == sum(p.numel() for p in anatomy(model).layers[SPLIT].parameters())
+    assert routed.trainable_parameters().trainable == sum(p.numel() for p in adapter_for(model).layers[SPLIT].parameters())
     assert routed.side_gradient_norm(**batch, labels=labels) > 0
-    assert routed._no_split_modules == [type(anatomy(model).layers[0]).__name__]
+    assert routed._no_split_modules == [type(adapter_for(model).layers[0]).__name__]
 
 
 def test_save_load_round_trip(fam, model, batch, tmp_path):
@@ -221,11 +220,11 @@ def test_save_load_round_trip(fam, model, batch, tmp_path):
 
 def test_a_split_inside_the_deepstack_layers_is_refused_in_one_line():
     model = family("qwen3_vl").model()
-    assert anatomy(model).min_split == DEEPSTACK
+    assert adapter_for(model).min_split == DEEPSTACK
     with pytest.raises(ToolkitError) as err:
         routing.build(model, DEEPSTACK - 1, "lf")
     assert "\n" not in str(err.value) and f"first allowed split is {DEEPSTACK}" in str(err.value)
-    assert anatomy(family("qwen2_5_vl").model(layers=2)).min_split == 1  # no DeepStack: only the usual range
+    assert adapter_for(family("qwen2_5_vl").model(layers=2)).min_split == 1  # no DeepStack: only the usual range
 
 
 def test_videos_are_refused_in_one_line(fam, model, batch):
@@ -235,11 +234,11 @@ def test_videos_are_refused_in_one_line(fam, model, batch):
     ids = batch["input_ids"].clone()
     ids[0, -1] = model.config.video_token_id
     with pytest.raises(ToolkitError, match="video inputs are not supported"):
-        anatomy(model).forward(**(batch | {"input_ids": ids}))
+        adapter_for(model).forward(**(batch | {"input_ids": ids}))
 
 
 def test_adapters_are_registered_with_qwens_prompt(fam, model):
-    a = anatomy(model)
+    a = adapter_for(model)
     assert type(a) is {"qwen2_5_vl": Qwen25VL, "qwen3_vl": Qwen3VL}[fam.name]
     assert a.question_text("what", first=True) == (
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what<|im_end|>\n<|im_start|>assistant\n")
@@ -253,7 +252,7 @@ QWEN_ALIASES = {"qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-7b":
 def test_aliases_resolve_and_fail_offline_in_one_line(alias):
     assert resolve_name(alias) == QWEN_ALIASES[alias]
     with pytest.raises(ToolkitError, match=rf"cannot load '{QWEN_ALIASES[alias]}'.*--model PATH") as err:
-        load_llava(alias)
+        load_model(alias)
     assert "\n" not in str(err.value)
 
 
@@ -263,7 +262,7 @@ def test_the_probe_walks_with_the_models_positions_and_deepstack(fam, batch):
     from saturation.probe import LayerReducer, eager_attention, probe_batch
 
     model = fam.model()
-    a = anatomy(model)
+    a = adapter_for(model)
     seen = {}
     forward = a.forward
     a.forward = lambda *args, **kw: seen.setdefault("logits", forward(*args, **kw))

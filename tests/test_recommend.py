@@ -200,7 +200,7 @@ def test_probe_of_the_embedded_model_recommends_a_working_split(tmp_path):
 def test_the_recommendation_honours_the_backbones_first_split():
     """Qwen3-VL's DeepStack adds image features to layers 0..n-1: no rule may split there. Every rule is raised to
     min_split, and the recommendation says which were, from what; unraised runs say nothing."""
-    from saturation.errors import ToolkitError
+    from saturation.core.errors import ToolkitError
 
     summary = synthetic_summary(12, 2, 1, mass_plateau=1)
     plain = recommend(summary, model="m", num_layers=12, rule="paper")

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import routing_app
-from routing.reproduce import (
+from routing.jobs.reproduce import (
     Context,
     ReproduceConfig,
     answer_budget,
@@ -18,7 +18,7 @@ from routing.reproduce import (
     run_reproduce,
     sweep_splits,
 )
-from saturation.data import read_records
+from saturation.core.data import read_records
 
 runner = CliRunner()
 

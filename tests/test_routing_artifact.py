@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import routing
 from saturation import __version__
-from saturation.errors import ToolkitError
+from saturation.core.errors import ToolkitError
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +164,9 @@ def test_a_damaged_artifact_is_a_toolkit_error(trained, tmp_path, defect):
 @pytest.fixture(scope="module")
 def embedded_artifact(tmp_path_factory):
     """An (untrained) routing artifact of the embedded model, which every command loads by default."""
-    from saturation.loading import load_llava
+    from saturation.core.loading import load_model
 
-    model, _ = load_llava("tiny")
+    model, _ = load_model("tiny")
     directory = tmp_path_factory.mktemp("embedded") / "run" / "routing"
     routing.build(model, 4).save_routing(directory)
     return directory
@@ -180,7 +180,7 @@ def test_every_command_reports_a_damaged_artifact_in_one_line(embedded_artifact,
     from typer.testing import CliRunner
 
     from cli import routing_app
-    from saturation.loading import DATA_SAMPLES
+    from saturation.core.loading import DATA_SAMPLES
 
     directory = tmp_path / "run" / "routing"
     shutil.copytree(embedded_artifact, directory)

@@ -12,7 +12,7 @@ import routing
 from figures.io import save_figure
 from figures.latency import latency_figure
 from routing import flops
-from routing.benchmark import (
+from routing.jobs.bench import (
     BenchConfig,
     parse_text_tokens,
     parse_variants,
@@ -20,8 +20,8 @@ from routing.benchmark import (
     summary_table,
     theory,
 )
-from saturation.errors import ToolkitError
-from saturation.geometry import geometry_config, image_tokens_of, random_checkpoint
+from saturation.core.errors import ToolkitError
+from saturation.core.geometry import geometry_config, image_tokens_of, random_checkpoint
 
 FAST = {"repeats": 1, "warmup": 0, "new_tokens": 2}
 
@@ -76,7 +76,7 @@ def test_table_and_figure(geometry_result, tmp_path):
 
 def test_real_model_with_a_routing_artifact(tiny_model_dir, tmp_path):
     """Real images through the processor (4 image tokens for 32 px / patch 16); the artifact fixes the split."""
-    base, _ = routing.benchmark.load_models(BenchConfig(model=str(tiny_model_dir)))[:2]
+    base, _ = routing.jobs.bench.load_models(BenchConfig(model=str(tiny_model_dir)))[:2]
     routing.build(base, 2, "kv").save_routing(tmp_path / "routing")
     r = run_bench(BenchConfig(model=str(tiny_model_dir), routing=tmp_path / "routing", variants="lf,kv",
                               text_tokens=[6], **FAST))
@@ -98,15 +98,15 @@ def test_random_checkpoint_has_a_processor_of_its_own_image_size():
     token and image size must agree with the config, however many image tokens the architecture makes."""
     import torch
 
-    from saturation.anatomy import anatomy
-    from saturation.data import encode_prompt, read_records
+    from saturation.core.adapters import adapter_for
+    from saturation.core.data import encode_prompt, read_records
     from saturation.probe import DEFAULT_DATA
 
     model, processor = random_checkpoint("cpu-bench", layers=3, dtype=None, device="cpu")
     enc = encode_prompt(read_records(DEFAULT_DATA)[0], processor)
-    image_id = anatomy(model).image_token_id
+    image_id = adapter_for(model).image_token_id
     assert int((enc["input_ids"] == image_id).sum()) == image_tokens_of(model.config) == 64
-    assert model.dtype == torch.float32 and anatomy(model).num_layers == 3
+    assert model.dtype == torch.float32 and adapter_for(model).num_layers == 3
     with torch.no_grad():
         logits = model(input_ids=enc["input_ids"][None], pixel_values=enc["pixel_values"]).logits  # [1, 3, H, W]
     assert logits.shape[-1] == model.config.text_config.vocab_size

@@ -7,8 +7,8 @@ import torch
 from routing_fixtures import make_batch, naive_logits, tiny_llava, without_labels
 
 import routing
-from saturation.anatomy import anatomy, position_ids_from_mask
-from saturation.errors import ToolkitError
+from saturation.core.adapters import adapter_for, position_ids_from_mask
+from saturation.core.errors import ToolkitError
 
 SPLIT = 2
 PADDINGS = ("left", "right")
@@ -40,9 +40,9 @@ def _record(layers, indices):
 @pytest.mark.parametrize("padding", PADDINGS)
 def test_shallow_stack_is_bit_identical(model, padding):
     batch = without_labels(make_batch("plain", padding))
-    layers = anatomy(model).layers
+    layers = adapter_for(model).layers
     store, handles = _record(layers, range(SPLIT))
-    anatomy(model).forward(**batch)
+    adapter_for(model).forward(**batch)
     vanilla = dict(store)
     for variant in ("lf", "pc", "kv"):
         store.clear()
@@ -59,7 +59,7 @@ def test_no_image_tokens_equals_vanilla(model, padding, variant):
     batch = without_labels(make_batch("text", padding))
     routed = _perturb(routing.build(model, SPLIT, variant))
     with torch.no_grad():
-        assert torch.equal(routed(**batch).logits, anatomy(model).forward(**batch))
+        assert torch.equal(routed(**batch).logits, adapter_for(model).forward(**batch))
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
@@ -111,7 +111,7 @@ def test_text_only_deep_stack_equals_the_text_subset_by_hand(model, padding):
     """LF's deep layers on the compact text subset == those layers run per row on that row's text alone."""
     batch = without_labels(make_batch("mixed", padding))
     routed = routing.build(model, SPLIT, "lf")
-    a = anatomy(model)
+    a = adapter_for(model)
     store, handles = _record(a.layers, [SPLIT - 1, routed.plan.deep[-1]])
     with torch.no_grad():
         routed(**batch)
@@ -161,7 +161,7 @@ def test_loss_is_the_hf_causal_lm_loss(model):
 
 def test_gradients_reach_only_the_side_branch(model):
     routed = routing.build(model, SPLIT, "lf").train()
-    a = anatomy(model)
+    a = adapter_for(model)
     store, handles = _record(a.layers, [routed.plan.deep[-1], routed.plan.fusion[0]])
     loss = routed(**make_batch("plain", "right")).loss
     for hd in handles:
@@ -197,7 +197,7 @@ def test_lf_ideal_gradient_is_exactly_zero_and_training_it_is_refused(model):
 def test_trainable_parameters_are_the_side_branch(model):
     routed = routing.build(model, SPLIT, "lf", side_depth=2)
     report = routed.trainable_parameters()
-    layer = sum(p.numel() for p in anatomy(model).layers[0].parameters())
+    layer = sum(p.numel() for p in adapter_for(model).layers[0].parameters())
     assert report.trainable == 2 * layer
     assert report.total == sum(p.numel() for p in model.parameters()) + 2 * layer
     assert 0 < report.share < 1 and "trainable of" in str(report)
@@ -206,16 +206,16 @@ def test_trainable_parameters_are_the_side_branch(model):
 
 def test_side_branch_has_its_own_cache_slots(model):
     routed = routing.build(model, SPLIT, "lf", side_depth=2)
-    L = anatomy(model).num_layers
+    L = adapter_for(model).num_layers
     assert [layer.self_attn.layer_idx for layer in routed.side] == [L, L + 1]
-    assert all(layer.self_attn.config is anatomy(model).text_config for layer in routed.side)
+    assert all(layer.self_attn.config is adapter_for(model).text_config for layer in routed.side)
 
 
 def test_hook_points_name_the_side_branch(model):
     routed = routing.build(model, SPLIT, "lf", side_depth=2)
     points = routed.hook_points()
     assert points["side.1.hook_resid_post"] is routed.side[1]
-    assert points["blocks.0.hook_resid_post"] is anatomy(model).layers[0]
+    assert points["blocks.0.hook_resid_post"] is adapter_for(model).layers[0]
 
 
 def test_bad_plans_are_refused_with_one_line():

@@ -6,7 +6,7 @@ import pytest
 
 from routing import flops
 from routing.plan import make_plan
-from saturation.errors import ToolkitError
+from saturation.core.errors import ToolkitError
 
 G7 = flops.LLAVA_15_7B
 

@@ -10,8 +10,8 @@ from transformers.generation.streamers import BaseStreamer
 
 import routing
 from routing.generation import greedy_recompute
-from saturation.errors import ToolkitError
-from saturation.hf_compat import cache_of
+from saturation.core.errors import ToolkitError
+from saturation.core.hf_compat import cache_of
 
 SPLIT = 2
 NEW = 6

@@ -8,12 +8,12 @@ import torch
 from gemma3_fixtures import gemma_model
 from routing_fixtures import tiny_llava
 
-from routing.benchmark import prefill, random_prompt
 from routing.flops import Geometry
+from routing.jobs.bench import prefill, random_prompt
 from routing.memory import cache_bytes, per_device, weight_bytes
 from routing.model import build
 from routing.plan import make_plan
-from saturation.anatomy import anatomy
+from saturation.core.adapters import adapter_for
 
 PLANS = [("lf", {}), ("lf-ideal", {}), ("pc", {}), ("kv", {}), ("vtw", {}), ("fastv", {"keep": 0.5}),
          ("lf", {"prune": "fastv", "prune_layer": 2, "keep": 0.25}), ("kv", {"prune": "pool", "keep": 0.25})]
@@ -32,7 +32,7 @@ def llava():
 
 @pytest.mark.parametrize(("variant", "kw"), PLANS, ids=[f"{v}-{kw.get('prune', '')}" for v, kw in PLANS])
 def test_predicted_cache_equals_each_layers_cache(llava, variant, kw):
-    g = Geometry.of(anatomy(llava).text_config)
+    g = Geometry.of(adapter_for(llava).text_config)
     p = random_prompt(llava, text_tokens=9, batch=2, new_tokens=1)
     routed = build(llava, 3, variant, **kw).eval()
     predicted = cache_bytes(g, routed.plan, p.image_tokens, p.text_tokens, batch=2, dtype_bytes=4)
@@ -43,7 +43,7 @@ def test_predicted_cache_equals_each_layers_cache(llava, variant, kw):
 
 def test_vanilla_sliding_layers_keep_a_window_and_routed_ones_every_key():
     model = gemma_model(layers=4)
-    a = anatomy(model)
+    a = adapter_for(model)
     g = Geometry.of(a.text_config)
     assert g.window is not None and any(g.sliding) and not all(g.sliding)
     p = random_prompt(model, text_tokens=g.window + 5, batch=1, new_tokens=1)
@@ -54,7 +54,7 @@ def test_vanilla_sliding_layers_keep_a_window_and_routed_ones_every_key():
 
 
 def test_predicted_weights_equal_the_decoder_and_side_parameters(llava):
-    a = anatomy(llava)
+    a = adapter_for(llava)
     g = Geometry.of(a.text_config)
     routed = build(llava, 2, "lf", side_depth=2)
     layers, side = weight_bytes(g, routed.plan, dtype_bytes=4)

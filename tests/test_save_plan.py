@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 import routing
 from cli import routing_app
-from routing.evaluate import evaluate
-from saturation.data import generation_batch, read_records
-from saturation.loading import DATA_SAMPLES, load_llava
+from routing.jobs.evaluate import evaluate
+from saturation.core.data import generation_batch, read_records
+from saturation.core.loading import DATA_SAMPLES, load_model
 
 runner = CliRunner()
 HELD_OUT = DATA_SAMPLES / "shapes" / "heldout.json"
@@ -23,7 +23,7 @@ def _save(out, *args):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_llava("tiny")
+    return load_model("tiny")
 
 
 @pytest.mark.parametrize("spec, build", [("fastv@2:50%", (0, "fastv", {"prune_layer": 2, "keep": 0.5})),
@@ -51,7 +51,7 @@ def test_eval_generate_and_bench_take_a_saved_plan(tiny, tmp_path):
     out = runner.invoke(routing_app, ["eval", "--routing", str(plan), "--n", "8", "--json", str(tmp_path / "e.json")])
     assert out.exit_code == 0, out.output
     records = read_records(HELD_OUT)
-    from saturation.data import sample_records
+    from saturation.core.data import sample_records
 
     mine, _ = evaluate(routing.build(model, 0, "fastv", prune_layer=2, keep=0.25), processor,
                        sample_records(records, 8, 0))

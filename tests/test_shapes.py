@@ -11,8 +11,8 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from saturation import shapes
-from saturation.answers import answers, by_type
-from saturation.data import Record, encode_record, read_records
+from saturation.core.answers import answers, by_type
+from saturation.core.data import Record, encode_record, read_records
 from saturation.shapes.evaluate import blind_answers
 from saturation.shapes.train import (
     Recipe,
@@ -277,7 +277,7 @@ def test_the_package_depends_one_way():
 
 def test_clean_model_is_trained_on_the_answer_loss_alone_and_loads_offline(monkeypatch):
     """`tiny-clean` (data_samples/tiny-clean): no loss on the LM's image tokens or attention; plain loading."""
-    from saturation.loading import resolve_name
+    from saturation.core.loading import resolve_name
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert Path(resolve_name("tiny-clean")) == CLEAN
@@ -335,7 +335,7 @@ def test_text_world_puts_each_cells_words_at_its_image_token():
 
 
 def test_train_rejects_an_unknown_recipe(tmp_path):
-    from saturation.errors import ToolkitError
+    from saturation.core.errors import ToolkitError
     from saturation.shapes.cli import main
 
     with pytest.raises(ToolkitError, match="unknown recipe 'nope'"):

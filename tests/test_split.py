@@ -7,9 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import routing_app
+from routing.jobs.reproduce import sweep_splits
+from routing.jobs.split import newest_probe, read_recommendation, resolve_split, validate_split
 from routing.plan import make_plan
-from routing.reproduce import sweep_splits
-from routing.split import newest_probe, read_recommendation, resolve_split, validate_split
 from saturation import ToolkitError
 from saturation.recommend import clip_split, split_range
 

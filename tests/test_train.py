@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 import routing
 from cli import routing_app
-from routing.train import DONE_MARKER, TrainConfig, last_complete_checkpoint, run_train, train_side_branch
-from saturation.data import read_records
+from routing.jobs.train import DONE_MARKER, TrainConfig, last_complete_checkpoint, run_train, train_side_branch
+from saturation.core.data import read_records
 
 runner = CliRunner()
 
@@ -104,7 +104,7 @@ def test_interrupted_run_resumes_and_continues_the_curve(tiny_model, processor, 
 
 
 def test_one_epoch_run_finishes_at_the_planned_step_and_a_rerun_is_a_no_op(tiny_model, processor, dataset, tmp_path):
-    from routing.train import planned_steps
+    from routing.jobs.train import planned_steps
 
     records = read_records(dataset)[:10]  # 3 batches of 4, the last one short
     cfg = TrainConfig(max_steps=-1, save_steps=100, logging_steps=1, lr=3e-3, batch_size=4)
@@ -144,7 +144,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_side_gradient(tiny_model, processor, dataset):
     """The paper trains with gradient checkpointing (on CUDA here); it must not change the gradient."""
-    from saturation.data import collate, encode_record
+    from saturation.core.data import collate, encode_record
 
     batch = collate([encode_record(r, processor) for r in read_records(dataset)[:4]], 0)
     routed = routing.build(tiny_model, 2, "pc").train()
@@ -154,7 +154,7 @@ def test_gradient_checkpointing_gives_the_same_side_gradient(tiny_model, process
             # renamed from gradient_checkpointing_* during transformers 5.x
             enable = getattr(routed, "activation_checkpointing_enable", None) or routed.gradient_checkpointing_enable
             enable({"use_reentrant": False})
-            assert routed.side[0].gradient_checkpointing and routed.anatomy.layers[-1].gradient_checkpointing
+            assert routed.side[0].gradient_checkpointing and routed.adapter.layers[-1].gradient_checkpointing
         routed.zero_grad()
         routed(**batch).loss.backward()
         grads.append([p.grad.clone() for p in routed.side.parameters()])
@@ -166,13 +166,13 @@ def test_half_precision_side_branch_trains_in_fp32_and_returns_to_its_dtype(tiny
     """AdamW steps of lr 1e-4 round away in bf16 weights: under autocast the side branch's master weights are fp32."""
     import copy
 
-    from routing.train import fp32_master_weights
+    from routing.jobs.train import fp32_master_weights
 
     routed = routing.build(copy.deepcopy(tiny_model).to(torch.bfloat16), 2)
     before = [p.clone() for p in routed.side.parameters()]
     with fp32_master_weights(routed.side, enabled=True):
         assert {p.dtype for p in routed.side.parameters()} == {torch.float32}
-        assert routed.anatomy.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the frozen base stays as it is
+        assert routed.adapter.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the frozen base stays as it is
     assert all(torch.equal(a, b) and b.dtype == torch.bfloat16 for a, b in zip(before, routed.side.parameters()))
     with fp32_master_weights(routed.side, enabled=False):
         assert {p.dtype for p in routed.side.parameters()} == {torch.bfloat16}
@@ -288,7 +288,7 @@ def test_unusable_out_is_one_line_before_any_work(tmp_path, case):
     ("--lr", {"lr": 1e-3}), ("--seed", {"seed": 1}), ("--batch-size", {"batch_size": 2}),
 ])
 def test_every_defining_option_is_checked_on_resume(tiny_model, processor, dataset, tmp_path, flag, change):
-    from saturation.errors import ToolkitError
+    from saturation.core.errors import ToolkitError
 
     records = read_records(dataset)[:4]
     cfg = TrainConfig(max_steps=1, save_steps=1, logging_steps=1, lr=3e-3, batch_size=4, seed=0)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import routing
 from cli import routing_app
-from saturation.loading import load_llava
+from saturation.core.loading import load_model
 
 runner = CliRunner()
 
@@ -29,7 +29,7 @@ def test_a_composed_plan_trains_and_is_recorded(tmp_path):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["plan"] == "lf@4+prune-pre:50%" and summary["options"]["plan"] == "lf@4+prune-pre:50%"
     assert summary["steps"] == 2 and summary["trainable_params"] > 0
-    model, _ = load_llava("tiny")
+    model, _ = load_model("tiny")
     routed = routing.load(model, out)
     assert routed.plan.spec == "lf@4+prune-pre:50%"
     plain = routing.build(model, 4)

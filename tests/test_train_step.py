@@ -12,7 +12,7 @@ from routing_fixtures import make_batch, perturb_side, tiny_llava
 import routing
 from routing import flops
 from routing.plan import make_plan
-from saturation.anatomy import anatomy
+from saturation.core.adapters import adapter_for
 
 
 def _labelled(batch: dict, last: int = 3) -> dict:
@@ -52,7 +52,7 @@ def test_head_at_labelled_positions_gives_todays_loss_and_gradient(make):
     model, split, batch = make()
     shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
     n_labelled = int((shifted != -100).sum())
-    a = anatomy(model)
+    a = adapter_for(model)
     for variant in ("lf", "pc", "kv"):
         routed = perturb_side(routing.build(model, split, variant))
         for items in (None, torch.tensor(n_labelled + 5)):  # HF's mean, and the Trainer's sum over a global count
@@ -100,7 +100,7 @@ def test_no_label_in_the_batch_gives_hfs_nan_mean_and_zero_sum():
 def _mlp_calls(routed) -> tuple[dict, list]:
     """Per-layer counts of MLP calls (a checkpointed layer's recompute calls its MLP again, not the layer's hooks)."""
     calls, handles = {}, []
-    layers = {**dict(enumerate(routed.anatomy.layers)), **{f"side{i}": m for i, m in enumerate(routed.side)}}
+    layers = {**dict(enumerate(routed.adapter.layers)), **{f"side{i}": m for i, m in enumerate(routed.side)}}
     for key, layer in layers.items():
         calls[key] = 0
         handles.append(layer.mlp.register_forward_pre_hook(
@@ -141,7 +141,7 @@ def test_lf_builds_no_graph_before_fusion_but_the_side_branch():
     and the fusion layer's output have one."""
     model, split, batch = _llava()
     routed = routing.build(model, split, "lf").train()
-    a, plan = routed.anatomy, routed.plan
+    a, plan = routed.adapter, routed.plan
     seen, handles = {}, []
     for name, layer in {"shallow": a.layers[plan.shallow[-1]], "deep": a.layers[plan.deep[-1]],
                         "side": routed.side[0], "fusion": a.layers[plan.fusion[0]]}.items():
@@ -196,7 +196,7 @@ def test_train_step_cost_by_hand():
 
 def test_train_step_forward_is_the_prefill_cost_with_the_head_at_labelled_positions():
     """At a real geometry with sliding windows (Gemma 3 4B) and at LLaVA-7B, every variant."""
-    from saturation.geometry import geometry_config
+    from saturation.core.geometry import geometry_config
 
     for geo in (flops.LLAVA_15_7B, flops.Geometry.of(geometry_config("gemma-3-4b").text_config)):
         for variant in ("lf", "pc", "kv"):
@@ -223,7 +223,7 @@ def test_bench_train_reports_the_flop_model_and_where_the_step_goes(tmp_path):
     from typer.testing import CliRunner
 
     from cli import routing_app
-    from saturation.geometry import geometry_config
+    from saturation.core.geometry import geometry_config
 
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(routing_app, ["bench", "--geometry", "tiny", "--layers", "4", "--split", "1",
@@ -259,7 +259,7 @@ def test_step_breakdown_leaves_no_hooks_and_adds_up():
     ticks between the first reading and the last."""
     import itertools
 
-    from routing.step_profile import step_breakdown
+    from routing.jobs.step_profile import step_breakdown
 
     model, split, batch = _llava()
     routed = routing.build(model, split, "lf").train()
@@ -274,6 +274,6 @@ def test_step_breakdown_leaves_no_hooks_and_adds_up():
     assert parts["shallow"] == len(plan.shallow) and parts["deep"] == len(plan.deep)
     assert parts["fusion"] == len(plan.fusion) and parts["side"] == len(routed.side)
     assert parts["backward"] == 1 and parts["head+loss"] == 1
-    layers = [*routed.anatomy.layers, *routed.side]
+    layers = [*routed.adapter.layers, *routed.side]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in layers)
     assert all(p.grad is None for p in routed.side.parameters())

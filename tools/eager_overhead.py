@@ -22,12 +22,12 @@ import time
 import torch
 from transformers import DynamicCache
 
-from routing.benchmark import prefill, real_prompt
 from routing.compiled import compile_model
+from routing.jobs.bench import prefill, real_prompt
 from routing.model import build
-from saturation.anatomy import anatomy
-from saturation.data import read_records
-from saturation.loading import DATA_SAMPLES, load_llava
+from saturation.core.adapters import adapter_for
+from saturation.core.data import read_records
+from saturation.core.loading import DATA_SAMPLES, load_model
 
 
 def per_call_ms(fn, calls: int, flush=None) -> float:
@@ -77,14 +77,14 @@ def main() -> None:
         big, sink = torch.ones(2**24), torch.empty(2**24)  # 64 MiB: more than this machine's L2 and L3
         flush = lambda: sink.copy_(big)  # noqa: E731
     torch.set_num_threads(1)
-    base, processor = load_llava("tiny", dtype="float32", device="cpu")
+    base, processor = load_model("tiny", dtype="float32", device="cpu")
     base.eval()
-    routed = build(base, anatomy(base).num_layers // 2, args.variant).eval()
+    routed = build(base, adapter_for(base).num_layers // 2, args.variant).eval()
     compile_model(base)
     compile_model(routed)
     records = read_records(DATA_SAMPLES / "shapes" / "heldout.json")
     p = real_prompt(base, processor, records, args.text_tokens, 1, 1)
-    stack = anatomy(base).text_model
+    stack = adapter_for(base).text_model
     times = {k: [] for k in ("routed", "vanilla", "routed graph", "vanilla graph", "routed eager", "vanilla eager")}
     with torch.no_grad():
         for _ in range(3):  # compiles

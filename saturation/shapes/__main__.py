@@ -2,7 +2,8 @@
 
 import sys
 
-from ..errors import ToolkitError
+from saturation.core.errors import ToolkitError
+
 from .cli import main
 
 try:

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "train":
         from dataclasses import replace
 
-        from ..errors import ToolkitError
+        from saturation.core.errors import ToolkitError
+
         from .train import RECIPES, train
 
         if args.recipe not in RECIPES:
@@ -70,12 +71,13 @@ def print_eval(model_name: str, data: str, dtype: str | None) -> None:
     """Print the held-out table of `model_name` on `data`, then the same result as one JSON line."""
     import torch
 
-    from ..data import read_records
-    from ..loading import load_llava
+    from saturation.core.data import read_records
+    from saturation.core.loading import load_model
+
     from .evaluate import evaluate, markdown_table
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    model, processor = load_llava(model_name, dtype=dtype, device="cpu")
+    model, processor = load_model(model_name, dtype=dtype, device="cpu")
     result = evaluate(model, processor, read_records(data))
     print(markdown_table(result))
     print(json.dumps(result))

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from ..answers import answers, by_type
-from ..data import Record, normalize_answer
+from saturation.core.answers import answers, by_type
+from saturation.core.data import Record, normalize_answer
+
 from .world import blank_image
 
 

@@ -32,10 +32,11 @@ import torch
 from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from ..anatomy import anatomy
-from ..data import IGNORE_INDEX, Record, collate, encode_record
-from ..files import atomic_write, write_json
-from ..tiny import tiny_llava_config, tiny_processor
+from saturation.core.adapters import adapter_for
+from saturation.core.data import IGNORE_INDEX, Record, collate, encode_record
+from saturation.core.files import atomic_write, write_json
+from saturation.core.tiny import tiny_llava_config, tiny_processor
+
 from . import data, world
 
 
@@ -126,7 +127,7 @@ def build_model(recipe: Recipe, vocab_size: int) -> LlavaForConditionalGeneratio
 
 def patch_features(model: LlavaForConditionalGeneration, pixel_values: Tensor) -> Tensor:
     """The tower features the projector reads: ``vision_feature_layer``, CLS dropped. [B,3,H,W] -> [B,9,Dv]."""
-    return anatomy(model).vision_hidden(pixel_values)
+    return adapter_for(model).vision_hidden(pixel_values)
 
 
 def pixels(processor: LlavaProcessor, images: list) -> Tensor:
@@ -182,7 +183,7 @@ def train_stage1(model, processor, recipe: Recipe, exclude: frozenset, log) -> N
     """Train the vision tower (and throw-away heads) until each patch encodes its cell's content."""
     torch.manual_seed(recipe.seed + 1)
     heads = stage1_heads(recipe)
-    tower = anatomy(model).vision_encoder
+    tower = adapter_for(model).vision_encoder
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.stage1_lr, weight_decay=0.0)
     sched = cosine_schedule(opt, recipe.stage1_steps, warmup=20)
@@ -224,13 +225,13 @@ def feature_rms(model, processor, recipe: Recipe, exclude: frozenset) -> Tensor:
 
 def attach_rescale(model, rms: Tensor):
     """Divide the projector's input by `rms` (a hook for training; see `fold_rescale` for saving)."""
-    return anatomy(model).projector.register_forward_pre_hook(lambda _m, args: (args[0] / rms, *args[1:]))
+    return adapter_for(model).projector.register_forward_pre_hook(lambda _m, args: (args[0] / rms, *args[1:]))
 
 
 @torch.no_grad()
 def fold_rescale(model, rms: Tensor) -> None:
     """Bake ``x / rms`` into the projector's first linear layer: ``W (x / r) = (W / r) x``."""
-    anatomy(model).projector_in.weight.div_(rms)
+    adapter_for(model).projector_in.weight.div_(rms)
 
 
 def aux_targets(scene: world.Scene, tokenizer) -> Tensor:
@@ -320,7 +321,7 @@ def lookup_targets(input_ids: Tensor, labels: Tensor, scene: world.Scene, tokeni
 def build_pool(
     processor, n: int, seed: int, recipe: Recipe, exclude: frozenset, log, max_objects: int = world.MAX_OBJECTS
 ) -> list[dict]:
-    """Encode `n` multi-turn records (the LLaVA-1.5 template of `saturation.data`) in memory."""
+    """Encode `n` multi-turn records (the LLaVA-1.5 template of `saturation.core.data`) in memory."""
     t0 = time.time()
     pool = []
     for i, s in enumerate(data.sample_scenes(n, seed, recipe.turns, exclude, max_objects)):
@@ -363,7 +364,7 @@ def lens_loss(model, image_embeds: Tensor, targets: Tensor) -> Tensor:
 
     image_embeds [N, D] (image tokens at the LM input), targets [N, 4] word ids or -100.
     """
-    logp = anatomy(model).unembed(image_embeds).log_softmax(-1)
+    logp = adapter_for(model).unembed(image_embeds).log_softmax(-1)
     keep = targets != IGNORE_INDEX
     return -logp.gather(-1, targets.clamp_min(0))[keep].mean()
 
@@ -375,7 +376,7 @@ def attention_loss(model, layer_input: Tensor, batch: dict[str, Tensor], targets
     Recomputes only the supervised rows of that layer's attention (its own q/k projections and RoPE, as the
     layer does with right padding), so it works with any attention implementation. layer_input [B, T, D].
     """
-    a = anatomy(model)
+    a = adapter_for(model)
     t = layer_input.shape[1]
     q, k, scale = a.queries_keys(layer_idx, layer_input, a.rope(layer_input, torch.arange(t).unsqueeze(0)))
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -460,7 +461,7 @@ def cosine_schedule(opt, total: int, warmup: int):
 
 def stage2_optimizer(model, recipe: Recipe):
     """AdamW with the projector at its own (higher) rate; the vision tower is frozen."""
-    a = anatomy(model)
+    a = adapter_for(model)
     a.vision_encoder.requires_grad_(False)
     projector = list(a.projector.parameters())
     lm = list(a.text_model.parameters())  # lm_head is tied to embed_tokens
@@ -505,7 +506,7 @@ def train(out_dir: str | Path, recipe: Recipe | None = None, log=print) -> Path:
         rms, step = state["rms"], state["step"]
         log(f"resuming at stage-2 step {step}")
 
-    anatomy(model).vision_encoder.eval()
+    adapter_for(model).vision_encoder.eval()
     hook = attach_rescale(model, rms)
     opt = stage2_optimizer(model, recipe)
     sched = cosine_schedule(opt, recipe.steps, recipe.warmup)
@@ -518,7 +519,7 @@ def train(out_dir: str | Path, recipe: Recipe | None = None, log=print) -> Path:
             for k, (until, m) in enumerate(recipe.curriculum)]
     val = build_pool(processor, 200, recipe.seed + 11, recipe, exclude, log)  # teacher-forced progress check
     image_token_id = model.config.image_token_id
-    anatomy(model).text_model.train()
+    adapter_for(model).text_model.train()
     while step < recipe.steps:
         batch = make_batch(next((p for until, p in easy if step < until), pool), step, recipe, image_token_id)
         losses = stage2_loss(model, batch, recipe)
@@ -531,7 +532,7 @@ def train(out_dir: str | Path, recipe: Recipe | None = None, log=print) -> Path:
         if step % recipe.log_every == 0 or step == recipe.steps:
             model.eval()
             acc = answer_accuracy(model, val, image_token_id)
-            anatomy(model).text_model.train()
+            adapter_for(model).text_model.train()
             log(f"stage2 step {step} " + " ".join(f"{k} {v.item():.3f}" for k, v in losses.items() if k != "total")
                 + " | val " + " ".join(f"{k} {v:.2f}" for k, v in acc.items())
                 + f" | lr {sched.get_last_lr()[0]:.1e} {time.time() - t0:.0f}s")

@@ -1,13 +1,13 @@
 """Hooks of the local shapes tasks (shapes_gen.yaml, shapes_mc.yaml): held-out shapes records from the LLaVA
 JSON in data_samples/, loaded by `datasets` (``dataset_path: json``), images opened from data_samples/shapes/.
 
-Scored as ``routing eval`` scores them: greedy answer vs gold after `saturation.data.normalize_answer`.
+Scored as ``routing eval`` scores them: greedy answer vs gold after `saturation.core.data.normalize_answer`.
 """
 
 from PIL import Image
 
-from saturation.data import normalize_answer
-from saturation.loading import DATA_SAMPLES
+from saturation.core.data import normalize_answer
+from saturation.core.loading import DATA_SAMPLES
 
 N_DOCS = 32  # small enough for CI on two CPU cores; the test runs `routing eval` on the same records
 

@@ -26,9 +26,9 @@ from torch.nn import functional as F
 from transformers.masking_utils import create_causal_mask, create_masks_for_generate
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
-from ..errors import ToolkitError
-from ..hf_compat import cache_kwargs
-from .base import Backbone, BackboneSpec, PromptTemplate
+from saturation.core.adapters.base import Adapter, BackboneSpec, PromptTemplate
+from saturation.core.errors import ToolkitError
+from saturation.core.hf_compat import cache_kwargs
 
 GEMMA_TEMPLATE = PromptTemplate(user="<start_of_turn>user\n", assistant="<end_of_turn>\n<start_of_turn>model\n",
                                 image="<start_of_image>")
@@ -45,7 +45,7 @@ def block_ids(image: Tensor, positions: Tensor) -> Tensor:
     return torch.where(image, start.long().cumsum(1) - 1, -1)
 
 
-class Gemma3(Backbone):
+class Gemma3(Adapter):
     spec = BackboneSpec(name="gemma-3", model_types=("gemma3",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
                         projector_in="model.multi_modal_projector")
     image_kwargs = ("token_type_ids",)

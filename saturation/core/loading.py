@@ -23,10 +23,10 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from .anatomy import spec_for_config
-from .errors import ToolkitError
+from saturation.core.adapters import spec_for_config
+from saturation.core.errors import ToolkitError
 
-DATA_SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
+DATA_SAMPLES = Path(__file__).resolve().parents[2] / "data_samples"
 TINY_DIR = DATA_SAMPLES / "tiny-llava"
 
 ALIASES: dict[str, str] = {
@@ -140,7 +140,7 @@ def load_config(name_or_path: str | os.PathLike):
     return config
 
 
-def load_llava(
+def load_model(
     name_or_path: str | os.PathLike,
     *,
     dtype: str | torch.dtype | None = None,
@@ -198,6 +198,9 @@ def load_llava(
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
+
+
+load_llava = load_model  # the name before the other families; kept for one release
 
 def _map_main_device(device_map: str | dict) -> torch.device:
     """Where a device-mapped model's inputs start (and which dtype default applies): the first GPU if any."""

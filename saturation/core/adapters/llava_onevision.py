@@ -15,13 +15,13 @@ import math
 
 from torch import Tensor
 
-from .base import Backbone, BackboneSpec, PromptTemplate
-from .llava_next import anyres_grid
+from saturation.core.adapters.base import Adapter, BackboneSpec, PromptTemplate
+from saturation.core.adapters.llava_next import anyres_grid
 
 QWEN_TEMPLATE = PromptTemplate(user="<|im_start|>user\n", assistant="<|im_end|>\n<|im_start|>assistant\n")
 
 
-class LlavaOnevision(Backbone):
+class LlavaOnevision(Adapter):
     spec = BackboneSpec(name="llava-onevision", model_types=("llava_onevision",))
     image_kwargs = ("image_sizes", "batch_num_images")
     template = QWEN_TEMPLATE

@@ -12,9 +12,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .backbones.base import LLAVA_TEMPLATE, PromptTemplate
-from .errors import ToolkitError
-from .files import read_json
+from saturation.core.adapters.base import LLAVA_TEMPLATE, PromptTemplate
+from saturation.core.errors import ToolkitError
+from saturation.core.files import read_json
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
@@ -126,7 +126,7 @@ def image_input_keys() -> tuple[str, ...]:
     """``pixel_values`` and every image kwarg some backbone adapter declares (``image_sizes``, ``batch_num_images``,
     ``image_grid_thw``, ...): what a batch carries besides ids, mask and labels. A new adapter's kwargs flow
     through encoding and collation with no change here."""
-    from .backbones import ADAPTERS
+    from saturation.core.adapters import ADAPTERS
 
     return ("pixel_values", *dict.fromkeys(k for cls in ADAPTERS.values() for k in cls.image_kwargs))
 
@@ -149,14 +149,14 @@ class PromptFormat:
     def of(cls, model_or_backbone) -> PromptFormat:
         """The format of a model (vanilla or routed) or of a backbone adapter; LLaVA-1.5's for a stand-in without
         a config (anything with LLaVA's ``generate``)."""
-        from .backbones import Backbone, adapter_for
+        from saturation.core.adapters import Adapter, adapter_for
 
         a = model_or_backbone
-        if not isinstance(a, Backbone):
+        if not isinstance(a, Adapter):
             routed = getattr(a, "anatomy", None)  # a routed model carries its base's adapter
-            if not isinstance(routed, Backbone) and getattr(a, "config", None) is None:
+            if not isinstance(routed, Adapter) and getattr(a, "config", None) is None:
                 return cls()
-            a = routed if isinstance(routed, Backbone) else adapter_for(a)
+            a = routed if isinstance(routed, Adapter) else adapter_for(a)
         return cls(a.template, ("pixel_values", *a.image_kwargs), bool(getattr(a, "chat_template", True)))
 
     def keys(self) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ GROUPS = ("shallow", "side", "deep", "fusion", "head+loss", "other", "backward")
 
 def layer_groups(routed) -> dict[torch.nn.Module, str]:
     """Each decoder layer (and side-branch layer) of `routed` -> its group in the plan."""
-    plan, layers = routed.plan, routed.anatomy.layers
+    plan, layers = routed.plan, routed.adapter.layers
     groups = {layers[i]: name for name in ("shallow", "deep", "fusion") for i in getattr(plan, name)}
     return groups | {layer: "side" for layer in routed.side}
 

@@ -7,7 +7,7 @@ lmms-eval (>= 0.7) discovers models through the ``lmms_eval.models`` entry point
         --tasks pope --batch_size 8
 
 This module holds the request handling as plain functions (testable without lmms-eval); the `lmms` subclass
-that lmms-eval instantiates lives in `routing.lmms_model` and only wraps them.
+that lmms-eval instantiates lives in `routing.lmms.model` and only wraps them.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from saturation.data import PromptFormat, no_image_tokens, process, question_prompt, to_model
-from saturation.errors import ToolkitError
+from saturation.core.data import PromptFormat, no_image_tokens, process, question_prompt, to_model
+from saturation.core.errors import ToolkitError
 
 MODEL_ID = "dpvr_llava"
 # What `--model_args` may set. The batch size comes from lmms-eval's own --batch_size/--max_batch_size, which
@@ -30,7 +30,7 @@ def manifest():
     """Entry-point payload for lmms-eval's model registry (imported lazily: lmms-eval is optional)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id=MODEL_ID, simple_class_path="routing.lmms_model.DPVRLlava", aliases=("dpvr",))
+    return ModelManifest(model_id=MODEL_ID, simple_class_path="routing.lmms.model.DPVRLlava", aliases=("dpvr",))
 
 
 def model_args(args: dict, cli: dict) -> dict:
@@ -84,7 +84,7 @@ def batch_size_of(batch_size: int | str, max_batch_size: int | str | None = None
 
 
 def llava_prompt(context: str, n_images: int, processor=None, fmt: PromptFormat | None = None) -> str:
-    """The family's prompt for one request (`saturation.data.question_prompt`): the checkpoint's chat template, or
+    """The family's prompt for one request (`saturation.core.data.question_prompt`): the checkpoint's chat template, or
     the adapter's (LLaVA-1.5: ``USER: {context} ASSISTANT:``). Benchmarks that leave ``<image>`` out of the context
     get one per image in front."""
     return question_prompt(context, processor, fmt or PromptFormat(), n_images)

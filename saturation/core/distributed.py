@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 
-from .errors import ToolkitError
+from saturation.core.errors import ToolkitError
 
 T = TypeVar("T")
 

@@ -14,8 +14,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saturation.data import PromptFormat, Record, collate, encode_prompt, image_inputs, to_model
-from saturation.errors import ToolkitError
+from saturation.core.data import PromptFormat, Record, collate, encode_prompt, image_inputs, to_model
+from saturation.core.errors import ToolkitError
 from saturation.metrics import masked_mean, token_cosine, token_groups
 from saturation.probe import eager_attention
 
@@ -65,7 +65,7 @@ def check_analyzable(spec: str, prune: str | None, fusion_layers: int) -> None:
 
 def mechanism(base, routed, processor, records: list[Record], batch_size: int = 16) -> dict[str, pd.DataFrame]:
     """``{"fusion_attention": per (model, layer, head) mass, "shallow_drift": per layer cosine}`` over `records`."""
-    anat, plan = routed.anatomy, routed.plan
+    anat, plan = routed.adapter, routed.plan
     check_analyzable(plan.spec, plan.prune, plan.fusion_layers)
     fusion, shallow = list(plan.fusion), list(plan.shallow)
     heads, drift = [], []

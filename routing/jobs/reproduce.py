@@ -13,17 +13,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from saturation.data import PromptFormat, collate, encode_record, read_records, sample_records, to_model
-from saturation.files import write_json, write_text
-from saturation.loading import DATA_SAMPLES, cpu_threads, load_llava, resolve_name
+from routing import flops
+from routing.jobs.evaluate import evaluate
+from routing.jobs.split import validate_split
+from routing.jobs.train import TrainConfig, train_side_branch, training_records
+from routing.model import build
+from saturation.core.data import PromptFormat, collate, encode_record, read_records, sample_records, to_model
+from saturation.core.files import write_json, write_text
+from saturation.core.loading import DATA_SAMPLES, cpu_threads, load_model, resolve_name
 from saturation.probe import ProbeConfig, run_probe
 from saturation.recommend import split_range
-
-from . import flops
-from .evaluate import evaluate
-from .model import build
-from .split import validate_split
-from .train import TrainConfig, train_side_branch, training_records
 
 TABLE_COLUMNS = ["variant", "accuracy", "flops_ratio", "trainable_params", "split"]
 
@@ -71,7 +70,7 @@ class Context:
 def token_samples(records, processor, image_token_id: int, fmt: PromptFormat | None = None) -> list[tuple[int, int]]:
     """``(image_tokens, text_tokens)`` of each evaluation prompt (the first 64): what the FLOP ratios are priced
     at. Image-token counts differ per sample on anyres families (LLaVA-NeXT, OneVision)."""
-    from saturation.data import encode_prompt
+    from saturation.core.data import encode_prompt
 
     ids = [encode_prompt(r, processor, fmt=fmt)["input_ids"] for r in records[:64]]
     return [(int((i == image_token_id).sum()), len(i) - int((i == image_token_id).sum())) for i in ids]
@@ -85,7 +84,7 @@ def token_counts(records, processor, image_token_id: int, fmt: PromptFormat | No
 
 def answer_budget(records, tokenizer) -> int:
     """Tokens to generate so that the longest first answer of `records` fits, with its ``</s>``: each answer is
-    tokenized as the LLaVA template writes it after ``ASSISTANT:`` (`saturation.data.encode_record`)."""
+    tokenized as the LLaVA template writes it after ``ASSISTANT:`` (`saturation.core.data.encode_record`)."""
     eos = tokenizer.eos_token or ""
     return max(len(tokenizer(f" {r.turns[0][1]}{eos}", add_special_tokens=False)["input_ids"]) + (not eos)
                for r in records)
@@ -133,7 +132,7 @@ def trained(ctx: Context, variant: str, split: int, fusion_layers: int = 1) -> t
     summary_path = run / "train_summary.json"
     done = summary_path.is_file() and json.loads(summary_path.read_text())["steps"] >= ctx.cfg.max_steps
     if done:
-        from .artifact import load
+        from routing.artifact import load
 
         routed = load(ctx.model, run / "routing")
         summary = json.loads(summary_path.read_text())
@@ -171,7 +170,7 @@ def run_reproduce(cfg: ReproduceConfig, log=print) -> dict:
     num_layers = probe.recommendation["num_layers"]
     split = validate_split(probe.recommendation["split"], num_layers)
     log(f"probe recommends split {split} of {num_layers} layers")
-    model, processor = load_llava(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, processor = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     model.requires_grad_(False)
     with cpu_threads(model, None):
         return _reproduce(cfg, model, processor, probe, split, num_layers, log)

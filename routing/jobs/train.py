@@ -29,19 +29,18 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 
-from saturation import distributed as dist
-from saturation.backbones import adapter_class
-from saturation.data import PromptFormat, Record, collate, encode_record, read_records
-from saturation.errors import ToolkitError
-from saturation.files import ensure_output_dir, write_json, write_text
-from saturation.loading import check_placement, cpu_threads, load_config, load_llava, resolve_name
+from routing.artifact import _base_id, read_manifest
+from routing.jobs.split import resolve_split, validate_split
+from routing.model import build
+from routing.plan import RoutingPlan, make_plan, parse_spec
+from saturation.core import distributed as dist
+from saturation.core.adapters import adapter_class
+from saturation.core.data import PromptFormat, Record, collate, encode_record, read_records
+from saturation.core.errors import ToolkitError
+from saturation.core.files import ensure_output_dir, write_json, write_text
+from saturation.core.loading import check_placement, cpu_threads, load_config, load_model, resolve_name
 from saturation.probe import ProbeConfig, run_probe
 from saturation.probe import default_out as probe_default_out
-
-from .artifact import _base_id, read_manifest
-from .model import build
-from .plan import RoutingPlan, make_plan, parse_spec
-from .split import resolve_split, validate_split
 
 PAPER_LR = {"lf": 1e-4, "pc": 5e-5, "kv": 5e-5}
 LF_IDEAL_REFUSAL = ("lf-ideal cannot be trained: without a fusion layer the loss has no path to the side branch, "
@@ -441,7 +440,7 @@ def fp32_master_weights(module: torch.nn.Module, enabled: bool):
 
 def training_dtype(dtype: str | None, device: str | None) -> str | None:
     """The paper trains in bf16: on a CUDA device that has it, load the base in bf16 unless `dtype` is given."""
-    from saturation.loading import resolve_device
+    from saturation.core.loading import resolve_device
 
     if dtype is None and resolve_device(device).type == "cuda" and torch.cuda.is_bf16_supported():
         return "bfloat16"
@@ -623,7 +622,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     device = dist.rank_device(cfg.device)  # under torchrun on GPUs: this rank's GPU
     # layers a device map puts on disk live in a temporary folder for the run (not the run folder: it is the base)
     with tempfile.TemporaryDirectory(prefix="dpvr-offload-") as offload:
-        model, processor = load_llava(cfg.model, dtype=training_dtype(cfg.dtype, device), device=device,
+        model, processor = load_model(cfg.model, dtype=training_dtype(cfg.dtype, device), device=device,
                                       device_map=cfg.device_map, max_memory=cfg.max_memory, offload_folder=offload)
         routed = build(model, split, cfg.variant, cfg.fusion_layers, cfg.side_depth, **pruning)
         log(f"split {split} (from {source})\n{routed.plan.describe()}\ntrainable: {routed.trainable_parameters()}")

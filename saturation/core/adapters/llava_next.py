@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from .base import LLAVA_TEMPLATE, Backbone, BackboneSpec, PromptTemplate
+from saturation.core.adapters.base import LLAVA_TEMPLATE, Adapter, BackboneSpec, PromptTemplate
 
 MISTRAL_TEMPLATE = PromptTemplate(user="[INST] ", assistant=" [/INST]")
 
@@ -29,7 +29,7 @@ def anyres_grid(config, image_size: tuple[int, int]) -> tuple[int, int, int]:
     return side * side, rows, cols
 
 
-class LlavaNext(Backbone):
+class LlavaNext(Adapter):
     spec = BackboneSpec(name="llava-next", model_types=("llava_next",))
     image_kwargs = ("image_sizes",)
 

@@ -1,7 +1,7 @@
 """Exact-match answering of LLaVA records: greedy, batched, left-padded ``generate``, scored per question type.
 
 Any model with LLaVA's ``generate(input_ids=, pixel_values=, attention_mask=)`` works: a vanilla
-``LlavaForConditionalGeneration`` or a routed model (``routing.evaluate``, ``saturation.shapes.evaluate``).
+``LlavaForConditionalGeneration`` or a routed model (``routing.jobs.evaluate``, ``saturation.shapes.evaluate``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,15 @@ from collections import defaultdict
 
 import torch
 
-from .data import PromptFormat, Record, generation_batch, load_image, no_image_tokens, normalize_answer, to_model
+from saturation.core.data import (
+    PromptFormat,
+    Record,
+    generation_batch,
+    load_image,
+    no_image_tokens,
+    normalize_answer,
+    to_model,
+)
 
 
 @torch.no_grad()

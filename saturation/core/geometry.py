@@ -112,8 +112,8 @@ def _qwen3_vl_8b():
 
 def _embedded_shape():
     """The embedded model's shape (DESIGN): 48 px / patch 16 -> 9 image tokens, 12 layers, hidden 128."""
+    from saturation.core.tiny import tiny_llava_config, word_tokenizer
     from saturation.shapes import IMAGE_SIZE, vocabulary
-    from saturation.tiny import tiny_llava_config, word_tokenizer
 
     return tiny_llava_config(len(word_tokenizer(vocabulary())), image_size=IMAGE_SIZE, patch_size=16,
                              vision_hidden=64, hidden=128, layers=12, heads=4, intermediate=344,
@@ -122,7 +122,7 @@ def _embedded_shape():
 
 def _cpu_bench_shape():
     """The routing issue's CPU benchmark: hidden 256, 12 layers, 4 heads, 64 image tokens (128 px / patch 16)."""
-    from saturation.tiny import tiny_llava_config
+    from saturation.core.tiny import tiny_llava_config
 
     return tiny_llava_config(512, image_size=128, patch_size=16, vision_hidden=64, hidden=256, layers=12, heads=4,
                              intermediate=688)
@@ -167,7 +167,7 @@ def image_tokens_of(config, image_size: tuple[int, int] | None = None) -> int:
     """Image tokens for one image of `image_size` (H, W) px, as the backbone adapter counts them: fixed for
     LLaVA-1.5 ((size / patch)^2, +1 if CLS is kept); for anyres families (NeXT, OneVision) it depends on the size,
     which defaults to one square tile."""
-    from .backbones import adapter_class
+    from saturation.core.adapters import adapter_class
 
     return adapter_class(config).image_tokens(config, image_size)
 
@@ -197,12 +197,12 @@ TURN_TOKENS = {"qwen2_5_vl": ("<|im_start|>", "<|im_end|>"), "qwen3_vl": ("<|im_
 
 
 def _family_tokenizer(model_type: str, words, extra: dict | None = None):
-    """A word-level tokenizer (`saturation.tiny`'s specials and template words, the family's turn words, `words`)
+    """A word-level tokenizer (`saturation.core.tiny`'s specials and template words, the family's turn words, `words`)
     that knows the family's image and turn tokens as whole special tokens; `extra`: named special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from .tiny import SPECIAL_TOKENS, TEMPLATE_WORDS
+    from saturation.core.tiny import SPECIAL_TOKENS, TEMPLATE_WORDS
 
     specials = [*FAMILY_TOKENS[model_type].values(), *TURN_TOKENS[model_type]]
     vocab: dict[str, int] = {}
@@ -221,8 +221,8 @@ def _qwen_processor(config, words):
     """Qwen's PIL image processor at the released min/max pixels, images only (no torchvision)."""
     from transformers import Qwen2VLImageProcessorPil
 
-    from .backbones import adapter_class
-    from .loading import IMAGE_ONLY_PROCESSORS
+    from saturation.core.adapters import adapter_class
+    from saturation.core.loading import IMAGE_ONLY_PROCESSORS
 
     v = config.vision_config
     low, high = adapter_class(config).PIXELS
@@ -247,7 +247,7 @@ def _gemma_processor(config, words):
 def geometry_processor(config, words):
     """A word-level processor matched to `config`'s image pipeline (tile size, anyres pinpoints, CLS or not), with
     ``<image>`` at id 4 (Qwen and Gemma 3: their own image tokens, `FAMILY_TOKENS`); offline and PIL-only."""
-    from .tiny import tiny_processor, word_tokenizer
+    from saturation.core.tiny import tiny_processor, word_tokenizer
 
     v = config.vision_config
     if config.model_type in ("qwen2_5_vl", "qwen3_vl"):
@@ -268,7 +268,7 @@ def geometry_processor(config, words):
                                   num_additional_image_tokens=1)
     from transformers import LlavaOnevisionImageProcessorPil
 
-    from .loading import ImageOnlyOnevisionProcessor
+    from saturation.core.loading import ImageOnlyOnevisionProcessor
 
     images = LlavaOnevisionImageProcessorPil(size={"height": v.image_size, "width": v.image_size},
                                              image_grid_pinpoints=config.image_grid_pinpoints)
@@ -287,8 +287,8 @@ def random_checkpoint(name: str, layers: int | None, dtype: torch.dtype | str | 
     which no word reaches; Qwen and Gemma 3 get their own image, vision and video tokens' ids, `FAMILY_TOKENS`);
     vocabulary size, widths and depth stay the architecture's.
     """
-    from .loading import resolve_device, resolve_dtype
-    from .shapes import vocabulary
+    from saturation.core.loading import resolve_device, resolve_dtype
+    from saturation.shapes import vocabulary
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ToolkitError
+from saturation.core.errors import ToolkitError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from saturation.errors import ToolkitError
-from saturation.files import read_json
+from saturation.core.errors import ToolkitError
+from saturation.core.files import read_json
 from saturation.recommend import split_range
 
 RECOMMENDATION = "recommendation.json"

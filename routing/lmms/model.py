@@ -1,4 +1,4 @@
-"""The lmms-eval model class (imported by lmms-eval only; see `routing.lmms_plugin` for the logic)."""
+"""The lmms-eval model class (imported by lmms-eval only; see `routing.lmms.plugin` for the logic)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,14 @@ from lmms_eval.utils import simple_parse_args_string
 from loguru import logger
 from tqdm import tqdm
 
-from saturation.loading import default_threads, load_llava
-
-from .lmms_plugin import MODEL_ID, batch_size_of, flag_of, generate_requests, loglikelihood, model_args
+from routing.lmms.plugin import MODEL_ID, batch_size_of, flag_of, generate_requests, loglikelihood, model_args
+from saturation.core.loading import default_threads, load_model
 
 
 class DPVRLlava(lmms):
     """A LLaVA checkpoint, routed when ``routing=DIR`` is given: ``--model_args pretrained=...,routing=...``.
 
-    Accepted `--model_args` keys: `routing.lmms_plugin.MODEL_ARGS`; any other key is refused (one line).
+    Accepted `--model_args` keys: `routing.lmms.plugin.MODEL_ARGS`; any other key is refused (one line).
     """
 
     is_simple = True
@@ -37,16 +36,16 @@ class DPVRLlava(lmms):
         compile = flag_of(compile, "compile")  # a bad value: one line before any weights load
         if str(batch_size).lower().startswith("auto"):
             logger.info(f"dpvr_llava: batch_size {batch_size} -> {self.batch_size_per_gpu} (no memory probing)")
-        model, self.processor = load_llava(str(pretrained), dtype=dtype, device=device,
+        model, self.processor = load_model(str(pretrained), dtype=dtype, device=device,
                                            attn_implementation=attn_implementation)
         if threads := default_threads(model):  # as our CLI: one model per process, tiny matmuls gain nothing
             torch.set_num_threads(threads)
         if routing:
-            from . import load
+            from routing import load
 
             model = load(model, routing)
         if compile:  # compile=true: the layer groups under torch.compile (routing.compiled)
-            from .compiled import compile_model
+            from routing.compiled import compile_model
 
             compile_model(model)
         self.model = model.eval()

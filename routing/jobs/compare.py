@@ -23,10 +23,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from saturation.errors import ToolkitError
-
-from . import flops
-from .plan import RoutingPlan, parse_spec, plan_from_spec
+from routing import flops
+from routing.plan import RoutingPlan, parse_spec, plan_from_spec
+from saturation.core.errors import ToolkitError
 
 NEEDS_PIXELS = ("prune-pre",)  # prunings that read the vision tower: no plan of geometry mode's random embeddings
 
@@ -42,7 +41,7 @@ COLUMNS = ("plan", "params", "accuracy", "flops_ratio", "prefill_ratio", "decode
 class CompareConfig:
     model: str | None = None  # checkpoint; None: 'tiny' unless a geometry is given
     plans: tuple[str, ...] | str | None = None  # None: DEFAULT_PLANS (GEOMETRY_PLANS with a geometry)
-    geometry: str | None = None  # random weights of a named architecture (saturation.geometry.GEOMETRIES)
+    geometry: str | None = None  # random weights of a named architecture (saturation.core.geometry.GEOMETRIES)
     layers: int | None = None  # geometry only: decoder depth to build (same widths)
     split: int | None = None  # for specs without @S (default: the recommended split, or --routing's)
     routing: Path | None = None  # a trained LF artifact whose side branch the side-branch plans start from
@@ -70,7 +69,7 @@ class CompareConfig:
         if given:
             raise ToolkitError(f"--geometry times random weights on random image embeddings (accuracy n/a): it "
                                f"takes no {', '.join(given)}")
-        from .benchmark import BenchConfig
+        from routing.jobs.bench import BenchConfig
 
         BenchConfig(geometry=self.geometry, layers=self.layers)  # its one-line checks of the name and depth
         for p in parse_plans(self.plans):
@@ -116,11 +115,10 @@ def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str
     """name -> (plan or None, model to run, how its side branch came to be). Geometry mode trains nothing: its
     default split is layers // 2 (random weights have no probe recommendation), as `routing bench`'s."""
     import routing
-    from saturation.anatomy import anatomy
+    from routing.jobs.train import TrainConfig, train_side_branch, training_records
+    from saturation.core.adapters import adapter_for
 
-    from .train import TrainConfig, train_side_branch, training_records
-
-    a = anatomy(model)
+    a = adapter_for(model)
     artifact = routing.load(model, cfg.routing) if cfg.routing is not None else None
     split = cfg.split if cfg.split is not None else (artifact.plan.split if artifact else None)
     if split is None and cfg.geometry is not None:
@@ -158,7 +156,7 @@ def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str
 
 
 def _recommended_split(cfg: CompareConfig, num_layers: int, log) -> int:
-    from .train import TrainConfig, resolve_training_split
+    from routing.jobs.train import TrainConfig, resolve_training_split
 
     split, source = resolve_training_split(TrainConfig(model=cfg.model or "tiny", split="auto", seed=cfg.seed), num_layers, log)
     log(f"split {split} (from {source})")
@@ -170,9 +168,8 @@ def measure_latency(models: dict, prompt, repeats: int, warmup: int) -> dict[str
     """samples[kind][name] (seconds), kind prefill (end to end from pixels; from the merged embeddings when the
     prompt has none, geometry mode) / decode (per token): paired rounds, the order rotated every round and every
     decode step, as `routing bench`, on its clock rule (one thread's CPU time on CPU with one thread, else wall)."""
-    from saturation.hf_compat import cache_of
-
-    from .benchmark import Stopwatch, _rotated, decode_step, prefill
+    from routing.jobs.bench import Stopwatch, _rotated, decode_step, prefill
+    from saturation.core.hf_compat import cache_of
 
     device = prompt.embeds.device
     watch = Stopwatch("cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall", device)
@@ -203,20 +200,19 @@ def _median(xs: list[float]) -> float:
 def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.DataFrame:
     """Evaluate, price and time every plan of `cfg`; returns the frontier table (also written to
     ``cfg.out/frontier.csv``, NaN accuracy as "n/a")."""
-    from saturation.data import read_records, sample_records
-    from saturation.files import atomic_write, ensure_output_dir
-    from saturation.geometry import REPRESENTATIVE_IMAGE
-    from saturation.loading import DATA_SAMPLES, cpu_threads, load_llava
-
-    from .benchmark import BenchConfig, load_models, paired_ratios, random_prompt, real_prompt
-    from .evaluate import evaluate
+    from routing.jobs.bench import BenchConfig, load_models, paired_ratios, random_prompt, real_prompt
+    from routing.jobs.evaluate import evaluate
+    from saturation.core.data import read_records, sample_records
+    from saturation.core.files import atomic_write, ensure_output_dir
+    from saturation.core.geometry import REPRESENTATIVE_IMAGE
+    from saturation.core.loading import DATA_SAMPLES, cpu_threads, load_model
 
     parsed = parse_plans(cfg.plans)
     ensure_output_dir(cfg.out, "--out")
     records = None
     if cfg.geometry is None:
         records = sample_records(read_records(cfg.data or DATA_SAMPLES / "shapes" / "heldout.json"), cfg.n, cfg.seed)
-        model, processor = load_llava(cfg.model or "tiny")
+        model, processor = load_model(cfg.model or "tiny")
     else:
         model, processor, _, source = load_models(BenchConfig(geometry=cfg.geometry, layers=cfg.layers,
                                                               seed=cfg.seed))

@@ -19,8 +19,8 @@ from typing import ClassVar
 from torch import Tensor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from ..errors import ToolkitError
-from .base import Backbone, BackboneSpec, PromptTemplate
+from saturation.core.adapters.base import Adapter, BackboneSpec, PromptTemplate
+from saturation.core.errors import ToolkitError
 
 QWEN_VL_TEMPLATE = PromptTemplate(user="<|im_start|>user\n", assistant="<|im_end|>\n<|im_start|>assistant\n",
                                   image="<|vision_start|><|image_pad|><|vision_end|>")
@@ -28,7 +28,7 @@ VIDEO_KWARGS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 DEFAULT_IMAGE = (448, 448)  # (H, W) px when a count needs a size and none is given (geometry, FLOP model)
 
 
-class QwenVL(Backbone):
+class QwenVL(Adapter):
     """What Qwen2.5-VL and Qwen3-VL share: the merge, M-RoPE positions, the token count and the prompt."""
 
     image_kwargs = ("image_grid_thw", "mm_token_type_ids")

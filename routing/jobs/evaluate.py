@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from saturation.answers import answers, by_type
-from saturation.data import Record, normalize_answer
+from saturation.core.answers import answers, by_type
+from saturation.core.data import Record, normalize_answer
 
 
 def evaluate(model, processor, records: list[Record], batch_size: int = 16, max_new_tokens: int = 8

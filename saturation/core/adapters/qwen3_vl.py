@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import BackboneSpec
-from .qwen2_5_vl import QwenVL
+from saturation.core.adapters.base import BackboneSpec
+from saturation.core.adapters.qwen2_5_vl import QwenVL
 
 
 class Qwen3VL(QwenVL):

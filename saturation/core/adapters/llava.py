@@ -6,10 +6,10 @@ Everything is the contract's default: the paths, the merge, 1D RoPE, full causal
 
 from __future__ import annotations
 
-from .base import Backbone, BackboneSpec
+from saturation.core.adapters.base import Adapter, BackboneSpec
 
 
-class Llava(Backbone):
+class Llava(Adapter):
     spec = BackboneSpec(name="llava-1.5", model_types=("llava",))
     # LLaVA-1.5 trained on ``USER: <image>\\n… ASSISTANT: …</s>``; llava-hf's chat template ends answers with a space
     # and no ``</s>``, so the toolkit keeps the published template (DESIGN) even where a chat template exists.

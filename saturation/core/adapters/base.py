@@ -1,6 +1,6 @@
 """The backbone contract: a declarative map of module paths plus the few operations that differ per family.
 
-Everything outside ``saturation/backbones/`` reaches a model through a `Backbone` (``anatomy(model)``): the probe,
+Everything outside ``saturation/backbones/`` reaches a model through a `Adapter` (``adapter_for(model)``): the probe,
 the routed model, training, the benchmark and the shapes trainer. Only this package names HF module paths
 (``language_model``, ``self_attn.k_proj``, ...), imports a ``modeling_*`` module or reads a private config field.
 In the spirit of TransformerLens' ``supported_architectures/*.py``: one short subclass per family, mostly paths.
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask
 
-from ..errors import ToolkitError
-from ..hf_compat import cache_kwargs
+from saturation.core.errors import ToolkitError
+from saturation.core.hf_compat import cache_kwargs
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return pos.masked_fill(attention_mask == 0, 0)
 
 
-class Backbone:
+class Adapter:
     """A LLaVA-style model seen as ``embed() -> layers[0..L-1] -> norm -> lm_head``; one subclass per family.
 
     A subclass sets `spec` (its module paths), `image_kwargs` (the image keyword arguments its forward takes

@@ -8,7 +8,7 @@
   values (no download; ``--layers N`` shrinks the depth), fed random merged embeddings plus an image mask.
 
 The number of image tokens always comes from the backbone adapter (anyres geometries: one representative 480x640
-image, ``saturation.geometry.REPRESENTATIVE_IMAGE``) or from the processor, never a constant.
+image, ``saturation.core.geometry.REPRESENTATIVE_IMAGE``) or from the processor, never a constant.
 
 Method. Every model sees the same inputs. Each round (after warm-up) times every model's prefill and then every
 decode step, all models back to back, the order rotating from round to round and step to step (A B C D, B C D A,
@@ -28,7 +28,7 @@ the calling thread's CPU time (paired ratios then move by 1-2% between runs, whe
   prefill + decode per model, on CPU the process's peak RSS.
 - With ``train=True`` also one training step (forward + backward, side branch only) of each trainable variant
   against PC, DESIGN's target for LF being <= 0.4x of PC, with ``flops.train_step_cost``'s ratio beside it and the
-  step's time per group of the plan (``routing.step_profile``: shallow, side, deep, fusion, head+loss, other,
+  step's time per group of the plan (``routing.jobs.step_profile``: shallow, side, deep, fusion, head+loss, other,
   backward; measured in hooked rounds of their own).
 """
 
@@ -46,9 +46,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from saturation.anatomy import anatomy, position_ids_from_mask
-from saturation.errors import ToolkitError
-from saturation.geometry import (
+from routing import flops, memory
+from routing.model import RoutedModel, build
+from routing.plan import VARIANTS, make_plan
+from saturation.core.adapters import adapter_for, position_ids_from_mask
+from saturation.core.errors import ToolkitError
+from saturation.core.geometry import (
     CHECKPOINT_DTYPE,
     GEOMETRIES,
     REPRESENTATIVE_IMAGE,
@@ -56,11 +59,7 @@ from saturation.geometry import (
     image_tokens_of,
     random_llava,
 )
-from saturation.hf_compat import cache_kwargs, cache_of, cache_tensors
-
-from . import flops, memory
-from .model import RoutedLlava, build
-from .plan import VARIANTS, make_plan
+from saturation.core.hf_compat import cache_kwargs, cache_of, cache_tensors
 
 CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
@@ -89,7 +88,7 @@ class BenchConfig:
     device: str | None = None
     device_map: str | None = None  # checkpoint only: accelerate places the layers across GPUs, CPU and disk
     max_memory: str | None = None  # with device_map: "0=20GiB,1=20GiB,cpu=64GiB"
-    threads: int | None = None  # None: one thread for a small model on CPU (saturation.loading rule)
+    threads: int | None = None  # None: one thread for a small model on CPU (saturation.core.loading rule)
     clock: str = "auto"  # auto: 'cpu' on CPU with one thread, else 'wall'
     train: bool = False  # also time one training step of each variant against PC
     compile: bool = False  # torch.compile vanilla's decoder stack and every routed group (routing.compiled)
@@ -117,14 +116,14 @@ class BenchConfig:
         if self.clock not in ("auto", *CLOCKS):
             raise ToolkitError(f"unknown clock '{self.clock}': use auto, cpu or wall")
         if self.compile:
-            from .compiled import check_compile
+            from routing.compiled import check_compile
 
             check_compile(device_map=self.device_map)
             if self.train:
                 raise ToolkitError("--compile times compiled inference; the training step (--train) is not compiled: "
                                    "give one of them")
         if self.device_map is not None or self.max_memory is not None:
-            from saturation.loading import check_placement
+            from saturation.core.loading import check_placement
 
             check_placement(self.device, self.device_map, self.max_memory)
             if self.geometry is not None:
@@ -200,7 +199,7 @@ def random_prompt(model, text_tokens: int, batch: int, new_tokens: int, seed: in
     """`before` text tokens, the image block (random features at the text embeddings' RMS), the rest of the text.
     The block has the adapter's token count for one image of `image_size` (H, W) px (anyres families; default
     one tile), row-end newline positions included."""
-    a = anatomy(model)
+    a = adapter_for(model)
     g = torch.Generator().manual_seed(seed)
     vocab, image_id = a.text_config.vocab_size, a.image_token_id
     n_image = image_tokens_of(model.config, image_size)
@@ -220,9 +219,9 @@ def random_prompt(model, text_tokens: int, batch: int, new_tokens: int, seed: in
 def real_prompt(model, processor, records, text_tokens: int, batch: int, new_tokens: int, seed: int = 0) -> Prompt:
     """Real images and the family's prompt through the processor; each prompt's text is cycled (or cut) to
     `text_tokens` tokens around its image block, so every text length keeps the real image tokens."""
-    from saturation.data import SEQUENCE_KEYS, PromptFormat, collate, encode_prompt, image_inputs
+    from saturation.core.data import SEQUENCE_KEYS, PromptFormat, collate, encode_prompt, image_inputs
 
-    a = anatomy(model)
+    a = adapter_for(model)
     fmt = PromptFormat.of(a)
     rows, encoded = [], []
     for k in range(batch):
@@ -284,7 +283,7 @@ def _rotated(names: list[str], k: int) -> list[str]:
 
 def prefill(model, p: Prompt, e2e: bool = False):
     """Generation prefill: cache filled, last position's logits only (from merged embeddings unless `e2e`)."""
-    routed = isinstance(model, RoutedLlava)
+    routed = isinstance(model, RoutedModel)
     if e2e:
         positions = {} if routed or p.own_positions else {"position_ids": p.position_ids}
         return model(**p.batch, **positions, use_cache=True, logits_to_keep=1)
@@ -297,7 +296,7 @@ def prefill(model, p: Prompt, e2e: bool = False):
 
 def decode_step(model, cache, token: Tensor, position: int):
     """One cached step of one new text token per row (the routed model derives its positions itself)."""
-    positions = {} if isinstance(model, RoutedLlava) else {"position_ids": torch.full_like(token, position)}
+    positions = {} if isinstance(model, RoutedModel) else {"position_ids": torch.full_like(token, position)}
     return model(input_ids=token, use_cache=True, logits_to_keep=1, **positions, **cache_kwargs(cache))
 
 
@@ -380,7 +379,7 @@ def cuda_peak_mb(model, p: Prompt) -> dict:
 def input_device(model) -> torch.device:
     """Where inputs go: the embedding's device, or under a device map that offloaded it (its weight a meta
     placeholder), the device its accelerate hook runs it on."""
-    embed = anatomy(model).embed_tokens
+    embed = adapter_for(model).embed_tokens
     if embed.weight.device.type != "meta":
         return embed.weight.device
     device = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
@@ -424,7 +423,7 @@ def layer_devices(model) -> tuple[list[str], list[str]]:
     offloaded layer runs on its accelerate hook's device, and fills its cache there)."""
     placement, names = _placement(model), {id(m): n for n, m in model.named_modules()}
     stored, runs = [], []
-    for layer in anatomy(model).layers:
+    for layer in adapter_for(model).layers:
         here = next((str(p.device) for p in layer.parameters() if p.device.type != "meta"), "cpu")
         stored.append(_placed(placement, names[id(layer)], here))
         hooked = getattr(getattr(layer, "_hf_hook", None), "execution_device", None)
@@ -440,9 +439,9 @@ def measure_train(base, variants, plan_args: dict, p: Prompt, watch: Stopwatch, 
                   ) -> tuple[dict, dict, int]:
     """``(samples, breakdown, labelled)``: seconds per training step (forward + backward into the side branch, no
     optimizer) of PC and each trainable variant, from the same embeddings, the answer being the last
-    `TRAIN_LABELS` text positions; the median seconds per group of the step (`routing.step_profile`, hooked rounds
+    `TRAIN_LABELS` text positions; the median seconds per group of the step (`routing.jobs.step_profile`, hooked rounds
     after the timed ones); and the positions per row with a (shifted) label, which the head runs on."""
-    from .step_profile import GROUPS, step_breakdown
+    from routing.jobs.step_profile import GROUPS, step_breakdown
 
     labels = torch.full(p.image_mask.shape, -100, dtype=torch.long, device=p.embeds.device)
     labels[:, -TRAIN_LABELS:] = p.next_tokens[0]
@@ -549,7 +548,7 @@ def rows_of(samples: dict, cache_mb: dict, text_tokens: int, image_tokens: int, 
 
 def load_models(cfg: BenchConfig):
     """``(base, processor or None, routed from the artifact or None, description)``."""
-    from saturation.loading import resolve_device, resolve_dtype
+    from saturation.core.loading import resolve_device, resolve_dtype
 
     if cfg.geometry is not None:
         device = resolve_device(cfg.device)
@@ -558,11 +557,10 @@ def load_models(cfg: BenchConfig):
         base = random_llava(geometry_config(cfg.geometry, cfg.layers), dtype, device, cfg.seed)
         depth = f", {cfg.layers} layers" if cfg.layers else ""
         return base, None, None, f"random {cfg.geometry}{depth}"
-    from saturation.loading import load_llava
+    from routing.artifact import load as load_routing
+    from saturation.core.loading import load_model
 
-    from .artifact import load as load_routing
-
-    base, processor = load_llava(cfg.model or "tiny", dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
+    base, processor = load_model(cfg.model or "tiny", dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
                                  max_memory=cfg.max_memory)
     routed = load_routing(base, cfg.routing).eval() if cfg.routing is not None else None
     return base, processor, routed, str(cfg.model or "tiny")
@@ -573,10 +571,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
 
     `model` (with `processor` for real images) skips loading: a LLaVA already in memory.
     """
-    from saturation.loading import cpu_threads
+    from saturation.core.loading import cpu_threads
 
     if model is None and cfg.routing is not None:  # a saved plan bench cannot time fails before any weights load
-        from .artifact import read_manifest
+        from routing.artifact import read_manifest
 
         manifest = read_manifest(cfg.routing)
         _check_saved_plan(make_plan(manifest["num_layers"], manifest["split"], manifest["variant"],
@@ -586,7 +584,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
         base, processor, trained, source = load_models(cfg)
     else:
         base, trained, source = model, None, getattr(model, "name_or_path", "given model")
-    a = anatomy(base)
+    a = adapter_for(base)
     num_layers = a.num_layers
     # before any call: accelerate's offload hooks untie tied weights (embeddings, lm_head) once they have run
     weights_mb = parameter_mb(base)
@@ -616,7 +614,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
 
     rows, train, compile_s = [], {}, {}
     if cfg.compile:
-        from .compiled import compile_model
+        from routing.compiled import compile_model
 
         for m in models.values():
             compile_model(m)
@@ -738,8 +736,8 @@ def _check_saved_plan(plan, cfg: BenchConfig) -> None:
 
 def _bench_records():
     """Real images for real-model prompts: the embedded held-out shapes set."""
-    from saturation.data import read_records
-    from saturation.loading import DATA_SAMPLES
+    from saturation.core.data import read_records
+    from saturation.core.loading import DATA_SAMPLES
 
     return read_records(DATA_SAMPLES / "shapes" / "heldout.json")
 
