@@ -6,98 +6,20 @@ Each command is a thin shell over a library function; bad input becomes one plai
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
+from saturation.core.console import console_entry, err_console, friendly, typer_app
 from saturation.core.errors import ToolkitError
 from saturation.core.files import atomic_write, ensure_output_dir, ensure_output_file, write_json
 
-err_console = Console(stderr=True)
-
-saturation_app = typer.Typer(
-    help="Saturation probe: per-layer cosine, text→image attention and logit-lens KL of a LLaVA model, "
-    "a recommended split layer, and the paper's Figure 2.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-routing_app = typer.Typer(
-    help="DPVR routing: build, train, evaluate, benchmark and generate with vision-token-routed LLaVA models.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-class _LineTracker:
-    """Stands in for ``sys.stderr`` during a command and remembers whether the last write ended a line.
-
-    Progress bars (tqdm's, rich's) leave the cursor after their text; an error printed there would be glued to the
-    bar. Only what goes through Python is seen, which is every bar and log line the toolkit and its libraries print.
-    """
-
-    def __init__(self, stream):
-        self._stream = stream
-        self.at_line_start = True
-
-    def write(self, text: str) -> int:
-        if text:
-            self.at_line_start = text.endswith("\n")
-        return self._stream.write(text)
-
-    def writelines(self, lines) -> None:
-        for line in lines:
-            self.write(line)
-
-    def __getattr__(self, name: str):  # isatty, flush, fileno, encoding ... of the real stream
-        return getattr(self._stream, name)
-
-
-def _fresh_line(tracker: _LineTracker) -> None:
-    """Close every open tqdm bar (else it redraws itself after the error, at exit), then end a half-written line."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with transformers
-        tqdm = None
-    for bar in list(getattr(tqdm, "_instances", ())):
-        with contextlib.suppress(Exception):
-            bar.close()
-    if not tracker.at_line_start:
-        tracker.write("\n")
-
-
-def friendly(fn):
-    """Turn `ToolkitError` into one red line on stderr, at the start of a line, and exit 1; Ctrl-C into exit 130."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        real = sys.stderr
-        tracker = sys.stderr = _LineTracker(real)
-        try:
-            return fn(*args, **kwargs)
-        except ToolkitError as err:
-            if getattr(err, "quiet", False):  # another rank of a torchrun run failed and printed the one line
-                raise typer.Exit(1) from None
-            _fresh_line(tracker)
-            message = escape(" ".join(str(err).split()))  # one line, whatever the message holds; no markup in it
-            err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            _fresh_line(tracker)
-            err_console.print("[yellow]interrupted[/] (finished work is kept; rerun to resume)")
-            raise typer.Exit(130) from None
-        finally:
-            if sys.stderr is tracker:
-                sys.stderr = real
-
-    return wrapper
+saturation_app = typer_app("Saturation probe: per-layer cosine, text→image attention and logit-lens KL of a LLaVA "
+                            "model, a recommended split layer, and the paper's Figure 2.")
+routing_app = typer_app("DPVR routing: build, train, evaluate, benchmark and generate with vision-token-routed LLaVA "
+                        "models.")
 
 
 def require_positive(**options: int | None) -> None:
@@ -494,7 +416,7 @@ def bench_cmd(
     variants: Annotated[str, typer.Option(help="Comma-separated variants measured against vanilla: lf, pc, kv, lf-ideal.")] = "lf,pc,kv",
     text_tokens: Annotated[str, typer.Option(help="Comma-separated text lengths (tokens beside the image tokens) to sweep.")] = "64,128,256,512,1024",
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 1,
-    geometry: Annotated[str | None, typer.Option(help="Random weights of a named architecture instead of a checkpoint, no download: llava-1.5-7b | llava-1.5-13b | llava-next-7b | llava-onevision-7b (anyres: a 480x640 image's tokens) | tiny (the embedded model's shape) | cpu-bench (h=256, 12 layers, 64 image tokens).")] = None,
+    geometry: Annotated[str | None, typer.Option(help="Random weights of a named architecture instead of a checkpoint, no download: llava-1.5-7b | llava-1.5-13b | llava-next-7b | llava-onevision-7b | qwen2.5-vl-7b | qwen3-vl-8b | gemma-3-4b | gemma-3-12b (sizes that depend on the image: a 480x640 image's tokens) | tiny (the embedded model's shape) | cpu-bench (h=256, 12 layers, 64 image tokens).")] = None,
     layers: Annotated[int | None, typer.Option(help="With --geometry: build only N decoder layers (same widths).")] = None,
     fusion_layers: Annotated[int, typer.Option(help="K: last layers that see image and text again.")] = 1,
     side_depth: Annotated[int, typer.Option(help="d_v: side-branch layers.")] = 1,
@@ -580,36 +502,8 @@ def compare_cmd(
     Console().print(f"wrote {out / 'frontier.csv'}, {', '.join(map(str, drawn))}", highlight=False)
 
 
-# click's base of every usage error; typer >= 0.2x vendors its own click, so reach it from typer's public class
-CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-
-
-def _console_entry(app: typer.Typer):
-    """The console script of `app`: click's own bad input (an unknown option or command, a value of the wrong
-    type, a missing value) becomes one `error:` line naming the command's --help and exit 2, as the toolkit's own
-    errors are one line (typer would print a usage line and a boxed panel)."""
-
-    def main(args: list[str] | None = None) -> None:
-        try:
-            code = app(args=args, standalone_mode=False)  # typer.Exit (friendly's exit 1, --help's 0) returns its code
-        except CLICK_ERROR as err:
-            if type(err).__name__ == "NoArgsIsHelpError":  # no arguments: the help is already printed (typer's test)
-                sys.exit(err.exit_code)
-            ctx = getattr(err, "ctx", None)
-            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            message = escape(" ".join(err.format_message().split()) + hint)
-            err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
-            sys.exit(err.exit_code)
-        except typer.Abort:
-            err_console.print("[yellow]aborted[/]")
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
-
-    return main
-
-
-saturation_main = _console_entry(saturation_app)
-routing_main = _console_entry(routing_app)
+saturation_main = console_entry(saturation_app)
+routing_main = console_entry(routing_app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,11 +2,12 @@
 
     python -m saturation.benchmark [--model tiny | --geometry llava-1.5-7b [--layers N]] [--n 32] [--batch-size 8]
                                    [--repeats 3] [--threads 1] [--dtype D] [--device D] [--lens-positions N]
+                                   [--memory-n 16,64 | none]
 
 Prints the ratio probe time / forward time, split into the hooked forward and the logit lens (the lens runs
 lm_head once per layer, so its share grows with vocabulary size and depth; the target is
 ratio <= 1.6 + lens share), beside the same ratio in FLOPs (counted by torch on the first batch: what no
-implementation can beat), then the peak memory of whole probe runs (all positions) at n=16 and n=64, each in a
+implementation can beat), then the peak memory of whole probe runs (all positions) at n=16 and n=64 (``--memory-n``), each in a
 fresh process (peak RSS on CPU, peak allocated CUDA memory on a GPU), which should be flat in n.
 
 ``--lens-positions N`` times the probe with its lens on a seeded sample of N positions per sample beside the
@@ -23,7 +24,6 @@ shape and freshly drawn shapes samples stand in, and the output says so.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
@@ -32,11 +32,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated
 
 import torch
+import typer
 
 from saturation.core.adapters import adapter_for, position_ids_from_mask
+from saturation.core.console import console_entry, friendly, typer_app
 from saturation.core.data import PromptFormat, image_inputs, read_records, sample_records, to_model
+from saturation.core.errors import ToolkitError
+from saturation.core.geometry import GEOMETRIES
 from saturation.core.loading import TINY_DIR, cpu_threads, load_model, resolve_name
 
 from .probe import (
@@ -175,46 +181,64 @@ def _peak_memory_child(args) -> None:
 def peak_memory(args, n: int) -> dict:
     cmd = [sys.executable, "-m", "saturation.benchmark", "--model", str(args.model), "--data", str(args.data),
            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--child-n", str(n)]
-    for flag in ("dtype", "device", "threads", "geometry", "layers"):
+    for flag in ("dtype", "device", "threads", "geometry", "layers"):  # the options a child must repeat
         if getattr(args, flag):
             cmd += [f"--{flag}", str(getattr(args, flag))]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
-        raise SystemExit(f"memory run for n={n} failed:\n{proc.stderr[-2000:]}")
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ToolkitError(f"memory run for n={n} failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m saturation.benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--geometry", default=None, help="random weights of a named architecture instead of --model: "
-                   "llava-1.5-7b | llava-1.5-13b | llava-next-7b | llava-onevision-7b | tiny | cpu-bench (no download)")
-    p.add_argument("--layers", type=int, default=None, help="with --geometry: build only N decoder layers")
-    p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--n", type=int, default=32, help="samples in the timed batches")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the probe's rule)")
-    p.add_argument("--memory-n", type=int, nargs="*", default=[16, 64], help="n for the peak-memory runs")
-    p.add_argument("--lens-positions", type=int, default=None, help="also time the probe with its logit lens on "
-                   "a seeded sample of N positions per sample, and print the median KL curves' largest difference")
-    p.add_argument("--child-n", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+app = typer_app(__doc__.split("\n\n")[0])
 
+
+def _memory_ns(text: str) -> list[int]:
+    """``16,64`` -> [16, 64]; ``none`` or an empty string -> no memory runs."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ToolkitError(f"--memory-n takes sample counts separated by commas, e.g. 16,64 (got {text!r})") from None
+
+
+@app.command()
+@friendly
+def benchmark(
+    model: Annotated[str, typer.Option(help="'tiny' (embedded), an alias, a hub id or a local directory.")] = "tiny",
+    geometry: Annotated[str | None, typer.Option(help="Random weights of a named architecture instead of --model "
+                                                 "(no download): " + ", ".join(GEOMETRIES) + ".")] = None,
+    layers: Annotated[int | None, typer.Option(help="With --geometry: build only N decoder layers.")] = None,
+    data: Annotated[Path | None, typer.Option(help="LLaVA JSON (default: the embedded probe samples).")] = None,
+    n: Annotated[int, typer.Option(help="Samples in the timed batches.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 8,
+    repeats: Annotated[int, typer.Option(help="Timed passes over the batches.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the sample selection and the lens positions.")] = 0,
+    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 | auto.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch intra-op threads (default: the probe's rule).")] = None,
+    memory_n: Annotated[str, typer.Option(help="n of the peak-memory runs, comma-separated; 'none' skips "
+                                          "them.")] = "16,64",
+    lens_positions: Annotated[int | None, typer.Option(help="Also time the probe with its logit lens on a seeded "
+                                                       "sample of N positions per sample, and print the median KL "
+                                                       "curves' largest difference.")] = None,
+    child_n: Annotated[int | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Time the probe against a plain eager forward of the same batches, then its peak memory against n."""
+    args = SimpleNamespace(model=model, geometry=geometry, layers=layers, data=data, n=n, batch_size=batch_size,
+                           repeats=repeats, seed=seed, dtype=dtype, device=device, threads=threads,
+                           memory_n=_memory_ns(memory_n), lens_positions=lens_positions, child_n=child_n)
     tmp = None
     if args.lens_positions is not None and args.lens_positions < 2:
-        raise SystemExit(f"--lens-positions must be at least 2 (got {args.lens_positions})")
+        raise ToolkitError(f"--lens-positions must be at least 2 (got {args.lens_positions})")
     if args.geometry is not None:
-        from saturation.core.geometry import GEOMETRIES
-
         if args.geometry not in GEOMETRIES:
-            raise SystemExit(f"unknown geometry '{args.geometry}': choose one of {', '.join(GEOMETRIES)}")
+            raise ToolkitError(f"unknown geometry '{args.geometry}': choose one of {', '.join(GEOMETRIES)}")
         args.model = f"random {args.geometry}" + (f", {args.layers} layers" if args.layers else "")
     elif args.layers is not None:
-        raise SystemExit("--layers shrinks a --geometry; a checkpoint keeps its own depth")
+        raise ToolkitError("--layers shrinks a --geometry; a checkpoint keeps its own depth")
     elif resolve_name(args.model) == str(TINY_DIR) and not TINY_DIR.is_dir():
         tmp = tempfile.TemporaryDirectory()
         args.model, args.data = stand_in(Path(tmp.name))
@@ -277,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         growth = peaks[-1][key] - peaks[0][key]
         print(f"growth from n={peaks[0]['n']} to n={peaks[-1]['n']}: {growth:+.1f} MB")
 
+
+main = console_entry(app)
 
 if __name__ == "__main__":
     main()

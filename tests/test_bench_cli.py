@@ -39,3 +39,15 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path, args, message):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
     assert not (tmp_path / "b.json").exists()
+
+
+def test_help_names_every_geometry():
+    """`--geometry`'s help lists every preset there is (it listed 4 of 10 once), `python -m saturation.benchmark`'s
+    too: a new preset fails here until its help says so."""
+    from saturation.benchmark import app as probe_bench
+    from saturation.core.geometry import GEOMETRIES
+
+    for app, args in ((routing_app, ["bench", "--help"]), (probe_bench, ["--help"])):
+        text = " ".join(runner.invoke(app, args, terminal_width=400).output.split())
+        missing = [name for name in GEOMETRIES if name not in text]
+        assert not missing, (args, missing)

@@ -340,10 +340,14 @@ def test_bad_lens_positions_are_one_line_errors(tiny_model, processor, dataset, 
 def test_benchmark_times_the_sampled_lens_beside_all_positions(tiny_model_dir, dataset, capsys):
     from saturation.benchmark import main
 
-    main(["--model", str(tiny_model_dir), "--data", str(dataset), "--n", "4", "--batch-size", "2", "--repeats", "1",
-          "--memory-n", "--lens-positions", "3"])
+    with pytest.raises(SystemExit) as done:
+        main(["--model", str(tiny_model_dir), "--data", str(dataset), "--n", "4", "--batch-size", "2", "--repeats",
+              "1", "--memory-n", "none", "--lens-positions", "3"])
+    assert done.value.code == 0
     out = capsys.readouterr().out
     assert out.count("ratio probe/forward") == 2 and "probe, lens on 3" in out and "FLOP ratio" in out
     assert "max |diff| over layers: image" in out and "issue 18 targets" in out
-    with pytest.raises(SystemExit, match="at least 2"):
+    with pytest.raises(SystemExit) as refused:
         main(["--model", str(tiny_model_dir), "--lens-positions", "0"])
+    assert refused.value.code == 1
+    assert capsys.readouterr().err.strip() == "error: --lens-positions must be at least 2 (got 0)"

@@ -334,10 +334,11 @@ def test_text_world_puts_each_cells_words_at_its_image_token():
     assert losses["total"].requires_grad and losses["text"].item() > 0
 
 
-def test_train_rejects_an_unknown_recipe(tmp_path):
-    from saturation.core.errors import ToolkitError
+def test_train_rejects_an_unknown_recipe(tmp_path, capsys):
     from saturation.shapes.cli import main
 
-    with pytest.raises(ToolkitError, match="unknown recipe 'nope'"):
+    with pytest.raises(SystemExit) as exit_:
         main(["train", "--recipe", "nope", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.strip() == "error: unknown recipe 'nope'; choose one of tiny, tiny-clean"
     assert not (tmp_path / "out").exists()

@@ -36,7 +36,7 @@ if [[ $PARTS == *bench* ]]; then
 fi
 if [[ $PARTS == *probe* ]]; then
   python3 -m saturation.benchmark --geometry llava-1.5-7b --dtype bfloat16 --device cuda --n 32 --batch-size 8 \
-    --repeats 3 --memory-n 16 64 --lens-positions 64 2>&1 | tee "$OUT/probe-7b.log"
+    --repeats 3 --memory-n 16,64 --lens-positions 64 2>&1 | tee "$OUT/probe-7b.log"
 fi
 if [[ $PARTS == *cli* ]]; then
   W=runs/gpu-cli

@@ -6,65 +6,79 @@ transformers are imported only by the commands that need them.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from saturation.core.console import console_entry, friendly, typer_app
 
 from .data import SAMPLES_DIR, build_samples, held_out_keys, make_dataset
 
-
-def parser() -> argparse.ArgumentParser:
-    """The argument parser of all four commands."""
-    p0 = argparse.ArgumentParser(prog="python -m saturation.shapes",
-                                 description="The synthetic shapes world and the embedded tiny LLaVA trained on it.")
-    sub = p0.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("build-samples", help="write data_samples/shapes/{probe,heldout}.json and their images")
-    p.add_argument("--out", default=str(SAMPLES_DIR))
-    p.add_argument("--n", type=int, default=500)
-    p = sub.add_parser("dataset", help="write any number of scenes as LLaVA JSON (for training other models)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="shapes")
-    p.add_argument("--turns", type=int, default=1)
-    p = sub.add_parser("train", help="train the tiny LLaVA from scratch (resumable); save it to --out")
-    p.add_argument("--out", required=True)
-    p.add_argument("--recipe", default="tiny", help="tiny (data_samples/tiny-llava) or tiny-clean (answer loss only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="stage-2 steps (default: the recipe's)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's)")
-    p.add_argument("--eval", default=str(SAMPLES_DIR / "heldout.json"), help="JSON to evaluate on afterwards")
-    p = sub.add_parser("evaluate", help="held-out accuracy by question type vs blank image and blind baseline")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--data", default=str(SAMPLES_DIR / "heldout.json"))
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) or float16")
-    return p0
+app = typer_app("The synthetic shapes world and the embedded tiny LLaVA trained on it (see data_samples/README.md).")
+HELD_OUT = str(SAMPLES_DIR / "heldout.json")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run one command; see ``data_samples/README.md``."""
-    args = parser().parse_args(argv)
-    if args.command == "build-samples":
-        for path in build_samples(args.out, args.n):
-            print(path)
-    elif args.command == "dataset":
-        print(make_dataset(args.out, args.n, args.seed, name=args.name, turns=args.turns, exclude=held_out_keys()))
-    elif args.command == "train":
-        from dataclasses import replace
+@app.command("build-samples")
+@friendly
+def build_samples_cmd(
+    out: Annotated[str, typer.Option(help="Folder for probe.json, heldout.json and their images.")] = str(SAMPLES_DIR),
+    n: Annotated[int, typer.Option(help="Scenes per set.")] = 500,
+) -> None:
+    """Write data_samples/shapes/{probe,heldout}.json and their images."""
+    for path in build_samples(out, n):
+        print(path)
 
-        from saturation.core.errors import ToolkitError
 
-        from .train import RECIPES, train
+@app.command("dataset")
+@friendly
+def dataset_cmd(
+    out: Annotated[str, typer.Option(help="Folder to write the LLaVA JSON and images into.")],
+    n: Annotated[int, typer.Option(help="Number of scenes.")],
+    seed: Annotated[int, typer.Option(help="Seed of the scenes and questions.")] = 0,
+    name: Annotated[str, typer.Option(help="Base name of the JSON file and image folder.")] = "shapes",
+    turns: Annotated[int, typer.Option(help="Question/answer turns per scene.")] = 1,
+) -> None:
+    """Write any number of scenes as LLaVA JSON (for training other models); held-out scenes are excluded."""
+    print(make_dataset(out, n, seed, name=name, turns=turns, exclude=held_out_keys()))
 
-        if args.recipe not in RECIPES:
-            raise ToolkitError(f"unknown recipe {args.recipe!r}; choose one of {', '.join(RECIPES)}")
-        overrides = {k: v for k, v in (("steps", args.steps), ("threads", args.threads)) if v}
-        recipe = replace(RECIPES[args.recipe], seed=args.seed, **overrides)
-        out = train(args.out, recipe, log=lambda msg: print(msg, flush=True))
-        if args.eval and Path(args.eval).is_file():
-            print_eval(str(out), args.eval, None)
-    else:
-        print_eval(args.model, args.data, args.dtype)
+
+@app.command("train")
+@friendly
+def train_cmd(
+    out: Annotated[str, typer.Option(help="Folder the trained model is saved to (resumable).")],
+    recipe: Annotated[str, typer.Option(help="tiny (data_samples/tiny-llava) or tiny-clean (answer loss only).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Seed of the data and the initialisation.")] = 0,
+    steps: Annotated[int | None, typer.Option(help="Stage-2 steps (default: the recipe's).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: the recipe's).")] = None,
+    eval: Annotated[str, typer.Option("--eval", help="JSON to evaluate on afterwards.")] = HELD_OUT,
+) -> None:
+    """Train the tiny LLaVA from scratch (resumable) and save it to --out."""
+    from dataclasses import replace
+
+    from saturation.core.errors import ToolkitError
+
+    from .train import RECIPES, train
+
+    if recipe not in RECIPES:
+        raise ToolkitError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    overrides = {k: v for k, v in (("steps", steps), ("threads", threads)) if v}
+    chosen = replace(RECIPES[recipe], seed=seed, **overrides)
+    trained = train(out, chosen, log=lambda msg: print(msg, flush=True))
+    if eval and Path(eval).is_file():
+        print_eval(str(trained), eval, None)
+
+
+@app.command("evaluate")
+@friendly
+def evaluate_cmd(
+    model: Annotated[str, typer.Option(help="'tiny', 'tiny-clean' or a model folder.")] = "tiny",
+    data: Annotated[str, typer.Option(help="LLaVA JSON of held-out questions.")] = HELD_OUT,
+    dtype: Annotated[str | None, typer.Option(help="float32 (CPU default) or float16.")] = None,
+) -> None:
+    """Held-out accuracy by question type against a blank image and a blind baseline."""
+    print_eval(model, data, dtype)
 
 
 def print_eval(model_name: str, data: str, dtype: str | None) -> None:
@@ -81,3 +95,6 @@ def print_eval(model_name: str, data: str, dtype: str | None) -> None:
     result = evaluate(model, processor, read_records(data))
     print(markdown_table(result))
     print(json.dumps(result))
+
+
+main = console_entry(app)
