@@ -8,7 +8,7 @@ What is compiled, and why there:
   host reads stay before it. Any other prompt (padding, uneven image counts, FastV, M-RoPE, Gemma's masks) runs
   ``routed_prefill`` after what needs the host (``Route.of`` reads image counts: data-dependent shapes, a graph break
   wherever it sits; HF's mask code branches on values). Both end with the final norm. On the embedded model at 64
-  text tokens LF's compiled prefill is 0.99-1.00x compiled vanilla in the bench (FLOP ratio 0.956; README); the eager
+  text tokens LF's compiled prefill is 0.99-1.00x compiled vanilla (FLOP ratio 0.956; docs/RESULTS.md); the eager
   work around the graph is 0.18 ms against vanilla's 0.13 (``tools/eager_overhead.py``).
 - **Routed, other groups**: every other run of consecutive decoder layers (FastV's shallow layers, the layers
   after a route-free prompt, the whole decode step's layer loop) goes through `run_layers`; compiling it makes
@@ -17,7 +17,7 @@ What is compiled, and why there:
   whole, as HF's ``model.compile()`` would; its lm_head stays eager like the routed model's. While tracing,
   transformers builds its full causal mask even for an unpadded prompt (``_ignore_causal_mask_sdpa``, before torch
   2.14), so compiled vanilla attends under an explicit mask where the routed prompt uses sdpa's ``is_causal``: at
-  long prompts that, not routing, is most of the gap between them (README).
+  long prompts that, not routing, is most of the gap between them (docs/RESULTS.md).
 
 What does not compile into those graphs (graph breaks and recompiles, checked with ``TORCH_LOGS=graph_breaks,
 recompiles``): nothing breaks inside a group. Each group is its own entry of `run_layers`' cache (dynamo guards on

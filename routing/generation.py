@@ -3,7 +3,7 @@
 HF's own ``generate()`` drives the routed model (``RoutedModel`` is a ``GenerationMixin``), so ``max_new_tokens``,
 ``eos_token_id``, sampling, streamers and stopping criteria all work. The routing-specific part is small:
 
-- The one ``DynamicCache`` holds a different length per layer group (DESIGN): ``full`` layers cache image+text,
+- The one ``DynamicCache`` holds a different length per layer group: ``full`` layers cache image+text,
   ``text`` layers (LF's deep stack) the text positions only, ``kv`` layers (KV's deep stack) image keys then text.
 - So each layout needs its own 2D padding mask for every decode step. The prompt part of each is fixed at prefill
   and kept on the cache object itself (``RoutingState``, an attribute of whatever ``DynamicCache`` generate made);

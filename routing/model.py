@@ -680,7 +680,7 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
 
     # ---------------------------------------------------------------- training helpers
     def _frozen(self):
-        """``no_grad`` for base-only stacks when training with a frozen base (DESIGN: LF needs almost no backward)."""
+        """``no_grad`` for base-only stacks when training with a frozen base (LF's backward skips most layers)."""
         return torch.no_grad() if self._freezes() else nullcontext()
 
     def _freezes(self) -> bool:

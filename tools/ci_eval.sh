@@ -13,5 +13,5 @@ pip install -q -e ".[eval,dev]" torch==2.13.0
 # ... a CUDA build that cannot load its operators beside the CPU torch ('torchvision::nms does not exist'),
 # which breaks transformers' AutoProcessor. Nothing on our path needs it, so it goes.
 pip uninstall -y -q torchvision
-python -c "import lmms_eval.evaluator, routing.lmms_model"  # a broken install fails here, not as skipped tests
+python -c "import lmms_eval.evaluator, routing.lmms.model"  # a broken install fails here, not as skipped tests
 pytest -q -p no:cacheprovider tests/test_lmms_cli.py tests/test_lmms_plugin.py

@@ -2,7 +2,7 @@
 # CI for the optional `lens` extra (transformer-lens): the TransformerLens probe backend test must RUN somewhere.
 # Everywhere else it is skipped by `pytest.importorskip("transformer_lens")`, so here a skip is a failure.
 #   1. a venv of its own (.venv-lens), CPU torch first, then the package with the `lens` and `dev` extras;
-#   2. installing the extra must not replace that torch, nor bring torchvision (DESIGN: the bridge pip-installs
+#   2. installing the extra must not replace that torch, nor bring torchvision (transformer-lens' bridge pip-installs
 #      torchvision at run time when it cannot load a processor; the default path never reaches it);
 #   3. the tests that need transformer_lens, with any skip treated as a failure; torchvision still absent after.
 # Run from anywhere: bash tools/ci_lens.sh  (set LENS_VENV to reuse another folder).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, as one short script for a lent CUDA machine (CI has no GPU; see README "Measured on a GPU").
+# The GPU checks, as one short script for a lent CUDA machine (CI has no GPU; see docs/RESULTS.md, "On a GPU").
 #   1. tests/test_cuda.py: device/dtype flow, bf16 training with fp32 master weights, probe CPU == GPU, bench.
 #   2. routing bench on random llava-1.5-7b weights in bf16 (no download): prefill/decode ratios, peak memory,
 #      one training step LF vs PC.

@@ -27,7 +27,7 @@ the calling thread's CPU time (paired ratios then move by 1-2% between runs, whe
 - Memory: the prompt's KV cache size per model (exact); on CUDA the peak allocated memory of one untimed
   prefill + decode per model, on CPU the process's peak RSS.
 - With ``train=True`` also one training step (forward + backward, side branch only) of each trainable variant
-  against PC, DESIGN's target for LF being <= 0.4x of PC, with ``flops.train_step_cost``'s ratio beside it and the
+  against PC (LF's target: <= 0.4x of PC), with ``flops.train_step_cost``'s ratio beside it and the
   step's time per group of the plan (``routing.jobs.step_profile``: shallow, side, deep, fusion, head+loss, other,
   backward; measured in hooked rounds of their own).
 """

@@ -1,6 +1,6 @@
 """Fine-tune only the side branch of a routed model with the HF `Trainer` (accelerate underneath).
 
-Paper defaults (DESIGN): AdamW, lr 1e-4 for LF and 5e-5 for PC/KV, cosine schedule, warmup 0.03, weight
+The paper's recipe as defaults: AdamW, lr 1e-4 for LF and 5e-5 for PC/KV, cosine schedule, warmup 0.03, weight
 decay 0, batch 4, one epoch, bf16 + gradient checkpointing on CUDA. Unlike the paper, the seed reaches the
 data order: `transformers.set_seed` runs before the Trainer exists (the paper's Appendix C bug).
 

@@ -111,7 +111,7 @@ def _qwen3_vl_8b():
 
 
 def _embedded_shape():
-    """The embedded model's shape (DESIGN): 48 px / patch 16 -> 9 image tokens, 12 layers, hidden 128."""
+    """The embedded model's shape: 48 px / patch 16 -> 9 image tokens, 12 layers, hidden 128."""
     from saturation.core.tiny import tiny_llava_config, word_tokenizer
     from saturation.shapes import IMAGE_SIZE, vocabulary
 

@@ -1,6 +1,6 @@
-"""Build and train the embedded tiny LLaVA on the shapes world: the staged recipe of DESIGN.md.
+"""Build and train the embedded tiny LLaVA on the shapes world: a staged recipe.
 
-Naive joint training of a tiny LLaVA from scratch learns only the language prior (DESIGN.md), so, as
+Naive joint training of a tiny LLaVA from scratch learns only the language prior (blind answers), so, as
 LLaVA itself does, training is staged:
 
 1. **Vision tower alone.** Linear heads on each patch feature (the layer the projector reads) predict that

@@ -423,7 +423,7 @@ class Adapter:
         `image_mask` [B, T]: where the image tokens sit (families with bidirectional image blocks read it); a family
         with sliding-window layers returns one mask per layer type (`pick` chooses a layer's).
         Always from a 2D `attention_mask`: with ``None`` and gapped positions, transformers infers packed sequences
-        and builds a block-diagonal mask (DESIGN). M-RoPE positions [3, B, T] are not token order: like HF's forward,
+        and builds a block-diagonal mask. M-RoPE positions [3, B, T] are not token order: like HF's forward,
         the mask then gets none (a 2D `attention_mask` says everything). Where HF's answer is None (sdpa's own
         ``is_causal``: nothing padded, and a prompt on an empty cache or one new token) it is None straight away,
         without HF's mask machinery (~45 us a call on CPU, paid eagerly by a compiled routed prefill and decode step

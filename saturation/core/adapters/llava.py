@@ -12,5 +12,5 @@ from saturation.core.adapters.base import Adapter, BackboneSpec
 class Llava(Adapter):
     spec = BackboneSpec(name="llava-1.5", model_types=("llava",))
     # LLaVA-1.5 trained on ``USER: <image>\\n… ASSISTANT: …</s>``; llava-hf's chat template ends answers with a space
-    # and no ``</s>``, so the toolkit keeps the published template (DESIGN) even where a chat template exists.
+    # and no ``</s>``, so the toolkit keeps the published template even where a chat template exists.
     chat_template = False
