@@ -26,6 +26,45 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return pos.masked_fill(attention_mask == 0, 0)
 
 
+def take_rope(rope, take):
+    """A subset's rows of the rotary tables: `take` on each of ``(cos, sin)``, or on each layer type's pair."""
+    if isinstance(rope, dict):
+        return {kind: tuple(take(t) for t in pair) for kind, pair in rope.items()}
+    return tuple(take(t) for t in rope)
+
+
+def take_positions(positions: Tensor, take) -> Tensor:
+    """A subset's positions, ORIGINAL values: `take` ([B, T, ...] -> [B, n, ...]) on [B, T] positions, or on
+    each row of M-RoPE's [3, B, T]."""
+    return take(positions) if positions.dim() == 2 else torch.stack([take(p) for p in positions])
+
+
+def sdpa_is_causal(implementation: str, cache, layer_idx: int, queries: int = 0) -> bool:
+    """Whether an unpadded block of `queries` needs no mask (HF's ``_ignore_causal_mask_sdpa``): sdpa, and no keys
+    cached before it (queries = keys) or a single query (it sees every key)."""
+    return implementation == "sdpa" and (queries == 1 or cache is None or cache.get_seq_length(layer_idx) == 0)
+
+
+def causal_in_order(q_index: Tensor, k_index: Tensor, k_valid: Tensor) -> Tensor:
+    """[B, 1, q, k] bool for keys in any order: key position <= query position (ORIGINAL positions, `q_index`
+    [B, q], `k_index` [B, k]), and the key valid (`k_valid` [B, k])."""
+    return (k_index[:, None, None, :] <= q_index[:, None, :, None]) & k_valid[:, None, None, :]
+
+
+def as_mask(allowed: Tensor, dtype: torch.dtype, implementation: str) -> Tensor:
+    """A boolean [B, 1, q, k] mask as `implementation` takes it: itself (sdpa), or additive (0 / dtype min, eager),
+    as ``create_causal_mask`` makes them."""
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def allowed(mask: Tensor) -> Tensor:
+    """`as_mask` undone: the [B, 1, q, k] bool of what a layer's mask lets attend (an additive mask is 0 there)."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
 class AttentionInputs:
     """Positions, rotary tables, masks and q/k/v of the decoder layers: the operations a family may override."""
 
@@ -56,18 +95,8 @@ class AttentionInputs:
         per layer type (a dict, as families with sliding-window layers make them)."""
         return value[self.layer_type(layer)] if isinstance(value, dict) else value
 
-    @staticmethod
-    def take_rope(rope, take):
-        """A subset's rows of the rotary tables: `take` on each of ``(cos, sin)``, or on each layer type's pair."""
-        if isinstance(rope, dict):
-            return {kind: tuple(take(t) for t in pair) for kind, pair in rope.items()}
-        return tuple(take(t) for t in rope)
-
-    @staticmethod
-    def take_positions(positions: Tensor, take) -> Tensor:
-        """A subset's positions, ORIGINAL values: `take` ([B, T, ...] -> [B, n, ...]) on [B, T] positions, or on
-        each row of M-RoPE's [3, B, T]."""
-        return take(positions) if positions.dim() == 2 else torch.stack([take(p) for p in positions])
+    take_rope = staticmethod(take_rope)
+    take_positions = staticmethod(take_positions)
 
     def rope(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """``(cos, sin)``, each [B, T, d], computed once per stack; a subset takes its rows of them (`take_rope`).
@@ -140,8 +169,7 @@ class AttentionInputs:
     def _sdpa_is_causal(self, cache, layer_idx: int, queries: int = 0) -> bool:
         """Whether an unpadded block of `queries` needs no mask (HF's ``_ignore_causal_mask_sdpa``): sdpa, and no
         keys cached before it (queries = keys) or a single query (it sees every key)."""
-        return self.attn_implementation == "sdpa" and (queries == 1 or cache is None
-                                                       or cache.get_seq_length(layer_idx) == 0)
+        return sdpa_is_causal(self.attn_implementation, cache, layer_idx, queries)
 
     def decode_mask(self, inputs_embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor, cache,
                     layer_idx: int, key_positions: Tensor | None = None):
@@ -155,20 +183,13 @@ class AttentionInputs:
 
         Boolean for sdpa, additive (0 / dtype min) for eager, as ``create_causal_mask`` makes them.
         """
-        allowed = (k_index[:, None, None, :] <= q_index[:, None, :, None]) & k_valid[:, None, None, :]
-        return self._as_mask(allowed, dtype)
+        return self._as_mask(causal_in_order(q_index, k_index, k_valid), dtype)
 
     def _as_mask(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
         """A boolean [B, 1, q, k] mask as this attention implementation takes it: itself (sdpa), or additive."""
-        if self.attn_implementation == "eager":
-            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-                ~allowed, torch.finfo(dtype).min)
-        return allowed
+        return as_mask(allowed, dtype, self.attn_implementation)
 
-    @staticmethod
-    def allowed(mask: Tensor) -> Tensor:
-        """`_as_mask` undone: the [B, 1, q, k] bool of what a layer's mask lets attend (an additive mask is 0 there)."""
-        return mask if mask.dtype == torch.bool else mask == 0
+    allowed = staticmethod(allowed)
 
     # ---------------------------------------------------------------- one layer's attention inputs
     def _rotary_fn(self, attn: nn.Module):

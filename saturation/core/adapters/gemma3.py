@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from transformers.masking_utils import create_causal_mask, create_masks_for_generate
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
+from saturation.core.adapters.attention import causal_in_order
 from saturation.core.adapters.base import Adapter, LayerMap, ModuleMap, Preset, PromptTemplate
 from saturation.core.errors import ToolkitError
 from saturation.core.hf_compat import cache_kwargs
@@ -179,7 +180,7 @@ class Gemma3(Adapter):
         """Keys in any order (KV's image-first deep layers): causal in original indices, and for sliding layers the
         window in original indices too (HF's window is over indices; for real tokens that is their positions)."""
         near = self.near(q_index, k_index)
-        causal = (k_index[:, None, None, :] <= q_index[:, None, :, None]) & k_valid[:, None, None, :]
+        causal = causal_in_order(q_index, k_index, k_valid)
         return {FULL: self._as_mask(causal, dtype), SLIDING: self._as_mask(causal & near, dtype)}
 
     def decode_mask(self, inputs_embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor, cache,
