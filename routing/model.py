@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -29,7 +30,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.loss.loss_utils import ForCausalLMLoss, fixed_cross_entropy
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from saturation.core.adapters import Adapter, Embedded, adapter_for
+from saturation.core.adapters import IMAGE_KWARGS, Adapter, Embedded, adapter_for
 from saturation.core.errors import ToolkitError
 from saturation.core.hf_compat import CACHE_ARG, cache_kwargs
 
@@ -323,6 +324,18 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _naming_image_kwargs(forward: Callable) -> Callable:
+    """`forward` whose signature names every family's image kwargs (`IMAGE_KWARGS`, keyword-only, default None)
+    before its ``**image_kwargs``: HF generate() validates model kwargs against the signature (behind ``**kwargs``
+    they are refused), and the adapters declare them, so a new family's kwargs need no change here."""
+    sig = inspect.signature(forward)
+    *params, rest = sig.parameters.values()
+    named = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Tensor | None")
+             for k in IMAGE_KWARGS]
+    forward.__signature__ = sig.replace(parameters=[*params, *named, rest])
+    return forward
+
+
 class RoutedModel(PreTrainedModel, GenerationMixin):
     """A DPVR-routed LLaVA. ``routed(input_ids=, pixel_values=, attention_mask=, labels=)`` gives ``.loss`` and
     ``.logits``; ``routed.generate(...)`` is HF's own generate with a per-group KV cache."""
@@ -332,9 +345,9 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
     input_modalities = ("image", "text")
     _supports_sdpa = True
     supports_gradient_checkpointing = True  # base and side layers are HF GradientCheckpointingLayers
-    # Image keyword arguments some family's forward takes besides pixel_values; named in `forward`'s signature
-    # because HF generate() validates model kwargs against it (behind **kwargs they are refused).
-    IMAGE_KWARGS = ("image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids", "token_type_ids")
+    # Image keyword arguments some family's forward takes besides pixel_values, as the adapters declare them; named
+    # in `forward`'s signature (`_naming_image_kwargs`) because HF generate() validates model kwargs against it.
+    IMAGE_KWARGS = IMAGE_KWARGS
     run_layers = staticmethod(run_layers)  # each layer group's loop; routing.compiled swaps in a compiled one
     routed_prefill = staticmethod(routed_prefill)  # the prompt after Route.of; routing.compiled: one graph
     dense_prefill = staticmethod(dense_prefill)  # the common prompt, route and positions included; one graph too
@@ -363,6 +376,7 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         return self._adapter
 
     # ---------------------------------------------------------------- forward
+    @_naming_image_kwargs
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -377,11 +391,6 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         mm_encoder_outputs: dict | None = None,
         return_dict: bool = True,
         past_key_values: Cache | None = None,
-        image_sizes: Tensor | None = None,
-        batch_num_images: Tensor | None = None,
-        image_grid_thw: Tensor | None = None,
-        mm_token_type_ids: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
         num_items_in_batch: Tensor | int | None = None,
         **image_kwargs,
     ) -> CausalLMOutputWithPast:
@@ -405,8 +414,7 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
                                "convention); pass attention_mask instead of position_ids")
         for unsupported in ("output_attentions", "output_hidden_states"):  # use hook_points() instead
             image_kwargs.pop(unsupported, None)
-        named = dict(zip(self.IMAGE_KWARGS, (image_sizes, batch_num_images, image_grid_thw, mm_token_type_ids,
-                                             token_type_ids)))
+        named = {k: image_kwargs.pop(k, None) for k in self.IMAGE_KWARGS}
         image_kwargs |= self._family_kwargs(named)
         self._refuse_untrainable(labels)
         cache = past_key_values if cache is None else cache  # the name before transformers 5.24 (hf_compat)

@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "Adapter": "core.adapters",
     "BackboneSpec": "core.adapters",
+    "ModuleMap": "core.adapters",
+    "LayerMap": "core.adapters",
     "adapter_for": "core.adapters",
     "position_ids_from_mask": "core.adapters",
     "load_model": "core.loading",

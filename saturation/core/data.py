@@ -118,17 +118,28 @@ def question_text(question: str, first: bool) -> str:
     return f"USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:" if first else f"USER: {question} ASSISTANT:"
 
 
-# Per-token image kwargs (Gemma's token_type_ids, Qwen's mm_token_type_ids): padded like input_ids, 0 = text.
-SEQUENCE_KEYS = ("token_type_ids", "mm_token_type_ids")
+def sequence_keys() -> tuple[str, ...]:
+    """The image kwargs with one entry per token (1 = image, 0 = text), as the adapters declare them
+    (`Adapter.sequence_kwargs`): padded like input_ids, not joined along images. Also `SEQUENCE_KEYS`."""
+    from saturation.core.adapters import SEQUENCE_KWARGS
+
+    return SEQUENCE_KWARGS
 
 
 def image_input_keys() -> tuple[str, ...]:
     """``pixel_values`` and every image kwarg some backbone adapter declares (``image_sizes``, ``batch_num_images``,
     ``image_grid_thw``, ...): what a batch carries besides ids, mask and labels. A new adapter's kwargs flow
     through encoding and collation with no change here."""
-    from saturation.core.adapters import ADAPTERS
+    from saturation.core.adapters import IMAGE_KWARGS
 
-    return ("pixel_values", *dict.fromkeys(k for cls in ADAPTERS.values() for k in cls.image_kwargs))
+    return ("pixel_values", *IMAGE_KWARGS)
+
+
+def __getattr__(name: str):
+    """`SEQUENCE_KEYS`: `sequence_keys()`, read when asked for (the registry is imported on first use only)."""
+    if name == "SEQUENCE_KEYS":
+        return sequence_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -279,7 +290,7 @@ def _encode_segments(segments: list[tuple[str, bool]], processor, image: Image.I
         if key not in first:
             continue
         value = first[key]
-        if key in SEQUENCE_KEYS:
+        if key in sequence_keys():
             value = torch.cat([value[0], value.new_zeros(added)])
         out[key] = value
     return out
@@ -327,7 +338,7 @@ def collate(examples: list[dict[str, Tensor]], pad_token_id: int, image_token_id
     """A batch: input_ids, attention_mask, labels (if present), the image inputs and image_mask (if id given).
 
     Image inputs are joined along their leading dimension (images; Qwen's patches), later dims zero-padded;
-    per-token ones (`SEQUENCE_KEYS`) are padded like input_ids. Other keys of the examples are left to the caller.
+    per-token ones (`sequence_keys`) are padded like input_ids. Other keys of the examples are left to the caller.
     """
     ids = [e["input_ids"] for e in examples]
     batch = {
@@ -342,7 +353,7 @@ def collate(examples: list[dict[str, Tensor]], pad_token_id: int, image_token_id
             continue
         if len(have) != len(examples):
             raise ToolkitError(f"some examples of the batch have {key} and others not")
-        batch[key] = pad_stack(have, 0, padding_side) if key in SEQUENCE_KEYS else pad_cat(have)
+        batch[key] = pad_stack(have, 0, padding_side) if key in sequence_keys() else pad_cat(have)
     if image_token_id is not None:
         batch["image_mask"] = batch["input_ids"] == image_token_id
     return batch

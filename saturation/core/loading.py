@@ -14,36 +14,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    LlavaOnevisionProcessor,
-    Qwen2_5_VLProcessor,
-    Qwen3VLProcessor,
-)
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from saturation.core.adapters import spec_for_config
+from saturation.core.adapters import ALIASES, IMAGE_ONLY_PROCESSORS, spec_for_config
 from saturation.core.errors import ToolkitError
 
 DATA_SAMPLES = Path(__file__).resolve().parents[2] / "data_samples"
 TINY_DIR = DATA_SAMPLES / "tiny-llava"
-
-ALIASES: dict[str, str] = {
-    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
-    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
-    "llava-next-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
-    "llava-next-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
-    "llava-onevision-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
-    "llava-onevision-0.5b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
-    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
-    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
-    "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct",
-    "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
-    "gemma-3-4b": "google/gemma-3-4b-it",
-    "gemma-3-12b": "google/gemma-3-12b-it",
-    "gemma-3-27b": "google/gemma-3-27b-it",
-}
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -250,57 +227,17 @@ def parse_max_memory(text: str | dict | None) -> dict | None:
     return out
 
 
-class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
-    """LLaVA-OneVision's processor without its video processor, for images only.
-
-    The video processor needs torchvision (which the toolkit does not install: it replaces the CPU torch), so
-    ``AutoProcessor`` cannot build a OneVision processor here. Everything the toolkit feeds OneVision is images;
-    this class takes the same files (image processor, tokenizer, chat template, processor kwargs) and saves as a
-    ``LlavaOnevisionProcessor`` would, minus the video processor.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
-                 vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
-                 video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
-        # no video_processor parameter: ProcessorMixin reads its sub-processors from this signature
-        super().__init__(image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
-                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
-                         image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio,
-                         **kwargs)
-
-    def to_dict(self) -> dict:
-        return super().to_dict() | {"processor_class": LlavaOnevisionProcessor.__name__}
-
-
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL's processor without its video processor (torchvision), as `ImageOnlyOnevisionProcessor`."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # no video_processor parameter: ProcessorMixin reads its sub-processors from this signature
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    def to_dict(self) -> dict:
-        return super().to_dict() | {"processor_class": Qwen2_5_VLProcessor.__name__}
-
-
-class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-    """Qwen3-VL's processor without its video processor (torchvision), as `ImageOnlyOnevisionProcessor`."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    def to_dict(self) -> dict:
-        return super().to_dict() | {"processor_class": Qwen3VLProcessor.__name__}
-
-
-# Families whose processor needs a video processor (torchvision) that images never use. Gemma 3's processor has
-# none, and its image processor resolves to the PIL backend without torchvision, so AutoProcessor loads it as is.
-IMAGE_ONLY_PROCESSORS = {"llava_onevision": ImageOnlyOnevisionProcessor, "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
-                         "qwen3_vl": ImageOnlyQwen3VLProcessor}
+def __getattr__(name: str):
+    """The image-only processor classes by name (``ImageOnly...Processor``), as their adapters declare them."""
+    for cls in IMAGE_ONLY_PROCESSORS.values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_processor(resolved: str, config, local_only: bool):
-    """The checkpoint's processor; without torchvision, the image-only one of `IMAGE_ONLY_PROCESSORS`."""
+    """The checkpoint's processor; without torchvision, the image-only one its adapter declares
+    (`IMAGE_ONLY_PROCESSORS`: a family whose processor needs a video processor, which images never use)."""
     try:
         return AutoProcessor.from_pretrained(resolved, local_files_only=local_only)
     except (OSError, ValueError, ImportError):

@@ -47,6 +47,24 @@ def word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     return fast
 
 
+def special_word_tokenizer(specials: Iterable[str], words: Iterable[str], named: dict[str, str] | None = None
+                           ) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer (the specials pad..unk and template words of `word_tokenizer`, the chat roles, `words`)
+    that knows `specials` (a family's image and turn tokens) as whole special tokens; `named`: named special tokens.
+    For the random geometries of families whose prompts do not use ``<image>``."""
+    specials = list(specials)
+    vocab: dict[str, int] = {}
+    for w in (*SPECIAL_TOKENS[:4], *specials, *TEMPLATE_WORDS, "user", "assistant", "model", *words):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", extra_special_tokens=named or {})
+    fast.add_tokens(specials, special_tokens=True)
+    return fast
+
+
 def tiny_processor(words: Iterable[str], image_size: int = 32, patch_size: int = 16) -> LlavaProcessor:
     """An offline `LlavaProcessor` (PIL image processor, word tokenizer) for `image_size` px square images."""
     image_processor = CLIPImageProcessorPil(

@@ -1,6 +1,8 @@
-"""The backbone contract: a declarative map of module paths plus the few operations that differ per family.
+"""The adapter contract, part 1: a declarative, nested map of module paths (`ModuleMap`, `LayerMap`), what a family
+declares about itself (aliases, presets, image kwargs, template, tokens), the image merge and the walk. Part 2 is
+``attention.py`` (`AttentionInputs`): positions, rotary tables, masks and one layer's q/k/v.
 
-Everything outside ``saturation/backbones/`` reaches a model through a `Adapter` (``adapter_for(model)``): the probe,
+Everything outside ``saturation/core/adapters/`` reaches a model through a `Adapter` (``adapter_for(model)``): the probe,
 the routed model, training, the benchmark and the shapes trainer. Only this package names HF module paths
 (``language_model``, ``self_attn.k_proj``, ...), imports a ``modeling_*`` module or reads a private config field.
 In the spirit of TransformerLens' ``supported_architectures/*.py``: one short subclass per family, mostly paths.
@@ -13,23 +15,36 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from transformers.masking_utils import create_causal_mask
+from transformers import PretrainedConfig
 
+from saturation.core.adapters.attention import AttentionInputs
 from saturation.core.errors import ToolkitError
-from saturation.core.hf_compat import cache_kwargs
 
 
 @dataclass(frozen=True)
-class BackboneSpec:
-    """Dotted submodule paths of one architecture, relative to the ``...ForConditionalGeneration`` model."""
+class LayerMap:
+    """Submodule paths inside one decoder layer, relative to the layer (TransformerLens' block ``submodules``)."""
+
+    attn: str = "self_attn"
+    input_norm: str = "input_layernorm"
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    v_proj: str = "self_attn.v_proj"
+    q_norm: str | None = None  # per-head RMSNorm on queries/keys before the rotation (Qwen3, Gemma 3)
+    k_norm: str | None = None
+
+
+@dataclass(frozen=True)
+class ModuleMap:
+    """Where one architecture keeps its modules: dotted paths relative to the ``...ForConditionalGeneration``
+    model, then `submodules`, paths relative to each decoder layer (``layers[i]``)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -43,14 +58,19 @@ class BackboneSpec:
     vision_tower: str = "model.vision_tower"
     projector: str = "model.multi_modal_projector"
     projector_in: str = "model.multi_modal_projector.linear_1"  # the projector's first linear layer
-    # inside each decoder layer
-    attn: str = "self_attn"
-    input_norm: str = "input_layernorm"
-    q_proj: str = "self_attn.q_proj"
-    k_proj: str = "self_attn.k_proj"
-    v_proj: str = "self_attn.v_proj"
-    q_norm: str | None = None  # per-head RMSNorm on queries/keys before the rotation (Qwen3)
-    k_norm: str | None = None
+    submodules: LayerMap = LayerMap()
+
+
+BackboneSpec = ModuleMap  # the flat map's name before the nested one; kept for a release
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named architecture with random weights (``routing bench --geometry``): its config, built in code from the
+    released checkpoint's numbers, and the dtype that checkpoint ships in."""
+
+    config: Callable[[], PretrainedConfig]
+    dtype: torch.dtype
 
 
 @dataclass(frozen=True)
@@ -80,21 +100,21 @@ class Embedded:
     deepstack: tuple[Tensor, ...] = ()  # one [n_image_tokens, D] per decoder layer 0, 1, ..., in placeholder order
 
 
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions as `generate` makes them: ``cumsum(mask) - 1``, with pads set to 0. [B, T] -> [B, T]."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 0)
-
-
-class Adapter:
+class Adapter(AttentionInputs):
     """A LLaVA-style model seen as ``embed() -> layers[0..L-1] -> norm -> lm_head``; one subclass per family.
 
-    A subclass sets `spec` (its module paths), `image_kwargs` (the image keyword arguments its forward takes
-    besides ``pixel_values``), `template`, and overrides the operations its family does differently.
+    A subclass declares everything the toolkit knows about its family: `spec` (its module map), `image_kwargs` (the
+    image keyword arguments its forward takes besides ``pixel_values``; `sequence_kwargs`: those with one entry per
+    token), `template`, `aliases` (short names of its checkpoints), `presets` (named architectures with random
+    weights), `special_tokens`/`turn_tokens` and `random_processor` (a word-level processor for those),
+    `image_only_processor` (its processor without the video half); and it overrides the operations its family does
+    differently: the merge here, positions, masks and rotary tables (`AttentionInputs`).
     """
 
-    spec: ClassVar[BackboneSpec]
+    spec: ClassVar[ModuleMap]
     image_kwargs: ClassVar[tuple[str, ...]] = ()
+    # Of those, the ones with one entry per TOKEN (1 = image), padded like input_ids when a batch is collated.
+    sequence_kwargs: ClassVar[tuple[str, ...]] = ()
     template: ClassVar[PromptTemplate] = LLAVA_TEMPLATE
     # Image kwargs the positions read (M-RoPE's image_grid_thw): generate() must keep them after pre-encoding images.
     position_kwargs: ClassVar[tuple[str, ...]] = ()
@@ -103,10 +123,20 @@ class Adapter:
     # Prompts use the checkpoint's chat template when its processor has one (`template` otherwise); a family whose
     # published training format differs from its hub chat template pins `template` by setting this False.
     chat_template: ClassVar[bool] = True
+    # Short names -> hub ids of the family's checkpoints (``--model llava-1.5-7b``).
+    aliases: ClassVar[dict[str, str]] = {}
+    # Named architectures with random weights (``--geometry``), by the released checkpoints' configs.
+    presets: ClassVar[dict[str, Preset]] = {}
+    # Config attribute -> token, for a family whose prompts do not use ``<image>``: a random geometry's processor
+    # knows them as whole tokens and the config's ids are set to theirs. `turn_tokens`: the chat turn's markers.
+    special_tokens: ClassVar[dict[str, str]] = {}
+    turn_tokens: ClassVar[tuple[str, ...]] = ()
+    # The family's processor without its video processor (which needs torchvision): loaded where AutoProcessor fails.
+    image_only_processor: ClassVar[type | None] = None
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._rope_tables: dict = {}  # (layer type, dtype) -> (inv_freq it was made from, cos, sin): `_rotary`
+        self._rope_tables = {}
         self.check()
 
     def __repr__(self) -> str:
@@ -204,7 +234,7 @@ class Adapter:
 
     def attention_of(self, layer: nn.Module) -> nn.Module:
         """The attention module inside a decoder layer (a base layer or a copy of one)."""
-        return layer.get_submodule(self.spec.attn)
+        return layer.get_submodule(self.spec.submodules.attn)
 
     def hook_points(self) -> dict[str, nn.Module]:
         """TransformerLens-style names -> modules. `hook_resid_post` is the layer's output tensor;
@@ -225,7 +255,7 @@ class Adapter:
 
     def fingerprint_weight(self, layer: int) -> Tensor:
         """A weight of layer `layer` that tells checkpoints apart (its query projection)."""
-        return self.layers[layer].get_submodule(self.spec.q_proj).weight
+        return self.layers[layer].get_submodule(self.spec.submodules.q_proj).weight
 
     # ---------------------------------------------------------------- images
     def image_output(self, pixel_values: Tensor, **image_kwargs):
@@ -351,187 +381,6 @@ class Adapter:
         v = config.vision_config
         return (v.image_size // v.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
 
-    # ---------------------------------------------------------------- positions, masks, rotary
-    def positions(self, attention_mask: Tensor, last: int | None = None, *, image_mask: Tensor | None = None,
-                  **image_kwargs) -> Tensor:
-        """Position ids [B, T] (generate's convention), or of the `last` columns only (a decode step). M-RoPE
-        families return [3, B, T] for a prompt with images, from `image_mask` [B, T] and their image kwargs
-        (``image_grid_thw``); the 1D families ignore both.
-
-        A subset (text only, image only) keeps its ORIGINAL positions (`take_positions`): never renumber them.
-        """
-        pos = position_ids_from_mask(attention_mask)
-        return pos if last is None else pos[:, -last:]
-
-    def layer_type(self, layer: int | nn.Module) -> str:
-        """``full_attention`` or ``sliding_attention``: decoder layer `layer`'s type (``config.layer_types``), or that
-        of a copy of one (its attention's ``layer_type``); every layer of a family without layer types is full."""
-        if isinstance(layer, int):
-            types = getattr(self.text_config, "layer_types", None)
-            return types[layer] if types else "full_attention"
-        return getattr(self.attention_of(layer), "layer_type", None) or "full_attention"
-
-    def pick(self, value, layer: int | nn.Module):
-        """Layer `layer`'s mask or rotary table: `value` itself, or its entry for the layer's type when it is one
-        per layer type (a dict, as families with sliding-window layers make them)."""
-        return value[self.layer_type(layer)] if isinstance(value, dict) else value
-
-    @staticmethod
-    def take_rope(rope, take):
-        """A subset's rows of the rotary tables: `take` on each of ``(cos, sin)``, or on each layer type's pair."""
-        if isinstance(rope, dict):
-            return {kind: tuple(take(t) for t in pair) for kind, pair in rope.items()}
-        return tuple(take(t) for t in rope)
-
-    @staticmethod
-    def take_positions(positions: Tensor, take) -> Tensor:
-        """A subset's positions, ORIGINAL values: `take` ([B, T, ...] -> [B, n, ...]) on [B, T] positions, or on
-        each row of M-RoPE's [3, B, T]."""
-        return take(positions) if positions.dim() == 2 else torch.stack([take(p) for p in positions])
-
-    def rope(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """``(cos, sin)``, each [B, T, d], computed once per stack; a subset takes its rows of them (`take_rope`).
-        Families whose RoPE depends on the layer type return one pair per type (`pick` chooses a layer's)."""
-        return self._rotary(hidden, position_ids)
-
-    def _rotary(self, hidden: Tensor, position_ids: Tensor, layer_type: str | None = None) -> tuple[Tensor, Tensor]:
-        """The rotary module's ``(cos, sin)`` at `position_ids` (for `layer_type` where it takes one), bit for bit.
-
-        On CPU, 2D positions are answered from a table of the module's own output at positions 0, 1, ..., n - 1
-        (its output at a position depends on that position alone): two row lookups instead of its ~10 small ops,
-        which a compiled routed prompt and every compiled decode step pay eagerly (~40 us on CPU) where vanilla's
-        compiled stack has them in its graph. Elsewhere (a GPU, where reading the largest position would be a sync;
-        M-RoPE's [3, B, T]; RoPE types that rescale with the sequence length) the module runs as it is."""
-        rotary, extra = self.rotary_emb, () if layer_type is None else (layer_type,)
-        rope_type = rotary.rope_type if layer_type is None else rotary.rope_type[layer_type]
-        if (position_ids.device.type != "cpu" or position_ids.dim() != 2 or "dynamic" in rope_type
-                or rope_type == "longrope" or torch.compiler.is_compiling()):
-            return rotary(hidden, position_ids, *extra)
-        inv_freq = getattr(rotary, "inv_freq" if layer_type is None else f"{layer_type}_inv_freq")
-        key, need = (layer_type, hidden.dtype), int(position_ids.max()) + 1 if position_ids.numel() else 1
-        table = self._rope_tables.get(key)
-        if table is None or table[0] is not inv_freq or table[1].shape[0] < need:  # a new buffer: model.to(...)
-            length = max(need, 2 * table[1].shape[0] if table is not None else 256)
-            cos, sin = rotary(hidden[:1, :1], torch.arange(length, device=position_ids.device)[None], *extra)
-            self._rope_tables[key] = table = (inv_freq, cos[0], sin[0])
-        flat = position_ids.reshape(-1)
-        return tuple(t.index_select(0, flat).view(*position_ids.shape, -1) for t in table[1:])
-
-    def causal_mask(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                    cache=None, layer_idx: int = 0, image_mask: Tensor | None = None):
-        """The decoder's mask for the whole sequence (or a decode step against layer `layer_idx`'s cache).
-        `image_mask` [B, T]: where the image tokens sit (families with bidirectional image blocks read it); a family
-        with sliding-window layers returns one mask per layer type (`pick` chooses a layer's).
-        Always from a 2D `attention_mask`: with ``None`` and gapped positions, transformers infers packed sequences
-        and builds a block-diagonal mask. M-RoPE positions [3, B, T] are not token order: like HF's forward,
-        the mask then gets none (a 2D `attention_mask` says everything). Where HF's answer is None (sdpa's own
-        ``is_causal``: nothing padded, and a prompt on an empty cache or one new token) it is None straight away,
-        without HF's mask machinery (~45 us a call on CPU, paid eagerly by a compiled routed prefill and decode step
-        where vanilla's compiled stack traces it away). No mask and several queries go to HF (packed sequences)."""
-        q = inputs_embeds.shape[1]
-        if self._sdpa_is_causal(cache, layer_idx, q) and (q == 1 if attention_mask is None
-                                                          else bool(attention_mask.all())):
-            return None
-        return create_causal_mask(
-            config=self.text_config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids if position_ids.dim() == 2 else None,
-            **cache_kwargs(cache),
-            layer_idx=layer_idx,
-        )
-
-    def subset_causal_mask(self, x: Tensor, valid: Tensor, dense: bool, position_ids: Tensor, cache=None,
-                           layer_idx: int = 0, image_mask: Tensor | None = None):
-        """`causal_mask` for a subset in its original order (`valid` [B, n]: real entries), skipping HF's mask
-        machinery where its answer is known in advance: under sdpa, with nothing masked (`dense`) and no cached keys
-        before, it is ``None`` (sdpa's own ``is_causal``). `image_mask` [B, n]: which entries are image tokens; a
-        window or an image block is computed in the ORIGINAL `position_ids`, never in subset indices."""
-        if dense and self._sdpa_is_causal(cache, layer_idx):
-            return None
-        return self.causal_mask(x, valid, position_ids, cache, layer_idx=layer_idx)
-
-    def maskless(self, cache=None) -> bool:
-        """Whether an unpadded prompt on `cache` needs no mask in any layer: what `causal_mask` answers None for,
-        and `subset_causal_mask` for a dense subset (sdpa's own ``is_causal``, no keys cached before). A family with
-        sliding windows or image blocks overrides it (never)."""
-        return self._sdpa_is_causal(cache, 0)
-
-    def _sdpa_is_causal(self, cache, layer_idx: int, queries: int = 0) -> bool:
-        """Whether an unpadded block of `queries` needs no mask (HF's ``_ignore_causal_mask_sdpa``): sdpa, and no
-        keys cached before it (queries = keys) or a single query (it sees every key)."""
-        return self.attn_implementation == "sdpa" and (queries == 1 or cache is None
-                                                       or cache.get_seq_length(layer_idx) == 0)
-
-    def decode_mask(self, inputs_embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor, cache,
-                    layer_idx: int, key_positions: Tensor | None = None):
-        """The mask of new text tokens against layer `layer_idx`'s cache: `causal_mask` (every cached key comes
-        before them). `key_positions` [B, kv_len]: the original position of every cached key then the new ones, in
-        the cache's order (a routed layout need not keep positions in order); a sliding window reads it."""
-        return self.causal_mask(inputs_embeds, attention_mask, position_ids, cache, layer_idx=layer_idx)
-
-    def order_mask(self, q_index: Tensor, k_index: Tensor, k_valid: Tensor, dtype: torch.dtype) -> Tensor:
-        """A 4D mask [B, 1, q, k] for keys in any order: causal in the ORIGINAL positions, invalid keys out.
-
-        Boolean for sdpa, additive (0 / dtype min) for eager, as ``create_causal_mask`` makes them.
-        """
-        allowed = (k_index[:, None, None, :] <= q_index[:, None, :, None]) & k_valid[:, None, None, :]
-        return self._as_mask(allowed, dtype)
-
-    def _as_mask(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
-        """A boolean [B, 1, q, k] mask as this attention implementation takes it: itself (sdpa), or additive."""
-        if self.attn_implementation == "eager":
-            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-                ~allowed, torch.finfo(dtype).min)
-        return allowed
-
-    @staticmethod
-    def allowed(mask: Tensor) -> Tensor:
-        """`_as_mask` undone: the [B, 1, q, k] bool of what a layer's mask lets attend (an additive mask is 0 there)."""
-        return mask if mask.dtype == torch.bool else mask == 0
-
-    # ---------------------------------------------------------------- one layer's attention inputs
-    def _rotary_fn(self, attn: nn.Module):
-        """The family's own ``apply_rotary_pos_emb``, from the modeling module the attention class lives in (Llama,
-        Mistral and Qwen2 LMs each have one; a LLaVA-NeXT may carry either of the first two)."""
-        return sys.modules[type(attn).__module__].apply_rotary_pos_emb
-
-    def _heads(self, proj: nn.Module, x: Tensor, head_dim: int, norm: nn.Module | None = None) -> Tensor:
-        """[B, n, D] through a projection (and a per-head norm, Qwen3's q_norm/k_norm) -> [B, heads, n, d]."""
-        y = proj(x).view(*x.shape[:2], -1, head_dim)
-        return (y if norm is None else norm(y)).transpose(1, 2)
-
-    def _norm(self, module: nn.Module, path: str | None) -> nn.Module | None:
-        return None if path is None else module.get_submodule(path)
-
-    def key_values(self, layer: int | nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """The keys (rotated) and values decoder layer `layer` makes from `hidden` [B, n, D] at the positions of
-        `rope`, through its own input norm, projections (with their biases) and rotary function; no query, output
-        projection or MLP. Returns ``(keys, values)``, each [B, Hkv, n, d], as the layer's cache holds them."""
-        module = self.layers[layer] if isinstance(layer, int) else layer
-        attn = self.attention_of(module)
-        hidden, rope = _to_weights(module, hidden, rope)
-        x = module.get_submodule(self.spec.input_norm)(hidden)
-        keys = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim, self._norm(module, self.spec.k_norm))
-        values = self._heads(module.get_submodule(self.spec.v_proj), x, attn.head_dim)
-        cos, sin = self.pick(rope, layer)
-        _, keys = self._rotary_fn(attn)(keys[:, :0], keys, cos, sin)  # an empty query: rotate the keys only
-        return keys, values
-
-    def queries_keys(self, layer: int, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, float]:
-        """Rotated queries [B, H, n, d] and keys [B, Hkv, n, d] of decoder layer `layer` for its input `hidden`,
-        and the score scale: what attention scores of selected rows/columns need (supervision, FastV-style
-        pruning) without running the attention itself."""
-        module = self.layers[layer]
-        attn = self.attention_of(module)
-        hidden, rope = _to_weights(module, hidden, rope)
-        x = module.get_submodule(self.spec.input_norm)(hidden)
-        q = self._heads(module.get_submodule(self.spec.q_proj), x, attn.head_dim, self._norm(module, self.spec.q_norm))
-        k = self._heads(module.get_submodule(self.spec.k_proj), x, attn.head_dim, self._norm(module, self.spec.k_norm))
-        cos, sin = self.pick(rope, layer)
-        q, k = self._rotary_fn(attn)(q, k, cos, sin)
-        return q, k, float(attn.scaling)
-
     # ---------------------------------------------------------------- the walk
     def unembed(self, hidden: Tensor) -> Tensor:
         """Logit lens: ``lm_head(norm(h))`` for a raw decoder-layer output. [..., D] -> [..., vocab]."""
@@ -559,21 +408,22 @@ class Adapter:
         """The human half of a turn in this family's prompt template, ending with the assistant cue."""
         return self.template.question(question, first)
 
+    # ---------------------------------------------------------------- random checkpoints
+    @classmethod
+    def random_processor(cls, config, words):
+        """A word-level processor matched to `config`'s image pipeline (tile size, CLS or not), ``<image>`` at id 4;
+        offline and PIL-only. For a random geometry of this family (`presets`)."""
+        from saturation.core.tiny import tiny_processor
 
-def _to_weights(module: nn.Module, hidden: Tensor, rope):
-    """`hidden` and the rotary table(s) on the device of `module`'s weights: its projections are called one by one
-    here, past the accelerate hook a device map puts on the whole layer (which would move the inputs). Offloaded
-    weights (meta placeholders) have per-submodule hooks of their own that do it."""
-    device = next((p.device for p in module.parameters() if p.device.type != "meta"), None)
-    if device is None or device == hidden.device:
-        return hidden, rope
-    return hidden.to(device), _moved(rope, device)
+        v = config.vision_config
+        return tiny_processor(words, image_size=v.image_size, patch_size=v.patch_size)
+
+    @classmethod
+    def family_tokenizer(cls, words, named: dict[str, str] | None = None):
+        """A word-level tokenizer of `words` that knows `special_tokens` and `turn_tokens` as whole tokens; `named`:
+        named special tokens (``image_token``, ...) as the family's processor asks for them."""
+        from saturation.core.tiny import special_word_tokenizer
+
+        return special_word_tokenizer([*cls.special_tokens.values(), *cls.turn_tokens], words, named)
 
 
-def _moved(x, device: torch.device):
-    """Tensors inside tuples and dicts (a rotary table, or one per layer type) on `device`."""
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _moved(v, device) for k, v in x.items()}
-    return type(x)(_moved(v, device) for v in x) if isinstance(x, (tuple, list)) else x

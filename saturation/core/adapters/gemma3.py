@@ -20,19 +20,41 @@ What differs from LLaVA, and nothing else:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 from transformers.masking_utils import create_causal_mask, create_masks_for_generate
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
-from saturation.core.adapters.base import Adapter, BackboneSpec, PromptTemplate
+from saturation.core.adapters.attention import causal_in_order
+from saturation.core.adapters.base import Adapter, LayerMap, ModuleMap, Preset, PromptTemplate
 from saturation.core.errors import ToolkitError
 from saturation.core.hf_compat import cache_kwargs
 
 GEMMA_TEMPLATE = PromptTemplate(user="<start_of_turn>user\n", assistant="<end_of_turn>\n<start_of_turn>model\n",
                                 image="<start_of_image>")
 FULL, SLIDING = "full_attention", "sliding_attention"
+GEMMA_TOKENS = {"image_token_id": "<image_soft_token>", "boi_token_id": "<start_of_image>",
+                "eoi_token_id": "<end_of_image>"}
+
+
+def gemma_3_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int):
+    """google/gemma-3-*-it: SigLIP so400m/14 at 896 px pooled 4x4 into 256 image tokens, a Gemma 3 LM (head_dim 256,
+    five sliding-window layers of 1024 per global one, local RoPE base 1e4, global 1e6 with linear scaling 8)."""
+    from transformers import Gemma3Config
+
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
+    text = {"vocab_size": 262208, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 1024, "rope_parameters": rope,
+            "max_position_embeddings": 131072}
+    vision = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+              "image_size": 896, "patch_size": 14, "vision_use_head": False}
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, boi_token_index=255999,
+                        eoi_token_index=256000, image_token_index=262144)
 
 
 def block_ids(image: Tensor, positions: Tensor) -> Tensor:
@@ -46,10 +68,27 @@ def block_ids(image: Tensor, positions: Tensor) -> Tensor:
 
 
 class Gemma3(Adapter):
-    spec = BackboneSpec(name="gemma-3", model_types=("gemma3",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
-                        projector_in="model.multi_modal_projector")
+    spec = ModuleMap(name="gemma-3", model_types=("gemma3",), projector_in="model.multi_modal_projector",
+                     submodules=LayerMap(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"))
     image_kwargs = ("token_type_ids",)
+    sequence_kwargs = ("token_type_ids",)
     template = GEMMA_TEMPLATE
+    aliases = {f"gemma-3-{n}b": f"google/gemma-3-{n}b-it" for n in (4, 12, 27)}
+    presets = {"gemma-3-4b": Preset(functools.partial(gemma_3_config, 2560, 10240, 34, 8, 4), torch.bfloat16),
+               "gemma-3-12b": Preset(functools.partial(gemma_3_config, 3840, 15360, 48, 16, 8), torch.bfloat16)}
+    special_tokens = GEMMA_TOKENS
+    turn_tokens = ("<start_of_turn>", "<end_of_turn>")
+
+    @classmethod
+    def random_processor(cls, config, words):
+        """Gemma 3's PIL image processor at the tower's size, ``mm_tokens_per_image`` soft tokens an image."""
+        from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+        size = config.vision_config.image_size
+        named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+        return Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": size, "width": size}),
+                               tokenizer=cls.family_tokenizer(words, named),
+                               image_seq_length=config.mm_tokens_per_image)
 
     def check(self) -> None:
         """Sliding-window layers are supported; a bidirectional text model (EmbeddingGemma-style) is not."""
@@ -141,7 +180,7 @@ class Gemma3(Adapter):
         """Keys in any order (KV's image-first deep layers): causal in original indices, and for sliding layers the
         window in original indices too (HF's window is over indices; for real tokens that is their positions)."""
         near = self.near(q_index, k_index)
-        causal = (k_index[:, None, None, :] <= q_index[:, None, :, None]) & k_valid[:, None, None, :]
+        causal = causal_in_order(q_index, k_index, k_valid)
         return {FULL: self._as_mask(causal, dtype), SLIDING: self._as_mask(causal & near, dtype)}
 
     def decode_mask(self, inputs_embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor, cache,
