@@ -77,7 +77,7 @@ def test_no_image_routing_equals_vanilla_in_bf16_on_cuda(attn, kv_heads):
     against HF's own forward called with the same settings.
 
     Why this once compared with HF at 2e-2 (reasoned from the code; CPU bf16 is bit-identical in every case, see
-    tests/test_routing_exact.py): two settings differ in a plain ``model(**batch)``.
+    tests/test_routing_model.py): two settings differ in a plain ``model(**batch)``.
     1. Positions: HF's forward uses ``arange`` even with left padding, generate (and we) ``cumsum(mask) - 1``;
        on this batch that moves bf16 logits by ~4e-3 (0.1-0.2 at init std 0.2). Passing our position ids fixes it.
     2. The cache: HF's forward builds a ``DynamicCache`` by default (``config.use_cache``), whose ``update``

@@ -1,9 +1,13 @@
-"""The FLOP model: the paper's Table 1 at 7B, and the order of the variants for any geometry."""
+"""The FLOP model: the paper's Table 1 at 7B, the order of the variants for any geometry, and Gemma 3's sliding
+windows counted in original positions."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from family_fixtures import LAYER_TYPES, WINDOW, gemma_config
 
+import routing
 from routing import flops
 from routing.plan import make_plan
 from saturation.core.errors import ToolkitError
@@ -57,3 +61,35 @@ def test_geometry_from_a_config():
 def test_bad_split_is_a_toolkit_error():
     with pytest.raises(ToolkitError):
         flops.ratio(G7, "lf", 31, 576, 128)
+
+
+@pytest.mark.parametrize("variant", routing.VARIANTS)
+def test_the_flop_model_counts_sliding_windows_in_original_positions(variant):
+    """routing.flops' attention pairs == pairs counted from explicit masks (image first, then text; a query sees
+    at most `window` keys in ORIGINAL positions), prefill and decode, on the fixture's layer pattern."""
+    g = flops.Geometry.of(gemma_config().text_config)
+    assert g.window == WINDOW and g.sliding == tuple(t == "sliding_attention" for t in LAYER_TYPES)
+    image, text = 20, 13
+    n = image + text
+    plan = make_plan(g.num_layers, 2, variant, fusion_layers=0 if variant == "lf-ideal" else 1)  # Gemma's split 2
+    idx = torch.arange(n)
+    img = idx < image
+
+    def count(layer: int, queries, keys) -> int:
+        seen = idx[None, :] <= idx[:, None]
+        if g.window_of(layer) is not None:
+            seen &= idx[None, :] > idx[:, None] - g.window_of(layer)
+        return int((seen & queries[:, None] & keys[None, :]).sum())
+
+    everything = torch.ones(n, dtype=torch.bool)
+    want = sum(count(j, everything, everything) for j in [*plan.shallow, *plan.fusion])
+    want += sum(count(j, img, img) for j in plan.side_sources)
+    for j in plan.deep:
+        want += {"text_only": count(j, ~img, ~img), "reset": count(j, everything, everything),
+                 "kv_only": count(j, ~img, everything)}[plan.deep_mode]
+    assert flops.prefill_cost(g, plan, image, text).attention == want * g.pair_flops()
+    vanilla = sum(count(j, everything, everything) for j in range(g.num_layers))
+    assert flops.prefill_cost(g, None, image, text).attention == vanilla * g.pair_flops()
+    decode = sum(min(WINDOW if g.window_of(j) else n + 1, text + 1 if plan.layout(j) == "text" else n + 1)
+                 for j in range(g.num_layers))
+    assert flops.decode_cost(g, plan, image, text).attention == decode * g.pair_flops()

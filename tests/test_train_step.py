@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gemma3_fixtures import gemma, gemma_model
-from qwen_fixtures import family
+from family_fixtures import family
 from routing_fixtures import make_batch, perturb_side, tiny_llava
 
 import routing
@@ -29,7 +28,7 @@ def _llava():
 
 
 def _gemma():
-    return gemma_model(), 2, _labelled(gemma().batch())
+    return family("gemma3").model(), 2, _labelled(family("gemma3").batch())
 
 
 def _qwen():

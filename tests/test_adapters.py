@@ -160,9 +160,9 @@ def test_rope_table_is_the_rotary_modules_own_output(processor, family, head_dim
         module = adapter_for(model).rotary_emb
         kinds = [()]
     else:
-        from gemma3_fixtures import gemma_model
+        from family_fixtures import family
 
-        model = gemma_model()
+        model = family("gemma3").model()
         module = adapter_for(model).rotary_emb
         kinds = [(k,) for k in sorted(set(adapter_for(model).text_config.layer_types))]
     a = adapter_for(model)
