@@ -58,7 +58,7 @@ def test_routed_logits_on_cuda_match_the_cpu(variant):
 @pytest.mark.parametrize(("variant", "fusion_layers"), [("lf", 1), ("pc", 1), ("kv", 1), ("lf-ideal", 0), ("kv", 0)])
 def test_every_decode_step_logits_equal_recomputation_on_cuda(attn, kind, variant, fusion_layers):
     """Cached decoding on CUDA against recomputation, logits at every step (ids alone hide an off-by-one: see
-    tests/test_routing_generate.py). fp32 without TF32, init std 0.2 so greedy continuations vary."""
+    tests/test_routing_generation.py). fp32 without TF32, init std 0.2 so greedy continuations vary."""
     routed = perturb_side(routing.build(tiny_llava(attn, std=SHARP_STD).cuda(), 2, variant,
                                         fusion_layers=fusion_layers).eval())
     routed.generation_config.eos_token_id = None  # run every step
