@@ -1,4 +1,6 @@
-"""The anatomy map walks a LLaVA exactly as transformers does, for any geometry."""
+"""saturation.core.adapters: the adapter walks a LLaVA exactly as transformers does, for any geometry; adapter_for
+refuses what it does not know; geometry from the config; the RoPE tables. Every family's contract:
+tests/test_adapter_contract.py."""
 
 import pytest
 import torch
