@@ -1,4 +1,5 @@
-"""`routing bench` as a user types it: table, JSON and figure on a toy geometry; one-line errors on bad input."""
+"""`routing bench` as a user types it: table, JSON and figure on a toy geometry, `--train`'s step report; one-line
+errors on bad input."""
 
 from __future__ import annotations
 
@@ -51,3 +52,32 @@ def test_help_names_every_geometry():
         text = " ".join(runner.invoke(app, args, terminal_width=400).output.split())
         missing = [name for name in GEOMETRIES if name not in text]
         assert not missing, (args, missing)
+
+
+def test_bench_train_reports_the_flop_model_and_where_the_step_goes(tmp_path):
+    from routing import flops
+    from routing.plan import make_plan
+    from saturation.core.geometry import geometry_config
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(routing_app, ["bench", "--geometry", "tiny", "--layers", "4", "--split", "1",
+                                              "--variants", "lf,kv", "--text-tokens", "6", "--batch-size", "2",
+                                              "--repeats", "1", "--warmup", "0", "--new-tokens", "1", "--train",
+                                              "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    steps = json.loads(out.read_text())["train_step"]["6"]
+    assert list(steps) == ["pc", "lf", "kv"]
+    g = flops.Geometry.of(geometry_config("tiny", 4).text_config)
+    pc = flops.train_step_cost(g, make_plan(4, 1, "pc"), 9, 6, labelled=8)  # the last 8 positions
+    for v, s in steps.items():
+        cost = flops.train_step_cost(g, make_plan(4, 1, v), 9, 6, labelled=8)
+        assert s["flop_ratio_vs_pc"] == pytest.approx(cost.total / pc.total)
+        assert s["flop_gflops"]["backward"] == pytest.approx(cost.backward / 1e9)
+        parts = s["breakdown_ms"]
+        assert list(parts) == ["shallow", "side", "deep", "fusion", "head+loss", "other", "backward"]
+        assert all(parts[k] > 0 for k in ("shallow", "side", "deep", "fusion", "head+loss", "backward"))
+    assert steps["pc"]["ratio_vs_pc"] == 1.0 and steps["pc"]["flop_ratio_vs_pc"] == 1.0
+    text = " ".join(result.output.split())
+    lf = steps["lf"]
+    assert (f"lf {lf['ms']:.1f} ms ({lf['ratio_vs_pc']:.3f}x PC, FLOP model {lf['flop_ratio_vs_pc']:.3f})" in text)
+    assert "lf step in ms, by group (hooked rounds): shallow" in text and "pc step in ms" in text

@@ -13,10 +13,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._inductor.config
-from backbone_fixtures import family as llava_family
-from gemma3_fixtures import BOI, EOI, gemma, gemma_model
-from qwen_fixtures import VIDEO
-from qwen_fixtures import family as qwen_family
+from family_fixtures import family
 from routing_fixtures import SHARP_STD, decode_step_logits, make_batch, tiny_llava, without_labels
 from typer.testing import CliRunner
 
@@ -192,12 +189,9 @@ FAMILIES = ("llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "gemma3")
 def _family(name: str):
     """A tiny random model of the family with sharp logits, a padded batch of its processor's, and the special tokens
     a decode must not produce (after the prompt the routed model takes text only)."""
-    if name == "gemma3":
-        base = gemma_model(layers=6, std=SHARP_STD)
-        return base, gemma().batch(), (adapter_for(base).image_token_id, BOI, EOI)
-    fixtures = qwen_family(name) if name.startswith("qwen") else llava_family(name)
-    base = fixtures.model(layers=4, std=SHARP_STD)
-    return base, fixtures.batch(), (adapter_for(base).image_token_id,) + ((VIDEO,) if name.startswith("qwen") else ())
+    fam = family(name)
+    base = fam.model(std=SHARP_STD)  # 4 layers (Gemma: 6)
+    return base, fam.batch(), tuple(fam.suppressed(base))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -58,7 +58,7 @@ def test_routed_logits_on_cuda_match_the_cpu(variant):
 @pytest.mark.parametrize(("variant", "fusion_layers"), [("lf", 1), ("pc", 1), ("kv", 1), ("lf-ideal", 0), ("kv", 0)])
 def test_every_decode_step_logits_equal_recomputation_on_cuda(attn, kind, variant, fusion_layers):
     """Cached decoding on CUDA against recomputation, logits at every step (ids alone hide an off-by-one: see
-    tests/test_routing_generate.py). fp32 without TF32, init std 0.2 so greedy continuations vary."""
+    tests/test_routing_generation.py). fp32 without TF32, init std 0.2 so greedy continuations vary."""
     routed = perturb_side(routing.build(tiny_llava(attn, std=SHARP_STD).cuda(), 2, variant,
                                         fusion_layers=fusion_layers).eval())
     routed.generation_config.eos_token_id = None  # run every step
@@ -77,7 +77,7 @@ def test_no_image_routing_equals_vanilla_in_bf16_on_cuda(attn, kv_heads):
     against HF's own forward called with the same settings.
 
     Why this once compared with HF at 2e-2 (reasoned from the code; CPU bf16 is bit-identical in every case, see
-    tests/test_routing_exact.py): two settings differ in a plain ``model(**batch)``.
+    tests/test_routing_model.py): two settings differ in a plain ``model(**batch)``.
     1. Positions: HF's forward uses ``arange`` even with left padding, generate (and we) ``cumsum(mask) - 1``;
        on this batch that moves bf16 logits by ~4e-3 (0.1-0.2 at init std 0.2). Passing our position ids fixes it.
     2. The cache: HF's forward builds a ``DynamicCache`` by default (``config.use_cache``), whose ``update``

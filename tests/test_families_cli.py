@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
-from backbone_fixtures import (
-    FAMILIES,
-    IMAGE_SIZES,
+from family_fixtures import (
+    LLAVA_FAMILIES,
+    LLAVA_IMAGE_SIZES,
     QWEN_CHAT_TEMPLATE,
     check_plugin_requests,
     checkpoint_processor,
@@ -34,7 +34,7 @@ def data(tmp_path_factory):
     return write_images_dataset(tmp_path_factory.mktemp("data"))
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=LLAVA_FAMILIES)
 def checkpoint(request, tmp_path_factory):
     name = request.param
     return name, save_checkpoint(name, tmp_path_factory.mktemp(name) / "model", chat_template=CHAT.get(name))
@@ -46,7 +46,7 @@ def _ok(result):
 
 
 def test_every_command_runs_on_the_family(checkpoint, data, tmp_path, monkeypatch):
-    """probe -> train at --split auto -> eval -> generate -> bench -> analyze (`backbone_fixtures.run_every_command`)."""
+    """probe -> train at --split auto -> eval -> generate -> bench -> analyze (`family_fixtures.run_every_command`)."""
     _, model = checkpoint
     monkeypatch.chdir(tmp_path)  # bench's default folder, anything relative
     run_every_command(model, data, tmp_path, layers=4)
@@ -73,7 +73,7 @@ def test_onevision_checkpoint_loads_offline_without_torchvision(tmp_path):
 def test_collated_records_equal_the_processors_own_batch(name, data):
     """Per-record encoding + collate == the processor on the whole batch: ids, NeXT tiles zero-padded to the batch
     max, image_sizes (and OneVision's batch_num_images) concatenated."""
-    from backbone_fixtures import Family
+    from family_fixtures import Family
 
     proc = checkpoint_processor(name)
     fmt = PromptFormat.of(Family(name, proc).model())
@@ -96,7 +96,7 @@ def test_collated_records_equal_the_processors_own_batch(name, data):
 def test_chat_template_prompts_and_labels(data):
     """With a chat template the prompt is the template's, pieces add up to the rendered conversation, and labels
     cover exactly the assistant's words and its end-of-turn token in every turn."""
-    from backbone_fixtures import Family
+    from family_fixtures import Family
 
     proc = checkpoint_processor("llava_onevision", QWEN_CHAT_TEMPLATE)
     fmt = PromptFormat.of(Family("llava_onevision", proc).model())
@@ -119,7 +119,7 @@ def test_chat_template_prompts_and_labels(data):
 def test_probe_of_a_ragged_padded_batch_equals_each_sample_alone(data):
     """A NeXT batch of three image sizes (24, 14 and 14 image tokens in different places) right-padded: every
     sample gets the numbers it gets alone."""
-    from backbone_fixtures import Family
+    from family_fixtures import Family
 
     from saturation.core.adapters import adapter_for
     from saturation.probe import LayerReducer, eager_attention, encode_batch, probe_batch
@@ -170,19 +170,19 @@ def test_geometry_processor_counts_what_the_adapter_counts(name, tokens):
 
 def test_image_sizes_travel_with_the_records(data):
     """A record's image_sizes are its own image's (H, W), in batch order."""
-    from backbone_fixtures import Family
+    from family_fixtures import Family
 
     proc = checkpoint_processor("llava_next")
     fmt = PromptFormat.of(Family("llava_next", proc).model())
     batch = collate([encode_record(r, proc, fmt=fmt) for r in read_records(data)[:3]], 0)
-    assert batch["image_sizes"].tolist() == [list(s) for s in IMAGE_SIZES]
+    assert batch["image_sizes"].tolist() == [list(s) for s in LLAVA_IMAGE_SIZES]
 
 
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
 def test_lmms_plugin_carries_the_family_prompt_and_image_kwargs(name):
     """The lmms-eval plugin's request handling on anyres families: the family's prompt, image_sizes (and
     batch_num_images) with the pixels; two image sizes in one batch answer as each alone; loglikelihood runs."""
-    from backbone_fixtures import Family
+    from family_fixtures import Family
 
     import routing
     from routing.lmms.plugin import llava_prompt

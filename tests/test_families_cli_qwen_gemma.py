@@ -8,7 +8,16 @@ import importlib.util
 
 import pytest
 import torch
-from backbone_fixtures import check_plugin_requests, run_every_command, write_images_dataset
+from family_fixtures import (
+    GEMMA_CHAT_TEMPLATE,
+    QWEN_VL_CHAT_TEMPLATE,
+    check_plugin_requests,
+    family,
+    gemma_config,
+    run_every_command,
+    save_checkpoint,
+    write_images_dataset,
+)
 from PIL import Image
 
 from saturation.core.adapters import adapter_for, position_ids_from_mask
@@ -18,14 +27,8 @@ NEW = ("qwen2_5_vl", "qwen3_vl", "gemma3")
 
 def save(name: str, folder, chat: bool = False, video_config: bool = False):
     """A checkpoint of family `name` in `folder`; `chat`: with the family's chat template."""
-    if name == "gemma3":
-        import gemma3_fixtures as g
-
-        return g.save_checkpoint(folder, chat_template=g.GEMMA_CHAT_TEMPLATE if chat else None)
-    import qwen_fixtures as q
-
-    return q.save_checkpoint(name, folder, chat_template=q.QWEN_VL_CHAT_TEMPLATE if chat else None,
-                             video_config=video_config)
+    template = GEMMA_CHAT_TEMPLATE if name == "gemma3" else QWEN_VL_CHAT_TEMPLATE
+    return save_checkpoint(name, folder, chat_template=template if chat else None, video_config=video_config)
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -73,7 +76,7 @@ def checkpoint(request, tmp_path_factory):
 
 
 def test_every_command_runs_on_the_family(checkpoint, data, tmp_path, monkeypatch):
-    """probe -> train at --split auto -> eval -> generate -> bench -> analyze (`backbone_fixtures.run_every_command`);
+    """probe -> train at --split auto -> eval -> generate -> bench -> analyze (`family_fixtures.run_every_command`);
     Qwen3-VL's recommendation starts after its 2 DeepStack layers."""
     name, model = checkpoint
     monkeypatch.chdir(tmp_path)  # bench's default folder, anything relative
@@ -119,11 +122,9 @@ def test_qwen_geometries_are_the_released_configs(name, layers, heads, kv, token
 def test_bench_default_split_is_after_the_deepstack_layers():
     """With no --split, bench splits at layers // 2, but never inside Qwen3-VL's DeepStack layers (before: the
     routed build refused the default split)."""
-    import qwen_fixtures as q
-
     from routing.jobs.bench import BenchConfig, run_bench
 
-    fam = q.family("qwen3_vl")
+    fam = family("qwen3_vl")
     config = fam.config(layers=5)
     config.vision_config.deepstack_visual_indexes = [0, 1, 2]  # min_split 3 > 5 // 2
     model = type(fam.model())(config).eval()
@@ -163,13 +164,9 @@ def test_random_checkpoint_wires_the_familys_tokens(name, monkeypatch):
     from saturation.core import geometry
 
     if name == "gemma3":
-        import gemma3_fixtures as g
-
-        monkeypatch.setitem(geometry.GEOMETRIES, "small", lambda: g.gemma_config(layers=3))
+        monkeypatch.setitem(geometry.GEOMETRIES, "small", lambda: gemma_config(layers=3))
     else:
-        import qwen_fixtures as q
-
-        monkeypatch.setitem(geometry.GEOMETRIES, "small", lambda: q.family(name).config(layers=3))
+        monkeypatch.setitem(geometry.GEOMETRIES, "small", lambda: family(name).config(layers=3))
     monkeypatch.setitem(geometry.CHECKPOINT_DTYPE, "small", torch.float32)
     model, proc = geometry.random_checkpoint("small", None, None, "cpu")
     a = adapter_for(model)

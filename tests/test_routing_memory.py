@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gemma3_fixtures import gemma_model
+from family_fixtures import family
 from routing_fixtures import tiny_llava
 
 from routing.flops import Geometry
@@ -42,7 +42,7 @@ def test_predicted_cache_equals_each_layers_cache(llava, variant, kw):
 
 
 def test_vanilla_sliding_layers_keep_a_window_and_routed_ones_every_key():
-    model = gemma_model(layers=4)
+    model = family("gemma3").model(layers=4)
     a = adapter_for(model)
     g = Geometry.of(a.text_config)
     assert g.window is not None and any(g.sliding) and not all(g.sliding)

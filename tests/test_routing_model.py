@@ -1,10 +1,14 @@
-"""Exactness of the routed forward: untouched shallow stack, vanilla without images, naive references per variant."""
+"""routing/model.py, the routed model: exactness of its forward (untouched shallow stack, vanilla without images, naive
+references per variant), its gradients and trainable parameters, and the training step's forward (issue 18 §2: the LM
+head only at labelled positions, no graph and no checkpoint recompute where nothing reaches the side branch).
+The same contract on every family: tests/test_adapter_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from routing_fixtures import make_batch, naive_logits, tiny_llava, without_labels
+from family_fixtures import family
+from routing_fixtures import make_batch, naive_logits, perturb_side, tiny_llava, without_labels
 
 import routing
 from saturation.core.adapters import adapter_for, position_ids_from_mask
@@ -259,3 +263,146 @@ def test_dense_prompts_take_the_one_call_path(monkeypatch, variant):
         finally:
             model.set_attn_implementation("sdpa")
         assert calls[2:] == ["routed_prefill"]
+
+
+# ---------------------------------------------------------------- the training step's forward
+
+def _labelled(batch: dict, last: int = 3) -> dict:
+    """`batch` with labels on the last `last` real tokens of each row (right or left padding alike)."""
+    labels = torch.full_like(batch["input_ids"], -100)
+    ends = batch["attention_mask"].cumsum(1).argmax(1) + 1  # one past each row's last real token
+    for b, end in enumerate(ends.tolist()):
+        labels[b, end - last:end] = batch["input_ids"][b, end - last:end]
+    return batch | {"labels": labels}
+
+
+def _llava():
+    return tiny_llava(), 2, make_batch("mixed", "left")  # ragged: one row without an image, one with two
+
+
+def _gemma():
+    return family("gemma3").model(), 2, _labelled(family("gemma3").batch())
+
+
+def _qwen():
+    return family("qwen2_5_vl").model(), 1, _labelled(family("qwen2_5_vl").batch())
+
+
+def _loss_and_grads(routed, batch: dict, train: bool, items) -> tuple[torch.Tensor, list[torch.Tensor], object]:
+    routed.train(train)
+    routed.zero_grad(set_to_none=True)
+    out = routed(**batch, num_items_in_batch=items)  # eval mode: the full-head path (today's), graph and all
+    out.loss.backward()
+    routed.eval()
+    return out.loss.detach(), [p.grad.clone() for p in routed.side.parameters()], out
+
+
+@pytest.mark.parametrize("make", [_llava, _gemma, _qwen], ids=["llava", "gemma3", "qwen2_5_vl"])
+def test_head_at_labelled_positions_gives_todays_loss_and_gradient(make):
+    """In training mode the head sees only the labelled rows (shifted as HF does), and the loss and side-branch
+    gradient equal the full-head path's (eval mode: unembed everything, HF's ForCausalLMLoss) in fp32."""
+    model, split, batch = make()
+    shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
+    n_labelled = int((shifted != -100).sum())
+    a = adapter_for(model)
+    for variant in ("lf", "pc", "kv"):
+        routed = perturb_side(routing.build(model, split, variant))
+        for items in (None, torch.tensor(n_labelled + 5)):  # HF's mean, and the Trainer's sum over a global count
+            rows = []
+            handle = a.lm_head.register_forward_hook(lambda _m, args, _out, rows=rows: rows.append(args[0].shape))
+            try:
+                loss, grads, out = _loss_and_grads(routed, batch, True, items)
+            finally:
+                handle.remove()
+            assert out.logits is None and rows == [torch.Size([n_labelled, a.text_config.hidden_size])]
+            ref_loss, ref_grads, ref = _loss_and_grads(routed, batch, False, items)
+            assert ref.logits.shape[:2] == batch["input_ids"].shape  # eval mode: every position, as before
+            torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+            for g, r in zip(grads, ref_grads, strict=True):
+                torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+
+
+def test_logits_stay_whole_outside_a_training_step():
+    """The contract: only a training step (training mode, gradients on, labels) drops `logits`; under no_grad or in
+    eval mode with labels, or without labels, every position's logits come back as before."""
+    model, split, batch = _llava()
+    routed = routing.build(model, split).train()
+    try:
+        with torch.no_grad():
+            assert routed(**batch).logits.shape[:2] == batch["input_ids"].shape
+        assert routed(**{k: v for k, v in batch.items() if k != "labels"}).logits.shape[:2] == batch["input_ids"].shape
+        assert routed(**batch).logits is None
+    finally:
+        routed.eval()
+    assert routed(**batch).logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_no_label_in_the_batch_gives_hfs_nan_mean_and_zero_sum():
+    """Nothing to predict: HF's mean is NaN (0/0) and its sum over `num_items_in_batch` is 0; so is ours."""
+    model, split, batch = _llava()
+    batch = batch | {"labels": torch.full_like(batch["input_ids"], -100)}
+    routed = routing.build(model, split).train()
+    try:
+        assert routed(**batch).loss.isnan()
+        assert routed(**batch, num_items_in_batch=torch.tensor(4)).loss == 0
+    finally:
+        routed.eval()
+
+
+def _mlp_calls(routed) -> tuple[dict, list]:
+    """Per-layer counts of MLP calls (a checkpointed layer's recompute calls its MLP again, not the layer's hooks)."""
+    calls, handles = {}, []
+    layers = {**dict(enumerate(routed.adapter.layers)), **{f"side{i}": m for i, m in enumerate(routed.side)}}
+    for key, layer in layers.items():
+        calls[key] = 0
+        handles.append(layer.mlp.register_forward_pre_hook(
+            lambda *_, key=key: calls.__setitem__(key, calls[key] + 1)))
+    return calls, handles
+
+
+@pytest.mark.parametrize("variant", ["lf", "pc"])
+def test_checkpointing_recomputes_only_layers_with_a_backward(variant):
+    """With gradient checkpointing on (the paper's setting), layers under no_grad (LF: shallow and the text-only deep
+    stack; every variant: the shallow stack) run once; layers the gradient passes (side, fusion, PC's deep) run again
+    in backward. The side-branch gradient is the one without checkpointing."""
+    model, split, batch = _llava()
+    routed = routing.build(model, split, variant).train()
+    plan = routed.plan
+    grads = []
+    try:
+        for checkpointing in (False, True):
+            if checkpointing:
+                (getattr(routed, "activation_checkpointing_enable", None)
+                 or routed.gradient_checkpointing_enable)({"use_reentrant": False})
+            calls, handles = _mlp_calls(routed)
+            routed.zero_grad(set_to_none=True)
+            routed(**batch).loss.backward()
+            for h in handles:
+                h.remove()
+            grads.append([p.grad.clone() for p in routed.side.parameters()])
+        backward = {*plan.fusion, "side0", *(plan.deep if variant == "pc" else ())}
+        assert calls == {k: 2 if k in backward else 1 for k in calls}
+        assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    finally:
+        (getattr(routed, "activation_checkpointing_disable", None) or routed.gradient_checkpointing_disable)()
+        routed.eval()
+
+
+def test_lf_builds_no_graph_before_fusion_but_the_side_branch():
+    """LF: the states after the shallow stack and after the text-only deep stack have no grad_fn; the side output
+    and the fusion layer's output have one."""
+    model, split, batch = _llava()
+    routed = routing.build(model, split, "lf").train()
+    a, plan = routed.adapter, routed.plan
+    seen, handles = {}, []
+    for name, layer in {"shallow": a.layers[plan.shallow[-1]], "deep": a.layers[plan.deep[-1]],
+                        "side": routed.side[0], "fusion": a.layers[plan.fusion[0]]}.items():
+        handles.append(layer.register_forward_hook(lambda _m, _a, out, name=name: seen.__setitem__(name, out)))
+    try:
+        routed(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+        routed.eval()
+    assert seen["shallow"].grad_fn is None and seen["deep"].grad_fn is None
+    assert seen["side"].grad_fn is not None and seen["fusion"].grad_fn is not None

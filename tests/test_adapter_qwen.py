@@ -1,40 +1,40 @@
-"""Qwen2.5-VL and Qwen3-VL through the adapters (issue 12): M-RoPE positions [3, B, T], ragged image grids,
-Qwen3-VL's DeepStack, q/k/v biases (Qwen2) and q/k norms (Qwen3). Tiny random models built in code
-(tests/qwen_fixtures): two or three image grids in one left-padded batch, text after the image."""
+"""What only the Qwen families have (the contract all families keep: tests/test_adapter_contract.py): M-RoPE
+positions [3, B, T] from the model's own index (text after a grid resumes at start + the grid's width), the rope delta
+carried by the cache, beams over rows with several image sizes, Qwen3-VL's DeepStack (and the splits it forbids),
+videos refused, Qwen's prompt. Tiny random models built in code (tests/family_fixtures): two or three image grids in
+one left-padded batch, text after the image."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
-from qwen_fixtures import (
+from family_fixtures import (
     ASSISTANT,
     DEEPSTACK,
-    FAMILIES,
-    IMAGE,
-    IMAGE_SIZES,
     MERGE,
     PATCH,
-    PICTURE,
+    QWEN_FAMILIES,
+    QWEN_IMAGE,
+    QWEN_IMAGE_SIZES,
+    QWEN_PICTURE,
+    QWEN_VIDEO,
     USER,
-    VIDEO,
     family,
     image_kwargs,
-    naive_logits,
 )
-from routing_fixtures import SHARP_STD, assert_informative, decode_step_logits, perturb_side
+from PIL import Image
+from routing_fixtures import SHARP_STD, perturb_side
 
 import routing
 from saturation.core.adapters import Qwen3VL, Qwen25VL, adapter_for, position_ids_from_mask
 from saturation.core.errors import ToolkitError
 from saturation.core.hf_compat import cache_of
-from saturation.core.loading import load_model, resolve_name
 
 SPLIT = 2  # Qwen3-VL's tiny DeepStack covers layers 0..1: the first allowed split
 NEW = 4
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=QWEN_FAMILIES)
 def fam(request):
     return family(request.param)
 
@@ -49,22 +49,16 @@ def batch(fam):
     return fam.batch()
 
 
-def variant_kwargs(variant: str) -> dict:
-    return {"fusion_layers": 0 if variant == "lf-ideal" else 1}
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_anatomy_walk_equals_hf_forward_bit_for_bit(fam, batch, attn):
-    """HF's forward with images computes M-RoPE from mm_token_type_ids over the real tokens (pads 0), which is the
-    generate convention, so nothing is passed for positions on either side. The walk would differ with 1D positions
-    and, for Qwen3-VL, without the DeepStack injection: both are in play here."""
+def test_the_walk_needs_the_models_positions_and_deepstack(fam, batch, attn):
+    """The walk equals HF's forward (tests/test_adapter_contract.py), which computes M-RoPE from mm_token_type_ids
+    over the real tokens; it would differ with 1D positions and, for Qwen3-VL, without the DeepStack injection: both
+    are in play here."""
     model = fam.model(attn, seed=2)
     a = adapter_for(model)
     with torch.no_grad():
         hf = model(**batch).logits
-        walk = a.forward(**batch)
         flat = a.forward(**batch, position_ids=position_ids_from_mask(batch["attention_mask"]))
-    assert torch.equal(walk, hf)
     assert not torch.allclose(flat, hf, atol=1e-4)
     if fam.name == "qwen3_vl":
         a.injecting = lambda e: a.__class__.injecting(a, type(e)(e.inputs_embeds, e.image_mask))  # no DeepStack
@@ -96,48 +90,16 @@ def test_image_token_counts_come_from_the_adapter(fam, model, batch):
     """Per image: the adapter's count == the processor's placeholders == image_grid_thw / merge^2; ragged."""
     counts = [int(n) for n in (batch["input_ids"] == adapter_for(model).image_token_id).sum(1)]
     pixels = (16 * 16, 64 * 64)  # the fixture processor's bounds
-    assert counts == [type(adapter_for(model)).image_tokens(model.config, size, pixels) for size in IMAGE_SIZES]
+    assert counts == [type(adapter_for(model)).image_tokens(model.config, size, pixels) for size in QWEN_IMAGE_SIZES]
     assert counts == (batch["image_grid_thw"].prod(-1) // MERGE**2).tolist()
     assert len(set(counts)) == 3
     assert Qwen25VL.image_tokens(family("qwen2_5_vl").config(layers=1)) == (448 // (PATCH * MERGE)) ** 2
-
-
-@pytest.mark.parametrize("variant", routing.VARIANTS)
-def test_no_image_tokens_routed_equals_hf(fam, model, variant):
-    batch = fam.batch(images=False)
-    routed = perturb_side(routing.build(model, SPLIT, variant, **variant_kwargs(variant)))
-    with torch.no_grad():
-        hf = model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"])).logits
-        assert torch.equal(routed(**batch).logits, hf)
-
-
-@pytest.mark.parametrize("variant", routing.VARIANTS)
-def test_variants_equal_the_naive_reference_on_a_ragged_batch(fam, model, batch, variant):
-    """Subsets carry their ORIGINAL M-RoPE positions (sliced from [3, B, T], never renumbered); DeepStack stays in
-    the shallow stack."""
-    routed = perturb_side(routing.build(model, SPLIT, variant, **variant_kwargs(variant)))
-    valid = batch["attention_mask"].bool()
-    with torch.no_grad():
-        got = routed(**batch).logits[valid]
-    torch.testing.assert_close(got, naive_logits(routed, **batch)[valid], atol=2e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
 def sharp_model(fam):
     """Language-model init std 0.2: greedy continuations vary, so a wrong decode position changes the logits."""
     return fam.model(std=SHARP_STD, seed=1)
-
-
-@pytest.mark.parametrize("variant", routing.VARIANTS)
-def test_every_decode_step_logits_equal_recomputation(fam, sharp_model, variant):
-    """HF generate() (which pre-encodes the images and would drop image_grid_thw) then cached steps at
-    cumsum(mask) - 1 + the prompt's rope delta, logit for logit against recomputation from scratch."""
-    routed = perturb_side(routing.build(sharp_model, SPLIT, variant, **variant_kwargs(variant)))
-    routed.generation_config.eos_token_id = None
-    new, cached, recomputed = decode_step_logits(routed, fam.batch(), NEW, [IMAGE, VIDEO])
-    assert_informative(new)
-    for step, (got, want) in enumerate(zip(cached, recomputed, strict=True)):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")
 
 
 def test_decoding_carries_the_rope_delta_in_the_cache(fam, sharp_model, batch):
@@ -158,7 +120,7 @@ def test_beam_search_with_two_images_in_a_row_scores_each_beam_as_recomputed(fam
     equal that sum recomputed from scratch on its own, unexpanded prompt."""
     routed = perturb_side(routing.build(sharp_model, SPLIT, "lf"))
     routed.generation_config.eos_token_id = None
-    texts = [f"{USER}{PICTURE}what colour {PICTURE}is the circle ?{ASSISTANT}", f"{USER}how many {PICTURE}?{ASSISTANT}"]
+    texts = [f"{USER}{QWEN_PICTURE}what colour {QWEN_PICTURE}is the circle ?{ASSISTANT}", f"{USER}how many {QWEN_PICTURE}?{ASSISTANT}"]
     images = [[Image.new("RGB", (64, 32), "red"), Image.new("RGB", (32, 48), "blue")],
               [Image.new("RGB", (32, 32), "green")]]
     fam.processor.tokenizer.padding_side = "left"
@@ -171,7 +133,7 @@ def test_beam_search_with_two_images_in_a_row_scores_each_beam_as_recomputed(fam
     beams, n = 3, batch["input_ids"].shape[1]
     out = routed.generate(**batch, max_new_tokens=NEW, num_beams=beams, num_return_sequences=beams, do_sample=False,
                           length_penalty=0.0, output_scores=True, return_dict_in_generate=True,
-                          suppress_tokens=[IMAGE, VIDEO])
+                          suppress_tokens=[QWEN_IMAGE, QWEN_VIDEO])
     for row, (text, pictures) in enumerate(zip(texts, images)):
         alone = dict(fam.processor(images=[pictures], text=[text], return_tensors="pt"))
         pads = n - alone["input_ids"].shape[1]
@@ -185,37 +147,6 @@ def test_beam_search_with_two_images_in_a_row_scores_each_beam_as_recomputed(fam
             logp = logits[0, n - pads - 1:-1].float().log_softmax(-1).gather(1, ids[0, n - pads:, None]).sum()
             torch.testing.assert_close(out.sequences_scores[k], logp, atol=1e-4, rtol=0, msg=f"beam {k}")
     assert len({tuple(s.tolist()) for s in out.sequences[:beams]}) == beams  # real beams, not one sequence thrice
-
-
-def test_pc_equals_kv_at_text_and_text_before_the_image_is_unchanged(fam, model, batch):
-    """KV's image keys come from the adapter (biases, Qwen3's k_norm, the image rows of the M-RoPE tables); PC runs
-    the layer itself: equal at every text position. Text before each row's first image token equals vanilla."""
-    image = batch["input_ids"] == adapter_for(model).image_token_id
-    text = batch["attention_mask"].bool() & ~image
-    before = text & (image.long().cumsum(1) == 0)
-    assert before.sum(1).min() >= 3
-    with torch.no_grad():
-        pc, kv, lf = (perturb_side(routing.build(model, SPLIT, v))(**batch).logits for v in ("pc", "kv", "lf"))
-        vanilla = model(**batch).logits
-    torch.testing.assert_close(pc[text], kv[text], atol=2e-5, rtol=1e-4)
-    for logits in (pc, kv, lf):
-        torch.testing.assert_close(logits[before], vanilla[before], atol=2e-5, rtol=1e-4)
-
-
-def test_one_layer_trains_with_a_gradient(fam, model, batch):
-    labels = torch.full_like(batch["input_ids"], -100)
-    labels[:, -2:] = batch["input_ids"][:, -2:]
-    routed = routing.build(model, SPLIT, "lf")
-    assert routed.trainable_parameters().trainable == sum(p.numel() for p in adapter_for(model).layers[SPLIT].parameters())
-    assert routed.side_gradient_norm(**batch, labels=labels) > 0
-    assert routed._no_split_modules == [type(adapter_for(model).layers[0]).__name__]
-
-
-def test_save_load_round_trip(fam, model, batch, tmp_path):
-    routed = perturb_side(routing.build(model, SPLIT, "kv"))
-    routed.save_routing(tmp_path / "r")
-    with torch.no_grad():
-        assert torch.equal(routing.load(model, tmp_path / "r")(**batch).logits, routed(**batch).logits)
 
 
 def test_a_split_inside_the_deepstack_layers_is_refused_in_one_line():
@@ -242,18 +173,6 @@ def test_adapters_are_registered_with_qwens_prompt(fam, model):
     assert type(a) is {"qwen2_5_vl": Qwen25VL, "qwen3_vl": Qwen3VL}[fam.name]
     assert a.question_text("what", first=True) == (
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what<|im_end|>\n<|im_start|>assistant\n")
-
-
-QWEN_ALIASES = {"qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
-                "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct", "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct"}
-
-
-@pytest.mark.parametrize("alias", QWEN_ALIASES)
-def test_aliases_resolve_and_fail_offline_in_one_line(alias):
-    assert resolve_name(alias) == QWEN_ALIASES[alias]
-    with pytest.raises(ToolkitError, match=rf"cannot load '{QWEN_ALIASES[alias]}'.*--model PATH") as err:
-        load_model(alias)
-    assert "\n" not in str(err.value)
 
 
 def test_the_probe_walks_with_the_models_positions_and_deepstack(fam, batch):

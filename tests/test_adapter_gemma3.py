@@ -1,32 +1,18 @@
-"""Gemma 3 through the adapters (issue 13): bidirectional image blocks, sliding-window layers (window 8, shorter than
-an image block and than every sequence here), per-layer-type RoPE, q/k norms, sqrt(hidden) embedding scale. A tiny
-random model built in code (tests/gemma3_fixtures): two images in one row, one image then long text in the other,
-left padded."""
+"""What only Gemma 3 has (the contract all families keep: tests/test_adapter_contract.py): bidirectional image
+blocks, sliding-window layers (window 8, shorter than an image block and than every sequence here), per-layer-type
+RoPE; masks built directly that equal HF's own construction, FastV at sliding layers, the sliding cache refused. A
+tiny random model built in code (tests/family_fixtures): two images in one row, one image then long text in the
+other, left padded."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from gemma3_fixtures import (
-    BOI,
-    EOI,
-    IMAGE,
-    LAYER_TYPES,
-    TOKENS_PER_IMAGE,
-    WINDOW,
-    gemma,
-    gemma_config,
-    gemma_model,
-    naive_logits,
-)
-from routing_fixtures import (
-    SHARP_STD,
-    assert_informative,
-    decode_step_logits,
-    fastv_kept,
-    perturb_side,
-    pinned_fastv,
-)
+from family_fixtures import GEMMA_BOI as BOI
+from family_fixtures import GEMMA_EOI as EOI
+from family_fixtures import GEMMA_IMAGE as IMAGE
+from family_fixtures import TOKENS_PER_IMAGE, WINDOW, family, gemma_config, gemma_naive_logits
+from routing_fixtures import SHARP_STD, assert_informative, decode_step_logits, fastv_kept, perturb_side, pinned_fastv
 from transformers import DynamicCache
 from transformers.masking_utils import blockwise_overlay, create_causal_mask, sliding_window_overlay
 
@@ -35,28 +21,24 @@ from saturation.core.adapters import Gemma3, adapter_for, position_ids_from_mask
 from saturation.core.adapters.gemma3 import FULL, SLIDING, block_ids
 from saturation.core.errors import ToolkitError
 from saturation.core.hf_compat import cache_kwargs
-from saturation.core.loading import load_model, resolve_name
 
+GEMMA = family("gemma3")
 SPLIT = 2  # shallow: sliding, sliding; side branch from layer 2 (global); deep 2..4; fusion 5 (global)
 NEW = 4
 
 
 @pytest.fixture(scope="module")
 def model():
-    return gemma_model()
+    return GEMMA.model()
 
 
 @pytest.fixture(scope="module")
 def batch():
-    return gemma().batch()
+    return GEMMA.batch()
 
 
 def generate_positions(batch: dict) -> torch.Tensor:
     return position_ids_from_mask(batch["attention_mask"])
-
-
-def variant_kwargs(variant: str) -> dict:
-    return {"fusion_layers": 0 if variant == "lf-ideal" else 1}
 
 
 def test_the_fixture_exercises_windows_and_blocks(model, batch):
@@ -67,27 +49,28 @@ def test_the_fixture_exercises_windows_and_blocks(model, batch):
     assert int(after.sum()) > 2 * WINDOW
     assert {"sliding_attention", "full_attention"} == set(model.config.text_config.layer_types)
     assert torch.equal(batch["token_type_ids"] == 1, image)
+    assert GEMMA.batch(images=False)["attention_mask"].sum(1).min() > 2 * WINDOW  # text only: longer than windows
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_anatomy_walk_equals_hf_forward_bit_for_bit(batch, attn):
-    """With images, token_type_ids and generate's positions: HF's blocks and windows, per-type RoPE. The walk takes
-    its blocks from the image tokens, so it equals HF with token_type_ids (not HF without them, a plain causal mask)."""
-    model = gemma_model(attn, seed=2)
+def test_the_walk_takes_the_blocks_from_the_image_tokens(batch, attn):
+    """The walk equals HF's forward with token_type_ids and generate's positions (tests/test_adapter_contract.py).
+    It takes its blocks from the image tokens, so it equals HF with token_type_ids even without them (not HF without
+    them, a plain causal mask)."""
+    model = GEMMA.model(attn, seed=2)
     a = adapter_for(model)
     pos = generate_positions(batch)
     without = {k: v for k, v in batch.items() if k != "token_type_ids"}
     with torch.no_grad():
         hf = model(**batch, position_ids=pos).logits
         causal_only = model(**without, position_ids=pos).logits
-        assert torch.equal(a.forward(**batch), hf)
         assert torch.equal(a.forward(**without), hf)
     assert not torch.allclose(causal_only, hf, atol=1e-3)
 
 
 def test_the_window_and_the_rope_bases_are_in_play(batch):
     """Widening the window or giving both layer types one RoPE base changes HF's output: both are really tested."""
-    model = gemma_model()
+    model = GEMMA.model()
     with torch.no_grad():
         want = adapter_for(model).forward(**batch)
         model.config.text_config.sliding_window = 1000
@@ -101,28 +84,6 @@ def test_the_window_and_the_rope_bases_are_in_play(batch):
     assert not torch.allclose(one_base, want, atol=1e-3)
 
 
-@pytest.mark.parametrize("variant", routing.VARIANTS)
-def test_no_image_tokens_routed_equals_hf(model, variant):
-    """Text only, 24 and 18 tokens against a window of 8: every layer sees the sequence as HF does."""
-    batch = gemma().batch(images=False)
-    assert batch["attention_mask"].sum(1).min() > 2 * WINDOW
-    routed = perturb_side(routing.build(model, SPLIT, variant, **variant_kwargs(variant)))
-    with torch.no_grad():
-        hf = model(**batch, position_ids=generate_positions(batch)).logits
-        assert torch.equal(routed(**batch).logits, hf)
-
-
-@pytest.mark.parametrize("variant", routing.VARIANTS)
-def test_variants_equal_the_naive_reference(model, batch, variant):
-    """Subsets (the side branch's image tokens, LF's text) carry their blocks and windows in ORIGINAL positions:
-    the reference runs every layer over the full sequence with HF-shaped masks, where nothing is renumbered."""
-    routed = perturb_side(routing.build(model, SPLIT, variant, **variant_kwargs(variant)))
-    valid = batch["attention_mask"].bool()
-    with torch.no_grad():
-        got = routed(**batch).logits[valid]
-    torch.testing.assert_close(got, naive_logits(routed, **batch)[valid], atol=2e-5, rtol=1e-4)
-
-
 def test_windows_in_subset_indices_would_be_caught(model, batch, monkeypatch):
     """The naive reference tells a window counted in subset indices from one in original positions (LF's text after
     row 1's image sits TOKENS_PER_IMAGE positions further than its subset index says)."""
@@ -133,7 +94,7 @@ def test_windows_in_subset_indices_would_be_caught(model, batch, monkeypatch):
     valid = batch["attention_mask"].bool()
     with torch.no_grad():
         got = routed(**batch).logits[valid]
-    assert not torch.allclose(got, naive_logits(routed, **batch)[valid], atol=1e-3)
+    assert not torch.allclose(got, gemma_naive_logits(routed, **batch)[valid], atol=1e-3)
 
 
 def side_outputs(routed, batch: dict, row: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,19 +139,7 @@ def test_the_side_branch_sees_each_image_both_ways(model, batch):
 @pytest.fixture(scope="module")
 def sharp_model():
     """Init std 0.2 and an untied lm_head: greedy continuations vary, so a wrong decode mask changes the logits."""
-    return gemma_model(std=SHARP_STD, seed=1, tie=False)
-
-
-@pytest.mark.parametrize("variant", routing.VARIANTS)
-def test_every_decode_step_logits_equal_recomputation(sharp_model, variant):
-    """Prompts of 44 tokens against a window of 8: every layout (image+text, text only, image-first) keeps all its
-    keys and masks the window in original positions at every step (HF's own sliding cache would drop by count)."""
-    routed = perturb_side(routing.build(sharp_model, SPLIT, variant, **variant_kwargs(variant)))
-    routed.generation_config.eos_token_id = None
-    new, cached, recomputed = decode_step_logits(routed, gemma().batch(), NEW, [IMAGE, BOI, EOI])
-    assert_informative(new)
-    for step, (got, want) in enumerate(zip(cached, recomputed, strict=True)):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")
+    return GEMMA.model(std=SHARP_STD, seed=1, tie=False)
 
 
 @pytest.mark.parametrize("layer", [2, 3])  # K-1 = 1 (sliding: the window hides most image keys), 2 (global)
@@ -201,7 +150,7 @@ def test_fastv_keeps_what_an_eager_attention_read_ranks_highest(model, batch, la
     routed = routing.build(model, split=4, variant="fastv", prune_layer=layer, keep=0.25)
     kept = fastv_kept(routed, batch)
     with torch.no_grad():
-        attn = gemma_model("eager")(**batch, position_ids=generate_positions(batch), output_attentions=True).attentions
+        attn = GEMMA.model("eager")(**batch, position_ids=generate_positions(batch), output_attentions=True).attentions
     probs = attn[layer - 1].mean(1)
     image = batch["input_ids"] == IMAGE
     text = batch["attention_mask"].bool() & ~image
@@ -221,7 +170,7 @@ def test_fastv_decode_steps_equal_recomputation(sharp_model, spec):
     routed = perturb_side(routing.build(sharp_model, **spec, prune_layer=2, keep=0.5))
     routed.generation_config.eos_token_id = None
     with pinned_fastv(routed):
-        new, cached, recomputed = decode_step_logits(routed, gemma().batch(), NEW, [IMAGE, BOI, EOI])
+        new, cached, recomputed = decode_step_logits(routed, GEMMA.batch(), NEW, [IMAGE, BOI, EOI])
     assert_informative(new)
     for step, (got, want) in enumerate(zip(cached, recomputed, strict=True)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"decode step {step}: {m}")
@@ -243,7 +192,7 @@ def subset(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 def test_subset_masks_equal_hfs_own_construction(batch, attn):
     """A prompt's subset masks (image only: two blocks in row 0; text only, padded; the whole sequence), built
     directly, equal HF's create_causal_mask with blockwise_overlay and the window as its mask functions, bit for bit."""
-    a = adapter_for(gemma_model(attn))
+    a = adapter_for(GEMMA.model(attn))
     image, valid = batch["input_ids"] == IMAGE, batch["attention_mask"].bool()
     pos = generate_positions(batch)
     for chosen in (image & valid, ~image & valid, valid):
@@ -264,7 +213,7 @@ def test_subset_masks_equal_hfs_own_construction(batch, attn):
 def test_decode_sliding_mask_equals_hfs_own_construction(attn, new):
     """New tokens against a cache layout whose keys are out of order (row 0: image keys first, as KV caches them)
     and padded (row 1): the directly built sliding mask equals HF's with the window as and_mask_function."""
-    a = adapter_for(gemma_model(attn))
+    a = adapter_for(GEMMA.model(attn))
     c = a.text_config
     generated = 2 + new
     prompt = torch.tensor([[*range(5, 25), *range(5), *range(25, 31)], [0] * 4 + list(range(27))])
@@ -291,34 +240,6 @@ def test_a_sliding_cache_is_refused_in_one_line(model, batch):
     assert "\n" not in str(err.value)
 
 
-def test_pc_equals_kv_at_text_and_text_before_the_image_is_unchanged(model, batch):
-    image = batch["input_ids"] == IMAGE
-    text = batch["attention_mask"].bool() & ~image
-    before = text & (image.long().cumsum(1) == 0)
-    with torch.no_grad():
-        pc, kv, lf = (perturb_side(routing.build(model, SPLIT, v))(**batch).logits for v in ("pc", "kv", "lf"))
-        vanilla = model(**batch, position_ids=generate_positions(batch)).logits
-    torch.testing.assert_close(pc[text], kv[text], atol=2e-5, rtol=1e-4)
-    for logits in (pc, kv, lf):
-        torch.testing.assert_close(logits[before], vanilla[before], atol=2e-5, rtol=1e-4)
-
-
-def test_one_layer_trains_with_a_gradient(model, batch):
-    labels = torch.full_like(batch["input_ids"], -100)
-    labels[:, -2:] = batch["input_ids"][:, -2:]
-    routed = routing.build(model, SPLIT, "lf")
-    assert routed.trainable_parameters().trainable == sum(p.numel() for p in adapter_for(model).layers[SPLIT].parameters())
-    assert routed.side_gradient_norm(**batch, labels=labels) > 0
-    assert routed._no_split_modules == ["Gemma3DecoderLayer"]
-
-
-def test_save_load_round_trip(model, batch, tmp_path):
-    routed = perturb_side(routing.build(model, SPLIT, "kv"))
-    routed.save_routing(tmp_path / "r")
-    with torch.no_grad():
-        assert torch.equal(routing.load(model, tmp_path / "r")(**batch).logits, routed(**batch).logits)
-
-
 def test_token_type_ids_must_mark_the_image_tokens(model, batch):
     wrong = batch["token_type_ids"].roll(1, dims=1)
     with pytest.raises(ToolkitError, match="token_type_ids marks other tokens"):
@@ -332,49 +253,4 @@ def test_adapter_is_registered_with_gemmas_prompt_and_counts(model):
         "<start_of_turn>user\n<start_of_image>what<end_of_turn>\n<start_of_turn>model\n")
     assert Gemma3.image_tokens(gemma_config(layers=1)) == TOKENS_PER_IMAGE
     assert [a.layer_type(i) for i in range(a.num_layers)] == model.config.text_config.layer_types
-
-
-GEMMA_ALIASES = {f"gemma-3-{n}b": f"google/gemma-3-{n}b-it" for n in (4, 12, 27)}
-
-
-@pytest.mark.parametrize("alias", GEMMA_ALIASES)
-def test_aliases_resolve_and_fail_offline_in_one_line(alias):
-    assert resolve_name(alias) == GEMMA_ALIASES[alias]
-    with pytest.raises(ToolkitError, match=rf"cannot load '{GEMMA_ALIASES[alias]}'.*--model PATH") as err:
-        load_model(alias)
-    assert "\n" not in str(err.value)
-
-
-@pytest.mark.parametrize("variant", routing.VARIANTS)
-def test_the_flop_model_counts_sliding_windows_in_original_positions(variant):
-    """routing.flops' attention pairs == pairs counted from explicit masks (image first, then text; a query sees
-    at most `window` keys in ORIGINAL positions), prefill and decode, on the fixture's layer pattern."""
-    from routing import flops
-    from routing.plan import make_plan
-
-    g = flops.Geometry.of(gemma_config().text_config)
-    assert g.window == WINDOW and g.sliding == tuple(t == "sliding_attention" for t in LAYER_TYPES)
-    image, text = 20, 13
-    n = image + text
-    plan = make_plan(g.num_layers, SPLIT, variant, **variant_kwargs(variant))
-    idx = torch.arange(n)
-    img = idx < image
-
-    def count(layer: int, queries, keys) -> int:
-        seen = idx[None, :] <= idx[:, None]
-        if g.window_of(layer) is not None:
-            seen &= idx[None, :] > idx[:, None] - g.window_of(layer)
-        return int((seen & queries[:, None] & keys[None, :]).sum())
-
-    everything = torch.ones(n, dtype=torch.bool)
-    want = sum(count(j, everything, everything) for j in [*plan.shallow, *plan.fusion])
-    want += sum(count(j, img, img) for j in plan.side_sources)
-    for j in plan.deep:
-        want += {"text_only": count(j, ~img, ~img), "reset": count(j, everything, everything),
-                 "kv_only": count(j, ~img, everything)}[plan.deep_mode]
-    assert flops.prefill_cost(g, plan, image, text).attention == want * g.pair_flops()
-    vanilla = sum(count(j, everything, everything) for j in range(g.num_layers))
-    assert flops.prefill_cost(g, None, image, text).attention == vanilla * g.pair_flops()
-    decode = sum(min(WINDOW if g.window_of(j) else n + 1, text + 1 if plan.layout(j) == "text" else n + 1)
-                 for j in range(g.num_layers))
-    assert flops.decode_cost(g, plan, image, text).attention == decode * g.pair_flops()
+    assert type(a.layers[0]).__name__ == "Gemma3DecoderLayer"  # what routed models name in _no_split_modules

@@ -1,4 +1,6 @@
-"""The anatomy map walks a LLaVA exactly as transformers does, for any geometry."""
+"""saturation.core.adapters: the adapter walks a LLaVA exactly as transformers does, for any geometry; adapter_for
+refuses what it does not know; geometry from the config; the RoPE tables. Every family's contract:
+tests/test_adapter_contract.py."""
 
 import pytest
 import torch
@@ -160,9 +162,9 @@ def test_rope_table_is_the_rotary_modules_own_output(processor, family, head_dim
         module = adapter_for(model).rotary_emb
         kinds = [()]
     else:
-        from gemma3_fixtures import gemma_model
+        from family_fixtures import family
 
-        model = gemma_model()
+        model = family("gemma3").model()
         module = adapter_for(model).rotary_emb
         kinds = [(k,) for k in sorted(set(adapter_for(model).text_config.layer_types))]
     a = adapter_for(model)
