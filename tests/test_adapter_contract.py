@@ -20,6 +20,8 @@ import routing
 from saturation.core.adapters import adapter_for
 from saturation.core.errors import ToolkitError
 
+pytestmark = pytest.mark.hf_seam  # CI runs these again on the oldest transformers (.ci/run)
+
 SPLIT = 2  # Qwen3-VL's tiny DeepStack covers layers 0..1: the first allowed split
 NEW = {"llava": 5, "llava_next": 5, "llava_onevision": 5}  # decode steps (4 on Qwen and Gemma)
 # Real text tokens before each row's first image token, at least (Gemma's row 1 opens with its image)

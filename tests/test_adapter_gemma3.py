@@ -22,6 +22,8 @@ from saturation.core.adapters.gemma3 import FULL, SLIDING, block_ids
 from saturation.core.errors import ToolkitError
 from saturation.core.hf_compat import cache_kwargs
 
+pytestmark = pytest.mark.hf_seam  # CI runs these again on the oldest transformers (.ci/run)
+
 GEMMA = family("gemma3")
 SPLIT = 2  # shallow: sliding, sliding; side branch from layer 2 (global); deep 2..4; fusion 5 (global)
 NEW = 4

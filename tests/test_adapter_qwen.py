@@ -30,6 +30,8 @@ from saturation.core.adapters import Qwen3VL, Qwen25VL, adapter_for, position_id
 from saturation.core.errors import ToolkitError
 from saturation.core.hf_compat import cache_of
 
+pytestmark = pytest.mark.hf_seam  # CI runs these again on the oldest transformers (.ci/run)
+
 SPLIT = 2  # Qwen3-VL's tiny DeepStack covers layers 0..1: the first allowed split
 NEW = 4
 

@@ -8,6 +8,8 @@ import pytest
 from saturation.core import adapters, data, geometry, loading
 from saturation.core.adapters import FAMILIES, LayerMap, ModuleMap
 
+pytestmark = pytest.mark.hf_seam  # CI runs these again on the oldest transformers (.ci/run)
+
 
 def test_each_name_is_declared_once():
     for table in ("aliases", "presets"):

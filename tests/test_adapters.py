@@ -26,6 +26,8 @@ from saturation.core.adapters import (
 )
 from saturation.core.tiny import tiny_llava_config, tiny_processor
 
+pytestmark = pytest.mark.hf_seam  # CI runs these again on the oldest transformers (.ci/run)
+
 TEXTS = [
     "USER: <image>\nwhat colour is the circle? ASSISTANT: red</s>",
     "USER: <image>\nwhat ASSISTANT:",

@@ -17,6 +17,8 @@ from saturation.core.data import (
     sample_records,
 )
 
+pytestmark = pytest.mark.hf_seam  # CI runs these again on the oldest transformers (.ci/run)
+
 
 def _write(tmp_path, records):
     path = tmp_path / "d.json"

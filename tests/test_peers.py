@@ -27,6 +27,8 @@ from routing.plan import parse_spec, plan_from_spec
 from saturation.core.adapters import adapter_for, position_ids_from_mask
 from saturation.core.errors import ToolkitError
 
+pytestmark = pytest.mark.hf_seam  # CI runs these again on the oldest transformers (.ci/run)
+
 
 @pytest.fixture(scope="module")
 def model():

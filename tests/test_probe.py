@@ -27,6 +27,8 @@ from saturation.probe import (
     run_probe,
 )
 
+pytestmark = pytest.mark.hf_seam  # CI runs these again on the oldest transformers (.ci/run)
+
 # Questions and answers of different lengths, so that a batch needs padding.
 QAS = [("what colour is the circle?", "red"), ("how many are there?", "two"), ("is there a blue square?", "no"),
        ("is the red circle left?", "yes"), ("what shape is the green one?", "a circle"),

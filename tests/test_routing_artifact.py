@@ -13,6 +13,8 @@ import routing
 from saturation import __version__
 from saturation.core.errors import ToolkitError
 
+pytestmark = pytest.mark.hf_seam  # CI runs these again on the oldest transformers (.ci/run)
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -13,6 +13,8 @@ from routing.generation import greedy_recompute
 from saturation.core.errors import ToolkitError
 from saturation.core.hf_compat import cache_of
 
+pytestmark = pytest.mark.hf_seam  # CI runs these again on the oldest transformers (.ci/run)
+
 SPLIT = 2
 NEW = 6
 

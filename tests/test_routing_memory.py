@@ -15,6 +15,8 @@ from routing.model import build
 from routing.plan import make_plan
 from saturation.core.adapters import adapter_for
 
+pytestmark = pytest.mark.hf_seam  # CI runs these again on the oldest transformers (.ci/run)
+
 PLANS = [("lf", {}), ("lf-ideal", {}), ("pc", {}), ("kv", {}), ("vtw", {}), ("fastv", {"keep": 0.5}),
          ("lf", {"prune": "fastv", "prune_layer": 2, "keep": 0.25}), ("kv", {"prune": "pool", "keep": 0.25})]
 

@@ -14,6 +14,8 @@ import routing
 from saturation.core.adapters import adapter_for, position_ids_from_mask
 from saturation.core.errors import ToolkitError
 
+pytestmark = pytest.mark.hf_seam  # CI runs these again on the oldest transformers (.ci/run)
+
 SPLIT = 2
 PADDINGS = ("left", "right")
 ATTENTION = ("sdpa", "eager")

@@ -154,7 +154,7 @@ class Gemma3(Adapter):
 
         What HF's ``create_causal_mask`` gives with ``or_mask_function=blockwise_overlay(...)`` and the window as
         ``and_mask_function``, built directly: HF expands any custom mask function under vmap (~40 ms for a
-        subset's two masks on CPU in a gemma-3-4b bench, host time on a GPU). tests/test_gemma3.py holds the two
+        subset's two masks on CPU in a gemma-3-4b bench, host time on a GPU). tests/test_adapter_gemma3.py holds the two
         equal, bit for bit."""
         if cache is not None and cache.get_seq_length(layer_idx):
             raise ToolkitError(f"{self.spec.name}: a routed prompt starts on an empty cache (layer {layer_idx} holds "
