@@ -41,3 +41,59 @@ def test_the_pattern_catches_what_it_must():
     for fine in ("from transformers.modeling_outputs import CausalLMOutputWithPast", "a.attn_implementation",
                  "adapter_for(model).text_model.train()", "a.key_values(i, side, rope)"):
         assert not FORBIDDEN.search(fine), fine
+
+
+def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
+    """The modules of `modules` that `path` (module `name`) imports, at the top or inside a function."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package, up level-1 folders
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+    return (found & modules) - {name}
+
+
+def import_cycles(root: Path, package: str) -> list[list[str]]:
+    """Every import circle among the modules of `package` under `root` (lazy imports inside functions count)."""
+    paths = {}
+    for p in (root / package).rglob("*.py"):
+        parts = p.relative_to(root).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph = {m: _imports(p, m, set(paths)) for m, p in paths.items()}
+    cycles, state, stack = [], {}, []
+
+    def visit(m: str) -> None:
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d)
+        state[m] = "done"
+        stack.pop()
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    return cycles
+
+
+def test_no_import_circle_in_routing():
+    assert import_cycles(ROOT, "routing") == []
+
+
+def test_the_circle_finder_finds_one(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "a.py").write_text("from .b import f\n")
+    (tmp_path / "pkg" / "b.py").write_text("def f():\n    from pkg.a import g\n")  # lazy, as artifact <-> model was
+    assert import_cycles(tmp_path, "pkg") == [["pkg.a", "pkg.b", "pkg.a"]]
