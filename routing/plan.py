@@ -1,7 +1,10 @@
 """The routing plan: which layer groups a DPVR variant runs, on which positions, with which cache layout.
 
 One plan describes all four variants; the routed model walks it (`routing.model`), the FLOP model prices it
-(`routing.flops`) and the artifact records it (`routing.artifact`).
+(`routing.flops`) and the artifact records it (`routing.artifact`). A plan is made once and checked once:
+`parse_plan` reads a spec (``lf@6+prune-pre:50%``) against a model's depth and first allowed split, `plan_for` takes
+the pieces, `RoutingPlan.from_manifest` reads a saved ``routing.json`` (`to_manifest` writes it); `parse_spec`
+(syntax only) and `make_plan` (numbers only) are the pure steps underneath.
 
 Layer groups for ``L`` layers, split ``s``, ``K`` fusion layers and a side branch of depth ``d_v``::
 

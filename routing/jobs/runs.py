@@ -149,7 +149,7 @@ def check_not_past(out: Path, planned: int) -> Path | None:
     return last
 
 
-def _finished_message(out: Path, summary: dict) -> str:
+def finished_message(out: Path, summary: dict) -> str:
     return (f"{out}: already finished at step {summary['steps']} with these options; nothing to do "
             f"(--max-steps larger to train on, --no-resume to start fresh)")
 

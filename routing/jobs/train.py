@@ -29,16 +29,15 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 
 from routing.artifact import _base_id
-from routing.jobs.runs import (  # noqa: F401 - DONE_MARKER, RUN_MANIFEST, last_complete_checkpoint: importable here
+from routing.jobs import runs
+from routing.jobs.runs import (
     DONE_MARKER,
-    RUN_MANIFEST,
     SUMMARY,
-    _finished_message,
     check_not_past,
     check_run,
     checkpoint_step,
+    finished_message,
     finished_summary,
-    last_complete_checkpoint,
     open_run,
     run_identity,
     with_data,
@@ -56,6 +55,7 @@ from saturation.probe import default_out as probe_default_out
 from saturation.recommend import split_range
 
 PAPER_LR = {"lf": 1e-4, "pc": 5e-5, "kv": 5e-5}
+RUN_MANIFEST, last_complete_checkpoint = runs.RUN_MANIFEST, runs.last_complete_checkpoint  # importable here as before
 LF_IDEAL_REFUSAL = ("lf-ideal cannot be trained: without a fusion layer the loss has no path to the side branch, "
                     "so its gradient is exactly zero (paper, Appendix A); use --variant lf")
 PROBE_ROOT = Path("runs") / "probe"
@@ -356,7 +356,7 @@ def _train(routed, processor, records: list[Record], opts: TrainConfig, out: Pat
     open_run(out, identity, opts.resume, log, write=main)
     planned = planned_steps(len(records), opts)
     if opts.resume and (done := finished_summary(out, identity, planned)) is not None:
-        log(_finished_message(out, done))
+        log(finished_message(out, done))
         return done | {"unchanged": True}
     resume = check_not_past(out, planned) if opts.resume else None
     done_steps = checkpoint_step(resume) if resume else 0
@@ -514,7 +514,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     if cfg.resume:
         planned = planned_steps(len(records), cfg)
         if (done := finished_summary(out, identity, planned)) is not None:
-            log(_finished_message(out, done))
+            log(finished_message(out, done))
             return done | {"unchanged": True}
         check_not_past(out, planned)
     device = dist.rank_device(cfg.device)  # under torchrun on GPUs: this rank's GPU
