@@ -210,3 +210,35 @@ def test_a_bad_manifest_is_one_line(edit, message):
 def test_a_manifest_that_is_not_an_object_is_one_line():
     with pytest.raises(ToolkitError, match="JSON object"):
         RoutingPlan.from_manifest(["lf", 6])
+
+
+@pytest.mark.parametrize("plan", [None, "lf@2+pool:50%"])
+def test_one_train_run_makes_its_plan_and_checks_its_options_once(tiny_model_dir, dataset, tmp_path, monkeypatch,
+                                                                  plan):
+    """`routing train` checks the split (in the plan), its options and its run identity once each, not per stage."""
+    import routing.jobs.split as split
+    import routing.jobs.train as train
+    import routing.plan as plans
+
+    calls = {}
+
+    def counted(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(train, "check_options")
+    counted(train, "run_identity")
+    counted(plans, "make_plan")
+    counted(split, "validate_split")
+    summary = train.run_train(train.TrainConfig(model=str(tiny_model_dir), split="2", plan=plan, data=dataset,
+                                                out=tmp_path / "run", max_steps=1, save_steps=1, batch_size=2,
+                                                device="cpu"), log=lambda _m: None)
+    assert calls == {"check_options": 1, "run_identity": 1, "make_plan": 1}
+    assert summary["plan"] == (plan or "lf@2")
+    assert RoutingPlan.from_manifest(json.loads((tmp_path / "run" / "routing" / "routing.json").read_text())) == \
+        routing.make_plan(6, 2, prune="pool" if plan else None, keep=0.5 if plan else 1.0)
