@@ -213,16 +213,14 @@ def save_plan_cmd(
     split: Annotated[int | None, typer.Option(help="The split of a plan written without @S (vtw, lf-ideal).")] = None,
 ) -> None:
     """Save a training-free plan (a peer, or a pruning) as a routing artifact; no training, nothing but the plan."""
-    from routing.artifact import read_manifest, save_plan, training_free_plan
-    from saturation.core.adapters import adapter_class
+    from routing.saved import save_plan, training_free_plan
     from saturation.core.loading import load_config, load_model
 
-    config = load_config(model)  # the plan and --out are checked before any weights load
-    training_free_plan(plan, config.text_config.num_hidden_layers, adapter_class(config).first_split(config), split)
+    routing_plan = training_free_plan(plan, load_config(model), split)  # checked before any weights load
     ensure_output_dir(out)
     base, _ = load_model(model)
-    folder = save_plan(base, plan, out, split)
-    Console().print(f"saved plan {read_manifest(folder)['spec']} on {model}: {folder}", highlight=False, markup=False)
+    folder = save_plan(base, routing_plan, out)
+    Console().print(f"saved plan {routing_plan.spec} on {model}: {folder}", highlight=False, markup=False)
 
 
 @routing_app.command("eval")
@@ -380,13 +378,12 @@ def analyze_cmd(
 
     from figures.io import save_figure
     from figures.mechanism import mechanism_figure
-    from routing.artifact import artifact_dir, read_manifest
+    from routing.artifact import artifact_dir, read_plan
     from routing.jobs.analysis import check_analyzable, mechanism, summarize
 
     require_positive(n=n, batch_size=batch_size)
     check_placement(device, device_map, max_memory)
-    saved = read_manifest(routing_dir)  # a plan these checks do not apply to: one line before any work
-    check_analyzable(saved["spec"] if "spec" in saved else saved["variant"], saved.get("prune"), saved["fusion_layers"])
+    check_analyzable(read_plan(routing_dir))  # a plan these checks do not apply to: one line before any work
     out = ensure_output_dir(out or artifact_dir(routing_dir).parent / "analysis")
     records = held_out_records(data, n, seed)
     routed, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory)

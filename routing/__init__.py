@@ -1,13 +1,19 @@
-"""DPVR routing: the routed model (one plan, four variants), cached generation, the FLOP model, save/load.
+"""DPVR routing: the routed model (one plan, four variants and the training-free peers), cached generation, the FLOP
+model, save/load.
 
-``routing.build(model, split, variant="lf", fusion_layers=1, side_depth=1)`` routes a loaded LLaVA;
-``routing.load(model, dir)`` rebuilds a saved routing on its base; ``routing.flops`` prices any geometry.
+A plan is one object, made once and checked once: ``plan = routing.parse_plan("lf@6+prune-pre:50%", model)``
+(any spec the command line takes; None for ``vanilla``), then ``routing.build(model, plan)`` routes the loaded model
+along it. ``plan.to_manifest()`` / ``RoutingPlan.from_manifest(d)`` write and read it as a saved artifact's
+``routing.json`` does; ``routing.load(model, dir)`` rebuilds a saved routing on its base; ``routing.flops`` prices any
+geometry. (``routing.build(model, split, variant="lf", fusion_layers=1, side_depth=1)``, the older form, is kept for
+one release.)
 """
 
 from . import flops
-from .artifact import load, save_routing
+from .artifact import save_routing
 from .model import RoutedLlava, RoutedModel, TrainableReport, build
-from .plan import VARIANTS, RoutingPlan, make_plan
+from .plan import VARIANTS, RoutingPlan, make_plan, parse_plan
+from .saved import load
 
-__all__ = ["VARIANTS", "RoutedLlava", "RoutedModel", "RoutingPlan", "TrainableReport", "build", "flops", "load", "make_plan",
-           "save_routing"]
+__all__ = ["VARIANTS", "RoutedLlava", "RoutedModel", "RoutingPlan", "TrainableReport", "build", "flops", "load",
+           "make_plan", "parse_plan", "save_routing"]

@@ -8,6 +8,10 @@ A routing directory holds::
 Both are written into a temporary sibling folder that then replaces the old artifact, so a crash mid-save
 leaves the previous artifact whole. Readers accept the artifact folder or the run folder of `routing train`
 (whose ``routing/`` subfolder is the artifact).
+
+This module is the file format alone: the plan's part of the manifest is `RoutingPlan.to_manifest` /
+`RoutingPlan.from_manifest`, and rebuilding a routed model from an artifact (which needs `routing.model`, which saves
+through this module) is `routing.saved.load`.
 """
 
 from __future__ import annotations
@@ -26,13 +30,16 @@ from saturation.core.adapters import adapter_for
 from saturation.core.errors import ToolkitError
 from saturation.core.files import read_json
 
+from .plan import RoutingPlan
+
 WEIGHTS = "side_branch.safetensors"
 MANIFEST = "routing.json"
 FORMAT = "dpvr-routing/1"
 RUN_SUBFOLDER = "routing"  # `routing train --out D` writes the artifact to D/routing
-# the keys `load` needs, with their JSON types (bool is excluded from int below: JSON true is not a layer index)
+# the keys `load` needs, with their JSON types (the plan's are checked by `RoutingPlan.from_manifest`)
 REQUIRED = {"variant": str, "split": int, "fusion_layers": int, "side_depth": int, "num_layers": int,
             "base_geometry": dict, "base_fingerprint": list}
+BASE_KEYS = ("base_geometry", "base_fingerprint")
 
 
 def base_geometry(model) -> dict:
@@ -123,15 +130,7 @@ def save_routing(routed, directory) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in routed.side.state_dict().items()}
     manifest = {
         "format": FORMAT,
-        "variant": plan.variant,
-        "split": plan.split,
-        "fusion_layers": plan.fusion_layers,
-        "side_depth": plan.side_depth,
-        "num_layers": plan.num_layers,
-        "prune": plan.prune,  # pruning (issue 17): fastv | prune-pre | pool, its layer K and keep ratio R
-        "prune_layer": plan.prune_layer,
-        "keep": plan.keep,
-        "spec": plan.spec,
+        **plan.to_manifest(),
         "base_model": _base_id(routed.base),
         "base_geometry": base_geometry(routed.base),
         "base_fingerprint": base_fingerprint(routed.base, plan.side_sources),
@@ -162,8 +161,8 @@ def artifact_dir(directory) -> Path:
     return d
 
 
-def _validate(manifest, path: Path) -> dict:
-    """Refuse a manifest `load` cannot use, with one line naming the file and the problem."""
+def _validate(manifest, path: Path) -> RoutingPlan:
+    """The plan of a manifest `load` can use; anything else is one line naming the file and the problem."""
     if not isinstance(manifest, dict):
         raise ToolkitError(f"{path} is not a routing manifest (expected a JSON object)")
     if manifest.get("format") != FORMAT:
@@ -172,41 +171,38 @@ def _validate(manifest, path: Path) -> dict:
     if missing:
         raise ToolkitError(f"{path} lacks {', '.join(missing)}: it was not written by `routing train`, "
                            "or was edited; train it again")
-    for key, kind in REQUIRED.items():
-        value = manifest[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    try:  # key types, split in range, known variant, K and d_v that fit: the plan's own checks
+        plan = RoutingPlan.from_manifest(manifest)
+    except ToolkitError as err:
+        raise ToolkitError(f"{path}: {err}") from None
+    for key in BASE_KEYS:
+        value, kind = manifest[key], REQUIRED[key]
+        if not isinstance(value, kind):
             raise ToolkitError(f"{path}: '{key}' must be a JSON {kind.__name__}, got {value!r}")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in manifest["base_fingerprint"]):
         raise ToolkitError(f"{path}: 'base_fingerprint' must be a list of numbers")
-    from .plan import make_plan
-
-    try:  # split in range, known variant, K and d_v that fit: the plan's own checks
-        make_plan(manifest["num_layers"], manifest["split"], manifest["variant"], manifest["fusion_layers"],
-                  manifest["side_depth"], **pruning(manifest))
-    except ToolkitError as err:
-        raise ToolkitError(f"{path}: {err}") from None
-    return manifest
+    return plan
 
 
-def pruning(manifest: dict) -> dict:
-    """The plan's pruning keywords from a manifest (absent in artifacts from before issue 17: none)."""
-    prune, layer, keep = manifest.get("prune"), manifest.get("prune_layer"), manifest.get("keep", 1.0)
-    if prune is None:
-        return {}
-    if not isinstance(prune, str) or (layer is not None and (not isinstance(layer, int) or isinstance(layer, bool))) \
-            or isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise ToolkitError(f"malformed pruning in routing manifest: prune={prune!r} prune_layer={layer!r} keep={keep!r}")
-    return {"prune": prune, "prune_layer": layer, "keep": keep}
-
-
-def read_manifest(directory) -> dict:
-    """The validated ``routing.json`` of an artifact (or of a run folder's ``routing/``)."""
+def read_artifact(directory) -> tuple[dict, RoutingPlan]:
+    """The validated ``routing.json`` of an artifact (or of a run folder's ``routing/``) and its plan."""
     d = artifact_dir(directory)
     path = d / MANIFEST
     if not path.is_file() or not (d / WEIGHTS).is_file():
         raise ToolkitError(f"'{directory}' is not a routing directory: it needs {MANIFEST} and {WEIGHTS} "
                            f"(or a {RUN_SUBFOLDER}/ subfolder with them, as `routing train --out` writes)")
-    return _validate(read_json(path), path)
+    manifest = read_json(path)
+    return manifest, _validate(manifest, path)
+
+
+def read_manifest(directory) -> dict:
+    """The validated ``routing.json`` of an artifact (or of a run folder's ``routing/``)."""
+    return read_artifact(directory)[0]
+
+
+def read_plan(directory) -> RoutingPlan:
+    """The plan of a saved routing, checked before any weights load."""
+    return read_artifact(directory)[1]
 
 
 def check_base(model, manifest: dict, where: str) -> None:
@@ -227,19 +223,9 @@ def check_base(model, manifest: dict, where: str) -> None:
                            f"('{saved_id or 'unnamed'}'): load the base it was trained on")
 
 
-def load(model, directory):
-    """Rebuild a saved routing on `model` (`directory`: the artifact or a `routing train` run folder).
-
-    Refuses a mismatched base or a damaged artifact with a `ToolkitError`.
-    """
-    from .model import build
-
-    directory = artifact_dir(directory)
-    manifest = read_manifest(directory)
-    check_base(model, manifest, f"'{directory}'")
-    routed = build(model, manifest["split"], manifest["variant"], manifest["fusion_layers"], manifest["side_depth"],
-                   **pruning(manifest))
-    weights = directory / WEIGHTS
+def load_side(routed, directory: Path) -> None:
+    """Fill `routed`'s side branch from the artifact in `directory` (safetensors only, strictly by name and shape)."""
+    weights = Path(directory) / WEIGHTS
     try:  # never torch.load: safetensors only, and a file that is not one is the user's error, not a crash
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
@@ -252,41 +238,3 @@ def load(model, directory):
     if missing or unexpected:
         raise ToolkitError(f"routing '{directory}': side-branch weights do not match the plan "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return routed
-
-
-
-def training_free_plan(spec: str, num_layers: int, min_split: int = 1, split: int | None = None):
-    """The plan `spec` (``vtw@6``, ``fastv@2:50%``, ``prune-pre:25%``, ``pool:25%``, ``lf-ideal@6``) for an L-layer
-    model, checked before any weights load; `split` fills a missing ``@S``. Vanilla and plans with a side branch to
-    train (``routing train --plan``) are one line."""
-    from .plan import PRUNERS, make_plan, parse_spec
-
-    parsed = parse_spec(spec)
-    variant = parsed["variant"]
-    if variant is None:
-        raise ToolkitError("the vanilla plan needs no artifact: leave --routing out")
-    if variant in PRUNERS:  # the pruning carries its own layer; the split is the model's depth
-        split = 0
-    elif parsed["split"] is not None:
-        split = parsed["split"]
-    elif split is None:
-        raise ToolkitError(f"plan '{spec}' needs its split: write {variant}@S (or pass --split S)")
-    plan = make_plan(num_layers, split, variant, min_split=min_split, prune=parsed["prune"],
-                     prune_layer=parsed["prune_layer"], keep=parsed["keep"])
-    if plan.trainable:
-        raise ToolkitError(f"plan '{plan.spec}' has a side branch to train: use `routing train --plan {plan.spec}` "
-                           "(save-plan saves training-free plans)")
-    return plan
-
-
-def save_plan(model, spec: str, directory, split: int | None = None) -> Path:
-    """Save a training-free plan (`training_free_plan`) on `model` as an artifact, so every command's ``--routing``
-    and the lmms-eval plugin's ``routing=`` take it."""
-    from .model import build
-
-    a = adapter_for(model)
-    plan = training_free_plan(spec, a.num_layers, a.min_split, split)
-    routed = build(model, plan.split, plan.variant, plan.fusion_layers, plan.side_depth, prune=plan.prune,
-                   prune_layer=plan.prune_layer, keep=plan.keep)
-    return save_routing(routed, directory)

@@ -34,8 +34,9 @@ from saturation.core.adapters import IMAGE_KWARGS, Adapter, Embedded, adapter_fo
 from saturation.core.errors import ToolkitError
 from saturation.core.hf_compat import CACHE_ARG, cache_kwargs
 
+from .artifact import save_routing
 from .generation import attach_state, check_cache, continuation, make_state, new_cache, state_of
-from .plan import PRE_LLM, RoutingPlan, make_plan
+from .plan import PRE_LLM, RoutingPlan, check_fits, make_plan
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -729,8 +730,6 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
 
     def save_routing(self, directory) -> None:
         """Write only what is new: side-branch weights (safetensors) and the plan (JSON). See `routing.load`."""
-        from .artifact import save_routing
-
         save_routing(self, directory)
 
     def hook_points(self) -> dict[str, nn.Module]:
@@ -794,19 +793,29 @@ def _side_copy(a: Adapter, source: int, layer_idx: int) -> nn.Module:
     return new
 
 
-def build(model: nn.Module, split: int, variant: str = "lf", fusion_layers: int = 1,
-          side_depth: int = 1, *, prune: str | None = None, prune_layer: int | None = None,
+def build(model: nn.Module, plan: RoutingPlan | int | None = None, variant: str = "lf", fusion_layers: int = 1,
+          side_depth: int = 1, *, split: int | None = None, prune: str | None = None, prune_layer: int | None = None,
           keep: float = 1.0) -> RoutedModel:
-    """Route `model` (any LLaVA the anatomy map knows, any dtype/device): variant ``lf`` (default), ``pc``, ``kv``
-    or ``lf-ideal``. Freezes the base; the side branch (copies of layers split .. split+side_depth-1) is trainable.
+    """Route `model` (any family with an adapter, any dtype/device) along `plan` (``routing.parse_plan``,
+    ``RoutingPlan.from_manifest`` or ``routing.plan.plan_for``). Freezes the base; the side branch (copies of layers
+    split .. split+side_depth-1) is trainable. The plan was checked when it was made; here only that it is this
+    model's (its depth, the first allowed split). The routed model is in the base's mode (eval for a model from
+    ``from_pretrained``); the Trainer switches it.
 
-    Training-free peers (``routing.plan``): ``vtw`` (split = its K), ``fastv`` (split = its K unless
-    `prune_layer`), ``prune-pre``, ``pool``, each with `keep` = R; `prune` composes one under lf/pc/kv.
-    The routed model is in the base's mode (eval for a model from ``from_pretrained``); the Trainer switches it.
+    The older form ``build(model, split, variant="lf", fusion_layers=1, side_depth=1, *, prune, prune_layer, keep)``
+    (or ``split=`` by keyword) makes the plan here; it is kept for one release.
     """
     a = adapter_for(model)
-    plan = make_plan(a.num_layers, split, variant, fusion_layers, side_depth, min_split=a.min_split, prune=prune,
-                     prune_layer=prune_layer, keep=keep)
+    if isinstance(plan, RoutingPlan):
+        if split is not None or (variant, fusion_layers, side_depth, prune, prune_layer, keep) != (
+                "lf", 1, 1, None, None, 1.0):
+            raise ToolkitError("build(model, plan) takes no split, variant, K, d_v or pruning: the plan holds them")
+        check_fits(plan, a.num_layers, a.min_split)
+    else:
+        if (plan is None) == (split is None):
+            raise ToolkitError("build needs a RoutingPlan (routing.parse_plan), or a split (the older form)")
+        plan = make_plan(a.num_layers, plan if split is None else split, variant, fusion_layers, side_depth,
+                         min_split=a.min_split, prune=prune, prune_layer=prune_layer, keep=keep)
     impl = a.attn_implementation
     if impl not in SUPPORTED_ATTENTION:
         raise ToolkitError(f"routing supports attn_implementation sdpa or eager, not '{impl}'")

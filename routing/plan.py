@@ -1,7 +1,10 @@
 """The routing plan: which layer groups a DPVR variant runs, on which positions, with which cache layout.
 
 One plan describes all four variants; the routed model walks it (`routing.model`), the FLOP model prices it
-(`routing.flops`) and the artifact records it (`routing.artifact`).
+(`routing.flops`) and the artifact records it (`routing.artifact`). A plan is made once and checked once:
+`parse_plan` reads a spec (``lf@6+prune-pre:50%``) against a model's depth and first allowed split, `plan_for` takes
+the pieces, `RoutingPlan.from_manifest` reads a saved ``routing.json`` (`to_manifest` writes it); `parse_spec`
+(syntax only) and `make_plan` (numbers only) are the pure steps underneath.
 
 Layer groups for ``L`` layers, split ``s``, ``K`` fusion layers and a side branch of depth ``d_v``::
 
@@ -40,6 +43,9 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
+from transformers import PretrainedConfig
+
+from saturation.core.adapters import adapter_class, adapter_for
 from saturation.core.errors import ToolkitError
 from saturation.recommend import split_range
 
@@ -51,6 +57,8 @@ ALL_VARIANTS = VARIANTS + PEERS
 DEEP_MODE = {"lf": "text_only", "lf-ideal": "text_only", "pc": "reset", "kv": "kv_only", "vtw": "text_only",
              "fastv": "dense", "prune-pre": "dense", "pool": "dense"}
 LAYOUT_OF_MODE = {"text_only": "text", "reset": "full", "kv_only": "kv", "dense": "full"}
+# the plan's keys of a saved manifest (`routing.json`) with their JSON types (pruning's are optional: older artifacts)
+MANIFEST_TYPES = {"variant": str, "split": int, "fusion_layers": int, "side_depth": int, "num_layers": int}
 
 
 def kept_tokens(prune: str | None, n: int, keep: float) -> int:
@@ -76,6 +84,29 @@ class RoutingPlan:
     prune: str | None = None  # fastv | prune-pre | pool: image tokens dropped before layer `prune_layer`
     prune_layer: int = 0  # FastV's K (scores from layer K-1); 0 = before the LLM
     keep: float = 1.0  # R: the share of each image's tokens kept (FastV: of each row's)
+
+    def to_manifest(self) -> dict:
+        """The plan's part of an artifact's ``routing.json`` (`RoutingPlan.from_manifest` reads it back)."""
+        return {"variant": self.variant, "split": self.split, "fusion_layers": self.fusion_layers,
+                "side_depth": self.side_depth, "num_layers": self.num_layers,
+                "prune": self.prune,  # pruning (issue 17): fastv | prune-pre | pool, its layer K and keep ratio R
+                "prune_layer": self.prune_layer, "keep": self.keep, "spec": self.spec}
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> RoutingPlan:
+        """The plan of a ``routing.json`` (every key but the plan's is ignored), checked as `make_plan` checks a new
+        one: a hand-edited manifest is one line. Manifests from before pruning (no ``prune`` keys) prune nothing."""
+        if not isinstance(manifest, dict):
+            raise ToolkitError(f"a routing manifest is a JSON object, not {type(manifest).__name__}")
+        missing = [k for k in MANIFEST_TYPES if k not in manifest]
+        if missing:
+            raise ToolkitError(f"the routing manifest lacks {', '.join(missing)}")
+        for key, kind in MANIFEST_TYPES.items():
+            value = manifest[key]
+            if not isinstance(value, kind) or isinstance(value, bool):  # JSON true is not a layer index
+                raise ToolkitError(f"'{key}' must be a JSON {kind.__name__}, got {value!r}")
+        return make_plan(manifest["num_layers"], manifest["split"], manifest["variant"], manifest["fusion_layers"],
+                         manifest["side_depth"], **manifest_pruning(manifest))
 
     @property
     def name(self) -> str:
@@ -206,12 +237,9 @@ def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: i
     valid = split_range(num_layers, fusion_layers, 1 if variant == "vtw" else side_depth, min_split)
     if variant == "vtw":
         side_depth = 0
-    if 1 <= split < min_split:
-        raise ToolkitError(f"split {split} is inside the DeepStack layers (image features are still added after "
-                           f"layers 0..{min_split - 1}): the first allowed split is {min_split}")
+    _check_deepstack(split, min_split)
     if split not in valid:
-        raise ToolkitError(f"split {split} is out of range for a {num_layers}-layer model with K={fusion_layers} "
-                           f"fusion layer(s) and side depth {side_depth}: choose {valid.start}..{valid.stop - 1}")
+        raise ToolkitError(out_of_range(split, num_layers, fusion_layers, side_depth, valid))
     if prune is not None and prune_layer > split:
         raise ToolkitError(f"{prune} at layer {prune_layer} comes after the split {split}: pruning must happen in "
                            "the shallow stack, so that the side branch and the fusion see only the kept tokens")
@@ -232,9 +260,38 @@ def _check_pruning(num_layers: int, prune: str, prune_layer: int | None, keep: f
     if not isinstance(prune_layer, int) or isinstance(prune_layer, bool) or not 1 <= prune_layer <= num_layers - 1:
         raise ToolkitError(f"FastV's layer K must be in 1..{num_layers - 1} for a {num_layers}-layer model "
                            f"(it reads the attention at layer K-1), got {prune_layer!r}")
+    _check_deepstack_fastv(prune_layer, min_split)
+    return prune_layer
+
+
+def out_of_range(split: int, num_layers: int, fusion_layers: int, side_depth: int, valid: range) -> str:
+    """The one line for a split outside `valid`; K and d_v are named when they are not the defaults (1, 1)."""
+    given = "" if (fusion_layers, side_depth) == (1, 1) else \
+        f" with K={fusion_layers} fusion layer(s) and side depth {side_depth}"
+    return (f"split {split} is out of range for a {num_layers}-layer model{given}: "
+            f"choose {valid.start}..{valid.stop - 1}")
+
+
+def _check_deepstack(split: int, min_split: int) -> None:
+    if 1 <= split < min_split:
+        raise ToolkitError(f"split {split} is inside the DeepStack layers (image features are still added after "
+                           f"layers 0..{min_split - 1}): the first allowed split is {min_split}")
+
+
+def _check_deepstack_fastv(prune_layer: int, min_split: int) -> None:
     if prune_layer < min_split:
         raise ToolkitError(f"FastV's layer K={prune_layer} is inside the DeepStack layers: use K >= {min_split}")
-    return prune_layer
+
+
+def check_fits(plan: RoutingPlan, num_layers: int, min_split: int) -> None:
+    """Refuse a plan made for another model (`build` does not check a plan twice, only that it is this model's)."""
+    if plan.num_layers != num_layers:
+        raise ToolkitError(f"plan {plan.spec} is for a {plan.num_layers}-layer model; this one has {num_layers} "
+                           "layers: make the plan for this model (routing.parse_plan)")
+    if plan.routes:
+        _check_deepstack(plan.split, min_split)
+    if plan.prune == "fastv":
+        _check_deepstack_fastv(plan.prune_layer, min_split)
 
 
 _PART = re.compile(r"^(?P<name>[a-z-]+)(?:@(?P<layer>\d+))?(?::(?P<keep>[0-9.]+%?))?$")
@@ -276,11 +333,60 @@ def parse_spec(spec: str) -> dict:
             "keep": 1.0 if prune[2] is None else prune[2]}
 
 
-def plan_from_spec(parsed: dict, num_layers: int, default_split: int, fusion_layers: int = 1, side_depth: int = 1,
-                   min_split: int = 1) -> RoutingPlan | None:
-    """`parse_spec`'s answer as a plan for an L-layer model (None for vanilla); `default_split` fills a missing @S."""
+def plan_from_spec(parsed: dict, num_layers: int, default_split: int | None, fusion_layers: int = 1,
+                   side_depth: int = 1, min_split: int = 1, spec: str | None = None) -> RoutingPlan | None:
+    """`parse_spec`'s answer as a plan for an L-layer model (None for vanilla); `default_split` fills a missing @S
+    (None: a plan that needs one is one line naming `spec`)."""
+    variant = parsed["variant"]
+    if variant is None:
+        return None
+    if variant in PRUNERS:  # the pruning carries its own layer; the split is the model's depth
+        split = 0
+    elif parsed["split"] is not None:
+        split = parsed["split"]
+    elif default_split is None:
+        raise ToolkitError(f"plan '{spec or variant}' needs its split: write {variant}@S (or pass --split S)")
+    else:
+        split = default_split
+    return make_plan(num_layers, split, variant, fusion_layers, side_depth, min_split,
+                     prune=parsed["prune"], prune_layer=parsed["prune_layer"], keep=parsed["keep"])
+
+
+def geometry(model) -> tuple[int, int]:
+    """``(num_layers, min_split)`` of a loaded model, or of its config alone (plans checked before weights load)."""
+    if isinstance(model, PretrainedConfig):
+        return model.text_config.num_hidden_layers, adapter_class(model).first_split(model)
+    a = adapter_for(model)
+    return a.num_layers, a.min_split
+
+
+def parse_plan(spec: str, model, *, split: int | None = None, fusion_layers: int = 1,
+               side_depth: int = 1) -> RoutingPlan | None:
+    """The plan `spec` (`parse_spec`: ``vanilla``, ``lf@6``, ``vtw@6``, ``fastv@2:50%``, ``prune-pre:25%``,
+    ``pool:0.25``, ``lf@6+prune-pre:50%``, ...) for `model` (a loaded model or its config), checked once against its
+    depth and first allowed split. None for vanilla. `split` fills a spec written without ``@S`` (the caller's
+    --split or the probe's recommendation); `fusion_layers` and `side_depth` are K and d_v of a side branch."""
+    parsed = parse_spec(spec)
     if parsed["variant"] is None:
         return None
-    split = default_split if parsed["split"] is None else parsed["split"]
-    return make_plan(num_layers, split, parsed["variant"], fusion_layers, side_depth, min_split,
-                     prune=parsed["prune"], prune_layer=parsed["prune_layer"], keep=parsed["keep"])
+    num_layers, min_split = geometry(model)
+    return plan_from_spec(parsed, num_layers, split, fusion_layers, side_depth, min_split, spec=spec)
+
+
+def plan_for(model, split: int, variant: str = "lf", fusion_layers: int = 1, side_depth: int = 1, *,
+             prune: str | None = None, prune_layer: int | None = None, keep: float = 1.0) -> RoutingPlan:
+    """`make_plan` for `model` (a loaded model or its config): its depth and first allowed split filled in."""
+    num_layers, min_split = geometry(model)
+    return make_plan(num_layers, split, variant, fusion_layers, side_depth, min_split, prune=prune,
+                     prune_layer=prune_layer, keep=keep)
+
+
+def manifest_pruning(manifest: dict) -> dict:
+    """The plan's pruning keywords from a manifest (absent in artifacts from before issue 17: none)."""
+    prune, layer, keep = manifest.get("prune"), manifest.get("prune_layer"), manifest.get("keep", 1.0)
+    if prune is None:
+        return {}
+    if not isinstance(prune, str) or (layer is not None and (not isinstance(layer, int) or isinstance(layer, bool))) \
+            or isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ToolkitError(f"malformed pruning in routing manifest: prune={prune!r} prune_layer={layer!r} keep={keep!r}")
+    return {"prune": prune, "prune_layer": layer, "keep": keep}

@@ -8,6 +8,8 @@ import re
 import tokenize
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONES = ROOT / "saturation" / "core" / "adapters"
 FORBIDDEN = re.compile(
@@ -104,3 +106,60 @@ def test_the_family_scan_reads_code_not_prose():
             'getattr(a, "rotary_emb")\n', 'load_llava = load_model\nname = "llava"\n']
     for ok in fine:
         assert not family_leaks(ok), ok
+
+
+def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
+    """The modules of `modules` that `path` (module `name`) imports, at the top or inside a function."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package, up level-1 folders
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+    return (found & modules) - {name}
+
+
+def import_cycles(root: Path, package: str) -> list[list[str]]:
+    """Every import circle among the modules of `package` under `root` (lazy imports inside functions count)."""
+    paths = {}
+    for p in (root / package).rglob("*.py"):
+        parts = p.relative_to(root).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph = {m: _imports(p, m, set(paths)) for m, p in paths.items()}
+    cycles, state, stack = [], {}, []
+
+    def visit(m: str) -> None:
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d)
+        state[m] = "done"
+        stack.pop()
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    return cycles
+
+
+@pytest.mark.parametrize("package", ["routing", "saturation"])
+def test_no_import_circle(package):
+    assert import_cycles(ROOT, package) == []
+
+
+def test_the_circle_finder_finds_one(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "a.py").write_text("from .b import f\n")
+    (tmp_path / "pkg" / "b.py").write_text("def f():\n    from pkg.a import g\n")  # lazy, as artifact <-> model was
+    assert import_cycles(tmp_path, "pkg") == [["pkg.a", "pkg.b", "pkg.a"]]

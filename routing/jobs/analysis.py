@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from routing.plan import RoutingPlan
 from saturation.core.data import PromptFormat, Record, collate, encode_prompt, image_inputs, to_model
 from saturation.core.errors import ToolkitError
 from saturation.metrics import masked_mean, token_cosine, token_groups
@@ -54,19 +55,19 @@ def recording(anat, layers: list[int], hidden: dict, patterns: dict, groups: dic
 
 
 @torch.no_grad()
-def check_analyzable(spec: str, prune: str | None, fusion_layers: int) -> None:
+def check_analyzable(plan: RoutingPlan) -> None:
     """One line for a plan these checks do not apply to: they compare fusion layers, token for token, with vanilla."""
-    if prune is not None:
-        raise ToolkitError(f"routing analyze compares the routed and vanilla runs token for token; plan {spec} prunes "
-                           "image tokens, so the two sequences differ (compare plans with `routing compare`)")
-    if not fusion_layers:
-        raise ToolkitError(f"routing analyze reads the fusion layers' attention; plan {spec} has none")
+    if plan.prune is not None:
+        raise ToolkitError(f"routing analyze compares the routed and vanilla runs token for token; plan {plan.spec} "
+                           "prunes image tokens, so the two sequences differ (compare plans with `routing compare`)")
+    if not plan.fusion_layers:
+        raise ToolkitError(f"routing analyze reads the fusion layers' attention; plan {plan.spec} has none")
 
 
 def mechanism(base, routed, processor, records: list[Record], batch_size: int = 16) -> dict[str, pd.DataFrame]:
     """``{"fusion_attention": per (model, layer, head) mass, "shallow_drift": per layer cosine}`` over `records`."""
     anat, plan = routed.adapter, routed.plan
-    check_analyzable(plan.spec, plan.prune, plan.fusion_layers)
+    check_analyzable(plan)
     fusion, shallow = list(plan.fusion), list(plan.shallow)
     heads, drift = [], []
     fmt = PromptFormat.of(anat)

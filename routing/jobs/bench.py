@@ -48,7 +48,7 @@ from torch import Tensor
 
 from routing import flops, memory
 from routing.model import RoutedModel, build
-from routing.plan import VARIANTS, make_plan
+from routing.plan import VARIANTS, make_plan, plan_for
 from saturation.core.adapters import adapter_for, position_ids_from_mask
 from saturation.core.errors import ToolkitError
 from saturation.core.geometry import (
@@ -447,7 +447,7 @@ def measure_train(base, variants, plan_args: dict, p: Prompt, watch: Stopwatch, 
     labels[:, -TRAIN_LABELS:] = p.next_tokens[0]
     inputs = {"inputs_embeds": p.embeds, "image_mask": p.image_mask, "attention_mask": p.attention_mask,
               "labels": labels}
-    models = {v: build(base, plan_args["split"], v, plan_args["fusion_layers"], plan_args["side_depth"]).train()
+    models = {v: build(base, plan_for(base, variant=v, **plan_args)).train()
               for v in dict.fromkeys(("pc", *variants)) if v != "lf-ideal"}
 
     def step(routed):
@@ -557,7 +557,7 @@ def load_models(cfg: BenchConfig):
         base = random_llava(geometry_config(cfg.geometry, cfg.layers), dtype, device, cfg.seed)
         depth = f", {cfg.layers} layers" if cfg.layers else ""
         return base, None, None, f"random {cfg.geometry}{depth}"
-    from routing.artifact import load as load_routing
+    from routing.saved import load as load_routing
     from saturation.core.loading import load_model
 
     base, processor = load_model(cfg.model or "tiny", dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
@@ -574,12 +574,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
     from saturation.core.loading import cpu_threads
 
     if model is None and cfg.routing is not None:  # a saved plan bench cannot time fails before any weights load
-        from routing.artifact import read_manifest
+        from routing.artifact import read_plan
 
-        manifest = read_manifest(cfg.routing)
-        _check_saved_plan(make_plan(manifest["num_layers"], manifest["split"], manifest["variant"],
-                                    manifest["fusion_layers"], manifest["side_depth"], prune=manifest.get("prune"),
-                                    prune_layer=manifest.get("prune_layer"), keep=manifest.get("keep", 1.0)), cfg)
+        _check_saved_plan(read_plan(cfg.routing), cfg)
     if model is None:
         base, processor, trained, source = load_models(cfg)
     else:
@@ -606,7 +603,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None, m
         if trained is not None and (peer or trained.plan.variant == variant):
             models[variant] = trained
         else:
-            models[variant] = build(base, variant=variant, **plan_args).eval()
+            models[variant] = build(base, plan_for(base, variant=variant, **plan_args)).eval()
     device = input_device(base)
     geometry = flops.Geometry.of(a.text_config)
     records = _bench_records() if processor is not None else None

@@ -1,7 +1,7 @@
 """`routing compare`: a list of plans (vanilla, DPVR, training-free peers, compositions) on the same data, with the
 same latency measurement, into one frontier table (issue 17).
 
-Each plan is a spec (``routing.plan.parse_spec``). Accuracy is exact match on the same records (default: the
+Each plan is a spec (``routing.parse_plan``). Accuracy is exact match on the same records (default: the
 embedded held-out set); FLOPs come from the FLOP model at the measured prompt's counts; prefill and decode latency
 are paired and interleaved in one loop (sample k of every plan in the same round, the order rotated each round, as
 `routing bench`), end-to-end from pixels so pre-LLM pruning pays for its scoring. Plans with a side branch are
@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from routing import flops
-from routing.plan import RoutingPlan, parse_spec, plan_from_spec
+from routing.plan import RoutingPlan, parse_spec
 from saturation.core.errors import ToolkitError
 
 NEEDS_PIXELS = ("prune-pre",)  # prunings that read the vision tower: no plan of geometry mode's random embeddings
@@ -127,15 +127,12 @@ def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str
         split = _recommended_split(cfg, a.num_layers, log)
     built, records = {}, None
     for p in parsed:
-        plan = plan_from_spec(p, a.num_layers, split if split is not None else a.num_layers // 2,
-                              min_split=a.min_split)
+        plan = routing.parse_plan(p["text"], model, split=split if split is not None else a.num_layers // 2)
         name = "vanilla" if plan is None else plan.spec
         if plan is None:
             built[name] = (None, model, "")
             continue
-        routed = routing.build(model, plan.split, plan.variant, plan.fusion_layers, plan.side_depth,
-                               prune=plan.prune if plan.variant != plan.prune else None,
-                               prune_layer=plan.prune_layer, keep=plan.keep)
+        routed = routing.build(model, plan)
         how = ""
         if plan.trainable and cfg.geometry is not None:
             how = "untrained (geometry)"

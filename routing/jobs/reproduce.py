@@ -18,6 +18,7 @@ from routing.jobs.evaluate import evaluate
 from routing.jobs.split import validate_split
 from routing.jobs.train import TrainConfig, train_side_branch, training_records
 from routing.model import build
+from routing.plan import plan_for
 from saturation.core.data import PromptFormat, collate, encode_record, read_records, sample_records, to_model
 from saturation.core.files import write_json, write_text
 from saturation.core.loading import DATA_SAMPLES, cpu_threads, load_model, resolve_name
@@ -127,12 +128,12 @@ def evaluated(ctx: Context, net, name: str) -> dict:
 def trained(ctx: Context, variant: str, split: int, fusion_layers: int = 1) -> tuple[dict, dict]:
     """Train (or resume, or reuse) one routed variant with the shared budget; returns (train summary, eval)."""
     name = f"{variant}-s{split}-k{fusion_layers}"
-    routed = build(ctx.model, split, variant, fusion_layers)
+    routed = build(ctx.model, plan_for(ctx.model, split, variant, fusion_layers))
     run = ctx.cfg.out / "train" / name
     summary_path = run / "train_summary.json"
     done = summary_path.is_file() and json.loads(summary_path.read_text())["steps"] >= ctx.cfg.max_steps
     if done:
-        from routing.artifact import load
+        from routing.saved import load
 
         routed = load(ctx.model, run / "routing")
         summary = json.loads(summary_path.read_text())
@@ -151,7 +152,7 @@ def zero_gradient_check(ctx: Context, split: int) -> dict:
     batch = collate([encode_record(r, ctx.processor, fmt=fmt) for r in ctx.train_records[:4]],
                     ctx.processor.tokenizer.pad_token_id)
     batch = to_model(batch, ctx.model.device, ctx.model.dtype)
-    return {v: build(ctx.model, split, v).side_gradient_norm(**batch) for v in ("lf-ideal", "lf")}
+    return {v: build(ctx.model, plan_for(ctx.model, split, v)).side_gradient_norm(**batch) for v in ("lf-ideal", "lf")}
 
 
 def sweep_splits(split: int, radius: int | None, num_layers: int, fusion_layers: int = 1,
@@ -193,7 +194,7 @@ def _reproduce(cfg: ReproduceConfig, model, processor, probe, split: int, num_la
         results[variant] = result
         rows.append({"variant": variant, "accuracy": result["accuracy"], "flops_ratio": flops_ratio(ctx, variant, split),
                      "trainable_params": summary["trainable_params"], "split": split})
-    ideal = build(model, split, "lf-ideal")
+    ideal = build(model, plan_for(model, split, "lf-ideal"))
     rows.append({"variant": "lf-ideal", "accuracy": evaluated(ctx, ideal.eval(), f"lf-ideal-s{split}")["accuracy"],
                  "flops_ratio": flops_ratio(ctx, "lf-ideal", split),
                  "trainable_params": ideal.trainable_parameters().trainable, "split": split})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from routing.plan import out_of_range
 from saturation.core.errors import ToolkitError
 from saturation.core.files import read_json
 from saturation.recommend import split_range
@@ -16,9 +17,7 @@ def validate_split(split: int, num_layers: int, fusion_layers: int = 1, side_dep
     """A split must lie in `saturation.recommend.split_range` (with K=1 and d_v=1: [1, L−2])."""
     valid = split_range(num_layers, fusion_layers, side_depth)
     if split not in valid:
-        given = "" if (fusion_layers, side_depth) == (1, 1) else f" with K={fusion_layers} fusion layer(s) and side depth {side_depth}"
-        raise ToolkitError(f"split {split} is out of range for a {num_layers}-layer model{given}: "
-                           f"choose {valid.start}..{valid.stop - 1}")
+        raise ToolkitError(out_of_range(split, num_layers, fusion_layers, side_depth, valid))
     return split
 
 
@@ -46,23 +45,29 @@ def newest_probe(root: Path, model: str) -> Path | None:
     return max(found)[1] if found else None
 
 
-def resolve_split(split: str | int, num_layers: int, model: str, probe_dir: Path | None,
-                  probe_root: Path, fusion_layers: int = 1, side_depth: int = 1) -> tuple[int, str]:
-    """``(split, where it came from)``. `split` is an integer or ``auto``; auto reads `probe_dir`, else the
-    newest probe of the same model under `probe_root`. Returns ``(-1, "missing")`` when auto finds none,
-    so the caller can run the probe first. Either way the split is checked against `split_range` for the
-    given K and d_v."""
-    split_range(num_layers, fusion_layers, side_depth)  # a K or d_v that leaves no split fails before any probe runs
+def find_split(split: str | int, num_layers: int, model: str, probe_dir: Path | None,
+               probe_root: Path) -> tuple[int, str]:
+    """``(split, where it came from)``, not yet checked against a plan's range (the plan made from it checks it).
+    `split` is an integer or ``auto``; auto reads `probe_dir`, else the newest probe of the same model under
+    `probe_root`. Returns ``(-1, "missing")`` when auto finds none, so the caller can run the probe first."""
     if str(split) != "auto":
         try:
-            value = int(split)
+            return int(split), "given"
         except ValueError:
             raise ToolkitError(f"--split must be an integer or 'auto' (got '{split}')") from None
-        return validate_split(value, num_layers, fusion_layers, side_depth), "given"
     folder = probe_dir or newest_probe(probe_root, model)
     if folder is None:
         return -1, "missing"
     rec = read_recommendation(folder)
     if rec["num_layers"] != num_layers:
         raise ToolkitError(f"the probe in {folder} is for a {rec['num_layers']}-layer model, this one has {num_layers}")
-    return validate_split(rec["split"], num_layers, fusion_layers, side_depth), str(folder / RECOMMENDATION)
+    return rec["split"], str(folder / RECOMMENDATION)
+
+
+def resolve_split(split: str | int, num_layers: int, model: str, probe_dir: Path | None,
+                  probe_root: Path, fusion_layers: int = 1, side_depth: int = 1) -> tuple[int, str]:
+    """`find_split`, checked against `split_range` for the given K and d_v (a K or d_v that leaves no split fails
+    before any probe runs)."""
+    split_range(num_layers, fusion_layers, side_depth)
+    value, source = find_split(split, num_layers, model, probe_dir, probe_root)
+    return (value if source == "missing" else validate_split(value, num_layers, fusion_layers, side_depth)), source

@@ -4,15 +4,14 @@ The paper's recipe as defaults: AdamW, lr 1e-4 for LF and 5e-5 for PC/KV, cosine
 decay 0, batch 4, one epoch, bf16 + gradient checkpointing on CUDA. Unlike the paper, the seed reaches the
 data order: `transformers.set_seed` runs before the Trainer exists (the paper's Appendix C bug).
 
-A run folder (``--out``) holds ``run.json`` (the options that define the run: model, variant, split, K, d_v, lr,
-seed, batch size, data digest), ``checkpoints/``, the logs, ``train_summary.json`` and the artifact ``routing/``.
-A rerun resumes from the last complete checkpoint only if its defining options are the same; a finished run
-is left as it is; ``--max-steps`` may grow between runs (training continues) but not shrink.
+The plan trained is one `RoutingPlan` (``--plan``, or ``--variant`` at ``--split``), made and checked once from the
+model's config before any weights load. A run folder (``--out``) holds ``run.json``, ``checkpoints/``, the logs,
+``train_summary.json`` and the artifact ``routing/``; what defines a run and when a rerun resumes is
+`routing.jobs.runs`. ``--max-steps`` may grow between runs (training continues) but not shrink.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,35 +28,38 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 
-from routing.artifact import _base_id, read_manifest
-from routing.jobs.split import resolve_split, validate_split
+from routing.artifact import _base_id
+from routing.jobs import runs
+from routing.jobs.runs import (
+    DONE_MARKER,
+    SUMMARY,
+    check_not_past,
+    check_run,
+    checkpoint_step,
+    finished_message,
+    finished_summary,
+    open_run,
+    run_identity,
+    with_data,
+)
+from routing.jobs.split import find_split
 from routing.model import build
-from routing.plan import RoutingPlan, make_plan, parse_spec
+from routing.plan import RoutingPlan, parse_plan, parse_spec, plan_for
 from saturation.core import distributed as dist
-from saturation.core.adapters import adapter_class
 from saturation.core.data import PromptFormat, Record, collate, encode_record, read_records
 from saturation.core.errors import ToolkitError
 from saturation.core.files import ensure_output_dir, write_json, write_text
 from saturation.core.loading import check_placement, cpu_threads, load_config, load_model, resolve_name
 from saturation.probe import ProbeConfig, run_probe
 from saturation.probe import default_out as probe_default_out
+from saturation.recommend import split_range
 
 PAPER_LR = {"lf": 1e-4, "pc": 5e-5, "kv": 5e-5}
+RUN_MANIFEST, last_complete_checkpoint = runs.RUN_MANIFEST, runs.last_complete_checkpoint  # importable here as before
 LF_IDEAL_REFUSAL = ("lf-ideal cannot be trained: without a fusion layer the loss has no path to the side branch, "
                     "so its gradient is exactly zero (paper, Appendix A); use --variant lf")
 PROBE_ROOT = Path("runs") / "probe"
-DONE_MARKER = "checkpoint_complete"  # a checkpoint folder without it was interrupted mid-write
 LOSS_FILE = "loss_sum.json"  # per checkpoint: summed per-step loss so far, so a resumed run's mean covers every step
-RUN_MANIFEST = "run.json"
-SUMMARY = "train_summary.json"
-# What defines a run (resuming with any of them changed would mix two runs), and the option that sets each.
-RUN_OPTIONS = {"model": "--model", "variant": "--variant", "split": "--split", "fusion_layers": "--fusion-layers",
-               "side_depth": "--side-depth", "learning_rate": "--lr", "seed": "--seed", "batch_size": "--batch-size",
-               "data_sha256": "data (--data/--n-train)", "world_size": "processes (torchrun --nproc_per_node)",
-               "prune": "--plan", "prune_layer": "--plan", "keep": "--plan"}
-# Options an older run.json lacks, and the value it ran with: a run from before `world_size` was recorded ran alone,
-# one from before --plan pruned nothing.
-RUN_DEFAULTS = {"world_size": 1, "prune": None, "prune_layer": 0, "keep": 1.0}
 
 
 @dataclass
@@ -154,110 +156,6 @@ def planned_steps(n_records: int, opts: TrainConfig, world_size: int | None = No
         return opts.max_steps
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     return math.ceil(opts.epochs * math.ceil(n_records / (opts.batch_size * world)))
-
-
-def records_digest(records: list[Record]) -> str:
-    """A digest of what training reads: ids, image file names, turns, question types (not folders, so a moved
-    data set or run folder keeps its digest)."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps([r.id, r.image.name, r.turns, r.question_type]).encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
-
-
-def run_identity(model_id: str, plan: RoutingPlan, opts: TrainConfig, records: list[Record] | None) -> dict:
-    """The options that define a run (`RUN_OPTIONS`); without `records`, all but the data digest."""
-    identity = {"model": model_id, "variant": plan.variant, "split": plan.split, "fusion_layers": plan.fusion_layers,
-                "side_depth": plan.side_depth, "learning_rate": opts.learning_rate, "seed": opts.seed,
-                "batch_size": opts.batch_size, "prune": plan.prune, "prune_layer": plan.prune_layer, "keep": plan.keep,
-                # the global batch is world_size x batch_size and the optimizer state is per process layout:
-                # checkpoints resume only under the same number of processes
-                "world_size": dist.world_size()}
-    if records is not None:
-        identity["data_sha256"] = records_digest(records)
-    return identity
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    """``--split 4 (now 5)`` for each defining option of `new` that `old` has otherwise."""
-    diffs = []
-    for key in (k for k in RUN_OPTIONS if k in new):
-        before, now = old.get(key, RUN_DEFAULTS.get(key)), new[key]
-        same = (Path(str(before)).name == Path(str(now)).name) if key == "model" else before == now  # a local copy
-        if not same:
-            diffs.append(f"{RUN_OPTIONS[key]} {before} (now {now})")
-    return diffs
-
-
-def check_run(out: Path, identity: dict) -> None:
-    """Refuse to resume in `out` when its `run.json` records other defining options than `identity`."""
-    fresh = "pass --no-resume to start fresh there (its checkpoints are deleted), or choose another --out"
-    path = out / RUN_MANIFEST
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            old = None
-        if not isinstance(old, dict):
-            raise ToolkitError(f"{path} is damaged, so the run in {out} cannot be resumed safely: {fresh}")
-        diffs = _differences(old, identity)
-        if diffs:
-            raise ToolkitError(f"{out} holds a run with other options: {', '.join(diffs)}; {fresh}")
-    elif any((out / "checkpoints").glob("checkpoint-*")):
-        raise ToolkitError(f"{out} holds checkpoints but no {RUN_MANIFEST} saying which options made them "
-                           f"(an older toolkit?): {fresh}")
-
-
-def open_run(out: Path, identity: dict, resume: bool, log: Callable[[str], None] = print, write: bool = True) -> None:
-    """Record the run's options in `out/run.json`: after checking them (resume), or dropping old checkpoints.
-    `write=False` only checks (the other processes of a torchrun run: rank 0 writes)."""
-    if resume:
-        check_run(out, identity)
-    if not write:
-        return
-    if not resume and (out / "checkpoints").exists():
-        log(f"starting afresh in {out} (--no-resume): its old checkpoints are deleted")
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    write_json(out / RUN_MANIFEST, identity)
-
-
-def checkpoint_step(folder: Path) -> int:
-    return int(folder.name.split("-")[1])
-
-
-def finished_summary(out: Path, identity: dict, planned: int) -> dict | None:
-    """The summary of a finished run of these options in `out` (artifact written), else None."""
-    try:
-        summary = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
-    except (ValueError, OSError):
-        return None
-    if not isinstance(summary, dict) or not isinstance(summary.get("run"), dict) or summary.get("steps") != planned:
-        return None
-    if _differences(summary["run"], identity):
-        return None
-    last = last_complete_checkpoint(out / "checkpoints")
-    if last is not None and checkpoint_step(last) != planned:  # a fresh (--no-resume) run of the same options is under way
-        return None
-    try:
-        read_manifest(out / "routing")
-    except ToolkitError:
-        return None
-    return summary
-
-
-def check_not_past(out: Path, planned: int) -> Path | None:
-    """The newest complete checkpoint in `out` (None if none), refusing one beyond the step the run ends at."""
-    last = last_complete_checkpoint(out / "checkpoints")
-    if last is not None and checkpoint_step(last) > planned:
-        raise ToolkitError(f"{out} already holds a run trained for {checkpoint_step(last)} steps, more than the "
-                           f"{planned} asked for: pass a larger --max-steps, or --no-resume to start fresh there")
-    return last
-
-
-def _finished_message(out: Path, summary: dict) -> str:
-    return (f"{out}: already finished at step {summary['steps']} with these options; nothing to do "
-            f"(--max-steps larger to train on, --no-resume to start fresh)")
 
 
 class RecordDataset(Dataset):
@@ -357,17 +255,6 @@ def write_log(rows: list[dict], out: Path) -> None:
     write_json(out / "train_log.json", rows)
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest `checkpoint-N` with its completion marker; half-written ones are removed."""
-    done = []
-    for ckpt in folder.glob("checkpoint-*"):
-        if (ckpt / DONE_MARKER).is_file():
-            done.append((int(ckpt.name.split("-")[1]), ckpt))
-        else:
-            shutil.rmtree(ckpt, ignore_errors=True)
-    return max(done)[1] if done else None
-
-
 def checkpointing_arguments(enabled: bool) -> dict:
     """Gradient checkpointing, the paper's setting (on CUDA): LF barely needs it (almost no backward), PC does.
 
@@ -452,19 +339,24 @@ def train_side_branch(routed, processor, records: list[Record], opts: TrainConfi
     """Train `routed`'s side branch on `records` in run folder `out`; returns a summary dict and writes the
     routing artifact. Resumes a run of the same options; refuses one of other options; a finished one is left."""
     check_options(opts)
+    identity = run_identity(_base_id(routed.base), routed.plan, opts, records)
+    return _train(routed, processor, records, opts, Path(out), identity, callbacks, log)
+
+
+def _train(routed, processor, records: list[Record], opts: TrainConfig, out: Path, identity: dict,
+           callbacks=(), log: Callable[[str], None] = print) -> dict:
+    """`train_side_branch` once `opts` are checked and the run's `identity` is known (`run_train` has both)."""
     trainable = [p for p in routed.parameters() if p.requires_grad]
     if not trainable:
         raise ToolkitError("the routed model has no trainable parameters")
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(iter(trainable)).device
     args = training_arguments(opts, out, device)
     main = args.process_index == 0  # under torchrun, rank 0 alone writes the run folder
-    identity = run_identity(_base_id(routed.base), routed.plan, opts, records)
     open_run(out, identity, opts.resume, log, write=main)
     planned = planned_steps(len(records), opts)
     if opts.resume and (done := finished_summary(out, identity, planned)) is not None:
-        log(_finished_message(out, done))
+        log(finished_message(out, done))
         return done | {"unchanged": True}
     resume = check_not_past(out, planned) if opts.resume else None
     done_steps = checkpoint_step(resume) if resume else 0
@@ -548,12 +440,12 @@ def default_out(model: str, variant: str, split: int, plan: RoutingPlan | None =
     return Path("runs") / "train" / probe_default_out(model).name / name
 
 
-def plan_options(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
-    """`cfg` with `--plan`'s variant and split in place, and its pruning (``prune``, ``prune_layer``, ``keep``; all
-    None/1.0 without a plan). A plan with no side branch to train, or one that contradicts --variant or --split,
-    is one line."""
+def plan_options(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `--plan`'s variant and split in place (its pruning is read again with the model's geometry, in
+    `training_plan`). A plan with no side branch to train, or one that contradicts --variant or --split, is one
+    line."""
     if cfg.plan is None:
-        return cfg, {"prune": None, "prune_layer": None, "keep": 1.0}
+        return cfg
     parsed = parse_spec(cfg.plan)
     variant = parsed["variant"]
     if variant not in PAPER_LR:
@@ -567,32 +459,39 @@ def plan_options(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
         if cfg.split not in ("auto", str(parsed["split"])):
             raise ToolkitError(f"--plan {cfg.plan} splits at {parsed['split']} but --split says {cfg.split}: give one")
         split = str(parsed["split"])
-    pruning = {k: parsed[k] for k in ("prune", "prune_layer", "keep")}
-    return replace(cfg, variant=variant, split=split), pruning
+    return replace(cfg, variant=variant, split=split)
+
+
+def training_plan(cfg: TrainConfig, config, split: int) -> RoutingPlan:
+    """The plan `cfg` trains: `--plan` (its pruning included) or `--variant`, at `split`, with K and d_v; the one
+    place the split is checked (against the model's depth and first allowed split, from its `config`)."""
+    if cfg.plan is not None:
+        return parse_plan(cfg.plan, config, split=split, fusion_layers=cfg.fusion_layers, side_depth=cfg.side_depth)
+    return plan_for(config, split, cfg.variant, cfg.fusion_layers, cfg.side_depth)
 
 
 def resolve_training_split(cfg: TrainConfig, num_layers: int, log=print) -> tuple[int, str]:
-    """The split to train at, running the probe first when `--split auto` finds no recommendation."""
-    split, source = resolve_split(cfg.split, num_layers, resolve_name(cfg.model), cfg.probe, PROBE_ROOT,
-                                  cfg.fusion_layers, cfg.side_depth)
+    """The split to train at (checked by the plan made from it, `training_plan`) and where it came from, running the
+    probe first when `--split auto` finds no recommendation."""
+    split_range(num_layers, cfg.fusion_layers, cfg.side_depth)  # a K or d_v that leaves no split: before any probe
+    split, source = find_split(cfg.split, num_layers, resolve_name(cfg.model), cfg.probe, PROBE_ROOT)
     if source != "missing":
         return split, source
     log(f"no saturation probe found for '{cfg.model}' under {PROBE_ROOT}: running `saturation probe` first")
     result = run_probe(ProbeConfig(model=cfg.model, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device))
-    return (validate_split(result.recommendation["split"], num_layers, cfg.fusion_layers, cfg.side_depth),
-            str(result.recommendation_path))
+    return result.recommendation["split"], str(result.recommendation_path)
 
 
 def run_train(cfg: TrainConfig, log=print) -> dict:
     """`routing train`: resolve the split, route the model, train the side branch, write the artifact and logs.
 
-    Every check that needs no weights (numbers, --out, split, a resume with other options) runs first. Under
-    torchrun every rank trains (DDP) and rank 0 alone logs and writes.
+    Every check that needs no weights (numbers, --out, the plan, a resume with other options) runs first, each once.
+    Under torchrun every rank trains (DDP) and rank 0 alone logs and writes.
     """
     if not dist.is_main():
         log = lambda msg: None  # noqa: E731 - one report, rank 0's
     try:
-        cfg, pruning = plan_options(cfg)
+        cfg = plan_options(cfg)
         check_options(cfg)
     except ToolkitError as err:  # options and launcher: every rank fails alike, before any collective
         err.quiet = not dist.is_main()  # so rank 0 alone prints the one line
@@ -600,23 +499,22 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     if cfg.out is not None:
         ensure_output_dir(cfg.out)  # a bad --out fails now, not after loading and training
     config = load_config(cfg.model)
-    num_layers = config.text_config.num_hidden_layers
-    split, source = resolve_training_split(cfg, num_layers, log)
-    plan = make_plan(num_layers, split, cfg.variant, cfg.fusion_layers, cfg.side_depth,
-                     adapter_class(config).first_split(config), **pruning)
+    split, source = resolve_training_split(cfg, config.text_config.num_hidden_layers, log)
+    plan = training_plan(cfg, config, split)
     out = Path(cfg.out) if cfg.out is not None else ensure_output_dir(default_out(cfg.model, cfg.variant, split, plan))
     model_id = resolve_name(cfg.model)
+    identity = run_identity(model_id, plan, cfg)  # the data digest joins once the records are read
     if cfg.resume:  # other options than the run in --out: refuse before making data or loading weights
-        check_run(out, run_identity(model_id, plan, cfg, None))
+        check_run(out, identity)
     dist.init(dist.rank_device(cfg.device))
     # rank 0 makes the generated training set once; the others read it after (`together` is a barrier)
     records = dist.together(lambda: training_records(cfg.data, out, cfg.n_train, cfg.seed) if dist.is_main() else None)
     records = records or training_records(cfg.data, out, cfg.n_train, cfg.seed)
-    identity = run_identity(model_id, plan, cfg, records)
+    identity = with_data(identity, records)
     if cfg.resume:
         planned = planned_steps(len(records), cfg)
         if (done := finished_summary(out, identity, planned)) is not None:
-            log(_finished_message(out, done))
+            log(finished_message(out, done))
             return done | {"unchanged": True}
         check_not_past(out, planned)
     device = dist.rank_device(cfg.device)  # under torchrun on GPUs: this rank's GPU
@@ -624,10 +522,10 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="dpvr-offload-") as offload:
         model, processor = load_model(cfg.model, dtype=training_dtype(cfg.dtype, device), device=device,
                                       device_map=cfg.device_map, max_memory=cfg.max_memory, offload_folder=offload)
-        routed = build(model, split, cfg.variant, cfg.fusion_layers, cfg.side_depth, **pruning)
+        routed = build(model, plan)
         log(f"split {split} (from {source})\n{routed.plan.describe()}\ntrainable: {routed.trainable_parameters()}")
         with cpu_threads(model, None):
-            summary = train_side_branch(routed, processor, records, cfg, out, log=log)
+            summary = _train(routed, processor, records, cfg, out, identity, log=log)
     if summary.pop("unchanged", False):
         return summary | {"unchanged": True}
     summary |= {"model": resolve_name(cfg.model), "split_source": source, "out": str(out)}
