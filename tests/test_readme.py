@@ -61,3 +61,17 @@ def test_readme_main_job_runs_on_the_embedded_model(tmp_path):
     assert result.exit_code == 0, result.output
     for name in ("per_sample.parquet", "summary.csv", "recommendation.json", "figure2.png", "figure2.pdf"):
         assert (tmp_path / "quickstart" / name).is_file()
+
+
+def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The README's notebook lines (load, probe, parse_plan + build, generate, save) run as printed, from a folder
+    that has the repository's data_samples/ (the snippet reads an image by that relative path)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks, "the README has no Python snippet"
+    (tmp_path / "data_samples").symlink_to(ROOT / "data_samples")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert "shallow" in out and "fusion" in out  # plan.describe()
+    assert (tmp_path / "runs" / "nb-routing" / "routing.json").is_file()
+    assert (tmp_path / "runs" / "nb-probe" / "recommendation.json").is_file()

@@ -260,7 +260,7 @@ def checkpointing_arguments(enabled: bool) -> dict:
 
     Only layers with a backward recompute: HF's ``GradientCheckpointingLayer`` (5.24) checkpoints only while
     gradients are enabled, and the routed model runs the shallow stack (and LF's text-only deep stack) under
-    ``no_grad`` (tests/test_train_step.py counts the recomputes).
+    ``no_grad`` (tests/test_routing_model.py counts the recomputes).
 
     transformers renamed it `activation_checkpointing` in 5.x; use whichever this version has.
     """
