@@ -294,3 +294,86 @@ def train_step_ratio(g: Geometry, variant: str, split: int, image_tokens: int, t
         return train_step_cost(g, plan, image_tokens, text_tokens, labelled).total
 
     return total(variant) / total("pc")
+
+
+# ---------------------------------------------------------------- the peers' own counting conventions
+# Published FLOP figures use other conventions than the model above; these small functions evaluate them as the
+# papers state them, so a published figure can be reproduced and set beside ours (docs/RESULTS.md, "FLOPs beside
+# published figures"). The model above stays the toolkit's own.
+
+FASTV_SYSTEM_TOKENS = 36  # LLaVA-1.5's system prompt before the image: FastV's n = 36 + 576 (no question tokens)
+LLAVA_IMAGE_TOKENS = 576
+
+
+def fastv_layer(g: Geometry, n: float) -> float:
+    """FastV's per-layer count (the bracket of its Eq. 5), 4nd² + 2n²d + 2ndm, in multiply-adds: q/k/v/o as four d×d
+    matrices, all n² (query, key) pairs (no causal halving), a two-matrix FFN of width m (Llama's gate is left out)."""
+    d, m = g.hidden, g.intermediate
+    return 4.0 * n * d * d + 2.0 * n * n * d + 2.0 * n * d * m
+
+
+def fastv_eq5(g: Geometry, n_tokens: float, layers: int | None = None) -> float:
+    """FastV's Eq. 5, T(4nd² + 2n²d + 2ndm) multiply-adds: `layers` (T, default all) layers at `n_tokens` each."""
+    return (g.num_layers if layers is None else layers) * fastv_layer(g, n_tokens)
+
+
+def fastv_eq5_pruned(g: Geometry, n_tokens: float, k: int, r: float,
+                     image_tokens: int = LLAVA_IMAGE_TOKENS) -> float:
+    """FastV pruned under Eq. 5: K layers at n tokens, the other T-K at n - R·image_tokens (only image tokens go)."""
+    return fastv_eq5(g, n_tokens, k) + fastv_eq5(g, n_tokens - r * image_tokens, g.num_layers - k)
+
+
+def fastv_eq5_ratio(g: Geometry, k: int, r: float, n_tokens: float = FASTV_SYSTEM_TOKENS + LLAVA_IMAGE_TOKENS,
+                    image_tokens: int = LLAVA_IMAGE_TOKENS) -> float:
+    """FastV pruned / vanilla under Eq. 5 (FastV's "FLOPs ratio"; 1 minus it is its "FLOPs reduction")."""
+    return fastv_eq5_pruned(g, n_tokens, k, r, image_tokens) / fastv_eq5(g, n_tokens)
+
+
+def fastv_reported(g: Geometry, n_tokens: float = FASTV_SYSTEM_TOKENS + LLAVA_IMAGE_TOKENS) -> float:
+    """The vanilla figure FastV prints as "TFLOPs" (99.3 at 7B, 154.6 at 13B): ONE layer's Eq. 5 bracket at
+    n = 36 + 576 in units of 1e9 multiply-adds, i.e. Eq. 5 without its factor T. Eq. 5 itself over all T layers is
+    T times this (3.18e12 multiply-adds at 7B)."""
+    return fastv_layer(g, n_tokens) / 1e9
+
+
+def pdrop_layer(g: Geometry, n: float) -> float:
+    """PyramidDrop's per-layer count (its Section 3.1), 4nd² + 2n²d + 3ndm multiply-adds: FastV's with Llama's
+    three-matrix (gated) FFN."""
+    d, m = g.hidden, g.intermediate
+    return 4.0 * n * d * d + 2.0 * n * n * d + 3.0 * n * d * m
+
+
+def pdrop_schedule(num_layers: int, image_tokens: int, layer_list: tuple[int, ...] = (8, 16, 24),
+                   ratios: tuple[float, ...] = (0.5, 0.25, 0.125)) -> list[int]:
+    """Image tokens each layer sees under PyramidDrop's stages: N before the first entry of `layer_list`, then
+    int(N · ratio) from each entry on (ratios relative to the original N; the published 1.78 TFLOPs at 7B needs
+    stages of 8 layers each, i.e. an entry is the first layer that sees the smaller count)."""
+    counts, n = [], image_tokens
+    for layer in range(num_layers):
+        for start, ratio in zip(layer_list, ratios, strict=True):
+            if layer == start:
+                n = int(image_tokens * ratio)
+        counts.append(n)
+    return counts
+
+
+def pdrop_macs(g: Geometry, image_counts: list[int], other_tokens: int = 0) -> float:
+    """PyramidDrop's FLOPs of a schedule (multiply-adds): Σ over layers of `pdrop_layer` at that layer's image tokens
+    plus `other_tokens` (its published LLaVA-1.5 figures count the 576 image tokens only: `other_tokens` = 0)."""
+    return sum(pdrop_layer(g, n + other_tokens) for n in image_counts)
+
+
+def average_tokens(image_counts: list[int]) -> float:
+    """PyramidDrop's "average tokens" of a schedule: the sum of per-layer image-token counts / layers."""
+    return sum(image_counts) / len(image_counts)
+
+
+def schedule_prefill_cost(g: Geometry, image_counts: list[int], text_tokens: int, logit_positions: int = 1) -> Cost:
+    """The toolkit's own count (gated MLP, causal pairs, windows, 2 FLOPs per multiply-add) for a per-layer schedule
+    of image tokens (layer j sees `image_counts[j]` image tokens, then the text): PyramidDrop's pyramid, or any
+    pre-LLM pruning (a constant schedule), priced the way `prefill_cost` prices the vanilla model."""
+    if len(image_counts) != g.num_layers:
+        raise ValueError(f"a schedule needs one image-token count per layer ({g.num_layers}), got {len(image_counts)}")
+    tokens = sum(image_counts) + g.num_layers * text_tokens
+    pairs = sum(_causal_pairs(i + text_tokens, g.window_of(j)) for j, i in enumerate(image_counts))
+    return Cost(tokens * g.linear_flops(), pairs * g.pair_flops(), 2.0 * g.hidden * g.vocab * logit_positions)

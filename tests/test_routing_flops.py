@@ -9,7 +9,7 @@ from family_fixtures import LAYER_TYPES, WINDOW, gemma_config
 
 import routing
 from routing import flops
-from routing.plan import make_plan
+from routing.plan import kept_tokens, make_plan
 from saturation.core.errors import ToolkitError
 
 G7 = flops.LLAVA_15_7B
@@ -153,3 +153,68 @@ def test_train_step_forward_is_the_prefill_cost_with_the_head_at_labelled_positi
 def test_train_step_cost_refuses_lf_ideal():
     with pytest.raises(ValueError, match="no gradient"):
         flops.train_step_cost(G, make_plan(4, 2, "lf-ideal", fusion_layers=0), 2, 3, labelled=2)
+
+
+# ---------------------------------------------------------------- the peers' published FLOP figures (their conventions)
+
+G13 = flops.LLAVA_15_13B
+
+
+def test_fastv_eq5_by_hand():
+    """Eq. 5 written out in integers at 7B (T=32, d=4096, m=11008, n = 36 system + 576 image tokens)."""
+    n, d, m = 612, 4096, 11008
+    assert flops.fastv_eq5(G7, n) == 32 * (4 * n * d**2 + 2 * n**2 * d + 2 * n * d * m)
+    pruned = 2 * (4 * n * d**2 + 2 * n**2 * d + 2 * n * d * m) + 30 * (4 * 324 * d**2 + 2 * 324**2 * d + 2 * 324 * d * m)
+    assert flops.fastv_eq5_pruned(G7, n, k=2, r=0.5) == pruned  # K=2, R=50%: 612 - 288 = 324 tokens after layer 2
+
+
+@pytest.mark.parametrize(("geometry", "published"), [(G7, 99.3), (G13, 154.6)])
+def test_fastv_published_vanilla_tflops(geometry, published):
+    """FastV's vanilla LLaVA-1.5 figures (99.3 / 154.6 "TFLOPs") are one layer's Eq. 5 bracket at n = 36 + 576 in
+    1e9 multiply-adds: no question tokens (one more token already reads 99.5 / 154.9), no factor T."""
+    assert round(flops.fastv_reported(geometry), 1) == published
+    assert round(flops.fastv_reported(geometry, flops.FASTV_SYSTEM_TOKENS + flops.LLAVA_IMAGE_TOKENS + 1), 1) != published
+    assert flops.fastv_eq5(geometry, 612) == pytest.approx(geometry.num_layers * published * 1e9, rel=1e-3)
+
+
+def test_fastv_published_ratios():
+    """FastV's README: 7B K=3 R=50% runs at "FLOPS=57%"; its abstract: a 45% FLOP reduction at 13B (its title's
+    K=2, R=50%). Both need the pruned layers at n - R·576 (only image tokens go): pruning R of all 612 tokens
+    would read 54% and 48%."""
+    assert round(100 * flops.fastv_eq5_ratio(G7, k=3, r=0.5)) == 57
+    assert round(100 * (1 - flops.fastv_eq5_ratio(G13, k=2, r=0.5))) == 45
+    all_tokens = flops.fastv_eq5_pruned(G7, 612, 3, 0.5, image_tokens=612) / flops.fastv_eq5(G7, 612)
+    assert round(100 * all_tokens) == 54
+
+
+def test_pdrop_published_tflops():
+    """PyramidDrop's appendix table (LLaVA-1.5-7B): vanilla 3.82 T, lambda=0.5 with 4 stages ([8,16,24]) 1.78 T: its
+    Section 3.1 count over the 576 image tokens only, stages of 8 layers; its "average tokens" is 270 there."""
+    schedule = flops.pdrop_schedule(32, 576)
+    assert schedule[7:9] == [576, 288] and schedule[-1] == 72
+    assert round(flops.pdrop_macs(G7, [576] * 32) / 1e12, 2) == 3.82
+    assert round(flops.pdrop_macs(G7, schedule) / 1e12, 2) == 1.78
+    assert flops.average_tokens(schedule) == 270
+
+
+def test_divprune_published_ratio():
+    """DivPrune's README: LLaVA 1.5-7B at its default ratio runs at "TFLOP 15%": FastV's Eq. 5, 56 of 576 image
+    tokens kept (plus the 36 system tokens), prefill, the LLM only."""
+    kept = kept_tokens("prune-pre", 576, 0.098)
+    assert kept == 56
+    assert round(100 * flops.fastv_eq5(G7, 36 + kept) / flops.fastv_eq5(G7, 612)) == 15
+
+
+def test_schedule_prefill_cost_is_the_toolkit_count():
+    """A constant schedule is the vanilla prefill (LLaVA-7B and Gemma 3's windows), and pre-LLM pruning priced by
+    `prefill_cost` is the constant schedule at the kept count; a pyramid costs less than its first stage."""
+    gemma = flops.Geometry.of(gemma_config().text_config)
+    for g, image, text in ((G7, 576, 128), (gemma, 20, 13)):
+        assert flops.schedule_prefill_cost(g, [image] * g.num_layers, text) == flops.prefill_cost(g, None, image, text)
+    plan = make_plan(32, 0, "prune-pre", keep=56 / 576)
+    assert flops.prefill_cost(G7, plan, 576, 128).total == pytest.approx(
+        flops.schedule_prefill_cost(G7, [56] * 32, 128).total)
+    pyramid = flops.schedule_prefill_cost(G7, flops.pdrop_schedule(32, 576), 128)
+    assert pyramid.total < flops.prefill_cost(G7, None, 576, 128).total
+    with pytest.raises(ValueError, match="one image-token count per layer"):
+        flops.schedule_prefill_cost(G7, [576] * 31, 128)
