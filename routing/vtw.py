@@ -94,9 +94,9 @@ class VtwSearch:
 
     def to_dict(self) -> dict:
         """What an artifact's ``routing.json`` (``calibration``) and compare's ``calibration.json`` hold."""
-        return {"method": "vtw-kl-search", "kl": "KL(withdrawn || vanilla) of the last prompt token, mean over n",
-                **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()},
-                "table": {str(layer): kl for layer, kl in zip(self.layers, self.kl)}}
+        return {"method": "vtw-kl-search",
+                "measure": "KL(P_withdrawn || P_vanilla) of the last prompt token, mean over n samples",
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}}
 
     def describe(self) -> str:
         """The params cell of `routing compare`, e.g. ``s=7 (auto, eta=0.003, KL 0.0021)``."""
