@@ -1,7 +1,7 @@
-"""VTW at its own layer: the KL search of Visual Tokens Withdrawal (lzhxmu/VTW) that picks the layer K after which
-every image token leaves (``vtw@auto`` resolves to the plan ``vtw@K``).
+"""VTW at its own layer: the KL search of Visual Tokens Withdrawal (lzhxmu/VTW) that picks the layer K from which on
+every image token is gone (layers 0..K-1 see them; ``vtw@auto`` resolves to the plan ``vtw@K``).
 
-What VTW's code does (``llava/model/language_model/VTW.py`` with ``--findk``, reduced in ``lmms_eval/__main__.py``):
+What VTW's code does (its ``VTW.py`` run with ``--findk``, the table reduced in its lmms-eval ``__main__.py``):
 
 - Data: the evaluation task's first samples (README: ``scienceqa_img --limit 20``), batch size 1, prefill only.
 - Per sample, for every candidate layer ``k`` in ``range(5, 32)`` (upward from 5 to the last layer, LLaVA-1.5-7B's
@@ -57,10 +57,12 @@ def candidate_layers(num_layers: int, min_split: int = 1) -> range:
 
 def last_token_kl(withdrawn: Tensor, vanilla: Tensor) -> Tensor:
     """Per row, ``KL(P_withdrawn || P_vanilla)`` of two logit rows [B, V] (VTW's KLDivLoss(log_softmax(vanilla),
-    softmax(withdrawn)) per sample), in float32. Zero-probability terms of P_withdrawn add 0, as torch's xlogy."""
+    softmax(withdrawn)) per sample), in float32. Zero-probability terms of P_withdrawn add 0 (a -inf logit,
+    e.g. a suppressed token), as KLDivLoss's xlogy does."""
     log_w = torch.log_softmax(withdrawn.float(), dim=-1)
     log_v = torch.log_softmax(vanilla.float(), dim=-1)
-    return (log_w.exp() * (log_w - log_v)).sum(-1)
+    p_w = log_w.exp()
+    return torch.where(p_w > 0, p_w * (log_w - log_v), 0.0).sum(-1)
 
 
 def choose_layer(layers: Sequence[int], mean_kl: Sequence[float], eta: float) -> tuple[int, bool]:
