@@ -5,6 +5,7 @@ grammar's one-line errors, the saved artifact and `routing compare`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,6 +13,14 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from family_fixtures import (
+    FAMILIES,
+    LLAVA_IMAGE_SIZES,
+    QWEN_FAMILIES,
+    QWEN_IMAGE_SIZES,
+    save_checkpoint,
+    write_images_dataset,
+)
 from typer.testing import CliRunner
 
 import routing
@@ -22,9 +31,11 @@ from routing.vtw import (
     candidate_layers,
     choose_layer,
     last_token_kl,
+    layer_kl,
     search_vtw_layer,
     start_layer,
 )
+from saturation.core.adapters import adapter_for
 from saturation.core.data import PromptFormat, generation_batch, read_records, sample_records
 from saturation.core.errors import ToolkitError
 from saturation.core.loading import DATA_SAMPLES, load_model
@@ -215,3 +226,24 @@ def test_compare_geometry_refuses_auto_in_one_line(tmp_path):
                                          "--out", str(tmp_path / "g")])
     assert result.exit_code == 1 and "searches VTW's layer on real data" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- every family
+QUESTIONS = ("what colour is the circle?", "how many red square?", "what colour is the square left the circle?")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_searches_and_a_padded_batch_equals_one_prompt_at_a_time(name, tmp_path):
+    """The search runs through the routed model and the adapter's walk, so any family works: ragged prompts (other
+    questions, anyres/M-RoPE image sizes) left-padded in one batch give each prompt's own KL; the start layer is after
+    Qwen3-VL's DeepStack layers."""
+    model, processor = load_model(str(save_checkpoint(name, tmp_path / "model")))
+    sizes = QWEN_IMAGE_SIZES if name in QWEN_FAMILIES else LLAVA_IMAGE_SIZES
+    data = read_records(write_images_dataset(tmp_path / "data", sizes=sizes, n=3))
+    data = [dataclasses.replace(r, turns=((q, r.turns[0][1]),)) for r, q in zip(data, QUESTIONS)]
+    found = search_vtw_layer(model, processor, data, n=3, batch_size=3)
+    first = 2 if name == "qwen3_vl" else 1  # DeepStack adds image features after layers 0 and 1
+    assert found.layers == tuple(range(first, adapter_for(model).num_layers)) and found.layer in found.layers
+    one = layer_kl(model, processor, sample_records(data, 3, 0), found.layers, batch_size=1).mean(1)
+    torch.testing.assert_close(torch.tensor(found.kl), one, rtol=1e-4, atol=1e-6)
+    assert all(math.isfinite(k) and k >= -1e-6 for k in found.kl)
