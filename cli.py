@@ -237,7 +237,7 @@ def save_plan_cmd(
         ensure_output_dir(out)
         base, processor = load_model(model)
         routing_plan, found = resolve_auto(plan, base, processor, records,
-                                           log=lambda msg: Console().print(msg, highlight=False, markup=False))
+                                           log=lambda msg: Console().print(msg, highlight=False, markup=False, soft_wrap=True))
         folder = save_plan(base, routing_plan, out, calibration=found.to_dict() | {"spec": plan, "data": str(source)})
     Console().print(f"saved plan {routing_plan.spec} on {model}: {folder}", highlight=False, markup=False)
 
@@ -524,7 +524,7 @@ def compare_cmd(
                 calibration_records(data, p["auto"])
     cfg = CompareConfig(model=model, plans=plans, geometry=geometry, layers=layers, split=split, routing=routing_dir,
                         data=data, n=n, train_steps=train_steps, repeats=repeats, out=out, seed=seed)
-    table = run_compare(cfg, log=lambda msg: Console().print(msg, highlight=False))
+    table = run_compare(cfg, log=lambda msg: Console().print(msg, highlight=False, soft_wrap=True))  # one log line a line
     name = f"random {geometry}" + (f", {layers} layers" if layers else "") if geometry else (model or "tiny")
     what = "measured prefill against FLOPs" if geometry else "accuracy against cost"
     drawn = save_figure(pareto_figure(table, title=f"{name}: {what}"), out / "pareto")

@@ -105,6 +105,10 @@ class VtwSearch:
         rule = "no layer <= eta: least KL" if self.fallback else f"eta={self.eta:g}"
         return f"s={self.layer} (auto, {rule}, KL {self.kl_at_choice:.2g})"
 
+    def table_line(self) -> str:
+        """The per-layer mean KL on one line (``layer:KL``), e.g. ``... 2:1.33 3:1.49 ... 9:0.000153``."""
+        return "vtw@auto: mean KL by layer " + " ".join(f"{k}:{v:.3g}" for k, v in zip(self.layers, self.kl))
+
     def summary(self) -> str:
         """One progress line: the choice and why."""
         head = f"vtw@auto -> vtw@{self.layer}: mean KL {self.kl_at_choice:.3g}"
@@ -143,6 +147,7 @@ def search_vtw_layer(model, processor, records: list[Record], *, eta: float = VT
     layer, fallback = choose_layer(layers, mean, eta)
     found = VtwSearch(layers, tuple(mean), layer, fallback, float(eta), n, seed, layers[0])
     if log is not None:
+        log(found.table_line())
         log(found.summary())
     return found
 

@@ -203,6 +203,9 @@ def test_a_saved_auto_plan_records_its_search_and_reloads(tiny, records, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, routing.build(model, loaded.plan)(**batch).logits,
                                    rtol=0, atol=0)
+    evaluated = runner.invoke(routing_app, ["eval", "--routing", str(tmp_path / "p"), "--n", "4",
+                                            "--json", str(tmp_path / "e.json")])
+    assert evaluated.exit_code == 0 and json.loads((tmp_path / "e.json").read_text())["n"] == 4, evaluated.output
 
 
 def test_compare_resolves_auto_and_prints_the_choice(tiny, records, tmp_path):
@@ -211,7 +214,7 @@ def test_compare_resolves_auto_and_prints_the_choice(tiny, records, tmp_path):
                                          "--out", str(out)])
     assert result.exit_code == 0, result.output
     mine = search_vtw_layer(*tiny, records, n=4, seed=0)
-    assert mine.summary() in result.output
+    assert mine.summary() in result.output and mine.table_line() in result.output
     row = pd.read_csv(out / "frontier.csv").set_index("plan").loc["vtw@auto:n=4"]
     assert row["params"] == f"s={mine.layer} (auto, eta=0.003, KL {mine.kl_at_choice:.2g})" == mine.describe()
     saved = json.loads((out / "calibration.json").read_text())["vtw@auto:n=4"]
