@@ -207,20 +207,51 @@ def train_cmd(
 @routing_app.command("save-plan")
 @friendly
 def save_plan_cmd(
-    plan: Annotated[str, typer.Option(help="A training-free plan: vtw@6, fastv@2:50%, prune-pre:25%, pool:25%, lf-ideal@6.")],
+    plan: Annotated[str, typer.Option(help="A training-free plan: vtw@6, vtw@auto[:eta=0.003,n=20,seed=0], fastv@2:50%, prune-pre:25%, pool:25%, lf-ideal@6.")],
     out: Annotated[Path, typer.Option(help="Artifact folder, for eval/generate/bench/analyze --routing and lmms-eval routing=.")],
     model: ModelOpt = "tiny",
     split: Annotated[int | None, typer.Option(help="The split of a plan written without @S (vtw, lf-ideal).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="vtw@auto only: LLaVA JSON whose seeded sample VTW's KL search runs on (default: the embedded shapes probe set).")] = None,
 ) -> None:
-    """Save a training-free plan (a peer, or a pruning) as a routing artifact; no training, nothing but the plan."""
+    """Save a training-free plan (a peer, or a pruning) as a routing artifact; no training, nothing but the plan.
+    vtw@auto[:eta=0.003,n=20,seed=0] first finds VTW's layer by its KL search on --data (kept in routing.json)."""
+    from routing.plan import parse_vtw_auto
     from routing.saved import save_plan, training_free_plan
     from saturation.core.loading import load_config, load_model
 
-    routing_plan = training_free_plan(plan, load_config(model), split)  # checked before any weights load
-    ensure_output_dir(out)
-    base, _ = load_model(model)
-    folder = save_plan(base, routing_plan, out)
+    auto = parse_vtw_auto(plan)
+    if auto is None:
+        if data is not None:
+            raise ToolkitError(f"--data calibrates vtw@auto; plan '{plan}' takes no data")
+        routing_plan = training_free_plan(plan, load_config(model), split)  # checked before any weights load
+        ensure_output_dir(out)
+        base, _ = load_model(model)
+        folder = save_plan(base, routing_plan, out)
+    else:
+        from routing.vtw import resolve_auto
+
+        if split is not None:
+            raise ToolkitError(f"plan '{plan}' searches its own layer: leave --split out, or write vtw@{split}")
+        load_config(model)  # a bad model name is one line before the data is read
+        records, source = calibration_records(data, auto)
+        ensure_output_dir(out)
+        base, processor = load_model(model)
+        routing_plan, found = resolve_auto(plan, base, processor, records,
+                                           log=lambda msg: Console().print(msg, highlight=False, markup=False, soft_wrap=True))
+        folder = save_plan(base, routing_plan, out, calibration=found.to_dict() | {"spec": plan, "data": str(source)})
     Console().print(f"saved plan {routing_plan.spec} on {model}: {folder}", highlight=False, markup=False)
+
+
+def calibration_records(data: Path | None, auto: dict):
+    """The records vtw@auto's search draws from (default: the embedded shapes probe set) and their file; too few
+    for its n is one line before any weights load."""
+    from saturation.core.data import read_records, sample_records
+    from saturation.core.loading import DATA_SAMPLES
+
+    source = data or DATA_SAMPLES / "shapes" / "probe.json"
+    records = read_records(source)
+    sample_records(records, auto["n"], auto["seed"])
+    return records, source
 
 
 @routing_app.command("eval")
@@ -467,7 +498,7 @@ def bench_cmd(
 @friendly
 def compare_cmd(
     model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'tiny-clean', an alias (see saturation probe --help), a hub id or a local directory.")] = None,
-    plans: Annotated[str | None, typer.Option(help="Comma-separated plan specs: vanilla, lf@S, vtw@S, fastv@K:R%, prune-pre:R%, pool:R%, lf@S+prune-pre:R%, lf@S+fastv@K:R% (no @S: the recommended split, or --routing's). Default: vanilla,lf,vtw,fastv@2:50%,fastv@2:25%,prune-pre:50%,prune-pre:25%,lf+prune-pre:50% (with --geometry, pool in place of prune-pre).")] = None,
+    plans: Annotated[str | None, typer.Option(help="Comma-separated plan specs: vanilla, lf@S, vtw@S, vtw@auto[:eta=0.003,n=20,seed=0] (VTW's KL search on --data, default the probe set), fastv@K:R%, prune-pre:R%, pool:R%, lf@S+prune-pre:R%, lf@S+fastv@K:R% (no @S: the recommended split, or --routing's). Default: vanilla,lf,vtw,fastv@2:50%,fastv@2:25%,prune-pre:50%,prune-pre:25%,lf+prune-pre:50% (with --geometry, pool in place of prune-pre).")] = None,
     geometry: Annotated[str | None, typer.Option(help="Latency at an architecture's real size: random weights (as routing bench --geometry, e.g. llava-1.5-7b, tiny, cpu-bench), random image embeddings, untrained side branches; accuracy n/a. Not with --model/--routing/--data/--n or prune-pre plans.")] = None,
     layers: Annotated[int | None, typer.Option(help="With --geometry: build only N decoder layers (same widths).")] = None,
     routing_dir: Annotated[Path | None, typer.Option("--routing", help="A trained LF run folder or artifact: its split is the default and its side branch serves plans of the same split (pruned ones are trained on the kept tokens).")] = None,
@@ -485,18 +516,21 @@ def compare_cmd(
     ensure_output_dir(out)
     from figures.io import save_figure
     from figures.pareto import pareto_figure
-    from routing.jobs.compare import NA, CompareConfig, parse_plans, run_compare
+    from routing.jobs.compare import CALIBRATION, NA, CompareConfig, parse_plans, run_compare
 
-    if plans is not None:
-        parse_plans(plans)  # a bad spec is one line before any model loads
+    if plans is not None:  # a bad spec is one line before any model loads, and so is too little data for vtw@auto
+        for p in parse_plans(plans):
+            if p.get("auto") is not None and geometry is None:
+                calibration_records(data, p["auto"])
     cfg = CompareConfig(model=model, plans=plans, geometry=geometry, layers=layers, split=split, routing=routing_dir,
                         data=data, n=n, train_steps=train_steps, repeats=repeats, out=out, seed=seed)
-    table = run_compare(cfg, log=lambda msg: Console().print(msg, highlight=False))
+    table = run_compare(cfg, log=lambda msg: Console().print(msg, highlight=False, soft_wrap=True))  # one log line a line
     name = f"random {geometry}" + (f", {layers} layers" if layers else "") if geometry else (model or "tiny")
     what = "measured prefill against FLOPs" if geometry else "accuracy against cost"
     drawn = save_figure(pareto_figure(table, title=f"{name}: {what}"), out / "pareto")
     Console().print(table.to_string(index=False, na_rep=NA), highlight=False, soft_wrap=True)  # one row a line
-    Console().print(f"wrote {out / 'frontier.csv'}, {', '.join(map(str, drawn))}", highlight=False)
+    searched = [out / CALIBRATION] if (out / CALIBRATION).exists() else []  # vtw@auto's KL tables
+    Console().print(f"wrote {out / 'frontier.csv'}, {', '.join(map(str, [*searched, *drawn]))}", highlight=False)
 
 
 saturation_main = console_entry(saturation_app)

@@ -121,8 +121,9 @@ def _check_replaceable(out: Path) -> None:
                                "save the routing to a new or empty folder")
 
 
-def save_routing(routed, directory) -> Path:
-    """Write `routed`'s side branch and plan under `directory`, replacing an old artifact there atomically."""
+def save_routing(routed, directory, extra: dict | None = None) -> Path:
+    """Write `routed`'s side branch and plan under `directory`, replacing an old artifact there atomically.
+    `extra`: more keys for ``routing.json`` that loading ignores (``calibration``: how a plan's layer was found)."""
     out = Path(directory)
     _recover(out)
     _check_replaceable(out)
@@ -139,6 +140,10 @@ def save_routing(routed, directory) -> Path:
                      ).removeprefix("torch."),
         "toolkit_version": toolkit_version,
     }
+    clash = sorted(set(extra or {}) & set(manifest))
+    if clash:
+        raise ToolkitError(f"extra routing.json keys {', '.join(clash)} would overwrite the manifest's own")
+    manifest |= extra or {}
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

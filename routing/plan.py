@@ -295,6 +295,39 @@ def check_fits(plan: RoutingPlan, num_layers: int, min_split: int) -> None:
 
 
 _PART = re.compile(r"^(?P<name>[a-z-]+)(?:@(?P<layer>\d+))?(?::(?P<keep>[0-9.]+%?))?$")
+# `vtw@auto[:eta=..,n=..,seed=..]`: VTW's layer chosen by its KL search on data (routing.vtw), VTW's own defaults
+# (eta 0.003 as its code uses for LLaVA-1.5-7B, n 20 as its README's `--limit 20`; the seed draws the sample)
+_VTW_AUTO = re.compile(r"^vtw@auto(?::(?P<params>.*))?$")
+VTW_AUTO_DEFAULTS = {"eta": 0.003, "n": 20, "seed": 0}
+
+
+def parse_vtw_auto(spec: str) -> dict | None:
+    """``{"eta", "n", "seed"}`` of a ``vtw@auto[:eta=0.003,n=20,seed=0]`` spec (None for any other spec): eta a
+    finite number >= 0, n an integer >= 1, seed an integer >= 0; anything else is one line naming the part."""
+    m = _VTW_AUTO.match(spec.strip())
+    if m is None:
+        return None
+    params, raw = dict(VTW_AUTO_DEFAULTS), m["params"]
+    for item in [] if raw is None else raw.split(","):
+        key, eq, value = item.strip().partition("=")
+        if key not in VTW_AUTO_DEFAULTS or not eq:
+            raise ToolkitError(f"cannot read plan '{spec}' at '{item}': vtw@auto takes eta=, n= and seed= "
+                               "(e.g. vtw@auto:eta=0.003,n=20)")
+        params[key] = _auto_value(spec, key, value.strip())
+    return params
+
+
+def _auto_value(spec: str, key: str, value: str) -> float | int:
+    try:
+        number = float(value) if key == "eta" else int(value)
+    except ValueError:
+        number = None
+    if key == "eta" and (number is None or not math.isfinite(number) or number < 0):
+        raise ToolkitError(f"plan '{spec}': eta must be a number >= 0 (VTW's KL budget, e.g. 0.003), got '{value}'")
+    if key != "eta" and (number is None or number < (1 if key == "n" else 0)):
+        least = "1 (calibration samples)" if key == "n" else "0"
+        raise ToolkitError(f"plan '{spec}': {key} must be an integer >= {least}, got '{value}'")
+    return number
 
 
 def parse_spec(spec: str) -> dict:
@@ -302,8 +335,12 @@ def parse_spec(spec: str) -> dict:
     ``pool:0.25``, ``lf@6+prune-pre:50%``, ``lf@6+fastv@2:50%`` (``lf`` with no ``@`` = the recommended split).
 
     Returns ``{"variant", "split" (None = recommended), "prune", "prune_layer", "keep"}``; `variant` None is vanilla.
+    ``vtw@auto[:eta=..,n=..,seed=..]`` (VTW's layer from its KL search, `routing.vtw`) adds ``"auto"``: its params.
     Raises ToolkitError naming the part it cannot read.
     """
+    auto = parse_vtw_auto(spec)
+    if auto is not None:  # a layer found on data: `plan_from_spec` cannot make it, `routing.vtw.resolve_auto` can
+        return {"variant": "vtw", "split": None, "prune": None, "prune_layer": None, "keep": 1.0, "auto": auto}
     parts = [p.strip() for p in spec.strip().split("+")]
     parsed = []
     for part in parts:
@@ -340,6 +377,10 @@ def plan_from_spec(parsed: dict, num_layers: int, default_split: int | None, fus
     variant = parsed["variant"]
     if variant is None:
         return None
+    if parsed.get("auto") is not None:
+        raise ToolkitError(f"plan '{spec or 'vtw@auto'}' chooses VTW's layer by a KL search on data: write vtw@K, "
+                           "or resolve it with routing.vtw.resolve_auto(spec, model, processor, records) (the CLI's "
+                           "`routing compare --plans` and `routing save-plan --plan` do, on --data)")
     if variant in PRUNERS:  # the pruning carries its own layer; the split is the model's depth
         split = 0
     elif parsed["split"] is not None:

@@ -41,7 +41,8 @@ def training_free_plan(spec: str, model, split: int | None = None) -> RoutingPla
     return plan
 
 
-def save_plan(model, plan: RoutingPlan, directory) -> Path:
+def save_plan(model, plan: RoutingPlan, directory, calibration: dict | None = None) -> Path:
     """Save a training-free plan (`training_free_plan`) on `model` as an artifact, so every command's ``--routing``
-    and the lmms-eval plugin's ``routing=`` take it."""
-    return save_routing(build(model, plan), directory)
+    and the lmms-eval plugin's ``routing=`` take it. `calibration` (``VtwSearch.to_dict()`` of a ``vtw@auto``):
+    how its layer was found, kept in ``routing.json`` under ``calibration`` (loading ignores it)."""
+    return save_routing(build(model, plan), directory, None if calibration is None else {"calibration": calibration})

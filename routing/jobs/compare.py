@@ -73,6 +73,9 @@ class CompareConfig:
 
         BenchConfig(geometry=self.geometry, layers=self.layers)  # its one-line checks of the name and depth
         for p in parse_plans(self.plans):
+            if p.get("auto") is not None:
+                raise ToolkitError(f"plan '{p['text']}' searches VTW's layer on real data, which --geometry does not "
+                                   "have (random weights and image embeddings): write vtw@K")
             if p["prune"] in NEEDS_PIXELS:
                 raise ToolkitError(f"plan '{p['text']}' scores the vision tower's attention on real pixels, which "
                                    f"--geometry does not have (random image embeddings): leave it out, or use pool:R%")
@@ -111,9 +114,12 @@ def _side_from(routed, artifact) -> bool:
     return True
 
 
-def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str], None]) -> dict:
+def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str], None],
+                searches: dict | None = None) -> dict:
     """name -> (plan or None, model to run, how its side branch came to be). Geometry mode trains nothing: its
-    default split is layers // 2 (random weights have no probe recommendation), as `routing bench`'s."""
+    default split is layers // 2 (random weights have no probe recommendation), as `routing bench`'s.
+    ``vtw@auto[:...]`` runs VTW's KL search (`routing.vtw`) on --data (default: the embedded probe set); its row
+    keeps the spec as written, and `searches` (when given) gets name -> `VtwSearch`."""
     import routing
     from routing.jobs.train import TrainConfig, train_side_branch, training_records
     from saturation.core.adapters import adapter_for
@@ -123,12 +129,23 @@ def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str
     split = cfg.split if cfg.split is not None else (artifact.plan.split if artifact else None)
     if split is None and cfg.geometry is not None:
         split = max(a.num_layers // 2, a.min_split)
-    if split is None and any(p["variant"] and p["split"] is None for p in parsed):
+    if split is None and any(p["variant"] and p["split"] is None and p.get("auto") is None for p in parsed):
         split = _recommended_split(cfg, a.num_layers, log)
     built, records = {}, None
     for p in parsed:
-        plan = routing.parse_plan(p["text"], model, split=split if split is not None else a.num_layers // 2)
-        name = "vanilla" if plan is None else plan.spec
+        if p.get("auto") is not None:
+            from routing.vtw import resolve_auto
+            from saturation.core.data import read_records
+            from saturation.core.loading import DATA_SAMPLES
+
+            calibration = read_records(cfg.data or DATA_SAMPLES / "shapes" / "probe.json")
+            plan, found = resolve_auto(p["text"], model, processor, calibration, log=log)
+            name = p["text"]  # the search's row: another plan may be the vtw@K it found
+            if searches is not None:
+                searches[name] = found
+        else:
+            plan = routing.parse_plan(p["text"], model, split=split if split is not None else a.num_layers // 2)
+            name = "vanilla" if plan is None else plan.spec
         if plan is None:
             built[name] = (None, model, "")
             continue
@@ -200,7 +217,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.Da
     from routing.jobs.bench import BenchConfig, load_models, paired_ratios, random_prompt, real_prompt
     from routing.jobs.evaluate import evaluate
     from saturation.core.data import read_records, sample_records
-    from saturation.core.files import atomic_write, ensure_output_dir
+    from saturation.core.files import atomic_write, ensure_output_dir, write_json
     from saturation.core.geometry import REPRESENTATIVE_IMAGE
     from saturation.core.loading import DATA_SAMPLES, cpu_threads, load_model
 
@@ -214,8 +231,9 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.Da
         model, processor, _, source = load_models(BenchConfig(geometry=cfg.geometry, layers=cfg.layers,
                                                               seed=cfg.seed))
         log(f"{source}: untrained side branches, random image embeddings (accuracy n/a)")
+    searches = {}  # vtw@auto rows: VTW's KL table and its choice
     with cpu_threads(model, None):
-        built = build_plans(cfg, model, processor, parsed, log)
+        built = build_plans(cfg, model, processor, parsed, log, searches)
         if "vanilla" not in built:
             built = {"vanilla": (None, model, "")} | built  # every ratio is to vanilla
         if records is None:  # anyres families: a typical photo's tokens, as `routing bench --geometry`
@@ -234,7 +252,8 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.Da
                 accuracy = result["accuracy"]
             ratios = flops.plan_ratios(geometry, plan, samples)
             trainable = 0 if plan is None else net.trainable_parameters().trainable
-            rows.append({"plan": name, "params": params_of(plan), "accuracy": accuracy,
+            params = searches[name].describe() if name in searches else params_of(plan)
+            rows.append({"plan": name, "params": params, "accuracy": accuracy,
                          "flops_ratio": ratios["prefill"], "decode_flops_ratio": ratios["decode"],
                          "trainable_params": trainable, "trained": how})
         log(f"timing {len(built)} plans, {cfg.repeats} paired rounds ({prompt.image_tokens} image + "
@@ -247,7 +266,13 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.Da
     table = pd.DataFrame(rows)[list(COLUMNS)]
     atomic_write(cfg.out / "frontier.csv",
                  lambda p: table.to_csv(p, index=False, float_format="%.4g", na_rep=NA))
+    if searches:  # the full per-layer KL table of every vtw@auto row
+        write_json(cfg.out / CALIBRATION, {name: found.to_dict() | {"plan": built[name][0].spec}
+                                           for name, found in searches.items()})
+    else:  # an older run's searches are not this table's
+        (cfg.out / CALIBRATION).unlink(missing_ok=True)
     return table
 
 
 NA = "n/a"  # a column that has no value in this mode (accuracy under --geometry)
+CALIBRATION = "calibration.json"  # vtw@auto's searches, beside frontier.csv
