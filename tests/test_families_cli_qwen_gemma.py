@@ -88,7 +88,8 @@ def test_bench_real_prompt_marks_its_own_image_tokens(name, tmp_path):
     """routing bench rebuilds each prompt's text around its image block: the per-token image kwargs (Qwen's
     mm_token_type_ids, Gemma's token_type_ids) must mark the rebuilt rows' image tokens, not the processor's rows
     (before: a shape error on Qwen, 'marks other tokens' on Gemma), and vanilla HF takes the batch end to end."""
-    from routing.jobs.bench import _bench_records, prefill, real_prompt
+    from routing.jobs.bench import _bench_records
+    from routing.jobs.timing import prefill, real_prompt
     from saturation.core.loading import load_model
 
     model, proc = load_model(save(name, tmp_path / name))

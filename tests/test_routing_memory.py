@@ -9,7 +9,7 @@ from family_fixtures import family
 from routing_fixtures import tiny_llava
 
 from routing.flops import Geometry
-from routing.jobs.bench import prefill, random_prompt
+from routing.jobs.timing import prefill, random_prompt
 from routing.memory import cache_bytes, per_device, weight_bytes
 from routing.model import build
 from routing.plan import make_plan

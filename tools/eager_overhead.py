@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from routing.compiled import compile_model
-from routing.jobs.bench import prefill, real_prompt
+from routing.jobs.timing import prefill, real_prompt
 from routing.model import build
 from saturation.core.adapters import adapter_for
 from saturation.core.data import read_records

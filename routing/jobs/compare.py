@@ -182,7 +182,7 @@ def measure_latency(models: dict, prompt, repeats: int, warmup: int) -> dict[str
     """samples[kind][name] (seconds), kind prefill (end to end from pixels; from the merged embeddings when the
     prompt has none, geometry mode) / decode (per token): paired rounds, the order rotated every round and every
     decode step, as `routing bench`, on its clock rule (one thread's CPU time on CPU with one thread, else wall)."""
-    from routing.jobs.bench import Stopwatch, _rotated, decode_step, prefill
+    from routing.jobs.timing import Stopwatch, decode_step, prefill, rotated
     from saturation.core.hf_compat import cache_of
 
     device = prompt.embeds.device
@@ -193,13 +193,13 @@ def measure_latency(models: dict, prompt, repeats: int, warmup: int) -> dict[str
     n = prompt.embeds.shape[1]
     for rep in range(warmup + repeats):
         caches = {}
-        for name in _rotated(names, rep):
+        for name in rotated(names, rep):
             t, out = watch.time(functools.partial(prefill, models[name], prompt, e2e))
             caches[name] = cache_of(out)
             if rep >= warmup:
                 samples["prefill"][name].append(t)
         for i, token in enumerate(prompt.next_tokens):
-            for name in _rotated(names, rep + i):
+            for name in rotated(names, rep + i):
                 t, out = watch.time(functools.partial(decode_step, models[name], caches[name], token, n + i))
                 caches[name] = cache_of(out)
                 if rep >= warmup:
@@ -214,8 +214,9 @@ def _median(xs: list[float]) -> float:
 def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.DataFrame:
     """Evaluate, price and time every plan of `cfg`; returns the frontier table (also written to
     ``cfg.out/frontier.csv``, NaN accuracy as "n/a")."""
-    from routing.jobs.bench import BenchConfig, load_models, paired_ratios, random_prompt, real_prompt
+    from routing.jobs.bench import BenchConfig, load_models
     from routing.jobs.evaluate import evaluate
+    from routing.jobs.timing import paired_ratios, random_prompt, real_prompt
     from saturation.core.data import read_records, sample_records
     from saturation.core.files import atomic_write, ensure_output_dir, write_json
     from saturation.core.geometry import REPRESENTATIVE_IMAGE
