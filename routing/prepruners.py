@@ -1,0 +1,89 @@
+"""The pre-LLM prunings that current papers compare against, as pure tensor functions (the routed model calls them
+from ``RoutedModel._prune_pre``; the vision tower's internals come from the adapter).
+
+- DivPrune (vbdi/divprune): on the projected image tokens (what enters the LLM), distance = 1 - cosine; the first
+  pick is the token farthest from its nearest neighbour, then repeatedly the token whose minimum distance to the
+  chosen set is largest (max-min diversity); the chosen indices sorted.
+- VisionZip (dvlab-research/VisionZip): at the tower layer the projector reads, dominant tokens = [CLS] plus the
+  top (dominant - 1) patches by the [CLS] row of the attention summed over heads, in their original order;
+  contextual tokens: of the remaining patches, targets at a uniform stride, every other one assigned to its most
+  similar target by the cosine of the head-averaged keys, each target's hidden state plus the mean of its
+  assigned ones. Output: dominant, then contextual (then the projector, in the caller).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from saturation.core.errors import ToolkitError
+
+
+def image_runs(image_mask: Tensor) -> list[Tensor]:
+    """The flat positions (over [B * T]) of each image, in placeholder order: every run of consecutive image tokens
+    in a row is one image, as the toolkit counts images (`Adapter.images_per_row`)."""
+    batch, n = image_mask.shape
+    starts = image_mask & ~F.pad(image_mask[:, :-1], (1, 0))
+    flat = image_mask.reshape(-1).nonzero().squeeze(1)
+    run = starts.reshape(-1).long().cumsum(0)[flat] - 1  # the run each image position belongs to
+    counts = torch.bincount(run, minlength=int(starts.sum())).tolist()
+    return list(flat.split(counts))
+
+
+def divprune_select(features: Tensor, k: int) -> Tensor:
+    """DivPrune's kept indices of one image's `features` [n, D], sorted: greedy max-min diversity under the cosine
+    distance, computed in float32. Ties go to the lowest index (``argmax``'s first); `k` distinct tokens always."""
+    n = features.shape[0]
+    if k >= n:
+        return torch.arange(n, device=features.device)
+    x = F.normalize(features.float(), dim=-1)
+    dist = 1.0 - x @ x.T
+    # nearest neighbour of each token among the OTHERS (the authors' second-smallest of its column, self being 0)
+    nearest = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=dist.device), float("inf")).amin(0)
+    chosen = [int(nearest.argmax())]
+    closest = dist[chosen[0]].clone()  # each token's distance to the chosen set
+    closest[chosen[0]] = -float("inf")
+    for _ in range(k - 1):
+        pick = int(closest.argmax())
+        chosen.append(pick)
+        # a chosen token is never picked again: the authors' loop relies on its self-distance being 0, which float
+        # rounding does not always give, and on tokens of one-colour images every distance is 0
+        closest = torch.minimum(closest, dist[pick])
+        closest[pick] = -float("inf")
+    return torch.tensor(sorted(chosen), device=features.device)
+
+
+def visionzip_merge(attn: Tensor, hidden: Tensor, keys: Tensor, dominant: int, contextual: int
+                    ) -> tuple[Tensor, Tensor]:
+    """VisionZip's tokens per image, before the projector: `attn` [N, heads, S, S], `hidden` [N, S, Dv] and `keys`
+    [N, S, d] of the tower layer the projector reads, [CLS] at index 0. Returns ``(tokens [N, dominant +
+    contextual, Dv], sources [N, dominant + contextual])``: the dominant tokens ([CLS] first, then the chosen
+    patches in order), then the contextual ones; `sources` is the patch index each token stands for (0-based over
+    the patches: a dominant patch its own, a contextual token its target's), -1 for [CLS]."""
+    images, s, _ = hidden.shape
+    if dominant + contextual > s:
+        raise ToolkitError(f"visionzip: dominant={dominant} and contextual={contextual} need at least "
+                           f"{dominant + contextual - 1} patches per image; the tower has {s - 1}")
+    score = attn[:, :, 0, 1:].float().sum(1)  # [N, S-1]: the [CLS] row, summed over heads
+    top = score.topk(dominant - 1, dim=1).indices + 1
+    picked = torch.zeros(images, s, dtype=torch.bool, device=hidden.device)
+    picked[:, 0] = True
+    picked.scatter_(1, top, True)
+    order = torch.argsort(picked.to(torch.uint8), dim=1, descending=True, stable=True)  # picked first, in order
+    dom, rest = order[:, :dominant], order[:, dominant:]  # [N, dominant], [N, r] (original order each)
+    r = s - dominant
+    step = max(1, r // contextual)
+    targets = torch.arange(0, r, step, device=hidden.device)[:contextual]
+    others = torch.ones(r, dtype=torch.bool, device=hidden.device)
+    others[targets] = False
+    take = lambda x, idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+    metric = F.normalize(take(keys, rest), dim=-1)
+    rest_hidden = take(hidden, rest)
+    similarity = metric[:, others] @ metric[:, targets].transpose(1, 2)  # [N, r - c, c]
+    assign = F.one_hot(similarity.argmax(-1), contextual).to(hidden.dtype)  # [N, r - c, c]
+    counts = assign.sum(1).clamp(min=1)[..., None]
+    merged = rest_hidden[:, targets] + assign.transpose(1, 2) @ rest_hidden[:, others] / counts
+    tokens = torch.cat([take(hidden, dom), merged], dim=1)
+    sources = torch.cat([dom, rest[:, targets]], dim=1) - 1
+    return tokens, sources
