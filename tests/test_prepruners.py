@@ -361,3 +361,39 @@ def test_visionzip_refuses_a_budget_larger_than_the_image(embedded):
     batch = image_batch(embedded)
     with pytest.raises(ToolkitError, match="need at least 10 patches"):
         build(embedded, "visionzip:dominant=8,contextual=3")(**batch)
+
+
+# ---------------------------------------------------------------- routing compare
+def test_compare_lists_keyed_plans_whose_options_hold_commas():
+    from routing.jobs.compare import parse_plans
+
+    plans = "vanilla,visionzip:dominant=54,contextual=10,divprune:keep=9.8%,lf@3+divprune:keep=56"
+    assert [p["text"] for p in parse_plans(plans)] == ["vanilla", "visionzip:dominant=54,contextual=10",
+                                                       "divprune:keep=9.8%", "lf@3+divprune:keep=56"]
+
+
+def test_compare_runs_them_on_the_embedded_model(tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from cli import routing_app
+
+    plans = "vanilla,divprune:keep=50%,visionzip:dominant=4,contextual=2"
+    result = CliRunner().invoke(routing_app, ["compare", "--plans", plans, "--n", "4", "--train-steps", "2",
+                                              "--repeats", "1", "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "cmp" / "frontier.csv").set_index("plan")
+    assert table["accuracy"].notna().all()
+    flops = table["flops_ratio"]
+    assert flops["divprune:keep=50%"] < 1 and flops["visionzip:dominant=4,contextual=2"] < 1
+    assert table.loc["visionzip:dominant=4,contextual=2", "params"] == "dominant=4,contextual=2"
+
+
+def test_compare_geometry_refuses_visionzip_it_has_no_pixels(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import routing_app
+
+    result = CliRunner().invoke(routing_app, ["compare", "--geometry", "tiny", "--plans",
+                                              "vanilla,visionzip:dominant=4,contextual=2", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "real pixels" in result.output
