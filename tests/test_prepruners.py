@@ -296,6 +296,16 @@ def test_divprune_on_other_families_prunes_each_image_and_decodes_exactly(name):
     for run in image_runs(e.image_mask):  # every image (NeXT: crops and newlines together) pruned on its own
         expected = divprune_reference(flat[run].double().numpy(), routed.plan.kept_tokens(len(run)))
         assert sorted(i for i, p in enumerate(run.tolist()) if p in chosen) == expected
+    # the LLM sees the shorter prompt: HF's own forward on it (Gemma: each image's kept tokens one block, from
+    # token_type_ids of the shorter prompt; without them this fails)
+    short, short_image, mask = kept.take(e.inputs_embeds), kept.take(e.image_mask), kept.valid.long()
+    blocks = {"token_type_ids": short_image.long()} if name == "gemma3" else {}
+    with torch.no_grad():
+        reference = model(inputs_embeds=short, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                          **blocks).logits
+        logits = routed(**batch).logits
+    text = batch["attention_mask"].bool() & ~e.image_mask
+    torch.testing.assert_close(logits[text], reference[kept.valid & ~short_image], rtol=1e-4, atol=1e-4)
     new, cached, recomputed = decode_step_logits(routed, batch, 3, suppress=fam.suppressed(model))
     for step, (c, r) in enumerate(zip(cached, recomputed)):
         torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-4, msg=f"{name} step {step}")
