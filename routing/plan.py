@@ -424,9 +424,12 @@ _KEYED_PART = re.compile(r"^(?P<name>[a-z-]+)(?::(?P<args>[a-z]+=[^,+]*(?:,[a-z]
 
 def parse_spec(spec: str) -> dict:
     """A plan written as one word: ``vanilla``, ``lf@6``, ``vtw@6``, ``fastv@2:50%``, ``prune-pre:25%``,
-    ``pool:0.25``, ``lf@6+prune-pre:50%``, ``lf@6+fastv@2:50%`` (``lf`` with no ``@`` = the recommended split).
+    ``pool:0.25``, ``lf@6+prune-pre:50%``, ``lf@6+fastv@2:50%`` (``lf`` with no ``@`` = the recommended split);
+    keyed prunings with explicit options: ``divprune:keep=9.8%``, ``divprune:keep=56``,
+    ``visionzip:dominant=54,contextual=10``, ``lf@6+divprune:keep=50%`` (``divprune`` alone: the authors' defaults).
 
-    Returns ``{"variant", "split" (None = recommended), "prune", "prune_layer", "keep"}``; `variant` None is vanilla.
+    Returns ``{"variant", "split" (None = recommended), "prune", "prune_layer", "keep"}`` and, for a keyed pruning,
+    ``"prune_args"`` (`keyed_options`' dict); `variant` None is vanilla.
     Raises ToolkitError naming the part it cannot read.
     """
     parts = [p.strip() for p in spec.strip().split("+")]

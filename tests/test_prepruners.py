@@ -407,3 +407,28 @@ def test_compare_geometry_refuses_visionzip_it_has_no_pixels(tmp_path):
     result = CliRunner().invoke(routing_app, ["compare", "--geometry", "tiny", "--plans",
                                               "vanilla,visionzip:dominant=4,contextual=2", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "real pixels" in result.output
+
+
+@pytest.mark.parametrize("spec", ["divprune:keep=50%", "visionzip:dominant=4,contextual=2"])
+def test_save_plan_then_eval_and_generate_take_it(embedded, tmp_path, spec):
+    """`routing save-plan` writes the keyed plan; `routing.load` rebuilds it; eval and generate run it (real
+    pixels through the processor, generate() pre-encoding the images)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import routing_app
+    from saturation.core.data import read_records
+    from saturation.core.loading import DATA_SAMPLES
+
+    runner = CliRunner()
+    saved = runner.invoke(routing_app, ["save-plan", "--out", str(tmp_path / "plan"), "--plan", spec])
+    assert saved.exit_code == 0, saved.output
+    assert json.loads((tmp_path / "plan" / "routing.json").read_text())["spec"] == spec
+    assert routing.load(embedded, tmp_path / "plan").plan == routing.parse_plan(spec, embedded)
+    out = runner.invoke(routing_app, ["eval", "--routing", str(tmp_path / "plan"), "--n", "4"])
+    assert out.exit_code == 0, out.output
+    image = read_records(DATA_SAMPLES / "shapes" / "heldout.json")[0].image
+    gen = runner.invoke(routing_app, ["generate", "--routing", str(tmp_path / "plan"), "--image", str(image),
+                                      "--prompt", "what colour is the circle?"])
+    assert gen.exit_code == 0, gen.output
