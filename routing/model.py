@@ -648,8 +648,14 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         the max-min diverse subset of its projected tokens as they enter the LLM (`divprune_select`), original
         order; text stays. The kept tokens of one image stay one contiguous run in the shorter prompt."""
         flat = h.reshape(-1, h.shape[-1])
-        chosen = [run[divprune_select(flat[run.to(h.device)], self.plan.kept_tokens(len(run))).to(run.device)]
-                  for run in image_runs(image_mask)]
+        sizes: dict[int, list[Tensor]] = {}
+        for run in image_runs(image_mask):  # images of one size are selected together (one loop of k steps)
+            sizes.setdefault(len(run), []).append(run)
+        chosen = []
+        for n, runs in sizes.items():
+            index = torch.stack(runs)  # [images, n] flat positions
+            picked = divprune_select(flat[index.to(h.device)], self.plan.kept_tokens(n))
+            chosen.append(index.gather(1, picked.to(index.device)).reshape(-1))
         keep = (attention_mask.bool() & ~image_mask).reshape(-1)
         keep = keep.index_fill(0, torch.cat(chosen), True).view(image_mask.shape)
         return Kept.of(keep, h), h

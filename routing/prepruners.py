@@ -32,26 +32,32 @@ def image_runs(image_mask: Tensor) -> list[Tensor]:
 
 
 def divprune_select(features: Tensor, k: int) -> Tensor:
-    """DivPrune's kept indices of one image's `features` [n, D], sorted: greedy max-min diversity under the cosine
-    distance, computed in float32. Ties go to the lowest index (``argmax``'s first); `k` distinct tokens always."""
-    n = features.shape[0]
-    if k >= n:
-        return torch.arange(n, device=features.device)
+    """DivPrune's kept indices, sorted: `features` [n, D] (one image) -> [k], or [N, n, D] (N images of n tokens)
+    -> [N, k]. Greedy max-min diversity under the cosine distance, in float32, on the device (no host read: one
+    loop of k steps for all N images). Ties go to the lowest index (``argmax``'s first); k distinct tokens always."""
+    single = features.dim() == 2
     x = F.normalize(features.float(), dim=-1)
-    dist = 1.0 - x @ x.T
-    # nearest neighbour of each token among the OTHERS (the authors' second-smallest of its column, self being 0)
-    nearest = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=dist.device), float("inf")).amin(0)
-    chosen = [int(nearest.argmax())]
-    closest = dist[chosen[0]].clone()  # each token's distance to the chosen set
-    closest[chosen[0]] = -float("inf")
-    for _ in range(k - 1):
-        pick = int(closest.argmax())
-        chosen.append(pick)
+    x = x[None] if single else x
+    images, n, _ = x.shape
+    if k >= n:
+        index = torch.arange(n, device=x.device).expand(images, n)
+        return index[0] if single else index
+    dist = 1.0 - x @ x.transpose(1, 2)  # [N, n, n]; row = a chosen token, column = a candidate (as the authors)
+    # each candidate's nearest OTHER token (the authors take the second-smallest of its column, self being 0)
+    nearest = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), float("inf")).amin(1)
+    rows = torch.arange(images, device=x.device)
+    chosen = torch.empty(images, k, dtype=torch.long, device=x.device)
+    closest = torch.full((images, n), float("inf"), device=x.device)  # each candidate's distance to the chosen set
+    pick = nearest.argmax(1)
+    for i in range(k):
+        chosen[:, i] = pick
+        closest = torch.minimum(closest, dist[rows, pick])
         # a chosen token is never picked again: the authors' loop relies on its self-distance being 0, which float
-        # rounding does not always give, and on tokens of one-colour images every distance is 0
-        closest = torch.minimum(closest, dist[pick])
-        closest[pick] = -float("inf")
-    return torch.tensor(sorted(chosen), device=features.device)
+        # rounding does not always give, and on a one-colour image every distance is 0
+        closest[rows, pick] = -float("inf")
+        pick = closest.argmax(1)
+    index = chosen.sort(1).values
+    return index[0] if single else index
 
 
 def visionzip_merge(attn: Tensor, hidden: Tensor, keys: Tensor, dominant: int, contextual: int
