@@ -251,11 +251,12 @@ def test_composed_side_branch_sees_only_the_kept_tokens(sharp, spec, kept):
     shapes = []
     handle = routed.side[0].register_forward_hook(lambda _m, args, out: shapes.append(out.shape))
     try:
-        with torch.no_grad():
-            routed(**without_labels(make_batch("uniform")))
+        grad = routed.train().side_gradient_norm(**make_batch("uniform"))  # the side branch trains on them
     finally:
         handle.remove()
+        routed.eval()
     assert shapes == [torch.Size([3, kept, 64])]
+    assert grad > 0
 
 
 def test_divprune_keeps_everything_at_100_percent_bit_for_bit(sharp):
@@ -432,3 +433,20 @@ def test_save_plan_then_eval_and_generate_take_it(embedded, tmp_path, spec):
     gen = runner.invoke(routing_app, ["generate", "--routing", str(tmp_path / "plan"), "--image", str(image),
                                       "--prompt", "what colour is the circle?"])
     assert gen.exit_code == 0, gen.output
+
+
+def test_a_training_run_knows_its_keyed_options():
+    """Resuming `routing train --plan lf@3+divprune:keep=7` in a run of keep=3 would mix two runs: refused."""
+    from types import SimpleNamespace
+
+    from routing.jobs.runs import _differences, run_identity
+
+    opts = SimpleNamespace(learning_rate=1e-4, seed=0, batch_size=2)
+    ids = [run_identity("tiny", plan_from_spec(parse_spec(s), 6, 3), opts) for s in
+           ("lf@3+divprune:keep=3", "lf@3+divprune:keep=7", "lf@3+divprune:keep=3")]
+    assert _differences(ids[0], ids[1]) == ["--plan {'count': 3} (now {'count': 7})"]
+    assert _differences(ids[0], ids[2]) == []
+    from routing.jobs.train import default_out
+
+    plan = plan_from_spec(parse_spec("lf@3+visionzip:dominant=4,contextual=2"), 6, 3)
+    assert default_out("tiny", "lf", 3, plan).name == "lf-s3_visionzip-dominant4-contextual2"
