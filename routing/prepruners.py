@@ -9,6 +9,17 @@ from ``RoutedModel._prune_pre``; the vision tower's internals come from the adap
   contextual tokens: of the remaining patches, targets at a uniform stride, every other one assigned to its most
   similar target by the cosine of the head-averaged keys, each target's hidden state plus the mean of its
   assigned ones. Output: dominant, then contextual (then the projector, in the caller).
+
+Read from the authors' code (facts only): vbdi/divprune ``LLaVA/llava/model/llava_arch.py`` (``DivPrune``: the
+first pick is ``argmax`` of the second-smallest entry of each distance column, then ``argmax`` of the column-wise
+minimum over the chosen rows; ``int(round(ratio * N))`` tokens, N = all of an image's features, NeXT's crops and
+newlines included; kept indices sorted, the shorter prompt's positions renumbered). Where this differs: distances
+in float32 (theirs in the model's dtype), any number of images and rows (theirs: row 0, one image at a fixed
+offset), and a chosen token is never chosen twice (theirs could repeat one when every distance left is 0).
+dvlab-research/VisionZip ``visionzip/clip_encoder.py`` and ``utils.py`` (``attentions[-2]``, ``hidden_states[-2]``,
+the keys of ``layers[-2]`` averaged over heads; ``dominant - 1`` patches plus [CLS]; stride ``max(1, r // c)``,
+first ``c`` targets; ``argmax`` assignment; target + sum / max(count, 1)); ``visionzip/llava_arch.py`` feeds all
+dominant + contextual tokens, [CLS] included, to the projector.
 """
 
 from __future__ import annotations
