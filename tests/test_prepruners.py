@@ -30,7 +30,7 @@ from saturation.core.adapters import adapter_for, position_ids_from_mask
 from saturation.core.errors import ToolkitError
 from saturation.core.tiny import tiny_llava_config
 
-pytestmark = pytest.mark.hf_seam
+hf_seam = pytest.mark.hf_seam  # the tests that hand HF a model's internals; CI runs them on the oldest transformers too
 
 
 # ---------------------------------------------------------------- models and batches
@@ -98,7 +98,8 @@ def tower_internals(model, pixel_values):
     try:
         with torch.no_grad():
             out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
-            block = tower.encoder.layers[layer]  # hidden_states[-2] is the output of layers[-2]
+            encoder = getattr(tower, "vision_model", tower).encoder  # older transformers wrap it in vision_model
+            block = encoder.layers[layer]  # hidden_states[-2] is the output of layers[-2]
             k = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[layer - 1]))
     finally:
         model.set_attn_implementation({"vision_config": previous})
@@ -161,6 +162,7 @@ def short_prompt_logits(model, batch, image_features: list[torch.Tensor]) -> tup
 
 
 # ---------------------------------------------------------------- DivPrune
+@hf_seam
 @pytest.mark.parametrize("which,spec,k", [("embedded", "divprune:keep=50%", 4), ("embedded", "divprune:keep=3", 3),
                                           ("embedded", "divprune", 1), ("llava576", "divprune", 56),
                                           ("llava576", "divprune:keep=25%", 144)])
@@ -176,6 +178,7 @@ def test_divprune_keeps_the_authors_max_min_diverse_set(request, which, spec, k)
         assert got[b] == divprune_reference(f.double().numpy(), k)
 
 
+@hf_seam
 @pytest.mark.parametrize("which,spec", [("embedded", "divprune:keep=50%"), ("llava576", "divprune")])
 def test_divprune_is_the_shorter_prompt_through_hf(request, which, spec):
     model = request.getfixturevalue(which)
@@ -191,6 +194,7 @@ def test_divprune_is_the_shorter_prompt_through_hf(request, which, spec):
 
 
 # ---------------------------------------------------------------- VisionZip
+@hf_seam
 @pytest.mark.parametrize("which,spec", [("embedded", "visionzip:dominant=4,contextual=2"),
                                         ("embedded", "visionzip:dominant=1,contextual=3"),
                                         ("llava576", "visionzip:dominant=54,contextual=10"),
@@ -232,6 +236,7 @@ def sharp():
     return tiny_llava(layers=6, std=0.2, seed=2)
 
 
+@hf_seam
 @pytest.mark.parametrize("spec", ["divprune:keep=50%", "divprune:keep=3", "visionzip:dominant=4,contextual=3",
                                   "lf@3+divprune:keep=25%", "lf@3+visionzip:dominant=3,contextual=2",
                                   "kv@3+divprune:keep=50%"])
@@ -277,6 +282,7 @@ def test_generate_keeps_the_pixels_visionzip_reads(sharp):
 
 
 # ---------------------------------------------------------------- other families
+@hf_seam
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "gemma3"])
 def test_divprune_on_other_families_prunes_each_image_and_decodes_exactly(name):
     fam = family(name)
