@@ -36,7 +36,8 @@ from saturation.core.hf_compat import CACHE_ARG, cache_kwargs
 
 from .artifact import save_routing
 from .generation import attach_state, check_cache, continuation, make_state, new_cache, state_of
-from .plan import PRE_LLM, RoutingPlan, check_fits, make_plan
+from .plan import PRE_LLM, RoutingPlan, check_family, check_fits, make_plan
+from .prepruners import divprune_select, image_runs, visionzip_merge
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -169,13 +170,21 @@ class Kept:
     flat: Tensor  # [B*m] indices into the flattened [B*N] frame
     valid: Tensor  # [B, m] bool
     h_at_drop: Tensor
+    # [B*N] flat: the original position each kept position stands for, where a pruning writes merged tokens into
+    # an image's first slots (VisionZip: a dominant token its patch, a contextual token its target, [CLS] the
+    # image's first position); None: each kept position stands for itself.
+    stands_for: Tensor | None = None
 
     @classmethod
-    def of(cls, kept: Tensor, h_at_drop: Tensor) -> Kept:
+    def of(cls, kept: Tensor, h_at_drop: Tensor, stands_for: Tensor | None = None) -> Kept:
         n, m = kept.shape[1], int(kept.sum(1).max())
         order = torch.argsort(kept.to(torch.uint8), dim=1, stable=True)[:, n - m:]  # dropped first, then kept
         rows = n * torch.arange(len(kept), device=kept.device)[:, None]
-        return cls((order + rows).reshape(-1), kept.gather(1, order), h_at_drop)
+        return cls((order + rows).reshape(-1), kept.gather(1, order), h_at_drop, stands_for)
+
+    def sources(self) -> Tensor:
+        """[B*m] flat original positions the kept positions stand for (`flat` unless a merge wrote elsewhere)."""
+        return self.flat if self.stands_for is None else self.stands_for[self.flat]
 
     def take(self, x: Tensor) -> Tensor:
         """[B, N, ...] -> [B, m, ...]."""
@@ -600,6 +609,10 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         (`Adapter.patch_scores`: [CLS] attention), ``pool`` average-pools the token grid into its first tokens.
         Returns the kept positions and `h` (pooled features written in)."""
         a, plan = self.adapter, self.plan
+        if plan.prune == "divprune":
+            return self._divprune(h, image_mask, attention_mask)
+        if plan.prune == "visionzip":
+            return self._visionzip(h, image_mask, attention_mask, pixel_values)
         per_image = a.image_tokens(a.model.config)
         where = image_mask.reshape(-1).nonzero().squeeze(1)  # flat image positions, placeholder order
         if a.position_kwargs or where.numel() % per_image or (image_mask.sum(1) % per_image).any():
@@ -630,6 +643,53 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         keep = keep.index_fill(0, chosen.reshape(-1), True).view(image_mask.shape)
         return Kept.of(keep, h), h
 
+    def _divprune(self, h: Tensor, image_mask: Tensor, attention_mask: Tensor) -> tuple[Kept, Tensor]:
+        """DivPrune: per image (a run of image tokens: LLaVA-NeXT's crops and newlines together, one Gemma 3 block),
+        the max-min diverse subset of its projected tokens as they enter the LLM (`divprune_select`), original
+        order; text stays. The kept tokens of one image stay one contiguous run in the shorter prompt."""
+        flat = h.reshape(-1, h.shape[-1])
+        sizes: dict[int, list[Tensor]] = {}
+        for run in image_runs(image_mask):  # images of one size are selected together (one loop of k steps)
+            sizes.setdefault(len(run), []).append(run)
+        chosen = []
+        for n, runs in sizes.items():
+            index = torch.stack(runs)  # [images, n] flat positions
+            picked = divprune_select(flat[index.to(h.device)], self.plan.kept_tokens(n))
+            chosen.append(index.gather(1, picked.to(index.device)).reshape(-1))
+        keep = (attention_mask.bool() & ~image_mask).reshape(-1)
+        keep = keep.index_fill(0, torch.cat(chosen), True).view(image_mask.shape)
+        return Kept.of(keep, h), h
+
+    def _visionzip(self, h: Tensor, image_mask: Tensor, attention_mask: Tensor, pixel_values) -> tuple[Kept, Tensor]:
+        """VisionZip: each image's dominant + contextual tokens (`visionzip_merge` over the tower layer the projector
+        reads, `Adapter.vision_attention_and_keys`), through the projector, written into the image's first slots in
+        the authors' order ([CLS], dominant patches, contextual); the rest of its slots dropped. `Kept.stands_for`
+        reports a dominant token at its patch's position, a contextual one at its target's, [CLS] at the image's
+        first position."""
+        a = self.adapter
+        if pixel_values is None:
+            raise ToolkitError("visionzip compresses inside the vision tower: it needs pixel_values")
+        options = dict(self.plan.prune_args)
+        attn, hidden, keys = a.vision_attention_and_keys(pixel_values)
+        tokens, sources = visionzip_merge(attn, hidden, keys, options["dominant"], options["contextual"])
+        runs = image_runs(image_mask)
+        patches = attn.shape[-1] - 1
+        if len(runs) != len(tokens) or any(len(run) != patches for run in runs):
+            raise ToolkitError(f"visionzip: the tower sees {len(tokens)} image(s) of {patches} patches but the prompt "
+                               f"holds {[len(run) for run in runs]} image tokens per image")
+        blocks = torch.stack(runs)  # [images, patches], flat positions
+        features = a.project(tokens).to(h.device, h.dtype)  # [images, m, D]
+        slots = blocks[:, : features.shape[1]]
+        d = h.shape[-1]
+        h = h.reshape(-1, d).index_copy(0, slots.reshape(-1).to(h.device), features.reshape(-1, d)).view(h.shape)
+        keep = (attention_mask.bool() & ~image_mask).reshape(-1)
+        keep = keep.index_fill(0, slots.reshape(-1), True).view(image_mask.shape)
+        sources = sources.to(blocks.device)
+        origin = torch.where(sources >= 0, blocks.gather(1, sources.clamp(min=0)), blocks[:, :1])
+        stands_for = torch.arange(image_mask.numel(), device=blocks.device).index_copy(
+            0, slots.reshape(-1), origin.reshape(-1))
+        return Kept.of(keep, h, stands_for), h
+
     def _route_next(self, input_ids, attention_mask, cache, state) -> Tensor:
         """New text tokens after a cached prompt: one loop over the layers and the final norm, one mask per cache
         layout."""
@@ -649,7 +709,8 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
     def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
         """HF pre-encodes the images and drops what the encoder took (``image_grid_thw``); keep what this family's
         positions still read (the adapter's ``position_kwargs``)."""
-        names = self.adapter.position_kwargs + (("pixel_values",) if self.plan.prune == "prune-pre" else ())
+        names = self.adapter.position_kwargs + (("pixel_values",) if self.plan.prune in ("prune-pre", "visionzip")
+                                                else ())
         keep = {k: model_kwargs[k] for k in names if model_kwargs.get(k) is not None}  # prune-pre scores the pixels
         return super()._prepare_multimodal_encoder_kwargs_for_generation(model_kwargs) | keep
 
@@ -811,11 +872,13 @@ def build(model: nn.Module, plan: RoutingPlan | int | None = None, variant: str 
                 "lf", 1, 1, None, None, 1.0):
             raise ToolkitError("build(model, plan) takes no split, variant, K, d_v or pruning: the plan holds them")
         check_fits(plan, a.num_layers, a.min_split)
+        check_family(plan, model)
     else:
         if (plan is None) == (split is None):
             raise ToolkitError("build needs a RoutingPlan (routing.parse_plan), or a split (the older form)")
         plan = make_plan(a.num_layers, plan if split is None else split, variant, fusion_layers, side_depth,
                          min_split=a.min_split, prune=prune, prune_layer=prune_layer, keep=keep)
+        check_family(plan, model)
     impl = a.attn_implementation
     if impl not in SUPPORTED_ATTENTION:
         raise ToolkitError(f"routing supports attn_implementation sdpa or eager, not '{impl}'")

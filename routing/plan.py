@@ -31,6 +31,10 @@ Training-free peers are plans too (issue 17), and pruning composes with the DPVR
     prune-pre  keep the top R of each image's tokens before the LLM, by the vision tower's [CLS] attention
                (FasterVLM); the LLM sees a shorter prompt (positions renumbered, as the method feeds it)
     pool       average-pool each image's token grid to about R of its tokens before the LLM
+    divprune   keep a max-min diverse subset of each image's projected tokens (DivPrune): ``divprune:keep=9.8%``
+               (a share, rounded as its authors round) or ``divprune:keep=56`` (a count), before the LLM
+    visionzip  per image, the dominant tokens by the tower's [CLS] attention plus contextual tokens merged by key
+               similarity (VisionZip), projected: ``visionzip:dominant=54,contextual=10``, before the LLM
 
 ``lf`` (or pc, kv, lf-ideal) with ``prune`` set runs the pruning first: the side branch and the fusion layer see
 only the kept image tokens. FastV keeps the original positions of what it keeps (as its reference code does).
@@ -50,22 +54,33 @@ from saturation.core.errors import ToolkitError
 from saturation.recommend import split_range
 
 VARIANTS = ("lf", "pc", "kv", "lf-ideal")  # the DPVR variants (a side branch)
-PRUNERS = ("fastv", "prune-pre", "pool")  # image-token pruning, alone or under a DPVR variant
-PRE_LLM = ("prune-pre", "pool")  # pruning before the first decoder layer
+PRUNERS = ("fastv", "prune-pre", "pool", "divprune", "visionzip")  # image-token pruning, alone or under a DPVR variant
+PRE_LLM = ("prune-pre", "pool", "divprune", "visionzip")  # pruning before the first decoder layer
+# Prunings written with explicit ``key=value`` options (``divprune:keep=9.8%``), never a bare ratio: a bare number
+# could be read as the kept or the dropped share. Their defaults are the authors' (DivPrune 0.098, VisionZip 54+10).
+KEYED = {"divprune": {"keep": "9.8%"}, "visionzip": {"dominant": "54", "contextual": "10"}}
 PEERS = ("vtw",) + PRUNERS  # training-free baselines (issue 17)
 ALL_VARIANTS = VARIANTS + PEERS
 DEEP_MODE = {"lf": "text_only", "lf-ideal": "text_only", "pc": "reset", "kv": "kv_only", "vtw": "text_only",
-             "fastv": "dense", "prune-pre": "dense", "pool": "dense"}
+             "fastv": "dense", "prune-pre": "dense", "pool": "dense", "divprune": "dense", "visionzip": "dense"}
 LAYOUT_OF_MODE = {"text_only": "text", "reset": "full", "kv_only": "kv", "dense": "full"}
 # the plan's keys of a saved manifest (`routing.json`) with their JSON types (pruning's are optional: older artifacts)
 MANIFEST_TYPES = {"variant": str, "split": int, "fusion_layers": int, "side_depth": int, "num_layers": int}
 
 
-def kept_tokens(prune: str | None, n: int, keep: float) -> int:
+def kept_tokens(prune: str | None, n: int, keep: float, args: tuple = ()) -> int:
     """Image tokens one image of `n` keeps under `prune` at ratio `keep`: floor(R n), at least 1 (9 tokens at 25%
-    keep 2); `pool` keeps a square grid of side round(sqrt(R) side) (24x24 at 25% -> 12x12, 3x3 at 50% -> 2x2)."""
+    keep 2); `pool` keeps a square grid of side round(sqrt(R) side) (24x24 at 25% -> 12x12, 3x3 at 50% -> 2x2).
+    Keyed prunings read `args` (`RoutingPlan.prune_args`): DivPrune keeps round(share n) as its code rounds
+    (``int(round(ratio * N))``: 56 of 576 at 9.8%), at least 1, or min(count, n); VisionZip hands the LLM
+    dominant + contextual tokens per image (64 by default), whatever n."""
     if prune is None or n == 0:
         return n
+    options = dict(args)
+    if prune == "divprune":
+        return min(n, int(options["count"])) if "count" in options else max(1, int(round(options["share"] * n)))
+    if prune == "visionzip":
+        return int(options["dominant"]) + int(options["contextual"])
     if prune == "pool":
         side = math.isqrt(n)
         return max(1, round(side * math.sqrt(keep))) ** 2 if side * side == n else n
@@ -84,13 +99,17 @@ class RoutingPlan:
     prune: str | None = None  # fastv | prune-pre | pool: image tokens dropped before layer `prune_layer`
     prune_layer: int = 0  # FastV's K (scores from layer K-1); 0 = before the LLM
     keep: float = 1.0  # R: the share of each image's tokens kept (FastV: of each row's)
+    # A keyed pruning's options (`KEYED`), sorted (key, number) pairs: DivPrune ("share", R) or ("count", k);
+    # VisionZip ("contextual", c), ("dominant", d). Empty for the others.
+    prune_args: tuple[tuple[str, float | int], ...] = ()
 
     def to_manifest(self) -> dict:
         """The plan's part of an artifact's ``routing.json`` (`RoutingPlan.from_manifest` reads it back)."""
         return {"variant": self.variant, "split": self.split, "fusion_layers": self.fusion_layers,
                 "side_depth": self.side_depth, "num_layers": self.num_layers,
                 "prune": self.prune,  # pruning (issue 17): fastv | prune-pre | pool, its layer K and keep ratio R
-                "prune_layer": self.prune_layer, "keep": self.keep, "spec": self.spec}
+                "prune_layer": self.prune_layer, "keep": self.keep, "spec": self.spec} | (
+                    {"prune_args": dict(self.prune_args)} if self.prune_args else {})
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> RoutingPlan:
@@ -120,7 +139,8 @@ class RoutingPlan:
         if self.prune is None:
             return head
         layer = f"@{self.prune_layer}" if self.prune == "fastv" else ""
-        tail = f"{self.prune}{layer}:{100 * self.keep:g}%"
+        tail = f"{self.prune}:{args_text(self.prune_args)}" if self.prune in KEYED else \
+            f"{self.prune}{layer}:{100 * self.keep:g}%"
         return tail if self.variant in PRUNERS else f"{head}+{tail}"
 
     @property
@@ -130,7 +150,7 @@ class RoutingPlan:
 
     def kept_tokens(self, n: int) -> int:
         """Image tokens one image of `n` keeps after this plan's pruning."""
-        return kept_tokens(self.prune, n, self.keep)
+        return kept_tokens(self.prune, n, self.keep, self.prune_args)
 
     @property
     def deep_mode(self) -> str:
@@ -189,8 +209,9 @@ class RoutingPlan:
         def span(r: range) -> str:
             return f"{r.start}..{r.stop - 1}" if len(r) else "-"
 
+        what = args_text(self.prune_args) if self.prune in KEYED else f"keep {100 * self.keep:g}% of the image tokens"
         pruning = [] if self.prune is None else [
-            f"  prune   {self.prune}: keep {100 * self.keep:g}% of the image tokens before layer {self.prune_layer}"]
+            f"  prune   {self.prune}: {what} before layer {self.prune_layer}"]
         if not self.routes:
             return "\n".join([f"variant {self.variant}: L={self.num_layers}", *pruning])
         return "\n".join([
@@ -206,13 +227,15 @@ class RoutingPlan:
 
 def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: int = 1,
               side_depth: int = 1, min_split: int = 1, *, prune: str | None = None, prune_layer: int | None = None,
-              keep: float = 1.0) -> RoutingPlan:
+              keep: float = 1.0, prune_args: dict | None = None) -> RoutingPlan:
     """Validate a variant's geometry. `lf-ideal` always has K=0 (that is what makes it ideal and untrainable).
     `min_split`: the backbone's first allowed split (after Qwen3-VL's DeepStack layers).
 
     Peers: ``vtw`` drops every image token after layer `split` (no side branch, no fusion). ``fastv``,
     ``prune-pre`` and ``pool`` prune alone (`split` is FastV's K when `prune_layer` is not given); a DPVR variant
     with `prune` runs on the kept image tokens only (FastV's K must then be <= `split`). `keep` is R in (0, 1].
+    `prune_args`: a keyed pruning's options (`KEYED`; DivPrune ``{"share": R}`` or ``{"count": k}``, VisionZip
+    ``{"dominant": d, "contextual": c}``), the authors' defaults where missing.
     """
     if variant not in ALL_VARIANTS:
         raise ToolkitError(f"unknown routing variant '{variant}': use one of {', '.join(ALL_VARIANTS)}")
@@ -225,10 +248,14 @@ def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: i
             prune_layer = split
         prune = variant
         split, fusion_layers, side_depth = num_layers, 0, 0
+    args: tuple = ()
     if prune is not None:
+        keep, args = keyed_options(prune, prune_args, keep)
         prune_layer = _check_pruning(num_layers, prune, prune_layer, keep, min_split)
+    elif prune_args:
+        raise ToolkitError("prune_args without a pruning: name the pruning (divprune or visionzip)")
     if variant in PRUNERS:
-        return RoutingPlan(variant, num_layers, split, 0, 0, prune, prune_layer, float(keep))
+        return RoutingPlan(variant, num_layers, split, 0, 0, prune, prune_layer, float(keep), args)
     if variant in ("lf-ideal", "vtw"):
         fusion_layers = 0
     elif variant == "lf" and fusion_layers == 0:
@@ -244,7 +271,83 @@ def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: i
         raise ToolkitError(f"{prune} at layer {prune_layer} comes after the split {split}: pruning must happen in "
                            "the shallow stack, so that the side branch and the fusion see only the kept tokens")
     return RoutingPlan(variant, num_layers, split, fusion_layers, side_depth, prune,
-                       0 if prune is None else prune_layer, float(keep) if prune is not None else 1.0)
+                       0 if prune is None else prune_layer, float(keep) if prune is not None else 1.0, args)
+
+
+def keyed_options(prune: str, options: dict | None, keep: float) -> tuple[float, tuple]:
+    """A pruning's keep ratio and its `RoutingPlan.prune_args`, checked. Non-keyed prunings take no options.
+    DivPrune: ``{"share": R}`` (R in (0, 1]) or ``{"count": k}`` (k >= 1), default share 0.098; a `keep` other
+    than 1 (the older keyword form) is its share; its `keep` is the share (1 for a count). VisionZip:
+    ``{"dominant": d, "contextual": c}``, integers >= 1 (d counts the [CLS] token, as its code does), defaults
+    54 and 10; it takes no `keep`."""
+    if prune not in KEYED:
+        if options:
+            raise ToolkitError(f"{prune} takes no key=value options (got {', '.join(options)})")
+        return keep, ()
+    options = dict(options or {})
+    if prune == "divprune":
+        if not options:
+            options = {"share": keep if keep != 1.0 else 0.098}
+        unknown = set(options) - {"share", "count"}
+        if unknown or len(options) != 1:
+            raise ToolkitError(f"divprune takes one keep option, a share (keep=9.8%) or a count (keep=56); got "
+                               f"{', '.join(sorted(options))}")
+        if "count" in options:
+            count = options["count"]
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ToolkitError(f"divprune's keep count must be an integer >= 1, got {count!r}")
+            return 1.0, (("count", count),)
+        share = options["share"]
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ToolkitError(f"divprune's kept share must be in (0%, 100%], got {share!r}")
+        return float(share), (("share", float(share)),)
+    if keep != 1.0:
+        raise ToolkitError("visionzip takes dominant= and contextual= token counts, not a keep ratio")
+    unknown = set(options) - {"dominant", "contextual"}
+    if unknown:
+        raise ToolkitError(f"visionzip takes dominant= and contextual=, not {', '.join(sorted(unknown))}")
+    options = {"dominant": 54, "contextual": 10} | options
+    for key, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ToolkitError(f"visionzip's {key} must be an integer >= 1, got {value!r}")
+    return 1.0, tuple(sorted(options.items()))
+
+
+def args_text(args: tuple) -> str:
+    """A keyed pruning's options as the spec writes them: ``keep=9.8%``, ``keep=56``, ``dominant=54,contextual=10``."""
+    options = dict(args)
+    if "share" in options:
+        return f"keep={100 * options['share']:g}%"
+    if "count" in options:
+        return f"keep={options['count']}"
+    return f"dominant={options['dominant']},contextual={options['contextual']}"
+
+
+def read_keyed(name: str, spec: str, text: str | None) -> dict:
+    """The options of a keyed pruning as written (``keep=9.8%``, ``keep=56``, ``dominant=54,contextual=10``) ->
+    `keyed_options`' dict. A share needs its ``%`` and a count is an integer: nothing is guessed."""
+    if text is None:
+        return {}
+    options: dict = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in KEYED[name] or key in options or not re.fullmatch(r"[0-9]+(\.[0-9]+)?%?", value):
+            raise ToolkitError(f"cannot read plan '{spec}' at '{item}': {name} takes "
+                               f"{', '.join(f'{k}={v}' for k, v in KEYED[name].items())}")
+        options[key] = value
+    if name == "divprune":
+        value = options.get("keep")
+        if value is None:
+            return {}
+        if value.endswith("%"):
+            return {"share": float(value[:-1]) / 100}
+        if "." in value:
+            raise ToolkitError(f"cannot read plan '{spec}': divprune's keep is a share with % (keep=9.8%) or a "
+                               f"whole count (keep=56), not {value}")
+        return {"count": int(value)}
+    if any(not v.isdigit() for v in options.values()):
+        raise ToolkitError(f"cannot read plan '{spec}': visionzip's dominant and contextual are token counts")
+    return {k: int(v) for k, v in options.items()}
 
 
 def _check_pruning(num_layers: int, prune: str, prune_layer: int | None, keep: float, min_split: int) -> int:
@@ -262,6 +365,27 @@ def _check_pruning(num_layers: int, prune: str, prune_layer: int | None, keep: f
                            f"(it reads the attention at layer K-1), got {prune_layer!r}")
     _check_deepstack_fastv(prune_layer, min_split)
     return prune_layer
+
+
+def check_family(plan: RoutingPlan | None, model) -> None:
+    """Refuse, from the config alone (before weights load), a keyed pre-LLM pruning this family cannot take: any of
+    them where the positions read the image grid (M-RoPE: a pruned prompt would need a new grid; prune-pre refuses
+    the same); VisionZip without a [CLS] tower (SigLIP, Qwen's merger: nothing to rank by) or with anyres crops
+    (per-crop compression, no unpadding, no newline: not implemented)."""
+    if plan is None or plan.prune not in KEYED:
+        return
+    config = model if isinstance(model, PretrainedConfig) else model.config
+    family = adapter_class(config)
+    name = family.spec.name
+    if plan.prune == "visionzip" and not family.tower_has_cls(config):
+        raise ToolkitError(f"visionzip ranks by the vision tower's [CLS] attention; {name}'s tower "
+                           f"({getattr(config.vision_config, 'model_type', '?')}) has no [CLS] token")
+    if family.position_kwargs:
+        raise ToolkitError(f"{plan.prune} prunes before the LLM, but {name}'s positions read the image grid "
+                           f"({', '.join(family.position_kwargs)}): not supported (as for prune-pre)")
+    if plan.prune == "visionzip" and (family.tiled or not isinstance(config.vision_feature_layer, int)):
+        raise ToolkitError(f"visionzip on {name}: anyres crops (per-crop budgets, no unpadding, no newline) are not "
+                           "implemented; it runs on single-tile LLaVA-1.5")
 
 
 def out_of_range(split: int, num_layers: int, fusion_layers: int, side_depth: int, valid: range) -> str:
@@ -330,20 +454,35 @@ def _auto_value(spec: str, key: str, value: str) -> float | int:
     return number
 
 
+_KEYED_PART = re.compile(r"^(?P<name>[a-z-]+)(?::(?P<args>[a-z]+=[^,+]*(?:,[a-z]+=[^,+]*)*))?$")
+
+
 def parse_spec(spec: str) -> dict:
     """A plan written as one word: ``vanilla``, ``lf@6``, ``vtw@6``, ``fastv@2:50%``, ``prune-pre:25%``,
-    ``pool:0.25``, ``lf@6+prune-pre:50%``, ``lf@6+fastv@2:50%`` (``lf`` with no ``@`` = the recommended split).
+    ``pool:0.25``, ``lf@6+prune-pre:50%``, ``lf@6+fastv@2:50%`` (``lf`` with no ``@`` = the recommended split);
+    keyed prunings with explicit options: ``divprune:keep=9.8%``, ``divprune:keep=56``,
+    ``visionzip:dominant=54,contextual=10``, ``lf@6+divprune:keep=50%`` (``divprune`` alone: the authors' defaults).
 
-    Returns ``{"variant", "split" (None = recommended), "prune", "prune_layer", "keep"}``; `variant` None is vanilla.
-    ``vtw@auto[:eta=..,n=..,seed=..]`` (VTW's layer from its KL search, `routing.vtw`) adds ``"auto"``: its params.
+    Returns ``{"variant", "split" (None = recommended), "prune", "prune_layer", "keep"}`` and, for a keyed pruning,
+    ``"prune_args"`` (`keyed_options`' dict); `variant` None is vanilla. ``vtw@auto[:eta=..,n=..,seed=..]`` (VTW's
+    layer from its KL search, `routing.vtw`) adds ``"auto"``: its params.
     Raises ToolkitError naming the part it cannot read.
     """
     auto = parse_vtw_auto(spec)
     if auto is not None:  # a layer found on data: `plan_from_spec` cannot make it, `routing.vtw.resolve_auto` can
         return {"variant": "vtw", "split": None, "prune": None, "prune_layer": None, "keep": 1.0, "auto": auto}
     parts = [p.strip() for p in spec.strip().split("+")]
-    parsed = []
+    parsed, args = [], None
     for part in parts:
+        keyed = _KEYED_PART.match(part)
+        if keyed and keyed["name"] in KEYED:  # divprune:keep=9.8%, visionzip:dominant=54,contextual=10
+            args = read_keyed(keyed["name"], spec, keyed["args"])
+            parsed.append((keyed["name"], None, None))
+            continue
+        if part.split("@")[0].split(":")[0] in KEYED:
+            name = part.split("@")[0].split(":")[0]
+            raise ToolkitError(f"cannot read plan '{spec}' at '{part}': {name} takes no layer and explicit options, "
+                               f"e.g. {name}:{','.join(f'{k}={v}' for k, v in KEYED[name].items())}")
         m = _PART.match(part)
         if not m:
             raise ToolkitError(f"cannot read plan '{spec}' at '{part}': write e.g. lf@6, fastv@2:50%, prune-pre:25% "
@@ -362,12 +501,12 @@ def parse_spec(spec: str) -> dict:
     elif ratio is not None:
         raise ToolkitError(f"cannot read plan '{spec}': '{name}' takes no keep ratio (did you mean {name}@S+...?)")
     prune = rest[0] if rest else (None, None, None)
-    if prune[0] is not None and prune[2] is None:
+    if prune[0] is not None and prune[2] is None and prune[0] not in KEYED:
         raise ToolkitError(f"plan '{spec}': {prune[0]} needs a keep ratio, e.g. {prune[0]}:50%")
     if prune[0] == "fastv" and prune[1] is None:
         raise ToolkitError(f"plan '{spec}': fastv needs its layer, e.g. fastv@2:50%")
     return {"variant": name, "split": layer, "prune": prune[0], "prune_layer": prune[1],
-            "keep": 1.0 if prune[2] is None else prune[2]}
+            "keep": 1.0 if prune[2] is None else prune[2]} | ({"prune_args": args} if args is not None else {})
 
 
 def plan_from_spec(parsed: dict, num_layers: int, default_split: int | None, fusion_layers: int = 1,
@@ -390,7 +529,8 @@ def plan_from_spec(parsed: dict, num_layers: int, default_split: int | None, fus
     else:
         split = default_split
     return make_plan(num_layers, split, variant, fusion_layers, side_depth, min_split,
-                     prune=parsed["prune"], prune_layer=parsed["prune_layer"], keep=parsed["keep"])
+                     prune=parsed["prune"], prune_layer=parsed["prune_layer"], keep=parsed["keep"],
+                     prune_args=parsed.get("prune_args"))
 
 
 def geometry(model) -> tuple[int, int]:
@@ -411,15 +551,20 @@ def parse_plan(spec: str, model, *, split: int | None = None, fusion_layers: int
     if parsed["variant"] is None:
         return None
     num_layers, min_split = geometry(model)
-    return plan_from_spec(parsed, num_layers, split, fusion_layers, side_depth, min_split, spec=spec)
+    plan = plan_from_spec(parsed, num_layers, split, fusion_layers, side_depth, min_split, spec=spec)
+    check_family(plan, model)
+    return plan
 
 
 def plan_for(model, split: int, variant: str = "lf", fusion_layers: int = 1, side_depth: int = 1, *,
-             prune: str | None = None, prune_layer: int | None = None, keep: float = 1.0) -> RoutingPlan:
+             prune: str | None = None, prune_layer: int | None = None, keep: float = 1.0,
+             prune_args: dict | None = None) -> RoutingPlan:
     """`make_plan` for `model` (a loaded model or its config): its depth and first allowed split filled in."""
     num_layers, min_split = geometry(model)
-    return make_plan(num_layers, split, variant, fusion_layers, side_depth, min_split, prune=prune,
-                     prune_layer=prune_layer, keep=keep)
+    plan = make_plan(num_layers, split, variant, fusion_layers, side_depth, min_split, prune=prune,
+                     prune_layer=prune_layer, keep=keep, prune_args=prune_args)
+    check_family(plan, model)
+    return plan
 
 
 def manifest_pruning(manifest: dict) -> dict:
@@ -430,4 +575,7 @@ def manifest_pruning(manifest: dict) -> dict:
     if not isinstance(prune, str) or (layer is not None and (not isinstance(layer, int) or isinstance(layer, bool))) \
             or isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise ToolkitError(f"malformed pruning in routing manifest: prune={prune!r} prune_layer={layer!r} keep={keep!r}")
-    return {"prune": prune, "prune_layer": layer, "keep": keep}
+    args = manifest.get("prune_args")
+    if args is not None and not isinstance(args, dict):
+        raise ToolkitError(f"malformed pruning in routing manifest: prune_args={args!r} (a JSON object)")
+    return {"prune": prune, "prune_layer": layer, "keep": keep} | ({"prune_args": args} if args else {})

@@ -518,7 +518,7 @@ def _check_saved_plan(plan, cfg: BenchConfig) -> None:
         return
     if cfg.train:
         raise ToolkitError(f"--train times lf/pc/kv training steps; the routing holds plan {plan.spec}")
-    if plan.prune == "prune-pre":  # it scores patches in the vision tower, which bench's prefill skips
+    if plan.prune in ("prune-pre", "visionzip"):  # they read the vision tower, which bench's prefill skips
         raise ToolkitError(f"routing bench times prefill from merged embeddings, where {plan.spec} has no "
                            f"vision-tower attention to score: time it from pixels with `routing compare --plans "
                            f"vanilla,{plan.spec}`")

@@ -16,6 +16,7 @@ random weights and random image embeddings, as `routing bench --geometry` (``ben
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,10 @@ import pandas as pd
 import torch
 
 from routing import flops
-from routing.plan import RoutingPlan, parse_spec
+from routing.plan import KEYED, RoutingPlan, args_text, parse_spec
 from saturation.core.errors import ToolkitError
 
-NEEDS_PIXELS = ("prune-pre",)  # prunings that read the vision tower: no plan of geometry mode's random embeddings
+NEEDS_PIXELS = ("prune-pre", "visionzip")  # prunings that read the vision tower: not on geometry's random embeddings
 
 DEFAULT_PLANS = ("vanilla", "lf", "vtw", "fastv@2:50%", "fastv@2:25%", "prune-pre:50%", "prune-pre:25%",
                  "lf+prune-pre:50%")
@@ -83,7 +84,9 @@ class CompareConfig:
 
 def parse_plans(plans) -> tuple[dict, ...]:
     """Specs (a comma-separated string or a list) -> parsed dicts; a bad one is one line naming it."""
-    specs = [s.strip() for s in (plans.split(",") if isinstance(plans, str) else plans) if s.strip()]
+    # a comma before ``key=`` continues a keyed pruning's options (visionzip:dominant=54,contextual=10)
+    specs = [s.strip() for s in (re.split(r",(?!\s*[a-z]+=)", plans) if isinstance(plans, str) else plans)
+             if s.strip()]
     if not specs:
         raise ToolkitError("--plans is empty: give e.g. vanilla,lf,fastv@2:50%")
     if len(set(specs)) != len(specs):
@@ -99,7 +102,9 @@ def params_of(plan: RoutingPlan | None) -> str:
         parts.append(f"K={plan.fusion_layers} d_v={plan.side_depth}")
     if plan.prune == "fastv":
         parts.append(f"fastv K={plan.prune_layer}")
-    if plan.prune is not None:
+    if plan.prune in KEYED:
+        parts.append(args_text(plan.prune_args))
+    elif plan.prune is not None:
         parts.append(f"R={100 * plan.keep:g}%")
     return " ".join(parts)
 

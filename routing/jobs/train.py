@@ -436,7 +436,8 @@ def default_out(model: str, variant: str, split: int, plan: RoutingPlan | None =
     folder names its pruning too (``lf-s6_prune-pre-50``)."""
     name = f"{variant}-s{split}"
     if plan is not None and plan.prune is not None:
-        name = plan.spec.replace("@", "-s").replace(":", "-").replace("%", "").replace("+", "_")
+        name = plan.spec.replace("@", "-s").replace(":", "-").replace("%", "").replace("+", "_").replace(
+            "=", "").replace(",", "-")  # lf-s6_visionzip-dominant54-contextual10
     return Path("runs") / "train" / probe_default_out(model).name / name
 
 

@@ -295,6 +295,48 @@ class Adapter(AttentionInputs):
         probs = attn[layer if layer < 0 else layer - 1].float().mean(1)  # hidden_states[l] is layer l-1's output
         return probs[:, 0, 1:] if c.vision_feature_select_strategy == "default" else probs.mean(1)
 
+    # Whether an image reaches the LLM as several crops (anyres tiles): per-image tower-side compression then needs
+    # the family's own tile layout (unpadding, newlines), which only a single-tile family does not.
+    tiled: ClassVar[bool] = False
+
+    @classmethod
+    def tower_has_cls(cls, config) -> bool:
+        """Whether the vision tower prepends a [CLS] token (CLIP does; SigLIP and Qwen's tower do not): what
+        [CLS]-attention methods rank by. From the config alone (plans are checked before weights load)."""
+        return getattr(config.vision_config, "model_type", None) == "clip_vision_model"
+
+    def vision_attention_and_keys(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The tower layer whose output the projector reads (``vision_feature_layer``, CLIP's -2), seen from inside:
+        its attention probabilities [N, heads, S, S], its output hidden states [N, S, D_vision] (``hidden_states[l]``,
+        [CLS] first) and its keys averaged over heads [N, S, d_head] (the k projection's output, bias included,
+        before any normalisation). S = patches + 1 with a [CLS] token. Eager attention for this one call.
+        [N, 3, H, W] -> the three (one tile per image)."""
+        c = self.model.config
+        layer = c.vision_feature_layer
+        if not isinstance(layer, int) or not self.tower_has_cls(c):
+            raise ToolkitError(f"{self.spec.name}: needs a [CLS] vision tower and one vision feature layer")
+        tower = self.vision_encoder
+        blocks = tower.get_submodule("encoder.layers" if hasattr(tower, "encoder") else "vision_model.encoder.layers")
+        index = layer if layer >= 0 else len(blocks) + 1 + layer  # hidden_states[l] is layer l-1's output
+        keys: list[Tensor] = []
+        hook = blocks[index - 1].get_submodule("self_attn.k_proj").register_forward_hook(
+            lambda _m, _args, out: keys.append(out))
+        previous = c.vision_config._attn_implementation
+        self.model.set_attn_implementation({"vision_config": "eager"})
+        try:
+            out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
+        finally:
+            self.model.set_attn_implementation({"vision_config": previous})
+            hook.remove()
+        heads = c.vision_config.num_attention_heads
+        k = keys[0]
+        k = k.view(*k.shape[:2], heads, -1).mean(2)
+        return out.attentions[index - 1], out.hidden_states[index], k
+
+    def project(self, vision_tokens: Tensor) -> Tensor:
+        """Vision-tower tokens [N, n, D_vision] through the projector alone -> [N, n, D] (what the LLM reads)."""
+        return self.projector(vision_tokens)
+
     def images_per_row(self, input_ids: Tensor) -> list[int]:
         """How many images each row of `input_ids` [B, T] holds: its runs of image tokens (as HF's M-RoPE index
         reads one grid per run of image tokens; pads are never image tokens)."""

@@ -46,6 +46,7 @@ def llava_next_7b_config():
 
 class LlavaNext(Adapter):
     spec = ModuleMap(name="llava-next", model_types=("llava_next",))
+    tiled = True  # anyres crops
     image_kwargs = ("image_sizes",)
     aliases = {"llava-next-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
                "llava-next-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf"}

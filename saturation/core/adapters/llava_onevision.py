@@ -64,6 +64,7 @@ class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
 
 class LlavaOnevision(Adapter):
     spec = ModuleMap(name="llava-onevision", model_types=("llava_onevision",))
+    tiled = True  # anyres crops
     image_kwargs = ("image_sizes", "batch_num_images")
     template = QWEN_TEMPLATE
     aliases = {"llava-onevision-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
