@@ -11,9 +11,9 @@ one release.)
 
 from . import flops
 from .artifact import save_routing
-from .model import RoutedLlava, RoutedModel, TrainableReport, build
+from .model import RoutedLlava, RoutedModel, TrainableReport, build, kept_image_tokens
 from .plan import VARIANTS, RoutingPlan, make_plan, parse_plan
 from .saved import load
 
-__all__ = ["VARIANTS", "RoutedLlava", "RoutedModel", "RoutingPlan", "TrainableReport", "build", "flops", "load",
-           "make_plan", "parse_plan", "save_routing"]
+__all__ = ["VARIANTS", "RoutedLlava", "RoutedModel", "RoutingPlan", "TrainableReport", "build", "flops",
+           "kept_image_tokens", "load", "make_plan", "parse_plan", "save_routing"]
