@@ -594,11 +594,12 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         rows, weight = fastv_rows(self.plan.rank, r, attention_mask)  # [B, Q], [B, Q]
         q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])).float()  # [B, H, Q, d]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).float()  # grouped-query heads
-        visible = ((torch.arange(n, device=device)[None, None, :] <= rows[:, :, None])
-                   & attention_mask.bool()[:, None, :])  # [B, Q, N]: causal in the sequence, no pads
-        if mask is not None:
+        if mask is None:  # causal over the real tokens
+            visible = torch.arange(n, device=device)[None, None, :] <= rows[:, :, None]
+        else:  # the layer's own rows (a window; Gemma's image blocks, whose image rows also see later image keys)
             allowed = a.allowed(mask.to(device))[:, 0].expand(len(rows), -1, -1)
-            visible = visible & allowed.gather(1, rows[:, :, None].expand(-1, -1, n))
+            visible = allowed.gather(1, rows[:, :, None].expand(-1, -1, n))
+        visible = visible & attention_mask.bool()[:, None, :]  # [B, Q, N], no pads
         probs = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible[:, None], float("-inf")).softmax(-1)
         probs = probs.nan_to_num(0.0).mean(1)  # over heads; a row with nothing visible has none to give
         if self.plan.rank == "all":  # "from all OTHER tokens": a token's attention to itself is left out
