@@ -5,8 +5,9 @@ A plan is one object, made once and checked once: ``plan = routing.parse_plan("l
 (any spec the command line takes; None for ``vanilla``), then ``routing.build(model, plan)`` routes the loaded model
 along it. ``plan.to_manifest()`` / ``RoutingPlan.from_manifest(d)`` write and read it as a saved artifact's
 ``routing.json`` does; ``routing.load(model, dir)`` rebuilds a saved routing on its base; ``routing.flops`` prices any
-geometry. (``routing.build(model, split, variant="lf", fusion_layers=1, side_depth=1)``, the older form, is kept for
-one release.)
+geometry; ``routing.kept_image_tokens(routed, **inputs)`` lists, per row, the original prompt positions of the image
+tokens a plan keeps (FastV's survivors, a pre-LLM pruning's). (``routing.build(model, split, variant="lf",
+fusion_layers=1, side_depth=1)``, the older form, is kept for one release.)
 """
 
 from . import flops
