@@ -155,7 +155,7 @@ def train_cmd(
     split: Annotated[str, typer.Option(help="Split layer: an integer in [1, L-2], or 'auto' for the probe's recommendation (runs the probe if none exists).")] = "auto",
     probe: Annotated[Path | None, typer.Option(help="Probe folder whose recommendation.json --split auto reads (default: newest probe of this model under runs/probe).")] = None,
     variant: Annotated[str, typer.Option(help="lf (DPVR late fusion) | pc | kv. lf-ideal cannot be trained (zero gradient).")] = "lf",
-    plan: Annotated[str | None, typer.Option(help="A plan spec instead of --variant/--split, pruning composed: lf@6+prune-pre:50%, pc+fastv@2:25% (no @S: --split). The side branch trains on the kept image tokens.")] = None,
+    plan: Annotated[str | None, typer.Option(help="A plan spec instead of --variant/--split, pruning composed: lf@6+prune-pre:50%, pc+fastv@2:R=75% (no @S: --split). The side branch trains on the kept image tokens.")] = None,
     fusion_layers: Annotated[int, typer.Option(help="K: last layers that see image and text again.")] = 1,
     side_depth: Annotated[int, typer.Option(help="d_v: side-branch layers (copies of layers s..s+d_v-1).")] = 1,
     data: Annotated[Path | None, typer.Option(help="LLaVA JSON to train on (default: a shapes-world set generated once per seed).")] = None,
@@ -207,7 +207,7 @@ def train_cmd(
 @routing_app.command("save-plan")
 @friendly
 def save_plan_cmd(
-    plan: Annotated[str, typer.Option(help="A training-free plan: vtw@6, vtw@auto[:eta=0.003,n=20,seed=0], fastv@2:50%, prune-pre:25%, pool:25%, divprune:keep=9.8%, visionzip:dominant=54,contextual=10, lf-ideal@6.")],
+    plan: Annotated[str, typer.Option(help="A training-free plan: vtw@6, vtw@auto[:eta=0.003,n=20,seed=0], fastv@2:R=50%, prune-pre:25%, pool:25%, divprune:keep=9.8%, visionzip:dominant=54,contextual=10, lf-ideal@6.")],
     out: Annotated[Path, typer.Option(help="Artifact folder, for eval/generate/bench/analyze --routing and lmms-eval routing=.")],
     model: ModelOpt = "tiny",
     split: Annotated[int | None, typer.Option(help="The split of a plan written without @S (vtw, lf-ideal).")] = None,
@@ -498,7 +498,7 @@ def bench_cmd(
 @friendly
 def compare_cmd(
     model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'tiny-clean', an alias (see saturation probe --help), a hub id or a local directory.")] = None,
-    plans: Annotated[str | None, typer.Option(help="Comma-separated plan specs: vanilla, lf@S, vtw@S, vtw@auto[:eta=0.003,n=20,seed=0] (VTW's KL search on --data, default the probe set), fastv@K:R%, prune-pre:R%, pool:R%, divprune:keep=R% (or keep=N), visionzip:dominant=D,contextual=C, lf@S+prune-pre:R%, lf@S+fastv@K:R% (no @S: the recommended split, or --routing's). Default: vanilla,lf,vtw,fastv@2:50%,fastv@2:25%,prune-pre:50%,prune-pre:25%,lf+prune-pre:50% (with --geometry, pool in place of prune-pre).")] = None,
+    plans: Annotated[str | None, typer.Option(help="Comma-separated plan specs: vanilla, lf@S, vtw@S, vtw@auto[:eta=0.003,n=20,seed=0] (VTW's KL search on --data, default the probe set), fastv@K:R=D% (D = the share dropped, FastV's R; ,rank=last|all|text), prune-pre:R%, pool:R% (R = the share kept), divprune:keep=R% (or keep=N), visionzip:dominant=D,contextual=C, lf@S+prune-pre:R%, lf@S+fastv@K:R=D% (no @S: the recommended split, or --routing's). Default: vanilla,lf,vtw,fastv@2:R=50%,fastv@2:R=75%,prune-pre:50%,prune-pre:25%,lf+prune-pre:50% (with --geometry, pool in place of prune-pre).")] = None,
     geometry: Annotated[str | None, typer.Option(help="Latency at an architecture's real size: random weights (as routing bench --geometry, e.g. llava-1.5-7b, tiny, cpu-bench), random image embeddings, untrained side branches; accuracy n/a. Not with --model/--routing/--data/--n or prune-pre plans.")] = None,
     layers: Annotated[int | None, typer.Option(help="With --geometry: build only N decoder layers (same widths).")] = None,
     routing_dir: Annotated[Path | None, typer.Option("--routing", help="A trained LF run folder or artifact: its split is the default and its side branch serves plans of the same split (pruned ones are trained on the kept tokens).")] = None,

@@ -196,7 +196,8 @@ def table(g: Geometry, split: int, image_tokens: int, text_tokens: int, fusion_l
 def _pruned_prefill(g: Geometry, plan: RoutingPlan, image_tokens: int, text_tokens: int,
                     logit_positions: int) -> Cost:
     """Layers before `plan.prune_layer` at the full count, every later group on the kept image tokens; FastV adds
-    its one score read (q/k of layer K-1 again, text rows x all keys). Pre-LLM scoring (the tower's CLS attention)
+    its one score read (q/k of layer K-1 again, the rank rule's rows x all keys: the last prompt token's one row,
+    every token's, or the text rows). Pre-LLM scoring (the tower's CLS attention)
     is vision-tower compute, outside this decoder-only model."""
     n, t = image_tokens + text_tokens, text_tokens
     kept = plan.kept_tokens(image_tokens)
@@ -206,7 +207,8 @@ def _pruned_prefill(g: Geometry, plan: RoutingPlan, image_tokens: int, text_toke
     attention = inner.attention + before * (_causal_pairs(n) - _causal_pairs(kept + t)) * g.pair_flops()
     if plan.prune == "fastv":
         linear += 2.0 * g.hidden * (g.q_dim + g.kv_dim) * n
-        attention += 2.0 * g.q_dim * t * n  # scores only, no weighted sum
+        rows = {"last": 1, "all": n}.get(plan.rank, t)
+        attention += 2.0 * g.q_dim * rows * n  # scores only, no weighted sum
     return Cost(linear, attention, inner.head)
 
 

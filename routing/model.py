@@ -186,6 +186,11 @@ class Kept:
         """[B*m] flat original positions the kept positions stand for (`flat` unless a merge wrote elsewhere)."""
         return self.flat if self.stands_for is None else self.stands_for[self.flat]
 
+    def mask(self, shape: torch.Size) -> Tensor:
+        """The kept positions as a [B, N] bool over the original frame."""
+        keep = torch.zeros(shape.numel(), dtype=torch.bool, device=self.flat.device)
+        return keep.index_fill(0, self.flat[self.valid.reshape(-1).to(self.flat.device)], True).view(shape)
+
     def take(self, x: Tensor) -> Tensor:
         """[B, N, ...] -> [B, m, ...]."""
         return Route._take(x, self.flat, x.shape[0])
@@ -373,6 +378,7 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         self.side = nn.ModuleList(_side_copy(a, src, a.num_layers + i).requires_grad_(True)
                                   for i, src in enumerate(plan.side_sources))
         self._gradient_probe = False
+        self._kept_log: dict | None = None  # `kept_image_tokens` listening: the prompt's image mask and kept set
         if getattr(base, "hf_device_map", None):
             # A base placed by accelerate (device_map): say so as HF does, so the Trainer and accelerate leave the
             # placement alone (without it the Trainer calls .to(device): meta tensors of offloaded layers raise,
@@ -473,9 +479,11 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         h, image_mask = e.inputs_embeds, e.image_mask
         if attention_mask is None:
             attention_mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
+        self._log_kept(image_mask=image_mask)
         prompt_mask, kept = attention_mask, None  # kept: what survived pruning (put back under the output)
         if plan.prune in PRE_LLM and bool(image_mask.any()):  # the LLM sees a shorter prompt (FasterVLM, pooling)
             kept, h = self._prune_pre(h, image_mask, attention_mask, pixel_values, image_kwargs)
+            self._log_kept(kept=kept.mask(image_mask.shape))
             h, image_mask, attention_mask = kept.take(h), kept.take(image_mask), kept.valid.long()
         # Every host-device sync of the routing happens here, before any layer is queued (free on a GPU).
         sizes = RouteSizes.of(image_mask, attention_mask)
@@ -502,6 +510,7 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
             if plan.prune == "fastv" and r is not None:  # FastV: drop image tokens after layer K-1, by its attention
                 h = run(range(plan.prune_layer - 1), h, full_mask, pos, rope)
                 keep = self._fastv_keep(h, r, rope, attention_mask, a.pick(full_mask, plan.prune_layer - 1))
+                self._log_kept(kept=keep)
                 h = run([plan.prune_layer - 1], h, full_mask, pos, rope)
                 kept = Kept.of(keep, h)
                 h, image_mask, attention_mask = kept.take(h), kept.take(image_mask), kept.valid.long()
@@ -553,6 +562,11 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
                               unmasked)
         return h if kept is None else self.adapter.norm(kept.restore(h))
 
+    def _log_kept(self, **found: Tensor) -> None:
+        """What `kept_image_tokens` asked to see (nothing when it is not listening)."""
+        if self._kept_log is not None:
+            self._kept_log.update(found)
+
     def _leave_state(self, cache, layouts: dict, prompt_mask: Tensor, pos: Tensor, frame_mask: Tensor,
                      unmasked: bool | None = None) -> None:
         """What the decode steps need (`layouts`: layout -> (prompt mask, key positions)); layer 0's prompt part
@@ -572,28 +586,33 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
 
     # ---------------------------------------------------------------- pruning (training-free peers)
     def _fastv_keep(self, h: Tensor, r: Route, rope, attention_mask: Tensor, mask: Tensor | None) -> Tensor:
-        """FastV's choice [B, N] bool (text and the kept image tokens): the top R of each row's image tokens by the
-        attention they receive at layer K-1 (its input `h`), averaged over heads and the row's text queries.
+        """FastV's choice [B, N] bool (text and the kept image tokens): the top round(n (1 - R)) of each row's image
+        tokens by the attention they receive at layer K-1 (its input `h`), averaged over heads, from the query rows
+        of the plan's rank rule (`fastv_rows`: the last prompt token's, every other token's, or the text rows').
 
-        One read of that layer's q/k (the adapter's `queries_keys`), text rows only; every layer keeps its sdpa.
-        The softmax needs every visible key, so the scores are text rows x all columns, then the image columns.
+        One read of that layer's q/k (the adapter's `queries_keys`), those rows only; every layer keeps its sdpa.
+        The softmax needs every visible key, so the scores are rows x all columns, then the image columns.
         What a query sees is that layer's own `mask` (a sliding-window layer's window, in original positions), or
         causal over the real tokens where the layer needs none.
         """
         a, layer = self.adapter, self.plan.prune_layer - 1
         q, k, scale = a.queries_keys(layer, h, a.pick(rope, layer))
         device = r.image_mask.device  # the routing's (a device map may run layer K-1 elsewhere)
-        q, k = q.to(device), k.to(device)
-        q = r.text(q.transpose(1, 2)).transpose(1, 2).float()  # [B, H, T, d]
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).float()  # grouped-query heads
+        q, k, attention_mask = q.to(device), k.to(device), attention_mask.to(device)
         n = h.shape[1]
-        visible = ((torch.arange(n, device=device)[None, None, :] <= r.text_index[:, :, None])
-                   & attention_mask.bool()[:, None, :])  # [B, T, N]: causal in the sequence, no pads
-        if mask is not None:
-            visible = visible & r.text(a.allowed(mask.to(device))[:, 0])
+        rows, weight = fastv_rows(self.plan.rank, r, attention_mask)  # [B, Q], [B, Q]
+        q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])).float()  # [B, H, Q, d]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).float()  # grouped-query heads
+        if mask is None:  # causal over the real tokens
+            visible = torch.arange(n, device=device)[None, None, :] <= rows[:, :, None]
+        else:  # the layer's own rows (a window; Gemma's image blocks, whose image rows also see later image keys)
+            allowed = a.allowed(mask.to(device))[:, 0].expand(len(rows), -1, -1)
+            visible = allowed.gather(1, rows[:, :, None].expand(-1, -1, n))
+        visible = visible & attention_mask.bool()[:, None, :]  # [B, Q, N], no pads
         probs = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible[:, None], float("-inf")).softmax(-1)
-        probs = probs.nan_to_num(0.0).mean(1)  # over heads; a text row with nothing visible has none to give
-        weight = r.text_valid.float()
+        probs = probs.nan_to_num(0.0).mean(1)  # over heads; a row with nothing visible has none to give
+        if self.plan.rank == "all":  # "from all OTHER tokens": a token's attention to itself is left out
+            probs = probs.scatter(2, rows[:, :, None], 0.0)
         received = (probs * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)  # [B, N]
         score = received.gather(1, r.image_index).masked_fill(~r.image_valid, float("-inf"))  # [B, I]
         budget = torch.tensor([self.plan.kept_tokens(int(n_i)) for n_i in r.image_valid.sum(1).tolist()],
@@ -854,22 +873,53 @@ def _side_copy(a: Adapter, source: int, layer_idx: int) -> nn.Module:
     return new
 
 
+def fastv_rows(rank: str, r: Route, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The query rows FastV's `rank` rule reads ([B, Q] positions) and their weights ([B, Q], 0 = a filler):
+    ``last`` the last valid prompt token (FastV's code), ``all`` every valid prompt token (the paper's sentence),
+    ``text`` the valid text tokens."""
+    valid = attention_mask.bool()
+    n = valid.shape[1]
+    if rank == "text":
+        return r.text_index, r.text_valid.float()
+    if rank == "all":
+        return torch.arange(n, device=valid.device).expand(len(valid), n), valid.float()
+    last = (torch.arange(1, n + 1, device=valid.device) * valid).argmax(1, keepdim=True)  # left or right padding
+    return last, torch.ones(last.shape, device=valid.device)
+
+
+def kept_image_tokens(routed: RoutedModel, **inputs) -> list[Tensor]:
+    """Per row, the original prompt positions (sorted) of the image tokens `routed`'s plan keeps: FastV's survivors
+    (the image tokens that enter layer K), the image tokens a pre-LLM pruning lets into the LLM, or every image
+    position when the plan prunes nothing. It runs the routed prompt once (no cache) and reads the set it chose:
+    the routing's own choice, not a second implementation of the rule."""
+    routed._kept_log = log = {}
+    try:
+        with torch.no_grad():
+            routed(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+    finally:
+        routed._kept_log = None
+    image = log["image_mask"].bool()
+    chosen = image & log["kept"].to(image.device) if "kept" in log else image
+    return [row.nonzero().squeeze(1).cpu() for row in chosen]
+
+
 def build(model: nn.Module, plan: RoutingPlan | int | None = None, variant: str = "lf", fusion_layers: int = 1,
           side_depth: int = 1, *, split: int | None = None, prune: str | None = None, prune_layer: int | None = None,
-          keep: float = 1.0) -> RoutedModel:
+          keep: float = 1.0, rank: str | None = None) -> RoutedModel:
     """Route `model` (any family with an adapter, any dtype/device) along `plan` (``routing.parse_plan``,
     ``RoutingPlan.from_manifest`` or ``routing.plan.plan_for``). Freezes the base; the side branch (copies of layers
     split .. split+side_depth-1) is trainable. The plan was checked when it was made; here only that it is this
     model's (its depth, the first allowed split). The routed model is in the base's mode (eval for a model from
     ``from_pretrained``); the Trainer switches it.
 
-    The older form ``build(model, split, variant="lf", fusion_layers=1, side_depth=1, *, prune, prune_layer, keep)``
+    The older form ``build(model, split, variant="lf", fusion_layers=1, side_depth=1, *, prune, prune_layer, keep,
+    rank)``
     (or ``split=`` by keyword) makes the plan here; it is kept for one release.
     """
     a = adapter_for(model)
     if isinstance(plan, RoutingPlan):
-        if split is not None or (variant, fusion_layers, side_depth, prune, prune_layer, keep) != (
-                "lf", 1, 1, None, None, 1.0):
+        if split is not None or (variant, fusion_layers, side_depth, prune, prune_layer, keep, rank) != (
+                "lf", 1, 1, None, None, 1.0, None):
             raise ToolkitError("build(model, plan) takes no split, variant, K, d_v or pruning: the plan holds them")
         check_fits(plan, a.num_layers, a.min_split)
         check_family(plan, model)
@@ -877,7 +927,7 @@ def build(model: nn.Module, plan: RoutingPlan | int | None = None, variant: str 
         if (plan is None) == (split is None):
             raise ToolkitError("build needs a RoutingPlan (routing.parse_plan), or a split (the older form)")
         plan = make_plan(a.num_layers, plan if split is None else split, variant, fusion_layers, side_depth,
-                         min_split=a.min_split, prune=prune, prune_layer=prune_layer, keep=keep)
+                         min_split=a.min_split, prune=prune, prune_layer=prune_layer, keep=keep, rank=rank)
         check_family(plan, model)
     impl = a.attn_implementation
     if impl not in SUPPORTED_ATTENTION:

@@ -26,15 +26,17 @@ then the text. Each layout needs its own 2D padding mask, see ``routing.generati
 Training-free peers are plans too (issue 17), and pruning composes with the DPVR variants:
 
     vtw        all image tokens leave after layer s (VTW): LF-ideal with no side branch at all
-    fastv      after layer K, keep the top R of the image tokens by the text->image attention they received at
-               layer K-1 (FastV); the rest are gone for every later layer (``kept`` cache layout from K on)
-    prune-pre  keep the top R of each image's tokens before the LLM, by the vision tower's [CLS] attention
-               (FasterVLM); the LLM sees a shorter prompt (positions renumbered, as the method feeds it)
-    pool       average-pool each image's token grid to about R of its tokens before the LLM
+    fastv      after layer K, drop the share R of the image tokens (FastV's notation, ``fastv@K:R=50%``) that
+               rank lowest by layer K-1's attention (``rank=last``: the last prompt token's row, as FastV's code;
+               ``rank=all``: the paper's sentence; ``rank=text``: the mean over text rows); the rest are gone for
+               every later layer (``kept`` cache layout from K on), ranked once at prefill
     divprune   keep a max-min diverse subset of each image's projected tokens (DivPrune): ``divprune:keep=9.8%``
                (a share, rounded as its authors round) or ``divprune:keep=56`` (a count), before the LLM
     visionzip  per image, the dominant tokens by the tower's [CLS] attention plus contextual tokens merged by key
                similarity (VisionZip), projected: ``visionzip:dominant=54,contextual=10``, before the LLM
+    prune-pre  keep the top R of each image's tokens before the LLM, by the vision tower's [CLS] attention
+               (FasterVLM); the LLM sees a shorter prompt (positions renumbered, as the method feeds it)
+    pool       average-pool each image's token grid to about R of its tokens before the LLM
 
 ``lf`` (or pc, kv, lf-ideal) with ``prune`` set runs the pruning first: the side branch and the fusion layer see
 only the kept image tokens. FastV keeps the original positions of what it keeps (as its reference code does).
@@ -66,11 +68,19 @@ DEEP_MODE = {"lf": "text_only", "lf-ideal": "text_only", "pc": "reset", "kv": "k
 LAYOUT_OF_MODE = {"text_only": "text", "reset": "full", "kv_only": "kv", "dense": "full"}
 # the plan's keys of a saved manifest (`routing.json`) with their JSON types (pruning's are optional: older artifacts)
 MANIFEST_TYPES = {"variant": str, "split": int, "fusion_layers": int, "side_depth": int, "num_layers": int}
+# FastV's ranking of image tokens by layer K-1's attention (head mean, image columns), over which query rows:
+#   last  the last valid prompt token's row (FastV's code: `last_layer_attention_avg[-1]`)
+#   all   the paper's "attention a token receives from all other tokens": the sum over every other valid prompt
+#         row (a row before the token gives 0, as causal attention does; the token's own row is left out), which
+#         ranks as the mean over all other tokens does
+#   text  the mean over the valid text rows (this toolkit's rule before the FastV spelling; kept as a variant)
+FASTV_RANKS = ("last", "all", "text")
 
 
 def kept_tokens(prune: str | None, n: int, keep: float, args: tuple = ()) -> int:
     """Image tokens one image of `n` keeps under `prune` at ratio `keep`: floor(R n), at least 1 (9 tokens at 25%
-    keep 2); `pool` keeps a square grid of side round(sqrt(R) side) (24x24 at 25% -> 12x12, 3x3 at 50% -> 2x2).
+    keep 2); `pool` keeps a square grid of side round(sqrt(R) side) (24x24 at 25% -> 12x12, 3x3 at 50% -> 2x2);
+    `fastv` keeps round(n (1 - R_dropped)) = round(n keep), halves up, at least 1 (FastV's scripts: (1-R) 576).
     Keyed prunings read `args` (`RoutingPlan.prune_args`): DivPrune keeps round(share n) as its code rounds
     (``int(round(ratio * N))``: 56 of 576 at 9.8%), at least 1, or min(count, n); VisionZip hands the LLM
     dominant + contextual tokens per image (64 by default), whatever n."""
@@ -81,6 +91,8 @@ def kept_tokens(prune: str | None, n: int, keep: float, args: tuple = ()) -> int
         return min(n, int(options["count"])) if "count" in options else max(1, int(round(options["share"] * n)))
     if prune == "visionzip":
         return int(options["dominant"]) + int(options["contextual"])
+    if prune == "fastv":
+        return max(1, math.floor(keep * n + 0.5 + 1e-9))
     if prune == "pool":
         side = math.isqrt(n)
         return max(1, round(side * math.sqrt(keep))) ** 2 if side * side == n else n
@@ -98,17 +110,19 @@ class RoutingPlan:
     side_depth: int  # d_v: side-branch layers, initialised from layers s .. s+d_v-1
     prune: str | None = None  # fastv | prune-pre | pool: image tokens dropped before layer `prune_layer`
     prune_layer: int = 0  # FastV's K (scores from layer K-1); 0 = before the LLM
-    keep: float = 1.0  # R: the share of each image's tokens kept (FastV: of each row's)
+    keep: float = 1.0  # the share of each image's tokens kept (FastV: of each row's; its R is 1 - keep, dropped)
+    rank: str | None = None  # FastV only: which query rows rank the image tokens (FASTV_RANKS)
     # A keyed pruning's options (`KEYED`), sorted (key, number) pairs: DivPrune ("share", R) or ("count", k);
     # VisionZip ("contextual", c), ("dominant", d). Empty for the others.
     prune_args: tuple[tuple[str, float | int], ...] = ()
 
     def to_manifest(self) -> dict:
         """The plan's part of an artifact's ``routing.json`` (`RoutingPlan.from_manifest` reads it back)."""
+        fastv = {"drop": self.drop, "rank": self.rank} if self.prune == "fastv" else {}  # FastV's R and rank rule
         return {"variant": self.variant, "split": self.split, "fusion_layers": self.fusion_layers,
                 "side_depth": self.side_depth, "num_layers": self.num_layers,
-                "prune": self.prune,  # pruning (issue 17): fastv | prune-pre | pool, its layer K and keep ratio R
-                "prune_layer": self.prune_layer, "keep": self.keep, "spec": self.spec} | (
+                "prune": self.prune,  # pruning (issue 17): fastv | prune-pre | pool, its layer K and keep ratio
+                "prune_layer": self.prune_layer, "keep": self.keep, **fastv, "spec": self.spec} | (
                     {"prune_args": dict(self.prune_args)} if self.prune_args else {})
 
     @classmethod
@@ -133,15 +147,33 @@ class RoutingPlan:
         return self.variant if self.prune in (None, self.variant) else f"{self.variant}+{self.prune}"
 
     @property
+    def drop(self) -> float:
+        """FastV's R: the share of the image tokens dropped (1 - keep)."""
+        return round(1.0 - self.keep, 12)  # 1 - 0.3 is 0.7000000000000001: R as it was written
+
+    @property
     def spec(self) -> str:
-        """The plan as `parse_spec` reads it back, e.g. ``lf@6+fastv@2:50%``."""
+        """The plan as `parse_spec` reads it back, e.g. ``lf@6+fastv@2:R=50%`` or ``fastv@3:R=75%,rank=all``."""
         head = self.variant if self.variant in PRUNERS else f"{self.variant}@{self.split}"
         if self.prune is None:
             return head
-        layer = f"@{self.prune_layer}" if self.prune == "fastv" else ""
-        tail = f"{self.prune}:{args_text(self.prune_args)}" if self.prune in KEYED else \
-            f"{self.prune}{layer}:{100 * self.keep:g}%"
+        if self.prune == "fastv":
+            rank = "" if self.rank == "last" else f",rank={self.rank}"
+            tail = f"fastv@{self.prune_layer}:R={100 * self.drop:g}%{rank}"
+        elif self.prune in KEYED:
+            tail = f"{self.prune}:{args_text(self.prune_args)}"
+        else:
+            tail = f"{self.prune}:{100 * self.keep:g}%"
         return tail if self.variant in PRUNERS else f"{head}+{tail}"
+
+    @property
+    def pruning_terms(self) -> str:
+        """The pruning in its authors' terms: ``K=2, R=75% dropped, rank=last`` (FastV), ``keep 25%`` (the rest)."""
+        if self.prune == "fastv":
+            return f"K={self.prune_layer}, R={100 * self.drop:g}% dropped, rank={self.rank}"
+        if self.prune in KEYED:
+            return args_text(self.prune_args)
+        return "" if self.prune is None else f"keep {100 * self.keep:g}%"
 
     @property
     def routes(self) -> bool:
@@ -204,14 +236,19 @@ class RoutingPlan:
             return False
         return self.fusion_layers > 0 or (self.deep_mode != "text_only" and len(self.deep) > 0)
 
+    @property
+    def _pruning_what(self) -> str:
+        return args_text(self.prune_args) if self.prune in KEYED else f"keep {100 * self.keep:g}% of the image tokens"
+
     def describe(self) -> str:
         """One line per group, e.g. for `routing train` logs."""
         def span(r: range) -> str:
             return f"{r.start}..{r.stop - 1}" if len(r) else "-"
 
-        what = args_text(self.prune_args) if self.prune in KEYED else f"keep {100 * self.keep:g}% of the image tokens"
         pruning = [] if self.prune is None else [
-            f"  prune   {self.prune}: {what} before layer {self.prune_layer}"]
+            f"  prune   fastv {self.pruning_terms}: image tokens ranked by layer {self.prune_layer - 1}'s attention "
+            f"({RANK_ROWS[self.rank]}), the rest dropped before layer {self.prune_layer}" if self.prune == "fastv" else
+            f"  prune   {self.prune}: {self._pruning_what} before layer {self.prune_layer}"]
         if not self.routes:
             return "\n".join([f"variant {self.variant}: L={self.num_layers}", *pruning])
         return "\n".join([
@@ -225,15 +262,20 @@ class RoutingPlan:
         ])
 
 
+RANK_ROWS = {"last": "the last prompt token's row", "all": "summed over every other prompt token",
+             "text": "mean over the text rows"}
+
+
 def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: int = 1,
               side_depth: int = 1, min_split: int = 1, *, prune: str | None = None, prune_layer: int | None = None,
-              keep: float = 1.0, prune_args: dict | None = None) -> RoutingPlan:
+              keep: float = 1.0, rank: str | None = None, prune_args: dict | None = None) -> RoutingPlan:
     """Validate a variant's geometry. `lf-ideal` always has K=0 (that is what makes it ideal and untrainable).
     `min_split`: the backbone's first allowed split (after Qwen3-VL's DeepStack layers).
 
     Peers: ``vtw`` drops every image token after layer `split` (no side branch, no fusion). ``fastv``,
     ``prune-pre`` and ``pool`` prune alone (`split` is FastV's K when `prune_layer` is not given); a DPVR variant
-    with `prune` runs on the kept image tokens only (FastV's K must then be <= `split`). `keep` is R in (0, 1].
+    with `prune` runs on the kept image tokens only (FastV's K must then be <= `split`). `keep` in (0, 1] is the
+    share kept (FastV's R is 1 - keep); `rank` is FastV's ranking rule (FASTV_RANKS, default ``last``).
     `prune_args`: a keyed pruning's options (`KEYED`; DivPrune ``{"share": R}`` or ``{"count": k}``, VisionZip
     ``{"dominant": d, "contextual": c}``), the authors' defaults where missing.
     """
@@ -254,8 +296,9 @@ def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: i
         prune_layer = _check_pruning(num_layers, prune, prune_layer, keep, min_split)
     elif prune_args:
         raise ToolkitError("prune_args without a pruning: name the pruning (divprune or visionzip)")
+    rank = _check_rank(prune, rank)
     if variant in PRUNERS:
-        return RoutingPlan(variant, num_layers, split, 0, 0, prune, prune_layer, float(keep), args)
+        return RoutingPlan(variant, num_layers, split, 0, 0, prune, prune_layer, float(keep), rank, args)
     if variant in ("lf-ideal", "vtw"):
         fusion_layers = 0
     elif variant == "lf" and fusion_layers == 0:
@@ -271,7 +314,20 @@ def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: i
         raise ToolkitError(f"{prune} at layer {prune_layer} comes after the split {split}: pruning must happen in "
                            "the shallow stack, so that the side branch and the fusion see only the kept tokens")
     return RoutingPlan(variant, num_layers, split, fusion_layers, side_depth, prune,
-                       0 if prune is None else prune_layer, float(keep) if prune is not None else 1.0, args)
+                       0 if prune is None else prune_layer, float(keep) if prune is not None else 1.0, rank, args)
+
+
+def _check_rank(prune: str | None, rank: str | None) -> str | None:
+    """FastV's ranking rule (default ``last``, its code's); the other prunings take none."""
+    if prune != "fastv":
+        if rank is not None:
+            raise ToolkitError(f"rank={rank} is FastV's ranking rule; {prune or 'this plan'} takes none")
+        return None
+    if rank is None:
+        return "last"
+    if rank not in FASTV_RANKS:
+        raise ToolkitError(f"unknown FastV rank rule {rank!r}: use one of {', '.join(FASTV_RANKS)}")
+    return rank
 
 
 def keyed_options(prune: str, options: dict | None, keep: float) -> tuple[float, tuple]:
@@ -330,7 +386,10 @@ def read_keyed(name: str, spec: str, text: str | None) -> dict:
         return {}
     options: dict = {}
     for item in text.split(","):
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
+        if not eq:  # a bare ratio: kept or dropped? nothing is guessed
+            raise ToolkitError(f"cannot read plan '{spec}' at '{item}': {name} takes explicit options, e.g. "
+                               f"{name}:{','.join(f'{k}={v}' for k, v in KEYED[name].items())}")
         if key not in KEYED[name] or key in options or not re.fullmatch(r"[0-9]+(\.[0-9]+)?%?", value):
             raise ToolkitError(f"cannot read plan '{spec}' at '{item}': {name} takes "
                                f"{', '.join(f'{k}={v}' for k, v in KEYED[name].items())}")
@@ -354,6 +413,10 @@ def _check_pruning(num_layers: int, prune: str, prune_layer: int | None, keep: f
     """FastV's layer K in 1..L-1 (it reads attention at K-1), after any DeepStack layers; R in (0, 1]."""
     if prune not in PRUNERS:
         raise ToolkitError(f"unknown pruning '{prune}': use one of {', '.join(PRUNERS)}")
+    if prune == "fastv" and (isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1):
+        got = f"R={100 * (1 - keep):g}%" if isinstance(keep, (int, float)) and not isinstance(keep, bool) else \
+            repr(keep)
+        raise ToolkitError(f"FastV's R (the share dropped) must be in [0, 1) (e.g. R=50%), got {got}")
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
         raise ToolkitError(f"keep ratio R must be in (0, 1] (e.g. 0.5 or 50%), got {keep!r}")
     if prune in PRE_LLM:
@@ -418,7 +481,6 @@ def check_fits(plan: RoutingPlan, num_layers: int, min_split: int) -> None:
         _check_deepstack_fastv(plan.prune_layer, min_split)
 
 
-_PART = re.compile(r"^(?P<name>[a-z-]+)(?:@(?P<layer>\d+))?(?::(?P<keep>[0-9.]+%?))?$")
 # `vtw@auto[:eta=..,n=..,seed=..]`: VTW's layer chosen by its KL search on data (routing.vtw), VTW's own defaults
 # (eta 0.003 as its code uses for LLaVA-1.5-7B, n 20 as its README's `--limit 20`; the seed draws the sample)
 _VTW_AUTO = re.compile(r"^vtw@auto(?::(?P<params>.*))?$")
@@ -454,59 +516,139 @@ def _auto_value(spec: str, key: str, value: str) -> float | int:
     return number
 
 
-_KEYED_PART = re.compile(r"^(?P<name>[a-z-]+)(?::(?P<args>[a-z]+=[^,+]*(?:,[a-z]+=[^,+]*)*))?$")
+_PART = re.compile(r"^(?P<name>[a-z-]+)(?:@(?P<layer>\d+))?(?::(?P<params>.+))?$")
+_RATIO = re.compile(r"^[0-9.]+%?$")
+_PARAM = re.compile(r"^(?P<key>[A-Za-z_-]+)=(?P<value>[^=,]+)$")
+EXAMPLES = "lf@6, fastv@2:R=50%, fastv@2:R=75%,rank=all, prune-pre:25% or lf@6+prune-pre:50%"
+
+
+def _ratio(text: str, spec: str) -> float:
+    """``50%`` or ``0.5`` -> 0.5; anything else is one line naming `spec`."""
+    if not _RATIO.match(text):
+        raise ToolkitError(f"cannot read plan '{spec}': '{text}' is not a ratio (write e.g. 50% or 0.5)")
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ToolkitError(f"cannot read plan '{spec}': '{text}' is not a ratio (write e.g. 50% or 0.5)") from None
+
+
+def parse_params(text: str | None, spec: str) -> dict[str, str]:
+    """A pruner's parameters after ``:``: a bare ratio (``50%``: key ``""``) or ``key=value`` pairs separated by
+    commas (``R=75%,rank=all``); keys are read case-insensitively, each once."""
+    if text is None:
+        return {}
+    if _RATIO.match(text):
+        return {"": text}
+    params: dict[str, str] = {}
+    for item in text.split(","):
+        m = _PARAM.match(item.strip())
+        if not m:
+            raise ToolkitError(f"cannot read plan '{spec}' at '{item}': parameters are key=value pairs separated "
+                               f"by commas, e.g. fastv@2:R=75%,rank=all")
+        key = m["key"].lower()
+        if key in params:
+            raise ToolkitError(f"plan '{spec}' gives '{m['key']}' twice")
+        params[key] = m["value"].strip()
+    return params
+
+
+def _fastv_params(params: dict[str, str], part: str, spec: str) -> dict:
+    """FastV's ``R`` (the share DROPPED, as its scripts and paper write it) and its ``rank`` rule."""
+    if "" in params:  # the old spelling kept R: its meaning flipped, so it is refused rather than reread
+        old = _ratio(params[""], spec)
+        suggestion = spec.replace(part, f"{part.split(':')[0]}:R={100 * (1 - old):g}%")
+        raise ToolkitError(f"plan '{spec}': '{part}' is the old spelling (it KEPT {100 * old:g}%); FastV's R is the "
+                           f"share dropped: write {suggestion}")
+    unknown = sorted(set(params) - {"r", "rank"})
+    if unknown:
+        raise ToolkitError(f"plan '{spec}': fastv takes R (the share dropped) and rank, not {', '.join(unknown)}")
+    if "r" not in params:
+        raise ToolkitError(f"plan '{spec}': fastv needs R, the share of image tokens dropped, e.g. fastv@2:R=50%")
+    drop = _ratio(params["r"], spec)
+    if not 0 <= drop < 1:
+        raise ToolkitError(f"FastV's R (the share dropped) must be in [0, 1) (e.g. R=50%), got {params['r']}")
+    return {"keep": 1.0 - drop, "rank": params.get("rank", "last")}
+
+
+def _keep_params(name: str, params: dict[str, str], spec: str) -> dict:
+    """A pre-LLM pruner's kept share: a bare ratio (``prune-pre:25%``) or ``keep=25%``."""
+    unknown = sorted(set(params) - {"", "keep"})
+    if unknown:
+        raise ToolkitError(f"plan '{spec}': {name} takes a keep ratio (e.g. {name}:50%), not {', '.join(unknown)}")
+    if "" in params and "keep" in params:
+        raise ToolkitError(f"plan '{spec}' gives {name}'s keep ratio twice")
+    text = params.get("", params.get("keep"))
+    if text is None:
+        raise ToolkitError(f"plan '{spec}': {name} needs a keep ratio, e.g. {name}:50%")
+    return {"keep": _ratio(text, spec)}
+
+
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of plan specs, where a spec's own ``key=value`` parameters also follow commas:
+    ``vanilla,fastv@2:R=75%,rank=all,lf`` -> ``["vanilla", "fastv@2:R=75%,rank=all", "lf"]`` (a piece with ``=``
+    and no ``:`` or ``@`` continues the spec before it: no plan name holds ``=``)."""
+    specs: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if specs and "=" in piece and not any(c in piece for c in ":@+"):
+            specs[-1] = f"{specs[-1]},{piece}"
+        else:
+            specs.append(piece)
+    return specs
 
 
 def parse_spec(spec: str) -> dict:
-    """A plan written as one word: ``vanilla``, ``lf@6``, ``vtw@6``, ``fastv@2:50%``, ``prune-pre:25%``,
-    ``pool:0.25``, ``lf@6+prune-pre:50%``, ``lf@6+fastv@2:50%`` (``lf`` with no ``@`` = the recommended split);
-    keyed prunings with explicit options: ``divprune:keep=9.8%``, ``divprune:keep=56``,
-    ``visionzip:dominant=54,contextual=10``, ``lf@6+divprune:keep=50%`` (``divprune`` alone: the authors' defaults).
+    """A plan written as one word: ``vanilla``, ``lf@6``, ``vtw@6``, ``fastv@2:R=50%``, ``fastv@3:R=75%,rank=all``,
+    ``prune-pre:25%``, ``pool:0.25``, ``lf@6+prune-pre:50%``, ``lf@6+fastv@2:R=50%`` (``lf`` with no ``@`` = the
+    recommended split). A pruner's parameters follow ``:`` as comma-separated ``key=value`` pairs (`parse_params`);
+    the pre-LLM pruners also take a bare kept share. FastV's R is the share DROPPED (its own notation); the old
+    ``fastv@2:25%`` (which kept 25%) is refused with the new spelling.
 
-    Returns ``{"variant", "split" (None = recommended), "prune", "prune_layer", "keep"}`` and, for a keyed pruning,
-    ``"prune_args"`` (`keyed_options`' dict); `variant` None is vanilla. ``vtw@auto[:eta=..,n=..,seed=..]`` (VTW's
-    layer from its KL search, `routing.vtw`) adds ``"auto"``: its params.
-    Raises ToolkitError naming the part it cannot read.
+    Keyed prunings take explicit options only: ``divprune:keep=9.8%``, ``divprune:keep=56``,
+    ``visionzip:dominant=54,contextual=10`` (``divprune`` alone: the authors' defaults).
+
+    Returns ``{"variant", "split" (None = recommended), "prune", "prune_layer", "keep", "rank"}`` and, for a keyed
+    pruning, ``"prune_args"`` (`keyed_options`' dict); `variant` None is vanilla. ``vtw@auto[:eta=..,n=..,seed=..]``
+    (VTW's layer from its KL search, `routing.vtw`) adds ``"auto"``: its params. Raises ToolkitError naming the part
+    it cannot read.
     """
     auto = parse_vtw_auto(spec)
     if auto is not None:  # a layer found on data: `plan_from_spec` cannot make it, `routing.vtw.resolve_auto` can
-        return {"variant": "vtw", "split": None, "prune": None, "prune_layer": None, "keep": 1.0, "auto": auto}
+        return {"variant": "vtw", "split": None, "prune": None, "prune_layer": None, "keep": 1.0, "rank": None,
+                "auto": auto}
     parts = [p.strip() for p in spec.strip().split("+")]
-    parsed, args = [], None
+    parsed = []
     for part in parts:
-        keyed = _KEYED_PART.match(part)
-        if keyed and keyed["name"] in KEYED:  # divprune:keep=9.8%, visionzip:dominant=54,contextual=10
-            args = read_keyed(keyed["name"], spec, keyed["args"])
-            parsed.append((keyed["name"], None, None))
-            continue
-        if part.split("@")[0].split(":")[0] in KEYED:
-            name = part.split("@")[0].split(":")[0]
-            raise ToolkitError(f"cannot read plan '{spec}' at '{part}': {name} takes no layer and explicit options, "
-                               f"e.g. {name}:{','.join(f'{k}={v}' for k, v in KEYED[name].items())}")
         m = _PART.match(part)
         if not m:
-            raise ToolkitError(f"cannot read plan '{spec}' at '{part}': write e.g. lf@6, fastv@2:50%, prune-pre:25% "
-                               "or lf@6+prune-pre:50%")
-        keep = m["keep"]
-        ratio = None if keep is None else (float(keep[:-1]) / 100 if keep.endswith("%") else float(keep))
-        parsed.append((m["name"], None if m["layer"] is None else int(m["layer"]), ratio))
-    (name, layer, ratio), rest = parsed[0], parsed[1:]
-    if name == "vanilla" and not rest and layer is None and ratio is None:
-        return {"variant": None, "split": None, "prune": None, "prune_layer": None, "keep": 1.0}
+            raise ToolkitError(f"cannot read plan '{spec}' at '{part}': write e.g. {EXAMPLES}")
+        parsed.append((m["name"], None if m["layer"] is None else int(m["layer"]), m["params"], part))
+    (name, layer, params, part), rest = parsed[0], parsed[1:]
+    if name == "vanilla" and not rest and layer is None and params is None:
+        return {"variant": None, "split": None, "prune": None, "prune_layer": None, "keep": 1.0, "rank": None}
     if name not in ALL_VARIANTS or len(rest) > 1 or (rest and (name in PRUNERS or rest[0][0] not in PRUNERS)):
         raise ToolkitError(f"cannot read plan '{spec}': one of vanilla, {', '.join(ALL_VARIANTS)}, optionally "
                            f"+ one of {', '.join(PRUNERS)} after lf/pc/kv/lf-ideal")
     if name in PRUNERS:
-        rest, layer = [(name, layer, ratio)], None
-    elif ratio is not None:
-        raise ToolkitError(f"cannot read plan '{spec}': '{name}' takes no keep ratio (did you mean {name}@S+...?)")
-    prune = rest[0] if rest else (None, None, None)
-    if prune[0] is not None and prune[2] is None and prune[0] not in KEYED:
-        raise ToolkitError(f"plan '{spec}': {prune[0]} needs a keep ratio, e.g. {prune[0]}:50%")
-    if prune[0] == "fastv" and prune[1] is None:
-        raise ToolkitError(f"plan '{spec}': fastv needs its layer, e.g. fastv@2:50%")
-    return {"variant": name, "split": layer, "prune": prune[0], "prune_layer": prune[1],
-            "keep": 1.0 if prune[2] is None else prune[2]} | ({"prune_args": args} if args is not None else {})
+        rest, layer = [(name, layer, params, part)], None
+    elif params is not None:
+        raise ToolkitError(f"cannot read plan '{spec}': '{name}' takes no keep ratio or parameters (did you mean {name}@S+...?)")
+    if not rest:
+        return {"variant": name, "split": layer, "prune": None, "prune_layer": None, "keep": 1.0, "rank": None}
+    prune, prune_layer, text, part = rest[0]
+    if prune in KEYED:  # divprune:keep=9.8%, visionzip:dominant=54,contextual=10: explicit options, no layer
+        if prune_layer is not None:
+            raise ToolkitError(f"cannot read plan '{spec}' at '{part}': {prune} takes no layer and explicit options, "
+                               f"e.g. {prune}:{','.join(f'{k}={v}' for k, v in KEYED[prune].items())}")
+        return {"variant": name, "split": layer, "prune": prune, "prune_layer": None, "keep": 1.0, "rank": None,
+                "prune_args": read_keyed(prune, spec, text)}
+    values = parse_params(text, spec)
+    if prune == "fastv":
+        if prune_layer is None:
+            raise ToolkitError(f"plan '{spec}': fastv needs its layer, e.g. fastv@2:R=50%")
+        read = _fastv_params(values, part, spec)
+    else:
+        read = {**_keep_params(prune, values, spec), "rank": None}
+    return {"variant": name, "split": layer, "prune": prune, "prune_layer": prune_layer, **read}
 
 
 def plan_from_spec(parsed: dict, num_layers: int, default_split: int | None, fusion_layers: int = 1,
@@ -530,7 +672,7 @@ def plan_from_spec(parsed: dict, num_layers: int, default_split: int | None, fus
         split = default_split
     return make_plan(num_layers, split, variant, fusion_layers, side_depth, min_split,
                      prune=parsed["prune"], prune_layer=parsed["prune_layer"], keep=parsed["keep"],
-                     prune_args=parsed.get("prune_args"))
+                     rank=parsed.get("rank"), prune_args=parsed.get("prune_args"))
 
 
 def geometry(model) -> tuple[int, int]:
@@ -543,7 +685,7 @@ def geometry(model) -> tuple[int, int]:
 
 def parse_plan(spec: str, model, *, split: int | None = None, fusion_layers: int = 1,
                side_depth: int = 1) -> RoutingPlan | None:
-    """The plan `spec` (`parse_spec`: ``vanilla``, ``lf@6``, ``vtw@6``, ``fastv@2:50%``, ``prune-pre:25%``,
+    """The plan `spec` (`parse_spec`: ``vanilla``, ``lf@6``, ``vtw@6``, ``fastv@2:R=50%``, ``prune-pre:25%``,
     ``pool:0.25``, ``lf@6+prune-pre:50%``, ...) for `model` (a loaded model or its config), checked once against its
     depth and first allowed split. None for vanilla. `split` fills a spec written without ``@S`` (the caller's
     --split or the probe's recommendation); `fusion_layers` and `side_depth` are K and d_v of a side branch."""
@@ -558,24 +700,38 @@ def parse_plan(spec: str, model, *, split: int | None = None, fusion_layers: int
 
 def plan_for(model, split: int, variant: str = "lf", fusion_layers: int = 1, side_depth: int = 1, *,
              prune: str | None = None, prune_layer: int | None = None, keep: float = 1.0,
-             prune_args: dict | None = None) -> RoutingPlan:
+             rank: str | None = None, prune_args: dict | None = None) -> RoutingPlan:
     """`make_plan` for `model` (a loaded model or its config): its depth and first allowed split filled in."""
     num_layers, min_split = geometry(model)
     plan = make_plan(num_layers, split, variant, fusion_layers, side_depth, min_split, prune=prune,
-                     prune_layer=prune_layer, keep=keep, prune_args=prune_args)
+                     prune_layer=prune_layer, keep=keep, rank=rank, prune_args=prune_args)
     check_family(plan, model)
     return plan
 
 
 def manifest_pruning(manifest: dict) -> dict:
-    """The plan's pruning keywords from a manifest (absent in artifacts from before issue 17: none)."""
+    """The plan's pruning keywords from a manifest (absent in artifacts from before issue 17: none). A FastV
+    manifest holds its R (``drop``) and ``rank``; one without them was saved under the old spelling, whose ratio
+    meant the share KEPT and whose ranking was the text rows' mean: it is refused, not silently reread."""
     prune, layer, keep = manifest.get("prune"), manifest.get("prune_layer"), manifest.get("keep", 1.0)
     if prune is None:
         return {}
     if not isinstance(prune, str) or (layer is not None and (not isinstance(layer, int) or isinstance(layer, bool))) \
             or isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise ToolkitError(f"malformed pruning in routing manifest: prune={prune!r} prune_layer={layer!r} keep={keep!r}")
-    args = manifest.get("prune_args")
-    if args is not None and not isinstance(args, dict):
-        raise ToolkitError(f"malformed pruning in routing manifest: prune_args={args!r} (a JSON object)")
-    return {"prune": prune, "prune_layer": layer, "keep": keep} | ({"prune_args": args} if args else {})
+    if prune != "fastv":  # a rank here is refused by make_plan (it is FastV's alone)
+        args = manifest.get("prune_args")
+        if args is not None and not isinstance(args, dict):
+            raise ToolkitError(f"malformed pruning in routing manifest: prune_args={args!r} (a JSON object)")
+        return {"prune": prune, "prune_layer": layer, "keep": keep, "rank": manifest.get("rank")} | (
+            {"prune_args": args} if args else {})
+    drop, rank = manifest.get("drop"), manifest.get("rank")
+    if drop is None and rank is None:
+        raise ToolkitError(f"this FastV plan ({manifest.get('spec', 'fastv')}) was saved under the old spelling, "
+                           f"whose ratio was the share KEPT, ranked by the text rows: save it again as "
+                           f"fastv@{layer}:R={100 * (1 - keep):g}%,rank=text (the same rule) or "
+                           f"fastv@{layer}:R={100 * (1 - keep):g}% (FastV's own ranking)")
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or abs(drop - (1 - keep)) > 1e-9 \
+            or not isinstance(rank, str):
+        raise ToolkitError(f"malformed FastV pruning in routing manifest: drop={drop!r} keep={keep!r} rank={rank!r}")
+    return {"prune": prune, "prune_layer": layer, "keep": keep, "rank": rank}

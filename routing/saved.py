@@ -29,7 +29,7 @@ def load(model, directory) -> RoutedModel:
 
 
 def training_free_plan(spec: str, model, split: int | None = None) -> RoutingPlan:
-    """The plan `spec` (``vtw@6``, ``fastv@2:50%``, ``prune-pre:25%``, ``pool:25%``, ``lf-ideal@6``) for `model` (a
+    """The plan `spec` (``vtw@6``, ``fastv@2:R=50%``, ``prune-pre:25%``, ``pool:25%``, ``lf-ideal@6``) for `model` (a
     loaded model or its config: checked before any weights load); `split` fills a missing ``@S``. Vanilla and plans
     with a side branch to train (``routing train --plan``) are one line."""
     plan = parse_plan(spec, model, split=split)

@@ -200,3 +200,42 @@ def fastv_kept(routed, batch: dict) -> torch.Tensor:
         with torch.no_grad():
             routed(**batch)
     return seen[0]
+
+
+def fastv_reference_scores(probs: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor,
+                           rank: str) -> torch.Tensor:
+    """FastV's rules, written from their sources, on an eager model's head-mean attention of layer K-1 [B, N, N]
+    (``output_attentions=True``, then ``.mean(1)``): the score [B, N] each position gets as a key.
+
+    ``last``: FastV's code, the last valid query row (`last_layer_attention_avg[-1]`); ``all``: the paper's
+    "attention a token receives from all other tokens", summed over every other valid query row; ``text``: the mean
+    over the valid text rows."""
+    valid, n = attention_mask.bool(), probs.shape[-1]
+    scores = []
+    for b in range(len(probs)):
+        p = probs[b].float()
+        if rank == "last":
+            scores.append(p[int(valid[b].nonzero().max())])
+        elif rank == "all":
+            scores.append((p * ~torch.eye(n, dtype=torch.bool))[valid[b]].sum(0))
+        else:
+            scores.append(p[valid[b] & ~image[b]].mean(0))
+    return torch.stack(scores)
+
+
+def fastv_budget(n: int, drop: float) -> int:
+    """FastV's kept count: round(n (1 - R)) (its scripts: (1 - R) * 576), halves up, at least one."""
+    return max(1, int(n * (1 - drop) + 0.5 + 1e-9))
+
+
+def assert_keeps_the_top(kept: list[torch.Tensor], scores: torch.Tensor, image: torch.Tensor, drop: float,
+                         tol: float = 1e-6) -> None:
+    """Each row keeps the top `fastv_budget` of its image positions by `scores`, as a set; ties aside (a position
+    in one set and not the other must score within `tol` of the boundary)."""
+    for b in range(len(image)):
+        columns = image[b].nonzero().squeeze(1)
+        top = scores[b][columns].topk(fastv_budget(len(columns), drop))
+        expected, got = set(columns[top.indices].tolist()), set(kept[b].tolist())
+        assert kept[b].tolist() == sorted(got) and len(got) == len(expected)
+        differ = sorted(got ^ expected)
+        assert all(abs(float(scores[b][i] - top.values[-1])) <= tol for i in differ), (b, differ)

@@ -11,29 +11,34 @@ from typer.testing import CliRunner
 from cli import routing_app
 from figures.pareto import frontier, pareto_figure
 from routing.jobs.compare import COLUMNS, GEOMETRY_PLANS, CompareConfig, parse_plans
+from routing.plan import split_specs
 from saturation.core.errors import ToolkitError
 
 
 def test_compare_writes_a_filled_row_per_plan_and_the_figure(tmp_path):
     out = tmp_path / "cmp"
-    plans = "vanilla,lf@5,vtw@5,fastv@2:50%,prune-pre:25%,pool:25%,lf@5+prune-pre:50%"
+    plans = "vanilla,lf@5,vtw@5,fastv@2:R=50%,rank=all,prune-pre:25%,pool:25%,lf@5+prune-pre:50%"
     result = CliRunner().invoke(routing_app, ["compare", "--plans", plans, "--n", "8", "--train-steps", "2",
                                               "--repeats", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "frontier.csv")
     assert list(table.columns) == list(COLUMNS)
-    assert list(table["plan"]) == plans.split(",")
+    assert list(table["plan"]) == split_specs(plans)  # a spec's own key=value parameters stay with it
+    params = table.set_index("plan")["params"]
+    assert params["fastv@2:R=50%,rank=all"] == "fastv K=2, R=50% dropped, rank=all"  # FastV's own terms
+    assert params["prune-pre:25%"] == "R=25% kept"
     numbers = table[["accuracy", "flops_ratio", "prefill_ratio", "decode_ratio", "trainable_params"]]
     assert numbers.notna().all().all()
     assert table.set_index("plan").loc["vanilla", ["flops_ratio", "prefill_ratio", "decode_ratio"]].tolist() == [1, 1, 1]
     flops = table.set_index("plan")["flops_ratio"]
-    assert flops["prune-pre:25%"] < flops["fastv@2:50%"] < 1 and flops["lf@5+prune-pre:50%"] < flops["lf@5"]
+    assert flops["prune-pre:25%"] < flops["fastv@2:R=50%,rank=all"] < 1 and flops["lf@5+prune-pre:50%"] < flops["lf@5"]
     trainable = table.set_index("plan")["trainable_params"]
-    assert trainable["lf@5"] == trainable["lf@5+prune-pre:50%"] > 0 and trainable["fastv@2:50%"] == 0
+    assert trainable["lf@5"] == trainable["lf@5+prune-pre:50%"] > 0 and trainable["fastv@2:R=50%,rank=all"] == 0
     assert (out / "pareto.png").stat().st_size > 0 and (out / "pareto.pdf").exists()
 
 
-@pytest.mark.parametrize("plans,message", [("vanilla,fastv@2", "needs a keep ratio"), ("lf@3,lf@3", "twice"),
+@pytest.mark.parametrize("plans,message", [("vanilla,fastv@2", "fastv needs R"), ("lf@3,lf@3", "twice"),
+                                           ("vanilla,fastv@2:25%", "share dropped: write fastv@2:R=75%"),
                                            ("vanilla,quantize:50%", "cannot read plan"), (",", "empty")])
 def test_bad_plans_fail_in_one_line_before_loading(tmp_path, plans, message):
     result = CliRunner().invoke(routing_app, ["compare", "--plans", plans, "--out", str(tmp_path / "x")])
@@ -53,7 +58,7 @@ def test_frontier_marks_the_undominated_points():
 
 def test_geometry_mode_times_random_weights_with_accuracy_na(tmp_path):
     out = tmp_path / "geo"
-    plans = "vanilla,lf@2,vtw@2,fastv@1:50%,pool:25%,lf@2+pool:50%"
+    plans = "vanilla,lf@2,vtw@2,fastv@1:R=50%,pool:25%,lf@2+pool:50%"
     result = CliRunner().invoke(routing_app, ["compare", "--geometry", "tiny", "--layers", "4", "--plans", plans,
                                               "--repeats", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output

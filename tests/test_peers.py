@@ -48,14 +48,15 @@ def _kwargs(spec: str, split: int) -> dict:
     p = parse_spec(spec)
     pruner = p["variant"] in routing.plan.PRUNERS
     return {"split": split if p["split"] is None else p["split"], "variant": p["variant"],
-            "prune": None if pruner else p["prune"], "prune_layer": p["prune_layer"], "keep": p["keep"]}
+            "prune": None if pruner else p["prune"], "prune_layer": p["prune_layer"], "keep": p["keep"],
+            "rank": p["rank"]}
 
 
 def text_positions(batch) -> torch.Tensor:
     return batch["attention_mask"].bool() & (batch["input_ids"] != IMAGE)
 
 
-@pytest.mark.parametrize("spec", ["fastv@2:100%", "prune-pre:100%", "pool:100%", "fastv@1:100%"])
+@pytest.mark.parametrize("spec", ["fastv@2:R=0%", "prune-pre:100%", "pool:100%", "fastv@1:R=0%"])
 @pytest.mark.parametrize("kind", ["plain", "mixed"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_keeping_everything_is_vanilla_bit_for_bit(spec, kind, attn):
@@ -81,11 +82,11 @@ def test_vtw_is_lf_ideal_with_an_untrained_side_branch(model, kind):
 
 @pytest.mark.parametrize("layer,keep", [(2, 0.5), (1, 0.25), (4, 0.75)])
 @pytest.mark.parametrize("kind", ["plain", "mixed"])
-def test_fastv_keeps_what_an_eager_attention_read_ranks_highest(model, eager_model, layer, keep, kind):
-    """The reference: HF's own eager attention probabilities at layer K-1, averaged over heads and text queries,
-    top floor(R n) image tokens per row."""
+def test_fastv_rank_text_keeps_what_an_eager_attention_read_ranks_highest(model, eager_model, layer, keep, kind):
+    """rank=text (the toolkit's rule before FastV's own spelling): HF's own eager attention probabilities at layer
+    K-1, averaged over heads and text queries, top round(n (1 - R)) image tokens per row."""
     batch = without_labels(make_batch(kind))
-    kept = fastv_kept(build(model, f"fastv@{layer}:{keep}"), batch)
+    kept = fastv_kept(build(model, f"fastv@{layer}:R={1 - keep},rank=text"), batch)
     mask = batch["attention_mask"]
     with torch.no_grad():
         attn = eager_model(**batch, position_ids=position_ids_from_mask(mask), output_attentions=True).attentions
@@ -94,7 +95,7 @@ def test_fastv_keeps_what_an_eager_attention_read_ranks_highest(model, eager_mod
     for b in range(len(mask)):
         received = probs[b][text[b]].mean(0)
         columns = image[b].nonzero().squeeze(1)
-        budget = max(1, int(keep * len(columns) + 1e-9)) if len(columns) else 0
+        budget = max(1, int(keep * len(columns) + 0.5 + 1e-9)) if len(columns) else 0
         expected = set(columns[received[columns].topk(budget).indices].tolist())
         assert set((kept[b] & image[b]).nonzero().squeeze(1).tolist()) == expected
         assert torch.equal(kept[b] & ~image[b], mask[b].bool() & ~image[b])  # every text token stays
@@ -119,7 +120,7 @@ def _naive_pruned(model, batch, layer: int, kept: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["plain", "mixed"])
 def test_fastv_equals_a_masked_full_sequence_reference(model, kind):
     batch = without_labels(make_batch(kind))
-    routed = build(model, "fastv@2:50%")
+    routed = build(model, "fastv@2:R=50%")
     kept = fastv_kept(routed, batch)
     with torch.no_grad():
         logits = routed(**batch).logits
@@ -160,8 +161,10 @@ def test_prune_pre_keeps_the_top_cls_attention_tokens(model):
         assert set(chosen.tolist()) == set(scores[b].topk(4).indices.tolist())
 
 
-@pytest.mark.parametrize("spec", ["vtw@3", "fastv@2:50%", "prune-pre:25%", "pool:25%", "lf@3+fastv@2:50%",
-                                  "lf@3+prune-pre:50%", "kv@3+fastv@3:25%", "pc@3+pool:25%"])
+@pytest.mark.parametrize("spec", ["vtw@3", "fastv@2:R=50%", "prune-pre:25%", "pool:25%", "lf@3+fastv@2:R=50%",
+                                  "lf@3+prune-pre:50%", "kv@3+fastv@3:R=75%", "pc@3+pool:25%",
+                                  "fastv@2:R=50%,rank=all", "fastv@2:R=50%,rank=text", "lf@3+fastv@2:R=75%,rank=all",
+                                  "lf@3+fastv@2:R=50%,rank=text"])
 @pytest.mark.parametrize("kind", ["plain", "mixed"])
 def test_cached_decoding_equals_recomputation_at_every_step(model, spec, kind):
     routed = perturb_side(build(model, spec))
@@ -173,7 +176,7 @@ def test_cached_decoding_equals_recomputation_at_every_step(model, spec, kind):
         torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-4, msg=f"{spec} step {step}")
 
 
-@pytest.mark.parametrize("spec,kept", [("lf@3+prune-pre:25%", 4), ("lf@3+fastv@2:50%", 8)])
+@pytest.mark.parametrize("spec,kept", [("lf@3+prune-pre:25%", 4), ("lf@3+fastv@2:R=50%", 8)])
 def test_composed_side_branch_sees_only_kept_tokens_and_trains(model, spec, kept):
     routed = build(model, spec)
     batch = make_batch("uniform")
@@ -196,7 +199,8 @@ def test_composed_side_branch_sees_only_kept_tokens_and_trains(model, spec, kept
     assert any(not torch.equal(b, p) for b, p in zip(before, routed.side.parameters()))
 
 
-@pytest.mark.parametrize("spec", ["fastv@2:50%", "prune-pre:25%", "vtw@3", "lf@3+fastv@2:50%", "lf@3+pool:25%"])
+@pytest.mark.parametrize("spec", ["fastv@2:R=50%", "prune-pre:25%", "vtw@3", "lf@3+fastv@2:R=50%",
+                                  "fastv@2:R=75%,rank=all", "lf@3+pool:25%"])
 def test_every_plan_saves_and_loads(model, tmp_path, spec):
     routed = perturb_side(build(model, spec))
     routed.save_routing(tmp_path / "r")
@@ -209,7 +213,7 @@ def test_every_plan_saves_and_loads(model, tmp_path, spec):
 
 def test_untrainable_peers_refuse_training(model):
     batch = make_batch("uniform")
-    for spec in ("vtw@3", "fastv@2:50%"):
+    for spec in ("vtw@3", "fastv@2:R=50%"):
         routed = build(model, spec).train()
         try:
             with pytest.raises(ToolkitError, match="cannot be trained"):
@@ -219,9 +223,10 @@ def test_untrainable_peers_refuse_training(model):
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("fastv@2", "needs a keep ratio"), ("fastv:50%", "needs its layer"), ("fastv@0:50%", "must be in 1..5"),
-    ("fastv@2:0%", r"must be in \(0, 1\]"), ("pool:150%", r"must be in \(0, 1\]"), ("lf@2+fastv@4:50%", "after the split"),
-    ("lf:50%", "takes no keep ratio"), ("fastv@2:50%+lf", "cannot read plan"), ("lf@3+lf@4", "cannot read plan"),
+    ("fastv@2", "needs R"), ("fastv:R=50%", "needs its layer"), ("fastv@0:R=50%", "must be in 1..5"),
+    ("fastv@2:R=100%", r"must be in \[0, 1\)"), ("pool:150%", r"must be in \(0, 1\]"),
+    ("lf@2+fastv@4:R=50%", "after the split"), ("fastv@2:50%", "old spelling .* write fastv@2:R=50%"),
+    ("lf:50%", "takes no keep ratio"), ("fastv@2:R=50%+lf", "cannot read plan"), ("lf@3+lf@4", "cannot read plan"),
     ("flash", "cannot read plan"), ("lf@3+pool@2:50%", "takes no layer"), ("lf@x", "cannot read plan"),
 ])
 def test_bad_plans_are_one_line_errors(spec, message):
@@ -231,8 +236,8 @@ def test_bad_plans_are_one_line_errors(spec, message):
 
 
 def test_specs_round_trip():
-    for spec in ("lf@3", "vtw@3", "fastv@2:50%", "prune-pre:25%", "pool:25%", "lf@3+prune-pre:50%",
-                 "lf@3+fastv@2:50%", "kv@4+pool:25%"):
+    for spec in ("lf@3", "vtw@3", "fastv@2:R=50%", "prune-pre:25%", "pool:25%", "lf@3+prune-pre:50%",
+                 "lf@3+fastv@2:R=50%", "kv@4+pool:25%", "fastv@2:R=75%,rank=all", "lf@3+fastv@1:R=25%,rank=text"):
         assert plan_from_spec(parse_spec(spec), 6, 3).spec == spec
     assert plan_from_spec(parse_spec("vanilla"), 6, 3) is None
     assert plan_from_spec(parse_spec("lf"), 6, 3).split == 3  # no @: the default (recommended) split
@@ -250,9 +255,9 @@ def test_the_flop_model_prices_pruning_per_sample():
     assert decode_cost(g, plan("pool:25%"), 576, 40) == decode_cost(g, None, 144, 40)
     assert plan_ratios(g, plan("prune-pre:100%"), [(576, 40)]) == {"prefill": 1.0, "decode": 1.0}
     # FastV: two full layers, then 30 on the kept half; its score read makes R=100% cost a little more than vanilla
-    fastv = prefill_cost(g, plan("fastv@2:50%"), 576, 40).linear
+    fastv = prefill_cost(g, plan("fastv@2:R=50%"), 576, 40).linear
     assert fastv > (2 * 616 + 30 * 328) * g.linear_flops()
-    assert 1.0 < plan_ratios(g, plan("fastv@2:100%"), [(576, 40)])["prefill"] < 1.01
+    assert 1.0 < plan_ratios(g, plan("fastv@2:R=0%"), [(576, 40)])["prefill"] < 1.01
     # composition compounds: LF on the pruned half is cheaper than either alone
     both = plan_ratios(g, plan("lf@18+prune-pre:50%"), [(576, 40)])["prefill"]
     assert both < min(plan_ratios(g, plan(s), [(576, 40)])["prefill"] for s in ("lf@18", "prune-pre:50%"))

@@ -11,24 +11,29 @@ import torch
 
 import routing
 from routing import RoutingPlan, parse_plan
+from routing.plan import split_specs
 from saturation.core.data import PromptFormat, collate, encode_prompt, read_records
 from saturation.core.errors import ToolkitError
 from saturation.core.loading import DATA_SAMPLES, load_config, load_model
 
 SPLIT = 5  # fills a spec written without @S
 
-# spec -> (variant, split, fusion_layers, side_depth, prune, prune_layer, keep) on the 12-layer embedded model
+# spec -> (variant, split, fusion_layers, side_depth, prune, prune_layer, keep) on the 12-layer embedded model;
+# FastV's R is the share DROPPED (its own notation): keep = 1 - R
 SPECS = {
     "lf@6": ("lf", 6, 1, 1, None, 0, 1.0),
     "pc@6": ("pc", 6, 1, 1, None, 0, 1.0),
     "kv@6": ("kv", 6, 1, 1, None, 0, 1.0),
     "lf-ideal@6": ("lf-ideal", 6, 0, 1, None, 0, 1.0),
     "vtw@6": ("vtw", 6, 0, 0, None, 0, 1.0),
-    "fastv@2:50%": ("fastv", 12, 0, 0, "fastv", 2, 0.5),
+    "fastv@2:R=50%": ("fastv", 12, 0, 0, "fastv", 2, 0.5),
+    "fastv@2:R=0.75": ("fastv", 12, 0, 0, "fastv", 2, 0.25),
+    "fastv@3:R=75%,rank=all": ("fastv", 12, 0, 0, "fastv", 3, 0.25),
     "prune-pre:25%": ("prune-pre", 12, 0, 0, "prune-pre", 0, 0.25),
     "pool:0.25": ("pool", 12, 0, 0, "pool", 0, 0.25),
     "lf@6+prune-pre:50%": ("lf", 6, 1, 1, "prune-pre", 0, 0.5),
-    "lf@6+fastv@2:50%": ("lf", 6, 1, 1, "fastv", 2, 0.5),
+    "lf@6+fastv@2:R=50%": ("lf", 6, 1, 1, "fastv", 2, 0.5),
+    "lf@6+fastv@2:R=50%,rank=text": ("lf", 6, 1, 1, "fastv", 2, 0.5),
     "lf": ("lf", SPLIT, 1, 1, None, 0, 1.0),
     "vtw": ("vtw", SPLIT, 0, 0, None, 0, 1.0),
     "lf+pool:50%": ("lf", SPLIT, 1, 1, "pool", 0, 0.5),
@@ -82,7 +87,7 @@ def test_spec_manifest_round_trip(model, spec):
     assert parse_plan(manifest["spec"], model) == plan  # the spec it writes reads back without --split
 
 
-@pytest.mark.parametrize("spec", ["lf@6", "fastv@2:50%", "lf+pool:50%", "vtw"])
+@pytest.mark.parametrize("spec", ["lf@6", "fastv@2:R=50%", "lf+pool:50%", "vtw"])
 def test_a_config_reads_a_plan_as_its_model_does(model, spec):
     """save-plan and train check the plan before any weights load, from the config alone."""
     assert parse_plan(spec, load_config("tiny"), split=SPLIT) == parse_plan(spec, model, split=SPLIT)
@@ -93,7 +98,9 @@ def test_plans_differ_where_their_specs_do(model):
     assert len(set(plans)) == len(SPECS)  # SPLIT is not 6: `lf` and `vtw` are other plans than lf@6 and vtw@6
     assert parse_plan("lf", model, split=6) == parse_plan("lf@6", model)
     assert parse_plan("lf@6", model) != parse_plan("lf@7", model)
-    assert parse_plan("fastv@2:50%", model) != parse_plan("fastv@2:25%", model)
+    assert parse_plan("fastv@2:R=50%", model) != parse_plan("fastv@2:R=75%", model)
+    assert parse_plan("fastv@2:R=50%", model) != parse_plan("fastv@2:R=50%,rank=all", model)
+    assert parse_plan("fastv@2:R=50%", model) == parse_plan("fastv@2:R=0.5,rank=last", model)
 
 
 @pytest.mark.parametrize(("spec", "split", "message"), [
@@ -103,11 +110,22 @@ def test_plans_differ_where_their_specs_do(model):
     ("vtw@12", None, "split 12 is out of range for a 12-layer model with K=0"),
     ("quantize:50%", None, "cannot read plan"),
     ("lf:50%", None, "takes no keep ratio"),
-    ("fastv@2", None, "needs a keep ratio"),
-    ("fastv:50%", None, "fastv needs its layer"),
-    ("fastv@12:50%", None, "FastV's layer K must be in 1..11"),
+    ("fastv@2", None, "fastv needs R, the share of image tokens dropped"),
+    ("fastv:R=50%", None, "fastv needs its layer"),
+    ("fastv@12:R=50%", None, "FastV's layer K must be in 1..11"),
+    ("fastv@2:25%", None, r"'fastv@2:25%' is the old spelling \(it KEPT 25%\); FastV's R is the share dropped: "
+                          r"write fastv@2:R=75%$"),
+    ("lf@6+fastv@2:50%", None, r"write lf@6\+fastv@2:R=50%$"),
+    ("fastv@2:R=100%", None, r"R \(the share dropped\) must be in \[0, 1\)"),
+    ("fastv@2:R=50%,rank=first", None, "unknown FastV rank rule 'first': use one of last, all, text"),
+    ("fastv@2:R=50%,keep=5%", None, "fastv takes R .* and rank, not keep"),
+    ("fastv@2:R=50%,R=25%", None, "gives 'R' twice"),
+    ("fastv@2:R=50%;rank=all", None, "parameters are key=value pairs"),
+    ("fastv@2:R=half", None, "'half' is not a ratio"),
+    ("fastv@2:R=50%,rank", None, "parameters are key=value pairs"),
+    ("prune-pre:rank=all", None, "prune-pre takes a keep ratio"),
     ("prune-pre:150%", None, r"keep ratio R must be in \(0, 1\]"),
-    ("lf@3+fastv@5:50%", None, "comes after the split 3"),
+    ("lf@3+fastv@5:R=50%", None, "comes after the split 3"),
     ("lf@3+pool@2:50%", None, "takes no layer"),
     ("lf", 40, "split 40 is out of range"),
 ])
@@ -128,7 +146,8 @@ def test_k_and_d_v_reach_the_plan(model):
     ("lf@6", dict(split=6)),
     ("pc@4", dict(split=4, variant="pc")),
     ("vtw@6", dict(split=6, variant="vtw")),
-    ("lf@6+fastv@2:50%", dict(split=6, prune="fastv", prune_layer=2, keep=0.5)),
+    ("lf@6+fastv@2:R=50%", dict(split=6, prune="fastv", prune_layer=2, keep=0.5)),
+    ("fastv@2:R=75%,rank=all", dict(split=0, variant="fastv", prune_layer=2, keep=0.25, rank="all")),
     ("pool:25%", dict(split=0, variant="pool", keep=0.25)),
 ])
 def test_build_along_a_plan_is_the_older_form(model, batch, spec, old):
@@ -166,7 +185,8 @@ def test_the_older_form_still_checks_its_split(model):
     assert routing.build(model, split=6).plan == parse_plan("lf@6", model)
 
 
-@pytest.mark.parametrize("spec", ["lf@6", "lf@4+fastv@2:50%", "fastv@3:25%", "vtw@5", "pool:50%"])
+@pytest.mark.parametrize("spec", ["lf@6", "lf@4+fastv@2:R=50%", "fastv@3:R=75%", "fastv@3:R=70%,rank=all",
+                                  "lf@4+fastv@2:R=25%,rank=text", "vtw@5", "pool:50%"])
 def test_a_saved_routing_json_reads_back_as_its_plan(model, spec, tmp_path):
     plan = parse_plan(spec, model)
     routing.build(model, plan).save_routing(tmp_path / "r")
@@ -195,7 +215,12 @@ def _lf6() -> dict:
     (lambda m: m.update(split=11), "split 11 is out of range for a 12-layer model"),
     (lambda m: m.update(variant="lf-super"), "unknown routing variant 'lf-super'"),
     (lambda m: m.update(prune="fastv", prune_layer="2", keep=0.5), "malformed pruning"),
-    (lambda m: m.update(prune="fastv", prune_layer=9, keep=0.5), "comes after the split 6"),
+    (lambda m: m.update(prune="fastv", prune_layer=9, keep=0.5, drop=0.5, rank="last"), "comes after the split 6"),
+    (lambda m: m.update(prune="fastv", prune_layer=2, keep=0.25), r"saved under the old spelling, whose ratio was "
+     r"the share KEPT, ranked by the text rows: save it again as fastv@2:R=75%,rank=text \(the same rule\)"),
+    (lambda m: m.update(prune="fastv", prune_layer=2, keep=0.25, drop=0.5, rank="last"), "malformed FastV pruning"),
+    (lambda m: m.update(prune="fastv", prune_layer=2, keep=0.25, drop=0.75, rank="any"), "unknown FastV rank"),
+    (lambda m: m.update(prune="pool", prune_layer=0, keep=0.5, rank="last"), "FastV's ranking rule; pool takes none"),
     (lambda m: m.update(prune="pool", prune_layer=0, keep=2), r"keep ratio R must be in \(0, 1\]"),
     (lambda m: m.update(fusion_layers=0), "needs fusion_layers >= 1"),
 ])
@@ -242,3 +267,22 @@ def test_one_train_run_makes_its_plan_and_checks_its_options_once(tiny_model_dir
     assert summary["plan"] == (plan or "lf@2")
     assert RoutingPlan.from_manifest(json.loads((tmp_path / "run" / "routing" / "routing.json").read_text())) == \
         routing.make_plan(6, 2, prune="pool" if plan else None, keep=0.5 if plan else 1.0)
+
+
+def test_fastv_is_written_in_its_authors_terms(model):
+    """FastV's R is the share dropped (its scripts: rank = (1-R) * 576); every label says so."""
+    plan = parse_plan("lf@6+fastv@2:R=75%", model)
+    assert plan.spec == "lf@6+fastv@2:R=75%" and plan.rank == "last" and plan.drop == 0.75
+    assert plan.pruning_terms == "K=2, R=75% dropped, rank=last"
+    assert "fastv K=2, R=75% dropped, rank=last" in plan.describe()
+    assert parse_plan("fastv@2:R=50%,rank=all", model).spec == "fastv@2:R=50%,rank=all"
+    manifest = plan.to_manifest()
+    assert (manifest["drop"], manifest["rank"], manifest["keep"]) == (0.75, "last", 0.25)
+    # FastV keeps round(n (1 - R)) (halves up, at least 1): 576 at R=75% -> 144, 9 at 50% -> 5, 9 at 95% -> 1
+    assert [parse_plan(f"fastv@2:R={r}", model).kept_tokens(n) for r, n in
+            (("75%", 576), ("50%", 576), ("50%", 9), ("75%", 9), ("95%", 9))] == [144, 288, 5, 2, 1]
+
+
+def test_a_list_of_specs_keeps_each_specs_parameters():
+    assert split_specs("vanilla,fastv@2:R=75%,rank=all,lf@6+fastv@2:R=50%,rank=text,pool:25%") == [
+        "vanilla", "fastv@2:R=75%,rank=all", "lf@6+fastv@2:R=50%,rank=text", "pool:25%"]

@@ -26,7 +26,7 @@ def tiny():
     return load_model("tiny")
 
 
-@pytest.mark.parametrize("spec, build", [("fastv@2:50%", (0, "fastv", {"prune_layer": 2, "keep": 0.5})),
+@pytest.mark.parametrize("spec, build", [("fastv@2:R=50%", (0, "fastv", {"prune_layer": 2, "keep": 0.5})),
                                          ("pool:25%", (0, "pool", {"keep": 0.25})),
                                          ("vtw@6", (6, "vtw", {}))])
 def test_a_saved_plan_is_the_plan(tiny, tmp_path, spec, build):
@@ -47,7 +47,7 @@ def test_a_saved_plan_is_the_plan(tiny, tmp_path, spec, build):
 def test_eval_generate_and_bench_take_a_saved_plan(tiny, tmp_path):
     model, processor = tiny
     plan = tmp_path / "fastv"
-    assert _save(plan, "--plan", "fastv@2:25%").exit_code == 0
+    assert _save(plan, "--plan", "fastv@2:R=75%").exit_code == 0
     out = runner.invoke(routing_app, ["eval", "--routing", str(plan), "--n", "8", "--json", str(tmp_path / "e.json")])
     assert out.exit_code == 0, out.output
     records = read_records(HELD_OUT)
@@ -63,7 +63,7 @@ def test_eval_generate_and_bench_take_a_saved_plan(tiny, tmp_path):
                                         "--warmup", "0", "--new-tokens", "1", "--json", str(tmp_path / "b.json")])
     assert bench.exit_code == 0, bench.output
     b = json.loads((tmp_path / "b.json").read_text())
-    assert b["variants"] == ["fastv@2:25%"] and 0 < b["theory"]["prefill"]["fastv@2:25%"]["8"] < 1  # measured alone
+    assert b["variants"] == ["fastv@2:R=75%"] and 0 < b["theory"]["prefill"]["fastv@2:R=75%"]["8"] < 1  # measured alone
 
 
 @pytest.mark.parametrize("args, message", [
@@ -71,8 +71,8 @@ def test_eval_generate_and_bench_take_a_saved_plan(tiny, tmp_path):
     (["--plan", "lf@4"], "has a side branch to train: use `routing train --plan lf@4`"),
     (["--plan", "lf@4+prune-pre:50%"], "routing train --plan lf@4+prune-pre:50%"),
     (["--plan", "vtw"], "needs its split: write vtw@S"),
-    (["--plan", "fastv@2"], "fastv needs a keep ratio"),
-    (["--plan", "fastv@20:50%"], "FastV's layer K must be in 1..11"),
+    (["--plan", "fastv@2"], "fastv needs R"), (["--plan", "fastv@2:25%"], "old spelling"),
+    (["--plan", "fastv@20:R=50%"], "FastV's layer K must be in 1..11"),
 ])
 def test_bad_plans_are_one_line_and_write_nothing(tmp_path, args, message):
     result = _save(tmp_path / "plan", *args)
@@ -94,8 +94,8 @@ def test_analyze_refuses_plans_it_cannot_compare_in_one_line_before_any_work(tmp
     """analyze compares fusion layers token for token with vanilla: a pruned plan (before: KeyError traceback) or
     one with no fusion layer is one line, and no analysis folder is made."""
     assert _save(tmp_path / "vtw", "--plan", "vtw@4").exit_code == 0
-    assert _save(tmp_path / "fastv", "--plan", "fastv@2:50%").exit_code == 0
-    for plan, message in (("vtw", "plan vtw@4 has none"), ("fastv", "plan fastv@2:50% prunes image tokens")):
+    assert _save(tmp_path / "fastv", "--plan", "fastv@2:R=50%").exit_code == 0
+    for plan, message in (("vtw", "plan vtw@4 has none"), ("fastv", "plan fastv@2:R=50% prunes image tokens")):
         result = runner.invoke(routing_app, ["analyze", "--routing", str(tmp_path / plan), "--n", "2",
                                              "--out", str(tmp_path / f"an-{plan}")])
         assert result.exit_code == 1 and message in result.output, result.output

@@ -42,19 +42,19 @@ def test_a_composed_plan_trains_and_is_recorded(tmp_path):
 
 
 def test_plan_split_fills_in_for_auto_and_fastv_composes(tmp_path):
-    result = _train(tmp_path / "run", "--plan", "pc+fastv@2:50%", "--split", "5")
+    result = _train(tmp_path / "run", "--plan", "pc+fastv@2:R=50%", "--split", "5")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
-    assert summary["plan"] == "pc@5+fastv@2:50%" and summary["variant"] == "pc"
+    assert summary["plan"] == "pc@5+fastv@2:R=50%" and summary["variant"] == "pc"
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--plan", "fastv@2:50%"], "fastv has no side branch to train"),
+    (["--plan", "fastv@2:R=50%"], "fastv has no side branch to train"),
     (["--plan", "vanilla"], "vanilla has no side branch to train"),
     (["--plan", "lf@4+prune-pre"], "prune-pre needs a keep ratio"),
     (["--plan", "lf@4", "--variant", "pc"], "is a lf plan but --variant says pc"),
     (["--plan", "lf@4", "--split", "5"], "splits at 4 but --split says 5"),
-    (["--plan", "lf@4+fastv@6:50%"], "comes after the split 4"),
+    (["--plan", "lf@4+fastv@6:R=50%"], "comes after the split 4"),
 ])
 def test_bad_plans_are_one_line_before_any_work(tmp_path, extra, message):
     result = _train(tmp_path / "run", *extra)

@@ -16,7 +16,6 @@ random weights and random image embeddings, as `routing bench --geometry` (``ben
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +24,15 @@ import pandas as pd
 import torch
 
 from routing import flops
-from routing.plan import KEYED, RoutingPlan, args_text, parse_spec
+from routing.plan import KEYED, RoutingPlan, args_text, parse_spec, split_specs
 from saturation.core.errors import ToolkitError
 
 NEEDS_PIXELS = ("prune-pre", "visionzip")  # prunings that read the vision tower: not on geometry's random embeddings
 
-DEFAULT_PLANS = ("vanilla", "lf", "vtw", "fastv@2:50%", "fastv@2:25%", "prune-pre:50%", "prune-pre:25%",
+DEFAULT_PLANS = ("vanilla", "lf", "vtw", "fastv@2:R=50%", "fastv@2:R=75%", "prune-pre:50%", "prune-pre:25%",
                  "lf+prune-pre:50%")
 # Geometry mode has no pixels: spatial pooling stands in for the tower-scored pruning of the default sweep.
-GEOMETRY_PLANS = ("vanilla", "lf", "vtw", "fastv@2:50%", "fastv@2:25%", "pool:50%", "pool:25%", "lf+pool:50%")
+GEOMETRY_PLANS = ("vanilla", "lf", "vtw", "fastv@2:R=50%", "fastv@2:R=75%", "pool:50%", "pool:25%", "lf+pool:50%")
 COLUMNS = ("plan", "params", "accuracy", "flops_ratio", "prefill_ratio", "decode_ratio", "trainable_params",
            "prefill_ms", "decode_ms", "decode_flops_ratio", "trained")
 
@@ -84,11 +83,9 @@ class CompareConfig:
 
 def parse_plans(plans) -> tuple[dict, ...]:
     """Specs (a comma-separated string or a list) -> parsed dicts; a bad one is one line naming it."""
-    # a comma before ``key=`` continues a keyed pruning's options (visionzip:dominant=54,contextual=10)
-    specs = [s.strip() for s in (re.split(r",(?!\s*[a-z]+=)", plans) if isinstance(plans, str) else plans)
-             if s.strip()]
+    specs = [s.strip() for s in (split_specs(plans) if isinstance(plans, str) else plans) if s.strip()]
     if not specs:
-        raise ToolkitError("--plans is empty: give e.g. vanilla,lf,fastv@2:50%")
+        raise ToolkitError("--plans is empty: give e.g. vanilla,lf,fastv@2:R=50%")
     if len(set(specs)) != len(specs):
         raise ToolkitError(f"--plans names a plan twice: {', '.join(specs)}")
     return tuple(parse_spec(s) | {"text": s} for s in specs)
@@ -100,12 +97,12 @@ def params_of(plan: RoutingPlan | None) -> str:
     parts = [f"s={plan.split}"] if plan.routes else []
     if plan.side_depth:
         parts.append(f"K={plan.fusion_layers} d_v={plan.side_depth}")
-    if plan.prune == "fastv":
-        parts.append(f"fastv K={plan.prune_layer}")
-    if plan.prune in KEYED:
+    if plan.prune == "fastv":  # FastV's own terms: K, R = the share dropped, the rank rule
+        parts.append(f"fastv {plan.pruning_terms}")
+    elif plan.prune in KEYED:
         parts.append(args_text(plan.prune_args))
     elif plan.prune is not None:
-        parts.append(f"R={100 * plan.keep:g}%")
+        parts.append(f"R={100 * plan.keep:g}% kept")
     return " ".join(parts)
 
 

@@ -30,10 +30,11 @@ SUMMARY = "train_summary.json"
 RUN_OPTIONS = {"model": "--model", "variant": "--variant", "split": "--split", "fusion_layers": "--fusion-layers",
                "side_depth": "--side-depth", "learning_rate": "--lr", "seed": "--seed", "batch_size": "--batch-size",
                "data_sha256": "data (--data/--n-train)", "world_size": "processes (torchrun --nproc_per_node)",
-               "prune": "--plan", "prune_layer": "--plan", "keep": "--plan", "prune_args": "--plan"}
+               "prune": "--plan", "prune_layer": "--plan", "keep": "--plan", "rank": "--plan", "prune_args": "--plan"}
 # Options an older run.json lacks, and the value it ran with: a run from before `world_size` was recorded ran alone,
-# one from before --plan pruned nothing.
-RUN_DEFAULTS = {"world_size": 1, "prune": None, "prune_layer": 0, "keep": 1.0, "prune_args": {}}
+# one from before --plan pruned nothing; one from before FastV's rank rules has none (a FastV run from then ranked by
+# the text rows with its ratio kept: it does not resume under the new spelling).
+RUN_DEFAULTS = {"world_size": 1, "prune": None, "prune_layer": 0, "keep": 1.0, "rank": None, "prune_args": {}}
 
 
 class RunOptions(Protocol):
@@ -62,6 +63,7 @@ def run_identity(model_id: str, plan: RoutingPlan, opts: RunOptions, records: li
     identity = {"model": model_id, "variant": plan.variant, "split": plan.split, "fusion_layers": plan.fusion_layers,
                 "side_depth": plan.side_depth, "learning_rate": opts.learning_rate, "seed": opts.seed,
                 "batch_size": opts.batch_size, "prune": plan.prune, "prune_layer": plan.prune_layer, "keep": plan.keep,
+                "rank": plan.rank,
                 "prune_args": dict(plan.prune_args),  # divprune's count, visionzip's dominant/contextual
                 # the global batch is world_size x batch_size and the optimizer state is per process layout:
                 # checkpoints resume only under the same number of processes

@@ -70,7 +70,7 @@ class TrainConfig:
     split: str = "auto"  # an integer layer index, or 'auto' (the probe's recommendation)
     probe: Path | None = None  # probe folder for --split auto (default: newest probe of the same model)
     variant: str = "lf"
-    plan: str | None = None  # a plan spec (lf@6+prune-pre:50%, pc+fastv@2:25%): variant, split and pruning in one
+    plan: str | None = None  # a plan spec (lf@6+prune-pre:50%, pc+fastv@2:R=75%): variant, split and pruning in one
     fusion_layers: int = 1
     side_depth: int = 1
     data: Path | None = None  # LLaVA JSON; default: a shapes-world training set made on the fly
