@@ -187,9 +187,10 @@ class Kept:
         return self.flat if self.stands_for is None else self.stands_for[self.flat]
 
     def mask(self, shape: torch.Size) -> Tensor:
-        """The kept positions as a [B, N] bool over the original frame."""
+        """The original positions the kept tokens stand for (`sources`), as a [B, N] bool over the original frame:
+        what `kept_image_tokens` reports (VisionZip: its dominant patches and contextual targets, not the slots)."""
         keep = torch.zeros(shape.numel(), dtype=torch.bool, device=self.flat.device)
-        return keep.index_fill(0, self.flat[self.valid.reshape(-1).to(self.flat.device)], True).view(shape)
+        return keep.index_fill(0, self.sources()[self.valid.reshape(-1).to(self.flat.device)], True).view(shape)
 
     def take(self, x: Tensor) -> Tensor:
         """[B, N, ...] -> [B, m, ...]."""

@@ -224,6 +224,9 @@ def test_visionzip_merges_as_the_authors_and_the_llm_sees_only_those(request, wh
         # at the image's first
         expected = [int(starts[b]) + max(s, 0) for s in sources[b]]
         assert origin[b][short_image[b]].tolist() == expected
+    reported = routing.kept_image_tokens(routed, **batch)  # the public name reports the same positions, as a set
+    assert [r.tolist() for r in reported] == [
+        sorted({int(starts[b]) + max(s, 0) for s in sources[b]}) for b in range(len(image))]
     reference, text_short = short_prompt_logits(model, batch, features)
     text = batch["attention_mask"].bool() & (batch["input_ids"] != adapter_for(model).image_token_id)
     torch.testing.assert_close(logits[text], reference[text_short], rtol=1e-4, atol=1e-4)
