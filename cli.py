@@ -498,7 +498,7 @@ def bench_cmd(
 @friendly
 def compare_cmd(
     model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'tiny-clean', an alias (see saturation probe --help), a hub id or a local directory.")] = None,
-    plans: Annotated[str | None, typer.Option(help="Comma-separated plan specs: vanilla, lf@S, vtw@S, vtw@auto[:eta=0.003,n=20,seed=0] (VTW's KL search on --data, default the probe set), fastv@K:R=D% (D = the share dropped, FastV's R; ,rank=last|all|text), prune-pre:R%, pool:R% (R = the share kept), divprune:keep=R% (or keep=N), visionzip:dominant=D,contextual=C, lf@S+prune-pre:R%, lf@S+fastv@K:R=D% (no @S: the recommended split, or --routing's). Default: vanilla,lf,vtw,fastv@2:R=50%,fastv@2:R=75%,prune-pre:50%,prune-pre:25%,lf+prune-pre:50% (with --geometry, pool in place of prune-pre).")] = None,
+    plans: Annotated[str | None, typer.Option(help="Comma-separated plan specs: vanilla, lf@S, vtw@S, vtw@auto[:eta=0.003,n=20,seed=0] (VTW's KL search on --data, default the probe set), fastv@K:R=D% (D = the share dropped, FastV's R; ,rank=last|all|text), prune-pre:R%, pool:R% (R = the share kept), divprune:keep=R% (or keep=N), visionzip:dominant=D,contextual=C, lf@S+prune-pre:R%, lf@S+fastv@K:R=D% (no @S: the recommended split, or --routing's), lf+best (LF with the listed pruner of best accuracy per FLOP, trained on its kept tokens). Default: vanilla,lf,vtw@auto,fastv@2:R=50%,fastv@2:R=75%,visionzip,divprune,lf+best (visionzip scaled to a small tower, skipped with a note where the family refuses it; with --geometry: vanilla,lf,vtw,fastv@2:R=50%,fastv@2:R=75%,divprune,lf+divprune).")] = None,
     geometry: Annotated[str | None, typer.Option(help="Latency at an architecture's real size: random weights (as routing bench --geometry, e.g. llava-1.5-7b, tiny, cpu-bench), random image embeddings, untrained side branches; accuracy n/a. Not with --model/--routing/--data/--n or prune-pre plans.")] = None,
     layers: Annotated[int | None, typer.Option(help="With --geometry: build only N decoder layers (same widths).")] = None,
     routing_dir: Annotated[Path | None, typer.Option("--routing", help="A trained LF run folder or artifact: its split is the default and its side branch serves plans of the same split (pruned ones are trained on the kept tokens).")] = None,
@@ -516,10 +516,10 @@ def compare_cmd(
     ensure_output_dir(out)
     from figures.io import save_figure
     from figures.pareto import pareto_figure
-    from routing.jobs.compare import CALIBRATION, NA, CompareConfig, parse_plans, run_compare
+    from routing.jobs.compare import CALIBRATION, DEFAULT_PLANS, NA, CompareConfig, parse_plans, run_compare
 
-    if plans is not None:  # a bad spec is one line before any model loads, and so is too little data for vtw@auto
-        for p in parse_plans(plans):
+    if plans is not None or geometry is None:  # a bad spec is one line before any model loads, and so is too
+        for p in parse_plans(plans if plans is not None else DEFAULT_PLANS):  # little data for vtw@auto
             if p.get("auto") is not None and geometry is None:
                 calibration_records(data, p["auto"])
     cfg = CompareConfig(model=model, plans=plans, geometry=geometry, layers=layers, split=split, routing=routing_dir,

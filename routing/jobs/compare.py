@@ -16,23 +16,39 @@ random weights and random image embeddings, as `routing bench --geometry` (``ben
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
+from transformers import PretrainedConfig
 
 from routing import flops
-from routing.plan import KEYED, RoutingPlan, args_text, parse_spec, split_specs
+from routing.plan import KEYED, PRUNERS, RoutingPlan, args_text, parse_spec, split_specs
 from saturation.core.errors import ToolkitError
 
 NEEDS_PIXELS = ("prune-pre", "visionzip")  # prunings that read the vision tower: not on geometry's random embeddings
 
-DEFAULT_PLANS = ("vanilla", "lf", "vtw", "fastv@2:R=50%", "fastv@2:R=75%", "prune-pre:50%", "prune-pre:25%",
-                 "lf+prune-pre:50%")
-# Geometry mode has no pixels: spatial pooling stands in for the tower-scored pruning of the default sweep.
-GEOMETRY_PLANS = ("vanilla", "lf", "vtw", "fastv@2:R=50%", "fastv@2:R=75%", "pool:50%", "pool:25%", "lf+pool:50%")
+# LF composed with the best training-free pruner of the same run (`best_pruner`), resolved after the other rows are
+# evaluated and trained on its kept tokens; `lf@S+best` names a split.
+BEST = "+best"
+COMPOSED = "lf" + BEST
+# The default sweep (issue 25), one constant: vanilla, DPVR's LF at the recommended split, VTW at its own layer (its KL
+# search), FastV K=2 at R = 50% / 75%, [PDrop], VisionZip (LLaVA-1.5 only: `fit_default` skips it, with a note, on a
+# family that refuses it), DivPrune, and LF composed with the best of the pruners.
+DEFAULT_PLANS = ("vanilla", "lf", "vtw@auto", "fastv@2:R=50%", "fastv@2:R=75%",
+                 # PDrop (branch `pdrop`): add "pdrop" here once it is merged, and to GEOMETRY_PLANS
+                 "visionzip", "divprune", COMPOSED)
+# Geometry mode has random weights, random image embeddings and no data: VTW at the split instead of its KL search, no
+# VisionZip (it reads the tower's attention on pixels), and no accuracy to pick the composition by, so LF is composed
+# with a fixed pruner: DivPrune, the pruner `best_pruner` picks on the embedded model (docs/RESULTS.md).
+GEOMETRY_PLANS = ("vanilla", "lf", "vtw", "fastv@2:R=50%", "fastv@2:R=75%",
+                  # PDrop (branch `pdrop`): add "pdrop" here once it is merged
+                  "divprune", "lf+divprune")
+# VisionZip's default budget, 54 dominant + 10 contextual tokens of LLaVA-1.5's 576 patches (its README)
+VISIONZIP_DEFAULT = (54, 10, 576)
 COLUMNS = ("plan", "params", "accuracy", "flops_ratio", "prefill_ratio", "decode_ratio", "trainable_params",
            "prefill_ms", "decode_ms", "decode_flops_ratio", "trained")
 
@@ -56,10 +72,12 @@ class CompareConfig:
     new_tokens: int = 8
     seed: int = 0
     out: Path = field(default_factory=lambda: Path("runs") / "compare")
+    defaulted: bool = field(default=False, init=False)  # plans are the default sweep: a row the family refuses is skipped
 
     def __post_init__(self):
         if self.plans is None:
             self.plans = GEOMETRY_PLANS if self.geometry is not None else DEFAULT_PLANS
+            self.defaulted = True
         if self.geometry is None:
             if self.layers is not None:
                 raise ToolkitError("--layers shrinks a --geometry; a checkpoint keeps its own depth")
@@ -73,6 +91,9 @@ class CompareConfig:
 
         BenchConfig(geometry=self.geometry, layers=self.layers)  # its one-line checks of the name and depth
         for p in parse_plans(self.plans):
+            if p.get("composed"):
+                raise ToolkitError(f"plan '{p['text']}' composes LF with the pruner of best accuracy per FLOP, and "
+                                   "--geometry has no accuracy: write the pruner, e.g. lf+divprune")
             if p.get("auto") is not None:
                 raise ToolkitError(f"plan '{p['text']}' searches VTW's layer on real data, which --geometry does not "
                                    "have (random weights and image embeddings): write vtw@K")
@@ -88,7 +109,64 @@ def parse_plans(plans) -> tuple[dict, ...]:
         raise ToolkitError("--plans is empty: give e.g. vanilla,lf,fastv@2:R=50%")
     if len(set(specs)) != len(specs):
         raise ToolkitError(f"--plans names a plan twice: {', '.join(specs)}")
-    return tuple(parse_spec(s) | {"text": s} for s in specs)
+    return tuple(_parse_one(s) | {"text": s} for s in specs)
+
+
+def _parse_one(spec: str) -> dict:
+    """`parse_spec`, plus ``lf[@S]+best`` (a DPVR variant composed with the run's best pruner): ``"composed": True``."""
+    if not spec.endswith(BEST):
+        return parse_spec(spec)
+    base = parse_spec(spec[:-len(BEST)])
+    if base["variant"] in (None, "vtw", *PRUNERS) or base["prune"] is not None or base.get("auto") is not None:
+        raise ToolkitError(f"cannot read plan '{spec}': +best composes a DPVR variant (lf, lf@S, pc, kv) with the "
+                           "run's best pruner")
+    return base | {"composed": True}
+
+
+def fit_default(spec: str, model, split: int) -> tuple[str | None, str]:
+    """A row of the default sweep on this model (a loaded model or its config): ``(spec to run, note)``. VisionZip's
+    default budget (54 + 10 of 576 patches) is scaled to a smaller tower's patches (at least [CLS] + 1 dominant and 1
+    contextual token: the embedded model's 9 patches keep 3); a row the family refuses (VisionZip without a [CLS]
+    tower or with anyres crops, a pre-LLM pruning under M-RoPE, ...) is ``(None, its one-line reason)``: the default
+    sweep goes on without it, where an explicit ``--plans`` fails."""
+    import routing
+    from saturation.core.adapters import adapter_class
+
+    if spec.endswith(BEST) or parse_spec(spec).get("auto") is not None:
+        return spec, ""
+    note = ""
+    try:
+        if spec == "visionzip":
+            config = model if isinstance(model, PretrainedConfig) else model.config
+            patches = adapter_class(config).image_tokens(config)
+            dominant, contextual, of = VISIONZIP_DEFAULT
+            if dominant + contextual - 1 > patches:
+                dominant = min(max(2, round(dominant * patches / of)), patches)
+                contextual = min(max(1, round(contextual * patches / of)), patches + 1 - dominant)
+                spec, note = (f"visionzip:dominant={dominant},contextual={contextual}",
+                              f"visionzip's 54 + 10 of 576 scaled to this tower's {patches} patches")
+        routing.parse_plan(spec, model, split=split)
+    except ToolkitError as err:
+        return None, f"skipped default row {spec}: {err}"
+    return spec, note
+
+
+def best_pruner(rows: list[dict]) -> str | None:
+    """The composition rule of the default sweep (``lf+best``): among the training-free pruner rows (a plan that is
+    a pruning alone: fastv, divprune, visionzip, prune-pre, pool, ...; not vanilla, VTW, DPVR or a composition) with
+    an accuracy and a FLOP saving, the one of best accuracy per FLOP (accuracy / FLOPs ratio); ties go to the lower
+    FLOPs ratio, then to the earlier row. Rows are dicts with ``plan``, ``accuracy``, ``flops_ratio``; None when no
+    row qualifies."""
+    best, key = None, None
+    for i, row in enumerate(rows):
+        p = _parse_one(row["plan"])
+        acc, cost = float(row["accuracy"]), float(row["flops_ratio"])
+        if p.get("composed") or p["variant"] not in PRUNERS or math.isnan(acc) or not 0 < cost < 1:
+            continue
+        score = (-acc / cost, cost, i)
+        if key is None or score < key:
+            best, key = row["plan"], score
+    return best
 
 
 def params_of(plan: RoutingPlan | None) -> str:
@@ -135,6 +213,8 @@ def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str
         split = _recommended_split(cfg, a.num_layers, log)
     built, records = {}, None
     for p in parsed:
+        if p.get("composed"):  # lf+best: `compose_best`, once the other rows have their accuracy
+            continue
         if p.get("auto") is not None:
             from routing.vtw import resolve_auto
             from saturation.core.data import read_records
@@ -146,7 +226,14 @@ def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str
             if searches is not None:
                 searches[name] = found
         else:
-            plan = routing.parse_plan(p["text"], model, split=split if split is not None else a.num_layers // 2)
+            text = p["text"]
+            if cfg.defaulted:  # the default sweep fits the family: a refused row is a note, not a failure
+                text, note = fit_default(text, model, split if split is not None else a.num_layers // 2)
+                if note:
+                    log(note)
+                if text is None:
+                    continue
+            plan = routing.parse_plan(text, model, split=split if split is not None else a.num_layers // 2)
             name = "vanilla" if plan is None else plan.spec
         if plan is None:
             built[name] = (None, model, "")
@@ -245,8 +332,8 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.Da
             prompt = real_prompt(model, processor, records, cfg.text_tokens, 1, cfg.new_tokens, cfg.seed)
         geometry = flops.Geometry.of(model.config.text_config)
         samples = [(prompt.image_tokens, prompt.text_tokens)]
-        rows = []
-        for name, (plan, net, how) in built.items():
+
+        def row(name: str, plan, net, how: str, params: str) -> dict:
             accuracy = float("nan")
             if records is not None:
                 log(f"evaluating {name} on {len(records)} records")
@@ -255,10 +342,22 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.Da
                 accuracy = result["accuracy"]
             ratios = flops.plan_ratios(geometry, plan, samples)
             trainable = 0 if plan is None else net.trainable_parameters().trainable
-            params = searches[name].describe() if name in searches else params_of(plan)
-            rows.append({"plan": name, "params": params, "accuracy": accuracy,
-                         "flops_ratio": ratios["prefill"], "decode_flops_ratio": ratios["decode"],
-                         "trainable_params": trainable, "trained": how})
+            return {"plan": name, "params": params, "accuracy": accuracy, "flops_ratio": ratios["prefill"],
+                    "decode_flops_ratio": ratios["decode"], "trainable_params": trainable, "trained": how}
+
+        rows = [row(name, plan, net, how, searches[name].describe() if name in searches else params_of(plan))
+                for name, (plan, net, how) in built.items()]
+        for p in (p for p in parsed if p.get("composed")):  # lf+best, now that the pruners have their accuracy
+            best = best_pruner(rows)
+            spec = None if best is None else p["text"][:-len(BEST)] + "+" + best
+            if spec is None or spec in built:
+                log(f"skipped {p['text']}: " + ("no training-free pruner row with an accuracy and a FLOP saving"
+                                                if spec is None else f"{spec} is already a row"))
+                continue
+            log(f"{p['text']} -> {spec}: the pruner of best accuracy per FLOP")
+            for name, (plan, net, how) in build_plans(cfg, model, processor, parse_plans([spec]), log).items():
+                built[name] = (plan, net, how)
+                rows.append(row(name, plan, net, how, f"{params_of(plan)}; {p['text']}: {best} best accuracy/FLOP"))
         log(f"timing {len(built)} plans, {cfg.repeats} paired rounds ({prompt.image_tokens} image + "
             f"{prompt.text_tokens} text tokens)")
         timing = measure_latency({name: net for name, (_, net, _) in built.items()}, prompt, cfg.repeats, cfg.warmup)
