@@ -498,7 +498,7 @@ def bench_cmd(
 @friendly
 def compare_cmd(
     model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'tiny-clean', an alias (see saturation probe --help), a hub id or a local directory.")] = None,
-    plans: Annotated[str | None, typer.Option(help="Comma-separated plan specs: vanilla, lf@S, vtw@S, vtw@auto[:eta=0.003,n=20,seed=0] (VTW's KL search on --data, default the probe set), fastv@K:R=D% (D = the share dropped, FastV's R; ,rank=last|all|text), prune-pre:R%, pool:R% (R = the share kept), divprune:keep=R% (or keep=N), visionzip:dominant=D,contextual=C, lf@S+prune-pre:R%, lf@S+fastv@K:R=D% (no @S: the recommended split, or --routing's), lf+best (LF with the listed pruner of best accuracy per FLOP, trained on its kept tokens). Default: vanilla,lf,vtw@auto,fastv@2:R=50%,fastv@2:R=75%,visionzip,divprune,lf+best (visionzip scaled to a small tower, skipped with a note where the family refuses it; with --geometry: vanilla,lf,vtw,fastv@2:R=50%,fastv@2:R=75%,divprune,lf+divprune).")] = None,
+    plans: Annotated[str | None, typer.Option(help="Comma-separated plan specs: vanilla, lf@S, vtw@S, vtw@auto[:eta=0.003,n=20,seed=0] (VTW's KL search on --data, default the probe set), fastv@K:R=D% (D = the share dropped, FastV's R; ,rank=last|all|text), prune-pre:R%, pool:R% (R = the share kept), divprune:keep=R% (or keep=N), visionzip:dominant=D,contextual=C, lf@S+prune-pre:R%, lf@S+fastv@K:R=D% (no @S: the recommended split, or --routing's), lf+best (LF with the listed pruner of best accuracy per FLOP, trained on its kept tokens). Default: vanilla,lf,vtw@auto,fastv@2:R=50%,fastv@2:R=75%,visionzip,divprune,lf+best (visionzip scaled to a small tower, skipped with a note where the family refuses it; with --geometry: vanilla,lf,vtw,fastv@2:R=50%,fastv@2:R=75%,divprune,lf+fastv@2:R=75%).")] = None,
     geometry: Annotated[str | None, typer.Option(help="Latency at an architecture's real size: random weights (as routing bench --geometry, e.g. llava-1.5-7b, tiny, cpu-bench), random image embeddings, untrained side branches; accuracy n/a. Not with --model/--routing/--data/--n or prune-pre plans.")] = None,
     layers: Annotated[int | None, typer.Option(help="With --geometry: build only N decoder layers (same widths).")] = None,
     routing_dir: Annotated[Path | None, typer.Option("--routing", help="A trained LF run folder or artifact: its split is the default and its side branch serves plans of the same split (pruned ones are trained on the kept tokens).")] = None,
@@ -507,12 +507,13 @@ def compare_cmd(
     n: Annotated[int | None, typer.Option("--n", "-n", help="Evaluate a seeded sample of N records (default: all).")] = None,
     train_steps: Annotated[int, typer.Option(help="Side-branch training steps for plans trained here.")] = 150,
     repeats: Annotated[int, typer.Option(help="Paired timing rounds.")] = 5,
+    text_tokens: Annotated[int, typer.Option(help="Text tokens of the timed prompt (beside its image tokens).")] = 32,
     out: Annotated[Path, typer.Option(help="Folder for frontier.csv and pareto.png/.pdf.")] = Path("runs/compare"),
     seed: SeedOpt = 0,
 ) -> None:
     """Accuracy, FLOPs and measured prefill/decode latency of a list of plans on the same data: frontier.csv and a
     Pareto figure (accuracy vs FLOPs ratio and vs measured prefill ratio)."""
-    require_positive(n=n, train_steps=train_steps, repeats=repeats)
+    require_positive(n=n, train_steps=train_steps, repeats=repeats, text_tokens=text_tokens)
     ensure_output_dir(out)
     from figures.io import save_figure
     from figures.pareto import pareto_figure
@@ -523,7 +524,8 @@ def compare_cmd(
             if p.get("auto") is not None and geometry is None:
                 calibration_records(data, p["auto"])
     cfg = CompareConfig(model=model, plans=plans, geometry=geometry, layers=layers, split=split, routing=routing_dir,
-                        data=data, n=n, train_steps=train_steps, repeats=repeats, out=out, seed=seed)
+                        data=data, n=n, train_steps=train_steps, repeats=repeats, text_tokens=text_tokens,
+                        out=out, seed=seed)
     table = run_compare(cfg, log=lambda msg: Console().print(msg, highlight=False, soft_wrap=True))  # one log line a line
     name = f"random {geometry}" + (f", {layers} layers" if layers else "") if geometry else (model or "tiny")
     what = "measured prefill against FLOPs" if geometry else "accuracy against cost"

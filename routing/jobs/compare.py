@@ -43,10 +43,10 @@ DEFAULT_PLANS = ("vanilla", "lf", "vtw@auto", "fastv@2:R=50%", "fastv@2:R=75%",
                  "visionzip", "divprune", COMPOSED)
 # Geometry mode has random weights, random image embeddings and no data: VTW at the split instead of its KL search, no
 # VisionZip (it reads the tower's attention on pixels), and no accuracy to pick the composition by, so LF is composed
-# with a fixed pruner: DivPrune, the pruner `best_pruner` picks on the embedded model (docs/RESULTS.md).
+# with a fixed pruner: FastV R=75%, the one `best_pruner` picks on the embedded model (docs/RESULTS.md).
 GEOMETRY_PLANS = ("vanilla", "lf", "vtw", "fastv@2:R=50%", "fastv@2:R=75%",
                   # PDrop (branch `pdrop`): add "pdrop" here once it is merged
-                  "divprune", "lf+divprune")
+                  "divprune", "lf+fastv@2:R=75%")
 # VisionZip's default budget, 54 dominant + 10 contextual tokens of LLaVA-1.5's 576 patches (its README)
 VISIONZIP_DEFAULT = (54, 10, 576)
 COLUMNS = ("plan", "params", "accuracy", "flops_ratio", "prefill_ratio", "decode_ratio", "trainable_params",
@@ -134,7 +134,7 @@ def fit_default(spec: str, model, split: int) -> tuple[str | None, str]:
 
     if spec.endswith(BEST) or parse_spec(spec).get("auto") is not None:
         return spec, ""
-    note = ""
+    asked, note = spec, ""
     try:
         if spec == "visionzip":
             config = model if isinstance(model, PretrainedConfig) else model.config
@@ -147,7 +147,7 @@ def fit_default(spec: str, model, split: int) -> tuple[str | None, str]:
                               f"visionzip's 54 + 10 of 576 scaled to this tower's {patches} patches")
         routing.parse_plan(spec, model, split=split)
     except ToolkitError as err:
-        return None, f"skipped default row {spec}: {err}"
+        return None, f"skipped default row {asked}: {err}"
     return spec, note
 
 
