@@ -7,6 +7,10 @@ are paired and interleaved in one loop (sample k of every plan in the same round
 `routing bench`), end-to-end from pixels so pre-LLM pruning pays for its scoring. Plans with a side branch are
 trained here on the shapes world (or take `--routing DIR`'s side branch, when its split and depth fit).
 
+The default sweep is one constant, `DEFAULT_PLANS` (issue 25): a row the model's family refuses is skipped with a
+note (`fit_default`), and ``lf+best`` composes LF with the pruner row of best accuracy per FLOP (`best_pruner`),
+trained on its kept tokens once the other rows are evaluated.
+
 Geometry mode (``geometry="llava-1.5-7b"``, optional ``layers``) times the plans at an architecture's real size:
 random weights and random image embeddings, as `routing bench --geometry` (``benchmark.load_models`` and
 ``random_prompt``); side branches stay untrained (latency does not depend on training) and accuracy is NaN, written
@@ -349,13 +353,15 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.Da
                 for name, (plan, net, how) in built.items()]
         for p in (p for p in parsed if p.get("composed")):  # lf+best, now that the pruners have their accuracy
             best = best_pruner(rows)
-            spec = None if best is None else p["text"][:-len(BEST)] + "+" + best
-            if spec is None or spec in built:
-                log(f"skipped {p['text']}: " + ("no training-free pruner row with an accuracy and a FLOP saving"
-                                                if spec is None else f"{spec} is already a row"))
+            if best is None:
+                log(f"skipped {p['text']}: no training-free pruner row with an accuracy and a FLOP saving")
                 continue
+            spec = p["text"][:-len(BEST)] + "+" + best
             log(f"{p['text']} -> {spec}: the pruner of best accuracy per FLOP")
             for name, (plan, net, how) in build_plans(cfg, model, processor, parse_plans([spec]), log).items():
+                if name in built:  # --plans named it already: one row
+                    log(f"skipped {p['text']}: {name} is already a row")
+                    continue
                 built[name] = (plan, net, how)
                 rows.append(row(name, plan, net, how, f"{params_of(plan)}; {p['text']}: {best} best accuracy/FLOP"))
         log(f"timing {len(built)} plans, {cfg.repeats} paired rounds ({prompt.image_tokens} image + "
