@@ -19,7 +19,7 @@ from typing import Protocol
 from routing.artifact import read_manifest
 from routing.plan import RoutingPlan
 from saturation.core import distributed as dist
-from saturation.core.data import Record
+from saturation.core.data import Record, image_key
 from saturation.core.errors import ToolkitError
 from saturation.core.files import write_json
 
@@ -51,7 +51,7 @@ def records_digest(records: list[Record]) -> str:
     data set or run folder keeps its digest)."""
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps([r.id, r.image.name, r.turns, r.question_type]).encode())
+        h.update(json.dumps([r.id, image_key(r), r.turns, r.question_type]).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
 
