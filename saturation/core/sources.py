@@ -147,6 +147,16 @@ def announce(line: str) -> None:
         print(line, file=sys.stderr)
 
 
+def synthetic_data_warning(model: str, data) -> str | None:
+    """The warning for a real checkpoint run without --data on the embedded shapes scenes (None: not needed)."""
+    from saturation.core.loading import DATA_SAMPLES, resolve_name
+
+    if data is not None or str(model) in ("tiny", "tiny-clean") or Path(resolve_name(model)).parent == DATA_SAMPLES:
+        return None
+    return (f"warning: no --data: {model} runs on the embedded shapes scenes (48-px synthetic images), which are "
+            f"out of distribution for a real checkpoint; pass --data (a dataset, parquet, image folder or lmms:TASK)")
+
+
 def load_records(data: DataSpec | str | Path | None, n: int | None, seed: int, *, default: Path | None = None,
                  quiet: bool = False) -> tuple[Source, list[Record], list[int]]:
     """Open `data` (or `default`), draw the seeded selection, print what was read once: (source, records, rows)."""
