@@ -225,7 +225,6 @@ def train_cmd(
     from routing.jobs.train import TrainConfig, run_train
 
     spec = data_spec(data, data_split, data_subset, image_column, question_column, answer_column)
-    warn_synthetic(model, spec)
     cfg = TrainConfig(model=model, split=split, probe=probe, variant=variant, plan=plan, fusion_layers=fusion_layers,
                       side_depth=side_depth, data=spec, n_train=n_train, out=out, max_steps=max_steps, lr=lr,
                       batch_size=batch_size, save_steps=save_steps, resume=resume, seed=seed, dtype=dtype,
@@ -333,9 +332,9 @@ def eval_cmd(
     from routing.jobs.evaluate import evaluate
 
     spec = data_spec(data, data_split, data_subset, image_column, question_column, answer_column)
-    warn_synthetic(model, spec)
     records = held_out_records(spec, n, seed)
     net, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory, compile)
+    warn_synthetic(model, spec)  # once data and model are known good: a bad input stays one line
     result, table = evaluate(net, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     result |= {"model": model, "routing": str(routing_dir) if routing_dir else None}
     view = Table(title=f"{model}{' + ' + str(routing_dir) if routing_dir else ' (vanilla)'}: n={result['n']}")
@@ -431,7 +430,6 @@ def reproduce_cmd(
     data_spec(given[0] if given else None, data_split, data_subset, image_column, question_column, answer_column)
     probe_data, train_data, eval_data = (data_spec(d, data_split, data_subset, image_column, question_column,
                                                    answer_column) for d in (probe_data, train_data, eval_data))
-    warn_synthetic(model, probe_data or eval_data)
     cfg = ReproduceConfig(model=model, out=out, max_steps=max_steps, n_eval=n_eval, probe_n=probe_n,
                           sweep_radius=sweep_radius, rule=rule, probe_data=probe_data, train_data=train_data, eval_data=eval_data,
                           max_new_tokens=max_new_tokens,
@@ -588,8 +586,6 @@ def compare_cmd(
     from routing.jobs.compare import CALIBRATION, NA, CompareConfig, parse_plans, run_compare
 
     data = data_spec(data, data_split, data_subset, image_column, question_column, answer_column)
-    if geometry is None:
-        warn_synthetic(model, data)
     if plans is not None:  # a bad spec is one line before any model loads, and so is too little data for vtw@auto
         for p in parse_plans(plans):
             if p.get("auto") is not None and geometry is None:
@@ -597,6 +593,8 @@ def compare_cmd(
     cfg = CompareConfig(model=model, plans=plans, geometry=geometry, layers=layers, split=split, routing=routing_dir,
                         data=data, n=n, train_steps=train_steps, repeats=repeats, out=out, seed=seed)
     table = run_compare(cfg, log=lambda msg: Console().print(msg, highlight=False, soft_wrap=True))  # one log line a line
+    if geometry is None:
+        warn_synthetic(model, data)
     name = f"random {geometry}" + (f", {layers} layers" if layers else "") if geometry else (model or "tiny")
     what = "measured prefill against FLOPs" if geometry else "accuracy against cost"
     drawn = save_figure(pareto_figure(table, title=f"{name}: {what}"), out / "pareto")

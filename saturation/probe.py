@@ -647,7 +647,7 @@ def _prepare(cfg: ProbeConfig, model) -> tuple[str, dict, list[int], list[Record
     if cfg.device_map is not None and dist.world_size() > 1:
         raise ToolkitError("--device-map under torchrun is not supported: data parallelism gives each rank one "
                            "device; use one of them (several processes, or one process with --device-map)")
-    out = ensure_output_dir(cfg.out if cfg.out is not None else default_out(cfg.model))
+    out = ensure_output_dir(cfg.out if cfg.out is not None else default_out(cfg.model))  # checks, creates nothing
     given = model is not None
     device = next(model.parameters()).device if given else resolve_device(None if cfg.device_map else cfg.device)
     dtype = next(model.parameters()).dtype if given else resolve_dtype(cfg.dtype, device)
@@ -657,10 +657,10 @@ def _prepare(cfg: ProbeConfig, model) -> tuple[str, dict, list[int], list[Record
     else:
         config = model.config
         model_name = str(getattr(model, "name_or_path", "") or cfg.model)
-    warning = synthetic_data_warning(cfg.model if not given else model_name, cfg.data)
-    if warning and dist.is_main():
-        announce(warning)
     source, records, samples = plan_samples(cfg)
+    warning = synthetic_data_warning(cfg.model if not given else model_name, cfg.data)
+    if warning and dist.is_main():  # after the data is read: a bad input stays one line
+        announce(warning)
     store = ShardStore(out / "samples", tag=f"r{dist.rank()}-" if dist.world_size() > 1 else "")
     fingerprint = {"model": model_name, "seed": cfg.seed, **data_fingerprint(source),
                    "dtype": str(dtype), "num_layers": int(config.text_config.num_hidden_layers),

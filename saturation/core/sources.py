@@ -113,14 +113,18 @@ class Source:
         index = selection(self.num_rows, n, seed)
         rows = self.rows.select(index) if hasattr(self.rows, "select") and self.kind != "hub" else None
         if rows is not None:
-            return [self.to_record(row, i) for row, i in zip(rows, index)], index
-        wanted, found = set(index), {}
-        for i, row in enumerate(self.rows):  # a stream: read up to the last chosen row, keep only the chosen
-            if i in wanted:
-                found[i] = self.to_record(row, i)
-                if len(found) == len(wanted):
-                    break
-        return [found[i] for i in index], index
+            records = [self.to_record(row, i) for row, i in zip(rows, index)]
+        else:
+            wanted, found = set(index), {}
+            for i, row in enumerate(self.rows):  # a stream: read up to the last chosen row, keep only the chosen
+                if i in wanted:
+                    found[i] = self.to_record(row, i)
+                    if len(found) == len(wanted):
+                        break
+            records = [found[i] for i in index]
+        for r in records:
+            check_image(r)
+        return records, index
 
 
 def selection(num_rows: int, n: int | None, seed: int) -> list[int]:
@@ -200,10 +204,18 @@ def open_source(spec: DataSpec | str | Path | None, *, split: str | None = None,
 
 
 def _is_json_list(path: Path) -> bool:
-    """A LLaVA JSON file is one JSON list (JSON Lines is one object per line)."""
+    """A ``.json`` file is LLaVA JSON (one list, read as always) unless it is JSON Lines: an object on its first
+    line, and more lines after it."""
+    import json
+
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    return not head or head[:1] == b"["
+        first, second = f.readline().strip(), f.readline().strip()
+    if not first.startswith(b"{") or not second:
+        return True
+    try:
+        return not isinstance(json.loads(first), dict)
+    except ValueError:
+        return True
 
 
 def _no_dataset_options(spec: DataSpec, what: str) -> None:
@@ -247,7 +259,12 @@ def _open_saved(spec: DataSpec, path: Path) -> Source:
     datasets = _datasets()
     if spec.subset is not None:
         raise ToolkitError(f"--data-subset applies to hub datasets; {path} is a save_to_disk folder")
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except IndexError:  # datasets 5.2 on a saved table of no rows
+        raise ToolkitError(f"{path} has no rows: the data selection is empty") from None
+    except (ValueError, OSError) as err:
+        raise ToolkitError(f"cannot read {path} with datasets.load_from_disk: {_first_line(err)}") from None
     if isinstance(ds, datasets.DatasetDict):
         split = _pick_split(spec, list(ds), str(path))
         ds, spec = ds[split], replace(spec, split=split)
@@ -266,7 +283,10 @@ def _open_builder(spec: DataSpec, builder: str, kwargs: dict, files: list[Path],
     try:
         dd = datasets.load_dataset(builder, **kwargs)
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
-        raise ToolkitError(f"cannot read {label} with datasets' {builder} builder: {_first_line(err)}") from None
+        if "corresponds to no data" in str(err):  # the builder's word for a table of no rows
+            raise ToolkitError(f"{label} has no rows: the data selection is empty") from None
+        cause = err.__cause__ or err  # the generation error wraps the reader's own message
+        raise ToolkitError(f"cannot read {label} with datasets' {builder} builder: {_first_line(cause)}") from None
     split = _pick_split(spec, list(dd), label)
     ds = dd[split]
     digest = _file_digest(files) if files else ds._fingerprint
@@ -417,6 +437,26 @@ def _image_value(value, where: str, folder: Path | None):
         return bytes(value)
     path = Path(value)
     return path if path.is_absolute() or folder is None else folder / path
+
+
+def check_image(record: Record) -> None:
+    """An image that cannot be decoded (or a missing file) is one line naming the record, before any work: PIL's
+    `verify` reads the file's structure without decoding the pixels."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(record.image, Image.Image):
+        return
+    if isinstance(record.image, Path) and not record.image.is_file():
+        raise ToolkitError(f"record {record.id}: image file not found: {record.image}")
+    what = record.image if isinstance(record.image, Path) else io.BytesIO(record.image)
+    try:
+        with Image.open(what) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        size = "" if isinstance(record.image, Path) else f" ({len(record.image)} bytes)"
+        raise ToolkitError(f"record {record.id}: cannot decode its image{size}: {_first_line(err)}") from None
 
 
 # --- lmms-eval tasks ---
