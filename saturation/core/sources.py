@@ -343,9 +343,10 @@ def _keep_encoded(ds, column: str, feature):
 
     if isinstance(feature, datasets.Image) and feature.decode:
         return ds.cast_column(column, datasets.Image(decode=False))
-    inner = getattr(feature, "feature", None)  # a list of images
+    inner = getattr(feature, "feature", None)  # a list of images (datasets 4+: List; 3: Sequence)
     if isinstance(inner, datasets.Image) and inner.decode:
-        return ds.cast_column(column, datasets.List(datasets.Image(decode=False)))
+        listed = getattr(datasets, "List", None) or datasets.Sequence
+        return ds.cast_column(column, listed(datasets.Image(decode=False)))
     return ds
 
 
@@ -387,7 +388,7 @@ def _check_types(features, columns: Columns, label: str) -> None:
             return True
         if isinstance(f, dict):  # a struct with the image feature's fields
             return "bytes" in f or "path" in f
-        inner = getattr(f, "feature", None)
+        inner = f[0] if isinstance(f, list) and f else getattr(f, "feature", None)
         return inner is not None and is_image(inner)
 
     if not is_image(features[columns.image]):
