@@ -256,7 +256,7 @@ def save_plan_cmd(
     out: Annotated[Path, typer.Option(help="Artifact folder, for eval/generate/bench/analyze --routing and lmms-eval routing=.")],
     model: ModelOpt = "tiny",
     split: Annotated[int | None, typer.Option(help="The split of a plan written without @S (vtw, lf-ideal).")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="vtw@auto only: LLaVA JSON whose seeded sample VTW's KL search runs on (default: the embedded shapes probe set).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="vtw@auto only: " + DATA_HELP + ", whose seeded sample VTW's KL search runs on (default: the embedded shapes probe set).")] = None,
 ) -> None:
     """Save a training-free plan (a peer, or a pruning) as a routing artifact; no training, nothing but the plan.
     vtw@auto[:eta=0.003,n=20,seed=0] first finds VTW's layer by its KL search on --data (kept in routing.json)."""

@@ -161,6 +161,31 @@ def test_run_digest_covers_how_the_data_was_read(forms):
     assert records_digest(load_records(forms["llava"], None, 0)[1]) != plain  # paths vs in-memory images
 
 
+def test_a_streamed_hub_dataset_reads_only_up_to_the_last_chosen_row(forms, monkeypatch):
+    """The hub path with the network faked: the parquet streamed (an IterableDataset, as load_dataset(name,
+    streaming=True) gives) yields the same sample, and iteration stops after the last chosen row."""
+    from saturation.core import sources
+
+    stream = datasets.load_dataset("parquet", data_files=str(forms["parquet"]), split="train", streaming=True)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, subset=None: ["test", "train"])
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, subset, split, streaming: stream)
+    monkeypatch.setattr(sources, "split_rows", lambda ds, split: N_ROWS)
+    seen = []
+    real = sources.row_record
+    monkeypatch.setattr(sources, "row_record", lambda row, i, *a: seen.append(i) or real(row, i, *a))
+    source, got, rows = load_records(DataSpec("someone/shapes", split="test"), 6, 3)
+    _, want, want_rows = load_records(forms["llava"], 6, 3)
+    assert source.kind == "hub" and rows == want_rows
+    assert [r.id for r in got] == [r.id for r in want] and [pixels(r) for r in got] == [pixels(r) for r in want]
+    assert sorted(seen) == sorted(rows)  # only the chosen rows became records
+    with pytest.raises(ToolkitError, match="no split 'val'; available: test, train"):
+        open_source(DataSpec("someone/shapes", split="val"))
+    monkeypatch.setattr(sources, "split_rows", lambda ds, split: None)
+    with pytest.raises(ToolkitError, match="unknown while streaming"):
+        load_records(DataSpec("someone/shapes", split="test"), 6, 3)
+
+
 # --- bad input: one line, nothing created ---
 
 

@@ -315,9 +315,14 @@ def _open_hub(spec: DataSpec) -> Source:
         raise
     except (ValueError, OSError, FileNotFoundError) as err:
         raise ToolkitError(f"cannot load dataset '{name}': {_first_line(err)}") from None
-    info = ds.info.splits.get(split) if ds.info and ds.info.splits else None
-    num_rows = info.num_examples if info is not None and info.num_examples else None
-    return _dataset_source(replace(spec, split=split), "hub", name, ds, name, None, num_rows)
+    return _dataset_source(replace(spec, split=split), "hub", name, ds, name, None, split_rows(ds, split))
+
+
+def split_rows(ds, split: str) -> int | None:
+    """A streamed split's row count from the dataset's card (None where it does not say): the seeded selection
+    needs it, and counting would read the whole stream."""
+    info = ds.info.splits.get(split) if ds.info is not None and ds.info.splits else None
+    return info.num_examples if info is not None and info.num_examples else None
 
 
 def _dataset_source(spec: DataSpec, kind: str, label: str, ds, fingerprint: str, folder: Path | None,
