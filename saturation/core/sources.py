@@ -483,7 +483,11 @@ def _open_lmms(spec: DataSpec) -> Source:
     if name not in manager.all_tasks:
         close = sorted(t for t in manager.all_tasks if name.split("_")[0] in t)[:8]
         raise ToolkitError(f"unknown lmms-eval task '{name}'" + (f"; similar: {', '.join(close)}" if close else ""))
-    task = get_task_dict([name], manager)[name]
+    leaves = _leaf_tasks(get_task_dict([name], manager))
+    if len(leaves) != 1:  # a group (or tag) of tasks: the records must come from one
+        raise ToolkitError(f"lmms:{name} is a group of {len(leaves)} tasks; name one: "
+                           f"{', '.join(sorted(map(str, leaves)))}")
+    task = next(iter(leaves.values()))
     docs = task.eval_docs
     label = f"lmms:{name}"
 
@@ -505,6 +509,14 @@ def _open_lmms(spec: DataSpec) -> Source:
 
     version = getattr(lmms_eval, "__version__", "?")
     return Source(spec, "lmms", label, docs, len(docs), None, f"{label}@{include or ''}:{version}", to_record)
+
+
+def _leaf_tasks(tree: dict) -> dict:
+    """The tasks of lmms-eval's ``get_task_dict`` answer, groups (nested dicts) flattened."""
+    leaves = {}
+    for key, value in tree.items():
+        leaves.update(_leaf_tasks(value) if isinstance(value, dict) else {key: value})
+    return leaves
 
 
 def _first_line(err: BaseException) -> str:
