@@ -272,18 +272,65 @@ def test_a_bytes_image_opens_like_its_file(forms):
     assert open_source(forms["parquet"]).identity()["kind"] == "files"
 
 
-# --- an lmms-eval task (only where lmms-eval is installed: tools/ci_eval.sh) ---
+# --- lmms-eval tasks ---
 
 
-def test_lmms_task_gives_the_llava_json_records(tmp_path, monkeypatch):
+@pytest.fixture
+def heldout_json(tmp_path) -> object:
+    """The first 32 held-out records (the documents of tests/lmms_tasks/shapes_gen.yaml) as LLaVA JSON."""
+    heldout = json.loads((SHAPES / "heldout.json").read_text())[:32]
+    (tmp_path / "images").symlink_to(SHAPES / "images")
+    (tmp_path / "heldout.json").write_text(json.dumps(heldout))
+    return tmp_path / "heldout.json"
+
+
+def test_lmms_task_through_its_own_doc_functions(heldout_json, tiny, tmp_path, monkeypatch):
+    """Our side of ``lmms:TASK`` with lmms-eval's TaskManager / get_task_dict stood in for (the main venv has no
+    lmms-eval): shapes_gen's documents through its own utils.doc_to_visual / doc_to_text / doc_to_target give the
+    LLaVA JSON form's records and probe results; a group names its tasks; an unknown task is one line."""
+    import importlib.machinery
+    import sys
+    import types
+
+    sys.path.insert(0, str(DATA_SAMPLES.parent / "tests" / "lmms_tasks"))
+    try:
+        import utils as task_utils
+    finally:
+        sys.path.pop(0)
+    docs = datasets.load_dataset("json", data_files=str(SHAPES / "heldout.json"), split="train").select(range(32))
+    task = types.SimpleNamespace(eval_docs=docs, doc_to_visual=task_utils.doc_to_visual,
+                                 doc_to_text=task_utils.doc_to_text, doc_to_target=task_utils.doc_to_target)
+    tasks = {"shapes_gen": {"shapes_gen": task}, "shapes_all": {"group": {"a": task, "b": task}}}
+    fake = types.ModuleType("lmms_eval")
+    fake.__spec__ = importlib.machinery.ModuleSpec("lmms_eval", None)
+    fake.tasks = types.ModuleType("lmms_eval.tasks")
+    fake.tasks.TaskManager = lambda include_path=None: types.SimpleNamespace(all_tasks=sorted(tasks))
+    fake.tasks.get_task_dict = lambda names, manager: tasks[names[0]]
+    monkeypatch.setitem(sys.modules, "lmms_eval", fake)
+    monkeypatch.setitem(sys.modules, "lmms_eval.tasks", fake.tasks)
+
+    _, want, _ = load_records(heldout_json, 6, 0)
+    source, got, _ = load_records("lmms:shapes_gen", 6, 0)
+    assert source.kind == "lmms" and [r.id for r in got] == [r.id for r in want]
+    assert [r.turns for r in got] == [r.turns for r in want]
+    assert [pixels(r) for r in got] == [pixels(r) for r in want]
+    pd.testing.assert_frame_equal(probe_table(tiny, "lmms:shapes_gen", tmp_path / "lmms"),
+                                  probe_table(tiny, heldout_json, tmp_path / "json"), check_exact=True)
+    with pytest.raises(ToolkitError, match="group of 2 tasks; name one: a, b"):
+        open_source("lmms:shapes_all")
+    with pytest.raises(ToolkitError, match="unknown lmms-eval task 'shapes_nope'; similar: shapes_all, shapes_gen"):
+        open_source("lmms:shapes_nope")
+
+
+# --- a real lmms-eval task (only where lmms-eval is installed: tools/ci_eval.sh) ---
+
+
+def test_lmms_task_gives_the_llava_json_records(heldout_json, monkeypatch):
     pytest.importorskip("lmms_eval")
     repo = DATA_SAMPLES.parent
     monkeypatch.chdir(repo)  # the task's data_files is relative to the repository root
     spec = f"lmms:shapes_gen@{repo / 'tests' / 'lmms_tasks'}"
-    heldout = json.loads((SHAPES / "heldout.json").read_text())[:32]  # the task's first 32 documents
-    (tmp_path / "images").symlink_to(SHAPES / "images")
-    (tmp_path / "heldout.json").write_text(json.dumps(heldout))
-    _, want, _ = load_records(tmp_path / "heldout.json", 6, 0)
+    _, want, _ = load_records(heldout_json, 6, 0)
     _, got, _ = load_records(spec, 6, 0)
     assert [r.id for r in got] == [r.id for r in want] and [r.turns for r in got] == [r.turns for r in want]
     assert [pixels(r) for r in got] == [pixels(r) for r in want]
