@@ -65,14 +65,14 @@ def _routing() -> None:
 
 def data_spec(data: str | None, data_split: str | None = None, data_subset: str | None = None,
               image_column: str | None = None, question_column: str | None = None, answer_column: str | None = None,
-              image_folder: Path | None = None):
+              image_folder: Path | None = None, option: str = "--data"):
     """The `--data` options as one `saturation.core.sources.DataSpec` (None without --data)."""
     if data is None:
         given = [name for name, v in (("--data-split", data_split), ("--data-subset", data_subset),
                                       ("--image-column", image_column), ("--question-column", question_column),
                                       ("--answer-column", answer_column)) if v is not None]
         if given:
-            raise ToolkitError(f"{', '.join(given)} choose what --data reads; pass --data too")
+            raise ToolkitError(f"{', '.join(given)} choose what {option} reads; pass {option} too")
         return None
     from saturation.core.sources import DataSpec
 
@@ -427,7 +427,8 @@ def reproduce_cmd(
     started = time.perf_counter()
     # the dataset options apply to each of --probe-data, --train-data, --eval-data that is given
     given = [d for d in (probe_data, train_data, eval_data) if d is not None]
-    data_spec(given[0] if given else None, data_split, data_subset, image_column, question_column, answer_column)
+    data_spec(given[0] if given else None, data_split, data_subset, image_column, question_column, answer_column,
+              option="--probe-data, --train-data or --eval-data")
     probe_data, train_data, eval_data = (data_spec(d, data_split, data_subset, image_column, question_column,
                                                    answer_column) for d in (probe_data, train_data, eval_data))
     cfg = ReproduceConfig(model=model, out=out, max_steps=max_steps, n_eval=n_eval, probe_n=probe_n,
