@@ -265,6 +265,15 @@ def test_real_checkpoint_without_data_is_warned():
     assert synthetic_data_warning("llava-1.5-7b", "lmms:pope") is None
 
 
+def test_a_checkpoint_probed_without_data_is_warned_once(tiny_model_dir, tmp_path):
+    result = runner.invoke(saturation_app, ["probe", "--model", str(tiny_model_dir), "--n", "2", "--batch-size", "2",
+                                            "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("warning: no --data") == 1 and "out of distribution" in result.output
+    embedded = runner.invoke(saturation_app, ["probe", "--n", "2", "--batch-size", "2", "--out", str(tmp_path / "t")])
+    assert embedded.exit_code == 0 and "warning" not in embedded.output
+
+
 def test_a_bytes_image_opens_like_its_file(forms):
     record = load_records(forms["parquet"], 1, 0)[1][0]
     with Image.open(io.BytesIO(record.image)) as im:
