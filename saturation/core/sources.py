@@ -122,8 +122,9 @@ class Source:
                     if len(found) == len(wanted):
                         break
             records = [found[i] for i in index]
-        for r in records:
-            check_image(r)
+        if n is not None:  # a sample is checked before any work; a whole training set names a bad image when read
+            for r in records:
+                check_image(r)
         return records, index
 
 
