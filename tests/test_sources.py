@@ -92,6 +92,18 @@ def test_selection_is_todays_llava_json_draw(forms):
     assert [r.id for r in load_records(forms["llava"], 9, 5)[1]] == [r.id for r in sample_records(records, 9, 5)]
 
 
+def test_a_list_of_answers_gives_its_majority(forms, tmp_path):
+    from saturation.core.sources import majority
+
+    assert majority(["two", "2", "two", "2"]) == "two" and majority(["a", "b", "b"]) == "b" and majority("x") == "x"
+    ds = datasets.load_from_disk(str(forms["saved"]))
+    ds = ds.map(lambda r: {"answers": [r["question_type"], r["answer"], r["answer"]]}).remove_columns("answer")
+    ds.save_to_disk(str(tmp_path / "vqa"))
+    source, got, _ = load_records(tmp_path / "vqa", 6, 3)
+    assert source.columns.answer == "answers"
+    assert [r.turns for r in got] == [r.turns for r in load_records(forms["llava"], 6, 3)[1]]
+
+
 def test_the_columns_are_printed_once(forms, capsys):
     load_records(DataSpec(str(forms["parquet"]), split="train"), 5, 0)
     load_records(DataSpec(str(forms["parquet"]), split="train"), 5, 0)

@@ -25,7 +25,7 @@ FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv
 # Column names detected when not given (first present wins): LLaVA's, plain question/answer, lmms-lab's.
 IMAGE_COLUMNS = ("image", "images", "img", "image_path", "file_name")
 QUESTION_COLUMNS = ("question", "query", "prompt", "instruction")
-ANSWER_COLUMNS = ("answer", "label", "target", "caption")
+ANSWER_COLUMNS = ("answer", "answers", "label", "target", "caption")  # answers: VQA's list, its majority taken
 ID_COLUMNS = ("id", "question_id", "sample_id")
 TYPE_COLUMNS = ("question_type", "category")
 
@@ -400,9 +400,11 @@ def _check_types(features, columns: Columns, label: str) -> None:
     if not is_image(features[columns.image]):
         raise ToolkitError(f"{label}: column '{columns.image}' holds {features[columns.image]}, not images "
                            f"(an Image feature, bytes or file paths)")
-    for name in (columns.question, columns.answer):
-        if name is not None and not is_text(features[name]):
-            raise ToolkitError(f"{label}: column '{name}' holds {features[name]}, not text")
+    if columns.question is not None and not is_text(features[columns.question]):
+        raise ToolkitError(f"{label}: column '{columns.question}' holds {features[columns.question]}, not text")
+    answer = features[columns.answer] if columns.answer is not None else None
+    if answer is not None and not (is_text(answer) or is_text(getattr(answer, "feature", None))):
+        raise ToolkitError(f"{label}: column '{columns.answer}' holds {answer}, not text (or a list of texts)")
 
 
 def row_record(row: dict, index: int, columns: Columns, folder: Path | None) -> Record:
@@ -413,12 +415,22 @@ def row_record(row: dict, index: int, columns: Columns, folder: Path | None) -> 
     if columns.conversations is not None:
         turns = parse_turns(row[columns.conversations], where)
     else:
-        question, answer = row[columns.question], row[columns.answer]
+        question, answer = row[columns.question], majority(row[columns.answer])
         if not isinstance(question, str) or not isinstance(answer, str):
             raise ToolkitError(f"{where}: question and answer must be text")
         turns = ((question.replace(IMAGE_PLACEHOLDER, "").strip(), answer.strip()),)
     qtype = row.get(columns.question_type) if columns.question_type is not None else None
     return Record(rid, image, turns, None if qtype is None else str(qtype))
+
+
+def majority(answer):
+    """A list of reference answers (VQA's ten) as its most frequent one, the first of equals; text as it is."""
+    if not isinstance(answer, list) or not answer:
+        return answer
+    counts = {}
+    for a in answer:
+        counts[a] = counts.get(a, 0) + 1
+    return max(counts, key=counts.get)  # dicts keep insertion order, so the first of equals wins
 
 
 def _image_value(value, where: str, folder: Path | None):
