@@ -43,6 +43,13 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (defa
 DeviceMapOpt = Annotated[str | None, typer.Option(help="auto | balanced | sequential: accelerate places the layers across GPUs, CPU and disk (a model larger than one device); not with --device or torchrun.")]
 MaxMemoryOpt = Annotated[str | None, typer.Option(help="With --device-map: per-device caps, e.g. 0=20GiB,1=20GiB,cpu=64GiB (beyond them: offload to disk).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sample selection (and anything random).")]
+DATA_HELP = ("LLaVA JSON, a dataset (a save_to_disk folder, .parquet/.jsonl/.csv, an image folder with metadata, a "
+             "hub name such as lmms-lab/POPE, streamed) or lmms:TASK (an installed lmms-eval task)")
+DataSplitOpt = Annotated[str | None, typer.Option("--data-split", help="The dataset's split (default: its only one, else test, validation, train). Not --split, the routing split.")]
+DataSubsetOpt = Annotated[str | None, typer.Option("--data-subset", help="The dataset's config name (hub datasets).")]
+ImageColumnOpt = Annotated[str | None, typer.Option("--image-column", help="Column of images: PIL, bytes or paths (default: detected: image, images, img, ...).")]
+QuestionColumnOpt = Annotated[str | None, typer.Option("--question-column", help="Column of questions (default: LLaVA's conversations, else detected: question, query, ...).")]
+AnswerColumnOpt = Annotated[str | None, typer.Option("--answer-column", help="Column of answers (default: detected: answer, label, ...).")]
 CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile (inductor, dynamic shapes) the routed model's layer groups and vanilla's decoder stack; the first calls compile (about a minute for the embedded model on CPU). Not with --device-map.")]
 
 
@@ -56,13 +63,43 @@ def _routing() -> None:
     """DPVR routing: build, train, evaluate, benchmark and generate with routed LLaVA models."""
 
 
+def data_spec(data: str | None, data_split: str | None = None, data_subset: str | None = None,
+              image_column: str | None = None, question_column: str | None = None, answer_column: str | None = None,
+              image_folder: Path | None = None, option: str = "--data"):
+    """The `--data` options as one `saturation.core.sources.DataSpec` (None without --data)."""
+    if data is None:
+        given = [name for name, v in (("--data-split", data_split), ("--data-subset", data_subset),
+                                      ("--image-column", image_column), ("--question-column", question_column),
+                                      ("--answer-column", answer_column)) if v is not None]
+        if given:
+            raise ToolkitError(f"{', '.join(given)} choose what {option} reads; pass {option} too")
+        return None
+    from saturation.core.sources import DataSpec
+
+    return DataSpec(str(data), data_split, data_subset, image_column, question_column, answer_column, image_folder)
+
+
+def warn_synthetic(model: str | None, data) -> None:
+    """A real checkpoint without --data: say once that the embedded shapes scenes are out of its distribution."""
+    from saturation.core.sources import announce, synthetic_data_warning
+
+    warning = synthetic_data_warning(model or "tiny", data)
+    if warning:
+        announce(warning)
+
+
 @saturation_app.command("probe")
 @friendly
 def probe_cmd(
     model: ModelOpt = "tiny",
     n: Annotated[int | None, typer.Option("--n", "-n", help="Number of samples to probe (default: 64, or all if the data has fewer).")] = None,
-    data: Annotated[Path | None, typer.Option(help="LLaVA-format JSON (default: the embedded shapes samples).")] = None,
+    data: Annotated[str | None, typer.Option(help=DATA_HELP + " (default: the embedded shapes samples).")] = None,
     image_folder: Annotated[Path | None, typer.Option(help="Image folder (default: the JSON's folder).")] = None,
+    data_split: DataSplitOpt = None,
+    data_subset: DataSubsetOpt = None,
+    image_column: ImageColumnOpt = None,
+    question_column: QuestionColumnOpt = None,
+    answer_column: AnswerColumnOpt = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/probe/<model>).")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 8,
     seed: SeedOpt = 0,
@@ -85,7 +122,8 @@ def probe_cmd(
     from saturation.probe import ProbeConfig, run_probe, summary_lines
 
     require_positive(n=n, batch_size=batch_size)  # run_probe checks the device and --out before any work
-    cfg = ProbeConfig(model=model, n=n, data=data, image_folder=image_folder, out=out, batch_size=batch_size,
+    spec = data_spec(data, data_split, data_subset, image_column, question_column, answer_column, image_folder)
+    cfg = ProbeConfig(model=model, n=n, data=spec, image_folder=image_folder, out=out, batch_size=batch_size,
                       seed=seed, dtype=dtype, device=device, rule=rule, resume=resume, backend=backend,
                       device_map=device_map, max_memory=max_memory, lens_positions=lens_positions)
     result = run_probe(cfg)
@@ -97,16 +135,17 @@ def probe_cmd(
     Console().print("\n".join(summary_lines(result, figures)), highlight=False, markup=False, soft_wrap=True)
 
 
-AnswersOpt = Annotated[Path | None, typer.Option("--data", help="LLaVA JSON with answers (default: the embedded held-out shapes set).")]
+AnswersOpt = Annotated[str | None, typer.Option("--data", help=DATA_HELP + ", with answers (default: the embedded held-out shapes set).")]
 RoutingOpt = Annotated[Path | None, typer.Option("--routing", help="The run folder of `routing train` (--out), or its routing/ artifact; vanilla when omitted.")]
 
 
-def held_out_records(data: Path | None, n: int | None, seed: int):
-    """Records of `data` (default: the embedded held-out shapes set), a seeded sample of `n` when given."""
-    from saturation.core.data import read_records, sample_records
+def held_out_records(data, n: int | None, seed: int):
+    """Records of `data` (a path, name or `DataSpec`; default: the embedded held-out shapes set), a seeded sample
+    of `n` when given (`saturation.core.sources.selection`)."""
     from saturation.core.loading import DATA_SAMPLES
+    from saturation.core.sources import load_records
 
-    return sample_records(read_records(data or DATA_SAMPLES / "shapes" / "heldout.json"), n, seed)
+    return load_records(data, n, seed, default=DATA_SAMPLES / "shapes" / "heldout.json")[1]
 
 
 def check_placement(device: str | None, device_map: str | None = None, max_memory: str | None = None) -> None:
@@ -158,7 +197,12 @@ def train_cmd(
     plan: Annotated[str | None, typer.Option(help="A plan spec instead of --variant/--split, pruning composed: lf@6+prune-pre:50%, pc+fastv@2:R=75% (no @S: --split). The side branch trains on the kept image tokens.")] = None,
     fusion_layers: Annotated[int, typer.Option(help="K: last layers that see image and text again.")] = 1,
     side_depth: Annotated[int, typer.Option(help="d_v: side-branch layers (copies of layers s..s+d_v-1).")] = 1,
-    data: Annotated[Path | None, typer.Option(help="LLaVA JSON to train on (default: a shapes-world set generated once per seed).")] = None,
+    data: Annotated[str | None, typer.Option(help=DATA_HELP + ", to train on (default: a shapes-world set generated once per seed).")] = None,
+    data_split: DataSplitOpt = None,
+    data_subset: DataSubsetOpt = None,
+    image_column: ImageColumnOpt = None,
+    question_column: QuestionColumnOpt = None,
+    answer_column: AnswerColumnOpt = None,
     n_train: Annotated[int, typer.Option(help="Records in the generated shapes training set.")] = 2000,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/train/<model>/<variant>-s<split>).")] = None,
     max_steps: Annotated[int, typer.Option(help="Stop after N optimizer steps (-1: one epoch).")] = -1,
@@ -180,8 +224,9 @@ def train_cmd(
     from figures.training import loss_curve
     from routing.jobs.train import TrainConfig, run_train
 
+    spec = data_spec(data, data_split, data_subset, image_column, question_column, answer_column)
     cfg = TrainConfig(model=model, split=split, probe=probe, variant=variant, plan=plan, fusion_layers=fusion_layers,
-                      side_depth=side_depth, data=data, n_train=n_train, out=out, max_steps=max_steps, lr=lr,
+                      side_depth=side_depth, data=spec, n_train=n_train, out=out, max_steps=max_steps, lr=lr,
                       batch_size=batch_size, save_steps=save_steps, resume=resume, seed=seed, dtype=dtype,
                       device=device, device_map=device_map, max_memory=max_memory)
     from saturation.core.distributed import is_main
@@ -211,7 +256,7 @@ def save_plan_cmd(
     out: Annotated[Path, typer.Option(help="Artifact folder, for eval/generate/bench/analyze --routing and lmms-eval routing=.")],
     model: ModelOpt = "tiny",
     split: Annotated[int | None, typer.Option(help="The split of a plan written without @S (vtw, lf-ideal).")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="vtw@auto only: LLaVA JSON whose seeded sample VTW's KL search runs on (default: the embedded shapes probe set).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="vtw@auto only: " + DATA_HELP + ", whose seeded sample VTW's KL search runs on (default: the embedded shapes probe set).")] = None,
 ) -> None:
     """Save a training-free plan (a peer, or a pruning) as a routing artifact; no training, nothing but the plan.
     vtw@auto[:eta=0.003,n=20,seed=0] first finds VTW's layer by its KL search on --data (kept in routing.json)."""
@@ -242,16 +287,16 @@ def save_plan_cmd(
     Console().print(f"saved plan {routing_plan.spec} on {model}: {folder}", highlight=False, markup=False)
 
 
-def calibration_records(data: Path | None, auto: dict):
-    """The records vtw@auto's search draws from (default: the embedded shapes probe set) and their file; too few
+def calibration_records(data, auto: dict):
+    """The records vtw@auto's search draws from (default: the embedded shapes probe set) and their source; too few
     for its n is one line before any weights load."""
-    from saturation.core.data import read_records, sample_records
+    from saturation.core.data import sample_records
     from saturation.core.loading import DATA_SAMPLES
+    from saturation.core.sources import load_records
 
-    source = data or DATA_SAMPLES / "shapes" / "probe.json"
-    records = read_records(source)
+    source, records, _ = load_records(data, None, auto["seed"], default=DATA_SAMPLES / "shapes" / "probe.json")
     sample_records(records, auto["n"], auto["seed"])
-    return records, source
+    return records, source.label
 
 
 @routing_app.command("eval")
@@ -260,6 +305,11 @@ def eval_cmd(
     model: ModelOpt = "tiny",
     routing_dir: RoutingOpt = None,
     data: AnswersOpt = None,
+    data_split: DataSplitOpt = None,
+    data_subset: DataSubsetOpt = None,
+    image_column: ImageColumnOpt = None,
+    question_column: QuestionColumnOpt = None,
+    answer_column: AnswerColumnOpt = None,
     n: Annotated[int | None, typer.Option("--n", "-n", help="Evaluate a seeded sample of N records (default: all).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {accuracy, by_type, n} here (and a per-sample CSV beside it).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per generate() call.")] = 16,
@@ -281,8 +331,10 @@ def eval_cmd(
 
     from routing.jobs.evaluate import evaluate
 
-    records = held_out_records(data, n, seed)
+    spec = data_spec(data, data_split, data_subset, image_column, question_column, answer_column)
+    records = held_out_records(spec, n, seed)
     net, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory, compile)
+    warn_synthetic(model, spec)  # once data and model are known good: a bad input stays one line
     result, table = evaluate(net, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     result |= {"model": model, "routing": str(routing_dir) if routing_dir else None}
     view = Table(title=f"{model}{' + ' + str(routing_dir) if routing_dir else ' (vanilla)'}: n={result['n']}")
@@ -345,9 +397,14 @@ def reproduce_cmd(
     probe_n: Annotated[int, typer.Option(help="Samples for the saturation probe.")] = 64,
     sweep_radius: Annotated[int | None, typer.Option(help="Split sweep covers s-r .. s+r (default: every split 1..L-2).")] = None,
     rule: Annotated[str, typer.Option(help="The probe's split rule: auto (default) | paper | attention | cosine | conservative (see saturation probe --help).")] = "auto",
-    probe_data: Annotated[Path | None, typer.Option(help="LLaVA JSON for the probe (default: embedded shapes probe set).")] = None,
-    train_data: Annotated[Path | None, typer.Option(help="LLaVA JSON to train on (default: generated shapes world).")] = None,
-    eval_data: Annotated[Path | None, typer.Option(help="LLaVA JSON with answers (default: embedded held-out shapes set).")] = None,
+    probe_data: Annotated[str | None, typer.Option(help="LLaVA JSON or a dataset (as saturation probe --data) for the probe (default: embedded shapes probe set).")] = None,
+    train_data: Annotated[str | None, typer.Option(help="LLaVA JSON or a dataset to train on (default: generated shapes world).")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="LLaVA JSON or a dataset with answers (default: embedded held-out shapes set).")] = None,
+    data_split: DataSplitOpt = None,
+    data_subset: DataSubsetOpt = None,
+    image_column: ImageColumnOpt = None,
+    question_column: QuestionColumnOpt = None,
+    answer_column: AnswerColumnOpt = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Answer budget in tokens (default: the longest --eval-data answer + </s>).")] = None,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
@@ -368,6 +425,12 @@ def reproduce_cmd(
     check_device(device)
     require_positive(n_eval=n_eval, probe_n=probe_n, max_new_tokens=max_new_tokens)
     started = time.perf_counter()
+    # the dataset options apply to each of --probe-data, --train-data, --eval-data that is given
+    given = [d for d in (probe_data, train_data, eval_data) if d is not None]
+    data_spec(given[0] if given else None, data_split, data_subset, image_column, question_column, answer_column,
+              option="--probe-data, --train-data or --eval-data")
+    probe_data, train_data, eval_data = (data_spec(d, data_split, data_subset, image_column, question_column,
+                                                   answer_column) for d in (probe_data, train_data, eval_data))
     cfg = ReproduceConfig(model=model, out=out, max_steps=max_steps, n_eval=n_eval, probe_n=probe_n,
                           sweep_radius=sweep_radius, rule=rule, probe_data=probe_data, train_data=train_data, eval_data=eval_data,
                           max_new_tokens=max_new_tokens,
@@ -504,6 +567,11 @@ def compare_cmd(
     routing_dir: Annotated[Path | None, typer.Option("--routing", help="A trained LF run folder or artifact: its split is the default and its side branch serves plans of the same split (pruned ones are trained on the kept tokens).")] = None,
     split: Annotated[int | None, typer.Option(help="Split for specs without @S (default: the probe's recommendation).")] = None,
     data: AnswersOpt = None,
+    data_split: DataSplitOpt = None,
+    data_subset: DataSubsetOpt = None,
+    image_column: ImageColumnOpt = None,
+    question_column: QuestionColumnOpt = None,
+    answer_column: AnswerColumnOpt = None,
     n: Annotated[int | None, typer.Option("--n", "-n", help="Evaluate a seeded sample of N records (default: all).")] = None,
     train_steps: Annotated[int, typer.Option(help="Side-branch training steps for plans trained here.")] = 150,
     repeats: Annotated[int, typer.Option(help="Paired timing rounds.")] = 5,
@@ -519,6 +587,7 @@ def compare_cmd(
     from figures.pareto import pareto_figure
     from routing.jobs.compare import CALIBRATION, DEFAULT_PLANS, NA, CompareConfig, parse_plans, run_compare
 
+    data = data_spec(data, data_split, data_subset, image_column, question_column, answer_column)
     if plans is not None or geometry is None:  # a bad spec is one line before any model loads, and so is too
         for p in parse_plans(plans if plans is not None else DEFAULT_PLANS):  # little data for vtw@auto
             if p.get("auto") is not None and geometry is None:
@@ -527,6 +596,8 @@ def compare_cmd(
                         data=data, n=n, train_steps=train_steps, repeats=repeats, text_tokens=text_tokens,
                         out=out, seed=seed)
     table = run_compare(cfg, log=lambda msg: Console().print(msg, highlight=False, soft_wrap=True))  # one log line a line
+    if geometry is None:
+        warn_synthetic(model, data)
     name = f"random {geometry}" + (f", {layers} layers" if layers else "") if geometry else (model or "tiny")
     what = "measured prefill against FLOPs" if geometry else "accuracy against cost"
     drawn = save_figure(pareto_figure(table, title=f"{name}: {what}"), out / "pareto")

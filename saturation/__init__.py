@@ -18,6 +18,9 @@ _LAZY = {
     "position_ids_from_mask": "core.adapters",
     "load_model": "core.loading",
     "load_llava": "core.loading",
+    "DataSpec": "core.sources",
+    "open_source": "core.sources",
+    "load_records": "core.sources",
     "ProbeConfig": "probe",
     "run_probe": "probe",
 }

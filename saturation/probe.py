@@ -67,8 +67,6 @@ from saturation.core.data import (
     collate,
     encode_record,
     image_inputs,
-    read_records,
-    sample_records,
     to_model,
 )
 from saturation.core.errors import ToolkitError
@@ -82,6 +80,7 @@ from saturation.core.loading import (
     resolve_dtype,
     resolve_name,
 )
+from saturation.core.sources import DataSpec, Source, announce, open_source, synthetic_data_warning
 
 from . import metrics
 
@@ -444,8 +443,14 @@ class ProbeConfig:
 
     model: str = "tiny"  # 'tiny', an alias, a hub id or a local directory
     n: int | None = None  # samples to probe (None: DEFAULT_N, or every record if the data has fewer)
-    data: Path | None = None  # LLaVA JSON (default: the embedded shapes probe samples)
+    data: Path | str | None = None  # LLaVA JSON, a dataset (file, folder, hub name) or lmms:TASK (default: the
+    # embedded shapes probe samples); see saturation.core.sources
     image_folder: Path | None = None  # default: the JSON's folder
+    data_split: str | None = None  # the dataset's split (--data-split; not the routing split)
+    data_subset: str | None = None  # the dataset's config name
+    image_column: str | None = None  # None: detected
+    question_column: str | None = None
+    answer_column: str | None = None
     out: Path | None = None  # default: runs/probe/<model name>
     batch_size: int = 8
     seed: int = 0  # chooses the samples
@@ -524,6 +529,16 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def data_fingerprint(source: Source) -> dict:
+    """What the manifest records of the data: LLaVA JSON as before (path and file digest, so old shards still
+    resume); any other source also its kind, split, subset, columns (the sample keys are its rows, chosen by the
+    seed, which the manifest holds too)."""
+    if source.kind == "llava-json":
+        path = Path(source.label)
+        return {"data": str(path.resolve()), "data_sha256": _file_digest(path)}
+    return {"data": source.label, "data_sha256": source.fingerprint, "data_source": source.identity()}
+
+
 def _check_options(cfg: ProbeConfig) -> None:
     from .recommend import RULES
 
@@ -544,14 +559,24 @@ def _check_options(cfg: ProbeConfig) -> None:
         raise ToolkitError("the transformer-lens backend needs the 'lens' extra: pip install 'dpvr-toolkit[lens]'")
 
 
-def plan_samples(cfg: ProbeConfig) -> tuple[Path, list[Record], list[int]]:
-    """The data file, the chosen records and their indices in the file (the table's `sample` key)."""
-    data = Path(cfg.data) if cfg.data is not None else DEFAULT_DATA
-    records = read_records(data, cfg.image_folder)
-    n = cfg.n if cfg.n is not None else min(DEFAULT_N, len(records))
-    index = {id(r): i for i, r in enumerate(records)}
-    chosen = sample_records(records, n, cfg.seed)
-    return data, chosen, [index[id(r)] for r in chosen]
+def data_spec(cfg: ProbeConfig) -> DataSpec:
+    """`cfg`'s data options as one `DataSpec` (the embedded shapes probe samples without --data); a `DataSpec`
+    given as `cfg.data` is taken as it is."""
+    if isinstance(cfg.data, DataSpec):
+        return cfg.data
+    return DataSpec(str(cfg.data if cfg.data is not None else DEFAULT_DATA), cfg.data_split, cfg.data_subset,
+                    cfg.image_column, cfg.question_column, cfg.answer_column, cfg.image_folder)
+
+
+def plan_samples(cfg: ProbeConfig) -> tuple[Source, list[Record], list[int]]:
+    """The opened source, the chosen records and their rows in it (the table's `sample` key)."""
+    source = open_source(data_spec(cfg))
+    n = cfg.n if cfg.n is not None or source.num_rows is None else min(DEFAULT_N, source.num_rows)
+    chosen, rows = source.select(n, cfg.seed)
+    if source.kind != "llava-json":
+        announce(source.describe(len(chosen)))
+    return source, chosen, rows
+
 
 
 def _progress(enabled: bool):
@@ -622,7 +647,7 @@ def _prepare(cfg: ProbeConfig, model) -> tuple[str, dict, list[int], list[Record
     if cfg.device_map is not None and dist.world_size() > 1:
         raise ToolkitError("--device-map under torchrun is not supported: data parallelism gives each rank one "
                            "device; use one of them (several processes, or one process with --device-map)")
-    out = ensure_output_dir(cfg.out if cfg.out is not None else default_out(cfg.model))
+    out = ensure_output_dir(cfg.out if cfg.out is not None else default_out(cfg.model))  # checks, creates nothing
     given = model is not None
     device = next(model.parameters()).device if given else resolve_device(None if cfg.device_map else cfg.device)
     dtype = next(model.parameters()).dtype if given else resolve_dtype(cfg.dtype, device)
@@ -632,9 +657,12 @@ def _prepare(cfg: ProbeConfig, model) -> tuple[str, dict, list[int], list[Record
     else:
         config = model.config
         model_name = str(getattr(model, "name_or_path", "") or cfg.model)
-    data, records, samples = plan_samples(cfg)
+    source, records, samples = plan_samples(cfg)
+    warning = synthetic_data_warning(cfg.model if not given else model_name, cfg.data)
+    if warning and dist.is_main():  # after the data is read: a bad input stays one line
+        announce(warning)
     store = ShardStore(out / "samples", tag=f"r{dist.rank()}-" if dist.world_size() > 1 else "")
-    fingerprint = {"model": model_name, "seed": cfg.seed, "data": str(data.resolve()), "data_sha256": _file_digest(data),
+    fingerprint = {"model": model_name, "seed": cfg.seed, **data_fingerprint(source),
                    "dtype": str(dtype), "num_layers": int(config.text_config.num_hidden_layers),
                    "lens_positions": cfg.lens_positions}  # a sampled lens changes the KL values: defining
     if dist.is_main():

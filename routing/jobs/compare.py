@@ -32,6 +32,7 @@ from transformers import PretrainedConfig
 from routing import flops
 from routing.plan import KEYED, PRUNERS, RoutingPlan, args_text, parse_spec, split_specs
 from saturation.core.errors import ToolkitError
+from saturation.core.sources import DataSpec
 
 NEEDS_PIXELS = ("prune-pre", "visionzip")  # prunings that read the vision tower: not on geometry's random embeddings
 
@@ -65,7 +66,7 @@ class CompareConfig:
     layers: int | None = None  # geometry only: decoder depth to build (same widths)
     split: int | None = None  # for specs without @S (default: the recommended split, or --routing's)
     routing: Path | None = None  # a trained LF artifact whose side branch the side-branch plans start from
-    data: Path | None = None  # evaluation records (default: the embedded held-out set)
+    data: Path | str | DataSpec | None = None  # evaluation records (default: the embedded held-out set)
     n: int | None = None
     batch_size: int = 16
     max_new_tokens: int = 8
@@ -221,10 +222,10 @@ def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str
             continue
         if p.get("auto") is not None:
             from routing.vtw import resolve_auto
-            from saturation.core.data import read_records
             from saturation.core.loading import DATA_SAMPLES
+            from saturation.core.sources import load_records
 
-            calibration = read_records(cfg.data or DATA_SAMPLES / "shapes" / "probe.json")
+            calibration = load_records(cfg.data, None, cfg.seed, default=DATA_SAMPLES / "shapes" / "probe.json")[1]
             plan, found = resolve_auto(p["text"], model, processor, calibration, log=log)
             name = p["text"]  # the search's row: another plan may be the vtw@K it found
             if searches is not None:
@@ -310,16 +311,16 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.Da
     from routing.jobs.bench import BenchConfig, load_models
     from routing.jobs.evaluate import evaluate
     from routing.jobs.timing import paired_ratios, random_prompt, real_prompt
-    from saturation.core.data import read_records, sample_records
     from saturation.core.files import atomic_write, ensure_output_dir, write_json
     from saturation.core.geometry import REPRESENTATIVE_IMAGE
     from saturation.core.loading import DATA_SAMPLES, cpu_threads, load_model
+    from saturation.core.sources import load_records
 
     parsed = parse_plans(cfg.plans)
     ensure_output_dir(cfg.out, "--out")
     records = None
     if cfg.geometry is None:
-        records = sample_records(read_records(cfg.data or DATA_SAMPLES / "shapes" / "heldout.json"), cfg.n, cfg.seed)
+        records = load_records(cfg.data, cfg.n, cfg.seed, default=DATA_SAMPLES / "shapes" / "heldout.json")[1]
         model, processor = load_model(cfg.model or "tiny")
     else:
         model, processor, _, source = load_models(BenchConfig(geometry=cfg.geometry, layers=cfg.layers,

@@ -19,9 +19,10 @@ from routing.jobs.split import validate_split
 from routing.jobs.train import TrainConfig, train_side_branch, training_records
 from routing.model import build
 from routing.plan import plan_for
-from saturation.core.data import PromptFormat, collate, encode_record, read_records, sample_records, to_model
+from saturation.core.data import PromptFormat, collate, encode_record, to_model
 from saturation.core.files import write_json, write_text
 from saturation.core.loading import DATA_SAMPLES, cpu_threads, load_model, resolve_name
+from saturation.core.sources import DataSpec, load_records
 from saturation.probe import ProbeConfig, run_probe
 from saturation.recommend import split_range
 
@@ -37,9 +38,9 @@ class ReproduceConfig:
     max_steps: int = 500  # per training run, the same for every variant: one epoch of 2000 records at batch 4
     batch_size: int = 4
     n_train: int = 2000
-    probe_data: Path | None = None  # default: the embedded shapes probe set
-    train_data: Path | None = None  # default: a shapes-world training set generated once per seed
-    eval_data: Path | None = None  # default: the embedded held-out shapes set
+    probe_data: Path | str | DataSpec | None = None  # default: the embedded shapes probe set
+    train_data: Path | str | DataSpec | None = None  # default: a shapes-world training set generated once per seed
+    eval_data: Path | str | DataSpec | None = None  # default: the embedded held-out shapes set
     n_eval: int | None = None  # default: all of it
     probe_n: int = 64
     sweep_radius: int | None = None  # split sweep: s-r .. s+r (clipped); None: every valid split
@@ -178,8 +179,7 @@ def run_reproduce(cfg: ReproduceConfig, log=print) -> dict:
 
 
 def _reproduce(cfg: ReproduceConfig, model, processor, probe, split: int, num_layers: int, log) -> dict:
-    eval_records = sample_records(read_records(cfg.eval_data or DATA_SAMPLES / "shapes" / "heldout.json"),
-                                  cfg.n_eval, cfg.seed)
+    eval_records = load_records(cfg.eval_data, cfg.n_eval, cfg.seed, default=DATA_SAMPLES / "shapes" / "heldout.json")[1]
     samples = token_samples(eval_records, processor, int(model.config.image_token_id), PromptFormat.of(model))
     image, text = sum(i for i, _ in samples) / len(samples), sum(t for _, t in samples) / len(samples)
     budget = cfg.max_new_tokens or answer_budget(eval_records, processor.tokenizer)

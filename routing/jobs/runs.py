@@ -19,7 +19,7 @@ from typing import Protocol
 from routing.artifact import read_manifest
 from routing.plan import RoutingPlan
 from saturation.core import distributed as dist
-from saturation.core.data import Record
+from saturation.core.data import Record, image_key
 from saturation.core.errors import ToolkitError
 from saturation.core.files import write_json
 
@@ -47,14 +47,31 @@ class RunOptions(Protocol):
     def learning_rate(self) -> float: ...
 
 
-def records_digest(records: list[Record]) -> str:
-    """A digest of what training reads: ids, image file names, turns, question types (not folders, so a moved
-    data set or run folder keeps its digest)."""
+def records_digest(records: list[Record], data: object = None) -> str:
+    """A digest of what training reads: ids, image file names (or a hash of in-memory images), turns, question
+    types (not folders, so a moved data set or run folder keeps its digest); and for a dataset `data` (a
+    `saturation.core.sources.DataSpec`) the split, subset and columns it was read with, and its name where it is
+    not a local path (a hub dataset, an lmms-eval task). LLaVA JSON keeps the digest it always had."""
     h = hashlib.sha256()
+    read_with = _read_with(data)
+    if read_with:
+        h.update(json.dumps(read_with, sort_keys=True).encode())
     for r in records:
-        h.update(json.dumps([r.id, r.image.name, r.turns, r.question_type]).encode())
+        h.update(json.dumps([r.id, image_key(r), r.turns, r.question_type]).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
+
+
+def _read_with(data: object) -> dict:
+    """What the digest records of how `data` was read, beyond its records (empty: a plain path)."""
+    options = getattr(data, "options", None)
+    if options is None:
+        return {}
+    source = str(data.source)
+    chosen = {k: v for k, v in options().items() if v is not None}
+    if not Path(source).expanduser().exists():
+        chosen["source"] = source
+    return chosen
 
 
 def run_identity(model_id: str, plan: RoutingPlan, opts: RunOptions, records: list[Record] | None = None) -> dict:
@@ -71,9 +88,9 @@ def run_identity(model_id: str, plan: RoutingPlan, opts: RunOptions, records: li
     return identity if records is None else with_data(identity, records)
 
 
-def with_data(identity: dict, records: list[Record]) -> dict:
-    """`identity` with the digest of the records the run trains on."""
-    return identity | {"data_sha256": records_digest(records)}
+def with_data(identity: dict, records: list[Record], data: object = None) -> dict:
+    """`identity` with the digest of the records the run trains on (and how `data` was read: `records_digest`)."""
+    return identity | {"data_sha256": records_digest(records, data)}
 
 
 def _differences(old: dict, new: dict) -> list[str]:

@@ -50,6 +50,7 @@ from saturation.core.data import PromptFormat, Record, collate, encode_record, r
 from saturation.core.errors import ToolkitError
 from saturation.core.files import ensure_output_dir, write_json, write_text
 from saturation.core.loading import check_placement, cpu_threads, load_config, load_model, resolve_name
+from saturation.core.sources import DataSpec, load_records
 from saturation.probe import ProbeConfig, run_probe
 from saturation.probe import default_out as probe_default_out
 from saturation.recommend import split_range
@@ -73,7 +74,8 @@ class TrainConfig:
     plan: str | None = None  # a plan spec (lf@6+prune-pre:50%, pc+fastv@2:R=75%): variant, split and pruning in one
     fusion_layers: int = 1
     side_depth: int = 1
-    data: Path | None = None  # LLaVA JSON; default: a shapes-world training set made on the fly
+    data: Path | str | DataSpec | None = None  # LLaVA JSON or a dataset (saturation.core.sources); default: a
+    # shapes-world training set made on the fly
     n_train: int = 2000  # records of that generated set (4 QA turns each)
     out: Path | None = None
     lr: float | None = None
@@ -412,11 +414,11 @@ def _train(routed, processor, records: list[Record], opts: TrainConfig, out: Pat
     return summary
 
 
-def training_records(data: Path | None, out: Path, n: int, seed: int) -> list[Record]:
-    """`data` as records, or a fresh shapes-world training set (held-out scenes excluded), made once per
-    (seed, n) in `out`."""
+def training_records(data: Path | str | DataSpec | None, out: Path, n: int, seed: int) -> list[Record]:
+    """Every record of `data` (`saturation.core.sources`: LLaVA JSON, a dataset, lmms:TASK), or a fresh shapes-world
+    training set (held-out scenes excluded), made once per (seed, n) in `out`."""
     if data is not None:
-        return read_records(data)
+        return load_records(data, None, seed)[1]
     from saturation import shapes
 
     folder = out / f"train_data_seed{seed}_n{n}"  # one set per (seed, size): a new --n-train is a new set
@@ -511,7 +513,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     # rank 0 makes the generated training set once; the others read it after (`together` is a barrier)
     records = dist.together(lambda: training_records(cfg.data, out, cfg.n_train, cfg.seed) if dist.is_main() else None)
     records = records or training_records(cfg.data, out, cfg.n_train, cfg.seed)
-    identity = with_data(identity, records)
+    identity = with_data(identity, records, cfg.data)
     if cfg.resume:
         planned = planned_steps(len(records), cfg)
         if (done := finished_summary(out, identity, planned)) is not None:

@@ -1,8 +1,10 @@
-"""LLaVA-665k-format data: validated records, each family's prompt (chat template or the adapter's), labels, and
+"""LLaVA-665k-format data (other forms: `saturation.core.sources`): validated records, each family's prompt (chat template or the adapter's), labels, and
 padded batches that carry the family's image inputs (``image_sizes``, ``batch_num_images``, ``image_grid_thw``, ...)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import random
 from dataclasses import dataclass, field
@@ -20,12 +22,17 @@ IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
 
 
+ImageRef = Path | bytes | Image.Image  # a file, encoded bytes (a dataset's ``{"bytes": ...}``), or decoded
+
+
 @dataclass(frozen=True)
 class Record:
-    """One conversation about one image. `turns` are (question, answer) pairs, placeholder stripped."""
+    """One conversation about one image. `turns` are (question, answer) pairs, placeholder stripped. `image` is a
+    file (LLaVA JSON, a dataset's path column), encoded bytes (a dataset's image column) or a PIL image (lmms-eval's
+    ``doc_to_visual``); `load_image` opens any of them."""
 
     id: str
-    image: Path
+    image: ImageRef
     turns: tuple[tuple[str, str], ...]
     question_type: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
@@ -42,7 +49,15 @@ def _parse_record(raw: object, index: int, image_folder: Path) -> Record:
     image = raw["image"]
     if not isinstance(image, str) or not image.strip():  # null, a number, a list: never a path to open
         raise ToolkitError(f"{where}: 'image' must be a relative file path, got {json.dumps(image)}")
-    convs = raw.get("conversations")
+    turns = parse_turns(raw.get("conversations"), where)
+    known = {"id", "image", "conversations", "question_type"}
+    return Record(rid, image_folder / image, turns, raw.get("question_type"),
+                  {k: v for k, v in raw.items() if k not in known})
+
+
+def parse_turns(convs: object, where: str) -> tuple[tuple[str, str], ...]:
+    """LLaVA's ``conversations`` (alternating human/gpt, one ``<image>`` in the first question) as (question,
+    answer) pairs, placeholder stripped; `where` names the record in the one-line error."""
     if not isinstance(convs, list) or len(convs) < 2:
         raise ToolkitError(f"{where}: 'conversations' must be a list of human/gpt turns")
     turns = []
@@ -56,10 +71,7 @@ def _parse_record(raw: object, index: int, image_folder: Path) -> Record:
         raise ToolkitError(f"{where}: the first human turn has no '{IMAGE_PLACEHOLDER}' placeholder")
     if sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns) != 1:
         raise ToolkitError(f"{where}: exactly one '{IMAGE_PLACEHOLDER}' per record is supported")
-    turns = [(q.replace(IMAGE_PLACEHOLDER, "").strip(), a.strip()) for q, a in turns]
-    known = {"id", "image", "conversations", "question_type"}
-    return Record(rid, image_folder / image, tuple(turns), raw.get("question_type"),
-                  {k: v for k, v in raw.items() if k not in known})
+    return tuple((q.replace(IMAGE_PLACEHOLDER, "").strip(), a.strip()) for q, a in turns)
 
 
 def read_records(json_path: str | Path, image_folder: str | Path | None = None, *, check_images: bool = True) -> list[Record]:
@@ -95,7 +107,16 @@ def sample_records(records: list[Record], n: int | None, seed: int) -> list[Reco
 
 
 def load_image(record: Record) -> Image.Image:
-    """The record's image as RGB; an unreadable file is a one-line error."""
+    """The record's image as RGB; an unreadable file or undecodable bytes is a one-line error naming the record."""
+    if isinstance(record.image, Image.Image):
+        return record.image.convert("RGB")
+    if isinstance(record.image, bytes):
+        try:
+            with Image.open(io.BytesIO(record.image)) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+            raise ToolkitError(f"record {record.id}: cannot decode its image ({len(record.image)} bytes): "
+                               f"{_first_line(err)}") from None
     try:
         with Image.open(record.image) as im:
             return im.convert("RGB")
@@ -106,6 +127,15 @@ def load_image(record: Record) -> Image.Image:
                            f"{_first_line(err)}") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ToolkitError(f"record {record.id}: cannot read image {record.image}: {_first_line(err)}") from None
+
+
+def image_key(record: Record) -> str:
+    """What a digest records of the image: a file's name (so a moved folder keeps its digest), else a hash of the
+    encoded bytes or of the decoded pixels."""
+    if isinstance(record.image, Path):
+        return record.image.name
+    data = record.image if isinstance(record.image, bytes) else record.image.tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _first_line(err: BaseException) -> str:
