@@ -87,6 +87,11 @@ IN_LLM = ("fastv", "pdrop")  # prunings inside the LLM: a kept cache layout per 
 PDROP_LAMBDA = 0.5  # PyramidDrop's default ratio between stages (its image_token_ratio_list 1, 0.5, 0.25, 0.125)
 
 
+def stage_layout(stage: int) -> str:
+    """The cache layout of the layers after in-LLM drop stage `stage` (0-based): ``kept``, ``kept1``, ``kept2``, ..."""
+    return "kept" if stage <= 0 else f"kept{stage}"
+
+
 def pdrop_default_layers(num_layers: int) -> tuple[int, ...]:
     """PyramidDrop's default stages, layers 8/16/24 of 32, scaled to `num_layers`: round(L/4), round(L/2),
     round(3L/4), halves up (12 layers: 3/6/9)."""
@@ -269,8 +274,7 @@ class RoutingPlan:
             layout = LAYOUT_OF_MODE[self.deep_mode] if layer in self.deep else "full"
             if layout != "full" or self.prune is None or layer < self.prune_layer:
                 return layout
-            stage = sum(1 for k in self.stages if k <= layer) - 1  # pre-LLM: no stages, one kept layout
-            return "kept" if stage <= 0 else f"kept{stage}"
+            return stage_layout(sum(1 for k in self.stages if k <= layer) - 1)  # pre-LLM: no stages, one kept
 
         return tuple(map(of, range(self.num_layers)))
 
