@@ -64,7 +64,8 @@ from saturation.core.errors import ToolkitError
 from saturation.recommend import split_range
 
 VARIANTS = ("lf", "pc", "kv", "lf-ideal")  # the DPVR variants (a side branch)
-PRUNERS = ("fastv", "pdrop", "prune-pre", "pool", "divprune", "visionzip")  # image-token pruning, alone or under a DPVR variant
+# image-token pruning, alone or under a DPVR variant
+PRUNERS = ("fastv", "pdrop", "prune-pre", "pool", "divprune", "visionzip")
 PRE_LLM = ("prune-pre", "pool", "divprune", "visionzip")  # pruning before the first decoder layer
 # Prunings written with explicit ``key=value`` options (``divprune:keep=9.8%``), never a bare ratio: a bare number
 # could be read as the kept or the dropped share. Their defaults are the authors' (DivPrune 0.098, VisionZip 54+10).
@@ -72,7 +73,8 @@ KEYED = {"divprune": {"keep": "9.8%"}, "visionzip": {"dominant": "54", "contextu
 PEERS = ("vtw",) + PRUNERS  # training-free baselines (issue 17)
 ALL_VARIANTS = VARIANTS + PEERS
 DEEP_MODE = {"lf": "text_only", "lf-ideal": "text_only", "pc": "reset", "kv": "kv_only", "vtw": "text_only",
-             "fastv": "dense", "pdrop": "dense", "prune-pre": "dense", "pool": "dense", "divprune": "dense", "visionzip": "dense"}
+             "fastv": "dense", "pdrop": "dense", "prune-pre": "dense", "pool": "dense", "divprune": "dense",
+             "visionzip": "dense"}
 LAYOUT_OF_MODE = {"text_only": "text", "reset": "full", "kv_only": "kv", "dense": "full"}
 # the plan's keys of a saved manifest (`routing.json`) with their JSON types (pruning's are optional: older artifacts)
 MANIFEST_TYPES = {"variant": str, "split": int, "fusion_layers": int, "side_depth": int, "num_layers": int}
@@ -153,7 +155,12 @@ class RoutingPlan:
                 "side_depth": self.side_depth, "num_layers": self.num_layers,
                 "prune": self.prune,  # pruning (issue 17): fastv | prune-pre | pool, its layer K and keep ratio
                 "prune_layer": self.prune_layer, "keep": self.keep, **fastv, "spec": self.spec} | (
-                    {"prune_args": dict(self.prune_args)} if self.prune_args else {})
+                    {"prune_args": self.args_json} if self.prune_args else {})
+
+    @property
+    def args_json(self) -> dict:
+        """`prune_args` as JSON reads them back (PDrop's layer tuple as a list), so a saved copy compares equal."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.prune_args}
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> RoutingPlan:
@@ -468,6 +475,9 @@ def read_pdrop(spec: str, part: str, layer: int | None, text: str | None) -> dic
     if layer is not None:
         raise ToolkitError(f"cannot read plan '{spec}' at '{part}': pdrop takes its stages as layers=, "
                            "e.g. pdrop:layers=8/16/24,lambda=0.5")
+    if text is not None and "layers=" in text and any("=" not in item for item in text.split(",")):  # 8,16,24
+        raise ToolkitError(f"cannot read plan '{spec}' at '{part}': pdrop's layers are separated by '/' and its "
+                           "parameters by ',', e.g. pdrop:layers=8/16/24,lambda=0.5")
     params, options = parse_params(text, spec), {}
     for key, value in params.items():
         if key == "layers":
@@ -636,7 +646,8 @@ def _auto_value(spec: str, key: str, value: str) -> float | int:
 _PART = re.compile(r"^(?P<name>[a-z-]+)(?:@(?P<layer>\d+))?(?::(?P<params>.+))?$")
 _RATIO = re.compile(r"^[0-9.]+%?$")
 _PARAM = re.compile(r"^(?P<key>[A-Za-z_-]+)=(?P<value>[^=,]+)$")
-EXAMPLES = "lf@6, fastv@2:R=50%, fastv@2:R=75%,rank=all, prune-pre:25% or lf@6+prune-pre:50%"
+EXAMPLES = ("lf@6, fastv@2:R=50%, fastv@2:R=75%,rank=all, pdrop:layers=8/16/24,lambda=0.5, prune-pre:25% or "
+            "lf@6+prune-pre:50%")
 
 
 def _ratio(text: str, spec: str) -> float:
@@ -721,7 +732,8 @@ def parse_spec(spec: str) -> dict:
     ``fastv@2:25%`` (which kept 25%) is refused with the new spelling.
 
     Keyed prunings take explicit options only: ``divprune:keep=9.8%``, ``divprune:keep=56``,
-    ``visionzip:dominant=54,contextual=10`` (``divprune`` alone: the authors' defaults).
+    ``visionzip:dominant=54,contextual=10`` (``divprune`` alone: the authors' defaults). PDrop: ``pdrop`` (its
+    authors' stages scaled to the depth, lambda 0.5) or ``pdrop:layers=8/16/24,lambda=0.5`` (``/`` in the list).
 
     Returns ``{"variant", "split" (None = recommended), "prune", "prune_layer", "keep", "rank"}`` and, for a keyed
     pruning, ``"prune_args"`` (`keyed_options`' dict); `variant` None is vanilla. ``vtw@auto[:eta=..,n=..,seed=..]``

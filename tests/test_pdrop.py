@@ -204,11 +204,12 @@ def test_stages_drop_from_the_previous_stage_s_survivors(big):
     ("pdrop:lambda=25%", (8, 16, 24), 0.25), ("pdrop:layers=4/20", (4, 20), 0.5),
     ("lf@24+pdrop", (8, 16, 24), 0.5), ("kv@26+pdrop:layers=2/10,lambda=0.3", (2, 10), 0.3)])
 def test_spec_manifest_plan_round_trip(spec, layers, lam):
-    plan = routing.make_plan(32, 0, "pdrop") if spec == "pdrop" else None
     from routing.plan import parse_spec, plan_from_spec
     plan = plan_from_spec(parse_spec(spec), 32, None, spec=spec)
     assert plan.stages == layers and dict(plan.prune_args)["lambda"] == lam
-    back = RoutingPlan.from_manifest(json.loads(json.dumps(plan.to_manifest())))
+    saved = json.loads(json.dumps(plan.to_manifest()))
+    assert saved == plan.to_manifest()  # what a run.json / routing.json compares against reads back equal
+    back = RoutingPlan.from_manifest(saved)
     assert back == plan and back.spec == plan.spec
     assert plan_from_spec(parse_spec(plan.spec), 32, None) == plan
     stages = ("kept", *[f"kept{i}" for i in range(1, len(layers))])
@@ -221,7 +222,7 @@ def test_spec_manifest_plan_round_trip(spec, layers, lam):
     ("pdrop:layers=0/8", "in 1..31"), ("pdrop:layers=8/32", "in 1..31"), ("pdrop:lambda=1", "(0, 1)"),
     ("pdrop:lambda=0", "(0, 1)"), ("pdrop:foo=1", "layers= and lambda="), ("pdrop:layers=8/x", "separated by '/'"),
     ("lf@6+pdrop", "after the split 6"), ("lf@20+pdrop:layers=8/16/24", "after the split 20"),
-    ("pdrop:layers=8/16,layers=4", "twice"), ("pdrop+lf", "one of")])
+    ("pdrop:layers=8/16,layers=4", "twice"), ("pdrop+lf", "one of"), ("pdrop:layers=8,16,24", "separated by '/'")])
 def test_bad_specs_are_one_line(spec, words):
     from routing.plan import parse_spec, plan_from_spec
     with pytest.raises(ToolkitError) as err:
