@@ -514,6 +514,7 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         state_pos = pos  # the next token follows the prompt the LLM saw (FastV and PDrop keep original positions)
         fused = r is not None and plan.routes  # the shallow layers run inside routed_prefill (one graph)
         stage_frames: dict = {}  # in-LLM pruning: each stage's kept layout -> (its prompt mask, its key positions)
+        shift: dict = {}  # PDrop: each later layout -> how far its decode positions sit below the original ones
         with self._frozen(), a.injecting(e):  # nothing trainable upstream: no graph; DeepStack stays shallow
             if plan.prune in IN_LLM and r is not None:  # FastV (one drop), PDrop (one per stage)
                 start, counts, logged = 0, r.image_valid.sum(1).tolist(), []  # PDrop's ratios: of the ORIGINAL N
@@ -529,13 +530,20 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
                     kept = dropped if kept is None else kept.then(dropped)  # in the prompt's frame
                     logged.append(kept.mask(prompt_mask.shape))
                     h, image_mask, attention_mask = dropped.take(h), dropped.take(image_mask), dropped.valid.long()
-                    pos, rope = a.take_positions(pos, dropped.take), a.take_rope(rope, dropped.take)
+                    if plan.prune == "pdrop":  # its authors renumber what is left contiguously (FastV keeps them)
+                        pos = a.positions(attention_mask, image_mask=image_mask)
+                        rope = a.rope(h, pos)
+                        shift[stage_layout(stage)] = prompt_mask.sum(1) - attention_mask.sum(1)  # dropped so far
+                    else:
+                        pos, rope = a.take_positions(pos, dropped.take), a.take_rope(rope, dropped.take)
                     full_mask = a.subset_causal_mask(h, dropped.valid, bool(dropped.valid.all()), pos, cache,
                                                      layer_idx=layer, image_mask=image_mask)
                     r = Route.of(image_mask, attention_mask)
                     stage_frames[stage_layout(stage)] = (dropped.valid, pos)
                     start = layer
                 self._log_kept(kept=logged[-1], stages=logged)
+                if shift:  # the deep layers (text, kv) come after the last stage
+                    shift |= {layout: shift[stage_layout(len(plan.stages) - 1)] for layout in ("text", "kv")}
                 h = run(range(start, plan.split), h, full_mask, pos, rope)
             elif not fused:
                 h = run(plan.shallow, h, full_mask, pos, rope)
@@ -545,10 +553,10 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         if r is None or not plan.routes:  # nothing to route: every later layer sees the (kept) sequence as vanilla
             h = run(range(plan.split, plan.num_layers), h, full_mask, pos, rope)
             self._leave_state(cache, {k: frame.get(k, frame["kept"]) for k in plan.layouts}, prompt_mask, state_pos,
-                              attention_mask)
+                              attention_mask, shift=shift)
             return a.norm(h if kept is None else kept.restore(h))
 
-        text_pos, image_pos = a.take_positions(pos, r.text), a.take_positions(pos, r.image)  # original values
+        text_pos, image_pos = a.take_positions(pos, r.text), a.take_positions(pos, r.image)  # original (PDrop: its)
 
         def like(index):  # all a mask reads of a subset: its shape, dtype and device (a view, no copy)
             return h[:, :1].expand(-1, index.shape[1], -1)
@@ -565,10 +573,11 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
             h = self.routed_prefill(a, plan, self.side, r, h, masks, pos, rope, text_pos, image_pos, cache,
                                     freeze=self._freezes(), shallow=plan.prune not in IN_LLM, norm=kept is None)
         return self._finish_prompt(h, r, cache, frame, text_pos, image_pos, prompt_mask, state_pos, attention_mask,
-                                   kept)
+                                   kept, shift)
 
     def _finish_prompt(self, h: Tensor, r: Route, cache, frame: dict, text_pos: Tensor, image_pos: Tensor,
-                       prompt_mask: Tensor, state_pos: Tensor, attention_mask: Tensor, kept: Kept | None) -> Tensor:
+                       prompt_mask: Tensor, state_pos: Tensor, attention_mask: Tensor, kept: Kept | None,
+                       shift: dict | None = None) -> Tensor:
         """A routed prompt's output (after the final norm) in the original frame, and the cache's state (each
         layout's prompt mask and its keys' original positions) for the decode steps."""
         if cache is not None:
@@ -578,7 +587,7 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
             dense = {"full": r.unpadded, "text": r.text_dense, "kv": r.text_dense and r.image_dense}
             unmasked = all(dense[k] for k in self.plan.layouts) if kept is None else None  # known: no host reads
             self._leave_state(cache, {k: frame[k] for k in self.plan.layouts}, prompt_mask, state_pos, attention_mask,
-                              unmasked)
+                              unmasked, shift=shift)
         return h if kept is None else self.adapter.norm(kept.restore(h))
 
     def _log_kept(self, **found: Tensor) -> None:
@@ -587,15 +596,19 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
             self._kept_log.update(found)
 
     def _leave_state(self, cache, layouts: dict, prompt_mask: Tensor, pos: Tensor, frame_mask: Tensor,
-                     unmasked: bool | None = None) -> None:
+                     unmasked: bool | None = None, shift: dict | None = None) -> None:
         """What the decode steps need (`layouts`: layout -> (prompt mask, key positions)); layer 0's prompt part
-        is shorter than the prompt when pruning happened before the LLM. `unmasked`: see `make_state`."""
+        is shorter than the prompt when pruning happened before the LLM. `unmasked`: see `make_state`. `shift`:
+        PDrop's renumbering, layout -> [B] (`RoutingState.position_shift`)."""
         if cache is None:
             return
         masks, keys = {k: m for k, (m, _) in layouts.items()}, {k: p for k, (_, p) in layouts.items()}
         pos = pos if pos.dim() == 3 else None  # 1D: generate's cumsum(mask) - 1 (`positions`), the next is the count
         if self.plan.layout(0) != "kept":
-            return attach_state(cache, make_state(masks, prompt_mask, pos, keys, unmasked))
+            state = make_state(masks, prompt_mask, pos, keys, unmasked)
+            if shift:
+                state = dataclasses.replace(state, position_shift={k: v for k, v in shift.items() if k in masks})
+            return attach_state(cache, state)
         # Pruned before the LLM: the shorter prompt is what the cache holds and what positions count on from; the
         # running 2D mask of generate() still has the original prompt's columns.
         state = make_state(masks, frame_mask, pos, keys, unmasked)
@@ -739,11 +752,13 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         h = a.embed_tokens(input_ids)
         c = continuation(state, cache, attention_mask, input_ids.shape[1])
         rope = a.rope(h, c.position_ids)
-        masks = {layout: a.decode_mask(h, c.masks[layout], c.position_ids, cache, plan.first_layer(layout),
+        # PDrop's layers after a stage place the new tokens at its renumbered positions: their own rope
+        ropes = {layout: rope if c.shift(layout) is None else a.rope(h, c.positions(layout)) for layout in plan.layouts}
+        masks = {layout: a.decode_mask(h, c.masks[layout], c.positions(layout), cache, plan.first_layer(layout),
                                        c.key_positions(layout)) for layout in plan.layouts}
         n = range(a.num_layers)  # the whole step is one group (one graph under --compile)
         return self.run_layers(a.layers, h, [a.pick(masks[plan.layout(i)], i) for i in n], c.position_ids,
-                               [a.pick(rope, i) for i in n], cache, norm=a.norm)
+                               [a.pick(ropes[plan.layout(i)], i) for i in n], cache, norm=a.norm)
 
     def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
         """HF pre-encodes the images and drops what the encoder took (``image_grid_thw``); keep what this family's

@@ -36,8 +36,9 @@ Training-free peers are plans too (issue 17), and pruning composes with the DPVR
                RoPE (PDrop's code: ``rank_layer = layer_idx + 1``), and int(N lambda^(i+1)) of the ORIGINAL N are kept
                (at least 1); layer K_i on caches only them (``kept``, ``kept1``, ``kept2``, ... one layout per stage).
                The layer list is written with ``/`` so that it cannot clash with the comma between parameters.
-               Positions: the kept tokens keep their ORIGINAL positions (this toolkit's FastV convention); the
-               authors renumber them contiguously after each drop: not reproduced.
+               Positions: as its authors' code, what is left is renumbered contiguously after each drop (a new
+               token then sits, in a layer after stage i, below its original position by the tokens dropped so
+               far: `RoutingState.position_shift`); 1D RoPE only (M-RoPE families are refused).
     divprune   keep a max-min diverse subset of each image's projected tokens (DivPrune): ``divprune:keep=9.8%``
                (a share, rounded as its authors round) or ``divprune:keep=56`` (a count), before the LLM
     visionzip  per image, the dominant tokens by the tower's [CLS] attention plus contextual tokens merged by key
@@ -47,7 +48,8 @@ Training-free peers are plans too (issue 17), and pruning composes with the DPVR
     pool       average-pool each image's token grid to about R of its tokens before the LLM
 
 ``lf`` (or pc, kv, lf-ideal) with ``prune`` set runs the pruning first: the side branch and the fusion layer see
-only the kept image tokens. FastV keeps the original positions of what it keeps (as its reference code does).
+only the kept image tokens. FastV keeps the original positions of what it keeps (as its reference code does); PDrop
+renumbers them contiguously (as its code does).
 """
 
 from __future__ import annotations
@@ -562,11 +564,17 @@ def check_family(plan: RoutingPlan | None, model) -> None:
     them where the positions read the image grid (M-RoPE: a pruned prompt would need a new grid; prune-pre refuses
     the same); VisionZip without a [CLS] tower (SigLIP, Qwen's merger: nothing to rank by) or with anyres crops
     (per-crop compression, no unpadding, no newline: not implemented)."""
-    if plan is None or plan.prune not in KEYED:
+    if plan is None or plan.prune not in (*KEYED, "pdrop"):
         return
     config = model if isinstance(model, PretrainedConfig) else model.config
     family = adapter_class(config)
     name = family.spec.name
+    if plan.prune == "pdrop":
+        if family.position_kwargs:  # its authors' contiguous renumbering is of 1D positions
+            raise ToolkitError(f"pdrop renumbers the kept tokens' positions contiguously (its authors' code, 1D "
+                               f"RoPE), but {name}'s positions read the image grid "
+                               f"({', '.join(family.position_kwargs)}): not supported")
+        return
     if plan.prune == "visionzip" and not family.tower_has_cls(config):
         raise ToolkitError(f"visionzip ranks by the vision tower's [CLS] attention; {name}'s tower "
                            f"({getattr(config.vision_config, 'model_type', '?')}) has no [CLS] token")

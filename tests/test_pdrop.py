@@ -3,7 +3,8 @@
 At each stage layer K_i the image tokens are ranked by the attention of the LAST prompt token, recomputed with layer
 K_i's own input norm, q/k projections and RoPE (PDrop's ``rank_layer = layer_idx + 1``), softmax over every key in
 fp32, head mean; the top int(N lambda^(i+1)) of the ORIGINAL N stay (sorted), text always stays, and layer K_i on
-sees only them. Kept tokens keep their original positions (this toolkit's FastV convention; the authors renumber).
+sees only them, at positions renumbered contiguously (its code: ``position_ids[i, :cur_len] = arange(cur_len)``;
+decoding shifts a new token's position down by what was dropped).
 
 The reference below is written from that rule on HF's own modules, one row at a time with no padding: an eager
 decoder layer after another, the next layer's q/k recomputed by hand at each stage, the kept rows taken out. It gives
@@ -16,6 +17,7 @@ import json
 
 import pytest
 import torch
+from family_fixtures import family
 from routing_fixtures import (
     VOCAB,
     assert_informative,
@@ -59,7 +61,8 @@ def reference_row(model, embeds: torch.Tensor, image: torch.Tensor, stages: tupl
     """One unpadded row through HF's eager decoder layers with PDrop's drops: (kept image positions per stage, as
     indices into the row; the last position's logits)."""
     lm = model.model.language_model
-    h, pos, image = embeds, torch.arange(len(embeds)), image.clone()
+    h, original, image = embeds, torch.arange(len(embeds)), image.clone()
+    pos = original  # the positions RoPE reads: renumbered 0..n-1 after every drop
     n_image, kept_per_stage = int(image.sum()), []
     for j, layer in enumerate(lm.layers):
         if j in stages:
@@ -68,8 +71,9 @@ def reference_row(model, embeds: torch.Tensor, image: torch.Tensor, stages: tupl
             top = image.nonzero().squeeze(1)[score.topk(budget).indices.sort().values]
             stay = ~image
             stay[top] = True
-            h, pos, image = h[stay], pos[stay], image[stay]
-            kept_per_stage.append(pos[image].clone())
+            h, original, image = h[stay], original[stay], image[stay]
+            pos = torch.arange(len(h))
+            kept_per_stage.append(original[image].clone())
         n = len(h)
         causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
         rope = lm.rotary_emb(h[None], pos[None])
@@ -254,3 +258,28 @@ def test_flops_price_pdrop_s_schedule():
     assert decode.attention == pytest.approx(keys * g.pair_flops())
     under_lf = flops.prefill_cost(g, routing.make_plan(32, 24, "lf", prune="pdrop"), 576, 128)
     assert under_lf.total < flops.prefill_cost(g, routing.make_plan(32, 24, "lf"), 576, 128).total
+
+
+# ---------------------------------------------------------------- other families
+@pytest.mark.parametrize("spec", ["pdrop:layers=2/4", "lf@3+pdrop:layers=1/3"])
+def test_gemma_decode_equals_recomputation(spec):
+    """Gemma 3's sliding windows and image blocks under PDrop's renumbered positions: the windows read the
+    renumbered key positions (`Continuation.key_positions` shifted per layout) at every cached step."""
+    gemma = family("gemma3")
+    model = gemma.model(std=0.2, seed=1, tie=False)
+    routed = routing.build(model, routing.parse_plan(spec, model))
+    if routed.plan.side_depth:
+        routed = perturb_side(routed)
+    routed.generation_config.eos_token_id = None
+    with pinned_fastv(routed):
+        new, cached, recomputed = decode_step_logits(routed, gemma.batch(), 4, gemma.suppressed(model))
+    assert_informative(new)
+    for step, (c, r) in enumerate(zip(cached, recomputed, strict=True)):
+        torch.testing.assert_close(c, r, rtol=0, atol=1e-4, msg=lambda m, step=step: f"step {step}: {m}")
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_m_rope_families_are_refused_in_one_line(name):
+    with pytest.raises(ToolkitError) as err:
+        routing.parse_plan("pdrop", family(name).config(layers=12))
+    assert "renumbers" in str(err.value) and "\n" not in str(err.value)
