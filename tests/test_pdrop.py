@@ -283,3 +283,15 @@ def test_m_rope_families_are_refused_in_one_line(name):
     with pytest.raises(ToolkitError) as err:
         routing.parse_plan("pdrop", family(name).config(layers=12))
     assert "renumbers" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_saved_artifacts_load_back(embedded, tmp_path):
+    """``routing save-plan`` of a pdrop plan, and a trained lf@9+pdrop side branch, load back as the same plan."""
+    from routing.saved import load, save_plan
+    model = embedded[0]
+    plan = routing.parse_plan("pdrop", model)
+    save_plan(model, plan, tmp_path / "alone")
+    assert load(model, tmp_path / "alone").plan == plan
+    routed = routing.build(model, routing.parse_plan("lf@9+pdrop", model))
+    routed.save_routing(tmp_path / "lf")
+    assert load(model, tmp_path / "lf").plan == routed.plan
