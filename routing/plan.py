@@ -104,7 +104,8 @@ def pdrop_default_layers(num_layers: int) -> tuple[int, ...]:
 
 def pdrop_kept(n: int, lam: float, stage: int) -> int:
     """Image tokens one image of `n` keeps from PDrop's stage `stage` (0-based) on: int(n lambda^(stage+1)), the
-    ratio relative to the ORIGINAL n as its code computes it, at least 1 (its int() could keep none)."""
+    ratio relative to the ORIGINAL n as its code computes it, at least 1 (its int() could keep none). The routed
+    model budgets a row's image tokens together (PDrop's code handles one image per prompt)."""
     return max(1, math.floor(n * lam ** (stage + 1) + 1e-9))
 
 
