@@ -12,9 +12,9 @@ fusion_layers=1, side_depth=1)``, the older form, is kept for one release.)
 
 from . import flops
 from .artifact import save_routing
-from .model import RoutedLlava, RoutedModel, TrainableReport, build, kept_image_tokens
+from .model import RoutedLlava, RoutedModel, TrainableReport, build, kept_image_tokens, kept_image_tokens_per_stage
 from .plan import VARIANTS, RoutingPlan, make_plan, parse_plan
 from .saved import load
 
 __all__ = ["VARIANTS", "RoutedLlava", "RoutedModel", "RoutingPlan", "TrainableReport", "build", "flops",
-           "kept_image_tokens", "load", "make_plan", "parse_plan", "save_routing"]
+           "kept_image_tokens", "kept_image_tokens_per_stage", "load", "make_plan", "parse_plan", "save_routing"]

@@ -140,6 +140,10 @@ def decode_cost(g: Geometry, plan: RoutingPlan | None, image_tokens: int, text_t
     if plan is not None and plan.prune is not None:  # layers from prune_layer on hold only the kept image tokens
         kept = plan.kept_tokens(image_tokens)
         inner = decode_cost(g, dataclasses.replace(plan, prune=None), kept, text_tokens)
+        if plan.prune == "pdrop":  # each layer before the last stage holds its own stage's count
+            extra = sum(_seen(g, j, c + text_tokens + 1) - _seen(g, j, kept + text_tokens + 1)
+                        for j, c in enumerate(plan.image_schedule(image_tokens)) if plan.layout(j) != "text")
+            return Cost(inner.linear, inner.attention + extra * g.pair_flops(), inner.head)
         extra = plan.prune_layer * (image_tokens - kept) * g.pair_flops()
         return Cost(inner.linear, inner.attention + extra, inner.head)
     n = image_tokens + text_tokens
@@ -193,12 +197,39 @@ def table(g: Geometry, split: int, image_tokens: int, text_tokens: int, fusion_l
     return rows
 
 
+def _seen(g: Geometry, layer: int, keys: int) -> int:
+    """Keys a new token attends to at `layer`: the window's last ones at most."""
+    window = g.window_of(layer)
+    return keys if window is None else min(keys, window)
+
+
+def _pdrop_prefill(g: Geometry, plan: RoutingPlan, image_tokens: int, text_tokens: int,
+                   logit_positions: int) -> Cost:
+    """PDrop's pyramid (`RoutingPlan.image_schedule`: layer j sees its stage's image tokens, then the text), the
+    plan's routing priced on the last stage's kept tokens, and the stages' score reads: each stage layer's q/k over
+    the tokens entering it (its own forward computes them again) and the last prompt token's one score row. Under
+    a DPVR variant every stage is in the shallow stack, so the layers before the last stage run every position."""
+    t, schedule = text_tokens, plan.image_schedule(image_tokens)
+    kept = plan.kept_tokens(image_tokens)
+    inner = prefill_cost(g, dataclasses.replace(plan, prune=None), kept, t, logit_positions)
+    before = [(j, c) for j, c in enumerate(schedule) if c != kept]  # layers before the last stage
+    linear = inner.linear + sum(c - kept for _, c in before) * g.linear_flops()
+    attention = inner.attention + sum(_causal_pairs(c + t, g.window_of(j)) - _causal_pairs(kept + t, g.window_of(j))
+                                      for j, c in before) * g.pair_flops()
+    entering = [schedule[k - 1] + t for k in plan.stages]  # tokens entering each stage layer, before its drop
+    linear += sum(2.0 * g.hidden * (g.q_dim + g.kv_dim) * n for n in entering)
+    attention += sum(2.0 * g.q_dim * n for n in entering)  # one query row, scores only
+    return Cost(linear, attention, inner.head)
+
+
 def _pruned_prefill(g: Geometry, plan: RoutingPlan, image_tokens: int, text_tokens: int,
                     logit_positions: int) -> Cost:
     """Layers before `plan.prune_layer` at the full count, every later group on the kept image tokens; FastV adds
     its one score read (q/k of layer K-1 again, the rank rule's rows x all keys: the last prompt token's one row,
     every token's, or the text rows). Pre-LLM scoring (the tower's CLS attention)
     is vision-tower compute, outside this decoder-only model."""
+    if plan.prune == "pdrop":
+        return _pdrop_prefill(g, plan, image_tokens, text_tokens, logit_positions)
     n, t = image_tokens + text_tokens, text_tokens
     kept = plan.kept_tokens(image_tokens)
     inner = prefill_cost(g, dataclasses.replace(plan, prune=None), kept, t, logit_positions)

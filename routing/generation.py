@@ -49,6 +49,9 @@ class RoutingState:
     prompt_positions: dict[str, Tensor] | None = None
     # prompt entries in layer 0's cache when pruning before the LLM shortened the prompt (None: prompt_length)
     cached_prompt_length: int | None = None
+    # layout -> [batch]: PDrop renumbers positions contiguously after each drop (its authors' code), so a layer
+    # after a stage places a new token this much below its original position (the tokens dropped so far)
+    position_shift: dict[str, Tensor] | None = None
 
 
 def attach_state(cache: Cache, state: RoutingState) -> None:
@@ -108,14 +111,29 @@ class Continuation:
     position_ids: Tensor  # [batch, q]
     prompt_positions: dict[str, Tensor] | None = None  # the state's
     generated_positions: Tensor | None = None  # [batch, generated]: positions after the prompt, these q included
+    position_shift: dict[str, Tensor] | None = None  # the state's (PDrop's renumbering)
+
+    def shift(self, layout: str) -> Tensor | None:
+        """[batch, 1]: how far below the original positions layout `layout` places the new tokens (None: not)."""
+        shift = None if self.position_shift is None else self.position_shift.get(layout)
+        return None if shift is None else shift[:, None]
+
+    def positions(self, layout: str) -> Tensor:
+        """[batch, q]: the new tokens' positions in layout `layout`'s layers (the original ones but after a PDrop
+        stage, which renumbers)."""
+        shift = self.shift(layout)
+        return self.position_ids if shift is None else self.position_ids - shift
 
     def key_positions(self, layout: str) -> Tensor | None:
-        """[batch, kv_len]: the original position of every key layout `layout` caches, then the new tokens' (None
-        for M-RoPE prompts and states without them: no family with sliding windows needs them there)."""
+        """[batch, kv_len]: the position of every key layout `layout` caches (the original one, or PDrop's
+        renumbered one), then the new tokens' (None for M-RoPE prompts and states without them: no family with
+        sliding windows needs them there)."""
         prompt = None if self.prompt_positions is None else self.prompt_positions.get(layout)
         if prompt is None or prompt.dim() != 2:
             return None
-        return torch.cat([prompt, self.generated_positions], dim=1)
+        shift = self.shift(layout)
+        return torch.cat([prompt, self.generated_positions if shift is None else self.generated_positions - shift],
+                         dim=1)
 
 
 def continuation(state: RoutingState, cache: Cache, attention_mask: Tensor | None, q: int) -> Continuation:
@@ -142,11 +160,12 @@ def continuation(state: RoutingState, cache: Cache, attention_mask: Tensor | Non
             after = after + state.position_delta[:, None]
         position_ids = after[:, -q:]
     if tail is None and state.unmasked:
-        return Continuation(dict.fromkeys(state.prompt_masks), position_ids, state.prompt_positions, after)
+        return Continuation(dict.fromkeys(state.prompt_masks), position_ids, state.prompt_positions, after,
+                            state.position_shift)
     if tail is None:
         tail = torch.ones(len(position_ids), generated, dtype=torch.bool, device=device)
     masks = {layout: torch.cat([prompt, tail], dim=1) for layout, prompt in state.prompt_masks.items()}
-    return Continuation(masks, position_ids, state.prompt_positions, after)
+    return Continuation(masks, position_ids, state.prompt_positions, after, state.position_shift)
 
 
 @torch.no_grad()

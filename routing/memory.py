@@ -29,11 +29,8 @@ def cache_keys(g: Geometry, plan: RoutingPlan | None, image_tokens: int, text_to
     if plan is None:
         n = image_tokens + text_tokens
         return [n if g.window_of(i) is None else min(n, g.window_of(i) - 1) for i in range(g.num_layers)]
-    def image(layer: int) -> int:  # image tokens a layer still sees: pruning drops some from `prune_layer` on
-        pruned = plan.prune is not None and layer >= plan.prune_layer
-        return plan.kept_tokens(image_tokens) if pruned else image_tokens
-
-    return [text_tokens + (0 if plan.layout(i) == "text" else image(i)) for i in range(plan.num_layers)]
+    image = plan.image_schedule(image_tokens)  # image tokens each layer still sees (PDrop: fewer at each stage)
+    return [text_tokens + (0 if plan.layout(i) == "text" else image[i]) for i in range(plan.num_layers)]
 
 
 def cache_bytes(g: Geometry, plan: RoutingPlan | None, image_tokens: int, text_tokens: int, batch: int = 1,

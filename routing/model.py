@@ -36,7 +36,7 @@ from saturation.core.hf_compat import CACHE_ARG, cache_kwargs
 
 from .artifact import save_routing
 from .generation import attach_state, check_cache, continuation, make_state, new_cache, state_of
-from .plan import PRE_LLM, RoutingPlan, check_family, check_fits, make_plan
+from .plan import IN_LLM, PRE_LLM, RoutingPlan, check_family, check_fits, make_plan, stage_layout
 from .prepruners import divprune_select, image_runs, visionzip_merge
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -191,6 +191,12 @@ class Kept:
         what `kept_image_tokens` reports (VisionZip: its dominant patches and contextual targets, not the slots)."""
         keep = torch.zeros(shape.numel(), dtype=torch.bool, device=self.flat.device)
         return keep.index_fill(0, self.sources()[self.valid.reshape(-1).to(self.flat.device)], True).view(shape)
+
+    def then(self, later: Kept) -> Kept:
+        """This pruning followed by `later` (made in this one's kept frame), as one pruning of the original frame:
+        a position `later` drops keeps its states from `later`'s drop, one this drops its own (PDrop's stages)."""
+        flat = self.flat[later.flat.to(self.flat.device)]
+        return Kept(flat, later.valid, self.restore(later.h_at_drop), None)
 
     def take(self, x: Tensor) -> Tensor:
         """[B, N, ...] -> [B, m, ...]."""
@@ -505,32 +511,52 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         def run(layers, x, mask, x_pos, x_rope, kv=cache):  # one group = one call (one graph under --compile)
             return run_group(a, layers, x, mask, x_pos, x_rope, kv, runner=self.run_layers)
 
-        state_pos = pos  # the next token follows the prompt the LLM saw (FastV keeps original positions)
+        state_pos = pos  # the next token follows the prompt the LLM saw (FastV and PDrop keep original positions)
         fused = r is not None and plan.routes  # the shallow layers run inside routed_prefill (one graph)
+        stage_frames: dict = {}  # in-LLM pruning: each stage's kept layout -> (its prompt mask, its key positions)
+        shift: dict = {}  # PDrop: each later layout -> how far its decode positions sit below the original ones
         with self._frozen(), a.injecting(e):  # nothing trainable upstream: no graph; DeepStack stays shallow
-            if plan.prune == "fastv" and r is not None:  # FastV: drop image tokens after layer K-1, by its attention
-                h = run(range(plan.prune_layer - 1), h, full_mask, pos, rope)
-                keep = self._fastv_keep(h, r, rope, attention_mask, a.pick(full_mask, plan.prune_layer - 1))
-                self._log_kept(kept=keep)
-                h = run([plan.prune_layer - 1], h, full_mask, pos, rope)
-                kept = Kept.of(keep, h)
-                h, image_mask, attention_mask = kept.take(h), kept.take(image_mask), kept.valid.long()
-                pos, rope = a.take_positions(pos, kept.take), a.take_rope(rope, kept.take)
-                full_mask = a.subset_causal_mask(h, kept.valid, bool(kept.valid.all()), pos, cache,
-                                                 layer_idx=plan.prune_layer, image_mask=image_mask)
-                r = Route.of(image_mask, attention_mask)
-                h = run(range(plan.prune_layer, plan.split), h, full_mask, pos, rope)
+            if plan.prune in IN_LLM and r is not None:  # FastV (one drop), PDrop (one per stage)
+                start, counts, logged = 0, r.image_valid.sum(1).tolist(), []  # PDrop's ratios: of the ORIGINAL N
+                for stage, layer in enumerate(plan.stages):
+                    # FastV ranks by layer K-1's attention (its input), PDrop with layer K's own norm, q/k and RoPE
+                    scorer = layer - 1 if plan.prune == "fastv" else layer
+                    h = run(range(start, scorer), h, full_mask, pos, rope)
+                    budget = [plan.stage_kept(int(n), stage) for n in counts]
+                    keep = self._rank_keep(h, r, rope, attention_mask, a.pick(full_mask, scorer), scorer,
+                                           plan.rank or "last", budget)
+                    h = run(range(scorer, layer), h, full_mask, pos, rope)
+                    dropped = Kept.of(keep, h)  # this stage's, in the previous stage's frame
+                    kept = dropped if kept is None else kept.then(dropped)  # in the prompt's frame
+                    logged.append(kept.mask(prompt_mask.shape))
+                    h, image_mask, attention_mask = dropped.take(h), dropped.take(image_mask), dropped.valid.long()
+                    if plan.prune == "pdrop":  # its authors renumber what is left contiguously (FastV keeps them)
+                        pos = a.positions(attention_mask, image_mask=image_mask)
+                        rope = a.rope(h, pos)
+                        shift[stage_layout(stage)] = prompt_mask.sum(1) - attention_mask.sum(1)  # dropped so far
+                    else:
+                        pos, rope = a.take_positions(pos, dropped.take), a.take_rope(rope, dropped.take)
+                    full_mask = a.subset_causal_mask(h, dropped.valid, bool(dropped.valid.all()), pos, cache,
+                                                     layer_idx=layer, image_mask=image_mask)
+                    r = Route.of(image_mask, attention_mask)
+                    stage_frames[stage_layout(stage)] = (dropped.valid, pos)
+                    start = layer
+                self._log_kept(kept=logged[-1], stages=logged)
+                if shift:  # the deep layers (text, kv) come after the last stage
+                    shift |= {layout: shift[stage_layout(len(plan.stages) - 1)] for layout in ("text", "kv")}
+                h = run(range(start, plan.split), h, full_mask, pos, rope)
             elif not fused:
                 h = run(plan.shallow, h, full_mask, pos, rope)
         valid = attention_mask.bool()  # after pruning: the kept frame's
-        frame = {"full": (valid if kept is None else prompt_mask.bool(), state_pos), "kept": (valid, pos)}
+        frame = {"full": (valid if kept is None else prompt_mask.bool(), state_pos), "kept": (valid, pos),
+                 **stage_frames}
         if r is None or not plan.routes:  # nothing to route: every later layer sees the (kept) sequence as vanilla
             h = run(range(plan.split, plan.num_layers), h, full_mask, pos, rope)
             self._leave_state(cache, {k: frame.get(k, frame["kept"]) for k in plan.layouts}, prompt_mask, state_pos,
-                              attention_mask)
+                              attention_mask, shift=shift)
             return a.norm(h if kept is None else kept.restore(h))
 
-        text_pos, image_pos = a.take_positions(pos, r.text), a.take_positions(pos, r.image)  # original values
+        text_pos, image_pos = a.take_positions(pos, r.text), a.take_positions(pos, r.image)  # original (PDrop: its)
 
         def like(index):  # all a mask reads of a subset: its shape, dtype and device (a view, no copy)
             return h[:, :1].expand(-1, index.shape[1], -1)
@@ -545,12 +571,13 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
             masks["kv"] = kv_mask(a, r, h.dtype)
         with a.injecting(e):
             h = self.routed_prefill(a, plan, self.side, r, h, masks, pos, rope, text_pos, image_pos, cache,
-                                    freeze=self._freezes(), shallow=plan.prune != "fastv", norm=kept is None)
+                                    freeze=self._freezes(), shallow=plan.prune not in IN_LLM, norm=kept is None)
         return self._finish_prompt(h, r, cache, frame, text_pos, image_pos, prompt_mask, state_pos, attention_mask,
-                                   kept)
+                                   kept, shift)
 
     def _finish_prompt(self, h: Tensor, r: Route, cache, frame: dict, text_pos: Tensor, image_pos: Tensor,
-                       prompt_mask: Tensor, state_pos: Tensor, attention_mask: Tensor, kept: Kept | None) -> Tensor:
+                       prompt_mask: Tensor, state_pos: Tensor, attention_mask: Tensor, kept: Kept | None,
+                       shift: dict | None = None) -> Tensor:
         """A routed prompt's output (after the final norm) in the original frame, and the cache's state (each
         layout's prompt mask and its keys' original positions) for the decode steps."""
         if cache is not None:
@@ -560,7 +587,7 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
             dense = {"full": r.unpadded, "text": r.text_dense, "kv": r.text_dense and r.image_dense}
             unmasked = all(dense[k] for k in self.plan.layouts) if kept is None else None  # known: no host reads
             self._leave_state(cache, {k: frame[k] for k in self.plan.layouts}, prompt_mask, state_pos, attention_mask,
-                              unmasked)
+                              unmasked, shift=shift)
         return h if kept is None else self.adapter.norm(kept.restore(h))
 
     def _log_kept(self, **found: Tensor) -> None:
@@ -569,15 +596,19 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
             self._kept_log.update(found)
 
     def _leave_state(self, cache, layouts: dict, prompt_mask: Tensor, pos: Tensor, frame_mask: Tensor,
-                     unmasked: bool | None = None) -> None:
+                     unmasked: bool | None = None, shift: dict | None = None) -> None:
         """What the decode steps need (`layouts`: layout -> (prompt mask, key positions)); layer 0's prompt part
-        is shorter than the prompt when pruning happened before the LLM. `unmasked`: see `make_state`."""
+        is shorter than the prompt when pruning happened before the LLM. `unmasked`: see `make_state`. `shift`:
+        PDrop's renumbering, layout -> [B] (`RoutingState.position_shift`)."""
         if cache is None:
             return
         masks, keys = {k: m for k, (m, _) in layouts.items()}, {k: p for k, (_, p) in layouts.items()}
         pos = pos if pos.dim() == 3 else None  # 1D: generate's cumsum(mask) - 1 (`positions`), the next is the count
         if self.plan.layout(0) != "kept":
-            return attach_state(cache, make_state(masks, prompt_mask, pos, keys, unmasked))
+            state = make_state(masks, prompt_mask, pos, keys, unmasked)
+            if shift:
+                state = dataclasses.replace(state, position_shift={k: v for k, v in shift.items() if k in masks})
+            return attach_state(cache, state)
         # Pruned before the LLM: the shorter prompt is what the cache holds and what positions count on from; the
         # running 2D mask of generate() still has the original prompt's columns.
         state = make_state(masks, frame_mask, pos, keys, unmasked)
@@ -586,22 +617,25 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
             position_delta=state.next_position - prompt_mask.sum(1)))
 
     # ---------------------------------------------------------------- pruning (training-free peers)
-    def _fastv_keep(self, h: Tensor, r: Route, rope, attention_mask: Tensor, mask: Tensor | None) -> Tensor:
-        """FastV's choice [B, N] bool (text and the kept image tokens): the top round(n (1 - R)) of each row's image
-        tokens by the attention they receive at layer K-1 (its input `h`), averaged over heads, from the query rows
-        of the plan's rank rule (`fastv_rows`: the last prompt token's, every other token's, or the text rows').
+    def _rank_keep(self, h: Tensor, r: Route, rope, attention_mask: Tensor, mask: Tensor | None, layer: int,
+                   rank: str, budget: list[int]) -> Tensor:
+        """One drop's choice [B, N] bool (text and the kept image tokens): the top `budget[b]` of row b's image
+        tokens by the attention they receive at `layer` (its input `h`: its own norm, q/k and RoPE), averaged over
+        heads, from the query rows of `rank` (`fastv_rows`: the last prompt token's, every other token's, or the text
+        rows'). FastV reads layer K-1 with its rank rule and keeps round(n (1 - R)); PDrop reads the stage layer
+        itself with the last prompt token and keeps int(N lambda^(i+1)) of the original N.
 
         One read of that layer's q/k (the adapter's `queries_keys`), those rows only; every layer keeps its sdpa.
-        The softmax needs every visible key, so the scores are rows x all columns, then the image columns.
+        The softmax (fp32) needs every visible key, so the scores are rows x all columns, then the image columns.
         What a query sees is that layer's own `mask` (a sliding-window layer's window, in original positions), or
         causal over the real tokens where the layer needs none.
         """
-        a, layer = self.adapter, self.plan.prune_layer - 1
+        a = self.adapter
         q, k, scale = a.queries_keys(layer, h, a.pick(rope, layer))
         device = r.image_mask.device  # the routing's (a device map may run layer K-1 elsewhere)
         q, k, attention_mask = q.to(device), k.to(device), attention_mask.to(device)
         n = h.shape[1]
-        rows, weight = fastv_rows(self.plan.rank, r, attention_mask)  # [B, Q], [B, Q]
+        rows, weight = fastv_rows(rank, r, attention_mask)  # [B, Q], [B, Q]
         q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])).float()  # [B, H, Q, d]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).float()  # grouped-query heads
         if mask is None:  # causal over the real tokens
@@ -612,14 +646,12 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         visible = visible & attention_mask.bool()[:, None, :]  # [B, Q, N], no pads
         probs = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible[:, None], float("-inf")).softmax(-1)
         probs = probs.nan_to_num(0.0).mean(1)  # over heads; a row with nothing visible has none to give
-        if self.plan.rank == "all":  # "from all OTHER tokens": a token's attention to itself is left out
+        if rank == "all":  # "from all OTHER tokens": a token's attention to itself is left out
             probs = probs.scatter(2, rows[:, :, None], 0.0)
         received = (probs * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)  # [B, N]
         score = received.gather(1, r.image_index).masked_fill(~r.image_valid, float("-inf"))  # [B, I]
-        budget = torch.tensor([self.plan.kept_tokens(int(n_i)) for n_i in r.image_valid.sum(1).tolist()],
-                              device=device)
-        rank = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
-        chosen = (rank < budget[:, None]) & r.image_valid
+        order = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
+        chosen = (order < torch.tensor(budget, device=device)[:, None]) & r.image_valid
         keep = attention_mask.bool() & ~r.image_mask
         return keep.scatter(1, r.image_index, chosen | keep.gather(1, r.image_index))
 
@@ -720,11 +752,13 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         h = a.embed_tokens(input_ids)
         c = continuation(state, cache, attention_mask, input_ids.shape[1])
         rope = a.rope(h, c.position_ids)
-        masks = {layout: a.decode_mask(h, c.masks[layout], c.position_ids, cache, plan.first_layer(layout),
+        # PDrop's layers after a stage place the new tokens at its renumbered positions: their own rope
+        ropes = {layout: rope if c.shift(layout) is None else a.rope(h, c.positions(layout)) for layout in plan.layouts}
+        masks = {layout: a.decode_mask(h, c.masks[layout], c.positions(layout), cache, plan.first_layer(layout),
                                        c.key_positions(layout)) for layout in plan.layouts}
         n = range(a.num_layers)  # the whole step is one group (one graph under --compile)
         return self.run_layers(a.layers, h, [a.pick(masks[plan.layout(i)], i) for i in n], c.position_ids,
-                               [a.pick(rope, i) for i in n], cache, norm=a.norm)
+                               [a.pick(ropes[plan.layout(i)], i) for i in n], cache, norm=a.norm)
 
     def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
         """HF pre-encodes the images and drops what the encoder took (``image_grid_thw``); keep what this family's
@@ -888,20 +922,39 @@ def fastv_rows(rank: str, r: Route, attention_mask: Tensor) -> tuple[Tensor, Ten
     return last, torch.ones(last.shape, device=valid.device)
 
 
-def kept_image_tokens(routed: RoutedModel, **inputs) -> list[Tensor]:
-    """Per row, the original prompt positions (sorted) of the image tokens `routed`'s plan keeps: FastV's survivors
-    (the image tokens that enter layer K), the image tokens a pre-LLM pruning lets into the LLM, or every image
-    position when the plan prunes nothing. It runs the routed prompt once (no cache) and reads the set it chose:
-    the routing's own choice, not a second implementation of the rule."""
+def _listen(routed: RoutedModel, inputs: dict) -> dict:
+    """Run the routed prompt once (no cache) and return what its pruning logged: the prompt's image mask, the kept
+    set (``kept``) and, for in-LLM pruning, the kept set of every drop stage (``stages``)."""
     routed._kept_log = log = {}
     try:
         with torch.no_grad():
             routed(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
     finally:
         routed._kept_log = None
-    image = log["image_mask"].bool()
-    chosen = image & log["kept"].to(image.device) if "kept" in log else image
+    return log
+
+
+def _positions(image: Tensor, kept: Tensor | None) -> list[Tensor]:
+    chosen = image if kept is None else image & kept.to(image.device)
     return [row.nonzero().squeeze(1).cpu() for row in chosen]
+
+
+def kept_image_tokens(routed: RoutedModel, **inputs) -> list[Tensor]:
+    """Per row, the original prompt positions (sorted) of the image tokens `routed`'s plan keeps: FastV's survivors
+    (the image tokens that enter layer K), PDrop's that enter its LAST stage's layer (`kept_image_tokens_per_stage`
+    gives every stage), the image tokens a pre-LLM pruning lets into the LLM, or every image position when the plan
+    prunes nothing. It runs the routed prompt once (no cache) and reads the set it chose: the routing's own choice,
+    not a second implementation of the rule."""
+    log = _listen(routed, inputs)
+    return _positions(log["image_mask"].bool(), log.get("kept"))
+
+
+def kept_image_tokens_per_stage(routed: RoutedModel, **inputs) -> list[list[Tensor]]:
+    """Per drop stage of an in-LLM pruning (PDrop's layers, FastV's one K), per row, the original positions of the
+    image tokens that enter that stage's layer; one stage with `kept_image_tokens`' answer for the other plans."""
+    log = _listen(routed, inputs)
+    image = log["image_mask"].bool()
+    return [_positions(image, kept) for kept in log.get("stages", [log.get("kept")])]
 
 
 def build(model: nn.Module, plan: RoutingPlan | int | None = None, variant: str = "lf", fusion_layers: int = 1,

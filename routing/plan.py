@@ -30,6 +30,15 @@ Training-free peers are plans too (issue 17), and pruning composes with the DPVR
                rank lowest by layer K-1's attention (``rank=last``: the last prompt token's row, as FastV's code;
                ``rank=all``: the paper's sentence; ``rank=text``: the mean over text rows); the rest are gone for
                every later layer (``kept`` cache layout from K on), ranked once at prefill
+    pdrop      PyramidDrop: at each stage layer K_i (``pdrop:layers=8/16/24,lambda=0.5``; bare ``pdrop``: the authors'
+               8/16/24 of 32 scaled to the depth, round(L/4), round(L/2), round(3L/4), half up) the image tokens are
+               ranked by the attention of the last prompt token, recomputed with layer K_i's own input norm, q/k and
+               RoPE (PDrop's code: ``rank_layer = layer_idx + 1``), and int(N lambda^(i+1)) of the ORIGINAL N are kept
+               (at least 1); layer K_i on caches only them (``kept``, ``kept1``, ``kept2``, ... one layout per stage).
+               The layer list is written with ``/`` so that it cannot clash with the comma between parameters.
+               Positions: as its authors' code, what is left is renumbered contiguously after each drop (a new
+               token then sits, in a layer after stage i, below its original position by the tokens dropped so
+               far: `RoutingState.position_shift`); 1D RoPE only (M-RoPE families are refused).
     divprune   keep a max-min diverse subset of each image's projected tokens (DivPrune): ``divprune:keep=9.8%``
                (a share, rounded as its authors round) or ``divprune:keep=56`` (a count), before the LLM
     visionzip  per image, the dominant tokens by the tower's [CLS] attention plus contextual tokens merged by key
@@ -39,7 +48,8 @@ Training-free peers are plans too (issue 17), and pruning composes with the DPVR
     pool       average-pool each image's token grid to about R of its tokens before the LLM
 
 ``lf`` (or pc, kv, lf-ideal) with ``prune`` set runs the pruning first: the side branch and the fusion layer see
-only the kept image tokens. FastV keeps the original positions of what it keeps (as its reference code does).
+only the kept image tokens. FastV keeps the original positions of what it keeps (as its reference code does); PDrop
+renumbers them contiguously (as its code does).
 """
 
 from __future__ import annotations
@@ -56,7 +66,8 @@ from saturation.core.errors import ToolkitError
 from saturation.recommend import split_range
 
 VARIANTS = ("lf", "pc", "kv", "lf-ideal")  # the DPVR variants (a side branch)
-PRUNERS = ("fastv", "prune-pre", "pool", "divprune", "visionzip")  # image-token pruning, alone or under a DPVR variant
+# image-token pruning, alone or under a DPVR variant
+PRUNERS = ("fastv", "pdrop", "prune-pre", "pool", "divprune", "visionzip")
 PRE_LLM = ("prune-pre", "pool", "divprune", "visionzip")  # pruning before the first decoder layer
 # Prunings written with explicit ``key=value`` options (``divprune:keep=9.8%``), never a bare ratio: a bare number
 # could be read as the kept or the dropped share. Their defaults are the authors' (DivPrune 0.098, VisionZip 54+10).
@@ -64,7 +75,8 @@ KEYED = {"divprune": {"keep": "9.8%"}, "visionzip": {"dominant": "54", "contextu
 PEERS = ("vtw",) + PRUNERS  # training-free baselines (issue 17)
 ALL_VARIANTS = VARIANTS + PEERS
 DEEP_MODE = {"lf": "text_only", "lf-ideal": "text_only", "pc": "reset", "kv": "kv_only", "vtw": "text_only",
-             "fastv": "dense", "prune-pre": "dense", "pool": "dense", "divprune": "dense", "visionzip": "dense"}
+             "fastv": "dense", "pdrop": "dense", "prune-pre": "dense", "pool": "dense", "divprune": "dense",
+             "visionzip": "dense"}
 LAYOUT_OF_MODE = {"text_only": "text", "reset": "full", "kv_only": "kv", "dense": "full"}
 # the plan's keys of a saved manifest (`routing.json`) with their JSON types (pruning's are optional: older artifacts)
 MANIFEST_TYPES = {"variant": str, "split": int, "fusion_layers": int, "side_depth": int, "num_layers": int}
@@ -75,6 +87,26 @@ MANIFEST_TYPES = {"variant": str, "split": int, "fusion_layers": int, "side_dept
 #         ranks as the mean over all other tokens does
 #   text  the mean over the valid text rows (this toolkit's rule before the FastV spelling; kept as a variant)
 FASTV_RANKS = ("last", "all", "text")
+IN_LLM = ("fastv", "pdrop")  # prunings inside the LLM: a kept cache layout per drop stage
+PDROP_LAMBDA = 0.5  # PyramidDrop's default ratio between stages (its image_token_ratio_list 1, 0.5, 0.25, 0.125)
+
+
+def stage_layout(stage: int) -> str:
+    """The cache layout of the layers after in-LLM drop stage `stage` (0-based): ``kept``, ``kept1``, ``kept2``, ..."""
+    return "kept" if stage <= 0 else f"kept{stage}"
+
+
+def pdrop_default_layers(num_layers: int) -> tuple[int, ...]:
+    """PyramidDrop's default stages, layers 8/16/24 of 32, scaled to `num_layers`: round(L/4), round(L/2),
+    round(3L/4), halves up (12 layers: 3/6/9)."""
+    return tuple(int(num_layers * q / 4 + 0.5) for q in (1, 2, 3))
+
+
+def pdrop_kept(n: int, lam: float, stage: int) -> int:
+    """Image tokens one image of `n` keeps from PDrop's stage `stage` (0-based) on: int(n lambda^(stage+1)), the
+    ratio relative to the ORIGINAL n as its code computes it, at least 1 (its int() could keep none). The routed
+    model budgets a row's image tokens together (PDrop's code handles one image per prompt)."""
+    return max(1, math.floor(n * lam ** (stage + 1) + 1e-9))
 
 
 def kept_tokens(prune: str | None, n: int, keep: float, args: tuple = ()) -> int:
@@ -93,6 +125,8 @@ def kept_tokens(prune: str | None, n: int, keep: float, args: tuple = ()) -> int
         return int(options["dominant"]) + int(options["contextual"])
     if prune == "fastv":
         return max(1, math.floor(keep * n + 0.5 + 1e-9))
+    if prune == "pdrop":  # what enters the last stage
+        return pdrop_kept(n, options["lambda"], len(options["layers"]) - 1)
     if prune == "pool":
         side = math.isqrt(n)
         return max(1, round(side * math.sqrt(keep))) ** 2 if side * side == n else n
@@ -114,7 +148,8 @@ class RoutingPlan:
     rank: str | None = None  # FastV only: which query rows rank the image tokens (FASTV_RANKS)
     # A keyed pruning's options (`KEYED`), sorted (key, number) pairs: DivPrune ("share", R) or ("count", k);
     # VisionZip ("contextual", c), ("dominant", d). Empty for the others.
-    prune_args: tuple[tuple[str, float | int], ...] = ()
+    # PDrop: (("lambda", 0.5), ("layers", (8, 16, 24))).
+    prune_args: tuple[tuple[str, float | int | tuple[int, ...]], ...] = ()
 
     def to_manifest(self) -> dict:
         """The plan's part of an artifact's ``routing.json`` (`RoutingPlan.from_manifest` reads it back)."""
@@ -123,7 +158,12 @@ class RoutingPlan:
                 "side_depth": self.side_depth, "num_layers": self.num_layers,
                 "prune": self.prune,  # pruning (issue 17): fastv | prune-pre | pool, its layer K and keep ratio
                 "prune_layer": self.prune_layer, "keep": self.keep, **fastv, "spec": self.spec} | (
-                    {"prune_args": dict(self.prune_args)} if self.prune_args else {})
+                    {"prune_args": self.args_json} if self.prune_args else {})
+
+    @property
+    def args_json(self) -> dict:
+        """`prune_args` as JSON reads them back (PDrop's layer tuple as a list), so a saved copy compares equal."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.prune_args}
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> RoutingPlan:
@@ -160,7 +200,7 @@ class RoutingPlan:
         if self.prune == "fastv":
             rank = "" if self.rank == "last" else f",rank={self.rank}"
             tail = f"fastv@{self.prune_layer}:R={100 * self.drop:g}%{rank}"
-        elif self.prune in KEYED:
+        elif self.prune in KEYED or self.prune == "pdrop":
             tail = f"{self.prune}:{args_text(self.prune_args)}"
         else:
             tail = f"{self.prune}:{100 * self.keep:g}%"
@@ -171,7 +211,7 @@ class RoutingPlan:
         """The pruning in its authors' terms: ``K=2, R=75% dropped, rank=last`` (FastV), ``keep 25%`` (the rest)."""
         if self.prune == "fastv":
             return f"K={self.prune_layer}, R={100 * self.drop:g}% dropped, rank={self.rank}"
-        if self.prune in KEYED:
+        if self.prune in KEYED or self.prune == "pdrop":
             return args_text(self.prune_args)
         return "" if self.prune is None else f"keep {100 * self.keep:g}%"
 
@@ -181,8 +221,33 @@ class RoutingPlan:
         return self.split < self.num_layers
 
     def kept_tokens(self, n: int) -> int:
-        """Image tokens one image of `n` keeps after this plan's pruning."""
+        """Image tokens one image of `n` keeps after this plan's pruning (PDrop: what enters its last stage)."""
         return kept_tokens(self.prune, n, self.keep, self.prune_args)
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """The layers where an in-LLM pruning drops image tokens (each is the first layer that sees fewer): FastV's
+        (K,), PDrop's layer list; () for the others."""
+        if self.prune == "pdrop":
+            return tuple(dict(self.prune_args)["layers"])
+        return (self.prune_layer,) if self.prune == "fastv" else ()
+
+    def stage_kept(self, n: int, stage: int) -> int:
+        """Image tokens one image of `n` keeps from drop stage `stage` (0-based) on."""
+        if self.prune == "pdrop":
+            return pdrop_kept(n, dict(self.prune_args)["lambda"], stage)
+        return self.kept_tokens(n)
+
+    def image_schedule(self, n: int) -> list[int]:
+        """Image tokens (one image of `n`) each layer sees, before the plan's routing: the stages' counts, or the
+        pre-LLM pruning's count throughout."""
+        if self.prune in PRE_LLM:
+            return [self.kept_tokens(n)] * self.num_layers
+        counts, stages = [], self.stages
+        for layer in range(self.num_layers):
+            done = sum(1 for k in stages if k <= layer)
+            counts.append(n if done == 0 else self.stage_kept(n, done - 1))
+        return counts
 
     @property
     def deep_mode(self) -> str:
@@ -208,7 +273,8 @@ class RoutingPlan:
 
     def layout(self, layer: int) -> str:
         """The cache layout of base layer `layer`: ``full``, ``text``, ``kv``, or ``kept`` (text and the image
-        tokens that survived pruning, original order) for the non-deep layers from `prune_layer` on."""
+        tokens that survived pruning, original order) for the non-deep layers from `prune_layer` on; PDrop's later
+        stages ``kept1``, ``kept2``, ... (each layer caches only what it saw)."""
         return self.layer_layouts[layer]
 
     @cached_property
@@ -216,7 +282,9 @@ class RoutingPlan:
         """`layout` of every base layer, worked out once (every prefill and decode step reads them)."""
         def of(layer: int) -> str:
             layout = LAYOUT_OF_MODE[self.deep_mode] if layer in self.deep else "full"
-            return "kept" if layout == "full" and self.prune is not None and layer >= self.prune_layer else layout
+            if layout != "full" or self.prune is None or layer < self.prune_layer:
+                return layout
+            return stage_layout(sum(1 for k in self.stages if k <= layer) - 1)  # pre-LLM: no stages, one kept
 
         return tuple(map(of, range(self.num_layers)))
 
@@ -248,6 +316,8 @@ class RoutingPlan:
         pruning = [] if self.prune is None else [
             f"  prune   fastv {self.pruning_terms}: image tokens ranked by layer {self.prune_layer - 1}'s attention "
             f"({RANK_ROWS[self.rank]}), the rest dropped before layer {self.prune_layer}" if self.prune == "fastv" else
+            f"  prune   pdrop {self.pruning_terms}: before each stage layer the image tokens ranked by the last prompt "
+            f"token's attention at that layer, int(N lambda^i) of N kept" if self.prune == "pdrop" else
             f"  prune   {self.prune}: {self._pruning_what} before layer {self.prune_layer}"]
         if not self.routes:
             return "\n".join([f"variant {self.variant}: L={self.num_layers}", *pruning])
@@ -291,7 +361,14 @@ def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: i
         prune = variant
         split, fusion_layers, side_depth = num_layers, 0, 0
     args: tuple = ()
-    if prune is not None:
+    if prune == "pdrop":  # its stages and lambda (the authors' defaults scaled to the depth where missing)
+        if keep != 1.0:
+            raise ToolkitError("pdrop takes layers= and lambda=, not a keep ratio")
+        args = pdrop_options(prune_args, num_layers, min_split)
+        if prune_layer not in (None, dict(args)["layers"][0]):
+            raise ToolkitError(f"pdrop's first stage is {dict(args)['layers'][0]}, not prune_layer={prune_layer}")
+        prune_layer = dict(args)["layers"][0]
+    elif prune is not None:
         keep, args = keyed_options(prune, prune_args, keep)
         prune_layer = _check_pruning(num_layers, prune, prune_layer, keep, min_split)
     elif prune_args:
@@ -310,8 +387,9 @@ def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: i
     _check_deepstack(split, min_split)
     if split not in valid:
         raise ToolkitError(out_of_range(split, num_layers, fusion_layers, side_depth, valid))
-    if prune is not None and prune_layer > split:
-        raise ToolkitError(f"{prune} at layer {prune_layer} comes after the split {split}: pruning must happen in "
+    last = dict(args)["layers"][-1] if prune == "pdrop" else prune_layer  # PDrop: every stage in the shallow stack
+    if prune is not None and last > split:
+        raise ToolkitError(f"{prune} at layer {last} comes after the split {split}: pruning must happen in "
                            "the shallow stack, so that the side branch and the fusion see only the kept tokens")
     return RoutingPlan(variant, num_layers, split, fusion_layers, side_depth, prune,
                        0 if prune is None else prune_layer, float(keep) if prune is not None else 1.0, rank, args)
@@ -369,9 +447,61 @@ def keyed_options(prune: str, options: dict | None, keep: float) -> tuple[float,
     return 1.0, tuple(sorted(options.items()))
 
 
+def pdrop_options(options: dict | None, num_layers: int, min_split: int = 1) -> tuple:
+    """PDrop's `RoutingPlan.prune_args`, checked: ``{"layers": [K_1, ...], "lambda": x}`` (either may be missing:
+    `pdrop_default_layers`, 0.5). Stages strictly increasing in max(1, min_split)..L-1 (layer K_i ranks with its own
+    q/k and is the first to see fewer tokens), lambda in (0, 1)."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - {"layers", "lambda"})
+    if unknown:
+        raise ToolkitError(f"pdrop takes layers= and lambda=, not {', '.join(unknown)}")
+    layers = options.get("layers", pdrop_default_layers(num_layers))
+    if not isinstance(layers, (list, tuple)) or not layers or any(
+            isinstance(k, bool) or not isinstance(k, int) for k in layers):
+        raise ToolkitError(f"pdrop's layers must be a list of layer indices (e.g. layers=8/16/24), got {layers!r}")
+    layers, first = tuple(layers), max(1, min_split)
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ToolkitError(f"pdrop's layers must increase strictly (e.g. layers=8/16/24), got "
+                           f"{'/'.join(map(str, layers))}")
+    if layers[0] < first or layers[-1] > num_layers - 1:
+        raise ToolkitError(f"pdrop's layers must be in {first}..{num_layers - 1} for a {num_layers}-layer model, got "
+                           f"{'/'.join(map(str, layers))}")
+    lam = options.get("lambda", PDROP_LAMBDA)
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam < 1:
+        raise ToolkitError(f"pdrop's lambda (the share kept from one stage to the next) must be in (0, 1), "
+                           f"got {lam!r}")
+    return (("lambda", float(lam)), ("layers", layers))
+
+
+def read_pdrop(spec: str, part: str, layer: int | None, text: str | None) -> dict:
+    """``pdrop[:layers=8/16/24,lambda=0.5]`` -> `pdrop_options`' dict (layers as written; checked there)."""
+    if layer is not None:
+        raise ToolkitError(f"cannot read plan '{spec}' at '{part}': pdrop takes its stages as layers=, "
+                           "e.g. pdrop:layers=8/16/24,lambda=0.5")
+    if text is not None and "layers=" in text and any("=" not in item for item in text.split(",")):  # 8,16,24
+        raise ToolkitError(f"cannot read plan '{spec}' at '{part}': pdrop's layers are separated by '/' and its "
+                           "parameters by ',', e.g. pdrop:layers=8/16/24,lambda=0.5")
+    params, options = parse_params(text, spec), {}
+    for key, value in params.items():
+        if key == "layers":
+            if not re.fullmatch(r"\d+(/\d+)*", value):
+                raise ToolkitError(f"cannot read plan '{spec}': pdrop's layers are layer indices separated by '/', "
+                                   f"e.g. layers=8/16/24, got '{value}'")
+            options["layers"] = tuple(int(k) for k in value.split("/"))
+        elif key == "lambda":
+            options["lambda"] = _ratio(value, spec)
+        else:
+            raise ToolkitError(f"cannot read plan '{spec}' at '{part}': pdrop takes layers= and lambda=, e.g. "
+                               "pdrop:layers=8/16/24,lambda=0.5")
+    return options
+
+
 def args_text(args: tuple) -> str:
-    """A keyed pruning's options as the spec writes them: ``keep=9.8%``, ``keep=56``, ``dominant=54,contextual=10``."""
+    """A keyed pruning's options as the spec writes them: ``keep=9.8%``, ``keep=56``, ``dominant=54,contextual=10``,
+    PDrop's ``layers=8/16/24,lambda=0.5``."""
     options = dict(args)
+    if "lambda" in options:
+        return f"layers={'/'.join(map(str, options['layers']))},lambda={options['lambda']:g}"
     if "share" in options:
         return f"keep={100 * options['share']:g}%"
     if "count" in options:
@@ -435,11 +565,17 @@ def check_family(plan: RoutingPlan | None, model) -> None:
     them where the positions read the image grid (M-RoPE: a pruned prompt would need a new grid; prune-pre refuses
     the same); VisionZip without a [CLS] tower (SigLIP, Qwen's merger: nothing to rank by) or with anyres crops
     (per-crop compression, no unpadding, no newline: not implemented)."""
-    if plan is None or plan.prune not in KEYED:
+    if plan is None or plan.prune not in (*KEYED, "pdrop"):
         return
     config = model if isinstance(model, PretrainedConfig) else model.config
     family = adapter_class(config)
     name = family.spec.name
+    if plan.prune == "pdrop":
+        if family.position_kwargs:  # its authors' contiguous renumbering is of 1D positions
+            raise ToolkitError(f"pdrop renumbers the kept tokens' positions contiguously (its authors' code, 1D "
+                               f"RoPE), but {name}'s positions read the image grid "
+                               f"({', '.join(family.position_kwargs)}): not supported")
+        return
     if plan.prune == "visionzip" and not family.tower_has_cls(config):
         raise ToolkitError(f"visionzip ranks by the vision tower's [CLS] attention; {name}'s tower "
                            f"({getattr(config.vision_config, 'model_type', '?')}) has no [CLS] token")
@@ -477,7 +613,7 @@ def check_fits(plan: RoutingPlan, num_layers: int, min_split: int) -> None:
                            "layers: make the plan for this model (routing.parse_plan)")
     if plan.routes:
         _check_deepstack(plan.split, min_split)
-    if plan.prune == "fastv":
+    if plan.prune in IN_LLM:
         _check_deepstack_fastv(plan.prune_layer, min_split)
 
 
@@ -519,7 +655,8 @@ def _auto_value(spec: str, key: str, value: str) -> float | int:
 _PART = re.compile(r"^(?P<name>[a-z-]+)(?:@(?P<layer>\d+))?(?::(?P<params>.+))?$")
 _RATIO = re.compile(r"^[0-9.]+%?$")
 _PARAM = re.compile(r"^(?P<key>[A-Za-z_-]+)=(?P<value>[^=,]+)$")
-EXAMPLES = "lf@6, fastv@2:R=50%, fastv@2:R=75%,rank=all, prune-pre:25% or lf@6+prune-pre:50%"
+EXAMPLES = ("lf@6, fastv@2:R=50%, fastv@2:R=75%,rank=all, pdrop:layers=8/16/24,lambda=0.5, prune-pre:25% or "
+            "lf@6+prune-pre:50%")
 
 
 def _ratio(text: str, spec: str) -> float:
@@ -604,7 +741,8 @@ def parse_spec(spec: str) -> dict:
     ``fastv@2:25%`` (which kept 25%) is refused with the new spelling.
 
     Keyed prunings take explicit options only: ``divprune:keep=9.8%``, ``divprune:keep=56``,
-    ``visionzip:dominant=54,contextual=10`` (``divprune`` alone: the authors' defaults).
+    ``visionzip:dominant=54,contextual=10`` (``divprune`` alone: the authors' defaults). PDrop: ``pdrop`` (its
+    authors' stages scaled to the depth, lambda 0.5) or ``pdrop:layers=8/16/24,lambda=0.5`` (``/`` in the list).
 
     Returns ``{"variant", "split" (None = recommended), "prune", "prune_layer", "keep", "rank"}`` and, for a keyed
     pruning, ``"prune_args"`` (`keyed_options`' dict); `variant` None is vanilla. ``vtw@auto[:eta=..,n=..,seed=..]``
@@ -641,6 +779,9 @@ def parse_spec(spec: str) -> dict:
                                f"e.g. {prune}:{','.join(f'{k}={v}' for k, v in KEYED[prune].items())}")
         return {"variant": name, "split": layer, "prune": prune, "prune_layer": None, "keep": 1.0, "rank": None,
                 "prune_args": read_keyed(prune, spec, text)}
+    if prune == "pdrop":
+        return {"variant": name, "split": layer, "prune": prune, "prune_layer": None, "keep": 1.0, "rank": None,
+                "prune_args": read_pdrop(spec, part, prune_layer, text)}
     values = parse_params(text, spec)
     if prune == "fastv":
         if prune_layer is None:

@@ -180,23 +180,27 @@ def perturb_side(routed, seed: int = 3, scale: float = 0.05):
 
 
 def pinned_fastv(routed):
-    """Recomputation with the kept set chosen on the prompt, as cached decoding keeps it (a recomputation over
-    prompt + generated tokens would otherwise rank with the new text queries too)."""
-    original, first = routed._fastv_keep, []
+    """Recomputation with the kept sets chosen on the prompt, as cached decoding keeps them (a recomputation over
+    prompt + generated tokens would otherwise rank with the new text queries too): one per drop stage (FastV one,
+    PDrop one per stage), each extended by the generated tokens at the end of its frame."""
+    original, first, calls = routed._rank_keep, [], [0]
+    stages = len(routed.plan.stages)
 
-    def pinned(h, r, rope, attention_mask, mask):
-        keep = original(h, r, rope, attention_mask, mask)
-        if not first:
+    def pinned(h, r, rope, attention_mask, *rest):
+        keep = original(h, r, rope, attention_mask, *rest)
+        stage = calls[0] % stages
+        calls[0] += 1
+        if len(first) <= stage:
             first.append(keep)
-        return torch.cat([first[0], attention_mask[:, first[0].shape[1]:].bool()], 1)
-    return mock.patch.object(routed, "_fastv_keep", pinned)
+        return torch.cat([first[stage], attention_mask[:, first[stage].shape[1]:].bool()], 1)
+    return mock.patch.object(routed, "_rank_keep", pinned)
 
 
 def fastv_kept(routed, batch: dict) -> torch.Tensor:
-    """The kept set [B, N] bool FastV chose on `batch` (its one call of ``_fastv_keep``)."""
+    """The kept set [B, N] bool FastV chose on `batch` (its one call of ``_rank_keep``)."""
     seen = []
-    original = routed._fastv_keep
-    with mock.patch.object(routed, "_fastv_keep", lambda *a: seen.append(original(*a)) or seen[-1]):
+    original = routed._rank_keep
+    with mock.patch.object(routed, "_rank_keep", lambda *a: seen.append(original(*a)) or seen[-1]):
         with torch.no_grad():
             routed(**batch)
     return seen[0]

@@ -81,7 +81,7 @@ def run_identity(model_id: str, plan: RoutingPlan, opts: RunOptions, records: li
                 "side_depth": plan.side_depth, "learning_rate": opts.learning_rate, "seed": opts.seed,
                 "batch_size": opts.batch_size, "prune": plan.prune, "prune_layer": plan.prune_layer, "keep": plan.keep,
                 "rank": plan.rank,
-                "prune_args": dict(plan.prune_args),  # divprune's count, visionzip's dominant/contextual
+                "prune_args": plan.args_json,  # divprune's count, visionzip's dominant/contextual, pdrop's stages
                 # the global batch is world_size x batch_size and the optimizer state is per process layout:
                 # checkpoints resume only under the same number of processes
                 "world_size": dist.world_size()}
