@@ -21,6 +21,7 @@ from routing.jobs.compare import (
     best_pruner,
     fit_default,
     parse_plans,
+    ranked_pruners,
 )
 from routing.plan import split_specs
 from saturation.core.errors import ToolkitError
@@ -122,8 +123,9 @@ def test_the_figure_without_accuracy_draws_the_cost_panel():
 
 # ---------------------------------------------------------------- the default sweep (issue 25)
 def test_the_default_sweep_holds_the_issues_rows():
-    assert DEFAULT_PLANS == ("vanilla", "lf", "vtw@auto", "fastv@2:R=50%", "fastv@2:R=75%", "visionzip", "divprune",
-                             COMPOSED) and COMPOSED == "lf+best"
+    assert DEFAULT_PLANS == ("vanilla", "lf", "vtw@auto", "fastv@2:R=50%", "fastv@2:R=75%", "pdrop", "visionzip",
+                             "divprune", COMPOSED) and COMPOSED == "lf+best"
+    assert "pdrop" in GEOMETRY_PLANS
     assert parse_plans(DEFAULT_PLANS) and parse_plans(GEOMETRY_PLANS)  # every one reads
     cfg = CompareConfig()
     assert cfg.plans == DEFAULT_PLANS and cfg.defaulted and not CompareConfig(plans="vanilla,lf").defaulted
@@ -144,11 +146,14 @@ def test_compare_defaults_fill_every_row_and_column(tmp_path):
     assert table.notna().drop(columns=["params", "trained"]).all().all()  # no NaN in any number
     plans = list(table["plan"])
     assert plans[:5] == ["vanilla", "lf@5", "vtw@auto", "fastv@2:R=50%", "fastv@2:R=75%"]
-    assert plans[5:7] == ["visionzip:dominant=2,contextual=1", "divprune:keep=9.8%"]  # scaled to the 9 patches
-    assert len(plans) == 8 and plans[7].startswith("lf@5+") and plans[7][len("lf@5+"):] in plans[3:7]
-    composed = table.set_index("plan").loc[plans[7]]
+    assert plans[5] == "pdrop:layers=3/6/9,lambda=0.5"  # PDrop's stages scaled to 12 layers
+    assert plans[6:8] == ["visionzip:dominant=2,contextual=1", "divprune:keep=9.8%"]  # scaled to the 9 patches
+    assert len(plans) == 9 and plans[8].startswith("lf@5+") and plans[8][len("lf@5+"):] in plans[3:8]
+    composed = table.set_index("plan").loc[plans[8]]
     assert composed["trainable_params"] > 0 and composed["trained"] == "trained 1 steps"
-    assert plans[7][len("lf@5+"):] == best_pruner(table.to_dict("records")[:7])  # the rule, on this run's rows
+    # the rule, on this run's rows: the best that LF at s=5 composes with (PDrop's stages 6 and 9 come after it)
+    ranked = [c for c in ranked_pruners(table.to_dict("records")[:8]) if not c.startswith("pdrop")]
+    assert plans[8][len("lf@5+"):] == ranked[0]
     assert "scaled to this tower's 9 patches" in result.output and "lf+best -> lf+" in result.output
 
 
@@ -159,8 +164,8 @@ def test_compare_geometry_defaults_run_without_data_or_pixels(tmp_path):
     assert result.exit_code == 0, result.output
     assert "+ 8 text tokens" in result.output
     raw = pd.read_csv(out / "frontier.csv", keep_default_na=False)
-    assert list(raw["plan"]) == ["vanilla", "lf@2", "vtw@2", "fastv@2:R=50%", "fastv@2:R=75%", "divprune:keep=9.8%",
-                                 "lf@2+fastv@2:R=75%"]
+    assert list(raw["plan"]) == ["vanilla", "lf@2", "vtw@2", "fastv@2:R=50%", "fastv@2:R=75%",
+                                 "pdrop:layers=1/2/3,lambda=0.5", "divprune:keep=9.8%", "lf@2+fastv@2:R=75%"]
     assert raw.drop(columns=["plan", "params", "trained", "accuracy"]).apply(pd.to_numeric).notna().all().all()
 
 

@@ -30,7 +30,7 @@ import torch
 from transformers import PretrainedConfig
 
 from routing import flops
-from routing.plan import KEYED, PRUNERS, RoutingPlan, args_text, parse_spec, split_specs
+from routing.plan import KEYED, PRUNERS, RoutingPlan, parse_spec, split_specs
 from saturation.core.errors import ToolkitError
 from saturation.core.sources import DataSpec
 
@@ -41,17 +41,14 @@ NEEDS_PIXELS = ("prune-pre", "visionzip")  # prunings that read the vision tower
 BEST = "+best"
 COMPOSED = "lf" + BEST
 # The default sweep (issue 25), one constant: vanilla, DPVR's LF at the recommended split, VTW at its own layer (its KL
-# search), FastV K=2 at R = 50% / 75%, [PDrop], VisionZip (LLaVA-1.5 only: `fit_default` skips it, with a note, on a
+# search), FastV K=2 at R = 50% / 75%, PDrop (its authors' stages scaled to the depth), VisionZip (LLaVA-1.5 only: `fit_default` skips it, with a note, on a
 # family that refuses it), DivPrune, and LF composed with the best of the pruners.
-DEFAULT_PLANS = ("vanilla", "lf", "vtw@auto", "fastv@2:R=50%", "fastv@2:R=75%",
-                 # PDrop (branch `pdrop`): add "pdrop" here once it is merged, and to GEOMETRY_PLANS
-                 "visionzip", "divprune", COMPOSED)
+DEFAULT_PLANS = ("vanilla", "lf", "vtw@auto", "fastv@2:R=50%", "fastv@2:R=75%", "pdrop", "visionzip", "divprune",
+                 COMPOSED)
 # Geometry mode has random weights, random image embeddings and no data: VTW at the split instead of its KL search, no
 # VisionZip (it reads the tower's attention on pixels), and no accuracy to pick the composition by, so LF is composed
 # with a fixed pruner: FastV R=75%, the one `best_pruner` picks on the embedded model (docs/RESULTS.md).
-GEOMETRY_PLANS = ("vanilla", "lf", "vtw", "fastv@2:R=50%", "fastv@2:R=75%",
-                  # PDrop (branch `pdrop`): add "pdrop" here once it is merged
-                  "divprune", "lf+fastv@2:R=75%")
+GEOMETRY_PLANS = ("vanilla", "lf", "vtw", "fastv@2:R=50%", "fastv@2:R=75%", "pdrop", "divprune", "lf+fastv@2:R=75%")
 # VisionZip's default budget, 54 dominant + 10 contextual tokens of LLaVA-1.5's 576 patches (its README)
 VISIONZIP_DEFAULT = (54, 10, 576)
 COLUMNS = ("plan", "params", "accuracy", "flops_ratio", "prefill_ratio", "decode_ratio", "trainable_params",
@@ -162,16 +159,21 @@ def best_pruner(rows: list[dict]) -> str | None:
     an accuracy and a FLOP saving, the one of best accuracy per FLOP (accuracy / FLOPs ratio); ties go to the lower
     FLOPs ratio, then to the earlier row. Rows are dicts with ``plan``, ``accuracy``, ``flops_ratio``; None when no
     row qualifies."""
-    best, key = None, None
+    ranked = ranked_pruners(rows)
+    return ranked[0] if ranked else None
+
+
+def ranked_pruners(rows: list[dict]) -> list[str]:
+    """`best_pruner`'s candidates, best first: the next one is tried when LF cannot compose with the best (PDrop with
+    a stage after the split)."""
+    scored = []
     for i, row in enumerate(rows):
         p = _parse_one(row["plan"])
         acc, cost = float(row["accuracy"]), float(row["flops_ratio"])
         if p.get("composed") or p["variant"] not in PRUNERS or math.isnan(acc) or not 0 < cost < 1:
             continue
-        score = (-acc / cost, cost, i)
-        if key is None or score < key:
-            best, key = row["plan"], score
-    return best
+        scored.append(((-acc / cost, cost, i), row["plan"]))
+    return [plan for _, plan in sorted(scored)]
 
 
 def params_of(plan: RoutingPlan | None) -> str:
@@ -182,8 +184,8 @@ def params_of(plan: RoutingPlan | None) -> str:
         parts.append(f"K={plan.fusion_layers} d_v={plan.side_depth}")
     if plan.prune == "fastv":  # FastV's own terms: K, R = the share dropped, the rank rule
         parts.append(f"fastv {plan.pruning_terms}")
-    elif plan.prune in KEYED:
-        parts.append(args_text(plan.prune_args))
+    elif plan.prune in KEYED or plan.prune == "pdrop":  # their options as their authors name them
+        parts.append(plan.pruning_terms)
     elif plan.prune is not None:
         parts.append(f"R={100 * plan.keep:g}% kept")
     return " ".join(parts)
@@ -353,13 +355,21 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.Da
         rows = [row(name, plan, net, how, searches[name].describe() if name in searches else params_of(plan))
                 for name, (plan, net, how) in built.items()]
         for p in (p for p in parsed if p.get("composed")):  # lf+best, now that the pruners have their accuracy
-            best = best_pruner(rows)
-            if best is None:
-                log(f"skipped {p['text']}: no training-free pruner row with an accuracy and a FLOP saving")
+            made = None
+            for best in ranked_pruners(rows):
+                spec = p["text"][:-len(BEST)] + "+" + best
+                try:
+                    made = build_plans(cfg, model, processor, parse_plans([spec]), log)
+                except ToolkitError as err:  # e.g. PDrop with a stage after LF's split: the next best
+                    log(f"{p['text']}: not {spec} ({err})")
+                    continue
+                log(f"{p['text']} -> {spec}: the pruner of best accuracy per FLOP that LF composes with")
+                break
+            if made is None:
+                log(f"skipped {p['text']}: no training-free pruner row with an accuracy and a FLOP saving that LF "
+                    "composes with")
                 continue
-            spec = p["text"][:-len(BEST)] + "+" + best
-            log(f"{p['text']} -> {spec}: the pruner of best accuracy per FLOP")
-            for name, (plan, net, how) in build_plans(cfg, model, processor, parse_plans([spec]), log).items():
+            for name, (plan, net, how) in made.items():
                 if name in built:  # --plans named it already: one row
                     log(f"skipped {p['text']}: {name} is already a row")
                     continue
