@@ -44,8 +44,10 @@ def lmms_eval(tmp_path: Path, model_args: str, out: Path, *extra: str) -> subpro
     cmd = [str(BIN / "lmms-eval"), "--model", "dpvr_llava", "--model_args", model_args,
            "--tasks", "shapes_gen,shapes_mc", "--include_path", str(TASKS), "--batch_size", "16",
            "--log_samples", "--output_path", str(out), *extra]
-    elsewhere = tmp_path / "elsewhere"  # not the repository: nothing of tests/ is found by a relative path
-    elsewhere.mkdir(exist_ok=True)
+    elsewhere = tmp_path / "elsewhere"  # not the repository: nothing of tests/ is found by a relative path; only
+    if not elsewhere.exists():  # the tasks' data (their data_files is relative) is linked in
+        elsewhere.mkdir()
+        (elsewhere / "data_samples").symlink_to(REPO / "data_samples")
     return subprocess.run(cmd, cwd=elsewhere, env=env(tmp_path), capture_output=True, text=True, timeout=300)
 
 
@@ -104,9 +106,9 @@ def test_lmms_eval_cli_matches_routing_eval(tmp_path, artifact, routed):
     done = lmms_eval(tmp_path, model_args, tmp_path / "lmms")
     scores, samples = results(tmp_path / "lmms")
     said = done.stdout + done.stderr
-    loaded = [line for line in said.splitlines() if "dpvr_llava: base " in line]  # one line names what was loaded
-    assert len(loaded) == 1 and (f"routing plan lf@1 (lf) from {artifact}" if routed else "no routing (vanilla)") \
-        in loaded[0], said[-3000:]
+    loaded = {line[line.index("dpvr_llava: base "):] for line in said.splitlines() if "dpvr_llava: base " in line}
+    assert len(loaded) == 1, said[-3000:]  # one line names what was loaded (the same line on every log sink)
+    assert (f"routing plan lf@1 (lf) from {artifact}" if routed else "no routing (vanilla)") in loaded.pop()
     data, gen_ids, mc_ids = records(tmp_path)
     ours = routing_eval(tmp_path, data, "eval", *(["--routing", str(artifact)] if routed else []))
 

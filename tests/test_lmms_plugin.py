@@ -331,3 +331,55 @@ def test_the_work_around_ships_in_the_package_not_on_pythonpath():
     repo = Path(__file__).resolve().parent.parent
     assert not list((repo / "tests").rglob("sitecustomize.py"))
     assert "patch_pair_unwrapping(lmms_eval.api.instance)" in (repo / "routing" / "lmms" / "model.py").read_text()
+
+
+def test_the_model_class_wiring_without_lmms_eval(monkeypatch, tmp_path):
+    """`routing.lmms.model` on stand-ins for lmms-eval 0.7.3 and loguru: importing it patches the buggy unwrap
+    (in the evaluator's by-name copy too), a refusal is one banner in the log and a ToolkitError in lmms-eval's
+    terms, and a load logs the one line that names the base and the plan."""
+    import importlib
+    import sys
+    import types
+
+    instance, evaluator = _lmms_0_7_3("lmms_eval.api.instance")
+    instance.Instance = object
+    logged: list[tuple[str, str]] = []
+    stubs = {"lmms_eval": types.ModuleType("lmms_eval"), "lmms_eval.api": types.ModuleType("lmms_eval.api"),
+             "lmms_eval.api.instance": instance, "lmms_eval.api.model": types.ModuleType("lmms_eval.api.model"),
+             "lmms_eval.utils": types.ModuleType("lmms_eval.utils"), "lmms_eval.evaluator": evaluator,
+             "loguru": types.ModuleType("loguru")}
+    stubs["lmms_eval"].api = stubs["lmms_eval.api"]
+    stubs["lmms_eval.api"].instance = instance
+    stubs["lmms_eval.api.model"].lmms = type("lmms", (), {"__init__": lambda self: None})
+    stubs["lmms_eval.utils"].simple_parse_args_string = lambda text: dict(kv.split("=", 1) for kv in text.split(","))
+    stubs["loguru"].logger = types.SimpleNamespace(info=lambda m: logged.append(("info", m)),
+                                                   error=lambda m: logged.append(("error", m)))
+    for name, module in stubs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "routing.lmms.model", raising=False)
+    model = importlib.import_module("routing.lmms.model")
+    try:
+        assert evaluator.unwrap_generation_output((2.0, False)) == ((2.0, False), None)  # patched on import
+        assert any("passing them through" in m for _, m in logged)
+
+        logged.clear()
+        with pytest.raises(ToolkitError, match="^dpvr_llava: routing= is empty"):
+            model.DPVRLlava.create_from_arg_string("pretrained=tiny,routing=", {"batch_size": 1})
+        assert [level for level, _ in logged] == ["error"] * 4  # one banner, though two entry points were passed
+
+        logged.clear()
+        with pytest.raises(ToolkitError, match="pretrained=PATH"):
+            model.DPVRLlava.create_from_arg_string(f"pretrained={tmp_path / 'missing'}", {"batch_size": 1})
+        assert len(logged) == 4 and "--model" not in " ".join(m for _, m in logged)
+
+        routing.build(load_model("tiny")[0], 4).save_routing(tmp_path / "routing")
+        logged.clear()
+        loaded = model.DPVRLlava.create_from_arg_string(f"pretrained=tiny,routing={tmp_path / 'routing'}",
+                                                        {"batch_size": 2})
+        assert loaded.batch_size == 2
+        assert [m for level, m in logged if "dpvr_llava: base " in m] == [
+            f"dpvr_llava: base {DATA_SAMPLES / 'tiny-llava'}, routing plan lf@4 (lf) from {tmp_path / 'routing'}"]
+    finally:
+        sys.modules.pop("routing.lmms.model", None)  # the stand-ins' version must not outlive the test
+        vars(sys.modules["routing.lmms"]).pop("model", None)
+        torch.set_num_threads(1)

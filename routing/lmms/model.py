@@ -6,7 +6,7 @@ every multiple-choice task failed), so nothing has to be put on ``PYTHONPATH``.
 
 from __future__ import annotations
 
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 import lmms_eval.api.instance
 import torch
@@ -29,8 +29,16 @@ from routing.lmms.plugin import (
 )
 from saturation.core.loading import default_threads, load_model
 
+
+def _lmms_version() -> str:
+    try:
+        return version("lmms_eval")
+    except PackageNotFoundError:  # a source checkout on sys.path
+        return "(version unknown)"
+
+
 if patch_pair_unwrapping(lmms_eval.api.instance):
-    logger.info(f"{MODEL_ID}: lmms-eval {version('lmms_eval')} turns loglikelihood pairs into text (every "
+    logger.info(f"{MODEL_ID}: lmms-eval {_lmms_version()} turns loglikelihood pairs into text (every "
                 "multiple-choice task would fail): passing them through (routing.lmms.compat)")
 _loud = loudly(logger.error)  # our refusals stand out in lmms-eval's log, above its own traceback
 
