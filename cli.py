@@ -350,6 +350,31 @@ def eval_cmd(
         Console().print(f"wrote {json_out} and {json_out.with_suffix('.csv')}", highlight=False)
 
 
+def check_temperature(sample: bool, temperature: float) -> None:
+    """With --sample, a temperature that divides the logits: finite and above 0 (HF's own check is a traceback)."""
+    import math
+
+    if sample and not (math.isfinite(temperature) and temperature > 0):
+        raise ToolkitError(f"--temperature must be a number above 0 with --sample (got {temperature}); for greedy "
+                           "decoding leave --sample out")
+
+
+def check_prompt_text(prompt: str, processor=None) -> None:
+    """Refuse a --prompt that writes an image placeholder or another special token of `processor`'s tokenizer
+    itself (without one: ``<image>`` alone, before the weights load): generate puts one image per --image before
+    the prompt, and the processor would count the prompt's placeholders as images (transformers' error)."""
+    from saturation.core.data import IMAGE_PLACEHOLDER
+
+    tok = getattr(processor, "tokenizer", None)
+    added = [] if tok is None else [*tok.all_special_tokens,  # not Gemma's added whitespace runs: special ones only
+                                    *(t.content for t in tok.added_tokens_decoder.values() if t.special)]
+    special = {IMAGE_PLACEHOLDER, *added} - {"", None}
+    found = sorted((t for t in special if t in prompt), key=prompt.index)
+    if found:
+        raise ToolkitError(f"--prompt holds the special token '{found[0]}': leave it out (generate places one image "
+                           "placeholder per --image before the question itself)")
+
+
 @routing_app.command("generate")
 @friendly
 def generate_cmd(
@@ -371,14 +396,21 @@ def generate_cmd(
     from transformers import set_seed
 
     from saturation.core.data import PromptFormat, Record, generation_batch, load_image, no_image_tokens, to_model
+    from saturation.core.lengths import check_prompts, max_positions
 
     require_positive(max_new_tokens=max_new_tokens)
+    check_temperature(sample, temperature)
+    check_prompt_text(prompt)
     check_compile(compile, device_map)
     check_placement(device, device_map, max_memory)
     records = [Record(id=str(p), image=p, turns=((prompt, ""),)) for p in image]
     images = [load_image(r) for r in records]
     net, processor = load_model_for_cli(model, routing_dir, dtype, device, device_map, max_memory, compile)
-    batch = to_model(generation_batch(records, processor, images, PromptFormat.of(net)), net.device, net.dtype)
+    check_prompt_text(prompt, processor)
+    batch = generation_batch(records, processor, images, PromptFormat.of(net))
+    check_prompts(batch["attention_mask"].sum(1).tolist(), [str(p) for p in image], max_positions(net),
+                  max_new_tokens, what="--image")
+    batch = to_model(batch, net.device, net.dtype)
     set_seed(seed)
     extra = {"temperature": temperature} if sample else {}
     ids = net.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample, **extra, **no_image_tokens(net))

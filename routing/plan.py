@@ -360,6 +360,8 @@ def make_plan(num_layers: int, split: int, variant: str = "lf", fusion_layers: i
             prune_layer = split
         prune = variant
         split, fusion_layers, side_depth = num_layers, 0, 0
+    if variant == "vtw" and prune is not None:  # VTW's image tokens leave at the split: nothing is left to prune
+        raise ToolkitError(f"vtw takes no pruning ({prune}): pruning composes only after lf, pc, kv or lf-ideal")
     args: tuple = ()
     if prune == "pdrop":  # its stages and lambda (the authors' defaults scaled to the depth where missing)
         if keep != 1.0:
@@ -629,6 +631,7 @@ def parse_vtw_auto(spec: str) -> dict | None:
     m = _VTW_AUTO.match(spec.strip())
     if m is None:
         return None
+    ascii_digits_only(spec)
     params, raw = dict(VTW_AUTO_DEFAULTS), m["params"]
     for item in [] if raw is None else raw.split(","):
         key, eq, value = item.strip().partition("=")
@@ -639,11 +642,27 @@ def parse_vtw_auto(spec: str) -> dict | None:
     return params
 
 
+def shown(text: str, limit: int = 24) -> str:
+    """`text` as an error message quotes it: cut after `limit` characters (a 5000-digit layer is not echoed)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def non_ascii_digits(text: str) -> bool:
+    """Whether `text` holds a digit other than ASCII 0-9 (full-width ６, Arabic-Indic ٦, ...)."""
+    return any(c.isdigit() and not c.isascii() for c in text)
+
+
+def ascii_digits_only(spec: str) -> None:
+    """Refuse a spec with a digit other than ASCII 0-9, naming it (``vtw@６`` is not vtw@6)."""
+    if non_ascii_digits(spec):
+        digit = next(c for c in spec if c.isdigit() and not c.isascii())
+        raise ToolkitError(f"cannot read plan '{shown(spec, 60)}': '{digit}' is not an ASCII digit (write numbers "
+                           "with 0-9)")
+
+
 def _auto_value(spec: str, key: str, value: str) -> float | int:
-    try:
-        number = float(value) if key == "eta" else int(value)
-    except ValueError:
-        number = None
+    pattern = _REAL if key == "eta" else _COUNT
+    number = (float(value) if key == "eta" else int(value)) if pattern.fullmatch(value) else None
     if key == "eta" and (number is None or not math.isfinite(number) or number < 0):
         raise ToolkitError(f"plan '{spec}': eta must be a number >= 0 (VTW's KL budget, e.g. 0.003), got '{value}'")
     if key != "eta" and (number is None or number < (1 if key == "n" else 0)):
@@ -652,8 +671,14 @@ def _auto_value(spec: str, key: str, value: str) -> float | int:
     return number
 
 
-_PART = re.compile(r"^(?P<name>[a-z-]+)(?:@(?P<layer>\d+))?(?::(?P<params>.+))?$")
+_PART = re.compile(r"^(?P<name>[a-z-]+)(?:@(?P<layer>[^:]*))?(?::(?P<params>.+))?$")
 _RATIO = re.compile(r"^[0-9.]+%?$")
+# Numbers in a plan are ASCII: Python's int() and float() also read full-width (６) and Arabic-Indic (٦) digits and
+# underscores (1_0), which a spec must not silently turn into vtw@6. A layer index has at most 6 digits (int() of
+# thousands of digits raises past sys.int_info's limit).
+_LAYER = re.compile(r"[0-9]{1,6}", re.ASCII)
+_COUNT = re.compile(r"[0-9]{1,9}", re.ASCII)
+_REAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?", re.ASCII)
 _PARAM = re.compile(r"^(?P<key>[A-Za-z_-]+)=(?P<value>[^=,]+)$")
 EXAMPLES = ("lf@6, fastv@2:R=50%, fastv@2:R=75%,rank=all, pdrop:layers=8/16/24,lambda=0.5, prune-pre:25% or "
             "lf@6+prune-pre:50%")
@@ -662,11 +687,25 @@ EXAMPLES = ("lf@6, fastv@2:R=50%, fastv@2:R=75%,rank=all, pdrop:layers=8/16/24,l
 def _ratio(text: str, spec: str) -> float:
     """``50%`` or ``0.5`` -> 0.5; anything else is one line naming `spec`."""
     if not _RATIO.match(text):
-        raise ToolkitError(f"cannot read plan '{spec}': '{text}' is not a ratio (write e.g. 50% or 0.5)")
+        raise ToolkitError(f"cannot read plan '{shown(spec, 60)}': '{shown(text)}' is not a ratio (write e.g. 50% "
+                           "or 0.5)")
     try:
         return float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
-        raise ToolkitError(f"cannot read plan '{spec}': '{text}' is not a ratio (write e.g. 50% or 0.5)") from None
+        raise ToolkitError(f"cannot read plan '{shown(spec, 60)}': '{shown(text)}' is not a ratio (write e.g. 50% "
+                           "or 0.5)") from None
+
+
+def _layer(text: str | None, part: str, spec: str) -> int | None:
+    """The layer after ``@``: ASCII digits, at most 6 of them (no model has a million layers)."""
+    if text is None:
+        return None
+    if not _LAYER.fullmatch(text):
+        too_long = text.isascii() and text.isdigit()
+        raise ToolkitError(f"cannot read plan '{shown(spec, 60)}' at '{shown(part)}': "
+                           + (f"layer {shown(text, 12)} is far past any model's depth" if too_long else
+                              f"'@{shown(text)}' is not a layer number (write e.g. {EXAMPLES})"))
+    return int(text)
 
 
 def parse_params(text: str | None, spec: str) -> dict[str, str]:
@@ -693,6 +732,9 @@ def _fastv_params(params: dict[str, str], part: str, spec: str) -> dict:
     """FastV's ``R`` (the share DROPPED, as its scripts and paper write it) and its ``rank`` rule."""
     if "" in params:  # the old spelling kept R: its meaning flipped, so it is refused rather than reread
         old = _ratio(params[""], spec)
+        if not 0 < old <= 1:  # no R to suggest: the old ratio was out of range too
+            raise ToolkitError(f"plan '{spec}': '{part}' is the old spelling (a kept share, here out of range); "
+                               f"FastV's R is the share dropped: write e.g. {part.split(':')[0]}:R=50%")
         suggestion = spec.replace(part, f"{part.split(':')[0]}:R={100 * (1 - old):g}%")
         raise ToolkitError(f"plan '{spec}': '{part}' is the old spelling (it KEPT {100 * old:g}%); FastV's R is the "
                            f"share dropped: write {suggestion}")
@@ -749,6 +791,7 @@ def parse_spec(spec: str) -> dict:
     (VTW's layer from its KL search, `routing.vtw`) adds ``"auto"``: its params. Raises ToolkitError naming the part
     it cannot read.
     """
+    ascii_digits_only(spec)
     auto = parse_vtw_auto(spec)
     if auto is not None:  # a layer found on data: `plan_from_spec` cannot make it, `routing.vtw.resolve_auto` can
         return {"variant": "vtw", "split": None, "prune": None, "prune_layer": None, "keep": 1.0, "rank": None,
@@ -758,18 +801,20 @@ def parse_spec(spec: str) -> dict:
     for part in parts:
         m = _PART.match(part)
         if not m:
-            raise ToolkitError(f"cannot read plan '{spec}' at '{part}': write e.g. {EXAMPLES}")
-        parsed.append((m["name"], None if m["layer"] is None else int(m["layer"]), m["params"], part))
+            raise ToolkitError(f"cannot read plan '{shown(spec, 60)}' at '{shown(part)}': write e.g. {EXAMPLES}")
+        parsed.append((m["name"], _layer(m["layer"], part, spec), m["params"], part))
     (name, layer, params, part), rest = parsed[0], parsed[1:]
     if name == "vanilla" and not rest and layer is None and params is None:
         return {"variant": None, "split": None, "prune": None, "prune_layer": None, "keep": 1.0, "rank": None}
-    if name not in ALL_VARIANTS or len(rest) > 1 or (rest and (name in PRUNERS or rest[0][0] not in PRUNERS)):
+    if name not in ALL_VARIANTS or len(rest) > 1 or (rest and (name not in VARIANTS or rest[0][0] not in PRUNERS)):
         raise ToolkitError(f"cannot read plan '{spec}': one of vanilla, {', '.join(ALL_VARIANTS)}, optionally "
                            f"+ one of {', '.join(PRUNERS)} after lf/pc/kv/lf-ideal")
     if name in PRUNERS:
         rest, layer = [(name, layer, params, part)], None
     elif params is not None:
-        raise ToolkitError(f"cannot read plan '{spec}': '{name}' takes no keep ratio or parameters (did you mean {name}@S+...?)")
+        head = part.split(":")[0]  # a pruning composes after the variant with +
+        raise ToolkitError(f"cannot read plan '{spec}': '{name}' takes no keep ratio or parameters (a pruning "
+                           f"composes after it with +, e.g. {head}+prune-pre:50%)")
     if not rest:
         return {"variant": name, "split": layer, "prune": None, "prune_layer": None, "keep": 1.0, "rank": None}
     prune, prune_layer, text, part = rest[0]
@@ -800,7 +845,8 @@ def plan_from_spec(parsed: dict, num_layers: int, default_split: int | None, fus
     if variant is None:
         return None
     if parsed.get("auto") is not None:
-        raise ToolkitError(f"plan '{spec or 'vtw@auto'}' chooses VTW's layer by a KL search on data: write vtw@K, "
+        raise ToolkitError(f"plan '{spec or 'vtw@auto'}' chooses VTW's layer by a KL search on data: write a "
+                           f"layer (e.g. vtw@{num_layers // 2}), "
                            "or resolve it with routing.vtw.resolve_auto(spec, model, processor, records) (the CLI's "
                            "`routing compare --plans` and `routing save-plan --plan` do, on --data)")
     if variant in PRUNERS:  # the pruning carries its own layer; the split is the model's depth
@@ -808,7 +854,8 @@ def plan_from_spec(parsed: dict, num_layers: int, default_split: int | None, fus
     elif parsed["split"] is not None:
         split = parsed["split"]
     elif default_split is None:
-        raise ToolkitError(f"plan '{spec or variant}' needs its split: write {variant}@S (or pass --split S)")
+        raise ToolkitError(f"plan '{spec or variant}' needs its split: write e.g. {variant}@{num_layers // 2} (or "
+                           "pass --split S)")
     else:
         split = default_split
     return make_plan(num_layers, split, variant, fusion_layers, side_depth, min_split,

@@ -71,6 +71,7 @@ from saturation.core.data import (
 )
 from saturation.core.errors import ToolkitError
 from saturation.core.files import atomic_write, ensure_output_dir, write_json
+from saturation.core.lengths import check_prompts, max_positions
 from saturation.core.loading import (
     DATA_SAMPLES,
     cpu_threads,
@@ -258,11 +259,13 @@ def logit_lens_kl(unembed: Callable[[Tensor], Tensor], hidden: list[Tensor | Non
     return out.clamp_(min=0.0)  # KL >= 0; rounding can leave -1e-7
 
 
-def encode_batch(records: list[Record], processor, image_token_id: int, fmt: PromptFormat | None = None
-                 ) -> dict[str, Tensor]:
+def encode_batch(records: list[Record], processor, image_token_id: int, fmt: PromptFormat | None = None,
+                 limit: int | None = None) -> dict[str, Tensor]:
     """Right-padded batch of each record's first turn with its answer (see the module docstring), in the family's
-    prompt format `fmt` (default LLaVA-1.5's), with its image inputs (LLaVA-NeXT: tiles padded, ``image_sizes``)."""
+    prompt format `fmt` (default LLaVA-1.5's), with its image inputs (LLaVA-NeXT: tiles padded, ``image_sizes``).
+    A record longer than `limit` positions (the model's) is refused, naming it (`saturation.core.lengths`)."""
     examples = [encode_record(replace(r, turns=r.turns[:1]), processor, fmt=fmt) for r in records]
+    check_prompts([len(e["input_ids"]) for e in examples], [r.id for r in records], limit)
     pad = processor.tokenizer.pad_token_id
     return collate(examples, 0 if pad is None else pad, image_token_id, padding_side="right")
 
@@ -547,7 +550,7 @@ def _check_options(cfg: ProbeConfig) -> None:
     if cfg.lens_positions is not None and cfg.lens_positions < 2:
         raise ToolkitError(f"--lens-positions must be at least 2, one image and one text position "
                            f"(got {cfg.lens_positions})")
-    if cfg.device_map is not None:  # before any file is written
+    if cfg.device_map is not None or cfg.max_memory is not None:  # before any file is written
         from saturation.core.loading import check_placement
 
         check_placement(cfg.device, cfg.device_map, cfg.max_memory)
@@ -711,7 +714,8 @@ def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Recor
         t0 = time.perf_counter()
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start:start + cfg.batch_size]
-            batch = to_model(encode_batch([r for _, r in chunk], processor, anat.image_token_id, fmt), device, dtype)
+            batch = to_model(encode_batch([r for _, r in chunk], processor, anat.image_token_id, fmt,
+                                          max_positions(model)), device, dtype)
             seeds = [lens_seed(cfg.seed, r.id) for _, r in chunk]
             if bridge is not None:
                 values = bridge_probe_batch(bridge, reducer, batch, seeds)

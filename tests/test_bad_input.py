@@ -405,3 +405,134 @@ def test_multi_line_message_is_printed_as_one_line():
 
     result = runner.invoke(app, [], env=ENV)
     assert result.exit_code == 1 and result.stderr == "error: first part second part [/] with brackets\n"
+
+
+# --- issue 28: what still gave a traceback, or was silently accepted ---
+
+
+MALFORMED_PLANS = {
+    "a ratio with two dots": ("fastv@2:R=1.2.3%", "'1.2.3%' is not a ratio"),
+    "a ratio of a dot": ("pool:.%", "'.%' is not a ratio"),
+    "a 5000-digit layer": ("lf@" + "9" * 5000, "far past any model's depth"),  # int()'s ValueError before
+    "a full-width digit": ("vtw@６", "'６' is not an ASCII digit"),  # saved as vtw@6 before
+    "an Arabic-Indic digit": ("vtw@٦", "'٦' is not an ASCII digit"),
+    "vtw under a pruning": ("vtw@6+fastv@2:R=50%", "after lf/pc/kv/lf-ideal"),  # saved before
+}
+
+
+def _plan_commands(model: Path, tmp: Path) -> dict[str, callable]:
+    return {
+        "save-plan": lambda spec: (routing_app, "save-plan", "--model", model, "--plan", spec, "--out", tmp / "plan"),
+        "compare": lambda spec: (routing_app, "compare", "--model", model, "--plans", f"vanilla,{spec}",
+                                 "--out", tmp / "compare"),
+        "train": lambda spec: (routing_app, "train", "--model", model, "--plan", spec, "--max-steps", 1,
+                               "--out", tmp / "train"),
+    }
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_PLANS))
+@pytest.mark.parametrize("command", ["save-plan", "compare", "train"])
+def test_a_malformed_number_in_a_plan_is_one_line(command, case, tiny_model_dir, tmp_path):
+    spec, needle = MALFORMED_PLANS[case]
+    app, *args = _plan_commands(tiny_model_dir, tmp_path)[command](spec)
+    line = one_line_error(_run(app, *args), needle)
+    assert len(line) < 400  # a 5000-digit spec is not echoed whole
+    assert not (tmp_path / "plan").exists() and not (tmp_path / "train").exists()
+
+
+@pytest.mark.parametrize("prompt", ["<image> what colour?", "what <image> is it? <image>", "what </s> colour?"])
+def test_generate_refuses_a_prompt_that_writes_special_tokens(prompt, tiny_model_dir, dataset):
+    """transformers' own message (and count) came as a ValueError traceback; generate places the images itself."""
+    one_line_error(_run(routing_app, "generate", "--model", tiny_model_dir, "--image", _image(dataset),
+                        "--prompt", prompt), "--prompt holds the special token", strict=False)
+
+
+@pytest.mark.parametrize("temperature", ["0", "-1", "nan", "inf"])
+def test_generate_refuses_a_temperature_that_is_not_above_zero(temperature, tiny_model_dir, dataset):
+    one_line_error(_run(routing_app, "generate", "--model", tiny_model_dir, "--image", _image(dataset), "--prompt",
+                        "what colour?", "--sample", "--temperature", temperature), "--temperature must be a number")
+
+
+BAD_MAX_MEMORY = {
+    "no such GPU": ("7=1GiB", "caps GPU 7, but this machine has 0 CUDA device(s)"),  # accelerate's RuntimeError
+    "an infinite size": ("cpu=1e400GiB", "'1e400GiB' is not a size"),  # accelerate's OverflowError
+    "a size past 1 EiB": ("cpu=99999999999999GiB", "under 1 EiB"),
+    "a zero size": ("cpu=0GiB", "at least 1 byte"),
+    "a key given twice": ("cpu=1GiB,cpu=2GiB", "caps cpu twice"),  # the last one won silently
+    "a full-width GPU index": ("０=1GiB", "write DEVICE=SIZE pairs"),  # read as GPU 0
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MAX_MEMORY))
+@pytest.mark.parametrize("command", ["probe", "train", "eval", "generate", "bench"])
+def test_bad_max_memory_is_one_line(command, case, tiny_model_dir, dataset, tmp_path, monkeypatch):
+    _no_cuda(monkeypatch)
+    text, needle = BAD_MAX_MEMORY[case]
+    app, *args = _device_commands(tiny_model_dir, dataset, tmp_path)[command]
+    one_line_error(_run(app, *args, "--device-map", "auto", "--max-memory", text), f"--max-memory '{text}'",
+                   needle)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize("command", ["probe", "train", "eval", "generate", "bench"])
+def test_max_memory_without_a_device_map_is_refused(command, tiny_model_dir, dataset, tmp_path):
+    app, *args = _device_commands(tiny_model_dir, dataset, tmp_path)[command]
+    one_line_error(_run(app, *args, "--max-memory", "cpu=1GiB"), "--max-memory goes with --device-map")
+    assert not any(tmp_path.iterdir())
+
+
+def _long_dataset(dataset: Path, name: str, words: int = 700) -> Path:
+    """The dataset with its first record's question `words` words long (the test model has 512 positions)."""
+    records = json.loads(dataset.read_text())
+    question = "<image>\n" + " ".join(["what colour is the circle"] * (words // 5)) + "?"
+    records[0] = records[0] | {"id": "too-long", "conversations": [
+        {"from": "human", "value": question}, records[0]["conversations"][1]]}
+    path = dataset.parent / name
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize("command", ["eval", "probe"])
+def test_a_prompt_longer_than_the_models_positions_is_refused(command, tiny_model_dir, dataset, tmp_path):
+    """It ran on positions the model was never trained for, silently (rotary positions do not stop it)."""
+    data = _long_dataset(dataset, "long.json")
+    app, *args = {"eval": (routing_app, "eval", "--model", tiny_model_dir, "--data", data, "--n", 3, "--seed", 0),
+                  "probe": (saturation_app, "probe", "--model", tiny_model_dir, "--data", data,
+                            "--out", tmp_path / "p")}[command]
+    if command == "eval":  # the whole set, so that the long record is in it
+        args = [a for a in args if a not in ("--n", 3, "--seed", 0)]
+    one_line_error(_run(app, *args), "record too-long", "more than the model's 512 positions", strict=False)
+
+
+def test_generate_refuses_a_prompt_longer_than_the_models_positions(tiny_model_dir, dataset):
+    line = one_line_error(_run(routing_app, "generate", "--model", tiny_model_dir, "--image", _image(dataset),
+                               "--prompt", " ".join(["what colour is the circle"] * 120)),
+                          "--image", "more than the model's 512 positions", strict=False)
+    assert "600 tokens" in line or "tokens (image tokens included) + 16 new" in line
+
+
+def test_train_cuts_a_record_longer_than_the_models_positions_and_says_so(tiny_model_dir, dataset, tmp_path):
+    """Training truncates from the right as LLaVA's training does, with one warning naming the tokens cut."""
+    records = json.loads(_long_dataset(dataset, "long_train.json").read_text())
+    answer = records[0]["conversations"][1]
+    question = "<image>\n" + " ".join(["what colour is the circle"] * 100)  # ~ 505 tokens + image: the answer cut
+    records[0]["conversations"] = [{"from": "human", "value": question}, answer | {
+        "value": " ".join(["red"] * 40)}]
+    data = dataset.parent / "long_answer.json"
+    data.write_text(json.dumps(records[:4]))
+    result = _run(routing_app, "train", "--model", tiny_model_dir, "--data", data, "--split", 2, "--batch-size", 4,
+                  "--max-steps", 1, "--save-steps", 100, "--out", tmp_path / "t")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.replace("\r", "\n").split("\n")
+                if line.startswith("warning: record too-long")]
+    assert len(warnings) == 1 and "more than the model's 512 positions" in warnings[0], result.output
+    assert "tokens are cut for training" in warnings[0]
+
+
+def test_train_refuses_a_record_whose_cut_leaves_no_answer(tiny_model_dir, dataset, tmp_path):
+    data = _long_dataset(dataset, "long_question.json")
+    records = json.loads(data.read_text())[:4]
+    data.write_text(json.dumps(records))
+    result = _run(routing_app, "train", "--model", tiny_model_dir, "--data", data, "--split", 2, "--batch-size", 4,
+                  "--max-steps", 1, "--save-steps", 100, "--out", tmp_path / "t")
+    one_line_error(result, "record too-long", "leaves no answer token", strict=False)

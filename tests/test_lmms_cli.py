@@ -1,10 +1,10 @@
 """The real lmms-eval CLI on our plugin, as users run it: local shapes tasks (tests/lmms_tasks/), the embedded
 model, vanilla and routed, scored against ``routing eval`` on the same records.
 
-Runs only where lmms-eval is installed (its own venv: tools/ci_eval.sh). The lmms-eval processes load
-tests/lmms_tasks/patch/sitecustomize.py, which works around lmms-eval 0.7.3 turning every loglikelihood result
-into a string (without it every multiple-choice task fails, for every model). lmms-eval exits 0 even when
-the evaluation failed, so every check reads the results JSON, never just the exit code.
+Runs only where lmms-eval is installed (its own venv: tools/ci_eval.sh). lmms-eval runs from a folder of its own,
+with no PYTHONPATH: the plugin itself works around lmms-eval 0.7.3 turning every loglikelihood result into a
+string (routing.lmms.compat; without it every multiple-choice task fails, for every model). lmms-eval 0.7.3 exits
+0 even when the evaluation failed, so every check reads the results JSON, never just the exit code.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ BIN = Path(sys.executable).parent
 
 
 def env(tmp_path: Path) -> dict:
-    return os.environ | {
-        "PYTHONPATH": str(TASKS / "patch"),
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {  # the installed package, nothing else
         "HF_HOME": str(tmp_path / "hf"),  # datasets' cache of the local JSON stays out of ~/.cache
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
     }
@@ -45,7 +44,11 @@ def lmms_eval(tmp_path: Path, model_args: str, out: Path, *extra: str) -> subpro
     cmd = [str(BIN / "lmms-eval"), "--model", "dpvr_llava", "--model_args", model_args,
            "--tasks", "shapes_gen,shapes_mc", "--include_path", str(TASKS), "--batch_size", "16",
            "--log_samples", "--output_path", str(out), *extra]
-    return subprocess.run(cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"  # not the repository: nothing of tests/ is found by a relative path; only
+    if not elsewhere.exists():  # the tasks' data (their data_files is relative) is linked in
+        elsewhere.mkdir()
+        (elsewhere / "data_samples").symlink_to(REPO / "data_samples")
+    return subprocess.run(cmd, cwd=elsewhere, env=env(tmp_path), capture_output=True, text=True, timeout=300)
 
 
 def results(out: Path) -> tuple[dict, dict[str, list[dict]]]:
@@ -102,6 +105,10 @@ def test_lmms_eval_cli_matches_routing_eval(tmp_path, artifact, routed):
     model_args = "pretrained=tiny" + (f",routing={artifact}" if routed else "")
     done = lmms_eval(tmp_path, model_args, tmp_path / "lmms")
     scores, samples = results(tmp_path / "lmms")
+    said = done.stdout + done.stderr
+    loaded = {line[line.index("dpvr_llava: base "):] for line in said.splitlines() if "dpvr_llava: base " in line}
+    assert len(loaded) == 1, said[-3000:]  # one line names what was loaded (the same line on every log sink)
+    assert (f"routing plan lf@1 (lf) from {artifact}" if routed else "no routing (vanilla)") in loaded.pop()
     data, gen_ids, mc_ids = records(tmp_path)
     ours = routing_eval(tmp_path, data, "eval", *(["--routing", str(artifact)] if routed else []))
 
@@ -123,8 +130,20 @@ def test_lmms_eval_cli_matches_routing_eval(tmp_path, artifact, routed):
         assert expected < 1.0  # the untrained routing really changed the model
 
 
-def test_lmms_eval_cli_refuses_unknown_model_args(tmp_path):
-    done = lmms_eval(tmp_path, "pretrained=tiny,routng=runs/x", tmp_path / "lmms")
+REFUSED = {  # --model_args -> what the one banner says, in lmms-eval's terms
+    "unknown key": ("pretrained=tiny,routng=runs/x", "unknown --model_args key(s) routng; accepted: pretrained, routing"),
+    "empty routing": ("pretrained=tiny,routing=", "routing= is empty in --model_args"),  # ran vanilla before
+    "bad pretrained": ("pretrained=no-such/checkpoint-dir", "pretrained=PATH"),  # said --model PATH before
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_lmms_eval_cli_refusals_stand_out_and_leave_no_results(tmp_path, case):
+    args, needle = REFUSED[case]
+    done = lmms_eval(tmp_path, args, tmp_path / "lmms")
     said = done.stdout + done.stderr
-    assert "unknown --model_args key(s) routng; accepted: pretrained, routing" in said
-    assert not list((tmp_path / "lmms").rglob("*_results.json"))  # no scores of an unintended vanilla run
+    ours = [line for line in said.splitlines() if "dpvr_llava ERROR: " in line]
+    assert ours and needle in ours[0] and "results file" in ours[1], said[-3000:]  # the banner, before the
+    assert len(ours) == 2 * said.count("nothing was evaluated")  # traceback: once per log sink, not per entry point
+    assert "--model PATH" not in said
+    assert not list((tmp_path / "lmms").rglob("*_results.json"))  # no scores of an unintended run

@@ -202,3 +202,184 @@ def test_lmms_model_class_with_lmms_eval(tiny_model, tiny_model_dir, tmp_path):
     assert len(scores) == 3 and all(nll > 0 for nll, _ in scores)
     with pytest.raises(ToolkitError, match="accepted: pretrained"):
         cls.create_from_arg_string("pretrained=tiny,routng=x", {"batch_size": 1})
+
+
+# --- issue 28: refusals in lmms-eval's terms, loud in its log; the multiple-choice work-around in the package ---
+
+
+@pytest.mark.parametrize("key", ["routing", "pretrained"])
+@pytest.mark.parametrize("value", ["", "  ", None])
+def test_an_empty_routing_or_pretrained_is_refused(key, value):
+    """`routing=$RUN` with $RUN unset ran the vanilla model, silently."""
+    with pytest.raises(ToolkitError, match=f"{key}= is empty in --model_args") as err:
+        model_args({"pretrained": "tiny", key: value}, {"batch_size": 1})
+    assert "\n" not in str(err.value)
+    assert model_args({"pretrained": "tiny"}, {})["pretrained"] == "tiny"  # leaving routing= out is vanilla
+
+
+def test_messages_speak_lmms_evals_language():
+    from routing.lmms.plugin import in_lmms_terms
+    from saturation.core.loading import _offline_message
+
+    said = in_lmms_terms(_offline_message("no/such-model"))
+    assert said.startswith("dpvr_llava: ") and "pretrained=PATH" in said and "--model" not in said
+    assert in_lmms_terms("device 'cuda': CUDA is not available on this machine; use --device cpu").endswith(
+        "use device=cpu")
+    assert "--device-map" in in_lmms_terms("--device-map places every layer")  # not device=-map
+    assert in_lmms_terms("dpvr_llava: batch_size must be at least 1") == "dpvr_llava: batch_size must be at least 1"
+
+
+def test_our_errors_stand_out_in_the_log_and_are_raised_once():
+    """lmms-eval prints its own traceback after our error and exits 0: a banner through its logger, logged once
+    however many of our entry points the error passes through."""
+    from routing.lmms.plugin import loudly
+
+    logged: list[str] = []
+    loud = loudly(logged.append)
+
+    @loud
+    def inner():
+        raise ToolkitError("cannot load 'x': pass that directory with --model PATH")
+
+    @loud
+    def outer():
+        inner()
+
+    with pytest.raises(ToolkitError) as err:
+        outer()
+    assert str(err.value) == "dpvr_llava: cannot load 'x': pass that directory with pretrained=PATH"
+    assert sum("ERROR" in line for line in logged) == 2 and len(logged) == 4  # one banner: the message, the advice
+    assert logged[0] == logged[-1] == "=" * 78 and "results file" in logged[2]
+    assert logged[1] == "dpvr_llava ERROR: cannot load 'x': pass that directory with pretrained=PATH"
+
+
+def test_a_bad_pretrained_through_the_model_class_is_in_lmms_terms(tmp_path):
+    """The model class's own path, without lmms-eval: the message that `DPVRLlava.__init__` raises."""
+    from routing.lmms.plugin import loudly
+    from saturation.core.loading import load_model as load
+
+    logged: list[str] = []
+    with pytest.raises(ToolkitError) as err:
+        loudly(logged.append)(load)(str(tmp_path / "missing"))
+    assert str(err.value).startswith("dpvr_llava: cannot load") and str(err.value).endswith("with pretrained=PATH")
+    assert len(logged) == 4 and "--model" not in " ".join(logged)
+
+
+def test_the_log_names_the_base_and_the_plan(embedded, tmp_path):
+    from routing.lmms.plugin import loaded_line
+
+    base, _ = embedded
+    assert loaded_line(base, None) == f"dpvr_llava: base {base.name_or_path}, no routing (vanilla)"
+    routed = routing.build(base, routing.parse_plan("lf@4+pool:50%", base))
+    line = loaded_line(routed, str(tmp_path / "routing"))
+    assert line == f"dpvr_llava: base {base.name_or_path}, routing plan lf@4+pool:50% (lf+pool) from {tmp_path}/routing"
+
+
+def test_a_request_longer_than_the_models_positions_is_refused(embedded):
+    model, processor = embedded
+    image = heldout(None, 1)[0][2]
+    long = " ".join(["what colour is the circle"] * 120)
+    with pytest.raises(ToolkitError, match="more than the model's 512 positions"):
+        generate_batch(model, processor, [long], [[image]], {"max_new_tokens": 3})
+    with pytest.raises(ToolkitError, match="more than the model's 512 positions"):
+        loglikelihood(model, processor, long, " red", [image])
+
+
+def _lmms_0_7_3(name: str = "instance"):
+    """A stand-in for lmms-eval 0.7.3's `lmms_eval.api.instance` (its `unwrap_generation_output` rule: a string,
+    a (text, meta) pair, anything else through str()) and an evaluator that imported the function by name."""
+    import types
+
+    instance = types.ModuleType(name)
+
+    def unwrap_generation_output(output):
+        if isinstance(output, str):
+            return output, None
+        if isinstance(output, tuple | list) and len(output) == 2 and isinstance(output[0], str):
+            return output[0], output[1]
+        return str(output), None
+
+    instance.unwrap_generation_output = unwrap_generation_output
+    evaluator = types.ModuleType("evaluator")
+    evaluator.unwrap_generation_output = unwrap_generation_output
+    return instance, evaluator
+
+
+def test_the_multiple_choice_work_around_applies_only_where_lmms_eval_stringifies_pairs():
+    from routing.lmms.compat import patch_pair_unwrapping
+
+    instance, evaluator = _lmms_0_7_3()
+    assert instance.unwrap_generation_output((1.5, True)) == ("(1.5, True)", None)  # the bug
+    assert patch_pair_unwrapping(instance, [evaluator])
+    for module in (instance, evaluator):  # the evaluator's by-name import too
+        assert module.unwrap_generation_output((1.5, True)) == ((1.5, True), None)
+        assert module.unwrap_generation_output("red") == ("red", None)  # generation results as before
+        assert module.unwrap_generation_output(("red", {"n": 1})) == ("red", {"n": 1})
+    assert not patch_pair_unwrapping(instance, [evaluator])  # once
+
+    fixed, _ = _lmms_0_7_3("fixed")
+    original = fixed.unwrap_generation_output
+    fixed.unwrap_generation_output = lambda out: (out, None) if not isinstance(out, str) else original(out)
+    before = fixed.unwrap_generation_output
+    assert not patch_pair_unwrapping(fixed, [])  # a version without the bug is left alone
+    assert fixed.unwrap_generation_output is before
+
+
+def test_the_work_around_ships_in_the_package_not_on_pythonpath():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    assert not list((repo / "tests").rglob("sitecustomize.py"))
+    assert "patch_pair_unwrapping(lmms_eval.api.instance)" in (repo / "routing" / "lmms" / "model.py").read_text()
+
+
+def test_the_model_class_wiring_without_lmms_eval(monkeypatch, tmp_path):
+    """`routing.lmms.model` on stand-ins for lmms-eval 0.7.3 and loguru: importing it patches the buggy unwrap
+    (in the evaluator's by-name copy too), a refusal is one banner in the log and a ToolkitError in lmms-eval's
+    terms, and a load logs the one line that names the base and the plan."""
+    import importlib
+    import sys
+    import types
+
+    instance, evaluator = _lmms_0_7_3("lmms_eval.api.instance")
+    instance.Instance = object
+    logged: list[tuple[str, str]] = []
+    stubs = {"lmms_eval": types.ModuleType("lmms_eval"), "lmms_eval.api": types.ModuleType("lmms_eval.api"),
+             "lmms_eval.api.instance": instance, "lmms_eval.api.model": types.ModuleType("lmms_eval.api.model"),
+             "lmms_eval.utils": types.ModuleType("lmms_eval.utils"), "lmms_eval.evaluator": evaluator,
+             "loguru": types.ModuleType("loguru")}
+    stubs["lmms_eval"].api = stubs["lmms_eval.api"]
+    stubs["lmms_eval.api"].instance = instance
+    stubs["lmms_eval.api.model"].lmms = type("lmms", (), {"__init__": lambda self: None})
+    stubs["lmms_eval.utils"].simple_parse_args_string = lambda text: dict(kv.split("=", 1) for kv in text.split(","))
+    stubs["loguru"].logger = types.SimpleNamespace(info=lambda m: logged.append(("info", m)),
+                                                   error=lambda m: logged.append(("error", m)))
+    for name, module in stubs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "routing.lmms.model", raising=False)
+    model = importlib.import_module("routing.lmms.model")
+    try:
+        assert evaluator.unwrap_generation_output((2.0, False)) == ((2.0, False), None)  # patched on import
+        assert any("passing them through" in m for _, m in logged)
+
+        logged.clear()
+        with pytest.raises(ToolkitError, match="^dpvr_llava: routing= is empty"):
+            model.DPVRLlava.create_from_arg_string("pretrained=tiny,routing=", {"batch_size": 1})
+        assert [level for level, _ in logged] == ["error"] * 4  # one banner, though two entry points were passed
+
+        logged.clear()
+        with pytest.raises(ToolkitError, match="pretrained=PATH"):
+            model.DPVRLlava.create_from_arg_string(f"pretrained={tmp_path / 'missing'}", {"batch_size": 1})
+        assert len(logged) == 4 and "--model" not in " ".join(m for _, m in logged)
+
+        routing.build(load_model("tiny")[0], 4).save_routing(tmp_path / "routing")
+        logged.clear()
+        loaded = model.DPVRLlava.create_from_arg_string(f"pretrained=tiny,routing={tmp_path / 'routing'}",
+                                                        {"batch_size": 2})
+        assert loaded.batch_size == 2
+        assert [m for level, m in logged if "dpvr_llava: base " in m] == [
+            f"dpvr_llava: base {DATA_SAMPLES / 'tiny-llava'}, routing plan lf@4 (lf) from {tmp_path / 'routing'}"]
+    finally:
+        sys.modules.pop("routing.lmms.model", None)  # the stand-ins' version must not outlive the test
+        vars(sys.modules["routing.lmms"]).pop("model", None)
+        torch.set_num_threads(1)

@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 import routing
 from routing import RoutingPlan, parse_plan
-from routing.plan import split_specs
+from routing.plan import ALL_VARIANTS, make_plan, parse_spec, split_specs
 from saturation.core.data import PromptFormat, collate, encode_prompt, read_records
 from saturation.core.errors import ToolkitError
 from saturation.core.loading import DATA_SAMPLES, load_config, load_model
@@ -103,8 +104,8 @@ def test_plans_differ_where_their_specs_do(model):
     assert parse_plan("fastv@2:R=50%", model) == parse_plan("fastv@2:R=0.5,rank=last", model)
 
 
-@pytest.mark.parametrize(("spec", "split", "message"), [
-    ("lf", None, r"plan 'lf' needs its split: write lf@S \(or pass --split S\)"),
+BAD_SPECS = [  # (spec, --split, the refusal); every suggestion a refusal prints must itself parse (below)
+    ("lf", None, r"plan 'lf' needs its split: write e.g. lf@6 \(or pass --split S\)"),
     ("lf@11", None, "split 11 is out of range for a 12-layer model: choose 1..10"),
     ("lf@0", None, "split 0 is out of range for a 12-layer model: choose 1..10"),
     ("vtw@12", None, "split 12 is out of range for a 12-layer model with K=0"),
@@ -128,11 +129,75 @@ def test_plans_differ_where_their_specs_do(model):
     ("lf@3+fastv@5:R=50%", None, "comes after the split 3"),
     ("lf@3+pool@2:50%", None, "takes no layer"),
     ("lf", 40, "split 40 is out of range"),
-])
+    # issue 28: ASCII digits only (int() reads ６ and ٦ as 6), numbers of any length, compositions the grammar names
+    ("vtw@６", None, "'６' is not an ASCII digit"),
+    ("vtw@٦", None, "'٦' is not an ASCII digit"),
+    ("prune-pre:５0%", None, "'５' is not an ASCII digit"),
+    ("divprune:keep=٥%", None, "'٥' is not an ASCII digit"),
+    ("fastv@2:R=٥0%", None, "'٥' is not an ASCII digit"),
+    ("vtw@auto:n=٣", None, "'٣' is not an ASCII digit"),
+    ("vtw@auto:n=1_0", None, "n must be an integer"),
+    ("vtw@auto:eta=1_0", None, "eta must be a number"),
+    ("lf@" + "9" * 5000, None, "layer 999999999999... .5000 characters. is far past any model's depth"),
+    ("fastv@" + "9" * 5000 + ":R=50%", None, "far past any model's depth"),
+    ("pool:" + "9" * 5000 + "%", None, r"keep ratio R must be in \(0, 1\]"),
+    ("lf@", None, "'@' is not a layer number"),
+    ("lf@x6", None, "'@x6' is not a layer number"),
+    ("fastv@2:R=1.2.3%", None, "'1.2.3%' is not a ratio"),
+    ("pool:.%", None, "'.%' is not a ratio"),
+    ("fastv@2:1.2.3%", None, "'1.2.3%' is not a ratio"),
+    ("fastv@2:150%", None, r"old spelling .a kept share, here out of range.*write e.g. fastv@2:R=50%$"),
+    ("fastv@2:0%", None, "old spelling .a kept share, here out of range"),
+    ("vtw@6+fastv@2:R=50%", None, "after lf/pc/kv/lf-ideal"),
+    ("vtw+pool:50%", 5, "after lf/pc/kv/lf-ideal"),
+    ("fastv@2:R=50%+pool:50%", None, "after lf/pc/kv/lf-ideal"),
+    ("lf@6:50%", None, r"composes after it with \+, e.g. lf@6\+prune-pre:50%"),
+    ("vtw@auto", None, "KL search on data: write a layer .e.g. vtw@6."),
+]
+
+
+@pytest.mark.parametrize(("spec", "split", "message"), BAD_SPECS, ids=[b[0][:40] for b in BAD_SPECS])
 def test_a_bad_spec_is_one_line(model, spec, split, message):
     with pytest.raises(ToolkitError, match=message) as err:
         parse_plan(spec, model, split=split)
     assert "\n" not in str(err.value)
+
+
+PLAN_NAMES = "|".join(sorted(("vanilla",) + ALL_VARIANTS, key=len, reverse=True))
+
+
+def suggestions(message: str) -> list[str]:
+    """The specs a refusal suggests: each word that starts with a plan name followed by @, : or + (the user's own
+    spec is quoted, 'like this', and left out)."""
+    words = (w.strip("`(),;?") for w in message.split())
+    return [w.rstrip(".") if not w.endswith("%") else w for w in words
+            if not w.startswith("'") and re.match(rf"(?:{PLAN_NAMES})[@:+]", w)]
+
+
+def test_every_suggestion_a_refusal_prints_parses(model):
+    """A refusal that says "write X" or "e.g. X" must name a spec that parses (issue 28: `fastv@2` once suggested
+    `fastv:50%`, itself refused); checked over every refusal above and the ones save-plan and train add."""
+    from routing.saved import training_free_plan
+
+    messages = []
+    for spec, split, _ in BAD_SPECS:
+        with pytest.raises(ToolkitError) as err:
+            parse_plan(spec, model, split=split)
+        messages.append(str(err.value))
+    for spec in ("lf@6", "pc@4+pool:50%", "vanilla"):
+        with pytest.raises(ToolkitError) as err:
+            training_free_plan(spec, model)
+        messages.append(str(err.value))
+    found = [s for m in messages for s in suggestions(m)]
+    assert len(found) >= 20, found  # the extraction sees the suggestions (EXAMPLES alone holds five)
+    for suggestion in found:
+        parse_spec(suggestion)  # raises on a suggestion that does not parse
+    assert suggestions("write lf@S or fastv@K:R=D% (see 'lf@x')") == ["lf@S", "fastv@K:R=D%"]  # would fail above
+
+
+def test_vtw_takes_no_pruning_in_a_plan_made_from_parts():
+    with pytest.raises(ToolkitError, match="vtw takes no pruning"):
+        make_plan(12, 6, "vtw", prune="fastv", prune_layer=2, keep=0.5)
 
 
 def test_k_and_d_v_reach_the_plan(model):

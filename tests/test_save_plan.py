@@ -70,7 +70,7 @@ def test_eval_generate_and_bench_take_a_saved_plan(tiny, tmp_path):
     (["--plan", "vanilla"], "needs no artifact"),
     (["--plan", "lf@4"], "has a side branch to train: use `routing train --plan lf@4`"),
     (["--plan", "lf@4+prune-pre:50%"], "routing train --plan lf@4+prune-pre:50%"),
-    (["--plan", "vtw"], "needs its split: write vtw@S"),
+    (["--plan", "vtw"], "needs its split: write e.g. vtw@6"),
     (["--plan", "fastv@2"], "fastv needs R"), (["--plan", "fastv@2:25%"], "old spelling"),
     (["--plan", "fastv@20:R=50%"], "FastV's layer K must be in 1..11"),
 ])

@@ -128,3 +128,20 @@ def test_auto_split_is_checked_against_the_fusion_layers(tmp_path):
     folder = _probe(tmp_path / "p", 10)
     with pytest.raises(ToolkitError, match="with K=2 fusion layer"):
         resolve_split("auto", 12, "m", folder, tmp_path, fusion_layers=2)
+
+
+@pytest.mark.parametrize("split", ["６", "٦", "1_0", "9" * 5000])
+def test_a_split_in_other_digits_or_of_any_length_is_one_line(split, tmp_path):
+    """int() reads full-width and Arabic-Indic digits and underscores: `--split ６` trained at split 6 (issue 28)."""
+    with pytest.raises(ToolkitError, match="must be an integer or 'auto', in ASCII digits") as err:
+        resolve_split(split, 12, "m", None, tmp_path)
+    assert len(str(err.value)) < 120
+
+
+@pytest.mark.parametrize("tokens", ["６4", "1_0", "9" * 5000])
+def test_text_tokens_in_other_digits_are_one_line(tokens):
+    from routing.jobs.bench import parse_text_tokens
+
+    with pytest.raises(ToolkitError, match="comma-separated positive integers") as err:
+        parse_text_tokens(f"8,{tokens}")
+    assert len(str(err.value)) < 120

@@ -169,7 +169,7 @@ def test_bad_auto_specs_are_one_line(tmp_path, spec, message):
 
 
 def test_parse_plan_cannot_search_without_data(tiny):
-    with pytest.raises(ToolkitError, match=r"write vtw@K, or resolve it with routing.vtw.resolve_auto") as err:
+    with pytest.raises(ToolkitError, match=r"write a layer \(e.g. vtw@6\), or resolve it with routing.vtw.resolve_auto") as err:
         routing.parse_plan("vtw@auto:n=4", tiny[0])
     assert "\n" not in str(err.value)
 

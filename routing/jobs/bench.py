@@ -35,6 +35,7 @@ the calling thread's CPU time (paired ratios then move by 1-2% between runs, whe
 from __future__ import annotations
 
 import functools
+import re
 import resource
 import statistics
 from collections.abc import Callable
@@ -155,10 +156,9 @@ def parse_text_tokens(value) -> tuple[int, ...]:
     items = value.split(",") if isinstance(value, str) else list(value)
     out = []
     for item in items:
-        try:
-            n = int(str(item).strip())
-        except ValueError:
-            raise ToolkitError(f"--text-tokens takes comma-separated positive integers, got '{item}'") from None
+        if not re.fullmatch(r"-?[0-9]{1,9}", str(item).strip(), re.ASCII):  # int() also reads ６ and 1_0
+            raise ToolkitError(f"--text-tokens takes comma-separated positive integers, got '{str(item)[:24]}'")
+        n = int(str(item).strip())
         if n < 1:
             raise ToolkitError(f"--text-tokens must be positive, got {n}")
         out.append(n)

@@ -98,7 +98,7 @@ class CompareConfig:
                                    "--geometry has no accuracy: write the pruner, e.g. lf+divprune")
             if p.get("auto") is not None:
                 raise ToolkitError(f"plan '{p['text']}' searches VTW's layer on real data, which --geometry does not "
-                                   "have (random weights and image embeddings): write vtw@K")
+                                   "have (random weights and image embeddings): write its layer, e.g. vtw@6")
             if p["prune"] in NEEDS_PIXELS:
                 raise ToolkitError(f"plan '{p['text']}' scores the vision tower's attention on real pixels, which "
                                    f"--geometry does not have (random image embeddings): leave it out, or use pool:R%")

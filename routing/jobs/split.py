@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from routing.plan import out_of_range
@@ -51,10 +52,9 @@ def find_split(split: str | int, num_layers: int, model: str, probe_dir: Path | 
     `split` is an integer or ``auto``; auto reads `probe_dir`, else the newest probe of the same model under
     `probe_root`. Returns ``(-1, "missing")`` when auto finds none, so the caller can run the probe first."""
     if str(split) != "auto":
-        try:
-            return int(split), "given"
-        except ValueError:
-            raise ToolkitError(f"--split must be an integer or 'auto' (got '{split}')") from None
+        if not re.fullmatch(r"-?[0-9]{1,6}", str(split).strip(), re.ASCII):  # int() also reads ６ and ٦
+            raise ToolkitError(f"--split must be an integer or 'auto', in ASCII digits (got '{str(split)[:24]}')")
+        return int(split), "given"
     folder = probe_dir or newest_probe(probe_root, model)
     if folder is None:
         return -1, "missing"

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 
 from routing.artifact import _base_id
@@ -46,9 +48,10 @@ from routing.jobs.split import find_split
 from routing.model import build
 from routing.plan import RoutingPlan, parse_plan, parse_spec, plan_for
 from saturation.core import distributed as dist
-from saturation.core.data import PromptFormat, Record, collate, encode_record, read_records
+from saturation.core.data import PromptFormat, Record, collate, encode_record, read_records, sequence_keys
 from saturation.core.errors import ToolkitError
 from saturation.core.files import ensure_output_dir, write_json, write_text
+from saturation.core.lengths import fit_example, max_positions
 from saturation.core.loading import check_placement, cpu_threads, load_config, load_model, resolve_name
 from saturation.core.sources import DataSpec, load_records
 from saturation.probe import ProbeConfig, run_probe
@@ -161,16 +164,28 @@ def planned_steps(n_records: int, opts: TrainConfig, world_size: int | None = No
 
 
 class RecordDataset(Dataset):
-    """LLaVA records encoded lazily in the family's prompt format (assistant-only labels, its image kwargs)."""
+    """LLaVA records encoded lazily in the family's prompt format (assistant-only labels, its image kwargs). A record
+    longer than `limit` positions (the model's) is cut from the right, as LLaVA's training truncates, with one
+    warning on stderr per record (`saturation.core.lengths.fit_example`), on a line of its own above the Trainer's
+    progress bar."""
 
-    def __init__(self, records: list[Record], processor, fmt: PromptFormat | None = None):
+    def __init__(self, records: list[Record], processor, fmt: PromptFormat | None = None, limit: int | None = None,
+                 image_token_id: int | None = None):
         self.records, self.processor, self.fmt = records, processor, fmt
+        self.limit, self.image_token_id, self.warned = limit, image_token_id, set()
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return encode_record(self.records[i], self.processor, fmt=self.fmt)
+        record = self.records[i]
+        example = encode_record(record, self.processor, fmt=self.fmt)
+        example, cut = fit_example(example, self.limit, record.id, self.image_token_id, sequence_keys())
+        if cut and record.id not in self.warned:  # once per record, not once per epoch
+            self.warned.add(record.id)
+            tqdm.write(f"warning: record {record.id} is {cut + self.limit:,} tokens, more than the model's "
+                       f"{self.limit:,} positions: its last {cut:,} tokens are cut for training", file=sys.stderr)
+        return example
 
 
 class SideBranchTrainer(Trainer):
@@ -368,7 +383,8 @@ def _train(routed, processor, records: list[Record], opts: TrainConfig, out: Pat
         trainer = SideBranchTrainer(
             model=routed,
             args=args,
-            train_dataset=RecordDataset(records, processor, PromptFormat.of(routed)),
+            train_dataset=RecordDataset(records, processor, PromptFormat.of(routed), max_positions(routed),
+                                        getattr(routed.config, "image_token_id", None)),
             data_collator=lambda rows: collate(rows, pad_id, padding_side="right"),
             callbacks=[LogWriter(out), *callbacks],
         )

@@ -1,7 +1,14 @@
-"""The lmms-eval model class (imported by lmms-eval only; see `routing.lmms.plugin` for the logic)."""
+"""The lmms-eval model class (imported by lmms-eval only; see `routing.lmms.plugin` for the logic).
+
+Importing it also applies the work-around of `routing.lmms.compat` where the installed lmms-eval needs it (0.7.3:
+every multiple-choice task failed), so nothing has to be put on ``PYTHONPATH``.
+"""
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+
+import lmms_eval.api.instance
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
@@ -9,8 +16,31 @@ from lmms_eval.utils import simple_parse_args_string
 from loguru import logger
 from tqdm import tqdm
 
-from routing.lmms.plugin import MODEL_ID, batch_size_of, flag_of, generate_requests, loglikelihood, model_args
+from routing.lmms.compat import patch_pair_unwrapping
+from routing.lmms.plugin import (
+    MODEL_ID,
+    batch_size_of,
+    flag_of,
+    generate_requests,
+    loaded_line,
+    loglikelihood,
+    loudly,
+    model_args,
+)
 from saturation.core.loading import default_threads, load_model
+
+
+def _lmms_version() -> str:
+    try:
+        return version("lmms_eval")
+    except PackageNotFoundError:  # a source checkout on sys.path
+        return "(version unknown)"
+
+
+if patch_pair_unwrapping(lmms_eval.api.instance):
+    logger.info(f"{MODEL_ID}: lmms-eval {_lmms_version()} turns loglikelihood pairs into text (every "
+                "multiple-choice task would fail): passing them through (routing.lmms.compat)")
+_loud = loudly(logger.error)  # our refusals stand out in lmms-eval's log, above its own traceback
 
 
 class DPVRLlava(lmms):
@@ -22,10 +52,12 @@ class DPVRLlava(lmms):
     is_simple = True
 
     @classmethod
+    @_loud
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DPVRLlava:
         """lmms-eval's constructor path: `--model_args` plus its own --batch_size/--device, merged once."""
         return cls(**model_args(simple_parse_args_string(arg_string), additional_config or {}))
 
+    @_loud
     def __init__(self, pretrained: str = "llava-1.5-7b", routing: str | None = None, dtype: str | None = None,
                  device: str | None = None, attn_implementation: str | None = None, batch_size: int | str = 1,
                  max_batch_size: int | None = None, compile: bool | str = False, **unknown) -> None:
@@ -50,6 +82,7 @@ class DPVRLlava(lmms):
             compile_model(model)
         self.model = model.eval()
         self._rank, self._world_size = 0, 1
+        logger.info(loaded_line(model, routing))
 
     @property
     def batch_size(self) -> int:
@@ -66,12 +99,14 @@ class DPVRLlava(lmms):
     def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
         return list(doc_to_visual(self.task_dict[task][split][doc_id]) or [])
 
+    @_loud
     def generate_until(self, requests: list[Instance]) -> list[str]:
         args = [r.args for r in requests]
         with tqdm(total=len(args), desc=MODEL_ID, disable=self.rank != 0) as bar:
             return generate_requests(self.model, self.processor, [a[0] for a in args], [a[1] for a in args],
                                      lambda i: self._visuals(*args[i][2:6]), self.batch_size, bar.update)
 
+    @_loud
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """(negative log-likelihood, is_greedy) per request: the loss that lmms-eval's argmin expects."""
         out = []

@@ -12,12 +12,15 @@ that lmms-eval instantiates lives in `routing.lmms.model` and only wraps them.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
 
 import torch
 
 from saturation.core.data import PromptFormat, no_image_tokens, process, question_prompt, to_model
 from saturation.core.errors import ToolkitError
+from saturation.core.lengths import check_prompts, max_positions
 
 MODEL_ID = "dpvr_llava"
 # What `--model_args` may set. The batch size comes from lmms-eval's own --batch_size/--max_batch_size, which
@@ -44,6 +47,11 @@ def model_args(args: dict, cli: dict) -> dict:
     if unknown:
         raise ToolkitError(f"dpvr_llava: unknown --model_args key(s) {', '.join(unknown)}; "
                            f"accepted: {', '.join(MODEL_ARGS)} (batch size: lmms-eval's --batch_size)")
+    for key in ("pretrained", "routing"):  # `routing=$RUN` with $RUN unset would silently run vanilla
+        if key in args and (args[key] is None or not str(args[key]).strip()):
+            leave = "leave routing= out for the vanilla model" if key == "routing" else "e.g. pretrained=llava-1.5-7b"
+            raise ToolkitError(f"dpvr_llava: {key}= is empty in --model_args (an unset shell variable?): give a "
+                               f"value, or {leave}")
     merged = dict(args)
     for key, value in cli.items():
         if value is None:
@@ -83,6 +91,61 @@ def batch_size_of(batch_size: int | str, max_batch_size: int | str | None = None
     return size
 
 
+# The toolkit's CLI options and the `--model_args` keys that say the same (its messages name the CLI's).
+LMMS_TERMS = {"--model PATH": "pretrained=PATH", "--model": "pretrained=", "--routing": "routing=",
+              "--dtype": "dtype=", "--device cpu": "device=cpu", "--device": "device=", "--compile": "compile=true",
+              "--max-new-tokens": "the task's max_new_tokens"}
+
+
+def in_lmms_terms(message: str) -> str:
+    """A toolkit message as lmms-eval's user reads it: ``--model PATH`` -> ``pretrained=PATH``, ``--routing`` ->
+    ``routing=``, ... (options of lmms-eval's own CLI, such as ``--batch_size``, are left alone)."""
+    pattern = "|".join(re.escape(k) for k in sorted(LMMS_TERMS, key=len, reverse=True))
+    text = re.sub(rf"(?<![\w-])(?:{pattern})(?![\w-])", lambda m: LMMS_TERMS[m[0]], message)
+    return text if text.startswith(f"{MODEL_ID}:") else f"{MODEL_ID}: {text}"
+
+
+def banner(message: str) -> list[str]:
+    """The lines that stand out in lmms-eval's log for one of our errors: lmms-eval prints its own traceback
+    after them and, in 0.7.3, still exits 0, so the message must be seen, and its results file checked."""
+    rule = "=" * 78
+    return [rule, f"{MODEL_ID} ERROR: {message.removeprefix(f'{MODEL_ID}: ')}",
+            f"{MODEL_ID} ERROR: nothing was evaluated; lmms-eval may still exit 0 (check for its results file)", rule]
+
+
+def loudly(log: Callable[[str], None]):
+    """A decorator for the entry points lmms-eval calls: our `ToolkitError` is logged through `log` as a
+    `banner`, in lmms-eval's terms (`in_lmms_terms`), and raised again with that message."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except ToolkitError as err:
+                if getattr(err, "reported", False):  # an inner entry point logged it already
+                    raise
+                message = in_lmms_terms(" ".join(str(err).split()))
+                for line in banner(message):
+                    log(line)
+                loud = ToolkitError(message)
+                loud.reported = True
+                raise loud from None
+
+        return inner
+
+    return wrap
+
+
+def loaded_line(model, routing: str | None) -> str:
+    """The one log line that names what was loaded: the base checkpoint and the routing plan (or vanilla)."""
+    plan = getattr(model, "plan", None)
+    base = getattr(getattr(model, "base", model), "name_or_path", "?")
+    if plan is None:
+        return f"{MODEL_ID}: base {base}, no routing (vanilla)"
+    return f"{MODEL_ID}: base {base}, routing plan {plan.spec} ({plan.name}) from {routing}"
+
+
 def llava_prompt(context: str, n_images: int, processor=None, fmt: PromptFormat | None = None) -> str:
     """The family's prompt for one request (`saturation.core.data.question_prompt`): the checkpoint's chat template, or
     the adapter's (LLaVA-1.5: ``USER: {context} ASSISTANT:``). Benchmarks that leave ``<image>`` out of the context
@@ -118,11 +181,15 @@ def generate_batch(model, processor, contexts: list[str], visuals: list[list], g
     rgb = [[im.convert("RGB") for im in v] for v in visuals]
     # one list per prompt, as processors batch them (Gemma 3 counts images per prompt); flat if some have none
     images = rgb if all(rgb) else [im for v in rgb for im in v]
-    batch = _to_model(encode(processor, prompts, images, fmt), model)
+    batch = encode(processor, prompts, images, fmt)
+    new_tokens = int(gen_kwargs.get("max_new_tokens", 128))
+    check_prompts(batch["attention_mask"].sum(1).tolist(), [repr(c[:40]) for c in contexts], max_positions(model),
+                  new_tokens, what="request")
+    batch = _to_model(batch, model)
     temperature = float(gen_kwargs.get("temperature", 0) or 0)
     sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0
     extra = {"temperature": temperature, "top_p": gen_kwargs.get("top_p") or 1.0} if sample else {}
-    out = model.generate(**batch, max_new_tokens=int(gen_kwargs.get("max_new_tokens", 128)), do_sample=sample,
+    out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=sample,
                          num_beams=int(gen_kwargs.get("num_beams", 1) or 1), **extra, **no_image_tokens(model))
     texts = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     until = gen_kwargs.get("until") or []
@@ -172,7 +239,9 @@ def loglikelihood(model, processor, context: str, continuation: str, images: lis
     fmt = PromptFormat.of(model)
     prompt = llava_prompt(context, len(images), processor, fmt)
     rgb = [[im.convert("RGB") for im in images]] if images else []
-    full = _to_model(encode(processor, [prompt + continuation], rgb, fmt), model)
+    full = encode(processor, [prompt + continuation], rgb, fmt)
+    check_prompts([full["input_ids"].shape[1]], [repr(context[:40])], max_positions(model), what="request")
+    full = _to_model(full, model)
     n_prompt = encode(processor, [prompt], rgb, fmt)["input_ids"].shape[1]
     logits = model(**full).logits[0, n_prompt - 1:-1].float()
     target = full["input_ids"][0, n_prompt:]

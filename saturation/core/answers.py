@@ -19,18 +19,23 @@ from saturation.core.data import (
     normalize_answer,
     to_model,
 )
+from saturation.core.lengths import check_prompts, max_positions
 
 
 @torch.no_grad()
 def answers(model, processor, records: list[Record], images: list | None = None, batch_size: int = 100,
             max_new_tokens: int = 4) -> list[str]:
-    """Greedy answers to each record's first question, in batches of left-padded prompts."""
+    """Greedy answers to each record's first question, in batches of left-padded prompts. A prompt that with
+    `max_new_tokens` needs more positions than the model has is refused, naming the record."""
     out: list[str] = []
     fmt = PromptFormat.of(model)  # the family's prompt and image kwargs (image_sizes, ...)
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
         imgs = images[i : i + batch_size] if images is not None else [load_image(r) for r in chunk]
-        batch = to_model(generation_batch(chunk, processor, imgs, fmt), model.device, model.dtype)
+        batch = generation_batch(chunk, processor, imgs, fmt)
+        check_prompts(batch["attention_mask"].sum(1).tolist(), [r.id for r in chunk], max_positions(model),
+                      max_new_tokens)
+        batch = to_model(batch, model.device, model.dtype)
         gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **no_image_tokens(model))
         new = gen[:, batch["input_ids"].shape[1] :]
         out += [normalize_answer(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -214,17 +215,44 @@ def check_placement(device: str | None, device_map: str | dict | None, max_memor
 
 
 def parse_max_memory(text: str | dict | None) -> dict | None:
-    """``"0=20GiB,1=20GiB,cpu=64GiB"`` -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (accelerate's `max_memory`)."""
+    """``"0=20GiB,1=20GiB,cpu=64GiB"`` -> {0: 21474836480, 1: ..., "cpu": 68719476736} (accelerate's `max_memory`,
+    in bytes); a device named twice, a GPU this machine does not have, or a size that is not one is one line."""
     if text is None or isinstance(text, dict):
         return text
     out: dict = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, size = part.partition("=")
         key, size = key.strip(), size.strip()
-        if not sep or not size or not (key.isdigit() or key in ("cpu", "disk", "mps")):
+        gpu = re.fullmatch(r"[0-9]{1,4}", key, re.ASCII) is not None  # str.isdigit() also takes ６ and ٦
+        if not sep or not size or not (gpu or key in ("cpu", "disk", "mps")):
             raise ToolkitError(f"--max-memory '{text}': write DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
-        out[int(key) if key.isdigit() else key] = size
+        device = int(key) if gpu else key
+        if device in out:  # the last one would win silently
+            raise ToolkitError(f"--max-memory '{text}' caps {key} twice: give each device once")
+        if gpu and device >= (count := torch.cuda.device_count()):
+            caps = f"0..{count - 1}, cpu or disk" if count else "cpu or disk"
+            raise ToolkitError(f"--max-memory '{text}' caps GPU {key}, but this machine has {count} CUDA device(s): "
+                               f"cap {caps}")
+        out[device] = memory_size(size, text)
     return out
+
+
+_SIZE = re.compile(r"(?P<number>[0-9]{1,15}(?:\.[0-9]{1,15})?)\s*(?P<unit>[KMGT]i?B)?", re.ASCII | re.IGNORECASE)
+_UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def memory_size(size: str, text: str) -> int:
+    """One --max-memory size in bytes: a plain number of bytes or a number with KB..TB / KiB..TiB (any case), more
+    than 0 and under 1 EiB. accelerate's own reading turns ``1e400GiB`` into an OverflowError and ``1Gb`` into
+    bits, so the toolkit reads the size and hands accelerate the byte count."""
+    m = _SIZE.fullmatch(size)
+    if m is None:
+        raise ToolkitError(f"--max-memory '{text}': '{size}' is not a size: write e.g. 20GiB, 512MiB or 64GB")
+    total = float(m["number"]) * _UNITS[(m["unit"] or "").lower()]
+    if not 1 <= total < 2**60:
+        raise ToolkitError(f"--max-memory '{text}': '{size}' must be at least 1 byte and under 1 EiB")
+    return int(total)
 
 
 def __getattr__(name: str):
