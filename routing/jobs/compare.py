@@ -358,10 +358,12 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.Da
             made = None
             for best in ranked_pruners(rows):
                 spec = p["text"][:-len(BEST)] + "+" + best
-                try:
-                    made = build_plans(cfg, model, processor, parse_plans([spec]), log)
-                except ToolkitError as err:  # e.g. PDrop with a stage after LF's split: the next best
+                try:  # a default row LF cannot compose with is skipped with a note (fit_default): the next best
+                    made = build_plans(cfg, model, processor, parse_plans([spec]), log) or None
+                except ToolkitError as err:  # e.g. PDrop with a stage after LF's split, given in --plans
                     log(f"{p['text']}: not {spec} ({err})")
+                    made = None
+                if made is None:
                     continue
                 log(f"{p['text']} -> {spec}: the pruner of best accuracy per FLOP that LF composes with")
                 break
