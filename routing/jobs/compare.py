@@ -196,9 +196,10 @@ def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str
             else:
                 if records is None:
                     records = training_records(None, cfg.out / "train-data", 2000, cfg.seed)
-                # checkpoints as it goes, so a killed comparison resumes each plan's training where it stopped
+                # checkpoints as it goes (every 50 steps, at least halfway), so a killed comparison resumes each
+                # plan's training where it stopped
                 opts = TrainConfig(model=cfg.model or "tiny", variant=plan.variant, max_steps=cfg.train_steps,
-                                   seed=cfg.seed, save_steps=max(1, min(50, cfg.train_steps)))
+                                   seed=cfg.seed, save_steps=max(1, min(50, cfg.train_steps // 2)))
                 folder = cfg.out / "train" / plan_folder(name)
                 log(f"training {name} ({cfg.train_steps} steps, side branch on the {'kept' if plan.prune else 'image'} tokens)")
                 summary = train_side_branch(routed, processor, records, opts, folder, restart_other=True,
