@@ -61,6 +61,7 @@ def locked(folder: str | os.PathLike) -> Iterator[Path]:
         finally:
             _held[key][1] -= 1
         return
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # what the lock creates
     folder.mkdir(parents=True, exist_ok=True)
     lock = _file_lock(folder / LOCK)
     try:
@@ -76,6 +77,20 @@ def locked(folder: str | os.PathLike) -> Iterator[Path]:
         del _held[key]
         (folder / HOLDER).unlink(missing_ok=True)
         lock.release()
+        _remove_if_unused(folder, made)
+
+
+def _remove_if_unused(folder: Path, made: list[Path]) -> None:
+    """A run refused before it wrote anything leaves no folder behind: remove the lock file and the folders the
+    lock created when nothing else was written there."""
+    if not made or any(p.name != LOCK for p in folder.iterdir()):
+        return
+    try:
+        (folder / LOCK).unlink(missing_ok=True)
+        for path in made:  # innermost first
+            path.rmdir()
+    except OSError:  # another process started there meanwhile: leave it
+        pass
 
 
 def differences(old: dict, new: dict, labels: dict[str, str], defaults: dict | None = None,
