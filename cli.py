@@ -15,6 +15,7 @@ from rich.console import Console
 from saturation.core.console import console_entry, err_console, friendly, typer_app
 from saturation.core.errors import ToolkitError
 from saturation.core.files import atomic_write, ensure_output_dir, ensure_output_file, write_json
+from saturation.core.runs import locked
 
 saturation_app = typer_app("Saturation probe: per-layer cosine, text→image attention and logit-lens KL of a LLaVA "
                             "model, a recommended split layer, and the paper's Figure 2.")
@@ -441,16 +442,11 @@ def reproduce_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run in --out (same options only; --no-resume starts afresh, keeping parts made with the same options).")] = True,
 ) -> None:
     """Probe → split → train PC and LF → evaluate vanilla/PC/LF/LF-ideal → split and K sweeps → report.md."""
     import time
 
-    import pandas as pd
-
-    from figures.figure2 import figure2_from_dir
-    from figures.io import save_figure
-    from figures.sweeps import sweep_figure
-    from figures.training import loss_curve
     from routing.jobs.reproduce import ReproduceConfig, run_reproduce, write_report
 
     ensure_output_dir(out)
@@ -466,7 +462,21 @@ def reproduce_cmd(
     cfg = ReproduceConfig(model=model, out=out, max_steps=max_steps, n_eval=n_eval, probe_n=probe_n,
                           sweep_radius=sweep_radius, rule=rule, probe_data=probe_data, train_data=train_data, eval_data=eval_data,
                           max_new_tokens=max_new_tokens,
-                          seed=seed, dtype=dtype, device=device)
+                          seed=seed, dtype=dtype, device=device, resume=resume)
+    with locked(out):  # the figures too: no other run writes here meanwhile
+        _reproduce_into(out, cfg, run_reproduce, write_report, started)
+
+
+def _reproduce_into(out: Path, cfg, run_reproduce, write_report, started: float) -> None:
+    import time
+
+    import pandas as pd
+
+    from figures.figure2 import figure2_from_dir
+    from figures.io import save_figure
+    from figures.sweeps import sweep_figure
+    from figures.training import loss_curve
+
     result = run_reproduce(cfg, log=lambda msg: Console().print(msg, highlight=False, markup=False))
     drawn = figure2_from_dir(result["probe_dir"])
     tables, facts = result["tables"], result["facts"]
@@ -610,6 +620,7 @@ def compare_cmd(
     text_tokens: Annotated[int, typer.Option(help="Text tokens of the timed prompt (beside its image tokens).")] = 32,
     out: Annotated[Path, typer.Option(help="Folder for frontier.csv and pareto.png/.pdf.")] = Path("runs/compare"),
     seed: SeedOpt = 0,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the comparison in --out (same options only: trained plans resume from their checkpoints, finished ones are kept); --no-resume starts afresh.")] = True,
 ) -> None:
     """Accuracy, FLOPs and measured prefill/decode latency of a list of plans on the same data: frontier.csv and a
     Pareto figure (accuracy vs FLOPs ratio and vs measured prefill ratio)."""
@@ -626,13 +637,14 @@ def compare_cmd(
                 calibration_records(data, p["auto"])
     cfg = CompareConfig(model=model, plans=plans, geometry=geometry, layers=layers, split=split, routing=routing_dir,
                         data=data, n=n, train_steps=train_steps, repeats=repeats, text_tokens=text_tokens,
-                        out=out, seed=seed)
-    table = run_compare(cfg, log=lambda msg: Console().print(msg, highlight=False, soft_wrap=True))  # one log line a line
-    if geometry is None:
-        warn_synthetic(model, data)
-    name = f"random {geometry}" + (f", {layers} layers" if layers else "") if geometry else (model or "tiny")
-    what = "measured prefill against FLOPs" if geometry else "accuracy against cost"
-    drawn = save_figure(pareto_figure(table, title=f"{name}: {what}"), out / "pareto")
+                        out=out, seed=seed, resume=resume)
+    with locked(out):  # the figure too: no other run writes here meanwhile
+        table = run_compare(cfg, log=lambda msg: Console().print(msg, highlight=False, soft_wrap=True))  # a line each
+        if geometry is None:
+            warn_synthetic(model, data)
+        name = f"random {geometry}" + (f", {layers} layers" if layers else "") if geometry else (model or "tiny")
+        what = "measured prefill against FLOPs" if geometry else "accuracy against cost"
+        drawn = save_figure(pareto_figure(table, title=f"{name}: {what}"), out / "pareto")
     Console().print(table.to_string(index=False, na_rep=NA), highlight=False, soft_wrap=True)  # one row a line
     searched = [out / CALIBRATION] if (out / CALIBRATION).exists() else []  # vtw@auto's KL tables
     Console().print(f"wrote {out / 'frontier.csv'}, {', '.join(map(str, [*searched, *drawn]))}", highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -19,6 +20,11 @@ def save_figure(fig: Figure, stem: str | os.PathLike, dpi: int = 200) -> list[Pa
         try:
             fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
             os.replace(tmp, path)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            # name the file, so the command's one line names its folder (the backend's error may name none)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
         finally:
             tmp.unlink(missing_ok=True)
         paths.append(path)

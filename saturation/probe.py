@@ -70,7 +70,7 @@ from saturation.core.data import (
     to_model,
 )
 from saturation.core.errors import ToolkitError
-from saturation.core.files import atomic_write, ensure_output_dir, write_json
+from saturation.core.files import atomic_write, disk_guard, ensure_output_dir, write_json
 from saturation.core.lengths import check_prompts, max_positions
 from saturation.core.loading import (
     DATA_SAMPLES,
@@ -81,6 +81,7 @@ from saturation.core.loading import (
     resolve_dtype,
     resolve_name,
 )
+from saturation.core.runs import locked
 from saturation.core.sources import DataSpec, Source, announce, open_source, synthetic_data_warning
 
 from . import metrics
@@ -614,6 +615,22 @@ def run_probe(cfg: ProbeConfig, *, model=None, processor=None) -> ProbeResult:
     if not given and dist.world_size() > 1:
         cfg = replace(cfg, device=dist.rank_device(cfg.device))
     dist.init(cfg.device)
+    with contextlib.ExitStack() as held:
+        def claim() -> Path:  # every rank checks; rank 0 locks the folder for the run (one process per folder)
+            _check_options(cfg)
+            out = ensure_output_dir(cfg.out if cfg.out is not None else default_out(cfg.model))
+            if dist.is_main():
+                held.enter_context(locked(out))
+            return out
+
+        out = dist.together(claim)
+        with disk_guard(out):
+            return _run_probe(cfg, model, processor)
+
+
+def _run_probe(cfg: ProbeConfig, model, processor) -> ProbeResult:
+    """`run_probe` in its locked run folder."""
+    given = model is not None
     model_name, fingerprint, samples, records, out, store = dist.together(lambda: _prepare(cfg, model))
 
     started = time.perf_counter()
@@ -670,11 +687,24 @@ def _prepare(cfg: ProbeConfig, model) -> tuple[str, dict, list[int], list[Record
                    "lens_positions": cfg.lens_positions}  # a sampled lens changes the KL values: defining
     if dist.is_main():
         # A fresh start (store.open will not refuse it): old results would describe another run, so they go first.
-        if not cfg.resume or not (store.manifest.is_file() or store.shards()):
+        # So do results of another --n or --rule (the shards are reused): a run killed before it writes its own
+        # must not leave them looking like its results.
+        stale = not cfg.resume or not (store.manifest.is_file() or store.shards()) or _other_results(out, cfg, samples)
+        store.open(fingerprint, cfg.resume)  # refuses other shards' options: their results stay with them
+        if stale:
             for name in RESULT_FILES:
                 (out / name).unlink(missing_ok=True)
-        store.open(fingerprint, cfg.resume)
     return model_name, fingerprint, samples, records, out, store
+
+
+def _other_results(out: Path, cfg: ProbeConfig, samples: list[int]) -> bool:
+    """Whether `out` holds results made with another sample count, rule or lens sampling than this run's."""
+    try:
+        rec = json.loads((out / "recommendation.json").read_text(encoding="utf-8"))
+        made = (rec["evidence"].get("n"), rec["rule"], rec.get("lens_positions"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True  # none, or unreadable: whatever else is there is not known to be this run's
+    return made != (len(samples), cfg.rule, cfg.lens_positions)
 
 
 def _write_results(cfg: ProbeConfig, store: ShardStore, samples: list[int], model_name: str, shown: str,

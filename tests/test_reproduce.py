@@ -74,6 +74,20 @@ def test_reproduce_end_to_end_and_resume(tiny_model_dir, dataset, tmp_path):
     rows = run_reproduce(cfg, log=lambda _: None)["tables"]["best_split"].set_index("variant")["trainable_params"]
     assert (rows["pc"], rows["lf"]) == (123, lf_params)
 
+    # issue 28: a rerun with other options is refused in one line naming each (it once reused results of the old
+    # ones and wrote a report of work it did not do); --no-resume redoes only the parts those options change
+    args = ["reproduce", "--model", str(tiny_model_dir), "--out", str(cfg.out), "--max-steps", "2", "--probe-n", "6",
+            "--sweep-radius", "1", "--probe-data", str(dataset), "--train-data", str(dataset), "--eval-data",
+            str(dataset), "--device", "cpu"]
+    refused = runner.invoke(routing_app, [*args, "--n-eval", "4"])
+    assert refused.exit_code == 1 and "--n-eval 6 (now 4)" in refused.output and "--no-resume" in refused.output
+    assert (cfg.out / "report.md").is_file()  # refused: the finished run is kept
+    fresh = runner.invoke(routing_app, [*args, "--n-eval", "4", "--no-resume"])
+    assert fresh.exit_code == 0, fresh.output
+    assert json.loads((cfg.out / "eval" / "vanilla.json").read_text())["n"] == 4
+    assert "4 held-out questions" in (cfg.out / "report.md").read_text()
+    assert (cfg.out / "train" / f"lf-s{split}-k1" / "train_summary.json").stat().st_mtime == stamp  # same training
+
 
 def test_report_states_a_failed_claim_plainly():
     table = pd.DataFrame({"variant": ["vanilla", "pc", "lf", "lf-ideal"], "accuracy": [0.9, 0.85, 0.5, 0.3],

@@ -357,3 +357,22 @@ def test_lmms_task_gives_the_llava_json_records(heldout_json, monkeypatch):
     assert [pixels(r) for r in got] == [pixels(r) for r in want]
     with pytest.raises(ToolkitError, match="unknown lmms-eval task"):
         open_source(f"lmms:no_such_task@{repo / 'tests' / 'lmms_tasks'}")
+
+
+def test_compare_and_reproduce_record_a_dataset_source_in_run_json(tmp_path):
+    """A dataset given to compare or reproduce is part of its run identity, options included (a rerun on another
+    split is another run); it once crashed there (Path(DataSpec))."""
+    from routing.jobs.compare import CompareConfig, compare_identity, parse_plans
+    from routing.jobs.reproduce import ReproduceConfig, reproduce_identity
+    from saturation.core.sources import DataSpec, data_identity
+
+    spec = DataSpec(str(tmp_path / "pope"), split="test", question_column="q")
+    expected = {"source": str(tmp_path / "pope"), "split": "test", "question_column": "q"}
+    assert data_identity(spec) == expected and data_identity(None) is None
+    assert data_identity(DataSpec(str(tmp_path / "pope"))) == str(tmp_path / "pope")
+    cfg = CompareConfig(plans="vanilla", data=spec, out=tmp_path / "cmp")
+    assert compare_identity(cfg, parse_plans("vanilla"))["data"] == expected
+    rep = ReproduceConfig(model="tiny", out=tmp_path / "rep", eval_data=spec)
+    assert reproduce_identity(rep)["eval_data"] == expected
+    other = ReproduceConfig(model="tiny", out=tmp_path / "rep", eval_data=DataSpec(spec.source, split="val"))
+    assert reproduce_identity(other) != reproduce_identity(rep)

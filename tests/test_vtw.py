@@ -219,8 +219,11 @@ def test_compare_resolves_auto_and_prints_the_choice(tiny, records, tmp_path):
     assert row["params"] == f"s={mine.layer} (auto, eta=0.003, KL {mine.kl_at_choice:.2g})" == mine.describe()
     saved = json.loads((out / "calibration.json").read_text())["vtw@auto:n=4"]
     assert saved["plan"] == f"vtw@{mine.layer}" and saved["kl"] == list(mine.kl) and saved["layers"] == list(mine.layers)
-    again = runner.invoke(routing_app, ["compare", "--plans", "vanilla,vtw@3", "--n", "2", "--repeats", "1",
-                                        "--out", str(out)])
+    other = ["compare", "--plans", "vanilla,vtw@3", "--n", "2", "--repeats", "1", "--out", str(out)]
+    refused = runner.invoke(routing_app, other)  # issue 28: other options in a run folder are refused, run kept
+    assert refused.exit_code == 1 and "--plans vanilla,vtw@auto:n=4 (now vanilla,vtw@3)" in refused.output
+    assert (out / "calibration.json").exists()
+    again = runner.invoke(routing_app, [*other, "--no-resume"])
     assert again.exit_code == 0 and not (out / "calibration.json").exists()  # no stale search beside a new table
 
 

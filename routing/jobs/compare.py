@@ -15,6 +15,13 @@ Geometry mode (``geometry="llava-1.5-7b"``, optional ``layers``) times the plans
 random weights and random image embeddings, as `routing bench --geometry` (``benchmark.load_models`` and
 ``random_prompt``); side branches stay untrained (latency does not depend on training) and accuracy is NaN, written
 "n/a". Plans that score the vision tower's attention (prune-pre) need real pixels and are refused before loading.
+
+The run folder keeps every long job's contract (`saturation.core.runs`): one process at a time; the defining
+options (`COMPARE_OPTIONS`) in ``run.json``, a rerun with others refused in one line (``--no-resume`` starts
+afresh, and removes the previous run's frontier.csv, calibration.json and figure first); results written at the
+end, atomically. It resumes per plan: a side branch trained here resumes from its last checkpoint (a finished one
+is kept), and a plan's accuracy is kept in ``plans/`` while what made it (data, budget, training) is the same.
+The timings are always measured anew, all plans in one paired loop.
 """
 
 from __future__ import annotations
@@ -51,6 +58,13 @@ DEFAULT_PLANS = ("vanilla", "lf", "vtw@auto", "fastv@2:R=50%", "fastv@2:R=75%", 
 GEOMETRY_PLANS = ("vanilla", "lf", "vtw", "fastv@2:R=50%", "fastv@2:R=75%", "pdrop", "divprune", "lf+fastv@2:R=75%")
 # VisionZip's default budget, 54 dominant + 10 contextual tokens of LLaVA-1.5's 576 patches (its README)
 VISIONZIP_DEFAULT = (54, 10, 576)
+# What defines a comparison, and the option that sets each (run.json; a rerun with others is refused).
+COMPARE_OPTIONS = {"model": "--model", "plans": "--plans", "geometry": "--geometry", "layers": "--layers",
+                   "split": "--split", "routing": "--routing", "data": "--data", "n": "--n",
+                   "batch_size": "batch_size", "max_new_tokens": "max_new_tokens", "train_steps": "--train-steps",
+                   "repeats": "--repeats", "warmup": "warmup", "text_tokens": "text_tokens",
+                   "new_tokens": "new_tokens", "seed": "--seed"}
+RESULTS = ("frontier.csv", "calibration.json", "pareto.png", "pareto.pdf")  # removed when other options start
 COLUMNS = ("plan", "params", "accuracy", "flops_ratio", "prefill_ratio", "decode_ratio", "trainable_params",
            "prefill_ms", "decode_ms", "decode_flops_ratio", "trained")
 
@@ -75,6 +89,7 @@ class CompareConfig:
     seed: int = 0
     out: Path = field(default_factory=lambda: Path("runs") / "compare")
     defaulted: bool = field(default=False, init=False)  # plans are the default sweep: a row the family refuses is skipped
+    resume: bool = True  # False (--no-resume): start afresh in `out` (trained plans of the same options are kept)
 
     def __post_init__(self):
         if self.plans is None:
@@ -102,6 +117,26 @@ class CompareConfig:
             if p["prune"] in NEEDS_PIXELS:
                 raise ToolkitError(f"plan '{p['text']}' scores the vision tower's attention on real pixels, which "
                                    f"--geometry does not have (random image embeddings): leave it out, or use pool:R%")
+
+
+def compare_identity(cfg: CompareConfig, parsed) -> dict:
+    """The options that define a comparison (`COMPARE_OPTIONS`), as its `run.json` records them."""
+    from saturation.core.loading import resolve_name
+    from saturation.core.sources import data_identity
+
+    data = data_identity(cfg.data)
+    model = None if cfg.geometry is not None else resolve_name(cfg.model or "tiny")
+    routing = None if cfg.routing is None else str(Path(cfg.routing).resolve())
+    return {"model": model, "plans": [p["text"] for p in parsed], "geometry": cfg.geometry, "layers": cfg.layers,
+            "split": cfg.split, "routing": routing, "data": data, "n": cfg.n, "batch_size": cfg.batch_size,
+            "max_new_tokens": cfg.max_new_tokens, "train_steps": cfg.train_steps, "repeats": cfg.repeats,
+            "warmup": cfg.warmup, "text_tokens": cfg.text_tokens, "new_tokens": cfg.new_tokens, "seed": cfg.seed}
+
+
+def plan_folder(name: str) -> str:
+    """A plan's name as a folder name (its training run, its kept accuracy)."""
+    return name.replace("@", "-s").replace(":", "-").replace("%", "").replace("+", "_").replace("=", "").replace(
+        ",", "-")
 
 
 def parse_plans(plans) -> tuple[dict, ...]:
@@ -255,11 +290,16 @@ def build_plans(cfg: CompareConfig, model, processor, parsed, log: Callable[[str
             else:
                 if records is None:
                     records = training_records(None, cfg.out / "train-data", 2000, cfg.seed)
-                opts = TrainConfig(model=cfg.model or "tiny", variant=plan.variant, max_steps=cfg.train_steps, seed=cfg.seed,
-                                   save_steps=max(cfg.train_steps, 1), resume=False)
-                folder = cfg.out / "train" / name.replace("@", "-s").replace(":", "-").replace("%", "").replace("+", "_")
+                # checkpoints as it goes (every 50 steps, at least halfway), so a killed comparison resumes each
+                # plan's training where it stopped
+                opts = TrainConfig(model=cfg.model or "tiny", variant=plan.variant, max_steps=cfg.train_steps,
+                                   seed=cfg.seed, save_steps=max(1, min(50, cfg.train_steps // 2)))
+                folder = cfg.out / "train" / plan_folder(name)
                 log(f"training {name} ({cfg.train_steps} steps, side branch on the {'kept' if plan.prune else 'image'} tokens)")
-                train_side_branch(routed, processor, records, opts, folder, log=lambda _m: None)
+                summary = train_side_branch(routed, processor, records, opts, folder, restart_other=True,
+                                            log=lambda m, name=name: log(f"{name}: {m}") if "resuming" in m else None)
+                if summary.get("unchanged"):
+                    log(f"{name}: trained before ({folder}), kept")
                 how = f"trained {cfg.train_steps} steps"
         built[name] = (plan, routed.eval(), how)
     return built
@@ -310,16 +350,46 @@ def _median(xs: list[float]) -> float:
 def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.DataFrame:
     """Evaluate, price and time every plan of `cfg`; returns the frontier table (also written to
     ``cfg.out/frontier.csv``, NaN accuracy as "n/a")."""
+    from saturation.core.files import disk_guard, ensure_output_dir
+    from saturation.core.runs import locked, open_run
+
+    parsed = parse_plans(cfg.plans)
+    ensure_output_dir(cfg.out, "--out")
+    with locked(cfg.out), disk_guard(cfg.out):
+        open_run(cfg.out, compare_identity(cfg, parsed), COMPARE_OPTIONS, cfg.resume, RESULTS, log=log)
+        return _run_compare(cfg, parsed, log)
+
+
+def _kept_accuracy(cfg: CompareConfig, name: str, key: dict, compute: Callable[[], float]) -> float:
+    """A plan's accuracy, kept in ``plans/<plan>.json`` while `key` (what made it) is the same."""
+    import json
+
+    from saturation.core.files import write_json
+
+    key = json.loads(json.dumps(key))
+    path = cfg.out / "plans" / f"{plan_folder(name)}.json"
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept.get("made_with") == key:
+            return float(kept["accuracy"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    accuracy = compute()
+    write_json(path, {"accuracy": accuracy, "made_with": key})
+    return accuracy
+
+
+def _run_compare(cfg: CompareConfig, parsed, log: Callable[[str], None]) -> pd.DataFrame:
+    """`run_compare` in its locked, opened run folder."""
     from routing.jobs.bench import BenchConfig, load_models
     from routing.jobs.evaluate import evaluate
+    from routing.jobs.runs import records_digest
     from routing.jobs.timing import paired_ratios, random_prompt, real_prompt
-    from saturation.core.files import atomic_write, ensure_output_dir, write_json
+    from saturation.core.files import atomic_write, write_json
     from saturation.core.geometry import REPRESENTATIVE_IMAGE
     from saturation.core.loading import DATA_SAMPLES, cpu_threads, load_model
     from saturation.core.sources import load_records
 
-    parsed = parse_plans(cfg.plans)
-    ensure_output_dir(cfg.out, "--out")
     records = None
     if cfg.geometry is None:
         records = load_records(cfg.data, cfg.n, cfg.seed, default=DATA_SAMPLES / "shapes" / "heldout.json")[1]
@@ -343,10 +413,17 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> pd.Da
         def row(name: str, plan, net, how: str, params: str) -> dict:
             accuracy = float("nan")
             if records is not None:
-                log(f"evaluating {name} on {len(records)} records")
-                result, _ = evaluate(net, processor, records, batch_size=cfg.batch_size,
-                                     max_new_tokens=cfg.max_new_tokens)
-                accuracy = result["accuracy"]
+                def score(name=name, net=net) -> float:
+                    log(f"evaluating {name} on {len(records)} records")
+                    result, _ = evaluate(net, processor, records, batch_size=cfg.batch_size,
+                                         max_new_tokens=cfg.max_new_tokens)
+                    return result["accuracy"]
+
+                made = {"plan": None if plan is None else plan.to_manifest(), "how": how, "routing": cfg.routing and
+                        str(cfg.routing), "questions": records_digest(records), "batch_size": cfg.batch_size,
+                        "max_new_tokens": cfg.max_new_tokens, "train_steps": cfg.train_steps, "seed": cfg.seed,
+                        "search": searches[name].to_dict() if name in searches else None}
+                accuracy = _kept_accuracy(cfg, name, made, score)
             ratios = flops.plan_ratios(geometry, plan, samples)
             trainable = 0 if plan is None else net.trainable_parameters().trainable
             return {"plan": name, "params": params, "accuracy": accuracy, "flops_ratio": ratios["prefill"],

@@ -1,7 +1,11 @@
 """`routing reproduce`: the paper's main result in miniature — probe, split, train PC and LF, evaluate, sweep.
 
-Every step writes its result to disk and is skipped when its result is already there, so an interrupted run
-continues where it stopped (training itself resumes from its last complete checkpoint).
+The run folder (``--out``) keeps the contract of every long job (`saturation.core.runs`): its defining options
+(`REPRODUCE_OPTIONS`) are recorded in ``run.json`` and a rerun with others is refused in one line (``--no-resume``
+starts afresh); one process at a time. Every part (an evaluation, a training run) records the options it was made
+with and is reused only when they match, so an interrupted run continues where it stopped (training resumes from
+its last complete checkpoint); the tables, report and figures are written at the end, and a run with other options
+removes the previous run's first.
 """
 
 from __future__ import annotations
@@ -20,13 +24,24 @@ from routing.jobs.train import TrainConfig, train_side_branch, training_records
 from routing.model import build
 from routing.plan import plan_for
 from saturation.core.data import PromptFormat, collate, encode_record, to_model
-from saturation.core.files import write_json, write_text
+from saturation.core.files import disk_guard, write_json, write_text
 from saturation.core.loading import DATA_SAMPLES, cpu_threads, load_model, resolve_name
-from saturation.core.sources import DataSpec, load_records
+from saturation.core.runs import locked, open_run
+from saturation.core.sources import DataSpec, data_identity, load_records
 from saturation.probe import ProbeConfig, run_probe
 from saturation.recommend import split_range
 
 TABLE_COLUMNS = ["variant", "accuracy", "flops_ratio", "trainable_params", "split"]
+# What defines a reproduction, and the option that sets each (run.json; a rerun with others is refused).
+REPRODUCE_OPTIONS = {"model": "--model", "max_steps": "--max-steps", "batch_size": "batch_size", "n_train": "n_train",
+                     "probe_data": "--probe-data", "train_data": "--train-data", "eval_data": "--eval-data",
+                     "n_eval": "--n-eval", "probe_n": "--probe-n", "sweep_radius": "--sweep-radius", "rule": "--rule",
+                     "fusion_sweep": "fusion_sweep", "seed": "--seed", "dtype": "--dtype", "variants": "variants",
+                     "max_new_tokens": "--max-new-tokens"}
+# What a finished reproduction leaves beside its parts (eval/, train/, probe/): removed when a run of other options
+# starts, so a run killed midway never leaves a report of work it did not do.
+RESULTS = ("table.csv", "split_sweep.csv", "best_split.csv", "fusion_sweep.csv", "report.md", "facts.json",
+           *(f"{stem}.{ext}" for stem in ("split_sweep", "fusion_sweep", "loss_curves") for ext in ("png", "pdf")))
 
 
 @dataclass
@@ -51,6 +66,16 @@ class ReproduceConfig:
     device: str | None = None
     variants: tuple[str, ...] = field(default=("pc", "lf"))
     max_new_tokens: int | None = None  # answer budget; default: the longest evaluation answer in tokens + 1 (</s>)
+    resume: bool = True  # False (--no-resume): start afresh in `out` (parts of matching options are still reused)
+
+
+def reproduce_identity(cfg: ReproduceConfig) -> dict:
+    """The options that define a reproduction (`REPRODUCE_OPTIONS`), as `run.json` records them."""
+    return {"model": resolve_name(cfg.model), "max_steps": cfg.max_steps, "batch_size": cfg.batch_size,
+            "n_train": cfg.n_train, "probe_data": data_identity(cfg.probe_data), "train_data": data_identity(cfg.train_data),
+            "eval_data": data_identity(cfg.eval_data), "n_eval": cfg.n_eval, "probe_n": cfg.probe_n,
+            "sweep_radius": cfg.sweep_radius, "rule": cfg.rule, "fusion_sweep": list(cfg.fusion_sweep),
+            "seed": cfg.seed, "dtype": cfg.dtype, "variants": list(cfg.variants), "max_new_tokens": cfg.max_new_tokens}
 
 
 @dataclass
@@ -113,17 +138,23 @@ def cached_json(path: Path, compute, still_valid=lambda value: True) -> dict:
     return value
 
 
-def evaluated(ctx: Context, net, name: str) -> dict:
+def evaluated(ctx: Context, net, name: str, made: dict | None = None) -> dict:
+    """`net`'s evaluation, reused only when it scored the same questions with the same answer budget on the same
+    model (`made`: what made a trained one, its run's options and steps)."""
+    from routing.jobs.runs import records_digest
+
+    key = json.loads(json.dumps({"questions": records_digest(ctx.eval_records), "max_new_tokens": ctx.max_new_tokens,
+                                 "model": made}))
+
     def run():
         ctx.log(f"evaluating {name} on {len(ctx.eval_records)} held-out questions")
         result, table = evaluate(net, ctx.processor, ctx.eval_records, batch_size=32,
                                  max_new_tokens=ctx.max_new_tokens)
         write_text(ctx.cfg.out / "eval" / f"{name}.csv", table.to_csv(index=False))
-        return {**result, "max_new_tokens": ctx.max_new_tokens}
+        return {**result, "max_new_tokens": ctx.max_new_tokens, "made_with": key}
 
-    # a result scored with another answer budget (e.g. the old fixed 4 tokens) is scored again
-    return cached_json(ctx.cfg.out / "eval" / f"{name}.json", run,
-                       lambda cached: cached.get("max_new_tokens") == ctx.max_new_tokens)
+    # a result of other questions, another answer budget or another training run is scored again
+    return cached_json(ctx.cfg.out / "eval" / f"{name}.json", run, lambda cached: cached.get("made_with") == key)
 
 
 def trained(ctx: Context, variant: str, split: int, fusion_layers: int = 1) -> tuple[dict, dict]:
@@ -131,20 +162,14 @@ def trained(ctx: Context, variant: str, split: int, fusion_layers: int = 1) -> t
     name = f"{variant}-s{split}-k{fusion_layers}"
     routed = build(ctx.model, plan_for(ctx.model, split, variant, fusion_layers))
     run = ctx.cfg.out / "train" / name
-    summary_path = run / "train_summary.json"
-    done = summary_path.is_file() and json.loads(summary_path.read_text())["steps"] >= ctx.cfg.max_steps
-    if done:
-        from routing.saved import load
-
-        routed = load(ctx.model, run / "routing")
-        summary = json.loads(summary_path.read_text())
-    else:
-        ctx.log(f"training {name} for {ctx.cfg.max_steps} steps")
-        opts = TrainConfig(variant=variant, fusion_layers=fusion_layers, max_steps=ctx.cfg.max_steps,
-                           batch_size=ctx.cfg.batch_size, seed=ctx.cfg.seed, save_steps=100)
-        summary = train_side_branch(routed, ctx.processor, ctx.train_records, opts, run)
+    opts = TrainConfig(variant=variant, fusion_layers=fusion_layers, max_steps=ctx.cfg.max_steps,
+                       batch_size=ctx.cfg.batch_size, seed=ctx.cfg.seed, save_steps=100)
+    # its own run contract: a finished run of these options is reused (its side branch loaded), one cut short
+    # resumes, one of other options (a --no-resume of the whole) starts afresh
+    summary = train_side_branch(routed, ctx.processor, ctx.train_records, opts, run, restart_other=True,
+                                log=lambda msg: ctx.log(f"{name}: {msg}") if "already finished" not in msg else None)
     routed.eval()
-    return summary, evaluated(ctx, routed, name)
+    return summary, evaluated(ctx, routed, name, {"run": summary["run"], "steps": summary["steps"]})
 
 
 def zero_gradient_check(ctx: Context, split: int) -> dict:
@@ -165,10 +190,15 @@ def sweep_splits(split: int, radius: int | None, num_layers: int, fusion_layers:
 
 def run_reproduce(cfg: ReproduceConfig, log=print) -> dict:
     """Run every step; returns the tables (as DataFrames) and the facts the report states."""
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    with locked(cfg.out), disk_guard(cfg.out):
+        open_run(cfg.out, reproduce_identity(cfg), REPRODUCE_OPTIONS, cfg.resume, RESULTS, log=log)
+        return _run_reproduce(cfg, log)
+
+
+def _run_reproduce(cfg: ReproduceConfig, log) -> dict:
     (cfg.out / "eval").mkdir(exist_ok=True)
-    probe = run_probe(ProbeConfig(model=cfg.model, n=cfg.probe_n, data=cfg.probe_data, out=cfg.out / "probe", seed=cfg.seed, rule=cfg.rule,
-                                  dtype=cfg.dtype, device=cfg.device))
+    probe = run_probe(ProbeConfig(model=cfg.model, n=cfg.probe_n, data=cfg.probe_data, out=cfg.out / "probe",
+                                  seed=cfg.seed, rule=cfg.rule, dtype=cfg.dtype, device=cfg.device, resume=cfg.resume))
     num_layers = probe.recommendation["num_layers"]
     split = validate_split(probe.recommendation["split"], num_layers)
     log(f"probe recommends split {split} of {num_layers} layers")
@@ -198,7 +228,8 @@ def _reproduce(cfg: ReproduceConfig, model, processor, probe, split: int, num_la
     rows.append({"variant": "lf-ideal", "accuracy": evaluated(ctx, ideal.eval(), f"lf-ideal-s{split}")["accuracy"],
                  "flops_ratio": flops_ratio(ctx, "lf-ideal", split),
                  "trainable_params": ideal.trainable_parameters().trainable, "split": split})
-    gradients = cached_json(cfg.out / "gradient_check.json", lambda: zero_gradient_check(ctx, split))
+    gradients = cached_json(cfg.out / "gradient_check.json", lambda: zero_gradient_check(ctx, split) | {"split": split},
+                            lambda cached: cached.get("split") == split)  # written by this run's options (run.json)
 
     split_rows = [{"split": s, "accuracy": trained(ctx, "lf", s)[1]["accuracy"], "flops_ratio": flops_ratio(ctx, "lf", s)}
                   for s in sweep_splits(split, cfg.sweep_radius, num_layers)]

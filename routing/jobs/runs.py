@@ -4,7 +4,8 @@ A run folder (``--out``) holds ``run.json`` (the options that define the run: mo
 lr, seed, batch size, data digest, processes), ``checkpoints/`` (a checkpoint counts once its completion marker is
 written), ``train_summary.json`` and the artifact ``routing/``. A rerun resumes from the last complete checkpoint only
 if its defining options are the same; a finished run is left as it is; the planned steps may grow between runs
-(training continues) but not shrink.
+(training continues) but not shrink. The generic half of this contract (the folder lock, recorded options, stale
+results) is `saturation.core.runs`, which every long job uses.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Protocol
 from routing.artifact import read_manifest
 from routing.plan import RoutingPlan
 from saturation.core import distributed as dist
+from saturation.core import runs as core_runs
 from saturation.core.data import Record, image_key
 from saturation.core.errors import ToolkitError
 from saturation.core.files import write_json
@@ -93,34 +95,32 @@ def with_data(identity: dict, records: list[Record], data: object = None) -> dic
     return identity | {"data_sha256": records_digest(records, data)}
 
 
+def _same(key: str, before, now) -> bool:
+    return Path(str(before)).name == Path(str(now)).name if key == "model" else before == now  # a local copy
+
+
 def _differences(old: dict, new: dict) -> list[str]:
     """``--split 4 (now 5)`` for each defining option of `new` that `old` has otherwise."""
-    diffs = []
-    for key in (k for k in RUN_OPTIONS if k in new):
-        before, now = old.get(key, RUN_DEFAULTS.get(key)), new[key]
-        same = (Path(str(before)).name == Path(str(now)).name) if key == "model" else before == now  # a local copy
-        if not same:
-            diffs.append(f"{RUN_OPTIONS[key]} {before} (now {now})")
-    return diffs
+    return core_runs.differences(old, new, RUN_OPTIONS, RUN_DEFAULTS, _same)
 
 
 def check_run(out: Path, identity: dict) -> None:
     """Refuse to resume in `out` when its `run.json` records other defining options than `identity`."""
     fresh = "pass --no-resume to start fresh there (its checkpoints are deleted), or choose another --out"
-    path = out / RUN_MANIFEST
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            old = None
-        if not isinstance(old, dict):
-            raise ToolkitError(f"{path} is damaged, so the run in {out} cannot be resumed safely: {fresh}")
-        diffs = _differences(old, identity)
-        if diffs:
-            raise ToolkitError(f"{out} holds a run with other options: {', '.join(diffs)}; {fresh}")
-    elif any((out / "checkpoints").glob("checkpoint-*")):
+    if core_runs.check_manifest(out, identity, RUN_OPTIONS, RUN_MANIFEST, RUN_DEFAULTS, _same, fresh) is None \
+            and any((out / "checkpoints").glob("checkpoint-*")):
         raise ToolkitError(f"{out} holds checkpoints but no {RUN_MANIFEST} saying which options made them "
                            f"(an older toolkit?): {fresh}")
+
+
+def resumable(out: Path, identity: dict, planned: int) -> bool:
+    """Whether a run of `identity` ending at step `planned` may resume in `out` (nothing there counts as yes)."""
+    try:
+        check_run(out, identity)
+        check_not_past(out, planned)
+    except ToolkitError:
+        return False
+    return True
 
 
 def open_run(out: Path, identity: dict, resume: bool, log: Callable[[str], None] = print, write: bool = True) -> None:

@@ -21,7 +21,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -50,9 +50,10 @@ from routing.plan import RoutingPlan, parse_plan, parse_spec, plan_for
 from saturation.core import distributed as dist
 from saturation.core.data import PromptFormat, Record, collate, encode_record, read_records, sequence_keys
 from saturation.core.errors import ToolkitError
-from saturation.core.files import ensure_output_dir, write_json, write_text
+from saturation.core.files import disk_guard, ensure_output_dir, write_json, write_text
 from saturation.core.lengths import fit_example, max_positions
 from saturation.core.loading import check_placement, cpu_threads, load_config, load_model, resolve_name
+from saturation.core.runs import locked
 from saturation.core.sources import DataSpec, load_records
 from saturation.probe import ProbeConfig, run_probe
 from saturation.probe import default_out as probe_default_out
@@ -352,12 +353,35 @@ def training_dtype(dtype: str | None, device: str | None) -> str | None:
 
 
 def train_side_branch(routed, processor, records: list[Record], opts: TrainConfig, out: Path,
-                      callbacks=(), log: Callable[[str], None] = print) -> dict:
+                      callbacks=(), log: Callable[[str], None] = print, restart_other: bool = False) -> dict:
     """Train `routed`'s side branch on `records` in run folder `out`; returns a summary dict and writes the
-    routing artifact. Resumes a run of the same options; refuses one of other options; a finished one is left."""
+    routing artifact. Resumes a run of the same options; refuses one of other options (`restart_other`: starts it
+    afresh instead, as a part of a larger job does); a finished one is left, its side branch loaded into `routed`."""
     check_options(opts)
     identity = run_identity(_base_id(routed.base), routed.plan, opts, records)
-    return _train(routed, processor, records, opts, Path(out), identity, callbacks, log)
+    out = Path(out)
+    with run_folder(out, routed):
+        if opts.resume and restart_other and not runs.resumable(out, identity, planned_steps(len(records), opts)):
+            log(f"{out} holds a run with other options: starting it afresh")
+            opts = replace(opts, resume=False)
+        return _train(routed, processor, records, opts, out, identity, callbacks, log)
+
+
+def checkpoint_bytes(routed) -> int:
+    """About what one checkpoint takes: the side branch's weights and AdamW's two moments, in fp32."""
+    return 12 * sum(p.numel() for p in routed.parameters() if p.requires_grad)
+
+
+@contextmanager
+def run_folder(out: Path, routed=None):
+    """`out` locked for this run (rank 0 holds the lock under torchrun), and a full disk while the run writes
+    there one line: half-written checkpoints are removed (they would be on the next run anyway)."""
+    with ExitStack() as stack:
+        if dist.is_main():
+            stack.enter_context(locked(out))
+        needed = checkpoint_bytes(routed) if routed is not None else None
+        stack.enter_context(disk_guard(out, needed, cleanup=lambda: last_complete_checkpoint(out / "checkpoints")))
+        yield
 
 
 def _train(routed, processor, records: list[Record], opts: TrainConfig, out: Path, identity: dict,
@@ -374,6 +398,9 @@ def _train(routed, processor, records: list[Record], opts: TrainConfig, out: Pat
     planned = planned_steps(len(records), opts)
     if opts.resume and (done := finished_summary(out, identity, planned)) is not None:
         log(finished_message(out, done))
+        from routing.saved import load
+
+        routed.side.load_state_dict(load(routed.base, out / "routing").side.state_dict())  # the trained branch
         return done | {"unchanged": True}
     resume = check_not_past(out, planned) if opts.resume else None
     done_steps = checkpoint_step(resume) if resume else 0
@@ -440,12 +467,15 @@ def training_records(data: Path | str | DataSpec | None, out: Path, n: int, seed
     folder = out / f"train_data_seed{seed}_n{n}"  # one set per (seed, size): a new --n-train is a new set
     path = folder / "train.json"
     if not path.is_file():
-        made = shapes.make_dataset(folder / "tmp", n, seed + 7919, name="train", turns=4,
-                                   exclude=shapes.held_out_keys())
-        shutil.rmtree(folder / "images", ignore_errors=True)
-        os.replace(folder / "tmp" / "images", folder / "images")
-        os.replace(made, path)
-        shutil.rmtree(folder / "tmp", ignore_errors=True)
+        tmp = folder / "tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed run's partial set (the run folder's lock is held)
+        # about 1.5 KB per scene (its PNG and four QA turns): what a full disk message says is needed
+        with disk_guard(folder, needed=1500 * n, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            made = shapes.make_dataset(tmp, n, seed + 7919, name="train", turns=4, exclude=shapes.held_out_keys())
+            shutil.rmtree(folder / "images", ignore_errors=True)
+            os.replace(tmp / "images", folder / "images")
+            os.replace(made, path)
+        shutil.rmtree(tmp, ignore_errors=True)
     return read_records(path)
 
 
@@ -521,6 +551,12 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     split, source = resolve_training_split(cfg, config.text_config.num_hidden_layers, log)
     plan = training_plan(cfg, config, split)
     out = Path(cfg.out) if cfg.out is not None else ensure_output_dir(default_out(cfg.model, cfg.variant, split, plan))
+    with run_folder(out):  # one process per run folder: a second `routing train` there is refused, data included
+        return _run_train(cfg, plan, split, source, out, log)
+
+
+def _run_train(cfg: TrainConfig, plan: RoutingPlan, split: int, source: str, out: Path, log) -> dict:
+    """`run_train` once the plan is made and the run folder `out` is locked."""
     model_id = resolve_name(cfg.model)
     identity = run_identity(model_id, plan, cfg)  # the data digest joins once the records are read
     if cfg.resume:  # other options than the run in --out: refuse before making data or loading weights

@@ -83,6 +83,15 @@ def friendly(fn):
             _fresh_line(tracker)
             err_console.print("[yellow]interrupted[/] (finished work is kept; rerun to resume)")
             raise typer.Exit(130) from None
+        except Exception as err:  # a full disk anywhere (a figure, a log) is one line, not a traceback
+            from saturation.core.files import disk_full_message, is_disk_full
+
+            if not is_disk_full(err):
+                raise
+            _fresh_line(tracker)
+            message = escape(disk_full_message(None, err))
+            err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         finally:
             if sys.stderr is tracker:
                 sys.stderr = real

@@ -7,10 +7,13 @@ And the checks every command runs on its output paths before any work (`ensure_o
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from saturation.core.errors import ToolkitError
@@ -34,6 +37,17 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of the file's sha256 (what a run records of a data file it read)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def read_json(path: Path):
@@ -94,3 +108,63 @@ def ensure_output_file(path: str | os.PathLike, option: str = "--json") -> Path:
         raise ToolkitError(f"{what}: {err.strerror or err}") from None
     _check_folder(path.parent, what)
     return path
+
+
+# --- a full disk: one line naming the folder and the space, never a traceback ---
+
+DISK_FULL_TEXTS = ("No space left on device", "StorageFull", "Disk quota exceeded")  # safetensors' Rust I/O errors
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether `err` (or an exception it was raised from) is a full disk: ENOSPC/EDQUOT, or safetensors' and
+    other libraries' wrappings of it (a ``SafetensorError`` is not an OSError)."""
+    for _ in range(8):  # the chain of causes, bounded
+        if err is None:
+            return False
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(err) for text in DISK_FULL_TEXTS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def size_text(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def disk_full_message(folder: str | os.PathLike | None, err: BaseException | None = None,
+                      needed: int | None = None) -> str:
+    """One line: the disk under `folder` (else the file `err` names) is full, what is free there and needed."""
+    if folder is None:
+        name = getattr(err, "filename", None)
+        folder = Path(name).parent if name else Path.cwd()
+    folder = Path(folder)
+    try:
+        free = size_text(shutil.disk_usage(_nearest_existing(folder.absolute())).free)
+    except OSError:
+        free = "unknown"
+    want = f", about {size_text(needed)} needed" if needed else ""
+    return (f"no space left on the disk of {folder} ({free} free there{want}): free some space or choose a folder "
+            "on another disk, then rerun (finished work is kept and the run resumes)")
+
+
+@contextmanager
+def disk_guard(folder: str | os.PathLike, needed: int | None = None,
+               cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Turn a full disk inside the block into one `ToolkitError` naming `folder`, after `cleanup()` (removing
+    partial files) when given."""
+    try:
+        yield
+    except ToolkitError:
+        raise
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        if cleanup is not None:
+            cleanup()
+        raise ToolkitError(disk_full_message(folder, err, needed)) from None

@@ -60,6 +60,20 @@ def as_spec(data: DataSpec | str | Path | None, default: Path | None = None) -> 
     return DataSpec(str(data))
 
 
+def data_identity(data: DataSpec | str | Path | None) -> str | dict | None:
+    """A data source as a run folder records it (`run.json`): a file's digest (a moved copy keeps it), with the
+    dataset options where given (split, subset, columns); None for the embedded default."""
+    if data is None:
+        return None
+    from saturation.core.files import file_digest
+
+    spec = as_spec(data)
+    path = Path(spec.source)
+    source = file_digest(path) if path.is_file() else spec.source  # a missing source is refused where it is read
+    options = {k: v for k, v in spec.options().items() if v is not None}
+    return {"source": source, **options} if options else source
+
+
 @dataclass(frozen=True)
 class Columns:
     """The columns a dataset's rows are read from (None: absent)."""

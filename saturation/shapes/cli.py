@@ -53,6 +53,7 @@ def train_cmd(
     steps: Annotated[int | None, typer.Option(help="Stage-2 steps (default: the recipe's).")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: the recipe's).")] = None,
     eval: Annotated[str, typer.Option("--eval", help="JSON to evaluate on afterwards.")] = HELD_OUT,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue a run of the same recipe in --out (a finished one is kept); --no-resume trains afresh.")] = True,
 ) -> None:
     """Train the tiny LLaVA from scratch (resumable) and save it to --out."""
     from dataclasses import replace
@@ -65,7 +66,7 @@ def train_cmd(
         raise ToolkitError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     overrides = {k: v for k, v in (("steps", steps), ("threads", threads)) if v}
     chosen = replace(RECIPES[recipe], seed=seed, **overrides)
-    trained = train(out, chosen, log=lambda msg: print(msg, flush=True))
+    trained = train(out, chosen, log=lambda msg: print(msg, flush=True), resume=resume)
     if eval and Path(eval).is_file():
         print_eval(str(trained), eval, None)
 

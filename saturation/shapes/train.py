@@ -22,6 +22,7 @@ Everything is seeded: the same `Recipe` gives the same weights, and an interrupt
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -34,7 +35,9 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from saturation.core.adapters import adapter_for
 from saturation.core.data import IGNORE_INDEX, Record, collate, encode_record
-from saturation.core.files import atomic_write, write_json
+from saturation.core.errors import ToolkitError
+from saturation.core.files import atomic_write, disk_guard, write_json
+from saturation.core.runs import differences, locked, read_manifest
 from saturation.core.tiny import tiny_llava_config, tiny_processor
 
 from . import data, world
@@ -479,20 +482,44 @@ def save_state(path: Path, **state) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def train(out_dir: str | Path, recipe: Recipe | None = None, log=print) -> Path:
+def train(out_dir: str | Path, recipe: Recipe | None = None, log=print, resume: bool = True) -> Path:
     """Run the full recipe into `out_dir` (model + processor via ``save_pretrained``, fp16). Resumable.
 
-    Returns `out_dir`. ``train_state.pt`` in `out_dir` holds the progress; delete it to start over.
+    Returns `out_dir`. The run-folder contract of every long job (`saturation.core.runs`): one process per folder;
+    ``train_state.pt`` holds the progress and ``recipe.json`` (written last) marks a finished model. A rerun with
+    the same recipe resumes (a finished one is left as it is); one with another recipe is refused in one line naming
+    each difference, unless `resume` is False (``--no-resume``), which starts over.
     """
     recipe = recipe or Recipe()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(recipe.threads)
-    state_path = out / "train_state.pt"
-    state = torch.load(state_path, weights_only=False) if state_path.exists() else None
-    if state is not None and state["recipe"] != asdict(recipe):
-        raise ValueError(f"{state_path} was written by a different recipe; delete it to start over")
+    with locked(out), disk_guard(out):
+        return _train(out, recipe, log, resume)
 
+
+RECIPE_LABELS = {f: f for f in Recipe.__dataclass_fields__}  # the recipe's fields are its options
+
+
+def _plain(obj) -> dict:
+    """As JSON reads it back (tuples become lists), so a recorded recipe compares equal to its own."""
+    return json.loads(json.dumps(obj))
+
+
+def _train(out: Path, recipe: Recipe, log, resume: bool) -> Path:
+    state_path = out / "train_state.pt"
+    finished = read_manifest(out / "recipe.json") if resume else None
+    if finished is not None:
+        diffs = differences(finished, _plain(asdict(recipe)), RECIPE_LABELS)
+        if not diffs:
+            log(f"{out}: already trained with this recipe; nothing to do (--no-resume to train again)")
+            return out
+        raise ToolkitError(f"{out} holds a model trained with another recipe: {', '.join(diffs)}; pass "
+                           "--no-resume to train afresh there, or choose another --out")
+    state = torch.load(state_path, weights_only=False) if resume and state_path.exists() else None
+    if state is not None and (diffs := differences(_plain(state["recipe"]), _plain(asdict(recipe)), RECIPE_LABELS)):
+        raise ToolkitError(f"{state_path} was written by another recipe: {', '.join(diffs)}; pass --no-resume to "
+                           "train afresh there, or choose another --out")
+    (out / "recipe.json").unlink(missing_ok=True)  # the model files about to change are not that recipe's any more
+    torch.set_num_threads(recipe.threads)
     processor = build_processor()
     model = build_model(recipe, len(processor.tokenizer))
     exclude = data.held_out_keys()
