@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI job for the lmms-eval plugin, in its own venv (.venv-eval): lmms-eval pulls packages (torchvision, wandb,
 # opencv, ...) that the main venv does not want. Runs the real lmms-eval CLI on the local shapes tasks
-# (tests/test_lmms_cli.py) and the plugin tests that need lmms-eval (tests/test_lmms_plugin.py).
+# (tests/test_lmms_cli.py), the plugin tests that need lmms-eval (tests/test_lmms_plugin.py) and --data lmms:TASK.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv-eval
@@ -14,4 +14,5 @@ pip install -q -e ".[eval,dev]" torch==2.13.0
 # which breaks transformers' AutoProcessor. Nothing on our path needs it, so it goes.
 pip uninstall -y -q torchvision
 python -c "import lmms_eval.evaluator, routing.lmms.model"  # a broken install fails here, not as skipped tests
-pytest -q -p no:cacheprovider tests/test_lmms_cli.py tests/test_lmms_plugin.py
+pytest -q -p no:cacheprovider tests/test_lmms_cli.py tests/test_lmms_plugin.py \
+  tests/test_sources.py::test_lmms_task_gives_the_llava_json_records  # --data lmms:TASK through a real task
