@@ -243,3 +243,25 @@ def assert_keeps_the_top(kept: list[torch.Tensor], scores: torch.Tensor, image: 
         assert kept[b].tolist() == sorted(got) and len(got) == len(expected)
         differ = sorted(got ^ expected)
         assert all(abs(float(scores[b][i] - top.values[-1])) <= tol for i in differ), (b, differ)
+
+
+# ---------------------------------------------------------------- LLaVA-1.5's 576 image tokens, random tiny widths
+def llava_576(attn: str) -> LlavaForConditionalGeneration:
+    cfg = tiny_llava_config(VOCAB, image_size=336, patch_size=14, layers=6, hidden=64, heads=4, kv_heads=2)
+    cfg.text_config.initializer_range = 0.2  # sharp attention: no near-ties at the budget's boundary
+    torch.manual_seed(5)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def batch_576(seed: int = 0) -> dict:
+    """Three prompts around one 24x24 image each, rows of different lengths, left-padded."""
+    rows = [([1, 5, 6], [7, 8, 9, 10, 11]), ([1], [12, 13, 22]), ([1, 14, 15, 16, 17, 18], [19, 20, 21, 22])]
+    seqs = [before + [IMAGE] * 576 + after for before, after in rows]
+    n = max(map(len, seqs))
+    ids, mask = torch.zeros(len(seqs), n, dtype=torch.long), torch.zeros(len(seqs), n, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, n - len(s):], mask[b, n - len(s):] = torch.tensor(s), 1
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(len(seqs), 3, 336, 336, generator=g)}

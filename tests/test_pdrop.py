@@ -19,14 +19,14 @@ import pytest
 import torch
 from family_fixtures import family
 from routing_fixtures import (
-    VOCAB,
     assert_informative,
+    batch_576,
     decode_step_logits,
+    llava_576,
     perturb_side,
     pinned_fastv,
     without_labels,
 )
-from transformers import LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 import routing
@@ -35,7 +35,6 @@ from routing.plan import RoutingPlan, pdrop_default_layers
 from saturation.core.data import PromptFormat, collate, encode_prompt, read_records
 from saturation.core.errors import ToolkitError
 from saturation.core.loading import DATA_SAMPLES, load_model
-from saturation.core.tiny import tiny_llava_config
 
 pytestmark = pytest.mark.hf_seam  # HF's decoder layers, run one at a time
 
@@ -136,27 +135,6 @@ def test_embedded_explicit_stages_and_lambda(embedded):
 
 
 # ---------------------------------------------------------------- LLaVA-1.5's 576 image tokens, random tiny widths
-def llava_576(attn: str) -> LlavaForConditionalGeneration:
-    cfg = tiny_llava_config(VOCAB, image_size=336, patch_size=14, layers=6, hidden=64, heads=4, kv_heads=2)
-    cfg.text_config.initializer_range = 0.2  # sharp attention: no near-ties at the budget's boundary
-    torch.manual_seed(5)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn)
-    return model
-
-
-def batch_576(seed: int = 0) -> dict:
-    """Three prompts around one 24x24 image each, rows of different lengths, left-padded."""
-    rows = [([1, 5, 6], [7, 8, 9, 10, 11]), ([1], [12, 13, 22]), ([1, 14, 15, 16, 17, 18], [19, 20, 21, 22])]
-    seqs = [before + [IMAGE] * 576 + after for before, after in rows]
-    n = max(map(len, seqs))
-    ids, mask = torch.zeros(len(seqs), n, dtype=torch.long), torch.zeros(len(seqs), n, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, n - len(s):], mask[b, n - len(s):] = torch.tensor(s), 1
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(len(seqs), 3, 336, 336, generator=g)}
-
-
 @pytest.fixture(scope="module")
 def big():
     return llava_576("sdpa"), llava_576("eager"), batch_576()
