@@ -70,7 +70,7 @@ from saturation.core.data import (
     to_model,
 )
 from saturation.core.errors import ToolkitError
-from saturation.core.files import atomic_write, disk_guard, ensure_output_dir, write_json
+from saturation.core.files import atomic_write, disk_guard, ensure_output_dir, file_digest, write_json
 from saturation.core.lengths import check_prompts, max_positions
 from saturation.core.loading import (
     DATA_SAMPLES,
@@ -525,21 +525,13 @@ def summary_lines(result: ProbeResult, figures: list[Path] = ()) -> list[str]:
     return lines
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def data_fingerprint(source: Source) -> dict:
     """What the manifest records of the data: LLaVA JSON as before (path and file digest, so old shards still
     resume); any other source also its kind, split, subset, columns (the sample keys are its rows, chosen by the
     seed, which the manifest holds too)."""
     if source.kind == "llava-json":
         path = Path(source.label)
-        return {"data": str(path.resolve()), "data_sha256": _file_digest(path)}
+        return {"data": str(path.resolve()), "data_sha256": file_digest(path)}
     return {"data": source.label, "data_sha256": source.fingerprint, "data_source": source.identity()}
 
 

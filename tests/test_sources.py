@@ -179,7 +179,7 @@ def test_a_streamed_hub_dataset_reads_only_up_to_the_last_chosen_row(forms, monk
     from saturation.core import sources
 
     stream = datasets.load_dataset("parquet", data_files=str(forms["parquet"]), split="train", streaming=True)
-    monkeypatch.setattr(sources, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(sources, "hub_reachable", lambda: True)
     monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, subset=None: ["test", "train"])
     monkeypatch.setattr(datasets, "load_dataset", lambda name, subset, split, streaming: stream)
     monkeypatch.setattr(sources, "split_rows", lambda ds, split: N_ROWS)

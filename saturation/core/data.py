@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from saturation.core.adapters.base import LLAVA_TEMPLATE, PromptTemplate
-from saturation.core.errors import ToolkitError
+from saturation.core.errors import ToolkitError, first_line
 from saturation.core.files import read_json
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -95,15 +95,22 @@ def read_records(json_path: str | Path, image_folder: str | Path | None = None, 
     return records
 
 
-def sample_records(records: list[Record], n: int | None, seed: int) -> list[Record]:
-    """`n` records drawn without replacement, in a seed-determined order; all of them when `n` is None."""
+def sample_indices(num_rows: int, n: int | None, seed: int) -> list[int]:
+    """The rows ``--n n --seed s`` takes of `num_rows`: `n` drawn without replacement in a seed-determined order
+    (all, in order, when `n` is None). Every data source draws through here, so the same records give the same
+    sample whichever form holds them (`saturation.core.sources.selection`)."""
     if n is None:
-        return list(records)
+        return list(range(num_rows))
     if n < 1:
         raise ToolkitError(f"n must be at least 1 (got {n})")
-    if n > len(records):
-        raise ToolkitError(f"asked for n={n} samples but the data has only {len(records)}")
-    return random.Random(seed).sample(records, n)
+    if n > num_rows:
+        raise ToolkitError(f"asked for n={n} samples but the data has only {num_rows}")
+    return random.Random(seed).sample(range(num_rows), n)
+
+
+def sample_records(records: list[Record], n: int | None, seed: int) -> list[Record]:
+    """`n` records drawn without replacement, in a seed-determined order; all of them when `n` is None."""
+    return [records[i] for i in sample_indices(len(records), n, seed)]
 
 
 def load_image(record: Record) -> Image.Image:
@@ -116,7 +123,7 @@ def load_image(record: Record) -> Image.Image:
                 return im.convert("RGB")
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise ToolkitError(f"record {record.id}: cannot decode its image ({len(record.image)} bytes): "
-                               f"{_first_line(err)}") from None
+                               f"{first_line(err)}") from None
     try:
         with Image.open(record.image) as im:
             return im.convert("RGB")
@@ -124,9 +131,9 @@ def load_image(record: Record) -> Image.Image:
         raise ToolkitError(f"record {record.id}: image file not found: {record.image}") from None
     except Image.DecompressionBombError as err:  # over 2x MAX_IMAGE_PIXELS: PIL refuses before decoding
         raise ToolkitError(f"record {record.id}: image {record.image} is too large to open safely: "
-                           f"{_first_line(err)}") from None
+                           f"{first_line(err)}") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise ToolkitError(f"record {record.id}: cannot read image {record.image}: {_first_line(err)}") from None
+        raise ToolkitError(f"record {record.id}: cannot read image {record.image}: {first_line(err)}") from None
 
 
 def image_key(record: Record) -> str:
@@ -137,10 +144,6 @@ def image_key(record: Record) -> str:
     data = record.image if isinstance(record.image, bytes) else record.image.tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def question_text(question: str, first: bool) -> str:

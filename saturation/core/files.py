@@ -39,14 +39,16 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """The first 16 hex digits of the file's sha256 (what a run records of a data file it read)."""
+def file_digest(*paths: str | os.PathLike) -> str:
+    """The first 16 hex digits of the sha256 of the files' bytes, in order (what a run records of the data files it
+    read; one file gives its own sha256)."""
     import hashlib
 
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 

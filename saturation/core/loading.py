@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from saturation.core.adapters import ALIASES, IMAGE_ONLY_PROCESSORS, spec_for_config
-from saturation.core.errors import ToolkitError
+from saturation.core.errors import ToolkitError, first_line
 
 DATA_SAMPLES = Path(__file__).resolve().parents[2] / "data_samples"
 TINY_DIR = DATA_SAMPLES / "tiny-llava"
@@ -77,7 +77,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     """A quick DNS check, so an offline machine fails in milliseconds instead of after the hub's retries."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
@@ -107,13 +107,13 @@ def load_config(name_or_path: str | os.PathLike):
         config = AutoConfig.from_pretrained(resolved, local_files_only=True)
     except (OSError, ValueError) as err:
         if local:
-            raise ToolkitError(f"cannot read a model config in '{resolved}': {_first_line(err)}") from None
-        if not _hub_reachable():
+            raise ToolkitError(f"cannot read a model config in '{resolved}': {first_line(err)}") from None
+        if not hub_reachable():
             raise ToolkitError(_offline_message(resolved)) from None
         try:
             config = AutoConfig.from_pretrained(resolved)
         except (OSError, ValueError) as err2:
-            raise ToolkitError(f"cannot load '{resolved}': {_first_line(err2)}") from None
+            raise ToolkitError(f"cannot load '{resolved}': {first_line(err2)}") from None
     spec_for_config(config)  # raises "not a LLaVA model" for any family without a backbone adapter
     return config
 
@@ -150,7 +150,7 @@ def load_model(
         scratch = None if offload_folder else tempfile.mkdtemp(prefix="dpvr-offload-")
         placement = {"device_map": device_map, "max_memory": parse_max_memory(max_memory),
                      "offload_folder": str(offload_folder or scratch)}
-    local_only = Path(resolved).is_dir() or not _hub_reachable()
+    local_only = Path(resolved).is_dir() or not hub_reachable()
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             resolved,
@@ -166,7 +166,7 @@ def load_model(
             shutil.rmtree(scratch, ignore_errors=True)
         if local_only and not Path(resolved).is_dir():
             raise ToolkitError(_offline_message(resolved)) from None
-        raise ToolkitError(f"cannot load '{resolved}': {_first_line(err)}") from None
+        raise ToolkitError(f"cannot load '{resolved}': {first_line(err)}") from None
     model.eval()
     model.name_or_path = resolved
     if scratch is not None:  # deleted when the model is collected, or at exit
@@ -301,7 +301,3 @@ def cpu_threads(model, threads: int | None) -> Iterator[None]:
     finally:
         torch.set_num_threads(previous)
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

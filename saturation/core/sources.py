@@ -11,15 +11,15 @@ sample keys (the row index) and per-sample results in every form.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import random
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from saturation.core.data import IMAGE_PLACEHOLDER, Record, parse_turns, read_records
-from saturation.core.errors import ToolkitError
+from saturation.core.data import IMAGE_PLACEHOLDER, Record, parse_turns, read_records, sample_indices
+from saturation.core.errors import ToolkitError, first_line
+from saturation.core.files import file_digest
+from saturation.core.loading import hub_reachable
 
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 # Column names detected when not given (first present wins): LLaVA's, plain question/answer, lmms-lab's.
@@ -147,13 +147,7 @@ def selection(num_rows: int, n: int | None, seed: int) -> list[int]:
     `saturation.core.data.sample_records`, so every form of the same records gives the same sample."""
     if num_rows == 0:
         raise ToolkitError("the data selection is empty: the source has no rows")
-    if n is None:
-        return list(range(num_rows))
-    if n < 1:
-        raise ToolkitError(f"n must be at least 1 (got {n})")
-    if n > num_rows:
-        raise ToolkitError(f"asked for n={n} samples but the data has only {num_rows}")
-    return random.Random(seed).sample(range(num_rows), n)
+    return sample_indices(num_rows, n, seed)
 
 
 _SHOWN: set[str] = set()
@@ -201,7 +195,7 @@ def open_source(spec: DataSpec | str | Path | None, *, split: str | None = None,
     if path.is_file() and path.suffix == ".json" and _is_json_list(path):
         _no_dataset_options(spec, "a LLaVA JSON file")
         records = read_records(path, spec.image_folder)
-        return Source(spec, "llava-json", str(path), records, len(records), None, _file_digest([path]))
+        return Source(spec, "llava-json", str(path), records, len(records), None, file_digest(path))
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             return _open_saved(spec, path)
@@ -240,15 +234,6 @@ def _no_dataset_options(spec: DataSpec, what: str) -> None:
         raise ToolkitError(f"{', '.join(names)} apply to datasets; --data {spec.source} is {what}")
 
 
-def _file_digest(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _datasets():
     import datasets
 
@@ -279,7 +264,7 @@ def _open_saved(spec: DataSpec, path: Path) -> Source:
     except IndexError:  # datasets 5.2 on a saved table of no rows
         raise ToolkitError(f"{path} has no rows: the data selection is empty") from None
     except (ValueError, OSError) as err:
-        raise ToolkitError(f"cannot read {path} with datasets.load_from_disk: {_first_line(err)}") from None
+        raise ToolkitError(f"cannot read {path} with datasets.load_from_disk: {first_line(err)}") from None
     if isinstance(ds, datasets.DatasetDict):
         split = _pick_split(spec, list(ds), str(path))
         ds, spec = ds[split], replace(spec, split=split)
@@ -301,23 +286,17 @@ def _open_builder(spec: DataSpec, builder: str, kwargs: dict, files: list[Path],
         if "corresponds to no data" in str(err):  # the builder's word for a table of no rows
             raise ToolkitError(f"{label} has no rows: the data selection is empty") from None
         cause = err.__cause__ or err  # the generation error wraps the reader's own message
-        raise ToolkitError(f"cannot read {label} with datasets' {builder} builder: {_first_line(cause)}") from None
+        raise ToolkitError(f"cannot read {label} with datasets' {builder} builder: {first_line(cause)}") from None
     split = _pick_split(spec, list(dd), label)
     ds = dd[split]
-    digest = _file_digest(files) if files else ds._fingerprint
+    digest = file_digest(*files) if files else ds._fingerprint
     return _dataset_source(replace(spec, split=split), kind, label, ds, digest, folder)
-
-
-def _hub_reachable() -> bool:
-    from saturation.core.loading import _hub_reachable as reachable
-
-    return reachable()
 
 
 def _open_hub(spec: DataSpec) -> Source:
     """A hub dataset, streamed: rows are read as the selection reaches them, never the whole set."""
     name = spec.source
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ToolkitError(f"cannot load dataset '{name}': it is not a local file or folder and the hub cannot be "
                            f"reached offline. Where it can, save a local copy (datasets.load_dataset('{name}')"
                            f".save_to_disk(DIR), or download its parquet files) and pass --data DIR")
@@ -329,7 +308,7 @@ def _open_hub(spec: DataSpec) -> Source:
     except ToolkitError:
         raise
     except (ValueError, OSError, FileNotFoundError) as err:
-        raise ToolkitError(f"cannot load dataset '{name}': {_first_line(err)}") from None
+        raise ToolkitError(f"cannot load dataset '{name}': {first_line(err)}") from None
     return _dataset_source(replace(spec, split=split), "hub", name, ds, name, None, split_rows(ds, split))
 
 
@@ -489,7 +468,7 @@ def check_image(record: Record) -> None:
             im.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         size = "" if isinstance(record.image, Path) else f" ({len(record.image)} bytes)"
-        raise ToolkitError(f"record {record.id}: cannot decode its image{size}: {_first_line(err)}") from None
+        raise ToolkitError(f"record {record.id}: cannot decode its image{size}: {first_line(err)}") from None
 
 
 # --- lmms-eval tasks ---
@@ -545,7 +524,3 @@ def _leaf_tasks(tree: dict) -> dict:
         leaves.update(_leaf_tasks(value) if isinstance(value, dict) else {key: value})
     return leaves
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
