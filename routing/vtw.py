@@ -128,7 +128,7 @@ def layer_kl(model, processor, records: list[Record], layers: Sequence[int], bat
         chunk = records[i : i + batch_size]
         batch = to_model(generation_batch(chunk, processor, [load_image(r) for r in chunk], fmt), model.device,
                          model.dtype)
-        vanilla = a.forward(**batch)[:, -1]  # left-padded: every row's last prompt token is the last column
+        vanilla = a.forward(**batch, logits_to_keep=1)[:, -1]  # left-padded: each row's last prompt token is last
         for j, net in enumerate(routed):
             out[j, i : i + len(chunk)] = last_token_kl(net(**batch, logits_to_keep=1).logits[:, -1], vanilla).cpu()
     return out

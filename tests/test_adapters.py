@@ -51,7 +51,10 @@ def test_anatomy_forward_is_bit_identical_to_model(processor, side, attn):
     with torch.no_grad():
         ref = model(**batch, position_ids=pos).logits
         got = adapter_for(model).forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        last = adapter_for(model).forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                          logits_to_keep=2)
     assert torch.equal(ref, got)
+    assert torch.equal(last, ref[:, -2:])  # the head on the last positions only (VTW's search reads one)
 
 
 def test_embed_marks_exactly_the_image_tokens(processor, tiny_model):

@@ -429,11 +429,12 @@ class Adapter(AttentionInputs):
         return self.lm_head(self.norm(hidden))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
-                position_ids: Tensor | None = None, **image_kwargs) -> Tensor:
+                position_ids: Tensor | None = None, logits_to_keep: int = 0, **image_kwargs) -> Tensor:
         """Logits [B, T, vocab] by walking the map by hand; equals ``model(...)`` bit for bit (same positions).
 
         Positions default to `positions` (generate's convention; M-RoPE from the image kwargs); DeepStack features
-        are added after their layers (`injecting`)."""
+        are added after their layers (`injecting`). `logits_to_keep` > 0: the last that many positions only, as HF's
+        own argument (the LM head over the whole prompt is [B, T, vocab] at 7B: 32k columns a position)."""
         e = self.encode(input_ids, pixel_values, **image_kwargs)
         h = e.inputs_embeds
         if position_ids is None:
@@ -444,7 +445,7 @@ class Adapter(AttentionInputs):
             for i, layer in enumerate(self.layers):
                 h = layer(h, attention_mask=self.pick(mask, i), position_ids=position_ids,
                           position_embeddings=self.pick(rope, i))
-        return self.unembed(h)
+        return self.unembed(h[:, -logits_to_keep:] if logits_to_keep else h)
 
     def question_text(self, question: str, first: bool) -> str:
         """The human half of a turn in this family's prompt template, ending with the assistant cue."""
