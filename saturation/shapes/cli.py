@@ -71,6 +71,52 @@ def train_cmd(
         print_eval(str(trained), eval, None)
 
 
+@app.command("train-text")
+@friendly
+def train_text_cmd(
+    out: Annotated[str, typer.Option(help="Folder the text-stage LM is saved to (resumable).")],
+    recipe: Annotated[str, typer.Option(help="A text-stage recipe (saturation.shapes.text_stage.TEXT_RECIPES).")] = "answers",
+    seed: Annotated[int, typer.Option(help="Seed of the batches and the initialisation.")] = 0,
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: the recipe's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: the recipe's).")] = None,
+    batch: Annotated[int | None, typer.Option(help="Batch size (default: the recipe's).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: the recipe's).")] = None,
+    eval: Annotated[str, typer.Option("--eval", help="Single-turn shapes JSON scored as text during training.")] = HELD_OUT,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue a run of the same recipe in --out; --no-resume trains afresh.")] = True,
+) -> None:
+    """Train the embedded model's LM on the shapes world written in words (the text stage; answer loss only)."""
+    from saturation.core.data import read_records
+
+    from .text_stage import recipe_named, train_text
+
+    chosen = recipe_named(recipe, seed=seed, steps=steps, lr=lr, batch=batch, threads=threads)
+    records = read_records(eval, check_images=False) if eval else None
+    train_text(out, chosen, log=lambda msg: print(msg, flush=True), resume=resume, eval_records=records)
+
+
+@app.command("train-staged")
+@friendly
+def train_staged_cmd(
+    out: Annotated[str, typer.Option(help="Folder the model is saved to (resumable; the text stage goes to OUT/text-lm).")],
+    recipe: Annotated[str, typer.Option(help="A staged recipe (saturation.shapes.staged.STAGED_RECIPES).")] = "staged",
+    seed: Annotated[int, typer.Option(help="Seed of every stage.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: the recipe's).")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue a run of the same recipe in --out; --no-resume trains afresh.")] = True,
+) -> None:
+    """Text stage, vision tower, alignment, instruction tuning: the embedded model with the answer loss alone."""
+    from dataclasses import replace
+
+    from saturation.core.errors import ToolkitError
+
+    from .staged import STAGED_RECIPES, train_staged
+
+    if recipe not in STAGED_RECIPES:
+        raise ToolkitError(f"unknown staged recipe {recipe!r}; choose one of {', '.join(STAGED_RECIPES)}")
+    chosen = replace(STAGED_RECIPES[recipe], seed=seed, **({"threads": threads} if threads else {}))
+    trained = train_staged(out, chosen, log=lambda msg: print(msg, flush=True), resume=resume)
+    print_eval(str(trained), HELD_OUT, None)
+
+
 @app.command("evaluate")
 @friendly
 def evaluate_cmd(

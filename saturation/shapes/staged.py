@@ -1,0 +1,299 @@
+"""LLaVA's staging on a text-trained LM: the embedded model trained without any loss on what the probe measures.
+
+One command, four stages, each seeded and resumable (``python -m saturation.shapes train-staged``):
+
+0. **Text stage** (`text_stage`): the LM learns the world's lookups from the scene written in words.
+1. **Vision tower alone** (`train.train_stage1`): per-patch heads on the tower, thrown away after; they shape the
+   tower only, which the probe does not measure.
+2. **Alignment**: the projector alone, tower and LM frozen, on image conversations (answers, and with
+   `caption_rate` > 0 the caption ``what is there?`` -> the scene in words, the LM's own text-world description).
+3. **Instruction tuning**: projector + LM on image conversations, answer loss; a `text_mix` share of each batch
+   is the text world again, so the lookup is not forgotten. Existence answers are drawn independently per turn.
+
+Losses are next-token cross-entropies on assistant tokens only; ``recipe.json`` records every weight, and there is
+no loss on the logit lens, on attention or on hidden states of the LM.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from saturation.core.adapters import adapter_for
+from saturation.core.data import IGNORE_INDEX, Record, collate, encode_record, read_records
+from saturation.core.errors import ToolkitError
+from saturation.core.files import atomic_write, disk_guard, write_json
+from saturation.core.runs import differences, locked, read_manifest
+
+from . import data, world
+from .text_stage import (
+    TEXT_RECIPES,
+    TextCodec,
+    batch_at,
+    cosine_factor,
+    describe,
+    fresh_scene,
+    scene_qas,
+    text_accuracy,
+    train_text,
+)
+from .train import Recipe, attach_rescale, build_model, build_processor, feature_rms, fold_rescale, save_model, train_stage1
+
+CAPTION = "what is there?"
+
+
+@dataclass
+class StagedRecipe:
+    """Every knob of the staged run; `text` names the text-stage recipe (`text_stage.TEXT_RECIPES`)."""
+
+    seed: int = 0
+    threads: int = 1
+    text: str = "answers"
+    text_steps: int | None = None  # None: the text recipe's
+    stage1_steps: int = 500
+    align_steps: int = 400
+    align_lr: float = 3e-3
+    caption_rate: float = 0.0  # share of alignment conversations that begin with the caption turn
+    tune_steps: int = 1500
+    lm_lr: float = 5e-4
+    projector_lr: float = 1e-3
+    warmup: int = 100
+    batch: int = 32
+    turns: int = 5
+    text_mix: float = 0.25  # share of each stage-3 batch that is text-world conversations
+    # ((until_step, max_objects), ...) of stage 3 (stage 2 uses the same schedule).
+    curriculum: tuple[tuple[int, int], ...] = ((200, 1), (500, 2), (800, 3))
+    # Every loss weight: answer-token cross-entropy on image and on text conversations. Nothing else.
+    answer_weight: float = 1.0
+    text_weight: float = 1.0
+    lens_weight: float = 0.0  # kept at 0 and recorded: no loss on the logit lens, attention or hidden states
+    attention_weight: float = 0.0
+    log_every: int = 50
+    eval_every: int = 250
+    eval_n: int = 200  # held-out records scored during training (all of them at the end)
+    checkpoint_every: int = 100
+
+
+STAGED_RECIPES: dict[str, StagedRecipe] = {
+    "staged": StagedRecipe(),
+}
+
+LABELS = {f: f for f in StagedRecipe.__dataclass_fields__ if f not in ("threads", "log_every", "eval_every")}
+
+
+def _max_objects(step: int, recipe: StagedRecipe) -> int:
+    return next((m for until, m in recipe.curriculum if step < until), world.MAX_OBJECTS)
+
+
+def image_batch(step: int, stage: str, recipe: StagedRecipe, processor, exclude: frozenset,
+                caption_rate: float = 0.0) -> dict[str, Tensor]:
+    """Image conversations of `stage` at `step` (seeded by both), encoded by the model's own processor."""
+    rng = random.Random(f"{stage}-{recipe.seed}-{step}")
+    examples = []
+    for i in range(recipe.batch):
+        scene = fresh_scene(rng, exclude, _max_objects(step, recipe))
+        qas = [(q, a) for q, a, _ in scene_qas(scene, rng, recipe.turns)]
+        if rng.random() < caption_rate:
+            qas = [(CAPTION, describe(scene))] + qas[: recipe.turns - 1]
+        image = world.render(scene, random.Random(rng.getrandbits(32)))
+        examples.append(encode_record(Record(f"{stage}-{step}-{i}", Path("scene.png"), tuple(qas)), processor,
+                                      image=image))
+    tok = processor.tokenizer
+    return collate(examples, tok.pad_token_id, tok.convert_tokens_to_ids("<image>"))
+
+
+def answer_loss(model, batch: dict[str, Tensor]) -> Tensor:
+    """Mean cross-entropy over assistant tokens (what ``labels`` marks)."""
+    keys = ("input_ids", "attention_mask", "pixel_values")
+    return model(**{k: batch[k] for k in keys if k in batch}, labels=batch["labels"], use_cache=False).loss
+
+
+def load_text_lm(model, lm_dir: Path) -> None:
+    """Copy the text stage's LM weights into the LLaVA's language model (and its tied head)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(lm_dir / "model.safetensors")
+    inner = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    missing, unexpected = adapter_for(model).text_model.load_state_dict(inner, strict=False)
+    if missing or unexpected:
+        raise ToolkitError(f"{lm_dir}: its LM does not fit the image model (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]})")
+    model.tie_weights()
+
+
+class Stage:
+    """One resumable optimisation stage: seeded batches per step, a checkpoint every `every` steps."""
+
+    def __init__(self, name: str, out: Path, recipe: StagedRecipe, model, opt, steps: int, log) -> None:
+        self.name, self.out, self.recipe, self.model, self.opt, self.steps, self.log = name, out, recipe, model, opt, steps, log
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, steps, recipe.warmup))
+        self.path = out / f"{name}_state.pt"
+        self.step = 0
+
+    def resume(self) -> bool:
+        """Load this stage's checkpoint if there is one; True when the stage is already finished."""
+        if (self.out / f"{self.name}.done").exists():
+            return True
+        if self.path.exists():
+            state = torch.load(self.path, weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+            self.step = int(state["step"])
+            self.log(f"{self.name}: resuming at step {self.step}")
+        return False
+
+    def checkpoint(self, done: bool = False) -> None:
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                 "step": self.step}
+        if done:  # the next stage starts from these weights; keep them as that stage's starting point
+            atomic_write(self.out / "model_state.pt", lambda tmp: torch.save(self.model.state_dict(), tmp))
+            (self.out / f"{self.name}.done").touch()
+            self.path.unlink(missing_ok=True)
+        else:
+            atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+
+def metrics_line(out: Path, row: dict, log) -> None:
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    log(json.dumps(row))
+
+
+@torch.no_grad()
+def image_accuracy(model, processor, records: list[Record]) -> dict[str, float]:
+    """Greedy exact match per type on held-out image records (the toolkit's own `answers`)."""
+    from saturation.core.answers import answers, by_type
+    from saturation.core.data import normalize_answer
+
+    was = model.training
+    model.eval()
+    got = answers(model, processor, records)
+    model.train(was)
+    return by_type(records, [a == normalize_answer(r.turns[0][1]) for a, r in zip(got, records)])
+
+
+def train_staged(out_dir: str | Path, recipe: StagedRecipe, log=print, resume: bool = True,
+                 heldout: str | Path = data.SAMPLES_DIR / "heldout.json") -> Path:
+    """Run the staged recipe into `out_dir` (fp16 ``save_pretrained`` + ``recipe.json`` + ``metrics.jsonl``)."""
+    out = Path(out_dir)
+    with locked(out), disk_guard(out):
+        return _train_staged(out, recipe, log, resume, read_records(heldout))
+
+
+def _train_staged(out: Path, recipe: StagedRecipe, log, resume: bool, heldout: list[Record]) -> Path:
+    plain = json.loads(json.dumps(asdict(recipe)))
+    if recipe.text not in TEXT_RECIPES:
+        raise ToolkitError(f"unknown text recipe {recipe.text!r}; choose one of {', '.join(TEXT_RECIPES)}")
+    finished = read_manifest(out / "recipe.json") if resume else None
+    if finished is not None:
+        if not (diffs := differences(finished, plain, LABELS)):
+            log(f"{out}: already trained with this recipe; nothing to do (--no-resume to train again)")
+            return out
+        raise ToolkitError(f"{out} holds a model trained with another recipe: {', '.join(diffs)}; pass --no-resume")
+    started = read_manifest(out / "staged.json") if resume else None
+    if started is not None and (diffs := differences(started, plain, LABELS)):
+        raise ToolkitError(f"{out} holds a run of another recipe: {', '.join(diffs)}; pass --no-resume")
+    if not resume:
+        for f in (*out.glob("*_state.pt"), *out.glob("*.done"), out / "metrics.jsonl", out / "model_state.pt"):
+            f.unlink(missing_ok=True)
+    (out / "recipe.json").unlink(missing_ok=True)
+    write_json(out / "staged.json", plain)
+    torch.set_num_threads(recipe.threads)
+    t0 = time.time()
+    text_recipe = replace(TEXT_RECIPES[recipe.text], seed=recipe.seed, threads=recipe.threads,
+                          **({"steps": recipe.text_steps} if recipe.text_steps else {}))
+    train_text(out / "text-lm", text_recipe, log, resume, heldout)
+
+    processor = build_processor()
+    codec = TextCodec(processor.tokenizer)
+    vision = Recipe(seed=recipe.seed, threads=recipe.threads, stage1_steps=recipe.stage1_steps,
+                    hidden=text_recipe.hidden, layers=text_recipe.layers, heads=text_recipe.heads,
+                    intermediate=text_recipe.intermediate)
+    model = build_model(vision, len(processor.tokenizer))
+    exclude = data.held_out_keys()
+    a = adapter_for(model)
+    if (out / "model_state.pt").exists():
+        model.load_state_dict(torch.load(out / "model_state.pt", weights_only=True))
+        rms = torch.load(out / "rms.pt", weights_only=True)
+    else:
+        load_text_lm(model, out / "text-lm")
+        train_stage1(model, processor, vision, exclude, log)
+        rms = feature_rms(model, processor, vision, exclude)
+        atomic_write(out / "rms.pt", lambda tmp: torch.save(rms, tmp))
+        atomic_write(out / "model_state.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+    a.vision_encoder.requires_grad_(False).eval()
+    hook = attach_rescale(model, rms)
+    monitor = heldout[: recipe.eval_n]
+
+    # Stage 2: the projector alone.
+    a.text_model.requires_grad_(False)
+    opt = torch.optim.AdamW(a.projector.parameters(), lr=recipe.align_lr, weight_decay=0.0)
+    stage = Stage("align", out, recipe, model, opt, recipe.align_steps, log)
+    run_stage(stage, lambda s: recipe.answer_weight * answer_loss(
+        model, image_batch(s, "align", recipe, processor, exclude, recipe.caption_rate)), processor, codec, monitor)
+
+    # Stage 3: projector + LM, text world mixed back in.
+    a.text_model.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": list(a.text_model.parameters()), "lr": recipe.lm_lr},
+                             {"params": list(a.projector.parameters()), "lr": recipe.projector_lr}], weight_decay=0.0)
+    stage = Stage("tune", out, recipe, model, opt, recipe.tune_steps, log)
+    n_text = round(recipe.text_mix * recipe.batch)
+    mixed = replace(text_recipe, batch=n_text, curriculum=recipe.curriculum, pretrain_steps=0, pretrain_mix=0.0,
+                    description_weight=0.0)
+
+    def tune_loss(s: int) -> Tensor:
+        loss = recipe.answer_weight * answer_loss(model, image_batch(s, "tune", recipe, processor, exclude))
+        if n_text:
+            text = batch_at(s, replace(mixed, seed=recipe.seed + 1), codec, exclude)
+            loss = loss + recipe.text_weight * answer_loss(model, text)
+        return loss
+
+    run_stage(stage, tune_loss, processor, codec, monitor)
+    hook.remove()
+    fold_rescale(model, rms)
+    save_model(model, processor, out)
+    final = {"stage": "final", "heldout": image_accuracy(model, processor, heldout),
+             "text": text_accuracy(model, codec, heldout),
+             "seconds": round(time.time() - t0)}
+    metrics_line(out, final, log)
+    write_json(out / "recipe.json", plain)
+    for f in (out / "model_state.pt", out / "rms.pt"):
+        f.unlink(missing_ok=True)
+    return out
+
+
+def run_stage(stage: Stage, loss_of, processor, codec, monitor: list[Record]) -> None:
+    """Optimise `stage` to its last step, logging the loss and held-out accuracy (image and text)."""
+    if stage.resume():
+        return
+    model, recipe, t0, running = stage.model, stage.recipe, time.time(), []
+    params = [p for g in stage.opt.param_groups for p in g["params"]]
+    model.train()
+    adapter_for(model).vision_encoder.eval()
+    while stage.step < stage.steps:
+        loss = loss_of(stage.step)
+        stage.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        stage.opt.step()
+        stage.sched.step()
+        stage.step += 1
+        running.append(loss.item())
+        if stage.step % recipe.log_every == 0 or stage.step == stage.steps:
+            row = {"stage": stage.name, "step": stage.step, "loss": round(sum(running) / len(running), 4),
+                   "seconds": round(time.time() - t0, 1)}
+            running = []
+            if stage.step % recipe.eval_every == 0 or stage.step == stage.steps:
+                row["heldout"] = image_accuracy(model, processor, monitor)
+                row["text"] = text_accuracy(model, codec, monitor)
+            metrics_line(stage.out, row, stage.log)
+        if stage.step % recipe.checkpoint_every == 0 and stage.step < stage.steps:
+            stage.checkpoint()
+    stage.checkpoint(done=True)

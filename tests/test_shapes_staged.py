@@ -1,0 +1,196 @@
+"""The embedded model's text stage and LLaVA staging (saturation.shapes.text_stage, saturation.shapes.staged)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from saturation.core.data import IGNORE_INDEX, Record, encode_record, read_records
+from saturation.shapes import data, world
+from saturation.shapes.staged import StagedRecipe, answer_loss, image_batch, load_text_lm
+from saturation.shapes.text_stage import (
+    TEXT_RECIPES,
+    TextCodec,
+    TextRecipe,
+    batch_at,
+    build_lm,
+    describe,
+    scene_qas,
+    text_accuracy,
+    train_text,
+)
+from saturation.shapes.train import Recipe, build_model, build_processor
+
+SMALL = TextRecipe(hidden=32, layers=2, heads=2, intermediate=64, batch=4, steps=6, warmup=2, log_every=1,
+                   eval_every=3, checkpoint_every=2, curriculum=((2, 1),))
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+@pytest.fixture(scope="module")
+def codec(processor):
+    return TextCodec(processor.tokenizer)
+
+
+def test_text_world_uses_the_image_models_template(processor, codec):
+    """A text conversation is the image conversation's ids with the image tokens replaced by the scene's words,
+    labelled on the same answer tokens: the LM learns in the format the image stage feeds it."""
+    scene = world.random_scene(random.Random(3))
+    qas = [(q, a) for q, a, _ in scene_qas(scene, random.Random(4), 3)]
+    image = encode_record(Record("r", Path("x.png"), tuple(qas)), processor, image=world.render(scene, random.Random(5)))
+    ids, labels, _ = codec.example(describe(scene), qas)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    words = list(codec.ids(describe(scene)))
+    want_ids, want_labels = [], []
+    for i, l in zip(image["input_ids"].tolist(), image["labels"].tolist()):
+        if i != image_id:
+            want_ids.append(i)
+            want_labels.append(l)
+        elif not want_ids or want_ids[-1] != -1:
+            want_ids.append(-1)
+            want_labels.append(IGNORE_INDEX)
+    k = want_ids.index(-1)
+    assert ids == want_ids[:k] + words + want_ids[k + 1:]
+    assert labels == want_labels[:k] + [IGNORE_INDEX] * len(words) + want_labels[k + 1:]
+    answers = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
+    assert answers == [t for q, a in qas for t in (*codec.ids(a), processor.tokenizer.eos_token_id)]
+
+
+def test_batches_are_seeded_by_step_and_never_hold_held_out_scenes(codec):
+    exclude = data.held_out_keys()
+    recipe = replace(TEXT_RECIPES["answers"], batch=8)
+    a, b = batch_at(7, recipe, codec, exclude), batch_at(7, recipe, codec, exclude)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["input_ids"], batch_at(8, recipe, codec, exclude)["input_ids"])
+    # the curriculum: one object per scene before step 300 ("." closes each object's phrase)
+    dot = codec.ids(".")[0]
+    first_turn = [row[: row.tolist().index(codec.ids("?")[0])] for row in a["input_ids"]]
+    assert all(int((row == dot).sum()) == 1 for row in first_turn)
+    # scenes of held-out questions are excluded (a held-out scene drawn is redrawn)
+    held = read_records(data.SAMPLES_DIR / "heldout.json", check_images=False)
+    assert world.scene_key(tuple(world.Obj(**o) for o in held[0].extra["objects"])) in exclude
+
+
+def test_existence_answers_are_not_paired_within_a_conversation():
+    """Conversations with two existence questions are not always one yes and one no (the shortcut tiny-clean
+    learned); each answer is drawn on its own."""
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(400):
+        qas = scene_qas(world.random_scene(rng), rng, 5)
+        exist = [a for _, a, t in qas if t == "exist"]
+        if len(exist) == 2:
+            pairs.append(tuple(sorted(exist)))
+    assert pairs and {("no", "no"), ("yes", "yes")} & set(pairs)
+
+
+def test_recall_pretraining_batches_score_the_value(codec):
+    recipe = replace(SMALL, pretrain_steps=1)
+    batch = batch_at(0, recipe, codec, frozenset())
+    row, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    scored = [t for t, l in zip(row, labels) if l != IGNORE_INDEX]
+    words = codec.tok.convert_ids_to_tokens(row)
+    key = words[words.index("ASSISTANT") - 1]
+    pairs = words[3:words.index("ASSISTANT") - 1]
+    value = dict(zip(pairs[::2], pairs[1::2]))[key]
+    assert codec.tok.convert_ids_to_tokens(scored) == [value, "</s>"]
+
+
+def test_text_stage_resumes_to_the_same_weights(tmp_path, codec):
+    held = read_records(data.SAMPLES_DIR / "heldout.json", check_images=False)[:10]
+
+    def stop_at_5(msg: str) -> None:
+        if msg.startswith("step 5 "):
+            raise KeyboardInterrupt
+
+    train_text(tmp_path / "full", SMALL, log=lambda _: None, eval_records=held)
+    with pytest.raises(KeyboardInterrupt):
+        train_text(tmp_path / "resumed", SMALL, log=stop_at_5, eval_records=held)
+    assert (tmp_path / "resumed" / "text_state.pt").is_file()
+    train_text(tmp_path / "resumed", SMALL, log=lambda _: None, eval_records=held)
+    full, resumed = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("full", "resumed"))
+    assert full == resumed
+    assert not (tmp_path / "resumed" / "text_state.pt").exists()
+
+
+def test_text_stage_refuses_another_recipe_in_one_line(tmp_path, capsys):
+    from saturation.shapes.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-text", "--out", str(tmp_path / "lm"), "--steps", "2", "--eval", ""])
+    assert exit_.value.code == 0
+    before = (tmp_path / "lm" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-text", "--out", str(tmp_path / "lm"), "--steps", "3", "--eval", ""])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'lm'} holds an LM trained with another recipe: steps 2 (now 3); pass "
+                   "--no-resume to train afresh there, or choose another --out"]
+    assert (tmp_path / "lm" / "model.safetensors").read_bytes() == before
+    with pytest.raises(SystemExit):
+        main(["train-text", "--out", str(tmp_path / "x"), "--recipe", "nope"])
+    assert capsys.readouterr().err.startswith("error: unknown text recipe 'nope'; choose one of answers")
+
+
+def test_text_accuracy_scores_exact_answers(codec):
+    """A model that answers every question right scores 1 per type; the scorer reads greedy continuations."""
+    held = read_records(data.SAMPLES_DIR / "heldout.json", check_images=False)[:20]
+
+    class Oracle(torch.nn.Module):
+        training = False
+
+        def generate(self, input_ids, **_):
+            rows = []
+            for r in held_batch:
+                rows.append(list(codec.ids(r.turns[0][1])) + [codec.tok.eos_token_id])
+            width = max(map(len, rows))
+            tail = torch.tensor([r + [codec.tok.pad_token_id] * (width - len(r)) for r in rows])
+            return torch.cat([input_ids, tail], 1)
+
+    held_batch = held
+    scores = text_accuracy(Oracle(), codec, held, batch_size=len(held))
+    assert scores["overall"] == 1.0 and set(scores) == {*(r.question_type for r in held), "overall"}
+
+
+def test_the_text_lm_transplants_into_the_image_model(tmp_path, processor, codec):
+    """The LLaVA built from the text stage answers text exactly as the text LM: same logits."""
+    train_text(tmp_path / "lm", replace(SMALL, steps=2), log=lambda _: None)
+    lm = build_lm(SMALL, len(processor.tokenizer))
+    from safetensors.torch import load_file
+
+    lm.load_state_dict(load_file(tmp_path / "lm" / "model.safetensors"), strict=False)
+    lm.tie_weights()
+    llava = build_model(Recipe(hidden=32, layers=2, heads=2, intermediate=64, vision_hidden=32),
+                        len(processor.tokenizer))
+    load_text_lm(llava, tmp_path / "lm")
+    ids = torch.tensor([codec.example(describe(world.random_scene(random.Random(1))), [("how many shapes are "
+                                                                                         "there?", "two")])[0]])
+    torch.testing.assert_close(llava(input_ids=ids).logits, lm.eval()(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_image_batches_hold_the_scene_as_image_tokens(processor):
+    recipe = StagedRecipe(batch=3, curriculum=())
+    batch = image_batch(0, "tune", recipe, processor, frozenset())
+    assert batch["pixel_values"].shape[0] == 3
+    assert int(batch["image_mask"].sum()) == 3 * world.GRID**2
+    again = image_batch(0, "tune", recipe, processor, frozenset())
+    assert torch.equal(batch["pixel_values"], again["pixel_values"])
+    model = build_model(Recipe(hidden=32, layers=2, heads=2, intermediate=64, vision_hidden=32),
+                        len(processor.tokenizer))
+    loss = answer_loss(model, batch)
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_staged_recipes_have_no_loss_on_what_the_probe_measures():
+    from saturation.shapes.staged import STAGED_RECIPES
+
+    for recipe in STAGED_RECIPES.values():
+        assert recipe.lens_weight == 0 and recipe.attention_weight == 0
