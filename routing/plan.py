@@ -589,6 +589,23 @@ def check_family(plan: RoutingPlan | None, model) -> None:
                            "implemented; it runs on single-tile LLaVA-1.5")
 
 
+# Pre-LLM prunings that select within each image's run of image tokens: images with no token between them (a
+# tokenizer that drops the newline after ``<image>``) would be one run, so several images per record are refused.
+PER_RUN = ("divprune", "visionzip")
+
+
+def check_records(plan: RoutingPlan | None, records) -> None:
+    """One line naming the first record `plan` cannot route. Text-only records run as vanilla (nothing to route);
+    several images are routed together by the in-LLM variants and budgets (a row's image tokens are one set) and
+    by prune-pre / pool (fixed blocks of one image's tokens, in placeholder order), but not by `PER_RUN`."""
+    if plan is None or plan.prune not in PER_RUN:
+        return
+    for r in records:
+        if len(r.images) > 1:
+            raise ToolkitError(f"record {r.id}: {len(r.images)} images; {plan.prune} compresses one image at a "
+                               f"time and takes one image per record (in-LLM plans, prune-pre and pool take several)")
+
+
 def out_of_range(split: int, num_layers: int, fusion_layers: int, side_depth: int, valid: range) -> str:
     """The one line for a split outside `valid`; K and d_v are named when they are not the defaults (1, 1)."""
     given = "" if (fusion_layers, side_depth) == (1, 1) else \

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from saturation.core.adapters import adapter_for
-from saturation.core.data import PromptFormat, Record, generation_batch, load_image, sample_records, to_model
+from saturation.core.data import PromptFormat, Record, generation_batch, load_images, sample_records, to_model
 from saturation.core.errors import ToolkitError
 from saturation.recommend import split_range
 
@@ -126,7 +126,7 @@ def layer_kl(model, processor, records: list[Record], layers: Sequence[int], bat
     out = torch.empty(len(layers), len(records))
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
-        batch = to_model(generation_batch(chunk, processor, [load_image(r) for r in chunk], fmt), model.device,
+        batch = to_model(generation_batch(chunk, processor, [load_images(r) for r in chunk], fmt), model.device,
                          model.dtype)
         vanilla = a.forward(**batch, logits_to_keep=1)[:, -1]  # left-padded: each row's last prompt token is last
         for j, net in enumerate(routed):

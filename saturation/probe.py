@@ -569,6 +569,10 @@ def plan_samples(cfg: ProbeConfig) -> tuple[Source, list[Record], list[int]]:
     source = open_source(data_spec(cfg))
     n = cfg.n if cfg.n is not None or source.num_rows is None else min(DEFAULT_N, source.num_rows)
     chosen, rows = source.select(n, cfg.seed)
+    for r in chosen:  # several images are fine: every image position is an image token of the metrics
+        if not r.images:
+            raise ToolkitError(f"record {r.id}: no image; the probe compares image with text tokens, so a text-only "
+                               f"record has nothing to measure (leave it out of --data)")
     if source.kind != "llava-json":
         announce(source.describe(len(chosen)))
     return source, chosen, rows

@@ -79,7 +79,7 @@ def test_decompression_bomb_is_one_line_naming_the_record(dataset, monkeypatch):
         load_image(record)
 
 
-@pytest.mark.parametrize("image", [None, "", 3, ["a.png"]])
+@pytest.mark.parametrize("image", [None, "", 3, [], ["a.png", 3]])  # a list of paths is several images
 def test_image_that_is_not_a_path(tmp_path, image):
     path = _write(tmp_path, [_record(image=image)])
     with pytest.raises(ToolkitError, match=r"record 0 \(id r0\): 'image' must be a relative file path"):

@@ -68,6 +68,10 @@ def mechanism(base, routed, processor, records: list[Record], batch_size: int = 
     """``{"fusion_attention": per (model, layer, head) mass, "shallow_drift": per layer cosine}`` over `records`."""
     anat, plan = routed.adapter, routed.plan
     check_analyzable(plan)
+    for r in records:  # the image-token masses and drifts below are undefined without image tokens
+        if not r.images:
+            raise ToolkitError(f"record {r.id}: no image; routing analyze measures image tokens, so a text-only "
+                               f"record has nothing to measure (leave it out of --data)")
     fusion, shallow = list(plan.fusion), list(plan.shallow)
     heads, drift = [], []
     fmt = PromptFormat.of(anat)

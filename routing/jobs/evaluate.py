@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from routing.plan import check_records
 from saturation.core.answers import answers, by_type
 from saturation.core.data import Record, normalize_answer
 
@@ -15,6 +16,7 @@ def evaluate(model, processor, records: list[Record], batch_size: int = 16, max_
     `model` is anything with ``generate(input_ids=, pixel_values=, attention_mask=, max_new_tokens=,
     do_sample=False)``: a `LlavaForConditionalGeneration` or a routed model.
     """
+    check_records(getattr(model, "plan", None), records)  # vanilla has no plan: every record runs
     predicted = answers(model, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     gold = [normalize_answer(r.turns[0][1]) for r in records]
     correct = [p == g for p, g in zip(predicted, gold)]

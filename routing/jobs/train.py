@@ -46,7 +46,7 @@ from routing.jobs.runs import (
 )
 from routing.jobs.split import find_split
 from routing.model import build
-from routing.plan import RoutingPlan, parse_plan, parse_spec, plan_for
+from routing.plan import RoutingPlan, check_records, parse_plan, parse_spec, plan_for
 from saturation.core import distributed as dist
 from saturation.core.data import PromptFormat, Record, collate, encode_record, read_records, sequence_keys
 from saturation.core.errors import ToolkitError
@@ -387,6 +387,7 @@ def run_folder(out: Path, routed=None):
 def _train(routed, processor, records: list[Record], opts: TrainConfig, out: Path, identity: dict,
            callbacks=(), log: Callable[[str], None] = print) -> dict:
     """`train_side_branch` once `opts` are checked and the run's `identity` is known (`run_train` has both)."""
+    check_records(routed.plan, records)
     trainable = [p for p in routed.parameters() if p.requires_grad]
     if not trainable:
         raise ToolkitError("the routed model has no trainable parameters")
@@ -461,7 +462,14 @@ def training_records(data: Path | str | DataSpec | None, out: Path, n: int, seed
     """Every record of `data` (`saturation.core.sources`: LLaVA JSON, a dataset, lmms:TASK), or a fresh shapes-world
     training set (held-out scenes excluded), made once per (seed, n) in `out`."""
     if data is not None:
-        return load_records(data, None, seed)[1]
+        records = load_records(data, None, seed)[1]
+        with_images = [r for r in records if r.images]
+        if not with_images:
+            raise ToolkitError(f"--data {data}: every record is text-only; the side branch learns from image tokens")
+        if len(with_images) < len(records):  # LLaVA-665k's text-only rows: no image tokens to route or learn from
+            print(f"warning: {len(records) - len(with_images):,} text-only records of {len(records):,} left out of "
+                  f"training (the side branch learns from image tokens)", file=sys.stderr)
+        return with_images
     from saturation import shapes
 
     folder = out / f"train_data_seed{seed}_n{n}"  # one set per (seed, size): a new --n-train is a new set

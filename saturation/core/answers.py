@@ -14,7 +14,7 @@ from saturation.core.data import (
     PromptFormat,
     Record,
     generation_batch,
-    load_image,
+    load_images,
     no_image_tokens,
     normalize_answer,
     to_model,
@@ -31,7 +31,7 @@ def answers(model, processor, records: list[Record], images: list | None = None,
     fmt = PromptFormat.of(model)  # the family's prompt and image kwargs (image_sizes, ...)
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
-        imgs = images[i : i + batch_size] if images is not None else [load_image(r) for r in chunk]
+        imgs = images[i : i + batch_size] if images is not None else [load_images(r) for r in chunk]
         batch = generation_batch(chunk, processor, imgs, fmt)
         check_prompts(batch["attention_mask"].sum(1).tolist(), [r.id for r in chunk], max_positions(model),
                       max_new_tokens)

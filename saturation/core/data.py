@@ -27,15 +27,30 @@ ImageRef = Path | bytes | Image.Image  # a file, encoded bytes (a dataset's ``{"
 
 @dataclass(frozen=True)
 class Record:
-    """One conversation about one image. `turns` are (question, answer) pairs, placeholder stripped. `image` is a
-    file (LLaVA JSON, a dataset's path column), encoded bytes (a dataset's image column) or a PIL image (lmms-eval's
-    ``doc_to_visual``); `load_image` opens any of them."""
+    """One conversation about one image, several, or none. `turns` are (question, answer) pairs, placeholders
+    stripped. `image` is a file (LLaVA JSON, a dataset's path column), encoded bytes (a dataset's image column) or a
+    PIL image (lmms-eval's ``doc_to_visual``); a tuple of them for several images (in placeholder order), None for a
+    text-only record. `images` is always the tuple; `load_images` opens them."""
 
     id: str
-    image: ImageRef
+    image: ImageRef | tuple[ImageRef, ...] | None
     turns: tuple[tuple[str, str], ...]
     question_type: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        # one shape per case, so a one-image record is the same whether its source held a list or a value
+        image = tuple(self.image) if isinstance(self.image, (list, tuple)) else self.image
+        if isinstance(image, tuple):
+            image = None if not image else image[0] if len(image) == 1 else image
+        object.__setattr__(self, "image", image)
+
+    @property
+    def images(self) -> tuple[ImageRef, ...]:
+        """The record's images in placeholder order: () for a text-only record."""
+        if self.image is None:
+            return ()
+        return self.image if isinstance(self.image, tuple) else (self.image,)
 
 
 def _parse_record(raw: object, index: int, image_folder: Path) -> Record:
@@ -44,20 +59,22 @@ def _parse_record(raw: object, index: int, image_folder: Path) -> Record:
         raise ToolkitError(f"{where}: expected an object with id, image and conversations")
     rid = str(raw.get("id", index))
     where = f"record {index} (id {rid})"
-    if "image" not in raw:
-        raise ToolkitError(f"{where}: no 'image' field")
-    image = raw["image"]
-    if not isinstance(image, str) or not image.strip():  # null, a number, a list: never a path to open
-        raise ToolkitError(f"{where}: 'image' must be a relative file path, got {json.dumps(image)}")
-    turns = parse_turns(raw.get("conversations"), where)
+    # no 'image': a text-only record (LLaVA-665k's ShareGPT rows); a list: several (LLaVA-OneVision's interleave data)
+    image = raw.get("image", [])
+    paths = image if isinstance(image, list) and image else [image]
+    if "image" in raw and not all(isinstance(p, str) and p.strip() for p in paths):  # null, a number, []
+        raise ToolkitError(f"{where}: 'image' must be a relative file path or a list of them, got {json.dumps(image)}")
+    images = tuple(image_folder / p for p in paths) if "image" in raw else ()
+    turns = parse_turns(raw.get("conversations"), where, len(images))
     known = {"id", "image", "conversations", "question_type"}
-    return Record(rid, image_folder / image, turns, raw.get("question_type"),
-                  {k: v for k, v in raw.items() if k not in known})
+    return Record(rid, images, turns, raw.get("question_type"), {k: v for k, v in raw.items() if k not in known})
 
 
-def parse_turns(convs: object, where: str) -> tuple[tuple[str, str], ...]:
-    """LLaVA's ``conversations`` (alternating human/gpt, one ``<image>`` in the first question) as (question,
-    answer) pairs, placeholder stripped; `where` names the record in the one-line error."""
+def parse_turns(convs: object, where: str, n_images: int = 1) -> tuple[tuple[str, str], ...]:
+    """LLaVA's ``conversations`` (alternating human/gpt, one ``<image>`` per image, all in the first question) as
+    (question, answer) pairs, placeholders stripped; `where` names the record in the one-line error. The prompt
+    puts the images back together before the first question (`conversation_segments`), so an interleaved layout
+    (text between images) is not kept."""
     if not isinstance(convs, list) or len(convs) < 2:
         raise ToolkitError(f"{where}: 'conversations' must be a list of human/gpt turns")
     turns = []
@@ -66,11 +83,16 @@ def parse_turns(convs: object, where: str) -> tuple[tuple[str, str], ...]:
         if not (isinstance(human, dict) and isinstance(gpt, dict)) or (human.get("from"), gpt.get("from")) != ("human", "gpt"):
             raise ToolkitError(f"{where}: turns must alternate 'human' then 'gpt'")
         turns.append((str(human.get("value", "")), str(gpt.get("value", ""))))
-    first_q = turns[0][0]
-    if IMAGE_PLACEHOLDER not in first_q:
+    first = turns[0][0].count(IMAGE_PLACEHOLDER)
+    if n_images and not first:
         raise ToolkitError(f"{where}: the first human turn has no '{IMAGE_PLACEHOLDER}' placeholder")
-    if sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns) != 1:
-        raise ToolkitError(f"{where}: exactly one '{IMAGE_PLACEHOLDER}' per record is supported")
+    total = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns)
+    if total != n_images:
+        raise ToolkitError(f"{where}: {total} '{IMAGE_PLACEHOLDER}' placeholders for {n_images} image(s); "
+                           f"each image needs one")
+    if first != total:
+        raise ToolkitError(f"{where}: '{IMAGE_PLACEHOLDER}' in a later turn; every image must be in the first "
+                           f"human turn")
     return tuple((q.replace(IMAGE_PLACEHOLDER, "").strip(), a.strip()) for q, a in turns)
 
 
@@ -90,8 +112,9 @@ def read_records(json_path: str | Path, image_folder: str | Path | None = None, 
     records = [_parse_record(r, i, folder) for i, r in enumerate(raw)]
     if check_images:
         for r in records:
-            if not r.image.is_file():
-                raise ToolkitError(f"record {r.id}: image file not found: {r.image}")
+            for image in r.images:
+                if not image.is_file():
+                    raise ToolkitError(f"record {r.id}: image file not found: {image}")
     return records
 
 
@@ -113,37 +136,51 @@ def sample_records(records: list[Record], n: int | None, seed: int) -> list[Reco
     return [records[i] for i in sample_indices(len(records), n, seed)]
 
 
+def load_images(record: Record) -> list[Image.Image]:
+    """The record's images as RGB, in placeholder order ([] for a text-only record); an unreadable file or
+    undecodable bytes is a one-line error naming the record."""
+    return [_open_image(image, record.id) for image in record.images]
+
+
 def load_image(record: Record) -> Image.Image:
-    """The record's image as RGB; an unreadable file or undecodable bytes is a one-line error naming the record."""
-    if isinstance(record.image, Image.Image):
-        return record.image.convert("RGB")
-    if isinstance(record.image, bytes):
+    """The image of a one-image record as RGB (`load_images` for any number)."""
+    if len(record.images) != 1:
+        raise ToolkitError(f"record {record.id}: {len(record.images)} images where one is expected")
+    return _open_image(record.image, record.id)
+
+
+def _open_image(image: ImageRef, rid: str) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, bytes):
         try:
-            with Image.open(io.BytesIO(record.image)) as im:
+            with Image.open(io.BytesIO(image)) as im:
                 return im.convert("RGB")
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-            raise ToolkitError(f"record {record.id}: cannot decode its image ({len(record.image)} bytes): "
+            raise ToolkitError(f"record {rid}: cannot decode its image ({len(image)} bytes): "
                                f"{first_line(err)}") from None
     try:
-        with Image.open(record.image) as im:
+        with Image.open(image) as im:
             return im.convert("RGB")
     except FileNotFoundError:
-        raise ToolkitError(f"record {record.id}: image file not found: {record.image}") from None
+        raise ToolkitError(f"record {rid}: image file not found: {image}") from None
     except Image.DecompressionBombError as err:  # over 2x MAX_IMAGE_PIXELS: PIL refuses before decoding
-        raise ToolkitError(f"record {record.id}: image {record.image} is too large to open safely: "
+        raise ToolkitError(f"record {rid}: image {image} is too large to open safely: "
                            f"{first_line(err)}") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise ToolkitError(f"record {record.id}: cannot read image {record.image}: {first_line(err)}") from None
+        raise ToolkitError(f"record {rid}: cannot read image {image}: {first_line(err)}") from None
 
 
 def image_key(record: Record) -> str:
-    """What a digest records of the image: a file's name (so a moved folder keeps its digest), else a hash of the
-    encoded bytes or of the decoded pixels."""
-    if isinstance(record.image, Path):
-        return record.image.name
-    data = record.image if isinstance(record.image, bytes) else record.image.tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
+    """What a digest records of the images: a file's name (so a moved folder keeps its digest), else a hash of the
+    encoded bytes or of the decoded pixels; several joined by ``+``, empty for a text-only record."""
+    def one(image: ImageRef) -> str:
+        if isinstance(image, Path):
+            return image.name
+        data = image if isinstance(image, bytes) else image.tobytes()
+        return hashlib.sha256(data).hexdigest()[:16]
 
+    return "+".join(one(image) for image in record.images)
 
 
 def question_text(question: str, first: bool) -> str:
@@ -251,19 +288,20 @@ def process(processor, texts: list[str], images: list | None, fmt: PromptFormat 
     return {k: v for k, v in out.items() if k in keep}
 
 
-def _messages(turns) -> list[dict]:
-    """Chat messages of `turns`, the image in the first user turn (the form llava-hf's chat templates take)."""
+def _messages(turns, n_images: int = 1) -> list[dict]:
+    """Chat messages of `turns`, the images in the first user turn (the form llava-hf's chat templates take)."""
     msgs = []
     for k, (q, a) in enumerate(turns):
-        image = [{"type": "image"}] if k == 0 else []
+        image = [{"type": "image"}] * n_images if k == 0 else []
         msgs += [{"role": "user", "content": [*image, {"type": "text", "text": q}]},
                  {"role": "assistant", "content": [{"type": "text", "text": a}]}]
     return msgs
 
 
-def conversation_segments(turns, processor, fmt: PromptFormat = PromptFormat(), answers: bool = True
-                          ) -> list[tuple[str, bool]]:
-    """The conversation as consecutive ``(text, is_answer)`` pieces; the first holds ``<image>``.
+def conversation_segments(turns, processor, fmt: PromptFormat = PromptFormat(), answers: bool = True,
+                          n_images: int = 1) -> list[tuple[str, bool]]:
+    """The conversation as consecutive ``(text, is_answer)`` pieces; the first holds the `n_images` image slots
+    (``<image>`` each; none for a text-only record).
 
     With answers: question, answer, question, answer, ... (answers are what the labels cover: the assistant's
     words and the template's end-of-turn token). Without: the first question up to the assistant cue.
@@ -276,11 +314,11 @@ def conversation_segments(turns, processor, fmt: PromptFormat = PromptFormat(), 
         eos = getattr(processor, "tokenizer", processor).eos_token or ""
         segments = []
         for k, (q, a) in enumerate(turns):
-            segments.append((fmt.template.question(q, k == 0), False))
+            segments.append((fmt.template.question(q, k == 0, n_images=n_images), False))
             if answers:
                 segments.append((f" {a}{eos}", True))
         return segments
-    msgs = _messages(turns)
+    msgs = _messages(turns, n_images)
     if not answers:
         return [(render(msgs[:1], True), False)]
     segments, done = [], ""
@@ -298,17 +336,19 @@ def _tokens(tok, text: str) -> Tensor:
     return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def _encode_segments(segments: list[tuple[str, bool]], processor, image: Image.Image, fmt: PromptFormat,
+def _encode_segments(segments: list[tuple[str, bool]], processor, images: list[Image.Image], fmt: PromptFormat,
                      label: bool) -> dict[str, Tensor]:
-    """Token ids (and labels) of `segments`, the first through the processor with the image (which expands
+    """Token ids (and labels) of `segments`, the first through the processor with the images (which expands each
     ``<image>`` to the model's image tokens, so nothing here knows that number), the rest through the tokenizer.
-    Image inputs keep the processor's leading image dimension; per-token ones are extended with 0 (text)."""
+    Image inputs keep the processor's leading image dimension; per-token ones are extended with 0 (text). A
+    text-only record (no images) has no image inputs."""
     tok = processor.tokenizer
     first_text = segments[0][0]
     extra = {}
     if tok.bos_token and first_text.startswith(tok.bos_token):  # a chat template that writes BOS itself
         extra["add_special_tokens"] = False
-    first = processor(images=[image], text=[first_text], return_tensors="pt", **extra)
+    # one list of images for the one prompt: Gemma 3 and OneVision count images per prompt (batch_num_images)
+    first = processor(images=[images] if images else None, text=[first_text], return_tensors="pt", **extra)
     ids = [first["input_ids"][0]]
     labels = [ids[0].clone() if segments[0][1] else torch.full_like(ids[0], IGNORE_INDEX)]
     for text, is_answer in segments[1:]:
@@ -319,7 +359,7 @@ def _encode_segments(segments: list[tuple[str, bool]], processor, image: Image.I
     if label:
         out["labels"] = torch.cat(labels)
     added = len(out["input_ids"]) - len(ids[0])
-    for key in fmt.keys():
+    for key in fmt.keys() if images else ():  # a text-only record: ids only, as vanilla's text prompt
         if key not in first:
             continue
         value = first[key]
@@ -329,18 +369,27 @@ def _encode_segments(segments: list[tuple[str, bool]], processor, image: Image.I
     return out
 
 
-def encode_record(record: Record, processor, *, image: Image.Image | None = None,
+def _given_images(record: Record, image) -> list[Image.Image]:
+    """The images to encode: `image` as given (one or a list, already loaded), else the record's own."""
+    if image is None:
+        return load_images(record)
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def encode_record(record: Record, processor, *, image: Image.Image | list[Image.Image] | None = None,
                   fmt: PromptFormat | None = None) -> dict[str, Tensor]:
     """Token ids, labels and image inputs for one record, all turns labelled, in the family's format `fmt`
     (default: LLaVA-1.5's; `PromptFormat.of(model)` for any backbone).
 
     LLaVA-1.5: ``USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>``; labels are −100 except on
     the assistant's answer tokens and their ``</s>``. Image inputs (``pixel_values`` [1, ...], ``image_sizes``
-    [1, 2], ...) keep the processor's leading image dimension; `collate` joins them.
+    [1, 2], ...) keep the processor's leading image dimension; `collate` joins them. One slot per image of the record
+    (`image`: them already loaded), none for a text-only record.
     """
-    image = load_image(record) if image is None else image
+    images = _given_images(record, image)
     fmt = fmt or PromptFormat()
-    return _encode_segments(conversation_segments(record.turns, processor, fmt), processor, image, fmt, label=True)
+    segments = conversation_segments(record.turns, processor, fmt, n_images=len(images))
+    return _encode_segments(segments, processor, images, fmt, label=True)
 
 
 def pad_stack(rows: list[Tensor], value: int, side: str) -> Tensor:
@@ -371,7 +420,9 @@ def collate(examples: list[dict[str, Tensor]], pad_token_id: int, image_token_id
     """A batch: input_ids, attention_mask, labels (if present), the image inputs and image_mask (if id given).
 
     Image inputs are joined along their leading dimension (images; Qwen's patches), later dims zero-padded;
-    per-token ones (`sequence_keys`) are padded like input_ids. Other keys of the examples are left to the caller.
+    per-token ones (`sequence_keys`) are padded like input_ids. A text-only example adds no image (its per-token
+    inputs are all 0, text); per-prompt counts (OneVision's ``batch_num_images``) are only read summed over
+    images, so it needs no 0 entry. Other keys of the examples are left to the caller.
     """
     ids = [e["input_ids"] for e in examples]
     batch = {
@@ -384,9 +435,11 @@ def collate(examples: list[dict[str, Tensor]], pad_token_id: int, image_token_id
         have = [e[key] for e in examples if key in e]
         if not have:
             continue
-        if len(have) != len(examples):
-            raise ToolkitError(f"some examples of the batch have {key} and others not")
-        batch[key] = pad_stack(have, 0, padding_side) if key in sequence_keys() else pad_cat(have)
+        if key in sequence_keys():
+            rows = [e[key] if key in e else torch.zeros_like(e["input_ids"]) for e in examples]
+            batch[key] = pad_stack(rows, 0, padding_side)
+        else:
+            batch[key] = pad_cat(have)
     if image_token_id is not None:
         batch["image_mask"] = batch["input_ids"] == image_token_id
     return batch
@@ -405,13 +458,13 @@ def to_model(batch: dict[str, Tensor], device, dtype: torch.dtype) -> dict[str, 
             for k, v in batch.items()}
 
 
-def encode_prompt(record: Record, processor, *, image: Image.Image | None = None,
+def encode_prompt(record: Record, processor, *, image: Image.Image | list[Image.Image] | None = None,
                   fmt: PromptFormat | None = None) -> dict[str, Tensor]:
     """The first question only, up to the assistant cue, for generation or probing (ids and image inputs)."""
-    image = load_image(record) if image is None else image
+    images = _given_images(record, image)
     fmt = fmt or PromptFormat()
-    segments = conversation_segments(record.turns, processor, fmt, answers=False)
-    return _encode_segments(segments, processor, image, fmt, label=False)
+    segments = conversation_segments(record.turns, processor, fmt, answers=False, n_images=len(images))
+    return _encode_segments(segments, processor, images, fmt, label=False)
 
 
 def no_image_tokens(model) -> dict:
@@ -421,9 +474,10 @@ def no_image_tokens(model) -> dict:
     return {"suppress_tokens": [int(image_id)]} if image_id is not None else {}
 
 
-def generation_batch(records: list[Record], processor, images: list[Image.Image] | None = None,
+def generation_batch(records: list[Record], processor, images: list | None = None,
                      fmt: PromptFormat | None = None) -> dict[str, Tensor]:
-    """Left-padded prompts (first question of each record) for batched generation."""
+    """Left-padded prompts (first question of each record) for batched generation; `images`: each record's
+    already loaded (an image or a list, `load_images`)."""
     images = images or [None] * len(records)
     examples = [encode_prompt(r, processor, image=im, fmt=fmt) for r, im in zip(records, images)]
     return collate(examples, processor.tokenizer.pad_token_id, padding_side="left")

@@ -405,8 +405,9 @@ def row_record(row: dict, index: int, columns: Columns, folder: Path | None) -> 
     rid = str(row[columns.id]) if columns.id is not None and row.get(columns.id) is not None else str(index)
     where = f"record {index} (id {rid})"
     image = _image_value(row.get(columns.image), where, folder)
+    n_images = 0 if image is None else len(image) if isinstance(image, tuple) else 1
     if columns.conversations is not None:
-        turns = parse_turns(row[columns.conversations], where)
+        turns = parse_turns(row[columns.conversations], where, n_images)
     else:
         question, answer = row[columns.question], majority(row[columns.answer])
         if not isinstance(question, str) or not isinstance(answer, str):
@@ -427,26 +428,30 @@ def majority(answer):
 
 
 def _image_value(value, where: str, folder: Path | None):
-    """A cell of the image column as what `Record.image` holds: bytes, a path, or a PIL image."""
+    """A cell of the image column as what `Record.image` holds: bytes, a path, or a PIL image; a tuple of them for a
+    list of images (``Sequence(Image())``), None for no image (None, an empty list, an image without bytes or path:
+    a text-only record)."""
+    if isinstance(value, (list, tuple)):
+        images = tuple(_one_image(v, where, folder) for v in value)
+        return tuple(i for i in images if i is not None) or None
+    return _one_image(value, where, folder)
+
+
+def _one_image(value, where: str, folder: Path | None):
     from PIL import Image
 
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise ToolkitError(f"{where}: {len(value)} images; the probe and routed models here take exactly one "
-                               f"image per record")
-        value = value[0]
-    if value is None:
-        raise ToolkitError(f"{where}: no image; the probe and routed models here take exactly one image per record")
-    if isinstance(value, Image.Image):
+    if value is None or isinstance(value, Image.Image):
         return value
     if isinstance(value, dict):
         if value.get("bytes"):
             return bytes(value["bytes"])
         value = value.get("path")
         if not value:
-            raise ToolkitError(f"{where}: no image; the probe and routed models here take exactly one image per record")
+            return None
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
+    if not isinstance(value, (str, Path)):
+        raise ToolkitError(f"{where}: the image column holds {type(value).__name__}, not an image or a path")
     path = Path(value)
     return path if path.is_absolute() or folder is None else folder / path
 
@@ -458,17 +463,18 @@ def check_image(record: Record) -> None:
 
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(record.image, Image.Image):
-        return
-    if isinstance(record.image, Path) and not record.image.is_file():
-        raise ToolkitError(f"record {record.id}: image file not found: {record.image}")
-    what = record.image if isinstance(record.image, Path) else io.BytesIO(record.image)
-    try:
-        with Image.open(what) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        size = "" if isinstance(record.image, Path) else f" ({len(record.image)} bytes)"
-        raise ToolkitError(f"record {record.id}: cannot decode its image{size}: {first_line(err)}") from None
+    for image in record.images:
+        if isinstance(image, Image.Image):
+            continue
+        if isinstance(image, Path) and not image.is_file():
+            raise ToolkitError(f"record {record.id}: image file not found: {image}")
+        what = image if isinstance(image, Path) else io.BytesIO(image)
+        try:
+            with Image.open(what) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            size = "" if isinstance(image, Path) else f" ({len(image)} bytes)"
+            raise ToolkitError(f"record {record.id}: cannot decode its image{size}: {first_line(err)}") from None
 
 
 # --- lmms-eval tasks ---

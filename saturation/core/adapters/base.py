@@ -81,9 +81,10 @@ class PromptTemplate:
     assistant: str = " ASSISTANT:"
     image: str | None = None  # the image slot's literal text (Qwen's ``<|vision_start|>…``); None: placeholder + "\n"
 
-    def question(self, question: str, first: bool, image_placeholder: str = "<image>") -> str:
+    def question(self, question: str, first: bool, image_placeholder: str = "<image>", n_images: int = 1) -> str:
+        """The turn's text; the first holds `n_images` image slots (0: a text-only record), one after another."""
         slot = f"{image_placeholder}\n" if self.image is None else self.image
-        image = slot if first else ""
+        image = slot * n_images if first else ""
         return f"{self.user}{image}{question}{self.assistant}"
 
 
