@@ -140,7 +140,11 @@ def search_vtw_layer(model, processor, records: list[Record], *, eta: float = VT
     """VTW's KL search on a seeded sample of `n` of `records` (see the module's docstring)."""
     num_layers, min_split = geometry(model)
     layers = tuple(candidate_layers(num_layers, min_split))
-    sample = sample_records(records, n, seed)
+    # Text-only records have nothing to withdraw (their KL is 0 at every layer) and would pull the mean down.
+    with_images = [r for r in records if r.images]
+    if not with_images:
+        raise ToolkitError("vtw@auto: no record with an image to search the withdrawal layer on")
+    sample = sample_records(with_images, n, seed)
     if log is not None:
         log(f"vtw@auto: KL search over layers {layers[0]}..{layers[-1]} on {n} records (eta={eta:g}, seed {seed})")
     mean = layer_kl(model, processor, sample, layers, batch_size).mean(dim=1).tolist()

@@ -147,6 +147,19 @@ def test_the_sample_is_seeded(tiny, records):
     assert a == b and a.kl != c.kl
 
 
+def test_text_only_records_are_left_out_of_the_search(tiny, records):
+    """A text-only record's KL is 0 at every layer; mixed in, it would lower the mean. The search skips them, and
+    data with no image at all is one line."""
+    from dataclasses import replace
+
+    model, processor = tiny
+    text_only = [replace(r, id=f"text-{r.id}", image=None) for r in records]
+    mixed = search_vtw_layer(model, processor, text_only + records, n=N, seed=0)
+    assert mixed == search_vtw_layer(model, processor, records, n=N, seed=0)
+    with pytest.raises(ToolkitError, match="no record with an image"):
+        search_vtw_layer(model, processor, text_only, n=N, seed=0)
+
+
 # ---------------------------------------------------------------- the grammar
 def test_vtw_auto_reads_its_keys_with_vtw_defaults():
     assert parse_spec("vtw@auto")["auto"] == {"eta": 0.003, "n": 20, "seed": 0}
