@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from family_fixtures import FAMILIES, QWEN_FAMILIES, Family, checkpoint_processor, hf_logits
+from family_fixtures import FAMILIES, QWEN_FAMILIES, Family, checkpoint_processor
 from PIL import Image
 from routing_fixtures import perturb_side
 from test_bad_input import one_line_error

@@ -49,17 +49,17 @@ def test_text_world_uses_the_image_models_template(processor, codec):
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     words = list(codec.ids(describe(scene)))
     want_ids, want_labels = [], []
-    for i, l in zip(image["input_ids"].tolist(), image["labels"].tolist()):
+    for i, label in zip(image["input_ids"].tolist(), image["labels"].tolist()):
         if i != image_id:
             want_ids.append(i)
-            want_labels.append(l)
+            want_labels.append(label)
         elif not want_ids or want_ids[-1] != -1:
             want_ids.append(-1)
             want_labels.append(IGNORE_INDEX)
     k = want_ids.index(-1)
     assert ids == want_ids[:k] + words + want_ids[k + 1:]
     assert labels == want_labels[:k] + [IGNORE_INDEX] * len(words) + want_labels[k + 1:]
-    answers = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
+    answers = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
     assert answers == [t for q, a in qas for t in (*codec.ids(a), processor.tokenizer.eos_token_id)]
 
 
@@ -95,7 +95,7 @@ def test_recall_pretraining_batches_score_the_value(codec):
     recipe = replace(SMALL, pretrain_steps=1)
     batch = batch_at(0, recipe, codec, frozenset())
     row, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
-    scored = [t for t, l in zip(row, labels) if l != IGNORE_INDEX]
+    scored = [t for t, label in zip(row, labels) if label != IGNORE_INDEX]
     words = codec.tok.convert_ids_to_tokens(row)
     key = words[words.index("ASSISTANT") - 1]
     pairs = words[3:words.index("ASSISTANT") - 1]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from saturation.core.adapters import adapter_for
-from saturation.core.data import IGNORE_INDEX, Record, collate, encode_record, read_records
+from saturation.core.data import Record, collate, encode_record, read_records
 from saturation.core.errors import ToolkitError
 from saturation.core.files import atomic_write, disk_guard, write_json
 from saturation.core.runs import differences, locked, read_manifest
@@ -36,14 +36,24 @@ from .text_stage import (
     TEXT_RECIPES,
     TextCodec,
     batch_at,
-    cosine_factor,
     describe,
-    fresh_scene,
     scene_qas,
     text_accuracy,
     train_text,
 )
-from .train import Recipe, attach_rescale, build_model, build_processor, feature_rms, fold_rescale, save_model, train_stage1
+from .train import (
+    Recipe,
+    as_json,
+    attach_rescale,
+    build_model,
+    build_processor,
+    cosine_factor,
+    feature_rms,
+    fold_rescale,
+    fresh_scene,
+    save_model,
+    train_stage1,
+)
 
 CAPTION = "what is there?"
 
@@ -188,7 +198,7 @@ def train_staged(out_dir: str | Path, recipe: StagedRecipe, log=print, resume: b
 
 
 def _train_staged(out: Path, recipe: StagedRecipe, log, resume: bool, heldout: list[Record]) -> Path:
-    plain = json.loads(json.dumps(asdict(recipe)))
+    plain = as_json(asdict(recipe))
     if recipe.text not in TEXT_RECIPES:
         raise ToolkitError(f"unknown text recipe {recipe.text!r}; choose one of {', '.join(TEXT_RECIPES)}")
     finished = read_manifest(out / "recipe.json") if resume else None

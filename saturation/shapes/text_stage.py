@@ -22,7 +22,6 @@ uninterrupted one would. Held-out scenes (`data.held_out_keys`) never occur in t
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, replace
@@ -38,6 +37,7 @@ from saturation.core.files import atomic_write, disk_guard, write_json
 from saturation.core.runs import differences, locked, read_manifest
 
 from . import data, world
+from .train import as_json, build_processor, cosine_factor, fresh_scene
 
 
 @dataclass
@@ -175,13 +175,6 @@ def max_objects_at(step: int, recipe: TextRecipe) -> int:
     return next((m for until, m in recipe.curriculum if step < until), world.MAX_OBJECTS)
 
 
-def fresh_scene(rng: random.Random, exclude: frozenset, max_objects: int) -> world.Scene:
-    while True:
-        scene = world.random_scene(rng, max_objects)
-        if world.scene_key(scene) not in exclude:
-            return scene
-
-
 def batch_at(step: int, recipe: TextRecipe, codec: TextCodec, exclude: frozenset) -> dict[str, Tensor]:
     """The training batch of `step`, drawn from a generator seeded by (seed, step) alone."""
     rng = random.Random(recipe.seed * 1_000_003 + step)
@@ -265,13 +258,6 @@ def build_lm(recipe: TextRecipe, vocab_size: int):
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def cosine_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 LABELS = {f: f for f in TextRecipe.__dataclass_fields__ if f not in ("threads", "log_every", "eval_every")}
 
 
@@ -288,23 +274,17 @@ def train_text(out_dir: str | Path, recipe: TextRecipe, log=print, resume: bool 
         return _train_text(out, recipe, log, resume, eval_records or [])
 
 
-def _plain(obj) -> dict:
-    return json.loads(json.dumps(obj))
-
-
 def _train_text(out: Path, recipe: TextRecipe, log, resume: bool, eval_records: list[Record]) -> Path:
-    from .train import build_processor
-
     finished = read_manifest(out / "recipe.json") if resume else None
     if finished is not None:
-        if not (diffs := differences(finished, _plain(asdict(recipe)), LABELS)):
+        if not (diffs := differences(finished, as_json(asdict(recipe)), LABELS)):
             log(f"{out}: already trained with this recipe; nothing to do (--no-resume to train again)")
             return out
         raise ToolkitError(f"{out} holds an LM trained with another recipe: {', '.join(diffs)}; pass --no-resume "
                            "to train afresh there, or choose another --out")
     state_path = out / "text_state.pt"
     state = torch.load(state_path, weights_only=True) if resume and state_path.exists() else None
-    if state is not None and (diffs := differences(json.loads(state["recipe"]), _plain(asdict(recipe)), LABELS)):
+    if state is not None and (diffs := differences(json.loads(state["recipe"]), as_json(asdict(recipe)), LABELS)):
         raise ToolkitError(f"{state_path} was written by another recipe: {', '.join(diffs)}; pass --no-resume to "
                            "train afresh there, or choose another --out")
     (out / "recipe.json").unlink(missing_ok=True)
@@ -349,9 +329,9 @@ def _train_text(out: Path, recipe: TextRecipe, log, resume: bool, eval_records: 
                          if k != "eval") + ("" if "eval" not in row else " | eval " + " ".join(
                              f"{t} {a:.3f}" for t, a in row["eval"].items())))
         if step % recipe.checkpoint_every == 0 and step < recipe.steps:
-            atomic_write(state_path, lambda tmp: torch.save(
-                {"recipe": json.dumps(asdict(recipe)), "model": model.state_dict(), "opt": opt.state_dict(),
-                 "sched": sched.state_dict(), "step": step}, tmp))
+            state = {"recipe": json.dumps(asdict(recipe)), "model": model.state_dict(), "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "step": step}
+            atomic_write(state_path, lambda tmp, state=state: torch.save(state, tmp))
     model.eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id

@@ -206,10 +206,10 @@ def train_stage1(model, processor, recipe: Recipe, exclude: frozenset, log) -> N
     tower.eval()
 
 
-def fresh_scene(rng: random.Random, exclude: frozenset) -> world.Scene:
-    """A random scene that is not one of the held-out scenes."""
+def fresh_scene(rng: random.Random, exclude: frozenset, max_objects: int = world.MAX_OBJECTS) -> world.Scene:
+    """A random scene (at most `max_objects` objects) that is not one of the held-out scenes."""
     while True:
-        scene = world.random_scene(rng)
+        scene = world.random_scene(rng, max_objects)
         if world.scene_key(scene) not in exclude:
             return scene
 
@@ -453,13 +453,16 @@ def answer_accuracy(model, examples: list[dict], image_token_id: int) -> dict[st
     return scores
 
 
+def cosine_factor(step: int, total: int, warmup: int) -> float:
+    """The learning-rate factor at `step`: linear warm-up then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
 def cosine_schedule(opt, total: int, warmup: int):
     """Linear warm-up then cosine decay to zero."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_factor(step, total, warmup))
 
 
 def stage2_optimizer(model, recipe: Recipe):
@@ -499,7 +502,7 @@ def train(out_dir: str | Path, recipe: Recipe | None = None, log=print, resume: 
 RECIPE_LABELS = {f: f for f in Recipe.__dataclass_fields__}  # the recipe's fields are its options
 
 
-def _plain(obj) -> dict:
+def as_json(obj) -> dict:
     """As JSON reads it back (tuples become lists), so a recorded recipe compares equal to its own."""
     return json.loads(json.dumps(obj))
 
@@ -508,14 +511,14 @@ def _train(out: Path, recipe: Recipe, log, resume: bool) -> Path:
     state_path = out / "train_state.pt"
     finished = read_manifest(out / "recipe.json") if resume else None
     if finished is not None:
-        diffs = differences(finished, _plain(asdict(recipe)), RECIPE_LABELS)
+        diffs = differences(finished, as_json(asdict(recipe)), RECIPE_LABELS)
         if not diffs:
             log(f"{out}: already trained with this recipe; nothing to do (--no-resume to train again)")
             return out
         raise ToolkitError(f"{out} holds a model trained with another recipe: {', '.join(diffs)}; pass "
                            "--no-resume to train afresh there, or choose another --out")
     state = torch.load(state_path, weights_only=False) if resume and state_path.exists() else None
-    if state is not None and (diffs := differences(_plain(state["recipe"]), _plain(asdict(recipe)), RECIPE_LABELS)):
+    if state is not None and (diffs := differences(as_json(state["recipe"]), as_json(asdict(recipe)), RECIPE_LABELS)):
         raise ToolkitError(f"{state_path} was written by another recipe: {', '.join(diffs)}; pass --no-resume to "
                            "train afresh there, or choose another --out")
     (out / "recipe.json").unlink(missing_ok=True)  # the model files about to change are not that recipe's any more
