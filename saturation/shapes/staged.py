@@ -92,6 +92,8 @@ class StagedRecipe:
 
 STAGED_RECIPES: dict[str, StagedRecipe] = {
     "staged": StagedRecipe(),
+    "staged-tune3000": StagedRecipe(tune_steps=3000),  # twice the instruction tuning
+    "staged-long": StagedRecipe(text="answers-long", tune_steps=3000),
 }
 
 LABELS = {f: f for f in StagedRecipe.__dataclass_fields__ if f not in ("threads", "log_every", "eval_every")}
