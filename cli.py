@@ -38,7 +38,7 @@ def check_device(device: str | None) -> None:
         resolve_device(device)
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'tiny' (embedded, default), 'tiny-clean', an alias (llava-1.5-7b/13b, llava-next-7b, llava-next-vicuna-7b, llava-onevision-7b/0.5b, qwen2.5-vl-3b/7b, qwen3-vl-2b/8b, gemma-3-4b/12b/27b), a hub id or a local directory.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'tiny' (embedded, default), 'tiny-clean', 'tiny-staged', an alias (llava-1.5-7b/13b, llava-next-7b, llava-next-vicuna-7b, llava-onevision-7b/0.5b, qwen2.5-vl-3b/7b, qwen3-vl-2b/8b, gemma-3-4b/12b/27b), a hub id or a local directory.")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 | auto (default: fp32 on CPU, checkpoint dtype on GPU).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")]
 DeviceMapOpt = Annotated[str | None, typer.Option(help="auto | balanced | sequential: accelerate places the layers across GPUs, CPU and disk (a model larger than one device); not with --device or torchrun.")]
@@ -543,7 +543,7 @@ def analyze_cmd(
 @routing_app.command("bench")
 @friendly
 def bench_cmd(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'tiny-clean', an alias (see saturation probe --help), a hub id or a local directory.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'tiny-clean', 'tiny-staged', an alias (see saturation probe --help), a hub id or a local directory.")] = None,
     routing_dir: Annotated[Path | None, typer.Option("--routing", help="The run folder of `routing train`, or its routing/ artifact: its split, K and d_v; its side branch for its own variant.")] = None,
     split: Annotated[int | None, typer.Option(help="Split layer for the variants built here (default: layers // 2). Not with --routing.")] = None,
     variants: Annotated[str, typer.Option(help="Comma-separated variants measured against vanilla: lf, pc, kv, lf-ideal.")] = "lf,pc,kv",
@@ -602,7 +602,7 @@ def bench_cmd(
 @routing_app.command("compare")
 @friendly
 def compare_cmd(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'tiny-clean', an alias (see saturation probe --help), a hub id or a local directory.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="'tiny' (embedded, the default), 'tiny-clean', 'tiny-staged', an alias (see saturation probe --help), a hub id or a local directory.")] = None,
     plans: Annotated[str | None, typer.Option(help="Comma-separated plan specs: vanilla, lf@S, vtw@S, vtw@auto[:eta=0.003,n=20,seed=0] (VTW's KL search on --data, default the probe set), fastv@K:R=D% (D = the share dropped, FastV's R; ,rank=last|all|text), prune-pre:R%, pool:R% (R = the share kept), divprune:keep=R% (or keep=N), visionzip:dominant=D,contextual=C, lf@S+prune-pre:R%, lf@S+fastv@K:R=D% (no @S: the recommended split, or --routing's), lf+best (LF with the listed pruner of best accuracy per FLOP, trained on its kept tokens). Default: vanilla,lf,vtw@auto,fastv@2:R=50%,fastv@2:R=75%,visionzip,divprune,lf+best (visionzip scaled to a small tower, skipped with a note where the family refuses it; with --geometry: vanilla,lf,vtw,fastv@2:R=50%,fastv@2:R=75%,divprune,lf+fastv@2:R=75%).")] = None,
     geometry: Annotated[str | None, typer.Option(help="Latency at an architecture's real size: random weights (as routing bench --geometry, e.g. llava-1.5-7b, tiny, cpu-bench), random image embeddings, untrained side branches; accuracy n/a. Not with --model/--routing/--data/--n or prune-pre plans.")] = None,
     layers: Annotated[int | None, typer.Option(help="With --geometry: build only N decoder layers (same widths).")] = None,

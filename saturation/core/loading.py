@@ -22,18 +22,20 @@ from saturation.core.errors import ToolkitError, first_line
 
 DATA_SAMPLES = Path(__file__).resolve().parents[2] / "data_samples"
 TINY_DIR = DATA_SAMPLES / "tiny-llava"
+# The embedded models by name (data_samples/README.md): `tiny` (the default; auxiliary losses on what the probe
+# measures), `tiny-clean` (answer loss alone, weaker) and `tiny-staged` (LLaVA's staging on a text-trained LM,
+# answer losses only: its probe curves are emergent).
+EMBEDDED = {"tiny": TINY_DIR, "tiny-clean": DATA_SAMPLES / "tiny-clean", "tiny-staged": DATA_SAMPLES / "tiny-staged"}
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
 
 def resolve_name(name_or_path: str | os.PathLike) -> str:
-    """Map an alias (`tiny`, or one of `ALIASES`) to a local directory or hub id; pass others through."""
+    """Map an alias (an `EMBEDDED` name, or one of `ALIASES`) to a local directory or hub id; pass others through."""
     name = str(name_or_path)
-    if name == "tiny":
-        return str(TINY_DIR)
-    if name == "tiny-clean":  # the embedded model trained on the answer loss alone (data_samples/README.md)
-        return str(DATA_SAMPLES / "tiny-clean")
+    if name in EMBEDDED:
+        return str(EMBEDDED[name])
     return ALIASES.get(name, name)
 
 

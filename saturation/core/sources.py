@@ -162,9 +162,9 @@ def announce(line: str) -> None:
 
 def synthetic_data_warning(model: str, data) -> str | None:
     """The warning for a real checkpoint run without --data on the embedded shapes scenes (None: not needed)."""
-    from saturation.core.loading import DATA_SAMPLES, resolve_name
+    from saturation.core.loading import DATA_SAMPLES, EMBEDDED, resolve_name
 
-    if data is not None or str(model) in ("tiny", "tiny-clean") or Path(resolve_name(model)).parent == DATA_SAMPLES:
+    if data is not None or str(model) in EMBEDDED or Path(resolve_name(model)).parent == DATA_SAMPLES:
         return None
     return (f"warning: no --data: {model} runs on the embedded shapes scenes (48-px synthetic images), which are "
             f"out of distribution for a real checkpoint; pass --data (a dataset, parquet, image folder or lmms:TASK)")

@@ -120,7 +120,7 @@ def train_staged_cmd(
 @app.command("evaluate")
 @friendly
 def evaluate_cmd(
-    model: Annotated[str, typer.Option(help="'tiny', 'tiny-clean' or a model folder.")] = "tiny",
+    model: Annotated[str, typer.Option(help="'tiny', 'tiny-clean', 'tiny-staged' or a model folder.")] = "tiny",
     data: Annotated[str, typer.Option(help="LLaVA JSON of held-out questions.")] = HELD_OUT,
     dtype: Annotated[str | None, typer.Option(help="float32 (CPU default) or float16.")] = None,
 ) -> None:

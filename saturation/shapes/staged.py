@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -275,8 +276,11 @@ def _train_staged(out: Path, recipe: StagedRecipe, log, resume: bool, heldout: l
              "text": text_accuracy(model, codec, heldout),
              "seconds": round(time.time() - t0)}
     metrics_line(out, final, log)
-    write_json(out / "recipe.json", plain)
-    for f in (out / "model_state.pt", out / "rms.pt"):
+    # The text stage's recipe and log travel with the model; its fp32 weights stay in OUT/text-lm (git-ignored).
+    shutil.copyfile(out / "text-lm" / "recipe.json", out / "text_recipe.json")
+    shutil.copyfile(out / "text-lm" / "metrics.jsonl", out / "text_metrics.jsonl")
+    write_json(out / "recipe.json", plain)  # written last: marks a finished model
+    for f in (out / "model_state.pt", out / "rms.pt", out / "staged.json", *out.glob("*.done")):
         f.unlink(missing_ok=True)
     return out
 
