@@ -54,7 +54,6 @@ def recording(anat, layers: list[int], hidden: dict, patterns: dict, groups: dic
             h.remove()
 
 
-@torch.no_grad()
 def check_analyzable(plan: RoutingPlan) -> None:
     """One line for a plan these checks do not apply to: they compare fusion layers, token for token, with vanilla."""
     if plan.prune is not None:
@@ -64,6 +63,7 @@ def check_analyzable(plan: RoutingPlan) -> None:
         raise ToolkitError(f"routing analyze reads the fusion layers' attention; plan {plan.spec} has none")
 
 
+@torch.no_grad()
 def mechanism(base, routed, processor, records: list[Record], batch_size: int = 16) -> dict[str, pd.DataFrame]:
     """``{"fusion_attention": per (model, layer, head) mass, "shallow_drift": per layer cosine}`` over `records`."""
     anat, plan = routed.adapter, routed.plan
