@@ -241,3 +241,54 @@ def test_the_staged_model_reads_the_image(tmp_path):
     blank = answers(model, processor, records, [world.blank_image()] * len(records))
     acc_blank = by_type(records, [a == g for a, g in zip(blank, gold)])["overall"]
     assert acc["overall"] >= 0.85 and acc["overall"] - acc_blank >= 0.35, (acc, acc_blank)
+
+
+@pytest.fixture
+def small_staged(monkeypatch, tmp_path):
+    """A staged recipe small enough for a test, on a small registered text recipe, and a 10-question held-out set."""
+    import saturation.shapes.staged as staged
+
+    monkeypatch.setitem(staged.TEXT_RECIPES, "small", replace(SMALL, steps=3, eval_every=3))
+    recipe = StagedRecipe(text="small", stage1_steps=2, align_steps=4, tune_steps=6, batch=4, turns=2, warmup=2,
+                          log_every=1, eval_every=3, eval_n=4, checkpoint_every=2, curriculum=((2, 1),))
+    heldout = data.make_dataset(tmp_path / "held", 10, seed=77, name="held")
+    return recipe, heldout
+
+
+def test_staged_training_resumes_to_the_same_weights(tmp_path, small_staged):
+    """Interrupted in instruction tuning and restarted, it ends with the weights of an uninterrupted run; the
+    finished folder keeps the text stage's recipe and log and no progress files."""
+    from saturation.shapes.staged import train_staged
+
+    recipe, heldout = small_staged
+
+    def stop_in_tune(msg: str) -> None:
+        if '"stage": "tune", "step": 3' in msg:
+            raise KeyboardInterrupt
+
+    train_staged(tmp_path / "full", recipe, log=lambda _: None, heldout=heldout)
+    with pytest.raises(KeyboardInterrupt):
+        train_staged(tmp_path / "resumed", recipe, log=stop_in_tune, heldout=heldout)
+    assert (tmp_path / "resumed" / "tune_state.pt").is_file() and (tmp_path / "resumed" / "align.done").is_file()
+    train_staged(tmp_path / "resumed", recipe, log=lambda _: None, heldout=heldout)
+    full, resumed = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("full", "resumed"))
+    assert full == resumed
+    left = sorted(p.name for p in (tmp_path / "resumed").iterdir())
+    assert {"recipe.json", "text_recipe.json", "text_metrics.jsonl", "metrics.jsonl", "model.safetensors"} <= set(left)
+    assert not [n for n in left if n.endswith((".pt", ".done")) or n == "staged.json"], left
+
+
+def test_staged_training_refuses_another_recipe_in_one_line(tmp_path, small_staged):
+    from saturation.core.errors import ToolkitError
+    from saturation.shapes.staged import train_staged
+
+    recipe, heldout = small_staged
+
+    def stop_in_align(msg: str) -> None:
+        if '"stage": "align", "step": 1' in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_staged(tmp_path / "run", recipe, log=stop_in_align, heldout=heldout)
+    with pytest.raises(ToolkitError, match=r"holds a run of another recipe: tune_steps 6 \(now 7\)"):
+        train_staged(tmp_path / "run", replace(recipe, tune_steps=7), log=lambda _: None, heldout=heldout)
