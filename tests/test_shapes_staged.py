@@ -11,7 +11,7 @@ import torch
 
 from saturation.core.data import IGNORE_INDEX, Record, encode_record, read_records
 from saturation.shapes import data, world
-from saturation.shapes.staged import StagedRecipe, answer_loss, image_batch, load_text_lm
+from saturation.shapes.staged import STAGED_RECIPES, StagedRecipe, answer_loss, image_batch, load_text_lm
 from saturation.shapes.text_stage import (
     TEXT_RECIPES,
     TextCodec,
@@ -190,8 +190,6 @@ def test_image_batches_hold_the_scene_as_image_tokens(processor):
 
 
 def test_staged_recipes_have_no_loss_on_what_the_probe_measures():
-    from saturation.shapes.staged import STAGED_RECIPES
-
     for recipe in STAGED_RECIPES.values():
         assert recipe.lens_weight == 0 and recipe.attention_weight == 0
 
@@ -213,6 +211,8 @@ def test_the_staged_model_has_answer_losses_only_and_loads_offline(monkeypatch):
     assert (STAGED / "model.safetensors").stat().st_size <= 12 * 2**20
     recipe = json.loads((STAGED / "recipe.json").read_text())
     assert recipe["lens_weight"] == recipe["attention_weight"] == 0 and recipe["answer_weight"] > 0
+    # the named recipe rebuilds it: `train-staged --out data_samples/tiny-staged` (README's command)
+    assert recipe == json.loads(json.dumps(asdict_of(STAGED_RECIPES["staged"])))
     text = json.loads((STAGED / "text_recipe.json").read_text())
     assert text == json.loads(json.dumps(asdict_of(TEXT_RECIPES[recipe["text"]], seed=recipe["seed"],
                                                    threads=recipe["threads"])))
