@@ -13,7 +13,7 @@ or hidden states):
 - a **curriculum**: scenes hold at most 1, 2, 3 objects before given steps, then up to 4;
 - **recall and copy pretraining** (`pretrain_steps`): key-value lists ("red two blue four ... blue" -> "four")
   and repeated sequences over the same vocabulary, the tasks on which small transformers form induction heads
-  quickly.
+  (measured here: the 12-layer LM learns copy within 600 steps, recall not yet; it did not help the lookups).
 
 Every batch is drawn from a generator seeded by (seed, step), so a resumed run sees exactly the batches an
 uninterrupted one would. Held-out scenes (`data.held_out_keys`) never occur in training.
