@@ -517,7 +517,7 @@ def _train(out: Path, recipe: Recipe, log, resume: bool) -> Path:
             return out
         raise ToolkitError(f"{out} holds a model trained with another recipe: {', '.join(diffs)}; pass "
                            "--no-resume to train afresh there, or choose another --out")
-    state = torch.load(state_path, weights_only=False) if resume and state_path.exists() else None
+    state = torch.load(state_path, weights_only=True) if resume and state_path.exists() else None
     if state is not None and (diffs := differences(as_json(state["recipe"]), as_json(asdict(recipe)), RECIPE_LABELS)):
         raise ToolkitError(f"{state_path} was written by another recipe: {', '.join(diffs)}; pass --no-resume to "
                            "train afresh there, or choose another --out")
