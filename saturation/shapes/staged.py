@@ -5,13 +5,13 @@ One command, four stages, each seeded and resumable (``python -m saturation.shap
 0. **Text stage** (`text_stage`): the LM learns the world's lookups from the scene written in words.
 1. **Vision tower alone** (`train.train_stage1`): per-patch heads on the tower, thrown away after; they shape the
    tower only, which the probe does not measure.
-2. **Alignment**: the projector alone, tower and LM frozen, on image conversations (answers, and with
-   `caption_rate` > 0 the caption ``what is there?`` -> the scene in words, the LM's own text-world description).
+2. **Alignment**: the projector alone, tower and LM frozen, on image conversations (answer loss). LLaVA aligns
+   by captioning; this LM was trained on answers only and cannot describe a scene, so its own task aligns it.
 3. **Instruction tuning**: projector + LM on image conversations, answer loss; a `text_mix` share of each batch
    is the text world again, so the lookup is not forgotten. Existence answers are drawn independently per turn.
 
-Losses are next-token cross-entropies on assistant tokens only; ``recipe.json`` records every weight, and there is
-no loss on the logit lens, on attention or on hidden states of the LM.
+The only losses are next-token cross-entropies on assistant tokens (`answer_weight` on image conversations,
+`text_weight` on text ones, both in ``recipe.json``); there is no loss on the logit lens, attention or hidden states.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .text_stage import (
     TEXT_RECIPES,
     TextCodec,
     batch_at,
-    describe,
+    max_objects_at,
     scene_qas,
     text_accuracy,
     train_text,
@@ -56,8 +56,6 @@ from .train import (
     train_stage1,
 )
 
-CAPTION = "what is there?"
-
 
 @dataclass
 class StagedRecipe:
@@ -70,7 +68,6 @@ class StagedRecipe:
     stage1_steps: int = 500
     align_steps: int = 400
     align_lr: float = 3e-3
-    caption_rate: float = 0.0  # share of alignment conversations that begin with the caption turn
     tune_steps: int = 3000
     lm_lr: float = 5e-4
     projector_lr: float = 1e-3
@@ -80,11 +77,9 @@ class StagedRecipe:
     text_mix: float = 0.25  # share of each stage-3 batch that is text-world conversations
     # ((until_step, max_objects), ...) of stage 3 (stage 2 uses the same schedule).
     curriculum: tuple[tuple[int, int], ...] = ((200, 1), (500, 2), (800, 3))
-    # Every loss weight: answer-token cross-entropy on image and on text conversations. Nothing else.
+    # Every loss weight: answer-token cross-entropy on image and on text conversations. There is no other loss.
     answer_weight: float = 1.0
     text_weight: float = 1.0
-    lens_weight: float = 0.0  # kept at 0 and recorded: no loss on the logit lens, attention or hidden states
-    attention_weight: float = 0.0
     log_every: int = 50
     eval_every: int = 250
     eval_n: int = 200  # held-out records scored during training (all of them at the end)
@@ -100,20 +95,13 @@ STAGED_RECIPES: dict[str, StagedRecipe] = {
 LABELS = {f: f for f in StagedRecipe.__dataclass_fields__ if f not in ("threads", "log_every", "eval_every")}
 
 
-def _max_objects(step: int, recipe: StagedRecipe) -> int:
-    return next((m for until, m in recipe.curriculum if step < until), world.MAX_OBJECTS)
-
-
-def image_batch(step: int, stage: str, recipe: StagedRecipe, processor, exclude: frozenset,
-                caption_rate: float = 0.0) -> dict[str, Tensor]:
+def image_batch(step: int, stage: str, recipe: StagedRecipe, processor, exclude: frozenset) -> dict[str, Tensor]:
     """Image conversations of `stage` at `step` (seeded by both), encoded by the model's own processor."""
     rng = random.Random(f"{stage}-{recipe.seed}-{step}")
     examples = []
     for i in range(recipe.batch):
-        scene = fresh_scene(rng, exclude, _max_objects(step, recipe))
+        scene = fresh_scene(rng, exclude, max_objects_at(step, recipe.curriculum))
         qas = [(q, a) for q, a, _ in scene_qas(scene, rng, recipe.turns)]
-        if rng.random() < caption_rate:
-            qas = [(CAPTION, describe(scene))] + qas[: recipe.turns - 1]
         image = world.render(scene, random.Random(rng.getrandbits(32)))
         examples.append(encode_record(Record(f"{stage}-{step}-{i}", Path("scene.png"), tuple(qas)), processor,
                                       image=image))
@@ -141,7 +129,8 @@ def load_text_lm(model, lm_dir: Path) -> None:
 
 
 class Stage:
-    """One resumable optimisation stage: seeded batches per step, a checkpoint every `every` steps."""
+    """One resumable optimisation stage: its optimizer and schedule, a checkpoint in ``{name}_state.pt``, and a
+    ``{name}.done`` marker with the weights it ends with in ``model_state.pt`` (where the next stage starts)."""
 
     def __init__(self, name: str, out: Path, recipe: StagedRecipe, model, opt, steps: int, log) -> None:
         self.name, self.out, self.recipe, self.model, self.opt, self.steps, self.log = name, out, recipe, model, opt, steps, log
@@ -163,14 +152,14 @@ class Stage:
         return False
 
     def checkpoint(self, done: bool = False) -> None:
-        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                 "step": self.step}
-        if done:  # the next stage starts from these weights; keep them as that stage's starting point
+        if done:  # the next stage starts from these weights
             atomic_write(self.out / "model_state.pt", lambda tmp: torch.save(self.model.state_dict(), tmp))
             (self.out / f"{self.name}.done").touch()
             self.path.unlink(missing_ok=True)
-        else:
-            atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+            return
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                 "step": self.step}
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
 
 def metrics_line(out: Path, row: dict, log) -> None:
@@ -250,7 +239,7 @@ def _train_staged(out: Path, recipe: StagedRecipe, log, resume: bool, heldout: l
     opt = torch.optim.AdamW(a.projector.parameters(), lr=recipe.align_lr, weight_decay=0.0)
     stage = Stage("align", out, recipe, model, opt, recipe.align_steps, log)
     run_stage(stage, lambda s: recipe.answer_weight * answer_loss(
-        model, image_batch(s, "align", recipe, processor, exclude, recipe.caption_rate)), processor, codec, monitor)
+        model, image_batch(s, "align", recipe, processor, exclude)), processor, codec, monitor)
 
     # Stage 3: projector + LM, text world mixed back in.
     a.text_model.requires_grad_(True)

@@ -170,9 +170,9 @@ def copy_example(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
 # --------------------------------------------------------------------------- batches
 
 
-def max_objects_at(step: int, recipe: TextRecipe) -> int:
-    """The curriculum's scene size at `step`."""
-    return next((m for until, m in recipe.curriculum if step < until), world.MAX_OBJECTS)
+def max_objects_at(step: int, curriculum: tuple[tuple[int, int], ...]) -> int:
+    """The scene size at `step` of a curriculum ((until_step, max_objects), ...); afterwards the world's maximum."""
+    return next((m for until, m in curriculum if step < until), world.MAX_OBJECTS)
 
 
 def batch_at(step: int, recipe: TextRecipe, codec: TextCodec, exclude: frozenset) -> dict[str, Tensor]:
@@ -185,7 +185,7 @@ def batch_at(step: int, recipe: TextRecipe, codec: TextCodec, exclude: frozenset
             context, qas = (recall_example if i % 2 == 0 else copy_example)(rng)
             rows.append(codec.example(context, qas))
         else:
-            scene = fresh_scene(rng, exclude, max_objects_at(step, recipe))
+            scene = fresh_scene(rng, exclude, max_objects_at(step, recipe.curriculum))
             qas = [(q, a) for q, a, _ in scene_qas(scene, rng, recipe.turns)]
             rows.append(codec.example(describe(scene), qas, recipe.description_weight))
     pad = codec.tok.pad_token_id
