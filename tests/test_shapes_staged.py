@@ -11,7 +11,8 @@ import torch
 
 from saturation.core.data import IGNORE_INDEX, Record, encode_record, read_records
 from saturation.shapes import data, world
-from saturation.shapes.staged import STAGED_RECIPES, StagedRecipe, answer_loss, image_batch, load_text_lm
+from saturation.core.errors import ToolkitError
+from saturation.shapes.staged import STAGED_RECIPES, StagedRecipe, answer_loss, image_batch, load_text_lm, train_staged
 from saturation.shapes.text_stage import (
     TEXT_RECIPES,
     TextCodec,
@@ -89,6 +90,28 @@ def test_existence_answers_are_not_paired_within_a_conversation():
         if len(exist) == 2:
             pairs.append(tuple(sorted(exist)))
     assert pairs and {("no", "no"), ("yes", "yes")} & set(pairs)
+
+
+def test_question_mix_asks_a_type_named_twice_more_often():
+    """`question_mix` weights the question types of image conversations (a doubled type is asked twice where the
+    scene has two distinct questions of it: 1.4x over random scenes); the default mix draws exactly what the
+    shipped models were trained on (the same shuffle of the same five types)."""
+    def counts(mix):
+        rng, seen = random.Random(0), []
+        for _ in range(300):
+            seen += [t for _, _, t in scene_qas(world.random_scene(rng), rng, 5, mix)]
+        return {t: seen.count(t) for t in world.QUESTION_TYPES}
+
+    plain, doubled = counts(world.QUESTION_TYPES), counts((*world.QUESTION_TYPES, "position"))
+    assert doubled["position"] > 1.3 * plain["position"] and doubled["colour"] < plain["colour"]
+    rng_a, rng_b, scene = random.Random(5), random.Random(5), world.random_scene(random.Random(6))
+    assert scene_qas(scene, rng_a, 5) == scene_qas(scene, rng_b, 5, tuple(world.QUESTION_TYPES))
+
+
+def test_staged_refuses_an_unknown_question_type_in_one_line(tmp_path):
+    with pytest.raises(ToolkitError, match=r"question_mix names 'weight'; question types are colour, shape"):
+        train_staged(tmp_path / "m", StagedRecipe(question_mix=("colour", "weight")), log=lambda _: None)
+    assert not (tmp_path / "m" / "staged.json").exists()
 
 
 def test_recall_pretraining_batches_score_the_value(codec):

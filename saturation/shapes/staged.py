@@ -75,6 +75,8 @@ class StagedRecipe:
     batch: int = 32
     turns: int = 5
     text_mix: float = 0.25  # share of each stage-3 batch that is text-world conversations
+    # Question types of image conversations, cycled in a shuffled order: a type named twice is asked more often.
+    question_mix: tuple[str, ...] = world.QUESTION_TYPES
     # ((until_step, max_objects), ...) of stage 3 (stage 2 uses the same schedule).
     curriculum: tuple[tuple[int, int], ...] = ((200, 1), (500, 2), (800, 3))
     # Every loss weight: answer-token cross-entropy on image and on text conversations. There is no other loss.
@@ -101,7 +103,7 @@ def image_batch(step: int, stage: str, recipe: StagedRecipe, processor, exclude:
     examples = []
     for i in range(recipe.batch):
         scene = fresh_scene(rng, exclude, max_objects_at(step, recipe.curriculum))
-        qas = [(q, a) for q, a, _ in scene_qas(scene, rng, recipe.turns)]
+        qas = [(q, a) for q, a, _ in scene_qas(scene, rng, recipe.turns, recipe.question_mix)]
         image = world.render(scene, random.Random(rng.getrandbits(32)))
         examples.append(encode_record(Record(f"{stage}-{step}-{i}", Path("scene.png"), tuple(qas)), processor,
                                       image=image))
@@ -193,6 +195,8 @@ def _train_staged(out: Path, recipe: StagedRecipe, log, resume: bool, heldout: l
     plain = as_json(asdict(recipe))
     if recipe.text not in TEXT_RECIPES:
         raise ToolkitError(f"unknown text recipe {recipe.text!r}; choose one of {', '.join(TEXT_RECIPES)}")
+    if unknown := [t for t in recipe.question_mix if t not in world.QUESTION_TYPES]:
+        raise ToolkitError(f"question_mix names {unknown[0]!r}; question types are {', '.join(world.QUESTION_TYPES)}")
     finished = read_manifest(out / "recipe.json") if resume else None
     if finished is not None:
         if not (diffs := differences(finished, plain, LABELS)):

@@ -88,10 +88,12 @@ def describe(scene: world.Scene) -> str:
     return " ".join(f"{o.colour} {o.shape} {o.where} ." for o in scene)
 
 
-def scene_qas(scene: world.Scene, rng: random.Random, turns: int) -> list[tuple[str, str, str]]:
-    """`turns` distinct questions, types cycling in a shuffled order; existence answers drawn independently
-    (a conversation need not hold one "yes" and one "no", so their pairing cannot stand in for the lookup)."""
-    types = list(world.QUESTION_TYPES)
+def scene_qas(scene: world.Scene, rng: random.Random, turns: int,
+              mix: tuple[str, ...] = world.QUESTION_TYPES) -> list[tuple[str, str, str]]:
+    """`turns` distinct questions, types cycling through `mix` in a shuffled order (a type named twice is asked
+    twice where the scene has two distinct such questions); existence answers drawn independently (a conversation need not hold one "yes" and
+    one "no", so their pairing cannot stand in for the lookup)."""
+    types = list(mix)
     rng.shuffle(types)
     out: list[tuple[str, str, str]] = []
     for k in range(4 * turns):
