@@ -91,8 +91,8 @@ def describe(scene: world.Scene) -> str:
 def scene_qas(scene: world.Scene, rng: random.Random, turns: int,
               mix: tuple[str, ...] = world.QUESTION_TYPES) -> list[tuple[str, str, str]]:
     """`turns` distinct questions, types cycling through `mix` in a shuffled order (a type named twice is asked
-    twice where the scene has two distinct such questions); existence answers drawn independently (a conversation need not hold one "yes" and
-    one "no", so their pairing cannot stand in for the lookup)."""
+    twice where the scene has two distinct such questions); existence answers drawn independently (a
+    conversation need not hold one "yes" and one "no", so their pairing cannot stand in for the lookup)."""
     types = list(mix)
     rng.shuffle(types)
     out: list[tuple[str, str, str]] = []
