@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -292,26 +293,35 @@ def small_staged(monkeypatch, tmp_path):
 
 
 def test_staged_training_resumes_to_the_same_weights(tmp_path, small_staged):
-    """Interrupted in instruction tuning and restarted, it ends with the weights of an uninterrupted run; the
-    finished folder keeps the text stage's recipe and log and no progress files."""
+    """Interrupted in instruction tuning and again in the polish stage, and restarted each time, it ends with the
+    weights of an uninterrupted run; the finished folder keeps the text stage's recipe and log and no progress
+    files."""
     from saturation.shapes.staged import train_staged
 
     recipe, heldout = small_staged
+    recipe = replace(recipe, polish_steps=4, polish_mix=(*world.QUESTION_TYPES, "position"))
 
-    def stop_in_tune(msg: str) -> None:
-        if '"stage": "tune", "step": 3' in msg:
-            raise KeyboardInterrupt
+    def stop_at(stage: str, step: int):
+        def log(msg: str) -> None:
+            if f'"stage": "{stage}", "step": {step}' in msg:
+                raise KeyboardInterrupt
+        return log
 
     train_staged(tmp_path / "full", recipe, log=lambda _: None, heldout=heldout)
     with pytest.raises(KeyboardInterrupt):
-        train_staged(tmp_path / "resumed", recipe, log=stop_in_tune, heldout=heldout)
+        train_staged(tmp_path / "resumed", recipe, log=stop_at("tune", 3), heldout=heldout)
     assert (tmp_path / "resumed" / "tune_state.pt").is_file() and (tmp_path / "resumed" / "align.done").is_file()
+    with pytest.raises(KeyboardInterrupt):
+        train_staged(tmp_path / "resumed", recipe, log=stop_at("polish", 3), heldout=heldout)
+    assert (tmp_path / "resumed" / "polish_state.pt").is_file() and (tmp_path / "resumed" / "tune.done").is_file()
     train_staged(tmp_path / "resumed", recipe, log=lambda _: None, heldout=heldout)
     full, resumed = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("full", "resumed"))
     assert full == resumed
     left = sorted(p.name for p in (tmp_path / "resumed").iterdir())
     assert {"recipe.json", "text_recipe.json", "text_metrics.jsonl", "metrics.jsonl", "model.safetensors"} <= set(left)
     assert not [n for n in left if n.endswith((".pt", ".done")) or n == "staged.json"], left
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert stages.count("polish") == 4 and stages.index("polish") > stages.index("tune")
 
 
 def test_staged_training_refuses_another_recipe_in_one_line(tmp_path, small_staged):

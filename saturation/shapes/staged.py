@@ -1,6 +1,6 @@
 """LLaVA's staging on a text-trained LM: the embedded model trained without any loss on what the probe measures.
 
-One command, four stages, each seeded and resumable (``python -m saturation.shapes train-staged``):
+One command, four or five stages, each seeded and resumable (``python -m saturation.shapes train-staged``):
 
 0. **Text stage** (`text_stage`): the LM learns the world's lookups from the scene written in words.
 1. **Vision tower alone** (`train.train_stage1`): per-patch heads on the tower, thrown away after; they shape the
@@ -9,6 +9,8 @@ One command, four stages, each seeded and resumable (``python -m saturation.shap
    by captioning; this LM was trained on answers only and cannot describe a scene, so its own task aligns it.
 3. **Instruction tuning**: projector + LM on image conversations, answer loss; a `text_mix` share of each batch
    is the text world again, so the lookup is not forgotten. Existence answers are drawn independently per turn.
+4. **Polish** (optional, ``polish_steps``): the same losses on fresh batches at a lower learning rate, with its own
+   question mix (e.g. more position questions, the type that stage 3 leaves weakest).
 
 The only losses are next-token cross-entropies on assistant tokens (`answer_weight` on image conversations,
 `text_weight` on text ones, both in ``recipe.json``); there is no loss on the logit lens, attention or hidden states.
@@ -77,6 +79,11 @@ class StagedRecipe:
     text_mix: float = 0.25  # share of each stage-3 batch that is text-world conversations
     # Question types of image conversations, cycled in a shuffled order: a type named twice is asked more often.
     question_mix: tuple[str, ...] = world.QUESTION_TYPES
+    # Stage 4 (optional): more instruction tuning after stage 3 on its own schedule and question mix, at
+    # `polish_lr_scale` times stage 3's learning rates (0 steps: no such stage).
+    polish_steps: int = 0
+    polish_mix: tuple[str, ...] = world.QUESTION_TYPES
+    polish_lr_scale: float = 0.5
     # ((until_step, max_objects), ...) of stage 3 (stage 2 uses the same schedule).
     curriculum: tuple[tuple[int, int], ...] = ((200, 1), (500, 2), (800, 3))
     # Every loss weight: answer-token cross-entropy on image and on text conversations. There is no other loss.
@@ -97,13 +104,15 @@ STAGED_RECIPES: dict[str, StagedRecipe] = {
 LABELS = {f: f for f in StagedRecipe.__dataclass_fields__ if f not in ("threads", "log_every", "eval_every")}
 
 
-def image_batch(step: int, stage: str, recipe: StagedRecipe, processor, exclude: frozenset) -> dict[str, Tensor]:
-    """Image conversations of `stage` at `step` (seeded by both), encoded by the model's own processor."""
+def image_batch(step: int, stage: str, recipe: StagedRecipe, processor, exclude: frozenset,
+                mix: tuple[str, ...] | None = None) -> dict[str, Tensor]:
+    """Image conversations of `stage` at `step` (seeded by both), encoded by the model's own processor; question
+    types cycle through `mix` (default: the recipe's `question_mix`)."""
     rng = random.Random(f"{stage}-{recipe.seed}-{step}")
     examples = []
     for i in range(recipe.batch):
         scene = fresh_scene(rng, exclude, max_objects_at(step, recipe.curriculum))
-        qas = [(q, a) for q, a, _ in scene_qas(scene, rng, recipe.turns, recipe.question_mix)]
+        qas = [(q, a) for q, a, _ in scene_qas(scene, rng, recipe.turns, mix or recipe.question_mix)]
         image = world.render(scene, random.Random(rng.getrandbits(32)))
         examples.append(encode_record(Record(f"{stage}-{step}-{i}", Path("scene.png"), tuple(qas)), processor,
                                       image=image))
@@ -195,8 +204,9 @@ def _train_staged(out: Path, recipe: StagedRecipe, log, resume: bool, heldout: l
     plain = as_json(asdict(recipe))
     if recipe.text not in TEXT_RECIPES:
         raise ToolkitError(f"unknown text recipe {recipe.text!r}; choose one of {', '.join(TEXT_RECIPES)}")
-    if unknown := [t for t in recipe.question_mix if t not in world.QUESTION_TYPES]:
-        raise ToolkitError(f"question_mix names {unknown[0]!r}; question types are {', '.join(world.QUESTION_TYPES)}")
+    for name, mix in (("question_mix", recipe.question_mix), ("polish_mix", recipe.polish_mix)):
+        if unknown := [t for t in mix if t not in world.QUESTION_TYPES]:
+            raise ToolkitError(f"{name} names {unknown[0]!r}; question types are {', '.join(world.QUESTION_TYPES)}")
     finished = read_manifest(out / "recipe.json") if resume else None
     if finished is not None:
         if not (diffs := differences(finished, plain, LABELS)):
@@ -254,14 +264,22 @@ def _train_staged(out: Path, recipe: StagedRecipe, log, resume: bool, heldout: l
     mixed = replace(text_recipe, batch=n_text, curriculum=recipe.curriculum, pretrain_steps=0, pretrain_mix=0.0,
                     description_weight=0.0)
 
-    def tune_loss(s: int) -> Tensor:
-        loss = recipe.answer_weight * answer_loss(model, image_batch(s, "tune", recipe, processor, exclude))
+    def tune_loss(s: int, name: str = "tune", mix: tuple[str, ...] | None = None, text_seed: int = 1) -> Tensor:
+        loss = recipe.answer_weight * answer_loss(model, image_batch(s, name, recipe, processor, exclude, mix))
         if n_text:
-            text = batch_at(s, replace(mixed, seed=recipe.seed + 1), codec, exclude)
+            text = batch_at(s, replace(mixed, seed=recipe.seed + text_seed), codec, exclude)
             loss = loss + recipe.text_weight * answer_loss(model, text)
         return loss
 
     run_stage(stage, tune_loss, processor, codec, monitor)
+
+    # Stage 4: the same losses on fresh data, its own question mix and a lower learning rate.
+    if recipe.polish_steps:
+        opt = torch.optim.AdamW([{"params": list(a.text_model.parameters()), "lr": recipe.lm_lr * recipe.polish_lr_scale},
+                                 {"params": list(a.projector.parameters()),
+                                  "lr": recipe.projector_lr * recipe.polish_lr_scale}], weight_decay=0.0)
+        stage = Stage("polish", out, recipe, model, opt, recipe.polish_steps, log)
+        run_stage(stage, lambda s: tune_loss(s, "polish", recipe.polish_mix, text_seed=2), processor, codec, monitor)
     hook.remove()
     fold_rescale(model, rms)
     save_model(model, processor, out)
