@@ -725,10 +725,10 @@ def _write_results(cfg: ProbeConfig, store: ShardStore, samples: list[int], mode
 
 
 def _training_caveat(model_name: str) -> str | None:
-    """The caveat of a model trained with an auxiliary logit-lens loss on its image tokens: `tiny-aux`
-    (data_samples/tiny-aux) or any model of its recipe, whose folder's recipe.json records ``aux_weight > 0``
-    (``python -m saturation.shapes train`` writes it). The embedded default `tiny` (staged, answer losses only) and
-    `tiny-clean` (aux_weight 0) get none, nor does any model without such a file."""
+    """The caveat of a model trained with an auxiliary logit-lens loss on its image tokens: the embedded default
+    `tiny` or any model of its recipe, whose folder's recipe.json records ``aux_weight > 0`` (``python -m
+    saturation.shapes train`` writes it). `tiny-clean` (aux_weight 0) and `tiny-staged` (answer losses only) get
+    none, nor does any model without such a file."""
     try:
         weight = json.loads((Path(model_name) / "recipe.json").read_text()).get("aux_weight", 0)
     except (OSError, ValueError, AttributeError):
@@ -736,7 +736,7 @@ def _training_caveat(model_name: str) -> str | None:
     if not isinstance(weight, int | float) or weight <= 0:
         return None
     return ("this model was trained with an auxiliary logit-lens loss on image tokens at the LM input (recipe.json: "
-            "aux_weight > 0, the tiny-aux recipe), which shapes what the logit-lens view sees there")
+            "aux_weight > 0, the tiny recipe), which shapes what the logit-lens view sees there")
 
 
 def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Record]], cfg: ProbeConfig) -> None:

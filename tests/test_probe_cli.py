@@ -84,25 +84,25 @@ def test_no_arguments_probes_the_embedded_model(tiny_model_dir, dataset, tmp_pat
     assert (out / "figure2.png").is_file() and (out / "figure2.pdf").is_file()
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-aux"])
-def test_the_auxiliary_loss_caveat_comes_with_tiny_aux_only(name, dataset, tmp_path):
-    """tiny-aux was trained with a logit-lens loss on its image tokens, which shapes what the lens sees there: its
-    recommendation and printed result say so. The default `tiny` (staged, answer losses only) gets no such note."""
+@pytest.mark.parametrize("name", ["tiny", "tiny-staged"])
+def test_the_auxiliary_loss_caveat_comes_with_the_aux_trained_model_only(name, dataset, tmp_path):
+    """The default `tiny` was trained with a logit-lens loss on its image tokens, which shapes what the lens sees
+    there: its recommendation and printed result say so. `tiny-staged` (answer losses only) gets no such note."""
     result = _probe("--model", name, "--data", dataset, "--n", 4, "--out", tmp_path / name)
     assert result.exit_code == 0, result.output
     rec = json.loads((tmp_path / name / "recommendation.json").read_text())
-    aux = name == "tiny-aux"
+    aux = name == "tiny"
     assert ("caveat" in rec["evidence"]) == aux and ("auxiliary logit-lens loss" in result.output) == aux, result.output
 
 
 def test_the_caveat_follows_the_recipe_in_the_model_folder(tmp_path):
-    """Stamped for a folder whose recipe.json records aux_weight > 0 (the tiny-aux recipe), not for tiny-clean's
+    """Stamped for a folder whose recipe.json records aux_weight > 0 (the `tiny` recipe), not for tiny-clean's
     (aux_weight 0), the staged model's (no aux_weight), a folder without one, or an unreadable one."""
     from saturation.core.loading import resolve_name
     from saturation.probe import _training_caveat
 
-    assert "auxiliary logit-lens loss" in _training_caveat(resolve_name("tiny-aux"))
-    assert _training_caveat(resolve_name("tiny-clean")) is None and _training_caveat(resolve_name("tiny")) is None
+    assert "auxiliary logit-lens loss" in _training_caveat(resolve_name("tiny"))
+    assert _training_caveat(resolve_name("tiny-clean")) is None and _training_caveat(resolve_name("tiny-staged")) is None
     for name, text in (("retrained", '{"aux_weight": 0.5}'), ("zero", '{"aux_weight": 0}'), ("bad", "{"),
                        ("list", "[1]"), ("none", None)):
         (tmp_path / name).mkdir()
