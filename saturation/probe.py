@@ -717,11 +717,26 @@ def _write_results(cfg: ProbeConfig, store: ShardStore, samples: list[int], mode
                     min_split=min_split)
     rec["display_name"] = shown
     rec["lens_positions"] = cfg.lens_positions  # None: the logit lens read every image and text position
-    if Path(model_name) == Path(resolve_name("tiny")):
-        rec["evidence"]["caveat"] = ("the embedded model was trained with an auxiliary logit-lens loss on image tokens "
-                                     "at the LM input, which shapes what the logit-lens view sees there")
+    caveat = _training_caveat(model_name)
+    if caveat:
+        rec["evidence"]["caveat"] = caveat
     write_json(rec_path, rec)
     return rec, summary
+
+
+def _training_caveat(model_name: str) -> str | None:
+    """The caveat of a model trained with an auxiliary logit-lens loss on its image tokens: the embedded default
+    `tiny` or any model of its recipe, whose folder's recipe.json records ``aux_weight > 0`` (``python -m
+    saturation.shapes train`` writes it). `tiny-clean` (aux_weight 0) and `tiny-staged` (answer losses only) get
+    none, nor does any model without such a file."""
+    try:
+        weight = json.loads((Path(model_name) / "recipe.json").read_text()).get("aux_weight", 0)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(weight, int | float) or weight <= 0:
+        return None
+    return ("this model was trained with an auxiliary logit-lens loss on image tokens at the LM input (recipe.json: "
+            "aux_weight > 0, the tiny recipe), which shapes what the logit-lens view sees there")
 
 
 def _probe_into(store: ShardStore, model, processor, todo: list[tuple[int, Record]], cfg: ProbeConfig) -> None:

@@ -120,14 +120,22 @@ def test_lmms_eval_cli_matches_routing_eval(tmp_path, artifact, routed):
     assert scores["shapes_gen"]["shapes_exact_match,none"] == pytest.approx(expected)
 
     # multiple choice by loglikelihood (argmin of the NLL): a yes/no answer that greedy generation gets right
-    # is the most likely first token, so it is also the smaller loss; inverted scores would fall far below
+    # is the most likely first token, so it is also the smaller loss; inverted scores would fall far below.
+    # No accuracy constant: the model is compared with its own answers, so retrained weights change nothing here.
     mc = scores["shapes_mc"]["acc,none"]
     by_generation = sum(ours[i]["correct"] for i in mc_ids) / N_DOCS
     assert mc >= by_generation
     if not routed:
-        assert mc >= 0.9 and expected >= 0.9  # the embedded model answers these ~0.99
-    else:
-        assert expected < 1.0  # the untrained routing really changed the model
+        assert by_generation > 0.5  # better than chance at yes/no, so inverted scores (about 1 - this) fall below
+    else:  # the untrained routing really changed the model: some answer differs from vanilla's (`routing eval`'s
+        # settings)
+        from saturation.core.answers import answers
+        from saturation.core.data import read_records
+        from saturation.core.loading import load_model
+
+        by_id = {r.id: r for r in read_records(data)}
+        vanilla = answers(*load_model("tiny"), [by_id[i] for i in gen_ids], batch_size=16, max_new_tokens=8)
+        assert predicted != vanilla, predicted
 
 
 REFUSED = {  # --model_args -> what the one banner says, in lmms-eval's terms

@@ -72,15 +72,44 @@ def test_no_arguments_probes_the_embedded_model(tiny_model_dir, dataset, tmp_pat
     import saturation.probe
 
     monkeypatch.setattr(saturation.core.loading, "TINY_DIR", tiny_model_dir)
+    monkeypatch.setitem(saturation.core.loading.EMBEDDED, "tiny", tiny_model_dir)  # what resolve_name("tiny") reads
     monkeypatch.setattr(saturation.probe, "DEFAULT_DATA", dataset)
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(saturation_app, ["probe"], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     out = tmp_path / "runs" / "probe" / "tiny"
     rec = json.loads((out / "recommendation.json").read_text())
-    assert rec["evidence"]["n"] == 12 and "caveat" in rec["evidence"]  # all 12 records: fewer than 64
+    assert rec["evidence"]["n"] == 12  # all 12 records: fewer than 64
+    assert rec["num_layers"] == 6 and rec["model"] == str(tiny_model_dir)  # the stand-in, not the shipped model
     assert (out / "figure2.png").is_file() and (out / "figure2.pdf").is_file()
-    assert "auxiliary logit-lens loss" in result.output
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-staged"])
+def test_the_auxiliary_loss_caveat_comes_with_the_aux_trained_model_only(name, dataset, tmp_path):
+    """The default `tiny` was trained with a logit-lens loss on its image tokens, which shapes what the lens sees
+    there: its recommendation and printed result say so. `tiny-staged` (answer losses only) gets no such note."""
+    result = _probe("--model", name, "--data", dataset, "--n", 4, "--out", tmp_path / name)
+    assert result.exit_code == 0, result.output
+    rec = json.loads((tmp_path / name / "recommendation.json").read_text())
+    aux = name == "tiny"
+    assert ("caveat" in rec["evidence"]) == aux and ("auxiliary logit-lens loss" in result.output) == aux, result.output
+
+
+def test_the_caveat_follows_the_recipe_in_the_model_folder(tmp_path):
+    """Stamped for a folder whose recipe.json records aux_weight > 0 (the `tiny` recipe), not for tiny-clean's
+    (aux_weight 0), the staged model's (no aux_weight), a folder without one, or an unreadable one."""
+    from saturation.core.loading import resolve_name
+    from saturation.probe import _training_caveat
+
+    assert "auxiliary logit-lens loss" in _training_caveat(resolve_name("tiny"))
+    assert _training_caveat(resolve_name("tiny-clean")) is None and _training_caveat(resolve_name("tiny-staged")) is None
+    for name, text in (("retrained", '{"aux_weight": 0.5}'), ("zero", '{"aux_weight": 0}'), ("bad", "{"),
+                       ("list", "[1]"), ("none", None)):
+        (tmp_path / name).mkdir()
+        if text is not None:
+            (tmp_path / name / "recipe.json").write_text(text)
+        assert (_training_caveat(str(tmp_path / name)) is not None) == (name == "retrained"), name
+    assert _training_caveat("org/some-hub-model") is None
 
 
 @pytest.mark.slow
