@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from saturation.core.data import IGNORE_INDEX, Record, encode_record, read_records
-from saturation.shapes import data, world
 from saturation.core.errors import ToolkitError
+from saturation.shapes import data, world
 from saturation.shapes.staged import STAGED_RECIPES, StagedRecipe, answer_loss, image_batch, load_text_lm, train_staged
 from saturation.shapes.text_stage import (
     TEXT_RECIPES,

@@ -278,9 +278,10 @@ def _train_staged(out: Path, recipe: StagedRecipe, log, resume: bool, heldout: l
 
     # Stage 4: the same losses on fresh data, its own question mix and a lower learning rate.
     if recipe.polish_steps:
-        opt = torch.optim.AdamW([{"params": list(a.text_model.parameters()), "lr": recipe.lm_lr * recipe.polish_lr_scale},
-                                 {"params": list(a.projector.parameters()),
-                                  "lr": recipe.projector_lr * recipe.polish_lr_scale}], weight_decay=0.0)
+        scale = recipe.polish_lr_scale
+        opt = torch.optim.AdamW([{"params": list(a.text_model.parameters()), "lr": recipe.lm_lr * scale},
+                                 {"params": list(a.projector.parameters()), "lr": recipe.projector_lr * scale}],
+                                weight_decay=0.0)
         stage = Stage("polish", out, recipe, model, opt, recipe.polish_steps, log)
         run_stage(stage, lambda s: tune_loss(s, "polish", recipe.polish_mix, text_seed=2), processor, codec, monitor)
     hook.remove()
