@@ -103,7 +103,7 @@ def _reference(model, processor, record):
 
 @pytest.fixture(scope="module")
 def embedded():
-    """The embedded default model `tiny` and its processor (data_samples/tiny-staged)."""
+    """The embedded default model `tiny` and its processor (data_samples/tiny-llava)."""
     return load_model("tiny")
 
 
