@@ -150,8 +150,7 @@ def test_probe_on_cuda_matches_the_cpu(tiny_model_dir, dataset, tmp_path):
 def test_embedded_model_answers_on_cuda_in_its_checkpoint_dtype():
     """On CUDA the embedded model loads in its stored fp16 and answers the first 64 held-out questions as the same
     weights do in fp32 on the CPU (the reference; fp32 answers equal the stored fp16 weights' answers there,
-    test_shapes): fp16 arithmetic may flip a near-tie, so at most 3 of 64 answers differ, and the accuracy moves by
-    no more than they do. Measured against the model itself, not a constant of one set of weights."""
+    test_shapes): fp16 arithmetic may flip a near-tie, so at most 3 of 64 answers differ. Measured against the model itself, not a constant of one set of weights."""
     from routing.jobs.evaluate import evaluate
     from saturation.core.loading import DATA_SAMPLES, load_model
 
@@ -166,7 +165,6 @@ def test_embedded_model_answers_on_cuda_in_its_checkpoint_dtype():
     agree = (table["prediction"] == reference_table["prediction"]).mean()
     assert agree >= 0.95, table[table["prediction"] != reference_table["prediction"]].assign(
         cpu=reference_table["prediction"])
-    assert abs(result["accuracy"] - reference["accuracy"]) <= 1 - agree + 1e-9, (result, reference)
 
 
 def test_bench_on_cuda_times_with_the_wall_clock_and_reports_peak_memory():
