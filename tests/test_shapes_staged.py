@@ -115,6 +115,36 @@ def test_staged_refuses_an_unknown_question_type_in_one_line(tmp_path):
     assert not (tmp_path / "m" / "staged.json").exists()
 
 
+def test_the_text_stage_asks_its_question_mix(codec):
+    """`TextRecipe.question_mix` weights the text world's questions as `StagedRecipe.question_mix` does the
+    image conversations'; the default draws the batches the shipped text stages were trained on."""
+    exclude, where = data.held_out_keys(), codec.ids("where")[0]
+    plain = replace(TEXT_RECIPES["answers"], batch=32)
+    shifted = replace(TEXT_RECIPES["answers-position3"], batch=32)
+    assert all(torch.equal(batch_at(900, plain, codec, exclude)[k],
+                           batch_at(900, replace(plain, question_mix=world.QUESTION_TYPES), codec, exclude)[k])
+               for k in ("input_ids", "labels"))
+    asked = [int((batch_at(s, r, codec, exclude)["input_ids"] == where).sum()) for r in (plain, shifted)
+             for s in (900, 901)]
+    assert asked[2] + asked[3] > 1.3 * (asked[0] + asked[1])
+
+
+def test_the_text_stage_refuses_an_unknown_question_type_and_reads_older_manifests(tmp_path):
+    with pytest.raises(ToolkitError, match=r"^question_mix names 'size'; question types are colour, shape"):
+        train_text(tmp_path / "lm", replace(SMALL, question_mix=("size",)), log=lambda _: None)
+    assert not (tmp_path / "lm").exists() or not any((tmp_path / "lm").iterdir())
+    # a text LM recorded before question_mix existed counts as trained with the default mix
+    train_text(tmp_path / "old", SMALL, log=lambda _: None)
+    manifest = json.loads((tmp_path / "old" / "recipe.json").read_text())
+    del manifest["question_mix"]
+    (tmp_path / "old" / "recipe.json").write_text(json.dumps(manifest))
+    said: list[str] = []
+    train_text(tmp_path / "old", SMALL, log=said.append)
+    assert said == [f"{tmp_path / 'old'}: already trained with this recipe; nothing to do (--no-resume to train again)"]
+    with pytest.raises(ToolkitError, match=r"question_mix colour,shape,count,exist,position \(now colour,shape,"):
+        train_text(tmp_path / "old", replace(SMALL, question_mix=TEXT_RECIPES["answers-position"].question_mix))
+
+
 def test_recall_pretraining_batches_score_the_value(codec):
     recipe = replace(SMALL, pretrain_steps=1)
     batch = batch_at(0, recipe, codec, frozenset())

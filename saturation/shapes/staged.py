@@ -39,6 +39,7 @@ from .text_stage import (
     TEXT_RECIPES,
     TextCodec,
     batch_at,
+    check_mix,
     max_objects_at,
     scene_qas,
     text_accuracy,
@@ -102,6 +103,10 @@ STAGED_RECIPES: dict[str, StagedRecipe] = {
     "staged": StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position")),
     "staged-no-polish": StagedRecipe(),
     "staged-short": StagedRecipe(tune_steps=1500),
+    "staged-position": StagedRecipe(text="answers-position", polish_steps=2000,
+                                    polish_mix=(*world.QUESTION_TYPES, "position")),
+    "staged-position3": StagedRecipe(text="answers-position3", polish_steps=2000,
+                                     polish_mix=(*world.QUESTION_TYPES, "position")),
 }
 
 LABELS = {f: f for f in StagedRecipe.__dataclass_fields__ if f not in ("threads", "log_every", "eval_every")}
@@ -207,9 +212,8 @@ def _train_staged(out: Path, recipe: StagedRecipe, log, resume: bool, heldout: l
     plain = as_json(asdict(recipe))
     if recipe.text not in TEXT_RECIPES:
         raise ToolkitError(f"unknown text recipe {recipe.text!r}; choose one of {', '.join(TEXT_RECIPES)}")
-    for name, mix in (("question_mix", recipe.question_mix), ("polish_mix", recipe.polish_mix)):
-        if unknown := [t for t in mix if t not in world.QUESTION_TYPES]:
-            raise ToolkitError(f"{name} names {unknown[0]!r}; question types are {', '.join(world.QUESTION_TYPES)}")
+    check_mix("question_mix", recipe.question_mix)
+    check_mix("polish_mix", recipe.polish_mix)
     finished = read_manifest(out / "recipe.json") if resume else None
     if finished is not None:
         if not (diffs := differences(finished, plain, LABELS)):

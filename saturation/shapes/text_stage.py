@@ -56,6 +56,8 @@ class TextRecipe:
     warmup: int = 200
     weight_decay: float = 0.0
     turns: int = 5  # questions per scene, each scored
+    # Question types, cycled in a shuffled order per scene: a type named twice is asked more often.
+    question_mix: tuple[str, ...] = world.QUESTION_TYPES
     # ((until_step, max_objects), ...): scene size before `until_step`; afterwards up to world.MAX_OBJECTS.
     curriculum: tuple[tuple[int, int], ...] = ((300, 1), (800, 2), (1500, 3))
     # Loss weights. `description_weight` scores the scene's words too (unpredictable: random scenes).
@@ -77,6 +79,9 @@ TEXT_RECIPES: dict[str, TextRecipe] = {
     # more questions per scene (more scored tokens per step), no one-object phase (it rewards copying the only
     # object's words, not finding the named one), longer
     "answers-long": TextRecipe(steps=4000, turns=8, curriculum=((1000, 2), (2500, 3))),
+    # position (the type every staged model ends weakest on, as text too) asked more often
+    "answers-position": TextRecipe(question_mix=(*world.QUESTION_TYPES, "position")),
+    "answers-position3": TextRecipe(question_mix=(*world.QUESTION_TYPES, "position", "position")),
 }
 
 
@@ -188,7 +193,7 @@ def batch_at(step: int, recipe: TextRecipe, codec: TextCodec, exclude: frozenset
             rows.append(codec.example(context, qas))
         else:
             scene = fresh_scene(rng, exclude, max_objects_at(step, recipe.curriculum))
-            qas = [(q, a) for q, a, _ in scene_qas(scene, rng, recipe.turns)]
+            qas = [(q, a) for q, a, _ in scene_qas(scene, rng, recipe.turns, recipe.question_mix)]
             rows.append(codec.example(describe(scene), qas, recipe.description_weight))
     pad = codec.tok.pad_token_id
     return {
@@ -261,6 +266,14 @@ def build_lm(recipe: TextRecipe, vocab_size: int):
 
 
 LABELS = {f: f for f in TextRecipe.__dataclass_fields__ if f not in ("threads", "log_every", "eval_every")}
+# What a manifest written before a field existed means by its absence.
+DEFAULTS = {"question_mix": list(world.QUESTION_TYPES)}
+
+
+def check_mix(name: str, mix: tuple[str, ...]) -> None:
+    """One error line when a question mix names a type the world does not ask."""
+    if unknown := [t for t in mix if t not in world.QUESTION_TYPES]:
+        raise ToolkitError(f"{name} names {unknown[0]!r}; question types are {', '.join(world.QUESTION_TYPES)}")
 
 
 def train_text(out_dir: str | Path, recipe: TextRecipe, log=print, resume: bool = True,
@@ -277,16 +290,17 @@ def train_text(out_dir: str | Path, recipe: TextRecipe, log=print, resume: bool 
 
 
 def _train_text(out: Path, recipe: TextRecipe, log, resume: bool, eval_records: list[Record]) -> Path:
+    check_mix("question_mix", recipe.question_mix)
     finished = read_manifest(out / "recipe.json") if resume else None
     if finished is not None:
-        if not (diffs := differences(finished, as_json(asdict(recipe)), LABELS)):
+        if not (diffs := differences(finished, as_json(asdict(recipe)), LABELS, DEFAULTS)):
             log(f"{out}: already trained with this recipe; nothing to do (--no-resume to train again)")
             return out
         raise ToolkitError(f"{out} holds an LM trained with another recipe: {', '.join(diffs)}; pass --no-resume "
                            "to train afresh there, or choose another --out")
     state_path = out / "text_state.pt"
     state = torch.load(state_path, weights_only=True) if resume and state_path.exists() else None
-    if state is not None and (diffs := differences(json.loads(state["recipe"]), as_json(asdict(recipe)), LABELS)):
+    if state is not None and (diffs := differences(json.loads(state["recipe"]), as_json(asdict(recipe)), LABELS, DEFAULTS)):
         raise ToolkitError(f"{state_path} was written by another recipe: {', '.join(diffs)}; pass --no-resume to "
                            "train afresh there, or choose another --out")
     (out / "recipe.json").unlink(missing_ok=True)
