@@ -109,6 +109,27 @@ def test_question_mix_asks_a_type_named_twice_more_often():
     assert scene_qas(scene, rng_a, 5) == scene_qas(scene, rng_b, 5, tuple(world.QUESTION_TYPES))
 
 
+def test_position_shared_asks_only_about_objects_a_conjunction_names():
+    """The training-only kind `position-shared` asks where an object is whose shape or colour another object
+    has (the case trained models answered with the other object's cell); nothing where every feature is unique.
+    The evaluation sets' generators (`world.ASK`) do not draw it."""
+    rng, asked = random.Random(0), 0
+    for _ in range(300):
+        scene = world.random_scene(rng)
+        qa = world.TRAINING_ASK["position-shared"](scene, rng)
+        features = [f for o in scene for f in (o.shape, o.colour)]
+        if len(set(features)) == len(features):
+            assert qa is None
+            continue
+        asked += 1
+        target = next(o for o in scene if qa[0] == f"where is the {o.colour} {o.shape}?")
+        assert qa[1] == target.where
+        assert any(o != target and (o.shape == target.shape or o.colour == target.colour) for o in scene)
+    assert asked > 100 and "position-shared" not in world.ASK
+    mixed = [t for _, _, t in scene_qas(world.random_scene(rng, 2), rng, 5, ("position-shared",) * 2)]
+    assert set(mixed) <= {"position-shared"}
+
+
 def test_staged_refuses_an_unknown_question_type_in_one_line(tmp_path):
     with pytest.raises(ToolkitError, match=r"question_mix names 'weight'; question types are colour, shape"):
         train_staged(tmp_path / "m", StagedRecipe(question_mix=("colour", "weight")), log=lambda _: None)

@@ -107,6 +107,8 @@ STAGED_RECIPES: dict[str, StagedRecipe] = {
                                     polish_mix=(*world.QUESTION_TYPES, "position")),
     "staged-position3": StagedRecipe(text="answers-position3", polish_steps=2000,
                                      polish_mix=(*world.QUESTION_TYPES, "position")),
+    # `staged` whose polish asks position about objects that share a shape or a colour with another one
+    "staged-shared": StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position-shared")),
 }
 
 LABELS = {f: f for f in StagedRecipe.__dataclass_fields__ if f not in ("threads", "log_every", "eval_every")}

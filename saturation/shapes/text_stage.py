@@ -105,7 +105,7 @@ def scene_qas(scene: world.Scene, rng: random.Random, turns: int,
         if len(out) == turns:
             break
         qtype = types[k % len(types)]
-        qa = world.ASK[qtype](scene, rng)
+        qa = world.TRAINING_ASK[qtype](scene, rng)
         if qa is not None and qa[0] not in {q for q, _, _ in out}:
             out.append((*qa, qtype))
     return out
@@ -272,8 +272,8 @@ DEFAULTS = {"question_mix": list(world.QUESTION_TYPES)}
 
 def check_mix(name: str, mix: tuple[str, ...]) -> None:
     """One error line when a question mix names a type the world does not ask."""
-    if unknown := [t for t in mix if t not in world.QUESTION_TYPES]:
-        raise ToolkitError(f"{name} names {unknown[0]!r}; question types are {', '.join(world.QUESTION_TYPES)}")
+    if unknown := [t for t in mix if t not in world.TRAINING_ASK]:
+        raise ToolkitError(f"{name} names {unknown[0]!r}; question types are {', '.join(world.TRAINING_ASK)}")
 
 
 def train_text(out_dir: str | Path, recipe: TextRecipe, log=print, resume: bool = True,

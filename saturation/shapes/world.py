@@ -182,6 +182,20 @@ ASK: dict[str, Callable[[Scene, random.Random], QA | None]] = {
 }
 
 
+def ask_position_shared(scene: Scene, rng: random.Random) -> QA | None:
+    """A position question about an object that shares its shape or its colour with another one, so only the
+    colour-shape conjunction names it (the case trained models get wrong). For training mixes only."""
+    shared = [o for o in scene if any(p != o and (p.shape == o.shape or p.colour == o.colour) for p in scene)]
+    if not shared:
+        return None
+    o = rng.choice(shared)
+    return f"where is the {o.colour} {o.shape}?", o.where
+
+
+# Training mixes may also name question kinds the evaluation sets do not draw on their own.
+TRAINING_ASK: dict[str, Callable[[Scene, random.Random], QA | None]] = {**ASK, "position-shared": ask_position_shared}
+
+
 def scene_questions(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, str, str]]:
     """Up to `turns` distinct (question, answer, type) triples about one scene, types spread evenly, in random order.
 
