@@ -141,7 +141,7 @@ def test_the_text_stage_asks_its_question_mix(codec):
     image conversations'; the default draws the batches the shipped text stages were trained on."""
     exclude, where = data.held_out_keys(), codec.ids("where")[0]
     plain = replace(TEXT_RECIPES["answers"], batch=32)
-    shifted = replace(TEXT_RECIPES["answers-position3"], batch=32)
+    shifted = replace(TEXT_RECIPES["answers-position"], batch=32)
     assert all(torch.equal(batch_at(900, plain, codec, exclude)[k],
                            batch_at(900, replace(plain, question_mix=world.QUESTION_TYPES), codec, exclude)[k])
                for k in ("input_ids", "labels"))

@@ -105,10 +105,11 @@ STAGED_RECIPES: dict[str, StagedRecipe] = {
     "staged-short": StagedRecipe(tune_steps=1500),
     "staged-position": StagedRecipe(text="answers-position", polish_steps=2000,
                                     polish_mix=(*world.QUESTION_TYPES, "position")),
-    "staged-position3": StagedRecipe(text="answers-position3", polish_steps=2000,
-                                     polish_mix=(*world.QUESTION_TYPES, "position")),
     # `staged` whose polish asks position about objects that share a shape or a colour with another one
     "staged-shared": StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position-shared")),
+    # and whose text stage asks it too
+    "staged-shared-text": StagedRecipe(text="answers-shared", polish_steps=2000,
+                                       polish_mix=(*world.QUESTION_TYPES, "position-shared")),
 }
 
 LABELS = {f: f for f in StagedRecipe.__dataclass_fields__ if f not in ("threads", "log_every", "eval_every")}

@@ -81,7 +81,8 @@ TEXT_RECIPES: dict[str, TextRecipe] = {
     "answers-long": TextRecipe(steps=4000, turns=8, curriculum=((1000, 2), (2500, 3))),
     # position (the type every staged model ends weakest on, as text too) asked more often
     "answers-position": TextRecipe(question_mix=(*world.QUESTION_TYPES, "position")),
-    "answers-position3": TextRecipe(question_mix=(*world.QUESTION_TYPES, "position", "position")),
+    # position asked about objects that share a shape or a colour with another one (the text LM's errors)
+    "answers-shared": TextRecipe(question_mix=(*world.QUESTION_TYPES, "position-shared")),
 }
 
 
