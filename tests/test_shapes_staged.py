@@ -261,6 +261,20 @@ def test_image_batches_hold_the_scene_as_image_tokens(processor):
     assert torch.isfinite(loss) and loss > 0
 
 
+def test_a_polish_curriculum_sets_the_scene_sizes(processor):
+    """`polish_curriculum=()` draws full-size scenes from the polish's first step; None repeats stage 3's
+    curriculum (one object before step 200), as the shipped model's recipe did."""
+    import re
+
+    def totals(curriculum) -> set[str]:
+        batch = image_batch(0, "polish", StagedRecipe(batch=24), processor, frozenset(), ("count",), curriculum)
+        text = processor.tokenizer.decode(batch["input_ids"].flatten().tolist())
+        return set(re.findall(r"how many shapes are there\? ASSISTANT ?: (\w+)", text))
+
+    assert totals(None) == {"one"}
+    assert len(totals(())) > 1
+
+
 def test_the_stage_loss_reads_the_answer_tokens_only(processor):
     """No loss on what the probe measures: labels mark the assistant's answers and their </s> and nothing else (no
     image token, no question word), and the stage loss is the plain mean cross-entropy over exactly those tokens."""

@@ -85,6 +85,9 @@ class StagedRecipe:
     polish_steps: int = 0
     polish_mix: tuple[str, ...] = world.QUESTION_TYPES
     polish_lr_scale: float = 0.5
+    # The polish's scene sizes, as `curriculum`; None: stage 3's again (so its first 800 steps are small scenes,
+    # as in the shipped model's recipe), () for full-size scenes from its first step.
+    polish_curriculum: tuple[tuple[int, int], ...] | None = None
     # ((until_step, max_objects), ...) of stage 3 (stage 2 uses the same schedule).
     curriculum: tuple[tuple[int, int], ...] = ((200, 1), (500, 2), (800, 3))
     # Every loss weight: answer-token cross-entropy on image and on text conversations. There is no other loss.
@@ -107,6 +110,9 @@ STAGED_RECIPES: dict[str, StagedRecipe] = {
                                     polish_mix=(*world.QUESTION_TYPES, "position")),
     # `staged` whose polish asks position about objects that share a shape or a colour with another one
     "staged-shared": StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position-shared")),
+    # and full-size scenes from the polish's first step
+    "staged-shared-full": StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position-shared"),
+                                       polish_curriculum=()),
     # and whose text stage asks it too
     "staged-shared-text": StagedRecipe(text="answers-shared", polish_steps=2000,
                                        polish_mix=(*world.QUESTION_TYPES, "position-shared")),
@@ -116,13 +122,16 @@ LABELS = {f: f for f in StagedRecipe.__dataclass_fields__ if f not in ("threads"
 
 
 def image_batch(step: int, stage: str, recipe: StagedRecipe, processor, exclude: frozenset,
-                mix: tuple[str, ...] | None = None) -> dict[str, Tensor]:
+                mix: tuple[str, ...] | None = None,
+                curriculum: tuple[tuple[int, int], ...] | None = None) -> dict[str, Tensor]:
     """Image conversations of `stage` at `step` (seeded by both), encoded by the model's own processor; question
-    types cycle through `mix` (default: the recipe's `question_mix`)."""
+    types cycle through `mix` (default: the recipe's `question_mix`), scene sizes follow `curriculum` (default:
+    the recipe's)."""
     rng = random.Random(f"{stage}-{recipe.seed}-{step}")
+    sizes = recipe.curriculum if curriculum is None else curriculum
     examples = []
     for i in range(recipe.batch):
-        scene = fresh_scene(rng, exclude, max_objects_at(step, recipe.curriculum))
+        scene = fresh_scene(rng, exclude, max_objects_at(step, sizes))
         qas = [(q, a) for q, a, _ in scene_qas(scene, rng, recipe.turns, mix or recipe.question_mix)]
         image = world.render(scene, random.Random(rng.getrandbits(32)))
         examples.append(encode_record(Record(f"{stage}-{step}-{i}", Path("scene.png"), tuple(qas)), processor,
@@ -274,10 +283,12 @@ def _train_staged(out: Path, recipe: StagedRecipe, log, resume: bool, heldout: l
     mixed = replace(text_recipe, batch=n_text, curriculum=recipe.curriculum, pretrain_steps=0, pretrain_mix=0.0,
                     description_weight=0.0)
 
-    def tune_loss(s: int, name: str = "tune", mix: tuple[str, ...] | None = None, text_seed: int = 1) -> Tensor:
-        loss = recipe.answer_weight * answer_loss(model, image_batch(s, name, recipe, processor, exclude, mix))
+    def tune_loss(s: int, name: str = "tune", mix: tuple[str, ...] | None = None, text_seed: int = 1,
+                  curriculum: tuple[tuple[int, int], ...] | None = None) -> Tensor:
+        sizes = recipe.curriculum if curriculum is None else curriculum
+        loss = recipe.answer_weight * answer_loss(model, image_batch(s, name, recipe, processor, exclude, mix, sizes))
         if n_text:
-            text = batch_at(s, replace(mixed, seed=recipe.seed + text_seed), codec, exclude)
+            text = batch_at(s, replace(mixed, seed=recipe.seed + text_seed, curriculum=sizes), codec, exclude)
             loss = loss + recipe.text_weight * answer_loss(model, text)
         return loss
 
@@ -290,7 +301,8 @@ def _train_staged(out: Path, recipe: StagedRecipe, log, resume: bool, heldout: l
                                  {"params": list(a.projector.parameters()), "lr": recipe.projector_lr * scale}],
                                 weight_decay=0.0)
         stage = Stage("polish", out, recipe, model, opt, recipe.polish_steps, log)
-        run_stage(stage, lambda s: tune_loss(s, "polish", recipe.polish_mix, text_seed=2), processor, codec, monitor)
+        run_stage(stage, lambda s: tune_loss(s, "polish", recipe.polish_mix, 2, recipe.polish_curriculum), processor,
+                  codec, monitor)
     hook.remove()
     fold_rescale(model, rms)
     save_model(model, processor, out)
