@@ -109,7 +109,7 @@ def test_question_mix_asks_a_type_named_twice_more_often():
     assert scene_qas(scene, rng_a, 5) == scene_qas(scene, rng_b, 5, tuple(world.QUESTION_TYPES))
 
 
-def test_position_shared_asks_only_about_objects_a_conjunction_names():
+def test_training_only_position_kinds():
     """The training-only kind `position-shared` asks where an object is whose shape or colour another object
     has (the case trained models answered with the other object's cell); nothing where every feature is unique.
     The evaluation sets' generators (`world.ASK`) do not draw it."""
@@ -126,6 +126,13 @@ def test_position_shared_asks_only_about_objects_a_conjunction_names():
         assert qa[1] == target.where
         assert any(o != target and (o.shape == target.shape or o.colour == target.colour) for o in scene)
     assert asked > 100 and "position-shared" not in world.ASK
+    # `position-colour` names an object by its colour alone, only where that colour is unique
+    for _ in range(100):
+        scene = world.random_scene(rng)
+        qa = world.TRAINING_ASK["position-colour"](scene, rng)
+        named = [o for o in scene if qa and qa[0] == f"where is the {o.colour} object?"]
+        assert (qa is None) == all(sum(p.colour == o.colour for p in scene) > 1 for o in scene)
+        assert qa is None or (len(named) == 1 and qa[1] == named[0].where)
     mixed = [t for _, _, t in scene_qas(world.random_scene(rng, 2), rng, 5, ("position-shared",) * 2)]
     assert set(mixed) <= {"position-shared"}
 

@@ -113,6 +113,9 @@ STAGED_RECIPES: dict[str, StagedRecipe] = {
     # and full-size scenes from the polish's first step
     "staged-shared-full": StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position-shared"),
                                        polish_curriculum=()),
+    # and position asked by colour alone too
+    "staged-shared-colour": StagedRecipe(polish_steps=2000, polish_curriculum=(),
+                                         polish_mix=(*world.QUESTION_TYPES, "position-shared", "position-colour")),
     # and whose text stage asks it too
     "staged-shared-text": StagedRecipe(text="answers-shared", polish_steps=2000,
                                        polish_mix=(*world.QUESTION_TYPES, "position-shared")),

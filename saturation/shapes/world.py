@@ -192,8 +192,19 @@ def ask_position_shared(scene: Scene, rng: random.Random) -> QA | None:
     return f"where is the {o.colour} {o.shape}?", o.where
 
 
+def ask_position_colour(scene: Scene, rng: random.Random) -> QA | None:
+    """Where the one object of a colour is, named by its colour alone ("where is the red object?"), so the
+    position read-out learns to key on colour as well as on shape. For training mixes only."""
+    unique = [o for o in scene if sum(p.colour == o.colour for p in scene) == 1]
+    if not unique:
+        return None
+    o = rng.choice(unique)
+    return f"where is the {o.colour} object?", o.where
+
+
 # Training mixes may also name question kinds the evaluation sets do not draw on their own.
-TRAINING_ASK: dict[str, Callable[[Scene, random.Random], QA | None]] = {**ASK, "position-shared": ask_position_shared}
+TRAINING_ASK: dict[str, Callable[[Scene, random.Random], QA | None]] = {
+    **ASK, "position-shared": ask_position_shared, "position-colour": ask_position_colour}
 
 
 def scene_questions(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, str, str]]:
