@@ -113,6 +113,9 @@ STAGED_RECIPES: dict[str, StagedRecipe] = {
     # and full-size scenes from the polish's first step
     "staged-shared-full": StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position-shared"),
                                        polish_curriculum=()),
+    # at stage 3's learning rates
+    "staged-shared-full-lr1": StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position-shared"),
+                                           polish_curriculum=(), polish_lr_scale=1.0),
     # and position asked by colour alone too
     "staged-shared-colour": StagedRecipe(polish_steps=2000, polish_curriculum=(),
                                          polish_mix=(*world.QUESTION_TYPES, "position-shared", "position-colour")),
