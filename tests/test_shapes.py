@@ -13,7 +13,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from saturation import shapes
 from saturation.core.answers import answers, by_type
 from saturation.core.data import Record, encode_record, read_records
-from saturation.shapes.evaluate import blind_answers
+from saturation.shapes.evaluate import blind_answers, position_errors
 from saturation.shapes.train import (
     Recipe,
     attach_rescale,
@@ -342,3 +342,23 @@ def test_train_rejects_an_unknown_recipe(tmp_path, capsys):
     assert exit_.value.code == 1
     assert capsys.readouterr().err.strip() == "error: unknown recipe 'nope'; choose one of tiny, tiny-clean"
     assert not (tmp_path / "out").exists()
+
+
+def test_position_errors_name_whose_cell_a_wrong_answer_is():
+    """Each wrong position answer is classified by the object whose cell it names; questions whose object shares
+    its shape with another are counted apart."""
+    objs = [{"shape": "circle", "colour": "red", "row": 0, "col": 0},
+            {"shape": "circle", "colour": "blue", "row": 1, "col": 1},
+            {"shape": "square", "colour": "red", "row": 2, "col": 2},
+            {"shape": "triangle", "colour": "green", "row": 0, "col": 2}]
+
+    def ask(name: str, gold: str) -> Record:
+        return Record("r", None, ((f"where is the {name}?", gold),), "position", {"objects": objs})
+
+    records = [ask("red circle", "top left")] * 5 + [ask("green triangle", "top right")] * 2
+    answers = ["top left", "middle center", "bottom right", "top right", "middle left", "top right", "Top Left"]
+    assert position_errors(records, answers) == {
+        "wrong": 5, "same_shape": 1, "same_colour": 1, "other_object": 2, "no_object": 1,
+        "shape_shared": 5, "shape_shared_right": 1}
+    colour = Record("c", None, (("what colour is the square?", "red"),), "colour", {"objects": objs})
+    assert position_errors([colour], ["blue"])["wrong"] == 0

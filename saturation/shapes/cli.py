@@ -141,6 +141,11 @@ def print_eval(model_name: str, data: str, dtype: str | None) -> None:
     model, processor = load_model(model_name, dtype=dtype, device="cpu")
     result = evaluate(model, processor, read_records(data))
     print(markdown_table(result))
+    if (e := result["position_errors"])["shape_shared"]:
+        print(f"position: {e['shape_shared_right']} of the {e['shape_shared']} questions whose object shares its shape "
+              f"with another are right; of {e['wrong']} wrong answers, {e['same_shape']} name another object of "
+              f"the same shape, {e['same_colour']} of the same colour, {e['other_object']} another object, "
+              f"{e['no_object']} no object")
     print(json.dumps(result))
 
 

@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from saturation.core.answers import answers, by_type
 from saturation.core.data import Record, normalize_answer
 
+from . import world
 from .world import blank_image
 
 
@@ -27,8 +28,35 @@ def blind_answers(records: list[Record]) -> list[str]:
     return [top[r.question_type] for r in records]
 
 
+def position_errors(records: list[Record], answers: list[str]) -> dict[str, int]:
+    """Whose cell each wrong answer to a position question names: another object of the same shape, of the same
+    colour, any other object, or no object; and how the questions whose object shares its shape with another one
+    fare (`shape_shared`, `shape_shared_right`). Records without scene objects are skipped."""
+    out = dict.fromkeys(("wrong", "same_shape", "same_colour", "other_object", "no_object", "shape_shared",
+                         "shape_shared_right"), 0)
+    for record, answer in zip(records, answers):
+        objs = [world.Obj(**o) for o in record.extra.get("objects", ())]
+        if record.question_type != "position" or not objs:
+            continue
+        target = next(o for o in objs if f"where is the {o.colour} {o.shape}?" == record.turns[0][0])
+        others = [o for o in objs if o != target]
+        right = normalize_answer(answer) == normalize_answer(target.where)
+        if any(o.shape == target.shape for o in others):
+            out["shape_shared"] += 1
+            out["shape_shared_right"] += right
+        if right:
+            continue
+        out["wrong"] += 1
+        named = [o for o in others if o.where == normalize_answer(answer)]
+        kind = ("no_object" if not named else "same_shape" if named[0].shape == target.shape
+                else "same_colour" if named[0].colour == target.colour else "other_object")
+        out[kind] += 1
+    return out
+
+
 def evaluate(model, processor, records: list[Record], batch_size: int = 100) -> dict[str, dict[str, float]]:
-    """``{"model": {...}, "blank": {...}, "blind": {...}, "n": {...}}``, each a per-type accuracy map."""
+    """``{"model": {...}, "blank": {...}, "blind": {...}, "n": {...}}``, each a per-type accuracy map, and
+    ``position_errors`` (`position_errors` of the model's answers)."""
     gold = [normalize_answer(r.turns[0][1]) for r in records]
     real = answers(model, processor, records, batch_size=batch_size)
     blank = answers(model, processor, records, [blank_image()] * len(records), batch_size)
@@ -39,6 +67,7 @@ def evaluate(model, processor, records: list[Record], batch_size: int = 100) -> 
         "blank": by_type(records, [a == g for a, g in zip(blank, gold)]),
         "blind": by_type(records, [a == g for a, g in zip(blind, gold)]),
         "n": {**dict(sorted(n.items())), "overall": len(records)},
+        "position_errors": position_errors(records, real),
     }
 
 
