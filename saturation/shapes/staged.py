@@ -101,27 +101,23 @@ class StagedRecipe:
 
 # `staged` made data_samples/tiny-staged: instruction tuning, then a polish stage with position questions asked
 # more often (the type the tuning leaves weakest). `staged-no-polish` is it without that stage (the first shipped
-# model's recipe), `staged-short` that with half the instruction tuning (data_samples/README.md, "Staged runs").
+# model's recipe), `staged-short` that with half the instruction tuning. The `staged-shared*` recipes aim the
+# polish at the position questions every model gets wrong, those about an object whose shape another one has
+# (`world.TRAINING_ASK`); `-full` draws full-size scenes from the polish's first step, `-lr1` keeps stage 3's
+# learning rates, `-colour` also asks position by colour alone. One measured row each in data_samples/README.md
+# ("Staged runs").
+_POLISH = StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position"))
+_SHARED = replace(_POLISH, polish_mix=(*world.QUESTION_TYPES, "position-shared"))
 STAGED_RECIPES: dict[str, StagedRecipe] = {
-    "staged": StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position")),
+    "staged": _POLISH,
     "staged-no-polish": StagedRecipe(),
     "staged-short": StagedRecipe(tune_steps=1500),
-    "staged-position": StagedRecipe(text="answers-position", polish_steps=2000,
-                                    polish_mix=(*world.QUESTION_TYPES, "position")),
-    # `staged` whose polish asks position about objects that share a shape or a colour with another one
-    "staged-shared": StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position-shared")),
-    # and full-size scenes from the polish's first step
-    "staged-shared-full": StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position-shared"),
-                                       polish_curriculum=()),
-    # at stage 3's learning rates
-    "staged-shared-full-lr1": StagedRecipe(polish_steps=2000, polish_mix=(*world.QUESTION_TYPES, "position-shared"),
-                                           polish_curriculum=(), polish_lr_scale=1.0),
-    # and position asked by colour alone too
-    "staged-shared-colour": StagedRecipe(polish_steps=2000, polish_curriculum=(),
-                                         polish_mix=(*world.QUESTION_TYPES, "position-shared", "position-colour")),
-    # and whose text stage asks it too
-    "staged-shared-text": StagedRecipe(text="answers-shared", polish_steps=2000,
-                                       polish_mix=(*world.QUESTION_TYPES, "position-shared")),
+    "staged-position": replace(_POLISH, text="answers-position"),
+    "staged-shared": _SHARED,
+    "staged-shared-full": replace(_SHARED, polish_curriculum=()),
+    "staged-shared-full-lr1": replace(_SHARED, polish_curriculum=(), polish_lr_scale=1.0),
+    "staged-shared-colour": replace(_SHARED, polish_curriculum=(), polish_mix=(*_SHARED.polish_mix, "position-colour")),
+    "staged-shared-text": replace(_SHARED, text="answers-shared"),
 }
 
 LABELS = {f: f for f in StagedRecipe.__dataclass_fields__ if f not in ("threads", "log_every", "eval_every")}
