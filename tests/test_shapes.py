@@ -362,3 +362,5 @@ def test_position_errors_name_whose_cell_a_wrong_answer_is():
         "shape_shared": 5, "shape_shared_right": 1}
     colour = Record("c", None, (("what colour is the square?", "red"),), "colour", {"objects": objs})
     assert position_errors([colour], ["blue"])["wrong"] == 0
+    unnamed = Record("u", None, (("where is the cat?", "top left"),), "position", {"objects": objs})
+    assert position_errors([unnamed], ["bottom right"])["wrong"] == 0

@@ -31,14 +31,15 @@ def blind_answers(records: list[Record]) -> list[str]:
 def position_errors(records: list[Record], answers: list[str]) -> dict[str, int]:
     """Whose cell each wrong answer to a position question names: another object of the same shape, of the same
     colour, any other object, or no object; and how the questions whose object shares its shape with another one
-    fare (`shape_shared`, `shape_shared_right`). Records without scene objects are skipped."""
+    fare (`shape_shared`, `shape_shared_right`). Records without scene objects, or whose question names none of
+    them, are skipped."""
     out = dict.fromkeys(("wrong", "same_shape", "same_colour", "other_object", "no_object", "shape_shared",
                          "shape_shared_right"), 0)
     for record, answer in zip(records, answers):
         objs = [world.Obj(**o) for o in record.extra.get("objects", ())]
-        if record.question_type != "position" or not objs:
+        target = next((o for o in objs if f"where is the {o.colour} {o.shape}?" == record.turns[0][0]), None)
+        if record.question_type != "position" or target is None:
             continue
-        target = next(o for o in objs if f"where is the {o.colour} {o.shape}?" == record.turns[0][0])
         others = [o for o in objs if o != target]
         right = normalize_answer(answer) == normalize_answer(target.where)
         if any(o.shape == target.shape for o in others):
